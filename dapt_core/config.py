@@ -1,0 +1,193 @@
+"""The one YAML config, validated by pydantic before any work starts.
+
+The same models are the parameter forms of the Prefect flows, so every field carries a description.
+Defaults encode the rules of thumb of domain-adaptive pretraining (see README, "Defaults and why").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the field and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Section):
+    """One named corpus: local paths/globs and/or s3:// prefixes."""
+
+    name: str = Field(description="Source name, kept as lineage on every document (e.g. 'pubmed').", pattern=r"^[A-Za-z0-9_.-]+$")
+    paths: list[str] = Field(min_length=1, description="Files, directories, globs (**/*.txt) or s3://bucket/prefix.")
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.json/.parquet inputs.")
+
+
+class DataConfig(_Section):
+    domain: list[SourceConfig] = Field(min_length=1, description="Domain corpora to adapt to.")
+    general: list[SourceConfig] = Field(default_factory=list, description="General 'replay' corpora that protect against forgetting.")
+    eval_paths: list[str] = Field(
+        default_factory=list,
+        description="Evaluation texts (.txt/.jsonl/...) to decontaminate against: training docs sharing an n-gram with them are dropped.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataConfig:
+        names = [s.name for s in self.domain + self.general]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique across domain and general, repeated: {dupes}")
+        return self
+
+
+class IngestConfig(_Section):
+    max_doc_bytes: int = Field(8_000_000, gt=0, description="Documents (or JSON lines) larger than this are quarantined, not loaded.")
+    shard_docs: int = Field(20_000, gt=0, description="Documents per Parquet row group written by ingest.")
+
+
+class NormalizeConfig(_Section):
+    unicode_form: Literal["NFC", "NFKC", "none"] = Field("NFKC", description="Unicode normalisation form.")
+    collapse_whitespace: bool = Field(True, description="Collapse runs of spaces/tabs, trim lines, squeeze 3+ newlines to 2.")
+
+
+class QualityConfig(_Section):
+    """Gopher (Rae et al. 2021) and C4 style document filters; set a threshold to null to disable it."""
+
+    min_words: int | None = Field(50, description="Drop documents with fewer words.")
+    max_words: int | None = Field(200_000, description="Drop documents with more words.")
+    min_mean_word_length: float | None = Field(3.0, description="Gopher: mean word length lower bound.")
+    max_mean_word_length: float | None = Field(10.0, description="Gopher: mean word length upper bound.")
+    max_symbol_word_ratio: float | None = Field(0.1, description="Gopher: ('#' + '...' + '…') per word.")
+    max_ellipsis_line_fraction: float | None = Field(0.3, description="Gopher: fraction of lines ending in an ellipsis.")
+    max_bullet_line_fraction: float | None = Field(0.9, description="Gopher: fraction of lines starting with a bullet.")
+    min_alpha_word_fraction: float | None = Field(0.8, description="Gopher: fraction of words with an alphabetic character.")
+    max_duplicate_line_fraction: float | None = Field(0.3, description="Gopher: fraction of lines that repeat an earlier line.")
+    max_top_ngram_char_fraction: float | None = Field(
+        0.2, description="Gopher: characters covered by the most frequent word 2-gram (3- and 4-grams use 0.18/0.16 scaled alike)."
+    )
+    max_duplicate_ngram_char_fraction: float | None = Field(
+        0.15, description="Gopher: characters in repeated word 5-grams (6..10-grams use a linearly lower bound down to 2/3 of it)."
+    )
+
+
+class DedupConfig(_Section):
+    exact: bool = Field(True, description="Drop exact duplicates of the normalised text (first occurrence kept).")
+    near: bool = Field(True, description="Drop near duplicates found with MinHash LSH.")
+    shingle_size: int = Field(5, ge=1, description="Words per shingle.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    bands: int = Field(16, ge=1, description="LSH bands (bands * rows <= num_perm).")
+    rows: int = Field(8, ge=1, description="LSH rows per band.")
+    jaccard_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity at which a candidate pair is a duplicate.")
+    seed: int = Field(1, description="Seed of the MinHash permutations.")
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> DedupConfig:
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands * rows ({self.bands}*{self.rows}) must be <= num_perm ({self.num_perm})")
+        return self
+
+
+class DecontaminationConfig(_Section):
+    ngram: int = Field(13, ge=4, description="Drop a training doc sharing any word n-gram of this size with the eval texts.")
+
+
+class CleanConfig(_Section):
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+    duckdb_memory_limit: str = Field("2GB", description="DuckDB memory limit; it spills to disk beyond it.")
+
+
+class ModelConfig(_Section):
+    base: str | None = Field(None, description="Base model: local HF directory (or hub id when online).")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `base` to load from.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory (defaults to `base`).")
+    params: float | None = Field(None, gt=0, description="Parameter count, for `dapt plan` when no model is given (e.g. 7e9).")
+
+
+class MixConfig(_Section):
+    general_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Token share of general replay text: 0.05 is near the Pareto frontier, ~0.15 for distant domains."
+    )
+
+
+class PlanConfig(_Section):
+    gpu: str = Field("A100", description="GPU for the compute estimate: A100, H100, H200, L4, A10G, RTX4090, or a number of bf16 TFLOP/s.")
+    mfu: float = Field(0.4, gt=0, le=1, description="Model FLOPs utilisation assumed for the estimate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the mixed corpus.")
+    method: Literal["full", "lora"] = Field("full", description="Training method for the estimate.")
+
+
+class DaptConfig(_Section):
+    project: str = Field("dapt", description="Run name used in artifact paths and Prefect.")
+    store: str = Field("./dapt-artifacts", description="Artifact store: a local directory or s3://bucket/prefix.")
+    data: DataConfig
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+
+    @field_validator("store")
+    @classmethod
+    def _store_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError("store must be a local directory or s3://bucket/prefix")
+        return v
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid config ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r:.80})"
+        lines.append(f"  - {field}: {e['msg']}{got}")
+    lines.append("See examples/config.yaml for a documented example.")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> DaptConfig:
+    """Read and validate a YAML config; relative paths in it are resolved against the config's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level (see examples/config.yaml)")
+    try:
+        cfg = DaptConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(path, e)) from None
+    return resolve_relative_paths(cfg, path.parent.resolve())
+
+
+def _resolve(p: str, base: Path) -> str:
+    if "://" in p or Path(p).is_absolute():
+        return p
+    return str(base / p)
+
+
+def resolve_relative_paths(cfg: DaptConfig, base: Path) -> DaptConfig:
+    data = cfg.data.model_copy(
+        update={
+            "domain": [s.model_copy(update={"paths": [_resolve(p, base) for p in s.paths]}) for s in cfg.data.domain],
+            "general": [s.model_copy(update={"paths": [_resolve(p, base) for p in s.paths]}) for s in cfg.data.general],
+            "eval_paths": [_resolve(p, base) for p in cfg.data.eval_paths],
+        }
+    )
+    model = cfg.model
+    if model.base and Path(_resolve(model.base, base)).exists():
+        model = model.model_copy(update={"base": _resolve(model.base, base)})
+    if model.tokenizer and Path(_resolve(model.tokenizer, base)).exists():
+        model = model.model_copy(update={"tokenizer": _resolve(model.tokenizer, base)})
+    return cfg.model_copy(update={"data": data, "model": model, "store": _resolve(cfg.store, base)})

@@ -1,0 +1,87 @@
+"""Small pydantic manifests passed between stages: uris, content hashes and counts, never bytes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Kind = Literal["domain", "general", "eval"]
+
+
+class ArtifactRef(BaseModel):
+    """An object in the artifact store, with the sha256 that is verified on every read."""
+
+    uri: str
+    sha256: str
+    bytes: int
+
+
+class InputFile(BaseModel):
+    """One raw input file and the fingerprint that keys its ingest cache."""
+
+    uri: str = Field(description="Local path or s3:// uri.")
+    source: str
+    kind: Kind
+    text_field: str = "text"
+    fingerprint: str = Field(description="sha256 of the bytes (local) or the ETag+size (S3).")
+    bytes: int
+
+
+class QuarantineRecord(BaseModel):
+    """An input unit (file, line, record) that could not be read as a document, and why."""
+
+    file: str
+    source: str = ""
+    kind: Kind = "domain"
+    position: str = Field(description="Where in the file: 'line 12', 'byte 4096', 'row 7', 'file'.")
+    reason: str = Field(description="Machine-readable reason, e.g. malformed_json, invalid_utf8, truncated_gzip.")
+    detail: str = ""
+
+
+class IngestManifest(BaseModel):
+    stage: Literal["ingest"] = "ingest"
+    input: InputFile
+    shard: ArtifactRef | None = Field(None, description="Parquet of the documents read; None when none were.")
+    docs: int
+    quarantined: list[QuarantineRecord] = Field(default_factory=list)
+    code_version: str
+
+
+class SourceStats(BaseModel):
+    source: str
+    kind: Kind
+    input_docs: int
+    kept_docs: int
+    kept_bytes: int
+    kept_est_tokens: int
+    dropped: dict[str, int]
+
+
+class CleanManifest(BaseModel):
+    stage: Literal["clean"] = "clean"
+    domain: ArtifactRef | None = Field(None, description="Kept domain documents (Parquet).")
+    general: ArtifactRef | None = Field(None, description="Kept general documents (Parquet).")
+    decisions: ArtifactRef = Field(description="One row per input document: kept, or dropped with a reason (Parquet).")
+    stats_json: ArtifactRef
+    stats_md: ArtifactRef
+    input_docs: int
+    kept_docs: int
+    dropped: dict[str, int] = Field(description="Dropped documents per reason; input_docs == kept_docs + sum(dropped).")
+    sources: list[SourceStats]
+    code_version: str
+
+    @property
+    def accounted(self) -> bool:
+        return self.input_docs == self.kept_docs + sum(self.dropped.values())
+
+
+class PrepareManifest(BaseModel):
+    """What `dapt prepare` returns: the clean manifest and what ran vs came from cache."""
+
+    stage: Literal["prepare"] = "prepare"
+    store: str
+    ingested: list[IngestManifest]
+    clean: CleanManifest
+    computed: list[str] = Field(description="Task runs that did work in this run.")
+    cached: list[str] = Field(description="Task runs answered from cache.")

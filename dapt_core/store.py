@@ -1,0 +1,183 @@
+"""Artifact store: a local directory by default, any S3-compatible endpoint via boto3 for real use.
+
+Every write is atomic (a crashed write leaves no partial object visible: a temp file renamed into
+place locally, a single PUT or completed multipart upload on S3) and returns an `ArtifactRef` with the
+object's sha256, which every read verifies. S3 endpoint and credentials come from the standard AWS
+environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) and are never logged; transient S3
+errors are retried with exponential backoff by botocore's "standard" retry mode.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from dapt_core.hashing import sha256_file
+from dapt_core.manifest import ArtifactRef
+
+
+class IntegrityError(RuntimeError):
+    """An artifact's bytes no longer match the sha256 recorded when it was written."""
+
+
+class ArtifactStore(ABC):
+    """Objects addressed by '/'-separated keys under one root."""
+
+    root: str
+
+    @abstractmethod
+    def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
+        """Copy a local file to `key` atomically."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under `prefix`, sorted."""
+
+    @abstractmethod
+    def _fetch(self, ref: ArtifactRef, dest: Path) -> None:
+        """Download the object behind `ref` to `dest` (S3 only)."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str: ...
+
+    def put_bytes(self, data: bytes, key: str) -> ArtifactRef:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "blob"
+            p.write_bytes(data)
+            return self.put_file(p, key)
+
+    def put_text(self, text: str, key: str) -> ArtifactRef:
+        return self.put_bytes(text.encode("utf-8"), key)
+
+    def local_path(self, ref: ArtifactRef) -> Path:
+        """A verified local file holding the artifact (the file itself locally, a cached copy for S3)."""
+        path = self._local_copy(ref)
+        actual = sha256_file(path)
+        if actual != ref.sha256:
+            raise IntegrityError(
+                f"{ref.uri}: sha256 {actual[:12]}… does not match the manifest's {ref.sha256[:12]}…; "
+                "the object was changed or corrupted after it was written. Delete it and re-run the stage."
+            )
+        return path
+
+    def read_bytes(self, ref: ArtifactRef) -> bytes:
+        return self.local_path(ref).read_bytes()
+
+    def read_text(self, ref: ArtifactRef) -> str:
+        return self.read_bytes(ref).decode("utf-8")
+
+    def _local_copy(self, ref: ArtifactRef) -> Path:
+        return Path(ref.uri)
+
+
+class LocalStore(ArtifactStore):
+    def __init__(self, root: str | Path):
+        self.root = str(Path(root).expanduser().resolve())
+
+    def uri(self, key: str) -> str:
+        return str(Path(self.root) / key)
+
+    def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
+        dest = Path(self.uri(key))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return ArtifactRef(uri=str(dest), sha256=sha256_file(dest), bytes=dest.stat().st_size)
+
+    def exists(self, key: str) -> bool:
+        return Path(self.uri(key)).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        root = Path(self.root)
+        base = root / prefix
+        if not base.exists():
+            return []
+        files = [base] if base.is_file() else base.rglob("*")
+        return sorted(str(p.relative_to(root)) for p in files if p.is_file() and not p.name.endswith(".partial"))
+
+    def _fetch(self, ref: ArtifactRef, dest: Path) -> None:  # pragma: no cover - local files are read in place
+        raise NotImplementedError
+
+
+class S3Store(ArtifactStore):
+    """s3://bucket/prefix; downloads are cached locally by content hash so a re-read costs no transfer."""
+
+    def __init__(self, uri: str, cache_dir: str | Path | None = None):
+        import boto3
+        from botocore.config import Config
+
+        if not uri.startswith("s3://"):
+            raise ValueError(f"not an s3:// uri: {uri}")
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise ValueError(f"{uri}: no bucket name; use s3://bucket/prefix")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.client = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+        self.cache_dir = Path(cache_dir or os.environ.get("DAPT_CACHE_DIR", Path.home() / ".cache" / "dapt" / "s3"))
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.root!r})"  # endpoint and credentials stay out of logs
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
+        digest = sha256_file(local_path)
+        # upload_file switches to multipart for large files; either way the object appears only when complete.
+        self.client.upload_file(str(local_path), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}})
+        return ArtifactRef(uri=self.uri(key), sha256=digest, bytes=Path(local_path).stat().st_size)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            keys += [o["Key"][strip:] for o in page.get("Contents", [])]
+        return sorted(keys)
+
+    def _local_copy(self, ref: ArtifactRef) -> Path:
+        dest = self.cache_dir / ref.sha256[:2] / ref.sha256
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(".partial")
+            self._fetch(ref, tmp)
+            os.replace(tmp, dest)
+        return dest
+
+    def _fetch(self, ref: ArtifactRef, dest: Path) -> None:
+        bucket, _, key = ref.uri[len("s3://") :].partition("/")
+        self.client.download_file(bucket, key, str(dest))
+
+
+def open_store(uri: str) -> ArtifactStore:
+    """The store behind a config's `store:` value."""
+    return S3Store(uri) if uri.startswith("s3://") else LocalStore(uri)
