@@ -40,11 +40,11 @@ class ArtifactStore(ABC):
         """Keys under `prefix`, sorted."""
 
     @abstractmethod
-    def _fetch(self, ref: ArtifactRef, dest: Path) -> None:
-        """Download the object behind `ref` to `dest` (S3 only)."""
+    def uri(self, key: str) -> str: ...
 
     @abstractmethod
-    def uri(self, key: str) -> str: ...
+    def read_key(self, key: str) -> bytes:
+        """Read an object by key, unverified: only for index files (such as a run's latest manifest) that no ref points to."""
 
     def put_bytes(self, data: bytes, key: str) -> ArtifactRef:
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +101,9 @@ class LocalStore(ArtifactStore):
     def exists(self, key: str) -> bool:
         return Path(self.uri(key)).is_file()
 
+    def read_key(self, key: str) -> bytes:
+        return Path(self.uri(key)).read_bytes()
+
     def list(self, prefix: str = "") -> list[str]:
         root = Path(self.root)
         base = root / prefix
@@ -108,9 +111,6 @@ class LocalStore(ArtifactStore):
             return []
         files = [base] if base.is_file() else base.rglob("*")
         return sorted(str(p.relative_to(root)) for p in files if p.is_file() and not p.name.endswith(".partial"))
-
-    def _fetch(self, ref: ArtifactRef, dest: Path) -> None:  # pragma: no cover - local files are read in place
-        raise NotImplementedError
 
 
 class S3Store(ArtifactStore):
@@ -155,6 +155,9 @@ class S3Store(ArtifactStore):
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise
+
+    def read_key(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._key(prefix)

@@ -1,0 +1,77 @@
+"""Batched, vectorised MinHash signatures over word shingles, and LSH band keys.
+
+A per-document MinHash loop (datasketch) spends its time in per-shingle Python hashing and in
+per-document numpy calls. Here a whole batch is one pipeline: each distinct word of the batch is
+hashed once (xxh3), shingles are combined from word hashes in numpy, and all permutations are
+applied to all shingles of a chunk at once, reduced per document with `np.minimum.reduceat`.
+
+Permutation i is multiply-add-shift, h_i(x) = ((a_i * x + b_i) mod 2^64) >> 32 on 32-bit shingle
+keys x, which is a strongly universal family (Dietzfelbinger 1996); signature values are uint32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dapt_core.clean.ngrams import mix64, ngram_hashes, word_hashes, words
+
+EMPTY = np.uint32(0xFFFFFFFF)
+"""Every value of the signature of a document without words."""
+
+_CHUNK_CELLS = 1 << 22  # shingles x permutations evaluated at once: 32 MiB of uint64
+
+
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
+    b = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def minhash_signatures(texts: list[str], shingle_size: int, num_perm: int, seed: int) -> np.ndarray:
+    """MinHash signatures (uint32, shape (len(texts), num_perm)) of the word-shingle sets of `texts`.
+
+    Shingles are `shingle_size` consecutive lowercased words; a shorter document is one shingle of
+    all its words; a document without words gets all values EMPTY. The same inputs give the same
+    signatures in any process.
+    """
+    seed %= 2**64
+    hashes, offsets = word_hashes([words(t) for t in texts], seed)
+    shingles, owners = ngram_hashes(hashes, offsets, shingle_size, short_docs=True)
+    keys = shingles >> np.uint64(32)
+    a, b = _permutations(num_perm, seed)
+    signatures = np.full((len(texts), num_perm), EMPTY, dtype=np.uint32)
+    step = max(1, _CHUNK_CELLS // num_perm)
+    for lo in range(0, len(keys), step):
+        owner = owners[lo : lo + step]
+        values = np.multiply.outer(keys[lo : lo + step], a)
+        values += b
+        values >>= np.uint64(32)
+        # A chunk may start or end inside a document, so fold its minima into what earlier chunks found.
+        segments = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
+        docs = owner[segments]
+        signatures[docs] = np.minimum(signatures[docs], np.minimum.reduceat(values, segments, axis=0))
+    return signatures
+
+
+def has_shingles(signatures: np.ndarray) -> np.ndarray:
+    """Which signatures come from a document with at least one word (all-EMPTY ones do not)."""
+    return ~(signatures == EMPTY).all(axis=1)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard similarity of signatures: the fraction of equal values (row-wise for 2-D)."""
+    return (a == b).mean(axis=-1)
+
+
+def lsh_band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 key per band (shape (n, bands)): two docs share a band key iff, barring a 2^-64
+    collision, their signatures agree on all `rows` values of that band."""
+    n, num_perm = signatures.shape
+    if bands * rows > num_perm:
+        raise ValueError(f"bands * rows ({bands}*{rows}) must be <= num_perm ({num_perm})")
+    values = signatures[:, : bands * rows].astype(np.uint64).reshape(n, bands, rows)
+    keys = np.zeros((n, bands), dtype=np.uint64)
+    for r in range(rows):
+        keys = mix64(keys ^ values[:, :, r])
+    return keys

@@ -1,0 +1,571 @@
+"""Ingest: raw input files (local or S3) -> one Parquet of documents per file, plus a quarantine of what could not be read.
+
+Datatrove style: `discover_inputs` expands a source's paths into fingerprinted `InputFile`s, one small reader per
+format turns a file into `Document`s, and `ingest_file` writes them. Every input unit (a file, a JSON line, an array
+item, a Parquet row) ends up either as a document or as a `QuarantineRecord` saying where and why: bad input is
+accounted for, never silently dropped and never an exception that stops the run.
+
+Positions follow the convention of the tool one would use to look the unit up: lines and pages count from 1 (editors,
+`sed -n 12p`, PDF viewers), Parquet rows and JSON array items from 0 (pyarrow, `jq '.[7]'`), bytes are offsets from 0.
+
+Memory does not grow with file size: JSONL is read in binary chunks and a line over `max_doc_bytes` is skipped without
+being held, Parquet is read in batches. Whole-file documents (text, html, pdf) are bounded by `max_doc_bytes`; a .json
+array is the one exception and is loaded whole.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from itertools import takewhile
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dapt_core.config import IngestConfig, SourceConfig
+from dapt_core.hashing import sha256_file
+from dapt_core.manifest import InputFile, Kind, QuarantineRecord
+
+_CHUNK = 1 << 20
+_SNIFF_BYTES = 8192
+
+_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".markdown": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".json.gz": "jsonl",
+    ".ndjson.gz": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+}
+_TEXTUAL = {"text", "jsonl", "json", "html"}  # formats where NUL bytes mean the file is not what its name says
+
+INGEST_SCHEMA = pa.schema(
+    [(name, pa.string()) for name in ("doc_id", "text", "source", "kind", "file", "position", "format")]
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    position: str  # lineage inside the file: "file", "line 12", "row 7", "byte 4096", "page 1-3"
+
+
+def _format(name: str) -> str | None:
+    name = name.lower()
+    return next((fmt for suffix, fmt in _FORMATS.items() if name.endswith(suffix)), None)
+
+
+def _unsupported_detail(name: str) -> str:
+    return f"{name}: unsupported file type; supported suffixes are {', '.join(_FORMATS)}. Convert it or remove it from the source paths."
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def discover_inputs(source: SourceConfig, kind: Kind) -> tuple[list[InputFile], list[QuarantineRecord]]:
+    """Expand a source's paths into fingerprinted input files (sorted by uri) and the files that cannot be ingested.
+
+    A path matching nothing is a config mistake and raises FileNotFoundError before any work starts. Hidden files and
+    folders met while expanding a directory or glob are skipped; a file named explicitly is taken as named.
+    """
+    make_input = partial(InputFile, source=source.name, kind=kind, text_field=source.text_field)
+    quarantine = partial(QuarantineRecord, source=source.name, kind=kind, position="file")
+    inputs: dict[str, InputFile] = {}
+    refused: dict[str, QuarantineRecord] = {}
+    for spec in source.paths:
+        found = _s3_inputs(spec, make_input, quarantine) if spec.startswith("s3://") else _local_inputs(spec, make_input, quarantine)
+        matched = False
+        for item in found:
+            matched = True
+            if isinstance(item, InputFile):
+                inputs[item.uri] = item
+            else:
+                refused[item.file] = item
+        if not matched:
+            raise FileNotFoundError(
+                f"{spec}: matches no input files (source {source.name!r}, {kind} data). "
+                "Fix or remove this path in the config; relative paths are resolved against the config file's folder."
+            )
+    return sorted(inputs.values(), key=lambda i: i.uri), sorted(refused.values(), key=lambda q: q.file)
+
+
+def _is_glob(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def _local_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iterator[InputFile | QuarantineRecord]:
+    """Files under a local path or glob. The input root of a glob is its fixed leading folder, of a directory itself."""
+    if _is_glob(spec):
+        root = Path(*takewhile(lambda part: not _is_glob(part), Path(spec).parts))
+        matches = [(Path(m), root) for m in sorted(glob.glob(spec, recursive=True))]
+    elif os.path.lexists(spec):
+        path = Path(spec)
+        matches = [(path, path if path.is_dir() else None)]  # an explicitly named file is trusted, link or not
+    else:
+        matches = []
+    for path, root in matches:
+        if root is not None and not _inside(path, root):
+            yield _outside_root(path, root, quarantine)
+        elif path.is_dir():
+            yield from _walk(path, root, make_input, quarantine)
+        else:
+            yield _local_file(path, make_input, quarantine)
+
+
+def _walk(top: Path, root: Path, make_input: Callable, quarantine: Callable) -> Iterator[InputFile | QuarantineRecord]:
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append):
+        here = Path(dirpath)
+        for name in sorted(dirnames):
+            # Linked folders are never followed: one inside the root is walked through its real path anyway.
+            if name.startswith(".") or (here / name).is_symlink():
+                dirnames.remove(name)
+                if not name.startswith(".") and not _inside(here / name, root):
+                    yield _outside_root(here / name, root, quarantine)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = here / name
+            yield _local_file(path, make_input, quarantine) if _inside(path, root) else _outside_root(path, root, quarantine)
+    for e in errors:
+        yield quarantine(file=os.path.abspath(e.filename), reason="unreadable", detail=f"cannot list folder: {e}; check its permissions")
+
+
+def _outside_root(path: Path, root: Path, quarantine: Callable) -> QuarantineRecord:
+    return quarantine(
+        file=os.path.abspath(path),
+        reason="symlink_outside_root",
+        detail=f"links to {os.path.realpath(path)}, outside the input root {os.path.abspath(root)}; not read. "
+        "Copy the target into the input folder or name it explicitly in the config.",
+    )
+
+
+def _local_file(path: Path, make_input: Callable, quarantine: Callable) -> InputFile | QuarantineRecord:
+    uri = os.path.abspath(path)
+    if _format(path.name) is None:
+        return quarantine(file=uri, reason="unsupported_format", detail=_unsupported_detail(path.name))
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return quarantine(file=uri, reason="unreadable", detail="not a regular file (device, FIFO or socket)")
+        return make_input(uri=uri, fingerprint=sha256_file(path), bytes=st.st_size)
+    except OSError as e:
+        return quarantine(file=uri, reason="unreadable", detail=f"{e}; check the file exists and its permissions")
+
+
+def _s3_client():
+    """An S3 client configured from the standard AWS environment (AWS_ENDPOINT_URL, credentials, region)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+
+
+def _s3_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iterator[InputFile | QuarantineRecord]:
+    """Objects at s3://bucket/key or under s3://bucket/prefix/ (a prefix is a folder: 'a' does not match 'ab.txt')."""
+    from botocore.exceptions import ClientError
+
+    bucket, _, prefix = spec[len("s3://") :].partition("/")
+    folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    try:
+        for page in pages:
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                explicit = key == prefix
+                if key.endswith("/") or not (explicit or key.startswith(folder)):
+                    continue
+                if not explicit and any(part.startswith(".") for part in key[len(folder) :].split("/")):
+                    continue
+                uri = f"s3://{bucket}/{key}"
+                if _format(key) is None:
+                    yield quarantine(file=uri, reason="unsupported_format", detail=_unsupported_detail(key))
+                else:
+                    etag = obj["ETag"].strip('"')
+                    yield make_input(uri=uri, fingerprint=f"etag:{etag}:{obj['Size']}", bytes=obj["Size"])
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            raise FileNotFoundError(f"{spec}: bucket {bucket!r} does not exist on the configured S3 endpoint") from None
+        raise
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """What every reader needs: the file, its size and first bytes, and how to build documents and quarantine records."""
+
+    path: Path
+    size: int
+    head: bytes
+    text_field: str
+    max_doc_bytes: int
+    quarantine: Callable[..., QuarantineRecord]
+
+    def too_large(self, position: str, what: str) -> QuarantineRecord:
+        return self.quarantine(
+            position=position,
+            reason="doc_too_large",
+            detail=f"{what} is over ingest.max_doc_bytes={self.max_doc_bytes}; skipped without loading. Raise the limit to keep it.",
+        )
+
+    def document(self, text: str, position: str) -> Document | QuarantineRecord:
+        if not text.strip():
+            return self.quarantine(position=position, reason="empty_text", detail="the text is empty or only whitespace")
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. a JSON "\ud800" escape
+            return self.quarantine(position=position, reason="invalid_utf8", detail=f"not encodable as UTF-8: {e.reason} at char {e.start}")
+        if size > self.max_doc_bytes:
+            return self.too_large(position, f"the text ({size} bytes)")
+        return Document(text, position)
+
+    def record(self, obj: Any, position: str) -> Document | QuarantineRecord:
+        """The document in one JSON value: an object whose `text_field` is a string."""
+        if isinstance(obj, dict) and isinstance(obj.get(self.text_field), str):
+            return self.document(obj[self.text_field], position)
+        got = f"an object with keys {sorted(obj)[:8]}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+        return self.quarantine(
+            position=position,
+            reason="missing_text_field",
+            detail=f"expected an object with a string {self.text_field!r} field, got {got}; set text_field in the source config",
+        )
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _head(path: Path) -> bytes:
+    """The first bytes of the (decompressed) content, to sniff binary data and JSON layout."""
+    try:
+        with _open(path) as f:
+            return f.read(_SNIFF_BYTES)
+    except (EOFError, gzip.BadGzipFile, zlib.error):
+        return b""  # a damaged gzip: the reader reports it with its position
+
+
+def _read_text(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
+    if ctx.size > ctx.max_doc_bytes:
+        yield ctx.too_large("file", f"the file ({ctx.size} bytes)")
+        return
+    with _open(ctx.path) as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield ctx.quarantine(position=f"byte {e.start}", reason="invalid_utf8", detail=f"{e.reason}; re-encode the file as UTF-8")
+        return
+    yield ctx.document(text, "file")
+
+
+def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without the newline) per line; None for a line over `limit` bytes, which is never held whole."""
+    parts: list[bytes] = []
+    held, too_long, lineno = 0, False, 1
+    while chunk := stream.read(_CHUNK):
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if not too_long:
+                piece = chunk[start:] if end == -1 else chunk[start:end]
+                held += len(piece)
+                if held > limit:
+                    parts, too_long = [], True
+                else:
+                    parts.append(piece)
+            if end == -1:
+                break
+            yield lineno, None if too_long else b"".join(parts)
+            parts, held, too_long, lineno = [], 0, False, lineno + 1
+            start = end + 1
+    if held or too_long:  # a last line without a final newline
+        yield lineno, None if too_long else b"".join(parts)
+
+
+def _read_jsonl(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
+    lineno = 0
+    try:
+        with _open(ctx.path) as f:
+            for lineno, line in _lines(f, ctx.max_doc_bytes):
+                position = f"line {lineno}"
+                if line is None:
+                    yield ctx.too_large(position, "the line")
+                    continue
+                if lineno == 1:
+                    line = line.removeprefix(codecs.BOM_UTF8)
+                if not line.strip():
+                    continue  # blank lines separate nothing and hold no document
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield ctx.quarantine(position=position, reason="invalid_utf8", detail=f"{e.reason} at byte {e.start} of the line")
+                    continue
+                try:
+                    obj = json.loads(text)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    yield ctx.quarantine(position=position, reason="malformed_json", detail=str(e)[:200])
+                    continue
+                yield ctx.record(obj, position)
+    except EOFError:
+        yield ctx.quarantine(
+            position=f"line {lineno + 1}",
+            reason="truncated_gzip",
+            detail=f"the compressed stream ends early; the {lineno} lines before it were kept. Re-create or re-download the file.",
+        )
+    except (gzip.BadGzipFile, zlib.error) as e:
+        yield ctx.quarantine(position=f"line {lineno + 1}", reason="corrupt_gzip", detail=f"{e}; the {lineno} lines before it were kept")
+    except OSError as e:
+        yield ctx.quarantine(position=f"line {lineno + 1}", reason="unreadable", detail=f"{e}; the {lineno} lines before it were kept")
+
+
+def _read_json(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
+    """A JSON array of objects, a single object, or JSON Lines saved as .json (told apart by the first bytes)."""
+    first = ctx.head.removeprefix(codecs.BOM_UTF8).lstrip()[:1]
+    if first != b"[" and ctx.size > ctx.max_doc_bytes:
+        yield from _read_jsonl(ctx)  # too big for one document: it can only be JSON Lines
+        return
+    with _open(ctx.path) as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield ctx.quarantine(position=f"byte {e.start}", reason="invalid_utf8", detail=f"{e.reason}; re-encode the file as UTF-8")
+        return
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        if first == b"[":
+            position = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "file"
+            yield ctx.quarantine(position=position, reason="malformed_json", detail=str(e)[:200])
+        else:
+            yield from _read_jsonl(ctx)
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield ctx.record(item, f"item {i}")
+    else:
+        yield ctx.record(value, "file")
+
+
+def _read_parquet(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
+    row = 0
+    try:
+        with _open(ctx.path) as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            index = schema.get_field_index(ctx.text_field)
+            column_type = schema.field(index).type if index >= 0 else None
+            if column_type is None or not (
+                pa.types.is_string(column_type) or pa.types.is_large_string(column_type) or pa.types.is_string_view(column_type)
+            ):
+                got = f"it is {column_type}" if column_type is not None else f"columns are {schema.names[:12]}"
+                yield ctx.quarantine(
+                    position="file",
+                    reason="missing_text_field",
+                    detail=f"no string column {ctx.text_field!r} ({got}) in {pf.metadata.num_rows} rows; set text_field in the source config",
+                )
+                return
+            for batch in pf.iter_batches(batch_size=1024, columns=[ctx.text_field]):
+                for text in batch.column(0).to_pylist():
+                    if text is None:
+                        yield ctx.quarantine(position=f"row {row}", reason="missing_text_field", detail=f"{ctx.text_field!r} is null")
+                    else:
+                        yield ctx.document(text, f"row {row}")
+                    row += 1
+    except pa.ArrowException as e:
+        yield ctx.quarantine(
+            position=f"row {row}" if row else "file",
+            reason="unreadable_parquet",
+            detail=f"{str(e)[:200]}; the {row} rows before it were kept",
+        )
+
+
+def _read_html(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
+    import trafilatura
+
+    if ctx.size > ctx.max_doc_bytes:
+        yield ctx.too_large("file", f"the file ({ctx.size} bytes)")
+        return
+    with _open(ctx.path) as f:
+        html = f.read()  # bytes: trafilatura detects the page's own charset
+    text = trafilatura.extract(html, include_comments=False, include_tables=True)
+    if text:
+        yield ctx.document(text, "file")
+    else:
+        yield ctx.quarantine(position="file", reason="no_text_extracted", detail="no main text found in the page (empty, script-only or boilerplate)")
+
+
+def _read_pdf(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
+    from pypdf import PdfReader
+
+    pages: list[str] = []
+    size = 0
+    with _open(ctx.path) as f:
+        try:
+            reader = PdfReader(f)
+            if reader.is_encrypted and not reader.decrypt(""):
+                problem = "encrypted with a password; decrypt it (e.g. qpdf --decrypt) and re-run"
+            else:
+                problem = ""
+                for page in reader.pages:
+                    pages.append(page.extract_text() or "")
+                    size += len(pages[-1])
+                    if size > ctx.max_doc_bytes:
+                        break
+        except Exception as e:  # pypdf raises many exception types on damaged files; all mean the same here
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+    if problem:
+        yield ctx.quarantine(position="file", reason="unreadable_pdf", detail=problem)
+        return
+    position = "file" if not pages else "page 1" if len(pages) == 1 else f"page 1-{len(pages)}"
+    if size > ctx.max_doc_bytes:
+        yield ctx.too_large(position, f"the text of pages 1-{len(pages)}")
+    elif not "".join(pages).strip():
+        yield ctx.quarantine(position=position, reason="no_text_extracted", detail="no text layer (a scanned PDF needs OCR first)")
+    else:
+        yield ctx.document("\n\n".join(pages), position)
+
+
+_READERS: dict[str, Callable[[_Ctx], Iterator[Document | QuarantineRecord]]] = {
+    "text": _read_text,
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+    "parquet": _read_parquet,
+    "html": _read_html,
+    "pdf": _read_pdf,
+}
+
+
+def read_documents(
+    path: Path, *, uri: str, source: str, kind: Kind, text_field: str, max_doc_bytes: int
+) -> Iterator[Document | QuarantineRecord]:
+    """The documents in one local file (format by suffix), with a quarantine record for every unit that is not one.
+
+    `uri` is the file's lineage (it may differ from `path` for a downloaded S3 object). Never raises on bad input.
+    """
+    quarantine = partial(QuarantineRecord, file=uri, source=source, kind=kind)
+    fmt = _format(path.name)
+    if fmt is None:
+        yield quarantine(position="file", reason="unsupported_format", detail=_unsupported_detail(path.name))
+        return
+    units = 0
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            yield quarantine(position="file", reason="empty_file", detail="the file is empty")
+            return
+        head = _head(path) if fmt in _TEXTUAL else b""
+        if b"\0" in head:
+            detail = f"NUL bytes in the first {_SNIFF_BYTES} bytes: binary data or UTF-16, not a {fmt} file; convert it to UTF-8 text"
+            yield quarantine(position="file", reason="binary_file", detail=detail)
+            return
+        ctx = _Ctx(path, size, head, text_field, max_doc_bytes, quarantine)
+        for item in _READERS[fmt](ctx):
+            units += 1
+            yield item
+    except OSError as e:
+        yield quarantine(position="file", reason="unreadable", detail=f"{e}; check the file's permissions")
+        return
+    if units == 0:
+        yield quarantine(position="file", reason="empty_file", detail=f"no {fmt} records in the file (blank lines or an empty list only)")
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _download(inp: InputFile, dest_dir: Path) -> Path:
+    """Fetch an S3 object, insisting on the ETag it had at discovery so the bytes match the cache key."""
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = inp.uri[len("s3://") :].partition("/")
+    etag = inp.fingerprint.split(":")[1]  # fingerprint is "etag:{ETag}:{size}"
+    dest = dest_dir / key.rsplit("/", 1)[-1]  # keeps the suffix that selects the reader
+    try:
+        obj = _s3_client().get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            raise RuntimeError(
+                f"{inp.uri}: changed since it was discovered (ETag is no longer {etag}); re-run so the new version is fingerprinted"
+            ) from None
+        raise
+    with open(dest, "wb") as out:
+        shutil.copyfileobj(obj["Body"], out, _CHUNK)
+    return dest
+
+
+def ingest_file(inp: InputFile, cfg: IngestConfig, out_path: Path) -> tuple[int, list[QuarantineRecord]]:
+    """Read one input file into a Parquet of documents at `out_path` (INGEST_SCHEMA, row groups of cfg.shard_docs).
+
+    Returns (documents written, quarantine records). The Parquet is written, with the same schema, even with no documents.
+    """
+    quarantined: list[QuarantineRecord] = []
+    written = 0
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dapt-ingest-") as tmp:
+        path = _download(inp, Path(tmp)) if inp.uri.startswith("s3://") else Path(inp.uri)
+        items = read_documents(
+            path, uri=inp.uri, source=inp.source, kind=inp.kind, text_field=inp.text_field, max_doc_bytes=cfg.max_doc_bytes
+        )
+        fmt = _format(path.name) or ""
+        with pq.ParquetWriter(out_path, INGEST_SCHEMA, compression="zstd") as writer:
+            batch: list[Document] = []
+            for item in items:
+                if isinstance(item, QuarantineRecord):
+                    quarantined.append(item)
+                    continue
+                batch.append(item)
+                if len(batch) == cfg.shard_docs:
+                    writer.write_table(_table(batch, inp, fmt), row_group_size=cfg.shard_docs)
+                    written += len(batch)
+                    batch = []
+            if batch:
+                writer.write_table(_table(batch, inp, fmt), row_group_size=cfg.shard_docs)
+                written += len(batch)
+    return written, quarantined
+
+
+def _doc_id(text: str) -> str:
+    """Stable content hash of a document's text: the same text gets the same id in every run and on every machine."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _table(docs: list[Document], inp: InputFile, fmt: str) -> pa.Table:
+    """One row group of documents with their lineage."""
+    n = len(docs)
+    columns = {
+        "doc_id": [_doc_id(d.text) for d in docs],
+        "text": [d.text for d in docs],
+        "source": [inp.source] * n,
+        "kind": [inp.kind] * n,
+        "file": [inp.uri] * n,
+        "position": [d.position for d in docs],
+        "format": [fmt] * n,
+    }
+    return pa.table(columns, schema=INGEST_SCHEMA)

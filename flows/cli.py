@@ -1,0 +1,95 @@
+"""The `dapt` command line. Every command takes --json: its last stdout line is then one JSON object.
+
+Human output (progress, tables) goes to stderr, so stdout stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dapt_core.config import ConfigError, DaptConfig, load_config
+
+app = typer.Typer(help="dapt: domain-adaptive continual pretraining without forgetting.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+ConfigArg = typer.Argument(..., exists=False, help="Path to the YAML config (see examples/config.yaml).")
+JsonOpt = typer.Option(False, "--json", help="Print the stage manifest as one JSON object on the last stdout line.")
+
+
+def _load(path: Path) -> DaptConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _emit(obj, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj.model_dump(mode="json"), separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+
+
+@app.command()
+def prepare(
+    config: Path = ConfigArg,
+    as_json: bool = JsonOpt,
+    refresh: bool = typer.Option(False, "--refresh", help="Ignore cached results and recompute every stage."),
+) -> None:
+    """Ingest, clean, filter, deduplicate and decontaminate the corpora; write per-source stats."""
+    cfg = _load(config)
+    from flows.prepare import prepare_flow
+
+    flow = prepare_flow
+    if refresh:
+        from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+        with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
+            result = flow(cfg)
+    else:
+        with console.status("Preparing data (ingest → clean → dedup → stats)…"):
+            result = flow(cfg)
+    cm = result.clean
+    table = Table(title=f"Data funnel: {cm.input_docs} documents in, {cm.kept_docs} kept", title_justify="left")
+    for col in ("source", "kind", "input", "kept", "est. tokens", "dropped"):
+        table.add_column(col)
+    for s in cm.sources:
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items()) if v) or "-"
+        table.add_row(s.source, s.kind, str(s.input_docs), str(s.kept_docs), f"{s.kept_est_tokens:,}", drops)
+    console.print(table)
+    console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache; stats: {cm.stats_md.uri}")
+    _emit(result, as_json)
+
+
+@app.command()
+def plan(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
+    """Count domain/general tokens, warn against the rules of thumb, and estimate GPU-hours."""
+    cfg = _load(config)
+    from dapt_core import plan as planning
+
+    texts = planning.corpus_texts(cfg)
+    try:
+        report = planning.build_plan(cfg, texts.domain, texts.general, texts.counted_on)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"Counted on the {report.counted_on} with the {report.token_counter}.")
+    console.print(f"domain tokens: {report.domain_tokens:,}   general tokens: {report.general_tokens:,}   replay fraction: {report.general_fraction:.1%}")
+    if report.compute:
+        c = report.compute
+        console.print(f"[bold]~{c.gpu_hours:,.1f} GPU-hours[/bold] on {c.gpu} ({c.flops:.3g} FLOPs). Assumptions:")
+        for a in c.assumptions:
+            console.print(f"  - {a}")
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    _emit(report, as_json)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,130 @@
+"""Prefect tasks of the data stages: discover → ingest (one task per file) → clean/dedup/stats."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+import dapt_core.clean as clean
+import dapt_core.ingest as ingest
+from dapt_core import manifest
+from dapt_core.config import CleanConfig, DataConfig, IngestConfig, SourceConfig
+from dapt_core.hashing import code_version, stable_hash
+from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
+from dapt_core.store import open_store
+
+INGEST_CODE = code_version(ingest, manifest)
+CLEAN_CODE = code_version(clean, manifest)
+
+
+def ingest_key(inp: InputFile, cfg: IngestConfig) -> str:
+    return "ingest-" + stable_hash(inp, cfg, INGEST_CODE)
+
+
+def clean_key(ingested: list[IngestManifest], evals: list[IngestManifest], quarantined: list[QuarantineRecord], cfg: CleanConfig) -> str:
+    shards = lambda ms: sorted((m.shard.sha256 if m.shard else "", m.input.uri, m.quarantined) for m in ms)  # noqa: E731
+    return "clean-" + stable_hash(shards(ingested), shards(evals), sorted(quarantined, key=lambda q: (q.file, q.position)), cfg, CLEAN_CODE)
+
+
+@task(name="discover-inputs", cache_policy=NO_CACHE)
+def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], list[QuarantineRecord]]:
+    """List and fingerprint every input file. Never cached: it is how new or changed files are seen."""
+    inputs: list[InputFile] = []
+    refused: list[QuarantineRecord] = []
+    for kind, sources in (("domain", data.domain), ("general", data.general)):
+        for source in sources:
+            found, bad = ingest.discover_inputs(source, kind)
+            inputs += found
+            refused += bad
+    evals: list[InputFile] = []
+    if data.eval_paths:
+        evals, bad_evals = ingest.discover_inputs(SourceConfig(name="eval", paths=data.eval_paths), "eval")
+        if bad_evals:  # a skipped eval file would silently weaken decontamination
+            problems = "; ".join(f"{q.file}: {q.reason} {q.detail}" for q in bad_evals)
+            raise ValueError(f"data.eval_paths: cannot read evaluation files ({problems}); fix or remove them.")
+    return inputs, evals, refused
+
+
+@task(
+    name="ingest-file",
+    task_run_name="ingest {inp.source}: {inp.uri}",
+    cache_key_fn=lambda ctx, p: ingest_key(p["inp"], p["cfg"]),
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=5,
+)
+def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestManifest:
+    """Read one file into a Parquet shard; cached on the file's content hash, so only new or changed files run."""
+    key = ingest_key(inp, cfg)
+    store = open_store(store_uri)
+    with tempfile.TemporaryDirectory(prefix="dapt-ingest-") as tmp:
+        out = Path(tmp) / "docs.parquet"
+        docs, quarantined = ingest.ingest_file(inp, cfg, out)
+        shard = store.put_file(out, f"ingest/{inp.kind}/{inp.source}/{key}.parquet") if docs else None
+    return IngestManifest(input=inp, shard=shard, docs=docs, quarantined=quarantined, code_version=INGEST_CODE)
+
+
+@task(
+    name="clean-dedup-stats",
+    cache_key_fn=lambda ctx, p: clean_key(p["ingested"], p["evals"], p["quarantined"], p["cfg"]),
+    persist_result=True,
+    result_serializer="json",
+    retries=1,
+)
+def clean_task(
+    ingested: list[IngestManifest],
+    evals: list[IngestManifest],
+    quarantined: list[QuarantineRecord],
+    cfg: CleanConfig,
+    store_uri: str,
+) -> CleanManifest:
+    """Normalise, filter, decontaminate and deduplicate the whole corpus in DuckDB; write kept docs, decisions and stats."""
+    key = clean_key(ingested, evals, quarantined, cfg)
+    store = open_store(store_uri)
+    shards = [store.local_path(m.shard) for m in ingested if m.shard]
+    eval_shards = [store.local_path(m.shard) for m in evals if m.shard]
+    all_quarantined = quarantined + [q for m in ingested for q in m.quarantined]
+    with tempfile.TemporaryDirectory(prefix="dapt-clean-") as tmp:
+        out = clean.clean_corpus(shards, eval_shards, all_quarantined, cfg, Path(tmp))
+        prefix = f"clean/{key}"
+        put = lambda p, name: store.put_file(p, f"{prefix}/{name}") if p else None  # noqa: E731
+        stats_json = Path(tmp) / "stats.json"
+        stats_json.write_text(_json(out.stats))
+        stats_md = Path(tmp) / "stats.md"
+        stats_md.write_text(out.stats_markdown)
+        return CleanManifest(
+            domain=put(out.domain_path, "domain.parquet"),
+            general=put(out.general_path, "general.parquet"),
+            decisions=put(out.decisions_path, "decisions.parquet"),
+            stats_json=put(stats_json, "stats.json"),
+            stats_md=put(stats_md, "stats.md"),
+            input_docs=out.input_docs,
+            kept_docs=out.kept_docs,
+            dropped=out.dropped,
+            sources=out.sources,
+            code_version=CLEAN_CODE,
+        )
+
+
+def _json(obj: object) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def publish_data_report(cm: CleanManifest, store_uri: str) -> None:
+    """Show the data funnel and per-source stats in the Prefect UI (every run, cached or not)."""
+    create_table_artifact(
+        key="dapt-data-funnel",
+        table=[
+            {"source": s.source, "kind": s.kind, "input": s.input_docs, "kept": s.kept_docs, "est_tokens": s.kept_est_tokens, **s.dropped}
+            for s in cm.sources
+        ],
+        description=f"Kept / dropped documents per source ({cm.input_docs} in, {cm.kept_docs} kept).",
+    )
+    create_markdown_artifact(key="dapt-data-stats", markdown=open_store(store_uri).read_text(cm.stats_md))

@@ -1,0 +1,53 @@
+"""Config validation: a bad config fails before any work, naming the field and the expected value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dapt_core.config import ConfigError, load_config
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "config.yaml"
+
+
+def _write(tmp_path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_is_valid_and_paths_resolve():
+    cfg = load_config(EXAMPLE)
+    assert cfg.mix.general_fraction == 0.05
+    assert cfg.data.domain[0].paths[0] == str(EXAMPLE.parent / "data/domain/**/*")
+    assert cfg.store == str(EXAMPLE.parent / "dapt-artifacts")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("data: {domain: []}", "data.domain: List should have at least 1 item"),
+        ("data: {domain: [{name: a, paths: [x]}]}\nclean: {dedup: {bands: 20, rows: 8}}", "bands * rows (20*8) must be <= num_perm (128)"),
+        ("data: {domain: [{name: a, paths: [x]}]}\nmix: {general_fraction: 1.5}", "mix.general_fraction: Input should be less than 1"),
+        ("data: {domain: [{name: a, paths: [x]}]}\nclean: {quality: {min_wrds: 3}}", "clean.quality.min_wrds: Extra inputs are not permitted"),
+        ("data: {domain: [{name: 'bad name!', paths: [x]}]}", "data.domain.0.name: String should match pattern"),
+        ("data: {domain: [{name: a, paths: [x]}], general: [{name: a, paths: [y]}]}", "source names must be unique"),
+        ("store: gs://bucket\ndata: {domain: [{name: a, paths: [x]}]}", "store: Value error, store must be a local directory or s3://"),
+        ("project: x", "data: Field required"),
+    ],
+)
+def test_bad_config_names_field(tmp_path, yaml_text, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, yaml_text))
+    assert str(_write(tmp_path, yaml_text)) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_unreadable_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "data: [unclosed"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(_write(tmp_path, "- just a list"))

@@ -1,0 +1,122 @@
+"""Artifact store: atomic writes, sha256 verified on read, S3 against a real HTTP endpoint, retries."""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+import pytest
+
+from dapt_core.store import IntegrityError, LocalStore, S3Store, open_store
+
+
+def test_local_roundtrip_and_listing(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    ref = store.put_text("hello", "a/b/c.txt")
+    assert ref.bytes == 5 and len(ref.sha256) == 64
+    assert store.read_text(ref) == "hello"
+    assert store.exists("a/b/c.txt") and not store.exists("a/b/missing")
+    store.put_text("x", "a/d.txt")
+    assert store.list("a") == ["a/b/c.txt", "a/d.txt"]
+    assert store.read_key("a/d.txt") == b"x"
+
+
+def test_local_crashed_write_leaves_nothing_visible(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "store")
+    old = store.put_text("old version", "obj.txt")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copyfileobj", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.put_text("new version", "obj.txt")
+    monkeypatch.undo()
+    assert store.read_text(old) == "old version"
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["obj.txt"]  # no .partial left behind
+
+
+def test_local_read_detects_tampering(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    ref = store.put_text("the original", "obj.txt")
+    Path(ref.uri).write_text("tampered")
+    with pytest.raises(IntegrityError, match="does not match"):
+        store.read_text(ref)
+
+
+def test_open_store_picks_backend(tmp_path, s3_endpoint):
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    s3 = open_store("s3://bucket/some/prefix")
+    assert isinstance(s3, S3Store) and s3.uri("k") == "s3://bucket/some/prefix/k"
+    assert "testing" not in repr(s3) and s3_endpoint not in repr(s3)
+
+
+def test_s3_roundtrip_verify_and_cache(s3_bucket, tmp_path):
+    store = S3Store(f"s3://{s3_bucket}/runs", cache_dir=tmp_path / "cache")
+    src = tmp_path / "big.bin"
+    src.write_bytes(b"0123456789" * 1_000_000)  # 10 MB: exercises multipart upload
+    ref = store.put_file(src, "data/big.bin")
+    assert ref.uri == f"s3://{s3_bucket}/runs/data/big.bin" and ref.bytes == 10_000_000
+    assert store.exists("data/big.bin") and store.list("data") == ["data/big.bin"]
+    assert store.local_path(ref).read_bytes() == src.read_bytes()
+
+    # The object is replaced behind our back: a fresh cache re-downloads and the sha256 check catches it.
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="runs/data/big.bin", Body=b"corrupted")
+    fresh = S3Store(f"s3://{s3_bucket}/runs", cache_dir=tmp_path / "cache2")
+    with pytest.raises(IntegrityError):
+        fresh.local_path(ref)
+
+
+class _FlakyProxy(BaseHTTPRequestHandler):
+    """Answers the first `failures` requests with 503 SlowDown, then forwards to the real S3 endpoint."""
+
+    failures = 0
+    seen = 0
+    upstream = ""
+
+    def _handle(self):
+        cls = type(self)
+        cls.seen += 1
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if cls.seen <= cls.failures:
+            msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(msg)))
+            self.end_headers()
+            self.wfile.write(msg)
+            return
+        host, port = cls.upstream.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+    def log_message(self, *args):
+        pass
+
+
+def test_s3_transient_errors_are_retried(s3_bucket, s3_endpoint, monkeypatch, tmp_path):
+    _FlakyProxy.failures, _FlakyProxy.seen, _FlakyProxy.upstream = 3, 0, s3_endpoint
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+        store = S3Store(f"s3://{s3_bucket}/retry", cache_dir=tmp_path / "cache")
+        ref = store.put_text("survives throttling", "obj.txt")
+        assert store.read_text(ref) == "survives throttling"
+        assert _FlakyProxy.seen > _FlakyProxy.failures  # the 503s were answered by retrying, not by failing
+    finally:
+        proxy.shutdown()
