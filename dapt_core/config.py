@@ -32,17 +32,17 @@ class SourceConfig(_Section):
 class DataConfig(_Section):
     domain: list[SourceConfig] = Field(min_length=1, description="Domain corpora to adapt to.")
     general: list[SourceConfig] = Field(default_factory=list, description="General 'replay' corpora that protect against forgetting.")
-    eval_paths: list[str] = Field(
+    eval: list[SourceConfig] = Field(
         default_factory=list,
-        description="Evaluation texts (.txt/.jsonl/...) to decontaminate against: training docs sharing an n-gram with them are dropped.",
+        description="Evaluation sets to decontaminate against: training docs sharing an n-gram with them are dropped.",
     )
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:
-        names = [s.name for s in self.domain + self.general]
+        names = [s.name for s in self.domain + self.general + self.eval]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"source names must be unique across domain and general, repeated: {dupes}")
+            raise ValueError(f"source names must be unique across domain, general and eval, repeated: {dupes}")
         return self
 
 
@@ -79,7 +79,7 @@ class QualityConfig(_Section):
 class DedupConfig(_Section):
     exact: bool = Field(True, description="Drop exact duplicates of the normalised text (first occurrence kept).")
     near: bool = Field(True, description="Drop near duplicates found with MinHash LSH.")
-    shingle_size: int = Field(5, ge=1, description="Words per shingle.")
+    shingle_size: int = Field(5, ge=1, le=64, description="Words per shingle.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     bands: int = Field(16, ge=1, description="LSH bands (bands * rows <= num_perm).")
     rows: int = Field(8, ge=1, description="LSH rows per band.")
@@ -94,7 +94,7 @@ class DedupConfig(_Section):
 
 
 class DecontaminationConfig(_Section):
-    ngram: int = Field(13, ge=4, description="Drop a training doc sharing any word n-gram of this size with the eval texts.")
+    ngram: int = Field(13, ge=4, le=64, description="Drop a training doc sharing any word n-gram of this size with the eval texts.")
 
 
 class CleanConfig(_Section):
@@ -178,12 +178,11 @@ def _resolve(p: str, base: Path) -> str:
 
 
 def resolve_relative_paths(cfg: DaptConfig, base: Path) -> DaptConfig:
+    def sources(items: list[SourceConfig]) -> list[SourceConfig]:
+        return [s.model_copy(update={"paths": [_resolve(p, base) for p in s.paths]}) for s in items]
+
     data = cfg.data.model_copy(
-        update={
-            "domain": [s.model_copy(update={"paths": [_resolve(p, base) for p in s.paths]}) for s in cfg.data.domain],
-            "general": [s.model_copy(update={"paths": [_resolve(p, base) for p in s.paths]}) for s in cfg.data.general],
-            "eval_paths": [_resolve(p, base) for p in cfg.data.eval_paths],
-        }
+        update={"domain": sources(cfg.data.domain), "general": sources(cfg.data.general), "eval": sources(cfg.data.eval)}
     )
     model = cfg.model
     if model.base and Path(_resolve(model.base, base)).exists():

@@ -67,6 +67,8 @@ INGEST_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Document:
+    """One document read from an input file; the file's own lineage (uri, source, kind) is added by the writer."""
+
     text: str
     position: str  # lineage inside the file: "file", "line 12", "row 7", "byte 4096", "page 1-3"
 
@@ -142,10 +144,11 @@ def _walk(top: Path, root: Path, make_input: Callable, quarantine: Callable) -> 
     for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append):
         here = Path(dirpath)
         for name in sorted(dirnames):
-            # Linked folders are never followed: one inside the root is walked through its real path anyway.
-            if name.startswith(".") or (here / name).is_symlink():
+            if name.startswith("."):
                 dirnames.remove(name)
-                if not name.startswith(".") and not _inside(here / name, root):
+            elif (here / name).is_symlink():
+                dirnames.remove(name)  # never followed: a linked folder inside the root is walked through its real path
+                if not _inside(here / name, root):
                     yield _outside_root(here / name, root, quarantine)
         for name in sorted(filenames):
             if name.startswith("."):
@@ -289,7 +292,8 @@ def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
     """(line number, bytes without the newline) per line; None for a line over `limit` bytes, which is never held whole."""
     parts: list[bytes] = []
     held, too_long, lineno = 0, False, 1
-    while chunk := stream.read(_CHUNK):
+    # read1, not read: on a truncated gzip, read() would discard the data it decompressed before hitting the end.
+    while chunk := stream.read1(_CHUNK):
         start = 0
         while True:
             end = chunk.find(b"\n", start)
@@ -389,7 +393,8 @@ def _read_parquet(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
                 yield ctx.quarantine(
                     position="file",
                     reason="missing_text_field",
-                    detail=f"no string column {ctx.text_field!r} ({got}) in {pf.metadata.num_rows} rows; set text_field in the source config",
+                    detail=f"no string column {ctx.text_field!r} ({got}) in {pf.metadata.num_rows} rows; "
+                    "set text_field in the source config",
                 )
                 return
             for batch in pf.iter_batches(batch_size=1024, columns=[ctx.text_field]):
@@ -419,7 +424,8 @@ def _read_html(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
     if text:
         yield ctx.document(text, "file")
     else:
-        yield ctx.quarantine(position="file", reason="no_text_extracted", detail="no main text found in the page (empty, script-only or boilerplate)")
+        detail = "no main text found in the page (empty, script-only or boilerplate)"
+        yield ctx.quarantine(position="file", reason="no_text_extracted", detail=detail)
 
 
 def _read_pdf(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
@@ -494,7 +500,7 @@ def read_documents(
         yield quarantine(position="file", reason="unreadable", detail=f"{e}; check the file's permissions")
         return
     if units == 0:
-        yield quarantine(position="file", reason="empty_file", detail=f"no {fmt} records in the file (blank lines or an empty list only)")
+        yield quarantine(position="file", reason="empty_file", detail=f"the file holds no {fmt} records")
 
 
 # --------------------------------------------------------------------------- writer
@@ -520,8 +526,12 @@ def _download(inp: InputFile, dest_dir: Path) -> Path:
     return dest
 
 
+_ROW_GROUP_BYTES = 64 << 20
+
+
 def ingest_file(inp: InputFile, cfg: IngestConfig, out_path: Path) -> tuple[int, list[QuarantineRecord]]:
-    """Read one input file into a Parquet of documents at `out_path` (INGEST_SCHEMA, row groups of cfg.shard_docs).
+    """Read one input file into a Parquet of documents at `out_path` (INGEST_SCHEMA, row groups of at most
+    cfg.shard_docs documents and ~64 MiB).
 
     Returns (documents written, quarantine records). The Parquet is written, with the same schema, even with no documents.
     """
@@ -536,15 +546,18 @@ def ingest_file(inp: InputFile, cfg: IngestConfig, out_path: Path) -> tuple[int,
         fmt = _format(path.name) or ""
         with pq.ParquetWriter(out_path, INGEST_SCHEMA, compression="zstd") as writer:
             batch: list[Document] = []
+            batch_bytes = 0
             for item in items:
                 if isinstance(item, QuarantineRecord):
                     quarantined.append(item)
                     continue
                 batch.append(item)
-                if len(batch) == cfg.shard_docs:
+                batch_bytes += len(item.text)
+                # Bounded by count and by size, so a file of large documents streams too.
+                if len(batch) == cfg.shard_docs or batch_bytes >= _ROW_GROUP_BYTES:
                     writer.write_table(_table(batch, inp, fmt), row_group_size=cfg.shard_docs)
                     written += len(batch)
-                    batch = []
+                    batch, batch_bytes = [], 0
             if batch:
                 writer.write_table(_table(batch, inp, fmt), row_group_size=cfg.shard_docs)
                 written += len(batch)

@@ -43,18 +43,17 @@ def prepare(
     refresh: bool = typer.Option(False, "--refresh", help="Ignore cached results and recompute every stage."),
 ) -> None:
     """Ingest, clean, filter, deduplicate and decontaminate the corpora; write per-source stats."""
-    cfg = _load(config)
+    result = _run_prepare(_load(config), refresh)
+    _emit(result, as_json)
+
+
+def _run_prepare(cfg: DaptConfig, refresh: bool):
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
     from flows.prepare import prepare_flow
 
-    flow = prepare_flow
-    if refresh:
-        from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
-
-        with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
-            result = flow(cfg)
-    else:
-        with console.status("Preparing data (ingest → clean → dedup → stats)…"):
-            result = flow(cfg)
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: refresh}):
+        result = prepare_flow(cfg)
     cm = result.clean
     table = Table(title=f"Data funnel: {cm.input_docs} documents in, {cm.kept_docs} kept", title_justify="left")
     for col in ("source", "kind", "input", "kept", "est. tokens", "dropped"):
@@ -64,7 +63,7 @@ def prepare(
         table.add_row(s.source, s.kind, str(s.input_docs), str(s.kept_docs), f"{s.kept_est_tokens:,}", drops)
     console.print(table)
     console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache; stats: {cm.stats_md.uri}")
-    _emit(result, as_json)
+    return result
 
 
 @app.command()
@@ -89,6 +88,25 @@ def plan(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     _emit(report, as_json)
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("dapt-demo"), help="Where the demo writes its config and artifact store."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Run the pipeline offline on bundled real medical text (PubMed abstracts) with SmolLM2-135M."""
+    from dapt_core.demo import DemoDataMissing, demo_config
+
+    try:
+        config_path = demo_config(workdir.resolve())
+    except DemoDataMissing as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"Demo config: {config_path}")
+    result = _run_prepare(_load(config_path), refresh=False)
+    plan(config_path, as_json=as_json)
+    console.print(f"[bold]Done.[/bold] Data report: {result.clean.stats_md.uri}\nKept domain text: {result.clean.domain.uri}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
 from dapt_core import manifest
-from dapt_core.config import CleanConfig, DataConfig, IngestConfig, SourceConfig
+from dapt_core.config import CleanConfig, DataConfig, IngestConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
 from dapt_core.store import open_store
@@ -33,19 +33,18 @@ def clean_key(ingested: list[IngestManifest], evals: list[IngestManifest], quara
 @task(name="discover-inputs", cache_policy=NO_CACHE)
 def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], list[QuarantineRecord]]:
     """List and fingerprint every input file. Never cached: it is how new or changed files are seen."""
-    inputs: list[InputFile] = []
+    found: dict[str, list[InputFile]] = {"domain": [], "general": [], "eval": []}
     refused: list[QuarantineRecord] = []
-    for kind, sources in (("domain", data.domain), ("general", data.general)):
+    for kind, sources in (("domain", data.domain), ("general", data.general), ("eval", data.eval)):
         for source in sources:
-            found, bad = ingest.discover_inputs(source, kind)
-            inputs += found
+            files, bad = ingest.discover_inputs(source, kind)
+            found[kind] += files
             refused += bad
-    evals: list[InputFile] = []
-    if data.eval_paths:
-        evals, bad_evals = ingest.discover_inputs(SourceConfig(name="eval", paths=data.eval_paths), "eval")
-        if bad_evals:  # a skipped eval file would silently weaken decontamination
-            problems = "; ".join(f"{q.file}: {q.reason} {q.detail}" for q in bad_evals)
-            raise ValueError(f"data.eval_paths: cannot read evaluation files ({problems}); fix or remove them.")
+    bad_evals = [q for q in refused if q.kind == "eval"]
+    if bad_evals:  # a skipped eval file would silently weaken decontamination
+        problems = "; ".join(f"{q.file}: {q.reason} {q.detail}" for q in bad_evals)
+        raise ValueError(f"data.eval: cannot read evaluation files ({problems}); fix or remove them.")
+    inputs, evals = found["domain"] + found["general"], found["eval"]
     return inputs, evals, refused
 
 

@@ -18,7 +18,7 @@ from dapt_core.clean.ngrams import mix64, ngram_hashes, word_hashes, words
 EMPTY = np.uint32(0xFFFFFFFF)
 """Every value of the signature of a document without words."""
 
-_CHUNK_CELLS = 1 << 22  # shingles x permutations evaluated at once: 32 MiB of uint64
+_CHUNK_CELLS = 1 << 21  # shingles x permutations evaluated at once: 16 MiB of uint64, cache friendly
 
 
 def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,13 +44,14 @@ def minhash_signatures(texts: list[str], shingle_size: int, num_perm: int, seed:
     step = max(1, _CHUNK_CELLS // num_perm)
     for lo in range(0, len(keys), step):
         owner = owners[lo : lo + step]
-        values = np.multiply.outer(keys[lo : lo + step], a)
-        values += b
-        values >>= np.uint64(32)
+        # (num_perm, shingles) layout: reduceat along contiguous rows is several times faster.
+        values = np.multiply.outer(a, keys[lo : lo + step])
+        values += b[:, None]
         # A chunk may start or end inside a document, so fold its minima into what earlier chunks found.
         segments = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
         docs = owner[segments]
-        signatures[docs] = np.minimum(signatures[docs], np.minimum.reduceat(values, segments, axis=0))
+        minima = np.minimum.reduceat(values, segments, axis=1).T >> np.uint64(32)  # shift after min: monotone
+        signatures[docs] = np.minimum(signatures[docs], minima)
     return signatures
 
 

