@@ -110,11 +110,41 @@ class ModelConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside `base` to load from.")
     tokenizer: str | None = Field(None, description="Tokenizer directory (defaults to `base`).")
     params: float | None = Field(None, gt=0, description="Parameter count, for `dapt plan` when no model is given (e.g. 7e9).")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint; off unless you trust it.")
+
+
+class TokenizerConfig(_Section):
+    """Extend the base tokenizer with frequent domain terms it splits into several pieces."""
+
+    enabled: bool = Field(True, description="Turn tokenizer extension on or off (worth it for terminology-dense domains).")
+    domain_vocab_size: int = Field(16_000, ge=256, description="Vocabulary size of the domain BPE trained on the kept domain docs.")
+    max_new_tokens: int = Field(1_000, ge=0, description="Cap on tokens added to the base tokenizer.")
+    min_frequency: int = Field(20, ge=1, description="Minimum occurrences of a candidate in the domain corpus.")
+    min_chars: int = Field(4, ge=2, description="Minimum length of a candidate (without the leading-space marker).")
+
+
+class SelfReplayConfig(_Section):
+    """Replay text sampled from the base model itself, for users without a general corpus."""
+
+    tokens: int = Field(200_000, ge=0, description="Tokens of text to sample.")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=16, description="Tokens per sampled document.")
+    batch_size: int = Field(16, ge=1)
 
 
 class MixConfig(_Section):
     general_fraction: float = Field(
         0.05, ge=0, lt=1, description="Token share of general replay text: 0.05 is near the Pareto frontier, ~0.15 for distant domains."
+    )
+    seq_len: int = Field(1024, ge=16, description="Tokens per packed training sequence.")
+    seed: int = Field(0, description="Seed of the document shuffle and the held-out split.")
+    heldout_fraction: float = Field(0.02, ge=0, lt=0.5, description="Share of documents held out (per kind) for evaluation.")
+    max_heldout_docs: int = Field(500, ge=1, description="Cap on held-out documents per kind.")
+    shard_sequences: int = Field(8_192, ge=1, description="Packed sequences per output shard.")
+    workers: int = Field(0, ge=0, description="Tokenizer worker processes (0: one per CPU core).")
+    self_replay: SelfReplayConfig | None = Field(
+        None, description="Sample replay text from the base model when data.general is empty (see README: trade-offs)."
     )
 
 
@@ -132,6 +162,7 @@ class DaptConfig(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
 

@@ -17,6 +17,23 @@ class ArtifactRef(BaseModel):
     bytes: int
 
 
+class DirRef(BaseModel):
+    """A directory in the artifact store (a model, a tokenizer): its files, each with its own sha256."""
+
+    uri: str
+    files: dict[str, ArtifactRef]
+
+    @property
+    def sha256(self) -> str:
+        """One hash for the whole directory (a cache key for stages that read it)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in sorted(self.files):
+            h.update(f"{name}\0{self.files[name].sha256}\n".encode())
+        return h.hexdigest()
+
+
 class InputFile(BaseModel):
     """One raw input file and the fingerprint that keys its ingest cache."""
 

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from dapt_core.hashing import sha256_file
-from dapt_core.manifest import ArtifactRef
+from dapt_core.manifest import ArtifactRef, DirRef
 
 
 class IntegrityError(RuntimeError):
@@ -54,6 +54,22 @@ class ArtifactStore(ABC):
 
     def put_text(self, text: str, key: str) -> ArtifactRef:
         return self.put_bytes(text.encode("utf-8"), key)
+
+    def put_dir(self, local_dir: str | Path, key: str) -> DirRef:
+        """Upload every file under `local_dir` to `key/...`; the returned ref lists each file's sha256."""
+        local_dir = Path(local_dir)
+        files = {
+            str(p.relative_to(local_dir)): self.put_file(p, f"{key}/{p.relative_to(local_dir).as_posix()}")
+            for p in sorted(local_dir.rglob("*"))
+            if p.is_file()
+        }
+        return DirRef(uri=self.uri(key), files=files)
+
+    def local_dir(self, ref: DirRef) -> Path:
+        """A verified local directory holding the files of `ref` (in place locally, a cached copy for S3)."""
+        for f in ref.files.values():
+            self.local_path(f)
+        return Path(ref.uri)
 
     def local_path(self, ref: ArtifactRef) -> Path:
         """A verified local file holding the artifact (the file itself locally, a cached copy for S3)."""
@@ -174,6 +190,15 @@ class S3Store(ArtifactStore):
             tmp = dest.with_suffix(".partial")
             self._fetch(ref, tmp)
             os.replace(tmp, dest)
+        return dest
+
+    def local_dir(self, ref: DirRef) -> Path:
+        dest = self.cache_dir / "dirs" / ref.sha256
+        for name, f in ref.files.items():
+            target = dest / name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.local_path(f), target)
         return dest
 
     def _fetch(self, ref: ArtifactRef, dest: Path) -> None:

@@ -120,3 +120,20 @@ def test_s3_transient_errors_are_retried(s3_bucket, s3_endpoint, monkeypatch, tm
         assert _FlakyProxy.seen > _FlakyProxy.failures  # the 503s were answered by retrying, not by failing
     finally:
         proxy.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_directories_roundtrip(backend, tmp_path, request):
+    if backend == "s3":
+        store = S3Store(f"s3://{request.getfixturevalue('s3_bucket')}/dirs", cache_dir=tmp_path / "cache")
+    else:
+        store = LocalStore(tmp_path / "store")
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "weights.bin").write_bytes(b"\x00\x01" * 1000)
+    ref = store.put_dir(src, "models/m1")
+    assert sorted(ref.files) == ["config.json", "sub/weights.bin"]
+    local = store.local_dir(ref)
+    assert (local / "sub" / "weights.bin").read_bytes() == b"\x00\x01" * 1000
+    assert ref.sha256 == store.put_dir(src, "models/m2").sha256  # content hash, not location

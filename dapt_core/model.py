@@ -1,0 +1,59 @@
+"""Loading the base model and tokenizer: a local HF directory, a hub id (when online) or a GGUF file.
+
+Weights load from safetensors only (or GGUF, de-quantised by transformers); model code shipped with a
+checkpoint runs only when `model.trust_remote_code` says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dapt_core.config import ModelConfig
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+def _kwargs(cfg: ModelConfig) -> dict:
+    kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        if not Path(cfg.base or "", cfg.gguf_file).is_file():
+            raise ModelConfigError(f"model.gguf_file: {cfg.gguf_file} not found in model.base ({cfg.base})")
+        kwargs["gguf_file"] = cfg.gguf_file
+    return kwargs
+
+
+def _require_base(cfg: ModelConfig) -> str:
+    if not cfg.base:
+        raise ModelConfigError("model.base is required for this stage: a local model directory, a hub id, or a folder holding model.gguf_file")
+    return cfg.base
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The base tokenizer (a fast tokenizer: batched encoding and `tokenizer.backend_tokenizer` are needed)."""
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer:
+        return AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    return AutoTokenizer.from_pretrained(_require_base(cfg), **_kwargs(cfg))
+
+
+def load_model(cfg: ModelConfig, dtype=None):
+    """The base causal LM, in float32 unless `dtype` says otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _kwargs(cfg)
+    if "gguf_file" not in kwargs:
+        kwargs["use_safetensors"] = True
+    return AutoModelForCausalLM.from_pretrained(_require_base(cfg), dtype=dtype or torch.float32, **kwargs)
+
+
+def load_from_dir(path: str | Path, dtype=None):
+    """Model and tokenizer saved by a dapt stage (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(path)
