@@ -102,7 +102,9 @@ class CleanConfig(_Section):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
-    duckdb_memory_limit: str = Field("2GB", description="DuckDB memory limit; it spills to disk beyond it.")
+    duckdb_memory_limit: str = Field(
+        "512MB", description="DuckDB memory limit; it spills to disk beyond it (peak RSS is about 0.5 GB plus this)."
+    )
 
 
 class ModelConfig(_Section):
@@ -141,6 +143,11 @@ class MixConfig(_Section):
     seed: int = Field(0, description="Seed of the document shuffle and the held-out split.")
     heldout_fraction: float = Field(0.02, ge=0, lt=0.5, description="Share of documents held out (per kind) for evaluation.")
     max_heldout_docs: int = Field(500, ge=1, description="Cap on held-out documents per kind.")
+    document_separator: str | None = Field(
+        None,
+        description="Token after each document (default: the tokenizer's eos_token). Instruct models often use a chat "
+        "end token as eos (SmolLM2: <|im_end|>); set the pretraining end-of-text token (e.g. <|endoftext|>) for CPT.",
+    )
     shard_sequences: int = Field(8_192, ge=1, description="Packed sequences per output shard.")
     workers: int = Field(0, ge=0, description="Tokenizer worker processes (0: one per CPU core).")
     self_replay: SelfReplayConfig | None = Field(

@@ -102,3 +102,29 @@ class PrepareManifest(BaseModel):
     clean: CleanManifest
     computed: list[str] = Field(description="Task runs that did work in this run.")
     cached: list[str] = Field(description="Task runs answered from cache.")
+
+
+class TokenizerManifest(BaseModel):
+    """The (possibly extended) tokenizer and the resized, initialised model, saved together as one HF directory."""
+
+    stage: Literal["tokenizer"] = "tokenizer"
+    model: DirRef
+    base_fingerprint: str
+    new_tokens: int
+    report_json: ArtifactRef
+    report_md: ArtifactRef
+    code_version: str
+
+
+class PackManifest(BaseModel):
+    stage: Literal["pack"] = "pack"
+    train_shards: list[ArtifactRef] = Field(description="Parquet shards: input_ids and document boundaries per sequence.")
+    eval_domain: ArtifactRef | None = Field(None, description="Held-out domain documents, JSONL {'text': ...}.")
+    eval_general: ArtifactRef | None = Field(None, description="Held-out general documents, JSONL {'text': ...}.")
+    seq_len: int
+    sequences: int
+    tokens: dict[str, int] = Field(description="Training tokens per source (after upsampling/subsetting).")
+    general_fraction_target: float
+    general_fraction_realised: float
+    report_json: ArtifactRef
+    code_version: str

@@ -57,3 +57,20 @@ def load_from_dir(path: str | Path, dtype=None):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def base_fingerprint(cfg: ModelConfig) -> str:
+    """A content hash of the base model, for cache keys: the weights/tokenizer files of a local directory
+    (or the GGUF file), else the hub id (online use: pin a revision in the id's directory instead)."""
+    from dapt_core.hashing import sha256_file, stable_hash
+
+    base = _require_base(cfg)
+    root = Path(base)
+    if not root.exists():
+        return stable_hash("hub", base, cfg.gguf_file)
+    if cfg.gguf_file:
+        files = [root / cfg.gguf_file]
+    else:
+        files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json", ".model", ".txt") and p.is_file())
+    tokenizer_files = sorted(Path(cfg.tokenizer).glob("*")) if cfg.tokenizer else []
+    return stable_hash([(p.name, sha256_file(p)) for p in files + tokenizer_files], cfg.trust_remote_code)

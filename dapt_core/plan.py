@@ -56,9 +56,14 @@ def count_tokens(texts: Iterable[str], tokenizer=None, batch_size: int = 256) ->
     return total
 
 
+def parquet_rows(path: Path, columns: list[str]) -> Iterator[tuple]:
+    """Rows of a (possibly large) Parquet file, streamed in batches."""
+    for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=2048):
+        yield from zip(*(batch.column(c).to_pylist() for c in columns))
+
+
 def parquet_texts(path: Path, column: str = "text") -> Iterator[str]:
-    for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=2048):
-        yield from (t for t in batch.column(0).to_pylist() if t)
+    yield from (t for (t,) in parquet_rows(path, [column]) if t)
 
 
 def warnings_for(domain_tokens: int, general_tokens: int, general_fraction: float) -> list[str]:

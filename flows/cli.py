@@ -72,6 +72,24 @@ def _run_prepare(cfg: DaptConfig, refresh: bool):
 
 
 @app.command()
+def pack(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
+    """Prepare the data (cached), extend the tokenizer, and pack the mixed domain + replay training corpus."""
+    cfg = _load(config)
+    from flows.training_data import training_data_flow
+
+    result = training_data_flow(cfg)
+    p, t = result.pack, result.tokenizer
+    console.print(f"tokenizer: +{t.new_tokens} domain tokens (report: {t.report_md.uri})")
+    console.print(
+        f"packed {p.sequences:,} sequences of {p.seq_len} tokens in {len(p.train_shards)} shard(s); "
+        f"general share {p.general_fraction_realised:.2%} (target {p.general_fraction_target:.2%})"
+    )
+    console.print(f"held-out eval sets: {p.eval_domain.uri if p.eval_domain else '-'}, {p.eval_general.uri if p.eval_general else '-'}")
+    console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache")
+    _emit(result, as_json)
+
+
+@app.command()
 def plan(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """Count domain/general tokens, warn against the rules of thumb, and estimate GPU-hours."""
     cfg = _load(config)

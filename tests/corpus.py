@@ -38,7 +38,7 @@ _GENERAL = [
     "Local historians argue about whether the {adj} tower was a lighthouse or a granary.",
     "Tea rooms on the high street served scones to walkers returning from the {adj} hills.",
 ]
-_FILL = {
+FILL = {
     "drug": ["tacrolimus", "cyclosporine", "mycophenolate", "sirolimus", "everolimus", "azathioprine"],
     "drug2": ["belatacept", "basiliximab", "valganciclovir", "amlodipine", "furosemide"],
     "organ": ["renal", "hepatic", "cardiac", "pulmonary", "pancreatic"],
@@ -60,7 +60,7 @@ def prose(seed: int, kind: str = "domain", sentences: int = 12) -> str:
     bank = _DOMAIN if kind == "domain" else _GENERAL
     out = []
     for template in rng.sample(bank, min(sentences, len(bank))):  # no template twice: no repeated n-grams
-        fill = {k: rng.choice(v) for k, v in _FILL.items()}
+        fill = {k: rng.choice(v) for k, v in FILL.items()}
         fill.update(dose=rng.choice([1, 2, 5, 10, 250, 500]), num=rng.randint(1, 9), num2=rng.randint(1, 9),
                     day=rng.randint(2, 60), year=rng.randint(1850, 1990))
         out.append(template.format(**fill))

@@ -1,0 +1,49 @@
+"""`dapt pack`: the data stages (cached `dapt-prepare` subflow), then tokenizer extension and mixed-corpus packing."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel
+
+from dapt_core.config import DaptConfig
+from dapt_core.manifest import PackManifest, PrepareManifest, TokenizerManifest
+from dapt_core.model import base_fingerprint
+from flows.prepare import prepare_flow
+from tasks.caching import result_storage_for, was_cached
+from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
+
+
+class TrainingDataManifest(BaseModel):
+    stage: str = "training-data"
+    prepare: PrepareManifest
+    tokenizer: TokenizerManifest
+    pack: PackManifest
+    computed: list[str]
+    cached: list[str]
+
+
+@flow(name="dapt-training-data", log_prints=True)
+def training_data_flow(config: DaptConfig) -> TrainingDataManifest:
+    """Cleaned corpora → extended tokenizer + resized model → packed, mixed training shards and eval splits.
+
+    Each stage is cached on the content hashes of its inputs (corpus shards, base model files), its
+    config section and its code version, so only what changed is recomputed.
+    """
+    prepared = prepare_flow(config)
+    storage = result_storage_for(config.store)
+    fingerprint = base_fingerprint(config.model)
+    tok_future = extend_tokenizer_task.with_options(result_storage=storage).submit(
+        prepared.clean, fingerprint, config.model, config.tokenizer, config.mix, config.store
+    )
+    tok = tok_future.result()
+    publish_tokenizer_report(tok, config.store)
+    pack_future = pack_task.with_options(result_storage=storage).submit(prepared.clean, tok, config.mix, config.store)
+    packed = pack_future.result()
+    runs = [("tokenizer", tok_future), ("pack", pack_future)]
+    return TrainingDataManifest(
+        prepare=prepared,
+        tokenizer=tok,
+        pack=packed,
+        computed=prepared.computed + [n for n, f in runs if not was_cached(f)],
+        cached=prepared.cached + [n for n, f in runs if was_cached(f)],
+    )

