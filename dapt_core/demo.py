@@ -59,7 +59,9 @@ def demo_config(workdir: Path) -> Path:
         # Abstracts and vignettes are short: keep documents from 30 words.
         "clean": {"quality": {"min_words": 30}},
         "model": {"base": str(model_dir), "gguf_file": SMOLLM2_GGUF},
-        "mix": {"general_fraction": 0.05},
+        # The GGUF is the Instruct model, whose eos is the chat end token: separate documents with end-of-text.
+        "mix": {"general_fraction": 0.05, "seq_len": 512, "document_separator": "<|endoftext|>"},
+        "tokenizer": {"min_frequency": 10},
     }
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.yaml"

@@ -128,3 +128,14 @@ class PackManifest(BaseModel):
     general_fraction_realised: float
     report_json: ArtifactRef
     code_version: str
+
+
+class TrainingDataManifest(BaseModel):
+    """What `dapt pack` returns: the data, tokenizer and packing manifests, and what ran vs came from cache."""
+
+    stage: Literal["training-data"] = "training-data"
+    prepare: PrepareManifest
+    tokenizer: TokenizerManifest
+    pack: PackManifest
+    computed: list[str]
+    cached: list[str]

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from dapt_core.config import DaptConfig
+from dapt_core.readers import parquet_texts
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, without sparsity).
 GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L4": 121.0, "A10G": 125.0, "RTX4090": 165.0, "L40S": 362.0}
@@ -54,16 +54,6 @@ def count_tokens(texts: Iterable[str], tokenizer=None, batch_size: int = 256) ->
     if batch:
         total += sum(len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
     return total
-
-
-def parquet_rows(path: Path, columns: list[str]) -> Iterator[tuple]:
-    """Rows of a (possibly large) Parquet file, streamed in batches."""
-    for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=2048):
-        yield from zip(*(batch.column(c).to_pylist() for c in columns))
-
-
-def parquet_texts(path: Path, column: str = "text") -> Iterator[str]:
-    yield from (t for (t,) in parquet_rows(path, [column]) if t)
 
 
 def warnings_for(domain_tokens: int, general_tokens: int, general_fraction: float) -> list[str]:

@@ -7,9 +7,11 @@ writes the held-out documents as evaluation sets and never packs them).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import xxhash
 
-_BUCKETS = 1 << 32
+from dapt_core.readers import parquet_rows
 
 
 def heldout_bucket(doc_id: str, seed: int) -> float:
@@ -24,3 +26,14 @@ def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
 def heldout_fraction(n_docs: int, fraction: float, max_docs: int) -> float:
     """The fraction to hold out so that about min(fraction * n_docs, max_docs) documents are held out."""
     return min(fraction, max_docs / n_docs) if n_docs else fraction
+
+
+def split_texts(path: Path, fraction: float, max_docs: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) of a cleaned corpus Parquet, by the split packing uses."""
+    rows = list(parquet_rows(path, ["doc_id", "text"]))
+    threshold = heldout_fraction(len(rows), fraction, max_docs)
+    train: list[str] = []
+    heldout: list[str] = []
+    for doc_id, text in rows:
+        (heldout if is_heldout(doc_id, threshold, seed) else train).append(text)
+    return train, heldout

@@ -54,7 +54,12 @@ def _run_prepare(cfg: DaptConfig, refresh: bool):
 
     with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: refresh}):
         result = prepare_flow(cfg)
-    cm = result.clean
+    _print_funnel(result.clean)
+    console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache; stats: {result.clean.stats_md.uri}")
+    return result
+
+
+def _print_funnel(cm) -> None:
     table = Table(title=f"Data funnel: {cm.input_docs:,} documents in, {cm.kept_docs:,} kept", title_justify="left")
     for col in ("source", "kind", "input", "kept", "dropped", "est. tokens kept"):
         table.add_column(col, justify="left" if col in ("source", "kind") else "right")
@@ -67,17 +72,19 @@ def _run_prepare(cfg: DaptConfig, refresh: bool):
     for reason, n in sorted(cm.dropped.items(), key=lambda kv: -kv[1]):
         reasons.add_row(reason, f"{n:,}")
     console.print(reasons)
-    console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache; stats: {cm.stats_md.uri}")
-    return result
 
 
 @app.command()
 def pack(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """Prepare the data (cached), extend the tokenizer, and pack the mixed domain + replay training corpus."""
-    cfg = _load(config)
+    _emit(_run_training_data(_load(config)), as_json)
+
+
+def _run_training_data(cfg: DaptConfig):
     from flows.training_data import training_data_flow
 
     result = training_data_flow(cfg)
+    _print_funnel(result.prepare.clean)
     p, t = result.pack, result.tokenizer
     console.print(f"tokenizer: +{t.new_tokens} domain tokens (report: {t.report_md.uri})")
     console.print(
@@ -86,7 +93,7 @@ def pack(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     )
     console.print(f"held-out eval sets: {p.eval_domain.uri if p.eval_domain else '-'}, {p.eval_general.uri if p.eval_general else '-'}")
     console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache")
-    _emit(result, as_json)
+    return result
 
 
 @app.command()
@@ -127,9 +134,13 @@ def demo(
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
     console.print(f"Demo config: {config_path}")
-    result = _run_prepare(_load(config_path), refresh=False)
+    result = _run_training_data(_load(config_path))
     plan(config_path, as_json=as_json)
-    console.print(f"[bold]Done.[/bold] Data report: {result.clean.stats_md.uri}\nKept domain text: {result.clean.domain.uri}")
+    console.print(
+        f"[bold]Done.[/bold]\n  data report: {result.prepare.clean.stats_md.uri}\n"
+        f"  tokenizer report: {result.tokenizer.report_md.uri}\n  extended model: {result.tokenizer.model.uri}\n"
+        f"  training shards: {result.pack.train_shards[0].uri.rsplit('/', 1)[0]}"
+    )
 
 
 if __name__ == "__main__":

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 from prefect import flow
-from pydantic import BaseModel
 
 from dapt_core.config import DaptConfig
-from dapt_core.manifest import PackManifest, PrepareManifest, TokenizerManifest
+from dapt_core.manifest import TrainingDataManifest
 from dapt_core.model import base_fingerprint
 from flows.prepare import prepare_flow
 from tasks.caching import result_storage_for, was_cached
 from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
-
-
-class TrainingDataManifest(BaseModel):
-    stage: str = "training-data"
-    prepare: PrepareManifest
-    tokenizer: TokenizerManifest
-    pack: PackManifest
-    computed: list[str]
-    cached: list[str]
 
 
 @flow(name="dapt-training-data", log_prints=True)

@@ -13,16 +13,15 @@ import dapt_core.embedding as embedding
 import dapt_core.pack as pack
 import dapt_core.replay as replay
 import dapt_core.tokenizer_ext as tokenizer_ext
-from dapt_core import manifest, metrics, split
+from dapt_core import manifest, metrics, readers, split
 from dapt_core.config import MixConfig, ModelConfig, TokenizerConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, PackManifest, TokenizerManifest
 from dapt_core.model import base_fingerprint, load_from_dir, load_model, load_tokenizer
-from dapt_core.plan import parquet_rows
 from dapt_core.store import open_store
 
-TOKENIZER_CODE = code_version(tokenizer_ext, embedding, metrics, split, manifest)
-PACK_CODE = code_version(pack, replay, split, manifest)
+TOKENIZER_CODE = code_version(tokenizer_ext, embedding, metrics, split, readers, manifest)
+PACK_CODE = code_version(pack, replay, split, readers, manifest)
 
 
 def _split_params(mix: MixConfig) -> tuple:
@@ -32,18 +31,6 @@ def _split_params(mix: MixConfig) -> tuple:
 def tokenizer_key(clean: CleanManifest, fingerprint: str, model: ModelConfig, cfg: TokenizerConfig, mix: MixConfig) -> str:
     domain = clean.domain.sha256 if clean.domain else None
     return "tokenizer-" + stable_hash(domain, fingerprint, model.trust_remote_code, cfg, _split_params(mix), TOKENIZER_CODE)
-
-
-def _domain_split(path: Path | None, mix: MixConfig) -> tuple[list[str], list[str]]:
-    """Training and held-out domain texts, by the same document split that packing uses."""
-    if path is None:
-        return [], []
-    rows = list(parquet_rows(path, ["doc_id", "text"]))
-    fraction = split.heldout_fraction(len(rows), mix.heldout_fraction, mix.max_heldout_docs)
-    train, heldout = [], []
-    for doc_id, text in rows:
-        (heldout if split.is_heldout(doc_id, fraction, mix.seed) else train).append(text)
-    return train, heldout
 
 
 @task(
@@ -58,7 +45,11 @@ def extend_tokenizer_task(
     """Add frequent domain terms to the tokenizer, resize the model with mean-of-pieces init, report the effect."""
     key = tokenizer_key(clean, fingerprint, model_cfg, cfg, mix)
     store = open_store(store_uri)
-    train, heldout = _domain_split(store.local_path(clean.domain) if clean.domain else None, mix)
+    train, heldout = (
+        split.split_texts(store.local_path(clean.domain), mix.heldout_fraction, mix.max_heldout_docs, mix.seed)
+        if clean.domain
+        else ([], [])
+    )
     result = tokenizer_ext.extend(load_model(model_cfg), load_tokenizer(model_cfg), train, heldout, cfg)
     with tempfile.TemporaryDirectory(prefix="dapt-tokenizer-") as tmp:
         out = Path(tmp) / "model"
