@@ -274,18 +274,22 @@ def _head(path: Path) -> bytes:
         return b""  # a damaged gzip: the reader reports it with its position
 
 
+def _decode_whole(ctx: _Ctx) -> str | QuarantineRecord:
+    """The whole file as text (a UTF-8 BOM dropped), or why it is not UTF-8."""
+    with _open(ctx.path) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return ctx.quarantine(position=f"byte {e.start}", reason="invalid_utf8", detail=f"{e.reason}; re-encode the file as UTF-8")
+
+
 def _read_text(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
     if ctx.size > ctx.max_doc_bytes:
         yield ctx.too_large("file", f"the file ({ctx.size} bytes)")
         return
-    with _open(ctx.path) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        yield ctx.quarantine(position=f"byte {e.start}", reason="invalid_utf8", detail=f"{e.reason}; re-encode the file as UTF-8")
-        return
-    yield ctx.document(text, "file")
+    text = _decode_whole(ctx)
+    yield text if isinstance(text, QuarantineRecord) else ctx.document(text, "file")
 
 
 def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
@@ -355,12 +359,9 @@ def _read_json(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
     if first != b"[" and ctx.size > ctx.max_doc_bytes:
         yield from _read_jsonl(ctx)  # too big for one document: it can only be JSON Lines
         return
-    with _open(ctx.path) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        yield ctx.quarantine(position=f"byte {e.start}", reason="invalid_utf8", detail=f"{e.reason}; re-encode the file as UTF-8")
+    text = _decode_whole(ctx)
+    if isinstance(text, QuarantineRecord):
+        yield text
         return
     try:
         value = json.loads(text)

@@ -44,7 +44,6 @@ def nll_stats(
     """Summed next-token NLL of `texts` under `model` (see the module docstring for windows and the prefix;
     `prefix_token_id` overrides the BOS/EOS choice, e.g. a pretraining document separator)."""
     import torch
-    import torch.nn.functional as F
 
     prefix = _prefix_id(tokenizer, prefix_token_id)
     width = max_length - (prefix is not None)
@@ -78,16 +77,35 @@ def nll_stats(
                     input_ids[r, : len(w)] = torch.tensor(w)
                     mask[r, : len(w)] = 1
                 input_ids, mask = input_ids.to(device), mask.to(device)
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
                 labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                nll = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
-                )
-                total += nll.item()
+                total += _summed_nll(model, input_ids, mask, labels)
                 scored += int((labels != -100).sum())
     finally:
         model.train(was_training)
     return NLLStats(nll_nats=total, tokens=scored, bytes=n_bytes, unscored_tokens=unscored)
+
+
+_LOGIT_CHUNK = 256  # positions per lm_head call: batch x seq x vocab logits never exist at once
+
+
+def _summed_nll(model, input_ids, mask, labels) -> float:
+    """Summed next-token NLL, with the vocabulary projection done a few positions at a time.
+
+    Full logits are batch x length x vocab floats (8 x 1024 x 49k is 1.6 GB for SmolLM2); projecting the
+    final hidden states in chunks keeps memory and time flat in the vocabulary size.
+    """
+    import torch.nn.functional as F
+
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
+    head = model.get_output_embeddings()
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    keep = flat_labels != -100
+    flat_hidden, flat_labels = flat_hidden[keep], flat_labels[keep]
+    total = 0.0
+    for start in range(0, len(flat_labels), _LOGIT_CHUNK):
+        logits = head(flat_hidden[start : start + _LOGIT_CHUNK]).float()
+        total += F.cross_entropy(logits, flat_labels[start : start + _LOGIT_CHUNK], reduction="sum").item()
+    return total
 
 
 def bits_per_byte(

@@ -47,7 +47,13 @@ def load_model(cfg: ModelConfig, dtype=None):
     kwargs = _kwargs(cfg)
     if "gguf_file" not in kwargs:
         kwargs["use_safetensors"] = True
-    return AutoModelForCausalLM.from_pretrained(_require_base(cfg), dtype=dtype or torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(_require_base(cfg), dtype=dtype or torch.float32, **kwargs)
+    if "gguf_file" in kwargs:
+        # transformers de-quantises GGUF weights to `dtype` but keeps the GGUF "quantizer", which makes the
+        # model refuse save_pretrained. The weights are plain tensors now: drop it so stages can save them.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    return model
 
 
 def load_from_dir(path: str | Path, dtype=None):

@@ -131,8 +131,7 @@ def _token_spec(tokenizer_dir: Path, tmp: Path, separator: str | None) -> tuple[
     if backend is None:
         raise PackError(f"{tokenizer_dir}: a fast tokenizer (tokenizer.json) is required for packing")
     if separator is not None:
-        sep_id = tok.convert_tokens_to_ids(separator)
-        if sep_id is None or sep_id == tok.unk_token_id:
+        if separator not in tok.get_vocab():  # (not `== unk_token_id`: GGUF tokenizers map unk to <|endoftext|>)
             raise PackError(f"mix.document_separator: {separator!r} is not a token of the tokenizer in {tokenizer_dir}")
         tok.eos_token = separator
     if tok.eos_token_id is None:

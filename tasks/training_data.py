@@ -17,7 +17,7 @@ from dapt_core import manifest, metrics, readers, split
 from dapt_core.config import MixConfig, ModelConfig, TokenizerConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, PackManifest, TokenizerManifest
-from dapt_core.model import base_fingerprint, load_from_dir, load_model, load_tokenizer
+from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store
 
 TOKENIZER_CODE = code_version(tokenizer_ext, embedding, metrics, split, readers, manifest)

@@ -15,11 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dapt_core.clean import clean_corpus
+from dapt_core.clean import clean_corpus, quality
+from dapt_core.clean.decontam import EvalNgrams
 from dapt_core.clean.minhash import EMPTY, jaccard, lsh_band_keys, minhash_signatures
-from dapt_core.clean.ngrams import words
+from dapt_core.clean.ngrams import ngram_hashes, tokenize, words
 from dapt_core.clean.normalize import normalize_text
-from dapt_core.clean.quality import quality_failures
+from dapt_core.clean.pipeline import _prepare
+from dapt_core.clean.quality import quality_failures, quality_reasons
 from dapt_core.config import CleanConfig, NormalizeConfig, QualityConfig
 from dapt_core.manifest import QuarantineRecord
 
@@ -118,6 +120,18 @@ def test_each_quality_heuristic_alone(name):
     assert list(quality_failures(doc, QualityConfig(**{name: None}))) == []  # None turns the check off
 
 
+@pytest.mark.parametrize("chunk_words", [1 << 18, 500])
+def test_batched_reasons_match_each_text_alone(monkeypatch, chunk_words):
+    # The n-gram checks run on many documents at once: documents must not count each other's n-grams.
+    monkeypatch.setattr(quality, "_NGRAM_CHUNK_WORDS", chunk_words)
+    docs = [prose(15, 300), prose(15, 300), *_failing_docs().values(), "", "   ", prose(16, 300)]
+    for cfg in [QualityConfig(), QualityConfig(min_words=None), QualityConfig(max_top_ngram_char_fraction=None)]:
+        reasons = quality_reasons(docs, cfg)
+        assert reasons == [next(iter(quality_failures(d, cfg)), None) for d in docs]
+        assert reasons[:2] == [None, None] and reasons[-1] is None
+    assert reasons[-3:-1] == ["quality:min_words"] * 2
+
+
 def test_longer_duplicate_ngrams_have_lower_bounds():
     # One repeated 15-word passage covers ~12% of the characters: under the 5-gram bound (0.15),
     # over the 10-gram one (0.10), so it fails on a longer n-gram.
@@ -150,6 +164,17 @@ def test_quality_and_normalisation_in_pipeline(tmp_path):
     assert set(kept[0]) == {"doc_id", "text", "source", "kind", "file", "position"}
     assert by_text_id(out, prose(21, 20))["reason"] == "quality:min_words"
     assert out.general_path is None
+
+
+def test_scratch_holds_text_of_filter_survivors_only(tmp_path):
+    contaminated, short, kept = f"{prose(22)} {prose(23)}", prose(24, 20), prose(25)
+    shard = write_shard(tmp_path / "d.parquet", [contaminated, short, kept], "d")
+    evals = EvalNgrams(ngram_hashes(tokenize([prose(23)]), 13, short_docs=False)[0], 13)
+    docs = tmp_path / "docs.parquet"
+    _prepare([shard], CleanConfig(), evals, docs, tmp_path / "signatures.parquet", tmp_path / "bands.parquet")
+    rows = pq.read_table(docs, columns=["text", "filter_reason", "words"]).to_pylist()
+    assert [(r["text"], r["filter_reason"]) for r in rows] == [(None, "decontaminated"), (None, "quality:min_words"), (kept, None)]
+    assert [r["words"] for r in rows] == [None, None, len(kept.split())]
 
 
 def test_exact_duplicates_across_sources_keep_domain(tmp_path):
@@ -203,6 +228,21 @@ def test_decontamination_13_grams(tmp_path):
     assert by_text_id(out, contaminated)["reason"] == "decontaminated"
     assert by_text_id(out, clean)["status"] == "kept"
     assert out.input_docs == 2  # the eval text is not a training document
+
+
+def test_decontamination_ignores_ngrams_without_letters(tmp_path):
+    numbers = " ".join(str(1000 + 7 * i) for i in range(20))  # a table row: no letter in any 13 words
+    eval_words = prose_words(55, 30)
+    eval_shard = tmp_path / "eval.parquet"
+    pq.write_table(pa.table({"text": [f"{numbers} {' '.join(eval_words)} 42 43 44"]}), eval_shard)
+    same_numbers = f"{prose(56)} {numbers} {prose(57)}"
+    numbers_and_a_word = f"{prose(58)} {' '.join(numbers.split()[-12:])} {eval_words[0]} {prose(59)}"
+    tail = f"{prose(60)} {' '.join(eval_words[-10:])} 42 43 44 {prose(61)}"  # 13 words, letters in 10 of them
+    shard = write_shard(tmp_path / "d.parquet", [same_numbers, numbers_and_a_word, tail], "d")
+    out = clean_corpus([shard], [eval_shard], [], CleanConfig(), tmp_path / "work")
+    assert by_text_id(out, same_numbers)["status"] == "kept"
+    assert by_text_id(out, numbers_and_a_word)["reason"] == "decontaminated"
+    assert by_text_id(out, tail)["reason"] == "decontaminated"
 
 
 # --- accounting, stats, determinism ------------------------------------------------------------
@@ -291,7 +331,7 @@ def test_minhash_estimates_agree_with_datasketch():
     for keep in (50, 200, 330, 390):  # the second doc shares the first `keep` words, then diverges
         pairs.append((" ".join(base), " ".join(base[:keep] + prose_words(81 + keep, 400 - keep))))
     texts = [t for pair in pairs for t in pair]
-    sig = minhash_signatures(texts, shingle_size=5, num_perm=256, seed=1)
+    sig = minhash_signatures(tokenize(texts), shingle_size=5, num_perm=256, seed=1)
     for i, (a, b) in enumerate(pairs):
         truth = len(_shingles(a) & _shingles(b)) / len(_shingles(a) | _shingles(b))
         sketches = []
@@ -304,7 +344,7 @@ def test_minhash_estimates_agree_with_datasketch():
 
 
 def test_minhash_edge_cases_and_bands():
-    sig = minhash_signatures(["", "!!!", "two words", "Two, WORDS!", prose(90)], shingle_size=5, num_perm=64, seed=3)
+    sig = minhash_signatures(tokenize(["", "!!!", "two words", "Two, WORDS!", prose(90)]), shingle_size=5, num_perm=64, seed=3)
     assert sig.shape == (5, 64) and sig.dtype == np.uint32
     assert (sig[0] == EMPTY).all() and (sig[1] == EMPTY).all()
     assert not (sig[2] == EMPTY).all() and (sig[2] == sig[3]).all()  # one shingle of all words; case/punct-blind
@@ -316,11 +356,12 @@ def test_minhash_edge_cases_and_bands():
 
 def test_minhash_is_deterministic_across_processes():
     texts = [prose(i) for i in range(3)]
-    here = minhash_signatures(texts, 5, 32, 7)
+    here = minhash_signatures(tokenize(texts), 5, 32, 7)
     code = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[1]);"
         "from tests.test_clean import prose; from dapt_core.clean.minhash import minhash_signatures;"
-        "sys.stdout.write(minhash_signatures([prose(i) for i in range(3)], 5, 32, 7).tobytes().hex())"
+        "from dapt_core.clean.ngrams import tokenize;"
+        "sys.stdout.write(minhash_signatures(tokenize([prose(i) for i in range(3)]), 5, 32, 7).tobytes().hex())"
     )
     root = str(Path(__file__).resolve().parents[1])
     other = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"})

@@ -444,7 +444,7 @@ def test_extend_disabled_or_nothing_to_add(base_tok):
 
 
 @pytest.mark.slow
-def test_smollm2_tacrolimus_becomes_one_mean_initialised_token():
+def test_smollm2_tacrolimus_becomes_one_mean_initialised_token(tmp_path):
     from dapt_core.config import ModelConfig
     from dapt_core.model import load_model, load_tokenizer
 
@@ -472,4 +472,12 @@ def test_smollm2_tacrolimus_becomes_one_mean_initialised_token():
     assert r["roundtrip"]["same_as_base"] == r["roundtrip"]["texts"]
     bpb = r["bits_per_byte_heldout"]
     assert all(math.isfinite(bpb[k]) for k in ("base", "mean_init", "default_init"))
-    print(res.report_markdown)
+
+    # The GGUF-loaded, extended model saves as safetensors and reloads with the same new row.
+    res.model.save_pretrained(tmp_path / "extended")
+    new.save_pretrained(tmp_path / "extended")
+    from dapt_core.model import load_from_dir
+
+    reloaded, reloaded_tok = load_from_dir(tmp_path / "extended")
+    assert reloaded_tok(" tacrolimus", add_special_tokens=False)["input_ids"] == ids
+    assert torch.equal(reloaded.get_input_embeddings().weight[ids[0]], old_in[pieces].mean(0))

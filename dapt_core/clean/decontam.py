@@ -7,16 +7,19 @@ every training batch is probed against it with a vectorised binary search.
 
 from __future__ import annotations
 
+import re
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from dapt_core.clean.ngrams import ngram_hashes, word_hashes, words
+from dapt_core.clean.ngrams import WordHashes, hash_words, ngram_hashes, ngram_starts, words
 from dapt_core.clean.normalize import normalize_text
 from dapt_core.config import NormalizeConfig
 
 _BATCH_DOCS = 1024
+_LETTER = re.compile(r"[^\W\d_]")  # a letter: a word character other than a digit or underscore
 
 
 class EvalNgrams:
@@ -32,23 +35,34 @@ class EvalNgrams:
         parts = [np.zeros(0, dtype=np.uint64)]
         for path in paths:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_DOCS, columns=["text"]):
-                parts.append(cls._ngrams([normalize_text(t, normalize) for t in batch.column(0).to_pylist()], n)[0])
+                parts.append(cls._ngrams([normalize_text(t, normalize) for t in batch.column(0).to_pylist()], n))
         return cls(np.concatenate(parts), n)
 
     @staticmethod
-    def _ngrams(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
-        hashes, offsets = word_hashes([words(t) for t in texts])
-        return ngram_hashes(hashes, offsets, n, short_docs=False)
+    def _ngrams(texts: list[str], n: int) -> np.ndarray:
+        """The n-grams of `texts` that have a word with a letter. One of only numbers (table rows,
+        dates, scores) is no evidence of a leak and is common in unrelated documents."""
+        tokens = [words(t) for t in texts]
+        flat = list(chain.from_iterable(tokens))
+        letters = np.fromiter((_LETTER.search(w.decode()) is not None for w in flat), dtype=np.int64, count=len(flat))
+        letters_before = np.concatenate([[0], np.cumsum(letters)])
+        hashed = hash_words(tokens)
+        grams, _ = ngram_hashes(hashed, n, short_docs=False)
+        starts, _ = ngram_starts(hashed.offsets, n)  # the same n-grams, in the same order
+        return grams[letters_before[starts + n] > letters_before[starts]]
 
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def contaminated(self, texts: list[str]) -> np.ndarray:
-        """A bool per text: does it contain any eval n-gram?"""
-        hit = np.zeros(len(texts), dtype=bool)
-        if len(self.hashes) == 0 or not texts:
+    def contaminated(self, words: WordHashes) -> np.ndarray:
+        """A bool per text (`words` from `tokenize`): does it contain any eval n-gram?"""
+        hit = np.zeros(len(words.offsets) - 1, dtype=bool)
+        if len(self.hashes) == 0 or len(hit) == 0:
             return hit
-        grams, owners = self._ngrams(texts, self.n)
-        at = np.minimum(np.searchsorted(self.hashes, grams), len(self.hashes) - 1)
-        hit[owners[self.hashes[at] == grams]] = True
+        grams, owners = ngram_hashes(words, self.n, short_docs=False)
+        # Binary searches for sorted n-grams stay in cache (several times faster than in text order);
+        # the few n-grams found are then looked up in text order.
+        probe = np.sort(grams)
+        at = np.minimum(np.searchsorted(self.hashes, probe), len(self.hashes) - 1)
+        hit[owners[np.isin(grams, probe[self.hashes[at] == probe])]] = True
         return hit

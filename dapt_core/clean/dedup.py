@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 
 from dapt_core.clean.duck import literal

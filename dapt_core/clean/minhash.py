@@ -1,9 +1,10 @@
 """Batched, vectorised MinHash signatures over word shingles, and LSH band keys.
 
 A per-document MinHash loop (datasketch) spends its time in per-shingle Python hashing and in
-per-document numpy calls. Here a whole batch is one pipeline: each distinct word of the batch is
-hashed once (xxh3), shingles are combined from word hashes in numpy, and all permutations are
-applied to all shingles of a chunk at once, reduced per document with `np.minimum.reduceat`.
+per-document numpy calls. Here a whole batch is one pipeline: words are hashed once (xxh3, in
+`ngrams.tokenize`, shared with decontamination), shingles are combined from word hashes in numpy,
+and all permutations are applied to all shingles of a chunk at once, reduced per document with
+`np.minimum.reduceat`.
 
 Permutation i is multiply-add-shift, h_i(x) = ((a_i * x + b_i) mod 2^64) >> 32 on 32-bit shingle
 keys x, which is a strongly universal family (Dietzfelbinger 1996); signature values are uint32.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dapt_core.clean.ngrams import mix64, ngram_hashes, word_hashes, words
+from dapt_core.clean.ngrams import WordHashes, mix64, ngram_hashes
 
 EMPTY = np.uint32(0xFFFFFFFF)
 """Every value of the signature of a document without words."""
@@ -28,19 +29,19 @@ def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def minhash_signatures(texts: list[str], shingle_size: int, num_perm: int, seed: int) -> np.ndarray:
-    """MinHash signatures (uint32, shape (len(texts), num_perm)) of the word-shingle sets of `texts`.
+def minhash_signatures(words: WordHashes, shingle_size: int, num_perm: int, seed: int) -> np.ndarray:
+    """MinHash signatures (uint32, shape (number of texts, num_perm)) of the word-shingle sets of
+    the texts whose words are `words` (from `tokenize`).
 
     Shingles are `shingle_size` consecutive lowercased words; a shorter document is one shingle of
-    all its words; a document without words gets all values EMPTY. The same inputs give the same
+    all its words; a document without words gets all values EMPTY. Only the permutations depend on
+    `seed` (the word hashes are shared with decontamination). The same inputs give the same
     signatures in any process.
     """
-    seed %= 2**64
-    hashes, offsets = word_hashes([words(t) for t in texts], seed)
-    shingles, owners = ngram_hashes(hashes, offsets, shingle_size, short_docs=True)
+    shingles, owners = ngram_hashes(words, shingle_size, short_docs=True)
     keys = shingles >> np.uint64(32)
-    a, b = _permutations(num_perm, seed)
-    signatures = np.full((len(texts), num_perm), EMPTY, dtype=np.uint32)
+    a, b = _permutations(num_perm, seed % 2**64)
+    signatures = np.full((len(words.offsets) - 1, num_perm), EMPTY, dtype=np.uint32)
     step = max(1, _CHUNK_CELLS // num_perm)
     for lo in range(0, len(keys), step):
         owner = owners[lo : lo + step]

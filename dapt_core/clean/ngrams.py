@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from itertools import chain, repeat
+from typing import NamedTuple
 
 import numpy as np
 import xxhash
@@ -19,6 +20,10 @@ _ASCII_WORDS = bytes(ord(c.lower()) if c.isalnum() or c == "_" else ord(" ") for
 # One odd multiplier per position in the n-gram, so word order matters ("a b" != "b a").
 POSITION_MULT = np.random.default_rng(0x6E6772616D).integers(0, 2**64, size=64, dtype=np.uint64) | np.uint64(1)
 MAX_NGRAM = len(POSITION_MULT)
+# The xxh3 seed of word hashes. MinHash seeds only its permutations, so decontamination can share the
+# hashes; 1 is the default MinHash seed, which hashed the words before they were shared, so the
+# default signatures (and near-duplicate decisions) did not change.
+_WORD_SEED = 1
 
 
 def words(text: str) -> list[bytes]:
@@ -40,37 +45,60 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def word_hashes(docs: list[list[bytes]], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit hashes of all words of a batch, flattened, and the doc offsets into them (len(docs)+1).
+class WordHashes(NamedTuple):
+    """The 64-bit hashes of the words of a batch of texts, flattened, and each text's offsets into
+    them (len(texts) + 1). Decontamination and MinHash share one per batch."""
 
-    Each distinct word of the batch is hashed once; most words repeat many times in a batch.
-    """
+    hashes: np.ndarray
+    offsets: np.ndarray
+
+    def take(self, docs: np.ndarray | list[int]) -> WordHashes:
+        """The word hashes of the texts at the indices `docs`, in that order."""
+        counts = np.diff(self.offsets)[docs]
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        index = np.arange(offsets[-1]) + np.repeat(self.offsets[:-1][docs] - offsets[:-1], counts)
+        return WordHashes(self.hashes[index], offsets)
+
+
+def tokenize(texts: list[str]) -> WordHashes:
+    """The `words` of each text, hashed."""
+    return hash_words([words(t) for t in texts])
+
+
+def hash_words(docs: list[list[bytes]]) -> WordHashes:
+    """Hash the words of each document (xxh3 of each word: cheaper than first finding the distinct ones)."""
     flat = list(chain.from_iterable(docs))
-    vocab = dict.fromkeys(flat)
-    hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, vocab, repeat(seed)), dtype=np.uint64, count=len(vocab))
-    for i, w in enumerate(vocab):
-        vocab[w] = i
-    ids = np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
+    hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, flat, repeat(_WORD_SEED)), dtype=np.uint64, count=len(flat))
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
-    return hashes[ids], offsets
+    return WordHashes(hashes, offsets)
 
 
-def ngram_hashes(hashes: np.ndarray, offsets: np.ndarray, n: int, short_docs: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Hashes of every word n-gram within each document, and the document index of each.
+def ngram_starts(offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each word n-gram that fits inside its document starts (an index into the flat words,
+    ascending), and the index of that document."""
+    counts = np.diff(offsets)
+    doc = np.repeat(np.arange(len(counts)), counts)
+    starts = np.flatnonzero(np.arange(len(doc)) + n <= offsets[1:][doc])
+    return starts, doc[starts]
 
-    `hashes`/`offsets` come from `word_hashes`. With `short_docs`, a document with fewer than `n`
-    (but some) words yields one n-gram of all its words instead of none.
+
+def ngram_hashes(words: WordHashes, n: int, short_docs: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of every word n-gram within each document (in `ngram_starts` order), and the document
+    index of each.
+
+    With `short_docs`, a document with fewer than `n` (but some) words yields one n-gram of all its
+    words instead of none.
     """
     if not 1 <= n <= MAX_NGRAM:
         raise ValueError(f"n-gram size must be in 1..{MAX_NGRAM}, got {n}")
+    hashes, offsets = words
     counts = np.diff(offsets)
-    doc = np.repeat(np.arange(len(counts)), counts)
-    full = np.flatnonzero(np.arange(len(hashes)) + n <= offsets[1:][doc])  # n-grams that stay inside their doc
-    acc = np.zeros(len(full), dtype=np.uint64)
+    full, owners = ngram_starts(offsets, n)
+    grams = np.zeros(len(full), dtype=np.uint64)
     for j in range(n):
-        acc += hashes[full + j] * POSITION_MULT[j]
-    grams, owners = acc, doc[full]
+        grams += hashes[full + j] * POSITION_MULT[j]
     if short_docs:
         short = np.flatnonzero((counts > 0) & (counts < n))
         if len(short):

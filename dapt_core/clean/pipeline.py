@@ -24,8 +24,9 @@ from dapt_core.clean.decontam import EvalNgrams
 from dapt_core.clean.dedup import find_duplicates
 from dapt_core.clean.duck import connect, literal
 from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures
+from dapt_core.clean.ngrams import tokenize
 from dapt_core.clean.normalize import normalize_text
-from dapt_core.clean.quality import quality_reason
+from dapt_core.clean.quality import quality_reasons
 from dapt_core.clean.stats import corpus_stats, source_stats, stats_markdown
 from dapt_core.config import CleanConfig
 from dapt_core.manifest import QuarantineRecord, SourceStats
@@ -121,8 +122,9 @@ def _input_batches(shards: list[Path]) -> Iterator[pa.RecordBatch]:
 
 
 def _prepare(shards: list[Path], cfg: CleanConfig, evals: EvalNgrams, docs: Path, signatures: Path, bands: Path) -> None:
-    """The per-document pass: normalised text and its filter verdict to `docs`; MinHash signatures
-    and LSH band keys of the filter survivors to `signatures` and `bands`."""
+    """The per-document pass: each document's filter verdict to `docs`, with its normalised text
+    only if it passed the filters (only those can be written out); MinHash signatures and LSH band
+    keys of the filter survivors to `signatures` and `bands`."""
     dedup = cfg.dedup
     sig_schema = pa.schema([("seq", pa.int64()), ("sig", pa.list_(pa.uint32(), dedup.num_perm))])
     with (
@@ -133,9 +135,11 @@ def _prepare(shards: list[Path], cfg: CleanConfig, evals: EvalNgrams, docs: Path
         seq = 0
         for batch in _input_batches(shards):
             texts = [normalize_text(t, cfg.normalize) for t in batch.column("text").to_pylist()]
-            reasons = [quality_reason(t, cfg.quality) for t in texts]
+            reasons = quality_reasons(texts, cfg.quality)
             passed = [i for i, r in enumerate(reasons) if r is None]
-            for i, hit in zip(passed, evals.contaminated([texts[i] for i in passed])):
+            # Decontamination and MinHash compare the same tokens: tokenise and hash them once (if either runs).
+            tokens = tokenize([texts[i] for i in passed] if len(evals) or dedup.near else [])
+            for i, hit in zip(passed, evals.contaminated(tokens)):
                 if hit:
                     reasons[i] = "decontaminated"
             seqs = np.arange(seq, seq + len(texts))
@@ -144,20 +148,21 @@ def _prepare(shards: list[Path], cfg: CleanConfig, evals: EvalNgrams, docs: Path
             columns = {c: batch.column(c) for c in _INPUT_COLUMNS}
             columns |= {
                 "seq": seqs,
-                "text": texts,
-                "words": [len(t.split()) for t in texts],
+                "text": [t if r is None else None for t, r in zip(texts, reasons)],
+                # Stats report the lengths of kept documents only, and only filter survivors can be kept.
+                "words": [len(t.split()) if r is None else None for t, r in zip(texts, reasons)],
                 "bytes": [len(b) for b in encoded],
                 "text_hash": [xxhash.xxh3_128_digest(b) for b in encoded],
                 "filter_reason": reasons,
             }
             docs_out.write_table(pa.table(columns, schema=_DOCS))
 
-            survivors = [i for i in passed if reasons[i] is None]
+            survivors = [k for k, i in enumerate(passed) if reasons[i] is None]  # indices into passed
             if not dedup.near or not survivors:
                 continue
-            sig = minhash_signatures([texts[i] for i in survivors], dedup.shingle_size, dedup.num_perm, dedup.seed)
+            sig = minhash_signatures(tokens.take(survivors), dedup.shingle_size, dedup.num_perm, dedup.seed)
             with_words = has_shingles(sig)  # a doc without words has nothing to be similar by
-            sig, sig_seqs = sig[with_words], seqs[survivors][with_words]
+            sig, sig_seqs = sig[with_words], seqs[passed][survivors][with_words]
             flat = pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), dedup.num_perm)
             sigs_out.write_table(pa.table({"seq": sig_seqs, "sig": flat}, schema=sig_schema))
             keys = lsh_band_keys(sig, dedup.bands, dedup.rows)
