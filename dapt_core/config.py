@@ -6,6 +6,7 @@ Defaults encode the rules of thumb of domain-adaptive pretraining (see README, "
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -94,7 +95,10 @@ class DedupConfig(_Section):
 
 
 class DecontaminationConfig(_Section):
-    ngram: int = Field(13, ge=4, le=64, description="Drop a training doc sharing any word n-gram of this size with the eval texts.")
+    ngram: int = Field(
+        13, ge=4, le=64,
+        description="Drop a training doc sharing any word n-gram of this size with the eval texts (n-grams without a letter are ignored).",
+    )
 
 
 class CleanConfig(_Section):
@@ -210,7 +214,10 @@ def load_config(path: str | Path) -> DaptConfig:
 
 
 def _resolve(p: str, base: Path) -> str:
-    if "://" in p or Path(p).is_absolute():
+    if "://" in p:
+        return p
+    p = os.path.expanduser(p)
+    if Path(p).is_absolute():
         return p
     return str(base / p)
 

@@ -19,8 +19,8 @@ import yaml
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class DemoDataMissing(RuntimeError):
-    pass
+class DemoDataMissing(FileNotFoundError):
+    """A data or model wheel of the demo is not installed."""
 
 
 def package_dir(name: str) -> Path:

@@ -71,12 +71,13 @@ def base_fingerprint(cfg: ModelConfig) -> str:
     from dapt_core.hashing import sha256_file, stable_hash
 
     base = _require_base(cfg)
+    tokenizer_files = sorted(p for p in Path(cfg.tokenizer).rglob("*") if p.is_file()) if cfg.tokenizer else []
+    tokenizer_part = [(str(p), sha256_file(p)) for p in tokenizer_files]
     root = Path(base)
     if not root.exists():
-        return stable_hash("hub", base, cfg.gguf_file)
+        return stable_hash("hub", base, cfg.gguf_file, tokenizer_part, cfg.trust_remote_code)
     if cfg.gguf_file:
         files = [root / cfg.gguf_file]
-    else:
-        files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json", ".model", ".txt") and p.is_file())
-    tokenizer_files = sorted(Path(cfg.tokenizer).glob("*")) if cfg.tokenizer else []
-    return stable_hash([(p.name, sha256_file(p)) for p in files + tokenizer_files], cfg.trust_remote_code)
+    else:  # weights, configs, tokenizer files, and remote code (.py) when trust_remote_code runs it
+        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".model", ".txt", ".py"))
+    return stable_hash([(p.name, sha256_file(p)) for p in files], tokenizer_part, cfg.trust_remote_code)

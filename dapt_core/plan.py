@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from dapt_core.config import DaptConfig
+from dapt_core.model import load_tokenizer
 from dapt_core.readers import parquet_texts
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, without sparsity).
@@ -128,20 +129,10 @@ def model_params(cfg: DaptConfig) -> float | None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
-    config = AutoConfig.from_pretrained(cfg.model.base, **kwargs)
+    config = AutoConfig.from_pretrained(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return float(sum(p.numel() for p in model.parameters()))
-
-
-def load_tokenizer(cfg: DaptConfig):
-    source = cfg.model.tokenizer or cfg.model.base
-    if not source:
-        return None
-    from transformers import AutoTokenizer
-
-    kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file and not cfg.model.tokenizer else {}
-    return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def build_plan(
@@ -150,7 +141,7 @@ def build_plan(
     general_texts: Iterable[str],
     counted_on: str,
 ) -> PlanReport:
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model) if (cfg.model.tokenizer or cfg.model.base) else None
     domain_tokens = count_tokens(domain_texts, tokenizer)
     general_tokens = count_tokens(general_texts, tokenizer)
     params = model_params(cfg)

@@ -75,12 +75,19 @@ class ArtifactStore(ABC):
         """A verified local file holding the artifact (the file itself locally, a cached copy for S3)."""
         path = self._local_copy(ref)
         actual = sha256_file(path)
+        if actual != ref.sha256 and self._drop_cached(path):
+            path = self._local_copy(ref)  # a damaged cached copy: fetch once more
+            actual = sha256_file(path)
         if actual != ref.sha256:
             raise IntegrityError(
                 f"{ref.uri}: sha256 {actual[:12]}… does not match the manifest's {ref.sha256[:12]}…; "
                 "the object was changed or corrupted after it was written. Delete it and re-run the stage."
             )
         return path
+
+    def _drop_cached(self, path: Path) -> bool:
+        """Forget a local cached copy; False where `path` is the artifact itself."""
+        return False
 
     def read_bytes(self, ref: ArtifactRef) -> bytes:
         return self.local_path(ref).read_bytes()
@@ -187,10 +194,18 @@ class S3Store(ArtifactStore):
         dest = self.cache_dir / ref.sha256[:2] / ref.sha256
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(".partial")
-            self._fetch(ref, tmp)
-            os.replace(tmp, dest)
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".partial")  # unique: tasks in threads may fetch the same object
+            os.close(fd)
+            try:
+                self._fetch(ref, Path(tmp))
+                os.replace(tmp, dest)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         return dest
+
+    def _drop_cached(self, path: Path) -> bool:
+        path.unlink(missing_ok=True)
+        return True
 
     def local_dir(self, ref: DirRef) -> Path:
         dest = self.cache_dir / "dirs" / ref.sha256
@@ -198,7 +213,13 @@ class S3Store(ArtifactStore):
             target = dest / name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.local_path(f), target)
+                fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".partial")
+                os.close(fd)
+                try:
+                    shutil.copyfile(self.local_path(f), tmp)
+                    os.replace(tmp, target)  # a crash mid-copy never leaves a truncated file in place
+                finally:
+                    Path(tmp).unlink(missing_ok=True)
         return dest
 
     def _fetch(self, ref: ArtifactRef, dest: Path) -> None:

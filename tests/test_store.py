@@ -64,6 +64,11 @@ def test_s3_roundtrip_verify_and_cache(s3_bucket, tmp_path):
     assert store.exists("data/big.bin") and store.list("data") == ["data/big.bin"]
     assert store.local_path(ref).read_bytes() == src.read_bytes()
 
+    # A damaged cached copy is fetched again rather than failing forever.
+    cached = store.local_path(ref)
+    cached.write_bytes(b"bit rot")
+    assert store.local_path(ref).read_bytes() == src.read_bytes()
+
     # The object is replaced behind our back: a fresh cache re-downloads and the sha256 check catches it.
     boto3.client("s3").put_object(Bucket=s3_bucket, Key="runs/data/big.bin", Body=b"corrupted")
     fresh = S3Store(f"s3://{s3_bucket}/runs", cache_dir=tmp_path / "cache2")
