@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from dapt_core.config import IngestConfig, SourceConfig
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import InputFile, Kind, QuarantineRecord
+from dapt_core.store import s3_client
 
 _CHUNK = 1 << 20
 _SNIFF_BYTES = 8192
@@ -181,21 +182,13 @@ def _local_file(path: Path, make_input: Callable, quarantine: Callable) -> Input
         return quarantine(file=uri, reason="unreadable", detail=f"{e}; check the file exists and its permissions")
 
 
-def _s3_client():
-    """An S3 client configured from the standard AWS environment (AWS_ENDPOINT_URL, credentials, region)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
-
-
 def _s3_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iterator[InputFile | QuarantineRecord]:
     """Objects at s3://bucket/key or under s3://bucket/prefix/ (a prefix is a folder: 'a' does not match 'ab.txt')."""
     from botocore.exceptions import ClientError
 
     bucket, _, prefix = spec[len("s3://") :].partition("/")
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     try:
         for page in pages:
             for obj in page.get("Contents", []):
@@ -515,7 +508,7 @@ def _download(inp: InputFile, dest_dir: Path) -> Path:
     etag = inp.fingerprint.split(":")[1]  # fingerprint is "etag:{ETag}:{size}"
     dest = dest_dir / key.rsplit("/", 1)[-1]  # keeps the suffix that selects the reader
     try:
-        obj = _s3_client().get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+        obj = s3_client().get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
             raise RuntimeError(

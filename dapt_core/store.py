@@ -140,9 +140,6 @@ class S3Store(ArtifactStore):
     """s3://bucket/prefix; downloads are cached locally by content hash so a re-read costs no transfer."""
 
     def __init__(self, uri: str, cache_dir: str | Path | None = None):
-        import boto3
-        from botocore.config import Config
-
         if not uri.startswith("s3://"):
             raise ValueError(f"not an s3:// uri: {uri}")
         bucket, _, prefix = uri[len("s3://") :].partition("/")
@@ -150,7 +147,7 @@ class S3Store(ArtifactStore):
             raise ValueError(f"{uri}: no bucket name; use s3://bucket/prefix")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self.client = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+        self.client = s3_client()
         self.cache_dir = Path(cache_dir or os.environ.get("DAPT_CACHE_DIR", Path.home() / ".cache" / "dapt" / "s3"))
 
     def __repr__(self) -> str:
@@ -225,6 +222,15 @@ class S3Store(ArtifactStore):
     def _fetch(self, ref: ArtifactRef, dest: Path) -> None:
         bucket, _, key = ref.uri[len("s3://") :].partition("/")
         self.client.download_file(bucket, key, str(dest))
+
+
+def s3_client():
+    """An S3 client from the standard AWS environment (AWS_ENDPOINT_URL, credentials, region), retrying
+    throttling, 5xx and dropped connections with exponential backoff (botocore "standard" mode)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
 
 
 def open_store(uri: str) -> ArtifactStore:
