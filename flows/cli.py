@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dapt_core.config import ConfigError, DaptConfig, load_config
+from flows import progress
 
 app = typer.Typer(help="dapt: domain-adaptive continual pretraining without forgetting.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -69,7 +70,7 @@ def _run_prepare(cfg: DaptConfig, refresh: bool):
 
     from flows.prepare import prepare_flow
 
-    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: refresh}):
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: refresh}), progress.bars(console):
         result = prepare_flow(cfg)
     _print_funnel(result.clean)
     console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache; stats: {result.clean.stats_md.uri}")
@@ -102,7 +103,8 @@ def pack(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
 def _run_training_data(cfg: DaptConfig):
     from flows.training_data import training_data_flow
 
-    result = training_data_flow(cfg)
+    with progress.bars(console):
+        result = training_data_flow(cfg)
     _print_funnel(result.prepare.clean)
     p, t = result.pack, result.tokenizer
     console.print(f"tokenizer: +{t.new_tokens} domain tokens (report: {t.report_md.uri})")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from prefect import flow, unmapped
+from prefect.futures import as_completed
 
 from dapt_core.config import DaptConfig
 from dapt_core.manifest import PrepareManifest
 from dapt_core.plan import latest_prepare_key
 from dapt_core.store import open_store
+from flows import progress
 from tasks.caching import result_storage_for, was_cached
 from tasks.data import check_eval_sets, clean_task, discover_task, ingest_task, publish_data_report
 
@@ -27,12 +29,17 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     inputs, evals, refused = discover_task(config.data)
     ingest_futures = ingest.map(inputs, cfg=unmapped(config.ingest), store_uri=unmapped(config.store))
     eval_futures = ingest.map(evals, cfg=unmapped(config.ingest), store_uri=unmapped(config.store))
+    progress.stage("ingest files", total=len(inputs) + len(evals))
+    for _ in as_completed(ingest_futures + eval_futures):
+        progress.advance("ingest files")
     ingested = [f.result() for f in ingest_futures]
     eval_manifests = [f.result() for f in eval_futures]
     check_eval_sets(eval_manifests)
 
+    progress.stage("clean, dedup, stats", total=1)
     clean_future = clean.submit(ingested, eval_manifests, refused, config.clean, config.store)
     clean_manifest = clean_future.result()
+    progress.advance("clean, dedup, stats")
     publish_data_report(clean_manifest, config.store)
 
     runs = [(f"ingest:{m.input.uri}", f) for m, f in zip(ingested + eval_manifests, ingest_futures + eval_futures)]

@@ -7,6 +7,7 @@ from prefect import flow
 from dapt_core.config import DaptConfig
 from dapt_core.manifest import TrainingDataManifest
 from dapt_core.model import base_fingerprint
+from flows import progress
 from flows.prepare import prepare_flow
 from tasks.caching import result_storage_for, was_cached
 from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
@@ -25,10 +26,14 @@ def training_data_flow(config: DaptConfig) -> TrainingDataManifest:
     tok_future = extend_tokenizer_task.with_options(result_storage=storage).submit(
         prepared.clean, fingerprint, config.model, config.tokenizer, config.mix, config.store
     )
+    progress.stage("tokenizer extension", total=1)
     tok = tok_future.result()
+    progress.advance("tokenizer extension")
     publish_tokenizer_report(tok, config.store)
     pack_future = pack_task.with_options(result_storage=storage).submit(prepared.clean, tok, config.mix, config.model, config.store)
+    progress.stage("packing", total=1)
     packed = pack_future.result()
+    progress.advance("packing")
     runs = [("tokenizer", tok_future), ("pack", pack_future)]
     return TrainingDataManifest(
         prepare=prepared,

@@ -146,6 +146,7 @@ def test_cli_prepare_json_and_plan(prefect_harness, tmp_path):
 
     res = runner.invoke(app, ["prepare", str(cfg_path), "--json"])
     assert res.exit_code == 0, res.output
+    assert "ingest files" in res.stderr and "9/9" in res.stderr  # the progress bar counted every file
     manifest = json.loads(res.stdout.strip().splitlines()[-1])
     assert manifest["stage"] == "prepare"
     assert manifest["clean"]["input_docs"] == manifest["clean"]["kept_docs"] + sum(manifest["clean"]["dropped"].values())
