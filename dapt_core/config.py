@@ -166,6 +166,78 @@ class PlanConfig(_Section):
     method: Literal["full", "lora"] = Field("full", description="Training method for the estimate.")
 
 
+class LoraTrainConfig(_Section):
+    """LoRA adapters for `train.method: lora` (rank 64 on all projections, alpha 128, dropout 0: see README)."""
+
+    r: int = Field(64, ge=1, description="Adapter rank.")
+    alpha: float = Field(128.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names that get adapters (all attention and MLP projections of Llama-style models).",
+    )
+
+
+class EWCConfig(_Section):
+    """Elastic weight consolidation: loss + (lambda/2) * sum_i F_i (theta_i - theta*_i)^2, F = diagonal Fisher on general text."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    enabled: bool = Field(False, description="Add the EWC penalty (an option; replay mixing is the default protection).")
+    lambda_: float = Field(1.0, ge=0, alias="lambda", description="Penalty strength lambda.")
+    fisher_samples: int = Field(1000, ge=1, description="General sequences used to estimate the diagonal Fisher (1,000-5,000).")
+
+
+class TrainConfig(_Section):
+    """Continual pretraining (dapt_core/train.py). `dapt plan` warns when lr is outside the usual CPT range 1e-5..5e-5."""
+
+    method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
+    lr: float = Field(2e-5, ge=1e-6, le=1e-3, description="Peak learning rate (CPT: 1e-5 to 5e-5).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at this fraction of the peak LR.")
+    warmup_ratio: float = Field(0.01, ge=0, lt=1, description="Share of steps with linear warmup.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to biases and norm weights).")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (null: no clipping).")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; null: derived from `epochs`.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the packed sequences when max_steps is null.")
+    save_every: int = Field(500, ge=1, description="Checkpoint every this many optimizer steps (and at the end).")
+    seed: int = Field(0, description="Seed of the data order and of torch/numpy/python RNGs.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, ~30% slower).")
+    block_cross_document_attention: bool = Field(
+        False, description="Per-document position ids and a block-diagonal causal mask from `doc_lengths` (no attention across documents)."
+    )
+    train_embeddings: bool = Field(
+        False, description="LoRA: also train embed_tokens and lm_head in full (needed when the tokenizer was extended)."
+    )
+    lora: LoraTrainConfig = Field(default_factory=LoraTrainConfig)
+    ewc: EWCConfig = Field(default_factory=EWCConfig)
+
+
+class EvalConfig(_Section):
+    """Forgetting evaluation and rollback (dapt_core/evaluate.py); thresholds from DAPT-FACTS."""
+
+    max_general_ppl_increase: float = Field(
+        0.15, ge=0, description="Reject a checkpoint whose general perplexity rose more than this fraction over the base."
+    )
+    max_general_probe_drop: float = Field(3.0, ge=0, description="Reject (diagnose) when a general probe lost more than this many points.")
+    primary_metric: str = Field("domain/bits_per_byte", description="Domain metric that picks the best accepted checkpoint.")
+    primary_higher_is_better: bool = Field(False, description="Direction of primary_metric (bits per byte: lower is better).")
+    general_ppl_metric: str = Field("general/word_perplexity", description="Perplexity the increase limit applies to.")
+    general_probe_metrics: list[str] = Field(
+        default_factory=lambda: ["general/probe_acc"], description="Accuracies (0..1) checked against max_general_probe_drop."
+    )
+    extra_tasks: list[str] = Field(default_factory=list, description="Further lm-eval task names (must be available offline).")
+    limit: int | None = Field(None, ge=1, description="Documents per eval task (null: all held-out documents).")
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
+    max_probes: int = Field(200, ge=0, description="Cloze probes built per held-out split.")
+    probe_choices: int = Field(4, ge=2, le=10, description="Choices per cloze probe (true word + distractors).")
+    max_attempts: int = Field(3, ge=1, description="CPT attempts in all (the first run plus rollbacks).")
+    min_general_fraction: float = Field(0.05, gt=0, lt=1, description="Replay fraction a rollback starts from when mix.general_fraction is 0.")
+    max_general_fraction: float = Field(0.3, gt=0, lt=1, description="Cap on the replay fraction a rollback doubles to.")
+
+
 class DaptConfig(_Section):
     project: str = Field("dapt", description="Run name used in artifact paths and Prefect.")
     store: str = Field("./dapt-artifacts", description="Artifact store: a local directory or s3://bucket/prefix.")
@@ -176,6 +248,8 @@ class DaptConfig(_Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("store")
     @classmethod

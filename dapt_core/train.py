@@ -1,0 +1,426 @@
+"""Continual pretraining (CPT) of a causal LM on the packed shards of `dapt pack`: one readable loop.
+
+In the style of a torchtune recipe, everything happens in `train()`, top to bottom:
+
+* **Data.** Parquet shards with `input_ids` (list<int32>, fixed seq_len) and `doc_lengths` (list<int32>), read
+  memory-mapped. Epoch e visits the sequences in the permutation `default_rng([seed, e]).permutation(N)`; the data
+  position is (epoch, index in that permutation), so the order is a pure function of the seed.
+* **Method.** `full` trains every parameter; `lora` wraps the model with peft (`cfg.lora`: r, alpha, dropout,
+  target_modules; `cfg.train_embeddings` also trains embed_tokens and lm_head in full, needed after tokenizer
+  extension). `merge_lora(model)` folds the adapters back into plain weights.
+* **Optimisation.** AdamW (no weight decay on biases / norm weights), LR = linear warmup over
+  round(warmup_ratio * steps) steps to the peak, then cosine to min_lr_ratio * peak at the last step (`lr_at`),
+  gradient accumulation over `grad_accum` micro-batches, global grad-norm clipping. fp32 on CPU, bf16 autocast
+  on CUDA (weights and optimizer state stay fp32). Optional gradient checkpointing.
+* **Documents.** With `block_cross_document_attention`, position ids restart at every document of a packed
+  sequence (from `doc_lengths`) and no attention mask is passed: transformers then builds the block-diagonal
+  causal mask from the position ids (eager / sdpa / flex) or runs varlen flash attention, so no token attends to
+  another document. The label of each document's first token (predicted from the previous document) is ignored.
+* **EWC.** `cfg.ewc.enabled` adds (lambda/2) * sum F_i (theta_i - theta*_i)^2 (dapt_core/ewc.py); the Fisher is
+  estimated once on `general_samples` at the start and saved as out_dir/ewc.safetensors (a resumed run reloads it).
+* **Checkpoints.** Every `save_every` steps and at the end, out_dir/checkpoint-<step>/ holds `model.safetensors`
+  (all weights for `full`, the trainable weights for `lora`), `config.json` (full: the directory loads with
+  `from_pretrained`), `optimizer.pt`, `scheduler.pt`, `rng.pt` (python, numpy, torch, cuda) and
+  `trainer_state.json` (step, epoch, index, loss history), written last. The directory is written under a
+  temporary name and renamed into place, so a checkpoint that exists is complete. `on_checkpoint(step, path)`
+  is called after each one (evaluate, upload, roll back...).
+* **Exact resume.** With `resume=True` the loop restarts from the latest complete checkpoint: weights, optimizer,
+  scheduler, RNG states and data position are restored, so a run killed at any point (SIGKILL included) and resumed
+  ends with the same weights as an uninterrupted run (bitwise on CPU; tested).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dapt_core.config import TrainConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+EWC_FILE = "ewc.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+class PackedSequences:
+    """The packed shards as one indexable set of (input_ids [L] int64, doc_lengths [k] int64), memory-mapped."""
+
+    def __init__(self, shards: Sequence[Path]):
+        import pyarrow.parquet as pq
+
+        self._ids: list[np.ndarray] = []
+        self._docs: list[tuple[np.ndarray, np.ndarray]] = []
+        seq_len = None
+        for shard in shards:
+            table = pq.read_table(str(shard), columns=["input_ids", "doc_lengths"], memory_map=True)
+            ids = table.column("input_ids").combine_chunks()
+            if len(ids) == 0:
+                continue
+            values = ids.values.to_numpy(zero_copy_only=False)
+            offsets = ids.offsets.to_numpy()
+            n = len(ids)
+            length = int(offsets[1] - offsets[0])
+            if seq_len is None:
+                seq_len = length
+            if length != seq_len or int(offsets[-1] - offsets[0]) != n * seq_len:
+                raise ValueError(f"{shard}: sequences must all have length {seq_len}")
+            self._ids.append(values[offsets[0] : offsets[-1]].reshape(n, seq_len))
+            docs = table.column("doc_lengths").combine_chunks()
+            self._docs.append((docs.values.to_numpy(zero_copy_only=False), docs.offsets.to_numpy()))
+        if seq_len is None:
+            raise ValueError("no training sequences in the given shards")
+        self.seq_len = seq_len
+        self._starts = np.cumsum([0] + [len(a) for a in self._ids])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s = int(np.searchsorted(self._starts, i, side="right") - 1)
+        j = i - int(self._starts[s])
+        values, offsets = self._docs[s]
+        return self._ids[s][j].astype(np.int64), values[offsets[j] : offsets[j + 1]].astype(np.int64)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order sequences are visited in during `epoch`: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def document_position_ids(doc_lengths: Sequence[int], seq_len: int) -> np.ndarray:
+    """Position ids restarting at 0 at each document of a packed sequence."""
+    pos = np.concatenate([np.arange(int(d)) for d in doc_lengths if d > 0]) if len(doc_lengths) else np.arange(0)
+    if len(pos) != seq_len:
+        raise ValueError(f"doc_lengths sum to {len(pos)}, expected seq_len {seq_len}")
+    return pos
+
+
+def make_batch(items: list[tuple[np.ndarray, np.ndarray]], block_documents: bool) -> dict[str, torch.Tensor]:
+    """Model inputs for a micro-batch: input_ids, labels and (block mode) per-document position_ids."""
+    ids = torch.from_numpy(np.stack([a for a, _ in items]))
+    labels = ids.clone()
+    batch = {"input_ids": ids, "labels": labels}
+    if block_documents:
+        seq_len = ids.shape[1]
+        pos = torch.from_numpy(np.stack([document_position_ids(d, seq_len) for _, d in items]))
+        batch["position_ids"] = pos
+        # A document's first token would be predicted from the previous document: not a learnable target.
+        starts = pos == 0
+        starts[:, 0] = False
+        labels[starts] = -100
+    return batch
+
+
+# -------------------------------------------------------------------------------------------------- LR schedule
+def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
+    return int(round(cfg.warmup_ratio * total_steps))
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup to cfg.lr (reached at the last warmup step), then
+    cosine from cfg.lr (first step after warmup) to min_lr_ratio * cfg.lr (last step, total_steps - 1)."""
+    warmup = warmup_steps_for(cfg, total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    decay_steps = max(1, total_steps - warmup - 1)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def total_steps_for(cfg: TrainConfig, num_sequences: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * num_sequences / (cfg.batch_size * cfg.grad_accum)))
+
+
+# ------------------------------------------------------------------------------------------------------- LoRA
+def apply_lora(model, cfg: TrainConfig):
+    """Wrap `model` with LoRA adapters (peft); embeddings and lm_head fully trained when cfg.train_embeddings."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
+        modules_to_save=["embed_tokens", "lm_head"] if cfg.train_embeddings else None, bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def merge_lora(model):
+    """Fold LoRA adapters into the base weights and return the plain transformers model."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    seen, out = set(), {}
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            out[n] = p.detach().contiguous().cpu()
+    return out
+
+
+def save_weights(model, path: Path, method: str) -> None:
+    from safetensors.torch import save_file, save_model
+
+    if method == "lora":
+        save_file(_trainable_state(model), str(path))
+    else:
+        save_model(model, str(path))  # drops tied duplicates (embed_tokens / lm_head), loads back with load_model
+
+
+def load_weights(model, path: Path, method: str) -> None:
+    from safetensors.torch import load_file, load_model
+
+    if method == "lora":
+        state = load_file(str(path))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+    else:
+        load_model(model, str(path), strict=True)
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with trainer_state.json), by step."""
+    found = []
+    for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = p.name[len(CHECKPOINT_PREFIX) :]
+        if suffix.isdigit() and (p / "trainer_state.json").is_file():
+            found.append((int(suffix), p))
+    return sorted(found)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, method: str, trainer_state: dict) -> Path:
+    final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = out_dir / f".tmp-{CHECKPOINT_PREFIX}{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / "model.safetensors", method)
+    if method == "full" and hasattr(model, "config"):
+        model.config.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a re-run over an old checkpoint of the same step: replace it
+        old = out_dir / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(out_dir)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------------ train
+@dataclass
+class TrainResult:
+    model: object  # the trained model (a peft model for method "lora": see merge_lora)
+    step: int  # optimizer steps done
+    total_steps: int
+    final_loss: float | None  # mean LM loss of the last optimizer step
+    history: list[dict] = field(default_factory=list)  # per step: step, lr, loss, grad_norm (pre-clip), ewc
+    checkpoints: list[Path] = field(default_factory=list)  # written by this call
+    resumed_from: Path | None = None
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(
+    model,
+    shards: list[Path],
+    cfg: TrainConfig,
+    out_dir: Path,
+    resume: bool = True,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
+    general_samples: Sequence[Sequence[int]] | None = None,
+) -> TrainResult:
+    """Continually pretrain `model` on the packed `shards`; checkpoints in `out_dir` (see module docstring)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
+
+    # --- seeds (a resumed run overwrites them with the checkpoint's RNG states)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+
+    # --- device, precision
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    # --- data
+    data = PackedSequences(shards)
+    n = len(data)
+    total_steps = total_steps_for(cfg, n)
+
+    # --- EWC anchor and Fisher: computed on the model as given, before any adapter or update
+    ewc = None
+    if cfg.ewc.enabled:
+        from dapt_core.ewc import EWC
+
+        ewc_path = out_dir / EWC_FILE
+        if resume and ewc_path.is_file():
+            ewc = EWC.load(ewc_path, cfg.ewc.lambda_)
+        else:
+            if not general_samples:
+                raise ValueError("train.ewc.enabled needs general_samples (token id sequences of general text)")
+            if cfg.method == "lora":
+                raise ValueError("train.ewc: EWC applies to full training (LoRA adapters start at zero: nothing to anchor)")
+            ewc = EWC.from_model(model, general_samples, cfg.ewc.lambda_, max_samples=cfg.ewc.fisher_samples)
+            tmp = out_dir / f".tmp-{EWC_FILE}"
+            ewc.save(tmp)
+            os.replace(tmp, ewc_path)
+        ewc.to(device)
+
+    # --- method
+    if cfg.method == "lora" and not _is_peft(model):
+        model = apply_lora(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.method == "lora" and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+
+    # --- optimizer, schedule
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
+
+    # --- resume
+    step, epoch, index, history, resumed_from = 0, 0, 0, [], None
+    checkpoints = list_checkpoints(out_dir) if resume else []
+    if checkpoints:
+        _, resumed_from = checkpoints[-1]
+        state = json.loads((resumed_from / "trainer_state.json").read_text())
+        load_weights(model, resumed_from / "model.safetensors", cfg.method)
+        optimizer.load_state_dict(torch.load(resumed_from / "optimizer.pt", map_location=device, weights_only=True))
+        scheduler.load_state_dict(torch.load(resumed_from / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(resumed_from / "rng.pt", weights_only=False))
+        step, epoch, index, history = state["step"], state["epoch"], state["index"], state["history"]
+
+    order = epoch_order(n, cfg.seed, epoch)
+
+    def next_micro_batch() -> dict[str, torch.Tensor]:
+        nonlocal epoch, index, order
+        items = []
+        for _ in range(cfg.batch_size):
+            if index >= n:  # the stream continues into the next epoch's permutation
+                epoch, index = epoch + 1, 0
+                order = epoch_order(n, cfg.seed, epoch)
+            items.append(data[int(order[index])])
+            index += 1
+        return {k: v.to(device) for k, v in make_batch(items, cfg.block_cross_document_attention).items()}
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    written: list[Path] = []
+    loss_value = history[-1]["loss"] if history else None
+
+    # --- the loop
+    while step < total_steps:
+        t0 = time.perf_counter()
+        loss_sum, ewc_value = 0.0, 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next_micro_batch()
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(**batch, use_cache=False)
+            loss = out.loss.float()
+            total = loss
+            if ewc is not None:
+                penalty = ewc.penalty(model)
+                ewc_value += float(penalty.detach()) / cfg.grad_accum
+                total = total + penalty
+            (total / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = None
+        if cfg.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = loss_sum / cfg.grad_accum
+        history.append(
+            {"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm, "ewc": ewc_value if ewc else None,
+             "seconds": time.perf_counter() - t0}
+        )
+
+        if step % cfg.save_every == 0 or step == total_steps:
+            trainer_state = {
+                "step": step, "epoch": epoch, "index": index, "total_steps": total_steps, "seed": cfg.seed,
+                "method": cfg.method, "history": history,
+            }
+            path = _write_checkpoint(out_dir, step, model, optimizer, scheduler, cfg.method, trainer_state)
+            written.append(path)
+            if on_checkpoint is not None:
+                on_checkpoint(step, path)
+
+    return TrainResult(
+        model=model, step=step, total_steps=total_steps, final_loss=loss_value, history=history, checkpoints=written,
+        resumed_from=resumed_from,
+    )

@@ -1,0 +1,234 @@
+"""dapt_core.evaluate: local lm-eval tasks on a tiny model (offline), forgetting policy, rollback, report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dapt_core.config import DaptConfig
+from dapt_core.evaluate import (
+    Decision,
+    EvalResult,
+    ForgettingPolicy,
+    build_probes,
+    choose_best,
+    evaluate,
+    rollback_plan,
+    write_report,
+    write_tasks,
+)
+from tests.tiny_model import byte_level_tokenizer, tiny_llama
+
+DOMAIN = [
+    "The patient received tacrolimus after the renal transplant and the dose was adjusted weekly.",
+    "Serum creatinine rose sharply, so the nephrologist reduced the immunosuppressant dosage.",
+    "Biopsy of the graft showed acute cellular rejection treated with methylprednisolone.",
+    "Trough levels guided every change of the calcineurin inhibitor during admission.",
+]
+GENERAL = [
+    "The cat sat quietly on the warm windowsill watching small birds in the garden.",
+    "Markets opened higher today as investors welcomed the latest employment figures.",
+    "The old bridge across the river was repaired before the heavy winter storms.",
+    "Children played football in the park until their parents called them for dinner.",
+]
+
+
+def _jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def offline():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, offline):
+    d = tmp_path_factory.mktemp("eval")
+    files = {"domain": _jsonl(d / "domain.jsonl", DOMAIN), "general": _jsonl(d / "general.jsonl", GENERAL)}
+    tok = byte_level_tokenizer(DOMAIN + GENERAL, 400)
+    return d, files, tok
+
+
+@pytest.fixture(scope="module")
+def random_model(setup):
+    _, _, tok = setup
+    return tiny_llama(len(tok), seed=0)
+
+
+@pytest.fixture(scope="module")
+def random_result(setup, random_model):
+    d, files, tok = setup
+    return evaluate(random_model, tok, files, d / "w-random", batch_size=4, seed=0)
+
+
+def test_write_tasks_generates_local_yaml(tmp_path):
+    files = {"domain": _jsonl(tmp_path / "d.jsonl", DOMAIN)}
+    names = write_tasks(files, tmp_path / "tasks", max_probes=3)
+    assert names == {"domain": {"ppl": "dapt_ppl_domain", "probe": "dapt_probe_domain"}}
+    ppl = (tmp_path / "tasks" / "dapt_ppl_domain.yaml").read_text()
+    for needle in ("output_type: loglikelihood_rolling", "dataset_path: json", "test_split: test", "data_files:",
+                   'doc_to_target: "{{text}}"', "metric: bits_per_byte", "metric: word_perplexity", "metric: byte_perplexity"):
+        assert needle in ppl
+    probe = (tmp_path / "tasks" / "dapt_probe_domain.yaml").read_text()
+    assert "output_type: multiple_choice" in probe and "metric: acc" in probe
+    assert len((tmp_path / "tasks" / "domain.probe.jsonl").read_text().splitlines()) == 3
+
+
+def test_build_probes_true_word_and_distractors_from_corpus():
+    probes = build_probes(DOMAIN + GENERAL, max_probes=50, n_choices=4, seed=1)
+    assert probes == build_probes(DOMAIN + GENERAL, max_probes=50, n_choices=4, seed=1)  # deterministic
+    assert len(probes) == len(DOMAIN + GENERAL)  # one sentence per document here
+    corpus = " ".join(DOMAIN + GENERAL)
+    for p in probes:
+        assert len(p["choices"]) == 4 and len(set(c.lower() for c in p["choices"])) == 4
+        target = p["choices"][p["label"]]
+        assert (p["context"] + " " + target) in corpus
+        assert all(c in corpus for c in p["choices"])
+
+
+def test_lm_eval_bpb_matches_dapt_metrics(setup, random_model, random_result):
+    """Same texts, same model: lm-eval's loglikelihood_rolling scores every token after the BOS/EOS prefix, exactly
+    what dapt_core.metrics does, so for texts shorter than the context window the two agree to float rounding."""
+    from dapt_core.metrics import bits_per_byte
+
+    _, _, tok = setup
+    r = random_result
+    assert r.backend == "lm-eval"
+    for split, texts in (("domain", DOMAIN), ("general", GENERAL)):
+        ref = bits_per_byte(random_model, tok, texts)
+        assert r.metrics[f"{split}/bits_per_byte"] == pytest.approx(ref, rel=1e-4)
+        assert r.metrics[f"{split}/byte_perplexity"] == pytest.approx(2 ** ref, rel=1e-4)
+        assert r.metrics[f"{split}/word_perplexity"] > r.metrics[f"{split}/byte_perplexity"]
+        assert 0.0 <= r.metrics[f"{split}/probe_acc"] <= 1.0
+        assert 0.0 <= r.metrics[f"{split}/probe_acc_norm"] <= 1.0
+        assert r.metrics[f"{split}/probe_n"] == len(texts)
+
+
+def test_native_backend_agrees_with_lm_eval(setup, random_model, random_result):
+    d, files, tok = setup
+    native = evaluate(random_model, tok, files, d / "w-native", batch_size=4, seed=0, backend="native")
+    assert native.backend == "native"
+    for k, v in random_result.metrics.items():
+        assert native.metrics[k] == pytest.approx(v, rel=1e-4), k
+
+
+def test_model_trained_on_probe_text_beats_random(setup, random_result):
+    import torch
+
+    d, files, tok = setup
+    model = tiny_llama(len(tok), seed=0)
+    ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in DOMAIN]
+    width = max(map(len, ids))
+    x = torch.tensor([i + [tok.eos_token_id] * (width - len(i)) for i in ids])
+    labels = torch.tensor([i + [-100] * (width - len(i)) for i in ids])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(80):
+        loss = model(input_ids=x, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = evaluate(model, tok, {"domain": files["domain"]}, d / "w-trained", batch_size=4, seed=0)
+    assert trained.metrics["domain/probe_acc"] > random_result.metrics["domain/probe_acc"]
+    assert trained.metrics["domain/probe_acc"] >= 0.75
+    assert trained.metrics["domain/bits_per_byte"] < random_result.metrics["domain/bits_per_byte"]
+
+
+def _res(ppl=100.0, probe=0.5, dom=1.0):
+    return EvalResult(metrics={"general/word_perplexity": ppl, "general/probe_acc": probe, "domain/bits_per_byte": dom})
+
+
+@pytest.mark.parametrize(
+    ("ppl", "probe", "accepted", "why"),
+    [
+        (114.9, 0.5, True, None),
+        (115.1, 0.5, False, "general/word_perplexity up"),
+        (100.0, 0.471, True, None),
+        (100.0, 0.469, False, "general/probe_acc down 3.1 points"),
+        (90.0, 0.6, True, None),
+    ],
+)
+def test_policy_threshold_edges(ppl, probe, accepted, why, caplog):
+    pol = ForgettingPolicy()
+    with caplog.at_level("INFO", logger="dapt.evaluate"):
+        dec = pol.judge(_res(), _res(ppl=ppl, probe=probe, dom=0.8), step=7)
+    assert dec.accepted is accepted
+    if why:
+        assert any(why in r for r in dec.reasons)
+    else:
+        assert dec.reasons == []
+    assert dec.numbers["general_ppl_increase"] == pytest.approx(ppl / 100 - 1)
+    assert dec.numbers["drop_points general/probe_acc"] == pytest.approx((0.5 - probe) * 100)
+    assert "step 7" in caplog.text and ("ACCEPTED" if accepted else "REJECTED") in caplog.text
+    assert "general_ppl_increase" in caplog.text  # every decision logged with its numbers
+
+
+def test_policy_rejects_missing_metric_and_reads_config():
+    dec = ForgettingPolicy().judge(_res(), EvalResult(metrics={"domain/bits_per_byte": 0.9}))
+    assert not dec.accepted and any("missing" in r for r in dec.reasons)
+    cfg = DaptConfig(data={"domain": [{"name": "a", "paths": ["x"]}]}, eval={"max_general_ppl_increase": 0.1})
+    pol = ForgettingPolicy.from_config(cfg)
+    assert pol.max_general_ppl_increase == 0.1 and pol.max_general_probe_drop == 3.0
+    assert not pol.judge(_res(), _res(ppl=111.0)).accepted
+
+
+def test_choose_best():
+    acc = [(100, _res(dom=0.9)), (200, _res(dom=0.7)), (300, _res(dom=0.7)), (400, _res(dom=0.8))]
+    assert choose_best(acc) == 200  # lowest domain bpb, earlier step on ties
+    assert ForgettingPolicy(primary_metric="general/probe_acc", primary_higher_is_better=True).choose_best(
+        [(1, _res(probe=0.4)), (2, _res(probe=0.6))]
+    ) == 2
+    with pytest.raises(ValueError):
+        choose_best([])
+
+
+def test_rollback_plan_halves_lr_doubles_replay_capped():
+    cfg = DaptConfig(data={"domain": [{"name": "a", "paths": ["x"]}]}, train={"lr": 4e-5}, mix={"general_fraction": 0.1},
+                     eval={"max_attempts": 4, "max_general_fraction": 0.3})
+    p1, p2, p3 = (rollback_plan(a, cfg) for a in range(3))
+    assert (p1.attempt, p1.lr, p1.general_fraction) == (1, pytest.approx(2e-5), pytest.approx(0.2))
+    assert (p2.attempt, p2.lr, p2.general_fraction) == (2, pytest.approx(1e-5), pytest.approx(0.3))  # capped
+    assert (p3.lr, p3.general_fraction) == (pytest.approx(5e-6), pytest.approx(0.3))
+    assert rollback_plan(3, cfg) is None  # 4 attempts used up
+    zero = cfg.model_copy(update={"mix": cfg.mix.model_copy(update={"general_fraction": 0.0})})
+    assert rollback_plan(0, zero).general_fraction == pytest.approx(0.1)  # from min_general_fraction 0.05, doubled
+
+
+def test_report_files_and_png(tmp_path):
+    pol = ForgettingPolicy()
+    base = EvalResult(metrics={**_res().metrics, "general/bits_per_byte": 1.2})
+    ckpts = []
+    for step, ppl, dom in ((100, 105.0, 0.95), (200, 110.0, 0.85), (300, 120.0, 0.8)):
+        r = EvalResult(metrics={**_res(ppl=ppl, dom=dom).metrics, "general/bits_per_byte": 1.2 * (ppl / 100) ** 0.1})
+        ckpts.append((step, r, pol.judge(base, r, step=step)))
+    assert [d.accepted for _, _, d in ckpts] == [True, True, False]
+    best = pol.choose_best([(s, r) for s, r, d in ckpts if d.accepted])
+    assert best == 200
+    paths = write_report(base, ckpts, tmp_path / "rep", best_step=best, policy=pol)
+    doc = json.loads(paths["json"].read_text())
+    assert doc["best_step"] == 200 and [c["accepted"] for c in doc["checkpoints"]] == [True, True, False]
+    assert doc["checkpoints"][2]["numbers"]["general_ppl_increase"] == pytest.approx(0.2)
+    md = paths["md"].read_text()
+    assert "step 200 (best)" in md and "REJECTED" in md and "| base |" in md
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(paths["png"]) as im:
+        im.verify()
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_decision_is_plain_data():
+    d = Decision(accepted=True, reasons=[], numbers={"x": 1.0})
+    assert d.accepted and not math.isnan(d.numbers["x"])
+    r = EvalResult(metrics={"a": 1.0}, notes=["n"])
+    assert EvalResult.from_dict(r.to_dict()) == r
