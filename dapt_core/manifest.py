@@ -139,3 +139,24 @@ class TrainingDataManifest(BaseModel):
     pack: PackManifest
     computed: list[str]
     cached: list[str]
+
+
+class CptManifest(BaseModel):
+    """One CPT attempt (train, evaluate every checkpoint against the base, promote the best accepted one); the flow
+    adds the earlier attempts of a rollback sequence in `attempts`."""
+
+    stage: Literal["cpt"] = "cpt"
+    accepted: bool = Field(description="True when at least one checkpoint passed the forgetting policy.")
+    promoted: DirRef | None = Field(None, description="Best accepted checkpoint, LoRA merged: a loadable HF directory.")
+    best_step: int | None = None
+    decisions: list[dict] = Field(description="Per checkpoint: step, accepted, reasons, numbers, metrics, checkpoint uri.")
+    checkpoints: list[DirRef] = Field(default_factory=list)
+    base_metrics: dict[str, float] = Field(default_factory=dict)
+    report_json: ArtifactRef
+    report_md: ArtifactRef
+    report_png: ArtifactRef
+    attempt: int
+    lr: float
+    general_fraction: float
+    attempts: list[dict] = Field(default_factory=list, description="Every attempt of the flow run: attempt, lr, general_fraction, accepted, best_step, decisions.")
+    code_version: str

@@ -1,0 +1,140 @@
+"""The CPT flow on a tiny Llama, for real: training data (cached) → base eval → CPT attempts → rollback / promotion.
+
+The base model is first trained a few dozen steps on general prose, so that it has something to forget: domain-only
+training at the maximum LR then raises its general perplexity past the policy's limit (rollback), while a low LR
+with 5% replay improves the domain and stays within the limits (promotion).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dapt_core.config import TrainConfig, load_config
+from dapt_core.evaluate import evaluate
+from dapt_core.model import load_from_dir
+from dapt_core.store import open_store
+from dapt_core.train import train
+from flows.cpt import cpt_flow
+from flows.training_data import training_data_flow
+from tests.corpus import prose, write_config, write_corpus
+from tests.tiny_model import byte_level_tokenizer, tiny_llama
+
+SEQ = 64
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+
+
+def _pretrained_general_base(root, steps: int = 60):
+    """A tiny model trained `steps` steps on general prose (texts unlike the corpus' held-out docs), saved as an HF dir."""
+    texts = [prose(i, "general") for i in range(100)]
+    tok = byte_level_tokenizer(texts, 1000)
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(ids) // SEQ
+    rows = np.asarray(ids[: n * SEQ], dtype=np.int32).reshape(n, SEQ)
+    shard = root / "pretrain" / "shard.parquet"
+    shard.parent.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"input_ids": pa.array(rows.tolist(), pa.list_(pa.int32())), "doc_lengths": pa.array([[SEQ]] * n, pa.list_(pa.int32()))}),
+        shard,
+    )
+    cfg = TrainConfig(lr=1e-3, max_steps=steps, batch_size=8, save_every=steps, warmup_ratio=0.05)
+    res = train(tiny_llama(len(tok)), [shard], cfg, root / "pretrain" / "out", resume=False)
+    base = root / "base"
+    res.model.save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpt")
+    dirs = write_corpus(root, n_domain=40, n_general=30)
+    base = _pretrained_general_base(root)
+    return root, dirs, base
+
+
+def _config(root, dirs, base, name: str, *, lr: float, general_fraction: float, max_steps: int, save_every: int, max_attempts: int = 2):
+    run = root / name
+    run.mkdir()
+    extra = f"""model: {{base: "{base}"}}
+tokenizer: {{min_frequency: 5, domain_vocab_size: 600}}
+mix: {{general_fraction: {general_fraction}, seq_len: {SEQ}, heldout_fraction: 0.1}}
+train: {{lr: {lr}, max_steps: {max_steps}, save_every: {save_every}, batch_size: 8, warmup_ratio: 0.1}}
+eval: {{max_attempts: {max_attempts}, max_probes: 40, batch_size: 8}}
+"""
+    return load_config(write_config(run, dirs, store=str(run / "store"), extra=extra))
+
+
+def _print_attempts(result):
+    for a in result.attempts:
+        print(f"attempt {a['attempt']} lr={a['lr']:.3g} general_fraction={a['general_fraction']:.3g} accepted={a['accepted']}")
+        for d in a["decisions"]:
+            n = d["numbers"]
+            print(
+                f"  step {d['step']}: {'ACCEPTED' if d['accepted'] else 'REJECTED'} "
+                f"general_ppl_increase={n.get('general_ppl_increase', float('nan')):+.3f} "
+                f"delta_domain_bpb={n.get('delta domain/bits_per_byte', float('nan')):+.4f} "
+                f"probe_drop={n.get('drop_points general/probe_acc', float('nan')):.1f}"
+            )
+
+
+def test_high_lr_without_replay_is_rejected_and_rolled_back(prefect_harness, corpus):
+    root, dirs, base = corpus
+    cfg = _config(root, dirs, base, "high-lr", lr=1e-3, general_fraction=0.0, max_steps=30, save_every=10)
+    result = cpt_flow(cfg)
+    _print_attempts(result)
+
+    first = result.attempts[0]
+    assert first["attempt"] == 0 and first["lr"] == 1e-3 and first["general_fraction"] == 0.0
+    rejected = [d for d in first["decisions"] if not d["accepted"]]
+    assert rejected, "domain-only training at lr 1e-3 should push general perplexity past +15%"
+    assert all(d["reasons"] for d in rejected)
+    assert not first["accepted"]
+
+    # Rolled back: attempt 1 with half the LR and replay doubled from eval.min_general_fraction (mix's was 0).
+    assert len(result.attempts) == 2 and result.attempt == 1
+    second = result.attempts[1]
+    assert second["lr"] == pytest.approx(5e-4)
+    assert second["general_fraction"] == pytest.approx(2 * cfg.eval.min_general_fraction)
+    store = open_store(cfg.store)
+    report = json.loads(store.read_text(result.report_json))
+    assert [c["step"] for c in report["checkpoints"]] == [d["step"] for d in second["decisions"]]
+    assert store.local_path(result.report_png).stat().st_size > 0
+
+
+def test_low_lr_with_replay_is_accepted_and_promoted(prefect_harness, corpus, monkeypatch):
+    root, dirs, base = corpus
+    cfg = _config(root, dirs, base, "low-lr", lr=1e-4, general_fraction=0.05, max_steps=20, save_every=10)
+    result = cpt_flow(cfg)
+    _print_attempts(result)
+
+    assert result.accepted and result.attempt == 0 and len(result.attempts) == 1
+    assert result.best_step in {d["step"] for d in result.decisions if d["accepted"]}
+    store = open_store(cfg.store)
+
+    # The promoted directory loads as a plain HF model, and it is better on the domain than the base.
+    model, tokenizer = load_from_dir(store.local_dir(result.promoted))
+    files = {"domain": store.local_path(training_data_flow(cfg).pack.eval_domain)}  # cached: nothing recomputed
+    promoted_bpb = evaluate(model, tokenizer, files, root / "low-lr" / "check", probes=False, backend="native").metrics["domain/bits_per_byte"]
+    base_bpb = result.base_metrics["domain/bits_per_byte"]
+    print(f"domain bpb: base {base_bpb:.4f} -> promoted {promoted_bpb:.4f}")
+    assert promoted_bpb < base_bpb
+
+    # A re-run is answered from the cache: no training, the same manifest.
+    import dapt_core.train as train_mod
+
+    calls = []
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert cpt_flow(cfg) == result and calls == []
