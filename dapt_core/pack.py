@@ -369,12 +369,9 @@ def _scan(
     heldout = 0
     out = open(eval_path, "w", encoding="utf-8")
 
-    def rows() -> Iterator:
+    def rows() -> Iterator[tuple[int, str, int]]:
         nonlocal heldout
         i = 0
-        pending: list[str] = []
-        pending_idx: list[int] = []
-        pending_bytes = 0
         for path in paths:
             for _, ids, text_col, sizes, has_text, srcs in _batches(path):
                 texts = text_col.to_pylist() if encoder is not None else None
@@ -390,23 +387,15 @@ def _scan(
                     elif nonblank:
                         train[i] = True
                         if encoder is not None:
-                            text = texts[j]
-                            pending.append(text)
-                            pending_idx.append(i)
-                            pending_bytes += b
-                            if pending_bytes >= BATCH_BYTES or len(pending) >= BATCH_DOCS:
-                                yield np.array(pending_idx, np.int64), pending
-                                pending, pending_idx, pending_bytes = [], [], 0
+                            yield i, texts[j], b
                     i += 1
-        if pending:
-            yield np.array(pending_idx, np.int64), pending
 
     try:
         if encoder is None:
             for _ in rows():
                 pass
         else:
-            _write_tokens(encoder.map(rows(), _text_bytes(paths)), tokens_out, tok_pos, tok_off, tok_len)
+            _write_tokens(encoder.map(_batched(rows()), _text_bytes(paths)), tokens_out, tok_pos, tok_off, tok_len)
     finally:
         out.close()
     if heldout == 0:
@@ -428,28 +417,34 @@ def _tokenize_rows(docs: _Docs, paths: list[Path], select: np.ndarray, encoder: 
     want[select] = True
     approx = int(docs.nbytes[select].sum())
 
-    def rows() -> Iterator:
+    def rows() -> Iterator[tuple[int, str, int]]:
         i = 0
-        pending: list[str] = []
-        pending_idx: list[int] = []
-        pending_bytes = 0
         for path in paths:
             for _, _, text_col, _, _, _ in _batches(path):
                 n = len(text_col)
                 sel = np.flatnonzero(want[i : i + n])
                 if len(sel):
                     for j, text in zip(sel.tolist(), text_col.take(sel).to_pylist()):
-                        pending.append(text)
-                        pending_idx.append(i + j)
-                        pending_bytes += int(docs.nbytes[i + j])
-                        if pending_bytes >= BATCH_BYTES or len(pending) >= BATCH_DOCS:
-                            yield np.array(pending_idx, np.int64), pending
-                            pending, pending_idx, pending_bytes = [], [], 0
+                        yield i + j, text, int(docs.nbytes[i + j])
                 i += n
-        if pending:
-            yield np.array(pending_idx, np.int64), pending
 
-    _write_tokens(encoder.map(rows(), approx), tokens_out, tok_pos, docs.tok_off, docs.tok_len)
+    _write_tokens(encoder.map(_batched(rows()), approx), tokens_out, tok_pos, docs.tok_off, docs.tok_len)
+
+
+def _batched(rows: Iterable[tuple[int, str, int]]) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Group (doc index, text, bytes) rows into tokenizer tasks of about BATCH_BYTES text or BATCH_DOCS documents."""
+    texts: list[str] = []
+    idx: list[int] = []
+    size = 0
+    for i, text, nbytes in rows:
+        texts.append(text)
+        idx.append(i)
+        size += nbytes
+        if size >= BATCH_BYTES or len(texts) >= BATCH_DOCS:
+            yield np.array(idx, np.int64), texts
+            texts, idx, size = [], [], 0
+    if texts:
+        yield np.array(idx, np.int64), texts
 
 
 def _write_replay(texts: Iterable[str], path: Path) -> int:
