@@ -20,10 +20,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def stable_hash(*parts: object) -> str:
     """sha256 of JSON-serialisable parts (pydantic models included), independent of dict order."""
 

@@ -88,10 +88,6 @@ class CleanManifest(BaseModel):
     sources: list[SourceStats]
     code_version: str
 
-    @property
-    def accounted(self) -> bool:
-        return self.input_docs == self.kept_docs + sum(self.dropped.values())
-
 
 class PrepareManifest(BaseModel):
     """What `dapt prepare` returns: the clean manifest and what ran vs came from cache."""
