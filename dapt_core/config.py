@@ -213,6 +213,14 @@ class TrainConfig(_Section):
     )
     lora: LoraTrainConfig = Field(default_factory=LoraTrainConfig)
     ewc: EWCConfig = Field(default_factory=EWCConfig)
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Training loggers: TensorBoard event files in <attempt>/tensorboard of the store ([] for none).",
+    )
+    log_every: int = Field(10, ge=1, description="Log loss / LR / grad norm / tokens per second every this many steps.")
+    nproc_per_node: int = Field(
+        1, ge=1, description="GPUs per node: > 1 launches the CPT attempt with torchrun (DDP, one process per GPU)."
+    )
 
 
 class EvalConfig(_Section):
@@ -238,6 +246,39 @@ class EvalConfig(_Section):
     max_general_fraction: float = Field(0.3, gt=0, lt=1, description="Cap on the replay fraction a rollback doubles to.")
 
 
+def _sft_train_defaults() -> TrainConfig:
+    return TrainConfig(lr=2e-5, epochs=2.0, warmup_ratio=0.03, save_every=1_000_000, block_cross_document_attention=True)
+
+
+class SftConfig(_Section):
+    """Supervised fine-tuning on instruction pairs after CPT (dapt_core/sft.py); loss on response tokens only."""
+
+    data: list[str] = Field(
+        default_factory=list,
+        description="JSONL files of instruction pairs: {'prompt', 'response'} or {'messages': [{'role', 'content'}...]}. "
+        "Empty: no SFT stage.",
+    )
+    seq_len: int = Field(1024, ge=16, description="Tokens per training sequence; longer examples are cut (the cut is logged).")
+    packing: bool = Field(
+        False, description="Pack several examples per sequence (block-diagonal attention keeps them apart); else pad each."
+    )
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of instruction pairs held out for response loss/accuracy.")
+    max_heldout: int = Field(200, ge=1, description="Cap on held-out instruction pairs.")
+    seed: int = Field(0, description="Seed of the held-out split.")
+    train: TrainConfig = Field(default_factory=_sft_train_defaults, description="Optimiser settings of the SFT run.")
+
+
+class DeployConfig(_Section):
+    """`dapt serve` deployments (deployments/prefect.yaml mirrors them)."""
+
+    cron: str = Field("0 2 * * *", description="When nightly-refresh runs (cron syntax).")
+    timezone: str = Field("UTC", description="IANA time zone of the cron schedule.")
+    concurrency_limit: int = Field(1, ge=1, description="Refresh runs allowed at once (1: refreshes never overlap).")
+    cpt_deployment: str | None = Field(
+        None, description="Run the CPT stage as this deployment (e.g. 'dapt-cpt/gpu') on a GPU work pool via run_deployment."
+    )
+
+
 class DaptConfig(_Section):
     project: str = Field("dapt", description="Run name used in artifact paths and Prefect.")
     store: str = Field("./dapt-artifacts", description="Artifact store: a local directory or s3://bucket/prefix.")
@@ -250,6 +291,8 @@ class DaptConfig(_Section):
     plan: PlanConfig = Field(default_factory=PlanConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @field_validator("store")
     @classmethod
@@ -308,4 +351,5 @@ def resolve_relative_paths(cfg: DaptConfig, base: Path) -> DaptConfig:
         model = model.model_copy(update={"base": _resolve(model.base, base)})
     if model.tokenizer and Path(_resolve(model.tokenizer, base)).exists():
         model = model.model_copy(update={"tokenizer": _resolve(model.tokenizer, base)})
-    return cfg.model_copy(update={"data": data, "model": model, "store": _resolve(cfg.store, base)})
+    sft = cfg.sft.model_copy(update={"data": [_resolve(p, base) for p in cfg.sft.data]})
+    return cfg.model_copy(update={"data": data, "model": model, "sft": sft, "store": _resolve(cfg.store, base)})

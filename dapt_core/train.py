@@ -2,8 +2,8 @@
 
 In the style of a torchtune recipe, everything happens in `train()`, top to bottom:
 
-* **Data.** Parquet shards with `input_ids` (list<int32>, fixed seq_len) and `doc_lengths` (list<int32>), read
-  memory-mapped. Epoch e visits the sequences in the permutation `default_rng([seed, e]).permutation(N)`; the data
+* **Data.** Parquet shards with `input_ids` (list<int32>, fixed seq_len), `doc_lengths` (list<int32>) and, for
+  SFT, an optional `loss_mask` (list<int8>, 1 where the token is a training target), read memory-mapped. Epoch e visits the sequences in the permutation `default_rng([seed, e]).permutation(N)`; the data
   position is (epoch, index in that permutation), so the order is a pure function of the seed.
 * **Method.** `full` trains every parameter; `lora` wraps the model with peft (`cfg.lora`: r, alpha, dropout,
   target_modules; `cfg.train_embeddings` also trains embed_tokens and lm_head in full, needed after tokenizer
@@ -16,6 +16,11 @@ In the style of a torchtune recipe, everything happens in `train()`, top to bott
   sequence (from `doc_lengths`) and no attention mask is passed: transformers then builds the block-diagonal
   causal mask from the position ids (eager / sdpa / flex) or runs varlen flash attention, so no token attends to
   another document. The label of each document's first token (predicted from the previous document) is ignored.
+* **Distributed.** Launched by `torchrun`/`accelerate launch` (WORLD_SIZE > 1) the loop runs DDP: each rank takes
+  its slice of every global micro-batch (batch_size sequences per rank, same permutation), gradients are averaged,
+  rank 0 writes checkpoints and runs `on_checkpoint` while the others wait. One process is the same loop, unchanged.
+* **Logging.** `cfg.report_to: [tensorboard]` writes loss, LR, grad norm, EWC penalty and tokens/s every
+  `cfg.log_every` steps to out_dir/tensorboard (rank 0).
 * **EWC.** `cfg.ewc.enabled` adds (lambda/2) * sum F_i (theta_i - theta*_i)^2 (dapt_core/ewc.py); the Fisher is
   estimated once on `general_samples` at the start and saved as out_dir/ewc.safetensors (a resumed run reloads it).
 * **Checkpoints.** Every `save_every` steps and at the end, out_dir/checkpoint-<step>/ holds `model.safetensors`
@@ -31,6 +36,7 @@ In the style of a torchtune recipe, everything happens in `train()`, top to bott
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -59,9 +65,12 @@ class PackedSequences:
 
         self._ids: list[np.ndarray] = []
         self._docs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._masks: list[np.ndarray | None] = []
         seq_len = None
         for shard in shards:
-            table = pq.read_table(str(shard), columns=["input_ids", "doc_lengths"], memory_map=True)
+            names = pq.read_schema(str(shard)).names
+            columns = ["input_ids", "doc_lengths"] + (["loss_mask"] if "loss_mask" in names else [])
+            table = pq.read_table(str(shard), columns=columns, memory_map=True)
             ids = table.column("input_ids").combine_chunks()
             if len(ids) == 0:
                 continue
@@ -76,6 +85,14 @@ class PackedSequences:
             self._ids.append(values[offsets[0] : offsets[-1]].reshape(n, seq_len))
             docs = table.column("doc_lengths").combine_chunks()
             self._docs.append((docs.values.to_numpy(zero_copy_only=False), docs.offsets.to_numpy()))
+            mask = None
+            if "loss_mask" in columns:
+                m = table.column("loss_mask").combine_chunks()
+                mask = m.values.to_numpy(zero_copy_only=False)[m.offsets[0].as_py() : m.offsets[-1].as_py()]
+                if len(mask) != n * seq_len:
+                    raise ValueError(f"{shard}: loss_mask must have one entry per token")
+                mask = mask.reshape(n, seq_len)
+            self._masks.append(mask)
         if seq_len is None:
             raise ValueError("no training sequences in the given shards")
         self.seq_len = seq_len
@@ -84,11 +101,17 @@ class PackedSequences:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(input_ids, doc_lengths, loss_mask or None) of sequence i."""
         s = int(np.searchsorted(self._starts, i, side="right") - 1)
         j = i - int(self._starts[s])
         values, offsets = self._docs[s]
-        return self._ids[s][j].astype(np.int64), values[offsets[j] : offsets[j + 1]].astype(np.int64)
+        mask = self._masks[s]
+        return (
+            self._ids[s][j].astype(np.int64),
+            values[offsets[j] : offsets[j + 1]].astype(np.int64),
+            None if mask is None else mask[j].astype(bool),
+        )
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -104,14 +127,18 @@ def document_position_ids(doc_lengths: Sequence[int], seq_len: int) -> np.ndarra
     return pos
 
 
-def make_batch(items: list[tuple[np.ndarray, np.ndarray]], block_documents: bool) -> dict[str, torch.Tensor]:
-    """Model inputs for a micro-batch: input_ids, labels and (block mode) per-document position_ids."""
-    ids = torch.from_numpy(np.stack([a for a, _ in items]))
+def make_batch(items: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], block_documents: bool) -> dict[str, torch.Tensor]:
+    """Model inputs for a micro-batch: input_ids, labels (-100 where loss_mask is 0) and (block mode) per-document
+    position_ids."""
+    ids = torch.from_numpy(np.stack([a for a, _, _ in items]))
     labels = ids.clone()
+    for row, (_, _, mask) in enumerate(items):
+        if mask is not None:
+            labels[row, torch.from_numpy(~mask)] = -100
     batch = {"input_ids": ids, "labels": labels}
     if block_documents:
         seq_len = ids.shape[1]
-        pos = torch.from_numpy(np.stack([document_position_ids(d, seq_len) for _, d in items]))
+        pos = torch.from_numpy(np.stack([document_position_ids(d, seq_len) for _, d, _ in items]))
         batch["position_ids"] = pos
         # A document's first token would be predicted from the previous document: not a learnable target.
         starts = pos == 0
@@ -281,6 +308,44 @@ class TrainResult:
     resumed_from: Path | None = None
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun / accelerate launch (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def distributed() -> Distributed:
+    """Join the process group torchrun set up (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Distributed(rank=torch.distributed.get_rank(), world=world, local_rank=local)
+
+
+def _tensorboard(cfg: TrainConfig, out_dir: Path, dist: Distributed):
+    if "tensorboard" not in cfg.report_to or not dist.main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
 def _param_groups(model, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
@@ -309,8 +374,9 @@ def train(
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
 
-    # --- device, precision
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # --- device, precision, process group
+    dist = distributed()
+    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     model.to(device)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
@@ -333,9 +399,10 @@ def train(
             if cfg.method == "lora":
                 raise ValueError("train.ewc: EWC applies to full training (LoRA adapters start at zero: nothing to anchor)")
             ewc = EWC.from_model(model, general_samples, cfg.ewc.lambda_, max_samples=cfg.ewc.fisher_samples)
-            tmp = out_dir / f".tmp-{EWC_FILE}"
-            ewc.save(tmp)
-            os.replace(tmp, ewc_path)
+            if dist.main:
+                tmp = out_dir / f".tmp-{EWC_FILE}"
+                ewc.save(tmp)
+                os.replace(tmp, ewc_path)
         ewc.to(device)
 
     # --- method
@@ -346,6 +413,9 @@ def train(
         if cfg.method == "lora" and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
+    trained = model  # what checkpoints save and the caller gets back; `model` may become its DDP wrapper
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
     # --- optimizer, schedule
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
@@ -357,7 +427,7 @@ def train(
     if checkpoints:
         _, resumed_from = checkpoints[-1]
         state = json.loads((resumed_from / "trainer_state.json").read_text())
-        load_weights(model, resumed_from / "model.safetensors", cfg.method)
+        load_weights(trained, resumed_from / "model.safetensors", cfg.method)
         optimizer.load_state_dict(torch.load(resumed_from / "optimizer.pt", map_location=device, weights_only=True))
         scheduler.load_state_dict(torch.load(resumed_from / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(resumed_from / "rng.pt", weights_only=False))
@@ -366,35 +436,42 @@ def train(
     order = epoch_order(n, cfg.seed, epoch)
 
     def next_micro_batch() -> dict[str, torch.Tensor]:
+        """This rank's slice of the next global micro-batch (batch_size * world sequences of the data order)."""
         nonlocal epoch, index, order
         items = []
-        for _ in range(cfg.batch_size):
+        for k in range(cfg.batch_size * dist.world):
             if index >= n:  # the stream continues into the next epoch's permutation
                 epoch, index = epoch + 1, 0
                 order = epoch_order(n, cfg.seed, epoch)
-            items.append(data[int(order[index])])
+            if k // cfg.batch_size == dist.rank:
+                items.append(data[int(order[index])])
             index += 1
         return {k: v.to(device) for k, v in make_batch(items, cfg.block_cross_document_attention).items()}
 
     params = [p for p in model.parameters() if p.requires_grad]
     written: list[Path] = []
     loss_value = history[-1]["loss"] if history else None
+    writer = _tensorboard(cfg, out_dir, dist)
+    tokens_per_step = cfg.batch_size * dist.world * cfg.grad_accum * data.seq_len
 
     # --- the loop
     while step < total_steps:
         t0 = time.perf_counter()
         loss_sum, ewc_value = 0.0, 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = next_micro_batch()
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                out = model(**batch, use_cache=False)
-            loss = out.loss.float()
-            total = loss
-            if ewc is not None:
-                penalty = ewc.penalty(model)
-                ewc_value += float(penalty.detach()) / cfg.grad_accum
-                total = total + penalty
-            (total / cfg.grad_accum).backward()
+            # DDP: all-reduce gradients once per optimizer step, on the last micro-batch.
+            sync = contextlib.nullcontext() if dist.world == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
+            with sync:
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    out = model(**batch, use_cache=False)
+                loss = out.loss.float()
+                total = loss
+                if ewc is not None:
+                    penalty = ewc.penalty(trained)
+                    ewc_value += float(penalty.detach()) / cfg.grad_accum
+                    total = total + penalty
+                (total / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
         grad_norm = None
         if cfg.grad_clip is not None:
@@ -405,22 +482,35 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_value = loss_sum / cfg.grad_accum
+        seconds = time.perf_counter() - t0
         history.append(
             {"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm, "ewc": ewc_value if ewc else None,
-             "seconds": time.perf_counter() - t0}
+             "seconds": seconds}
         )
+        if writer is not None and (step % cfg.log_every == 0 or step == total_steps):
+            for name, value in (("loss", loss_value), ("lr", lr), ("grad_norm", grad_norm), ("ewc_penalty", ewc_value if ewc else None)):
+                if value is not None:
+                    writer.add_scalar(f"train/{name}", value, step)
+            writer.add_scalar("train/tokens_per_second", tokens_per_step / max(seconds, 1e-9), step)
 
         if step % cfg.save_every == 0 or step == total_steps:
-            trainer_state = {
-                "step": step, "epoch": epoch, "index": index, "total_steps": total_steps, "seed": cfg.seed,
-                "method": cfg.method, "history": history,
-            }
-            path = _write_checkpoint(out_dir, step, model, optimizer, scheduler, cfg.method, trainer_state)
+            path = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+            if dist.main:
+                trainer_state = {
+                    "step": step, "epoch": epoch, "index": index, "total_steps": total_steps, "seed": cfg.seed,
+                    "method": cfg.method, "world_size": dist.world, "history": history,
+                }
+                path = _write_checkpoint(out_dir, step, trained, optimizer, scheduler, cfg.method, trainer_state)
+                if writer is not None:
+                    writer.flush()
+                if on_checkpoint is not None:
+                    on_checkpoint(step, path)
             written.append(path)
-            if on_checkpoint is not None:
-                on_checkpoint(step, path)
+            dist.barrier()
 
+    if writer is not None:
+        writer.close()
     return TrainResult(
-        model=model, step=step, total_steps=total_steps, final_loss=loss_value, history=history, checkpoints=written,
+        model=trained, step=step, total_steps=total_steps, final_loss=loss_value, history=history, checkpoints=written,
         resumed_from=resumed_from,
     )

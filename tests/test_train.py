@@ -224,7 +224,7 @@ def test_block_cross_document_attention_isolates_documents(attn):
     docs = np.array([10, 22])
 
     def logits(first, block=True):
-        batch = make_batch([(np.array(first + d2), docs)], block)
+        batch = make_batch([(np.array(first + d2), docs, None)], block)
         batch.pop("labels")
         with torch.no_grad():
             return model(**batch, use_cache=False).logits[0]
@@ -236,7 +236,7 @@ def test_block_cross_document_attention_isolates_documents(attn):
         alone = model(input_ids=torch.tensor([d2]), use_cache=False).logits[0]
     assert torch.allclose(la[10:], alone, atol=1e-5)  # and is computed as if it stood alone
     assert not torch.allclose(logits(d1a, False)[10:], logits(d1b, False)[10:], atol=1e-3)  # without: it does
-    labels = make_batch([(np.array(d1a + d2), docs)], True)["labels"][0]
+    labels = make_batch([(np.array(d1a + d2), docs, None)], True)["labels"][0]
     assert labels[10] == -100 and (labels[:10] >= 0).all() and (labels[11:] >= 0).all()
 
 
