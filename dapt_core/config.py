@@ -153,6 +153,9 @@ class MixConfig(_Section):
         "end token as eos (SmolLM2: <|im_end|>); set the pretraining end-of-text token (e.g. <|endoftext|>) for CPT.",
     )
     shard_sequences: int = Field(8_192, ge=1, description="Packed sequences per output shard.")
+    general_sample_sequences: int = Field(
+        1000, ge=0, description="General training sequences written aside for the EWC Fisher estimate (train.ewc)."
+    )
     workers: int = Field(0, ge=0, description="Tokenizer worker processes (0: one per CPU core).")
     self_replay: SelfReplayConfig | None = Field(
         None, description="Sample replay text from the base model when data.general is empty (see README: trade-offs)."

@@ -117,6 +117,7 @@ class PackManifest(BaseModel):
     train_shards: list[ArtifactRef] = Field(description="Parquet shards: input_ids and document boundaries per sequence.")
     eval_domain: ArtifactRef | None = Field(None, description="Held-out domain documents, JSONL {'text': ...}.")
     eval_general: ArtifactRef | None = Field(None, description="Held-out general documents, JSONL {'text': ...}.")
+    general_sample: ArtifactRef | None = Field(None, description="General training sequences (Parquet) for the EWC Fisher.")
     seq_len: int
     sequences: int
     tokens: dict[str, int] = Field(description="Training tokens per source (after upsampling/subsetting).")
@@ -145,12 +146,15 @@ class CptManifest(BaseModel):
     accepted: bool = Field(description="True when at least one checkpoint passed the forgetting policy.")
     promoted: DirRef | None = Field(None, description="Best accepted checkpoint, LoRA merged: a loadable HF directory.")
     best_step: int | None = None
+    stopped_at: int | None = Field(None, description="Step of the first rejected checkpoint, where training stopped.")
     decisions: list[dict] = Field(description="Per checkpoint: step, accepted, reasons, numbers, metrics, checkpoint uri.")
     checkpoints: list[DirRef] = Field(default_factory=list)
     base_metrics: dict[str, float] = Field(default_factory=dict)
     report_json: ArtifactRef
     report_md: ArtifactRef
     report_png: ArtifactRef
+    tensorboard: DirRef | None = Field(None, description="TensorBoard event files (train loss/LR, eval metrics per checkpoint).")
+    start_model: str = Field("", description="The model this attempt started from: the extended base or a rolled-back-to checkpoint.")
     attempt: int
     lr: float
     general_fraction: float

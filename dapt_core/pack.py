@@ -110,6 +110,7 @@ class PackResult:
     sequences: int
     seq_len: int
     dropped_tokens: int  # domain tokens of the final partial sequence, not packed
+    general_sample: Path | None = None  # up to mix.general_sample_sequences general training sequences (EWC Fisher)
     report: dict = field(default_factory=dict)
 
 
@@ -601,6 +602,22 @@ def _write_shards(
     return shards
 
 
+def _write_general_sample(gen: _Docs, budget: int, seq_len: int, tokens: np.ndarray, out_dir: Path) -> Path | None:
+    """The first general training documents in key order, cut into at most budget / seq_len sequences: the general
+    text EWC estimates its Fisher on (replay is not marked in the mixed shards)."""
+    order = np.flatnonzero(gen.train & (gen.tok_off >= 0))
+    order = order[np.argsort(gen.key[order], kind="stable")]
+    lens = gen.tok_len.astype(np.int64)
+    budget = min(budget, int(lens[order].sum())) // seq_len * seq_len
+    if budget == 0:
+        return None
+    take = _budget(order, lens, budget)
+    keep = take > 0
+    (out_dir / "general-sample").mkdir(exist_ok=True)
+    [path] = _write_shards(tokens, gen.tok_off[order[keep]], take[keep], seq_len, budget // seq_len, out_dir / "general-sample")
+    return path
+
+
 def pack_corpus(
     domain: Path | None,
     general: Path | None,
@@ -627,7 +644,11 @@ def pack_corpus(
         )
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
     (out_dir / "eval").mkdir(parents=True, exist_ok=True)
-    for old in [*(out_dir / "train").glob("train-*.parquet"), *(out_dir / "eval" / f"{k}.jsonl" for k in KINDS)]:
+    for old in [
+        *(out_dir / "train").glob("train-*.parquet"),
+        *(out_dir / "general-sample").glob("*.parquet"),
+        *(out_dir / "eval" / f"{k}.jsonl" for k in KINDS),
+    ]:
         old.unlink(missing_ok=True)
     workers = cfg.workers or os.cpu_count() or 1
     timings: dict[str, float] = {}
@@ -675,14 +696,16 @@ def pack_corpus(
                     )
                 t0 = time.perf_counter()
                 passes = 0
-                if g_budget > 0:
-                    if gen is None or not gen.train.any():
-                        raise PackError(
-                            "the general corpus has no training documents (all empty or held out): add data.general "
-                            "text or enable mix.self_replay"
-                        )
+                if g_budget > 0 and (gen is None or not gen.train.any()):
+                    raise PackError(
+                        "the general corpus has no training documents (all empty or held out): add data.general "
+                        "text or enable mix.self_replay"
+                    )
+                sample_budget = cfg.general_sample_sequences * cfg.seq_len if gen is not None and gen.train.any() else 0
+                if max(g_budget, sample_budget) > 0:
                     bpt = dom.nbytes[d_order].sum() / max(1, d_pool)
-                    passes = _ensure_general_tokens(gen, general_paths, g_budget, bpt, encoder, tokens_out, tok_pos)
+                    need = max(g_budget, sample_budget)
+                    passes = _ensure_general_tokens(gen, general_paths, need, bpt, encoder, tokens_out, tok_pos)
                 timings["general_tokenize_s"] = time.perf_counter() - t0
 
             # domain stream: key order until d_budget tokens
@@ -709,6 +732,7 @@ def pack_corpus(
             mapped = np.memmap(token_path, dtype=np.int32, mode="r") if tok_pos[0] else None
             tokens = mapped.view(np.ndarray) if mapped is not None else np.empty(0, np.int32)  # cheap plain slices
             shards = _write_shards(tokens, off, take, cfg.seq_len, cfg.shard_sequences, out_dir / "train")
+            general_sample = _write_general_sample(gen, sample_budget, cfg.seq_len, tokens, out_dir) if sample_budget else None
             del tokens, mapped
             timings["pack_write_s"] = time.perf_counter() - t0
         finally:
@@ -795,5 +819,6 @@ def pack_corpus(
         sequences=n_seq,
         seq_len=cfg.seq_len,
         dropped_tokens=dropped,
+        general_sample=general_sample,
         report=report,
     )

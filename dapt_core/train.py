@@ -28,7 +28,8 @@ In the style of a torchtune recipe, everything happens in `train()`, top to bott
   `from_pretrained`), `optimizer.pt`, `scheduler.pt`, `rng.pt` (python, numpy, torch, cuda) and
   `trainer_state.json` (step, epoch, index, loss history), written last. The directory is written under a
   temporary name and renamed into place, so a checkpoint that exists is complete. `on_checkpoint(step, path)`
-  is called after each one (evaluate, upload, roll back...).
+  is called after each one (evaluate, upload...); when it returns False training stops there (a rejected checkpoint:
+  roll back instead of training further).
 * **Exact resume.** With `resume=True` the loop restarts from the latest complete checkpoint: weights, optimizer,
   scheduler, RNG states and data position are restored, so a run killed at any point (SIGKILL included) and resumed
   ends with the same weights as an uninterrupted run (bitwise on CPU; tested).
@@ -174,9 +175,11 @@ def apply_lora(model, cfg: TrainConfig):
     """Wrap `model` with LoRA adapters (peft); embeddings and lm_head fully trained when cfg.train_embeddings."""
     from peft import LoraConfig, get_peft_model
 
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
         modules_to_save=["embed_tokens", "lm_head"] if cfg.train_embeddings else None, bias="none", task_type="CAUSAL_LM",
+        ensure_weight_tying=tied,  # tied embeddings stay one matrix (else merging unties them: a second copy)
     )
     return get_peft_model(model, lora)
 
@@ -360,7 +363,7 @@ def train(
     cfg: TrainConfig,
     out_dir: Path,
     resume: bool = True,
-    on_checkpoint: Callable[[int, Path], None] | None = None,
+    on_checkpoint: Callable[[int, Path], bool | None] | None = None,
     general_samples: Sequence[Sequence[int]] | None = None,
 ) -> TrainResult:
     """Continually pretrain `model` on the packed `shards`; checkpoints in `out_dir` (see module docstring)."""
@@ -494,7 +497,7 @@ def train(
             writer.add_scalar("train/tokens_per_second", tokens_per_step / max(seconds, 1e-9), step)
 
         if step % cfg.save_every == 0 or step == total_steps:
-            path = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+            path, stop = out_dir / f"{CHECKPOINT_PREFIX}{step}", False
             if dist.main:
                 trainer_state = {
                     "step": step, "epoch": epoch, "index": index, "total_steps": total_steps, "seed": cfg.seed,
@@ -503,10 +506,14 @@ def train(
                 path = _write_checkpoint(out_dir, step, trained, optimizer, scheduler, cfg.method, trainer_state)
                 if writer is not None:
                     writer.flush()
-                if on_checkpoint is not None:
-                    on_checkpoint(step, path)
+                stop = on_checkpoint is not None and on_checkpoint(step, path) is False
             written.append(path)
-            dist.barrier()
+            if dist.world > 1:  # rank 0 decided (it ran on_checkpoint); every rank follows
+                flag = torch.tensor([int(dist.main and stop)], device=device)
+                torch.distributed.broadcast(flag, src=0)
+                stop = bool(flag.item())
+            if stop:
+                break
 
     if writer is not None:
         writer.close()

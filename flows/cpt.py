@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from dapt_core.config import DaptConfig
-from dapt_core.evaluate import rollback_plan
-from dapt_core.manifest import CptManifest
+from dapt_core.evaluate import ForgettingPolicy, rollback_plan
+from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest
+from dapt_core.store import open_store
 from flows.training_data import training_data_flow
 from tasks.caching import result_storage_for
 from tasks.cpt import base_eval_task, cpt_task
@@ -16,44 +17,65 @@ from tasks.training_data import pack_task
 def _summary(m: CptManifest) -> dict:
     return {
         "attempt": m.attempt, "lr": m.lr, "general_fraction": m.general_fraction, "accepted": m.accepted,
-        "best_step": m.best_step, "promoted": m.promoted.uri if m.promoted else None, "decisions": m.decisions,
-        "report_md": m.report_md.uri,
+        "best_step": m.best_step, "stopped_at": m.stopped_at, "start_model": m.start_model,
+        "promoted": m.promoted.uri if m.promoted else None, "decisions": m.decisions, "report_md": m.report_md.uri,
     }
 
 
+def _best_metric(m: CptManifest, policy: ForgettingPolicy) -> float:
+    value = next(d["metrics"][policy.primary_metric] for d in m.decisions if d["step"] == m.best_step)
+    return -value if policy.primary_higher_is_better else value
+
+
 @flow(name="dapt-cpt", log_prints=True)
-def cpt_flow(config: DaptConfig) -> CptManifest:
+def cpt_flow(
+    config: DaptConfig,
+    data: TrainingDataManifest | None = None,
+    start: DirRef | None = None,
+    reference: DirRef | None = None,
+    output_key: str | None = None,
+) -> CptManifest:
     """Continual pretraining with rollback.
 
-    Attempt 0 uses config.train and config.mix. When no checkpoint of an attempt passes the forgetting policy,
-    `rollback_plan` halves the LR and doubles the replay fraction; the corpus is re-packed with that mix (the
-    cached pack stage: a fraction packed before is not recomputed) and CPT runs again, up to eval.max_attempts
-    attempts. Returns the last attempt's manifest, with every attempt's decisions in `attempts`.
+    `start` is the model CPT continues from and `reference` the model forgetting is measured against (both default
+    to the tokenizer stage's extended base; a nightly refresh starts from the last promoted model). Attempt 0 uses
+    config.train and config.mix and stops at the first rejected checkpoint. Then, up to eval.max_attempts attempts,
+    training rolls back to the best accepted checkpoint so far (or the start model) and continues with the LR halved
+    and the replay fraction doubled (`rollback_plan`), re-packed through the cached pack stage. The promoted model is
+    the accepted checkpoint with the best domain metric over all attempts. Returns that attempt's manifest (the last
+    one when nothing was accepted) with every attempt in `attempts`; with `output_key` it is also written to the store
+    (how a caller reads the result of this flow run as a deployment on a GPU work pool).
     """
     log = get_run_logger()
-    data = training_data_flow(config)
+    data = data or training_data_flow(config)
+    start = start or data.tokenizer.model
+    reference = reference or data.tokenizer.model
     storage = result_storage_for(config.store)
-    base_metrics = base_eval_task.with_options(result_storage=storage).submit(
-        data.tokenizer, data.pack, config.eval, config.store
-    ).result()
+    policy = ForgettingPolicy.from_config(config.eval)
+    base_metrics = base_eval_task.with_options(result_storage=storage).submit(reference, data.pack, config.eval, config.store).result()
 
     attempt, train_cfg, pack = 0, config.train, data.pack
     history: list[dict] = []
+    best: CptManifest | None = None
     while True:
         result = cpt_task.with_options(result_storage=storage).submit(
-            data.tokenizer, pack, train_cfg, config.eval, base_metrics, config.store, attempt
+            start, pack, train_cfg, config.eval, base_metrics, config.store, attempt, data.tokenizer.new_tokens
         ).result()
         history.append(_summary(result))
-        if result.accepted:
-            log.info("attempt %d accepted: best step %s promoted to %s", attempt, result.best_step, result.promoted.uri)
+        if result.accepted and (best is None or _best_metric(result, policy) < _best_metric(best, policy)):
+            best = result
+        if result.stopped_at is None:
+            log.info("attempt %d ran to the end within the forgetting limits", attempt)
             break
         plan = rollback_plan(attempt, config)
         if plan is None:
-            log.warning("no attempt passed the forgetting policy after %d attempt(s): nothing promoted", attempt + 1)
+            log.warning("attempt %d rejected at step %d and no attempts are left (eval.max_attempts)", attempt, result.stopped_at)
             break
+        if result.promoted is not None:
+            start = result.promoted
         log.warning(
-            "attempt %d rejected: rolling back to lr=%.3g, general_fraction=%.3g (attempt %d)",
-            attempt, plan.lr, plan.general_fraction, plan.attempt,
+            "attempt %d rejected at step %d: rolling back to %s, lr=%.3g, general_fraction=%.3g (attempt %d)",
+            attempt, result.stopped_at, start.uri, plan.lr, plan.general_fraction, plan.attempt,
         )
         mix = config.mix.model_copy(update={"general_fraction": plan.general_fraction})
         pack = pack_task.with_options(result_storage=storage).submit(
@@ -61,4 +83,11 @@ def cpt_flow(config: DaptConfig) -> CptManifest:
         ).result()
         train_cfg = config.train.model_copy(update={"lr": plan.lr})
         attempt = plan.attempt
-    return result.model_copy(update={"attempts": history})
+    final = (best or result).model_copy(update={"attempts": history})
+    if best is None:
+        log.warning("no checkpoint of %d attempt(s) passed the forgetting policy: nothing promoted", len(history))
+    else:
+        log.info("promoted: attempt %d step %d -> %s", best.attempt, best.best_step, best.promoted.uri)
+    if output_key:
+        open_store(config.store).put_text(final.model_dump_json(), output_key)
+    return final

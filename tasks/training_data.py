@@ -103,11 +103,13 @@ def pack_task(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, mode
         prefix = f"pack/{key}"
         shards = [store.put_file(p, f"{prefix}/train/{p.name}") for p in result.train_shards]
         evals = {kind: store.put_file(p, f"{prefix}/eval/{kind}.jsonl") if p else None for kind, p in result.eval_files.items()}
+        sample = store.put_file(result.general_sample, f"{prefix}/general-sample.parquet") if result.general_sample else None
     report_json = store.put_text(json.dumps(result.report, indent=2, default=str), f"{prefix}/report.json")
     return PackManifest(
         train_shards=shards,
         eval_domain=evals.get("domain"),
         eval_general=evals.get("general"),
+        general_sample=sample,
         seq_len=mix.seq_len,
         sequences=result.sequences,
         tokens=result.tokens,

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from dapt_core.config import TrainConfig, load_config
+from dapt_core.config import load_config
 from dapt_core.evaluate import evaluate
 from dapt_core.model import load_from_dir
 from dapt_core.store import open_store
-from dapt_core.train import train
 from flows.cpt import cpt_flow
 from flows.training_data import training_data_flow
-from tests.corpus import prose, write_config, write_corpus
-from tests.tiny_model import byte_level_tokenizer, tiny_llama
+from tests.corpus import write_config, write_corpus
+from tests.tiny_model import pretrained_general_base
 
 SEQ = 64
 
@@ -33,34 +29,11 @@ def offline(monkeypatch):
         monkeypatch.setenv(k, "1")
 
 
-def _pretrained_general_base(root, steps: int = 60):
-    """A tiny model trained `steps` steps on general prose (texts unlike the corpus' held-out docs), saved as an HF dir."""
-    texts = [prose(i, "general") for i in range(100)]
-    tok = byte_level_tokenizer(texts, 1000)
-    ids: list[int] = []
-    for t in texts:
-        ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    n = len(ids) // SEQ
-    rows = np.asarray(ids[: n * SEQ], dtype=np.int32).reshape(n, SEQ)
-    shard = root / "pretrain" / "shard.parquet"
-    shard.parent.mkdir(parents=True)
-    pq.write_table(
-        pa.table({"input_ids": pa.array(rows.tolist(), pa.list_(pa.int32())), "doc_lengths": pa.array([[SEQ]] * n, pa.list_(pa.int32()))}),
-        shard,
-    )
-    cfg = TrainConfig(lr=1e-3, max_steps=steps, batch_size=8, save_every=steps, warmup_ratio=0.05)
-    res = train(tiny_llama(len(tok)), [shard], cfg, root / "pretrain" / "out", resume=False)
-    base = root / "base"
-    res.model.save_pretrained(base, safe_serialization=True)
-    tok.save_pretrained(base)
-    return base
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("cpt")
     dirs = write_corpus(root, n_domain=40, n_general=30)
-    base = _pretrained_general_base(root)
+    base = pretrained_general_base(root, SEQ)
     return root, dirs, base
 
 
@@ -100,17 +73,25 @@ def test_high_lr_without_replay_is_rejected_and_rolled_back(prefect_harness, cor
     rejected = [d for d in first["decisions"] if not d["accepted"]]
     assert rejected, "domain-only training at lr 1e-3 should push general perplexity past +15%"
     assert all(d["reasons"] for d in rejected)
-    assert not first["accepted"]
+    # Training stopped at the first rejected checkpoint: no compute spent forgetting further.
+    assert first["stopped_at"] == rejected[0]["step"] == first["decisions"][-1]["step"] < 30
 
-    # Rolled back: attempt 1 with half the LR and replay doubled from eval.min_general_fraction (mix's was 0).
-    assert len(result.attempts) == 2 and result.attempt == 1
+    # Rolled back: attempt 1 with half the LR and replay doubled from eval.min_general_fraction (mix's was 0),
+    # from the best accepted checkpoint of attempt 0, or from the start model when none was accepted.
+    assert len(result.attempts) == 2
     second = result.attempts[1]
     assert second["lr"] == pytest.approx(5e-4)
     assert second["general_fraction"] == pytest.approx(2 * cfg.eval.min_general_fraction)
+    assert second["start_model"] == (first["promoted"] or first["start_model"])
     store = open_store(cfg.store)
     report = json.loads(store.read_text(result.report_json))
-    assert [c["step"] for c in report["checkpoints"]] == [d["step"] for d in second["decisions"]]
+    chosen = result.attempts[result.attempt]
+    assert [c["step"] for c in report["checkpoints"]] == [d["step"] for d in chosen["decisions"]]
     assert store.local_path(result.report_png).stat().st_size > 0
+    if result.accepted:  # the promoted checkpoint is the best accepted one over all attempts
+        accepted = [d for a in result.attempts for d in a["decisions"] if d["accepted"]]
+        best = min(d["metrics"]["domain/bits_per_byte"] for d in accepted)
+        assert next(d for d in result.decisions if d["step"] == result.best_step)["metrics"]["domain/bits_per_byte"] == best
 
 
 def test_low_lr_with_replay_is_accepted_and_promoted(prefect_harness, corpus, monkeypatch):

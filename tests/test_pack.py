@@ -92,7 +92,10 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(**kw) -> MixConfig:
-    base = dict(seq_len=SEQ, shard_sequences=100, heldout_fraction=0.05, max_heldout_docs=15, workers=1, seed=0)
+    # general_sample_sequences=0: the tokenised-share assertions below measure what the replay share alone needs.
+    base = dict(
+        seq_len=SEQ, shard_sequences=100, heldout_fraction=0.05, max_heldout_docs=15, workers=1, seed=0, general_sample_sequences=0
+    )
     base.update(kw)
     return MixConfig(**base)
 
@@ -111,6 +114,19 @@ def _kinds(ids: np.ndarray, id2word: dict, eos: int) -> np.ndarray:
     for pos in np.flatnonzero(flat == eos):
         kinds[pos] = kinds[pos - 1]
     return kinds
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.0])
+def test_general_sample_for_ewc_is_general_text_only(corpus, tmp_path, fraction):
+    """EWC's Fisher needs general text; the mixed shards do not mark it, so packing writes a general-only sample,
+    also when there is no replay (EWC instead of replay)."""
+    r = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=fraction, general_sample_sequences=7), tmp_path)
+    rows = pq.read_table(r.general_sample).to_pylist()
+    ids = np.array([row["input_ids"] for row in rows], dtype=np.int64)
+    assert ids.shape == (7, SEQ)
+    assert _kinds(ids, corpus["id2word"], corpus["vocab"]["<eos>"]).all()
+    again = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=fraction, general_sample_sequences=7), tmp_path / "again")
+    assert again.general_sample.read_bytes() == r.general_sample.read_bytes()
 
 
 @pytest.mark.parametrize(

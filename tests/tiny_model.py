@@ -38,3 +38,34 @@ def save_tiny_model_dir(path: Path, texts: list[str], tied: bool = True, vocab_s
     tiny_llama(len(tok), tied).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def pretrained_general_base(root: Path, seq_len: int, steps: int = 60) -> Path:
+    """A tiny model trained `steps` steps on general prose (texts unlike the corpus' held-out docs), saved as an HF dir."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dapt_core.config import TrainConfig
+    from dapt_core.train import train
+    from tests.corpus import prose
+
+    texts = [prose(i, "general") for i in range(100)]
+    tok = byte_level_tokenizer(texts, 1000)
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(ids) // seq_len
+    rows = np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    shard = root / "pretrain" / "shard.parquet"
+    shard.parent.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"input_ids": pa.array(rows.tolist(), pa.list_(pa.int32())), "doc_lengths": pa.array([[seq_len]] * n, pa.list_(pa.int32()))}),
+        shard,
+    )
+    cfg = TrainConfig(lr=1e-3, max_steps=steps, batch_size=8, save_every=steps, warmup_ratio=0.05, report_to=[])
+    res = train(tiny_llama(len(tok)), [shard], cfg, root / "pretrain" / "out", resume=False)
+    base = root / "base"
+    res.model.save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    return base

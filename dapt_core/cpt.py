@@ -1,0 +1,219 @@
+"""One CPT attempt: train from a start model, judge every checkpoint against the base, promote the best accepted one.
+
+* **Judgement.** Each checkpoint is evaluated (dapt_core.evaluate) and judged by the ForgettingPolicy against the
+  base metrics (the model before any CPT). Training stops at the first rejected checkpoint: the caller rolls back to
+  the best accepted one and continues with a lower LR and more replay (flows/cpt.py).
+* **Promotion.** The accepted checkpoint with the best domain metric is written to the store as a loadable HF
+  directory (LoRA merged), with the tokenizer.
+* **Crash safety.** After every checkpoint, `<prefix>/journal.json` in the store lists the decisions so far and the
+  uploaded checkpoints (weights, optimizer, scheduler, RNG, data position). Running the same attempt again (a Prefect
+  retry, a fresh worker) downloads the last checkpoint and resumes exactly from it, keeping the earlier decisions.
+* **Multi-GPU.** `python -m torch.distributed.run --nproc_per_node N -m dapt_core.cpt spec.json result.json` runs the
+  same attempt with DDP (dapt_core/train.py); rank 0 evaluates, uploads and writes the result.
+
+Plain Python: the Prefect task (tasks/cpt.py) calls `run_attempt` in-process or launches it with torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from dapt_core import train as train_mod
+from dapt_core.config import EvalConfig, TrainConfig
+from dapt_core.evaluate import Decision, EvalResult, ForgettingPolicy, evaluate, write_report
+from dapt_core.manifest import CptManifest, DirRef, PackManifest
+from dapt_core.model import load_from_dir
+from dapt_core.store import ArtifactStore, open_store
+
+log = logging.getLogger("dapt.cpt")
+
+
+class AttemptSpec(BaseModel):
+    """Everything one attempt needs; JSON-serialisable so torchrun workers can read it from a file."""
+
+    start: DirRef  # the model (and tokenizer) this attempt starts from
+    pack: PackManifest
+    train: TrainConfig
+    eval: EvalConfig
+    base_metrics: dict[str, float]
+    store: str
+    prefix: str  # store key prefix of this attempt's outputs
+    attempt: int
+    new_tokens: int = 0  # tokens the tokenizer stage added (their rows only learn when embeddings train)
+    eval_backend: str = "auto"
+    code_version: str
+
+
+def eval_files(store: ArtifactStore, pack: PackManifest) -> dict[str, Path]:
+    files = {k: store.local_path(r) for k, r in (("domain", pack.eval_domain), ("general", pack.eval_general)) if r is not None}
+    if not files:
+        raise ValueError("the pack stage held out no eval documents (mix.heldout_fraction is 0): nothing to evaluate")
+    return files
+
+
+def run_eval(model, tokenizer, files: dict[str, Path], workdir: Path, cfg: EvalConfig, backend: str) -> EvalResult:
+    import torch
+
+    with torch.no_grad():
+        return evaluate(
+            model, tokenizer, files, workdir, extra_tasks=cfg.extra_tasks, limit=cfg.limit, batch_size=cfg.batch_size,
+            max_probes=cfg.max_probes, n_choices=cfg.probe_choices, probes=cfg.max_probes > 0, backend=backend,
+        )
+
+
+def _general_samples(store: ArtifactStore, spec: AttemptSpec) -> list[list[int]] | None:
+    if not spec.train.ewc.enabled:
+        return None
+    if spec.pack.general_sample is None:
+        raise ValueError(
+            "train.ewc.enabled needs general text for the Fisher estimate: add data.general sources "
+            "(mix.general_sample_sequences > 0)"
+        )
+    seqs = train_mod.PackedSequences([store.local_path(spec.pack.general_sample)])
+    return [seqs[i][0].tolist() for i in range(len(seqs))]
+
+
+def _decision_row(step: int, result: EvalResult, decision: Decision, checkpoint: DirRef) -> dict:
+    return {
+        "step": step, "accepted": decision.accepted, "reasons": list(decision.reasons),
+        "numbers": {k: float(v) for k, v in decision.numbers.items()}, "metrics": dict(result.metrics),
+        "backend": result.backend, "checkpoint": checkpoint.model_dump(mode="json"),
+    }
+
+
+def _restore(rows: list[dict]) -> list[tuple[int, EvalResult, Decision]]:
+    return [
+        (r["step"], EvalResult(metrics=r["metrics"], backend=r["backend"]), Decision(r["accepted"], r["reasons"], r["numbers"]))
+        for r in rows
+    ]
+
+
+def _model_at(spec: AttemptSpec, store: ArtifactStore, checkpoint: Path):
+    """The start model with a checkpoint's weights loaded, LoRA merged: what gets promoted."""
+    model, _ = load_from_dir(store.local_dir(spec.start))
+    if spec.train.method == "lora":
+        model = train_mod.apply_lora(model, spec.train)
+    train_mod.load_weights(model, checkpoint / "model.safetensors", spec.train.method)
+    return train_mod.merge_lora(model)
+
+
+def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
+    """Train, judge and promote (see module docstring). Returns the manifest on rank 0, None on other DDP ranks."""
+    dist = train_mod.distributed()
+    store = open_store(spec.store)
+    policy = ForgettingPolicy.from_config(spec.eval)
+    base = EvalResult(metrics=dict(spec.base_metrics), backend=spec.eval_backend)
+    train_dir = workdir / "train"
+    journal_key = f"{spec.prefix}/journal.json"
+
+    rows: list[dict] = json.loads(store.read_key(journal_key)) if store.exists(journal_key) else []
+    if rows and dist.main:  # resume: the last uploaded checkpoint goes back where the loop looks for it
+        last = DirRef.model_validate(rows[-1]["checkpoint"])
+        dest = train_dir / f"{train_mod.CHECKPOINT_PREFIX}{rows[-1]['step']}"
+        if not dest.exists():
+            shutil.copytree(store.local_dir(last), dest)
+        log.info("attempt %d: resuming after step %d (%d checkpoint(s) already judged)", spec.attempt, rows[-1]["step"], len(rows))
+    dist.barrier()
+
+    model, tokenizer = load_from_dir(store.local_dir(spec.start))
+    if spec.train.method == "lora" and not spec.train.train_embeddings and spec.new_tokens:
+        log.warning("train.method lora with an extended tokenizer: set train.train_embeddings: true so the new token rows learn")
+    files = eval_files(store, spec.pack)
+    shards = [store.local_path(r) for r in spec.pack.train_shards]
+    tb = _tensorboard(train_dir) if dist.main and "tensorboard" in spec.train.report_to else None
+    tensorboard_ref: DirRef | None = None
+
+    def on_checkpoint(step: int, path: Path) -> bool:
+        nonlocal tensorboard_ref
+        # get_peft_model injects adapters into `model` in place: `model` is the model being trained, for either method.
+        result = run_eval(model, tokenizer, files, workdir / f"eval-{step}", spec.eval, spec.eval_backend)
+        decision = policy.judge(base, result, step=step)
+        log.info(
+            "attempt %d checkpoint step %d %s: %s %s", spec.attempt, step, "ACCEPTED" if decision.accepted else "REJECTED",
+            "; ".join(decision.reasons) or "within limits", json.dumps(decision.numbers, sort_keys=True),
+        )
+        ref = store.put_dir(path, f"{spec.prefix}/checkpoints/{path.name}")
+        rows.append(_decision_row(step, result, decision, ref))
+        if tb is not None:
+            for name, value in result.metrics.items():
+                tb.add_scalar(f"eval/{name}", value, step)
+            tb.add_scalar("eval/accepted", float(decision.accepted), step)
+            tb.flush()
+            tensorboard_ref = store.put_dir(train_dir / "tensorboard", f"{spec.prefix}/tensorboard")
+        store.put_text(json.dumps(rows, indent=1), journal_key)  # last: a journal entry means the checkpoint is safe
+        return decision.accepted
+
+    if all(r["accepted"] for r in rows):  # else an earlier run of this attempt already stopped at a rejection
+        train_mod.train(
+            model, shards, spec.train, train_dir, resume=True, on_checkpoint=on_checkpoint,
+            general_samples=_general_samples(store, spec),
+        )
+    if tb is not None:
+        tb.close()
+    if not dist.main:
+        return None
+
+    evaluated = _restore(rows)
+    accepted = [(s, r) for s, r, d in evaluated if d.accepted]
+    best_step = policy.choose_best(accepted) if accepted else None
+    promoted = None
+    if best_step is not None:
+        del model
+        best = next(r for r in rows if r["step"] == best_step)
+        final = _model_at(spec, store, store.local_dir(DirRef.model_validate(best["checkpoint"]))).to("cpu")
+        out = workdir / "promoted"
+        final.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        promoted = store.put_dir(out, f"{spec.prefix}/promoted")
+        log.info("attempt %d: promoted checkpoint step %d to %s", spec.attempt, best_step, promoted.uri)
+    else:
+        log.warning("attempt %d: no checkpoint passed the forgetting policy; nothing promoted", spec.attempt)
+    report = write_report(base, evaluated, workdir / "report", best_step=best_step, policy=policy)
+    refs = {k: store.put_file(p, f"{spec.prefix}/report/{p.name}") for k, p in report.items()}
+    rejected = [r["step"] for r in rows if not r["accepted"]]
+    return CptManifest(
+        accepted=best_step is not None,
+        promoted=promoted,
+        best_step=best_step,
+        stopped_at=rejected[0] if rejected else None,
+        decisions=[{**{k: v for k, v in r.items() if k != "checkpoint"}, "attempt": spec.attempt, "checkpoint": r["checkpoint"]["uri"]} for r in rows],
+        checkpoints=[DirRef.model_validate(r["checkpoint"]) for r in rows],
+        base_metrics=dict(spec.base_metrics),
+        report_json=refs["json"],
+        report_md=refs["md"],
+        report_png=refs["png"],
+        tensorboard=tensorboard_ref,
+        start_model=spec.start.uri,
+        attempt=spec.attempt,
+        lr=spec.train.lr,
+        general_fraction=spec.pack.general_fraction_target,
+        code_version=spec.code_version,
+    )
+
+
+def _tensorboard(train_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(train_dir / "tensorboard"))
+
+
+def main(argv: list[str]) -> None:
+    """torchrun entry point: `-m dapt_core.cpt SPEC_JSON RESULT_JSON [WORKDIR]`."""
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s rank {rank}: %(message)s")
+    spec = AttemptSpec.model_validate_json(Path(argv[0]).read_text())
+    workdir = Path(argv[2]) if len(argv) > 2 else Path(argv[1]).parent / "work"
+    manifest = run_attempt(spec, workdir)
+    if manifest is not None:
+        Path(argv[1]).write_text(manifest.model_dump_json())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
