@@ -160,3 +160,42 @@ class CptManifest(BaseModel):
     general_fraction: float
     attempts: list[dict] = Field(default_factory=list, description="Every attempt of the flow run: attempt, lr, general_fraction, accepted, best_step, decisions.")
     code_version: str
+
+
+class SftManifest(BaseModel):
+    """Supervised fine-tuning of the promoted CPT model, judged by the same forgetting policy plus response metrics."""
+
+    stage: Literal["sft"] = "sft"
+    model: DirRef = Field(description="The SFT model (LoRA merged): a loadable HF directory with its tokenizer.")
+    examples: int
+    heldout_examples: int
+    response_before: dict[str, float] = Field(description="Held-out response loss / token accuracy of the CPT model.")
+    response_after: dict[str, float] = Field(description="The same after SFT.")
+    eval_metrics: dict[str, float] = Field(description="Forgetting evaluation of the SFT model (same tasks as CPT).")
+    accepted: bool = Field(description="The SFT model passes the forgetting policy against the base.")
+    reasons: list[str] = Field(default_factory=list)
+    code_version: str
+
+
+class PipelineManifest(BaseModel):
+    """One run of the whole DAG: what each stage produced, the model to use, and the final report."""
+
+    stage: Literal["pipeline"] = "pipeline"
+    project: str
+    data: TrainingDataManifest
+    cpt: CptManifest
+    sft: SftManifest | None = None
+    final_model: DirRef | None = Field(None, description="SFT model when SFT ran and passed, else the promoted CPT model.")
+    report_md: ArtifactRef
+    report_json: ArtifactRef
+    plots: dict[str, ArtifactRef] = Field(default_factory=dict)
+    refresh_of: str | None = Field(None, description="Nightly refresh: the promoted model this run continued from.")
+
+
+class RunState(BaseModel):
+    """runs/<project>/last-success.json: what a nightly refresh compares against and continues from."""
+
+    inputs: dict[str, str] = Field(description="Input uri -> content fingerprint of the last successful run.")
+    tokenizer: TokenizerManifest = Field(description="The tokenizer (and extended base) every refresh keeps.")
+    promoted: DirRef = Field(description="The last promoted CPT model: the next refresh continues from it.")
+    report_md: ArtifactRef

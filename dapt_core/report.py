@@ -1,0 +1,171 @@
+"""The final report of a pipeline run: base → CPT → SFT side by side, the data funnel, every CPT decision.
+
+Writes report.md, report.json and two PNG plots (funnel.png: documents kept / dropped per reason and kind;
+checkpoints.png: domain and general metrics per checkpoint over all CPT attempts, the base as reference).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dapt_core.manifest import CleanManifest, CptManifest, PackManifest, SftManifest, TokenizerManifest
+
+HEADLINE = [
+    ("domain/bits_per_byte", "domain bits/byte", "lower"),
+    ("general/bits_per_byte", "general bits/byte", "lower"),
+    ("domain/word_perplexity", "domain word ppl", "lower"),
+    ("general/word_perplexity", "general word ppl", "lower"),
+    ("domain/probe_acc", "domain probe acc", "higher"),
+    ("general/probe_acc", "general probe acc", "higher"),
+]
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def _delta(base, new) -> str:
+    if base is None or new is None or base == 0:
+        return "–"
+    return f"{(new - base) / abs(base):+.1%}"
+
+
+def write_pipeline_report(
+    out_dir: Path,
+    *,
+    project: str,
+    clean: CleanManifest,
+    tokenizer: TokenizerManifest,
+    pack: PackManifest,
+    cpt: CptManifest,
+    sft: SftManifest | None,
+) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = cpt.base_metrics
+    best = next((d["metrics"] for d in cpt.decisions if d["step"] == cpt.best_step), None) if cpt.accepted else None
+    after_sft = sft.eval_metrics if sft else None
+    paths = {"md": out_dir / "report.md", "json": out_dir / "report.json", "funnel": out_dir / "funnel.png",
+             "checkpoints": out_dir / "checkpoints.png"}
+
+    key = "domain/bits_per_byte"
+    if best and key in best and key in base:
+        verdict = (
+            f"Domain bits per byte on held-out text: base {base[key]:.4f} → promoted {best[key]:.4f} "
+            f"({_delta(base[key], best[key])}); attempt {cpt.attempt}, step {cpt.best_step}."
+        )
+    else:
+        verdict = "No CPT checkpoint passed the forgetting policy: nothing was promoted (see the decisions below)."
+
+    lines = [f"# dapt report: {project}", "", verdict, ""]
+    lines += ["## Base → CPT → SFT", "", "| metric | base | CPT (promoted) | Δ vs base | SFT | Δ vs base |", "| --- | --- | --- | --- | --- | --- |"]
+    for k, label, better in HEADLINE:
+        b, c, s = base.get(k), (best or {}).get(k), (after_sft or {}).get(k)
+        lines.append(f"| {label} ({better} is better) | {_fmt(b)} | {_fmt(c)} | {_delta(b, c)} | {_fmt(s)} | {_delta(b, s)} |")
+    if sft:
+        for k in sorted(set(sft.response_before) | set(sft.response_after)):
+            lines.append(f"| {k} (held-out instructions) | – | {_fmt(sft.response_before.get(k))} | | {_fmt(sft.response_after.get(k))} | |")
+        lines += ["", f"SFT: {sft.examples} instruction pairs, {sft.heldout_examples} held out; "
+                  + ("passes the forgetting policy." if sft.accepted else "REJECTED by the forgetting policy: " + "; ".join(sft.reasons))]
+    lines += ["", "![checkpoints](checkpoints.png)", ""]
+
+    lines += ["## Data funnel", "", f"{clean.input_docs:,} documents in, {clean.kept_docs:,} kept.", "",
+              "| source | kind | input | kept | dropped |", "| --- | --- | --- | --- | --- |"]
+    for s in clean.sources:
+        lines.append(f"| {s.source} | {s.kind} | {s.input_docs:,} | {s.kept_docs:,} | {sum(s.dropped.values()):,} |")
+    lines += ["", "| dropped because | documents |", "| --- | --- |"]
+    lines += [f"| {r} | {n:,} |" for r, n in sorted(clean.dropped.items(), key=lambda kv: -kv[1])]
+    lines += ["", "![funnel](funnel.png)", ""]
+
+    lines += ["## Training data", "", f"Tokenizer: +{tokenizer.new_tokens} domain tokens. Packed {pack.sequences:,} sequences of "
+              f"{pack.seq_len} tokens; general replay {pack.general_fraction_realised:.2%} of tokens (attempt 0).", ""]
+
+    lines += ["## CPT attempts and decisions", ""]
+    for a in cpt.attempts:
+        lines.append(
+            f"- attempt {a['attempt']}: lr {a['lr']:.3g}, replay {a['general_fraction']:.3g}, from `{a['start_model']}`; "
+            + (f"stopped at step {a['stopped_at']}" if a.get("stopped_at") is not None else "ran to the end")
+            + (f"; best accepted step {a['best_step']}" if a.get("best_step") is not None else "; nothing accepted")
+        )
+        for d in a["decisions"]:
+            lines.append(f"  - step {d['step']}: {'accepted' if d['accepted'] else 'REJECTED — ' + '; '.join(d['reasons'])}")
+    lines += ["", f"Promoted model: `{cpt.promoted.uri if cpt.promoted else 'none'}`"]
+    if sft:
+        lines.append(f"SFT model: `{sft.model.uri}`")
+    paths["md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    doc = {
+        "project": project, "verdict": verdict, "base": base, "cpt_promoted": best, "sft": after_sft,
+        "sft_response": {"before": sft.response_before, "after": sft.response_after} if sft else None,
+        "funnel": {"input_docs": clean.input_docs, "kept_docs": clean.kept_docs, "dropped": clean.dropped},
+        "attempts": cpt.attempts, "promoted": cpt.promoted.uri if cpt.promoted else None,
+    }
+    paths["json"].write_text(json.dumps(doc, indent=2, sort_keys=True, default=float), encoding="utf-8")
+    _plot_funnel(clean, paths["funnel"])
+    _plot_checkpoints(cpt, paths["checkpoints"])
+    return paths
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_funnel(clean: CleanManifest, path: Path) -> None:
+    plt = _pyplot()
+    kinds = sorted({s.kind for s in clean.sources})
+    reasons = sorted({r for s in clean.sources for r in s.dropped})
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * len(kinds)), dpi=100)
+    for i, kind in enumerate(kinds):
+        srcs = [s for s in clean.sources if s.kind == kind]
+        left = sum(s.kept_docs for s in srcs)
+        ax.barh(i, left, color="tab:green", label="kept" if i == 0 else None)
+        for j, r in enumerate(reasons):
+            n = sum(s.dropped.get(r, 0) for s in srcs)
+            if n:
+                ax.barh(i, n, left=left, color=plt.cm.tab20(j % 20), label=f"dropped: {r}" if r not in ax.get_legend_handles_labels()[1] else None)
+                left += n
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_xlabel("documents")
+    ax.set_title("Data funnel: kept and dropped documents")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def _plot_checkpoints(cpt: CptManifest, path: Path) -> None:
+    """Left: bits per byte (domain, general); right: general word perplexity. One x position per checkpoint of every
+    attempt; base values dashed; rejected checkpoints red x; the promoted one a star."""
+    plt = _pyplot()
+    points = [(a["attempt"], d) for a in cpt.attempts for d in a["decisions"]]
+    labels = [f"a{att}:{d['step']}" for att, d in points]
+    xs = list(range(len(points)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    panels = ((left, ("domain/bits_per_byte", "general/bits_per_byte"), "bits per byte"), (right, ("general/word_perplexity",), "general word perplexity"))
+    for ax, keys, ylabel in panels:
+        for key, color in zip(keys, ("tab:blue", "tab:orange")):
+            ys = [d["metrics"].get(key, float("nan")) for _, d in points]
+            ax.plot(xs, ys, "o-", color=color, label=key)
+            if key in cpt.base_metrics:
+                ax.axhline(cpt.base_metrics[key], color=color, linestyle="--", alpha=0.7, label=f"base {key}")
+            rejected = [(x, y) for x, y, (_, d) in zip(xs, ys, points) if not d["accepted"]]
+            if rejected:
+                ax.scatter(*zip(*rejected), marker="x", s=110, color="red", zorder=5)
+            best = [(x, y) for x, y, (att, d) in zip(xs, ys, points) if att == cpt.attempt and d["step"] == cpt.best_step and cpt.accepted]
+            if best:
+                ax.scatter(*zip(*best), marker="*", s=220, color="gold", edgecolor="k", zorder=6)
+        ax.set_xticks(xs, labels, rotation=45, fontsize=7)
+        ax.set_xlabel("attempt:step (red x: rejected, star: promoted)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Forgetting evaluation per checkpoint")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -1,0 +1,169 @@
+"""The whole DAG as one flow, and the nightly refresh.
+
+dapt-pipeline: ingest → clean/dedup/stats → tokenizer extension → packing → CPT + forgetting eval + rollback →
+SFT → final report. Every stage is a task cached on the content hashes of its inputs, its config section and its
+code version, with results persisted in the artifact store: a retry (Prefect UI, `prefect flow-run retry`, or
+`dapt run` again, on any worker that reaches the store) recomputes only the stage that failed and those after it.
+
+nightly-refresh: compares the discovered inputs with the last successful run (runs/<project>/last-success.json);
+when nothing changed it stops there. Otherwise only new or changed files are ingested (ingest is cached per file),
+the corpus is re-cleaned and re-packed with the SAME tokenizer, and CPT continues from the last promoted model,
+still judged against the original base.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from dapt_core.config import DaptConfig
+from dapt_core.hashing import stable_hash
+from dapt_core.manifest import CptManifest, DirRef, PipelineManifest, RunState, TokenizerManifest, TrainingDataManifest
+from dapt_core.model import base_fingerprint
+from dapt_core.report import write_pipeline_report
+from dapt_core.store import open_store
+from flows import progress
+from flows.cpt import cpt_flow
+from flows.prepare import prepare_flow
+from tasks.caching import result_storage_for, was_cached
+from tasks.cpt import base_eval_task
+from tasks.data import discover_task
+from tasks.sft import sft_task
+from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
+
+
+def state_key(project: str) -> str:
+    return f"runs/{project}/last-success.json"
+
+
+def load_state(config: DaptConfig) -> RunState | None:
+    store = open_store(config.store)
+    key = state_key(config.project)
+    return RunState.model_validate_json(store.read_key(key)) if store.exists(key) else None
+
+
+@flow(name="dapt-pipeline", log_prints=True)
+def dapt_pipeline(config: DaptConfig) -> PipelineManifest:
+    """Base model + domain documents → a domain-adapted model that did not forget, and its report."""
+    return run_stages(config)
+
+
+class RefreshManifest(BaseModel):
+    changed: bool = Field(description="False: the inputs are those of the last successful run; nothing was run.")
+    new_or_changed: list[str] = Field(default_factory=list, description="Input uris new or changed since the last success.")
+    removed: list[str] = Field(default_factory=list, description="Input uris of the last success that are gone.")
+    pipeline: PipelineManifest | None = None
+
+
+@flow(name="nightly-refresh", log_prints=True)
+def nightly_refresh(config: DaptConfig) -> RefreshManifest:
+    """Re-run on what changed since the last successful run, continuing CPT from the last promoted model."""
+    log = get_run_logger()
+    state = load_state(config)
+    inputs, _, _ = discover_task(config.data)
+    current = {i.uri: i.fingerprint for i in inputs}
+    if state is None:
+        log.info("no successful run of project %r yet: running the full pipeline", config.project)
+        return RefreshManifest(changed=True, new_or_changed=sorted(current), pipeline=run_stages(config))
+    new_or_changed = sorted(u for u, f in current.items() if state.inputs.get(u) != f)
+    removed = sorted(set(state.inputs) - set(current))
+    if not new_or_changed and not removed:
+        log.info("nothing changed since the last successful run (%d inputs): nothing to do", len(current))
+        return RefreshManifest(changed=False)
+    log.info("%d new or changed input(s), %d removed: continuing CPT from %s", len(new_or_changed), len(removed), state.promoted.uri)
+    pipeline = run_stages(config, tokenizer=state.tokenizer, start=state.promoted)
+    return RefreshManifest(changed=True, new_or_changed=new_or_changed, removed=removed, pipeline=pipeline)
+
+
+def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, start: DirRef | None = None) -> PipelineManifest:
+    """The stages of dapt-pipeline; `tokenizer` and `start` are given by a refresh (keep the vocabulary, continue CPT)."""
+    log = get_run_logger()
+    storage = result_storage_for(config.store)
+    store = open_store(config.store)
+
+    prepared = prepare_flow(config)
+    if tokenizer is None:
+        tok_future = extend_tokenizer_task.with_options(result_storage=storage).submit(
+            prepared.clean, base_fingerprint(config.model), config.model, config.tokenizer, config.mix, config.store
+        )
+        progress.stage("tokenizer extension", total=1)
+        tokenizer = tok_future.result()
+        progress.advance("tokenizer extension")
+        publish_tokenizer_report(tokenizer, config.store)
+        runs = [("tokenizer", tok_future)]
+    else:
+        runs = []
+    pack_future = pack_task.with_options(result_storage=storage).submit(prepared.clean, tokenizer, config.mix, config.model, config.store)
+    progress.stage("packing", total=1)
+    pack = pack_future.result()
+    progress.advance("packing")
+    runs.append(("pack", pack_future))
+    data = TrainingDataManifest(
+        prepare=prepared, tokenizer=tokenizer, pack=pack,
+        computed=prepared.computed + [n for n, f in runs if not was_cached(f)],
+        cached=prepared.cached + [n for n, f in runs if was_cached(f)],
+    )
+
+    progress.stage("CPT + forgetting evaluation", total=1)
+    cpt = _cpt_stage(config, data, start)
+    progress.advance("CPT + forgetting evaluation")
+
+    sft = None
+    if config.sft.data and cpt.promoted is not None:
+        progress.stage("SFT", total=1)
+        base_metrics = base_eval_task.with_options(result_storage=storage).submit(tokenizer.model, pack, config.eval, config.store).result()
+        sft = sft_task.with_options(result_storage=storage).submit(cpt.promoted, pack, config.sft, config.eval, base_metrics, config.store).result()
+        progress.advance("SFT")
+    elif config.sft.data:
+        log.warning("SFT skipped: no CPT checkpoint passed the forgetting policy")
+
+    run_key = stable_hash(data.pack.train_shards, cpt.promoted, sft.model if sft else None)[:16]
+    with tempfile.TemporaryDirectory(prefix="dapt-report-") as tmp:
+        paths = write_pipeline_report(
+            Path(tmp), project=config.project, clean=prepared.clean, tokenizer=tokenizer, pack=pack, cpt=cpt, sft=sft
+        )
+        refs = {k: store.put_file(p, f"runs/{config.project}/reports/{run_key}/{p.name}") for k, p in paths.items()}
+        markdown = paths["md"].read_text(encoding="utf-8")
+    for name in ("funnel", "checkpoints"):  # the Prefect UI cannot show store files inline: say where they are
+        markdown = markdown.replace(f"]({name}.png)", f"]({refs[name].uri})")
+    create_markdown_artifact(key="dapt-report", markdown=markdown, description=f"dapt report of {config.project}")
+
+    final_model = sft.model if sft is not None and sft.accepted else cpt.promoted
+    result = PipelineManifest(
+        project=config.project, data=data, cpt=cpt, sft=sft, final_model=final_model, report_md=refs["md"],
+        report_json=refs["json"], plots={k: refs[k] for k in ("funnel", "checkpoints")}, refresh_of=start.uri if start else None,
+    )
+    if cpt.promoted is not None:
+        state = RunState(
+            inputs={m.input.uri: m.input.fingerprint for m in prepared.ingested}, tokenizer=tokenizer, promoted=cpt.promoted,
+            report_md=refs["md"],
+        )
+        store.put_text(state.model_dump_json(indent=1), state_key(config.project))
+    log.info("report: %s; model: %s", refs["md"].uri, final_model.uri if final_model else "none promoted")
+    return result
+
+
+def _cpt_stage(config: DaptConfig, data: TrainingDataManifest, start: DirRef | None) -> CptManifest:
+    """CPT in this flow run, or as a run of `deploy.cpt_deployment` (a GPU work pool) whose result is read back from
+    the store: flow results of another worker are not returned through the API."""
+    reference = data.tokenizer.model
+    if not config.deploy.cpt_deployment:
+        return cpt_flow(config, data=data, start=start, reference=reference)
+    from prefect.deployments import run_deployment
+
+    key = f"runs/{config.project}/cpt-results/{stable_hash(data.pack, start, config.train, config.eval)}.json"
+    run = run_deployment(
+        config.deploy.cpt_deployment,
+        parameters={
+            "config": config.model_dump(mode="json", by_alias=True), "data": data.model_dump(mode="json"),
+            "start": start.model_dump(mode="json") if start else None, "reference": reference.model_dump(mode="json"),
+            "output_key": key,
+        },
+    )
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"CPT deployment {config.deploy.cpt_deployment} run {run.id} ended {run.state.name if run.state else 'without a state'}")
+    return CptManifest.model_validate_json(open_store(config.store).read_key(key))

@@ -1,0 +1,61 @@
+"""Prefect task for supervised fine-tuning (dapt_core/sft.py) of the promoted CPT model, then the same forgetting
+evaluation against the base plus held-out response loss / accuracy."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from prefect import task
+
+import dapt_core.cpt as cpt_mod
+import dapt_core.sft as sft_mod
+import dapt_core.train as train_mod
+from dapt_core.config import EvalConfig, SftConfig
+from dapt_core.cpt import eval_files, run_eval
+from dapt_core.evaluate import EvalResult, ForgettingPolicy
+from dapt_core.hashing import code_version, sha256_file, stable_hash
+from dapt_core.manifest import DirRef, PackManifest, SftManifest
+from dapt_core.model import load_from_dir
+from dapt_core.store import open_store
+from tasks.cpt import EVAL_BACKEND, _eval_hashes, _log
+
+SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, sys.modules[__name__])
+
+
+def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, base_metrics: dict) -> str:
+    data = [sha256_file(p) for p in sft_cfg.data]  # content, not paths: an edited file re-runs SFT
+    return "sft-" + stable_hash(model.sha256, data, sft_cfg, eval_cfg, _eval_hashes(pack), base_metrics, EVAL_BACKEND, SFT_CODE)
+
+
+@task(
+    name="sft",
+    cache_key_fn=lambda ctx, p: sft_key(p["model"], p["pack"], p["sft_cfg"], p["eval_cfg"], p["base_metrics"]),
+    persist_result=True,
+    result_serializer="json",
+)
+def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, base_metrics: dict, store_uri: str) -> SftManifest:
+    """Fine-tune on the instruction pairs (loss on responses only), evaluate like a CPT checkpoint, store the model."""
+    log = _log()
+    key = sft_key(model, pack, sft_cfg, eval_cfg, base_metrics)
+    store = open_store(store_uri)
+    m, tokenizer = load_from_dir(store.local_dir(model))
+    with tempfile.TemporaryDirectory(prefix="dapt-sft-") as tmp:
+        tmp = Path(tmp)
+        result = sft_mod.run_sft(m, tokenizer, sft_cfg, tmp / "sft")
+        evaluated = run_eval(result.model, tokenizer, eval_files(store, pack), tmp / "eval", eval_cfg, EVAL_BACKEND)
+        decision = ForgettingPolicy.from_config(eval_cfg).judge(EvalResult(metrics=dict(base_metrics)), evaluated)
+        out = tmp / "model"
+        result.model.to("cpu").save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        ref = store.put_dir(out, f"sft/{key}/model")
+    log.info(
+        "SFT %s: response %s -> %s", "ACCEPTED" if decision.accepted else "REJECTED: " + "; ".join(decision.reasons),
+        result.before, result.after,
+    )
+    return SftManifest(
+        model=ref, examples=result.counts["examples"], heldout_examples=len(result.heldout),
+        response_before=result.before, response_after=result.after, eval_metrics=dict(evaluated.metrics),
+        accepted=decision.accepted, reasons=list(decision.reasons), code_version=SFT_CODE,
+    )
