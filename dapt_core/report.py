@@ -40,7 +40,10 @@ def write_pipeline_report(
     pack: PackManifest,
     cpt: CptManifest,
     sft: SftManifest | None,
+    original_base: dict[str, float] | None = None,
 ) -> dict[str, Path]:
+    """`original_base`: metrics of the configured base model before tokenizer extension (cpt.base_metrics are those of
+    the extended model CPT starts from, the reference of the forgetting policy)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = cpt.base_metrics
@@ -50,22 +53,30 @@ def write_pipeline_report(
              "checkpoints": out_dir / "checkpoints.png"}
 
     key = "domain/bits_per_byte"
+    original = original_base or {}
     if best and key in best and key in base:
         verdict = (
             f"Domain bits per byte on held-out text: base {base[key]:.4f} → promoted {best[key]:.4f} "
             f"({_delta(base[key], best[key])}); attempt {cpt.attempt}, step {cpt.best_step}."
         )
+        if key in original:
+            verdict += f" The base before tokenizer extension: {original[key]:.4f} ({_delta(original[key], best[key])} after CPT)."
     else:
         verdict = "No CPT checkpoint passed the forgetting policy: nothing was promoted (see the decisions below)."
 
     lines = [f"# dapt report: {project}", "", verdict, ""]
-    lines += ["## Base → CPT → SFT", "", "| metric | base | CPT (promoted) | Δ vs base | SFT | Δ vs base |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "## Base → CPT → SFT", "",
+        "Base: the model CPT starts from (tokenizer extended, new rows initialised as the mean of their pieces); the "
+        "forgetting policy compares every checkpoint with it. Original: the configured base model before extension.", "",
+        "| metric | original | base | CPT (promoted) | Δ vs base | SFT | Δ vs base |", "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for k, label, better in HEADLINE:
-        b, c, s = base.get(k), (best or {}).get(k), (after_sft or {}).get(k)
-        lines.append(f"| {label} ({better} is better) | {_fmt(b)} | {_fmt(c)} | {_delta(b, c)} | {_fmt(s)} | {_delta(b, s)} |")
+        o, b, c, s = original.get(k), base.get(k), (best or {}).get(k), (after_sft or {}).get(k)
+        lines.append(f"| {label} ({better} is better) | {_fmt(o)} | {_fmt(b)} | {_fmt(c)} | {_delta(b, c)} | {_fmt(s)} | {_delta(b, s)} |")
     if sft:
         for k in sorted(set(sft.response_before) | set(sft.response_after)):
-            lines.append(f"| {k} (held-out instructions) | – | {_fmt(sft.response_before.get(k))} | | {_fmt(sft.response_after.get(k))} | |")
+            lines.append(f"| {k} (held-out instructions) | | – | {_fmt(sft.response_before.get(k))} | | {_fmt(sft.response_after.get(k))} | |")
         lines += ["", f"SFT: {sft.examples} instruction pairs, {sft.heldout_examples} held out; "
                   + ("passes the forgetting policy." if sft.accepted else "REJECTED by the forgetting policy: " + "; ".join(sft.reasons))]
     lines += ["", "![checkpoints](checkpoints.png)", ""]
@@ -96,7 +107,7 @@ def write_pipeline_report(
     paths["md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     doc = {
-        "project": project, "verdict": verdict, "base": base, "cpt_promoted": best, "sft": after_sft,
+        "project": project, "verdict": verdict, "original_base": original or None, "base": base, "cpt_promoted": best, "sft": after_sft,
         "sft_response": {"before": sft.response_before, "after": sft.response_after} if sft else None,
         "funnel": {"input_docs": clean.input_docs, "kept_docs": clean.kept_docs, "dropped": clean.dropped},
         "attempts": cpt.attempts, "promoted": cpt.promoted.uri if cpt.promoted else None,

@@ -149,7 +149,8 @@ def _starts_with_bos(tokenizer) -> bool:
 
 
 def _plain(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
-    """`prompt + "\\n" + response + eos`, prompt and response tokenised apart: as a caller would prompt the model."""
+    """`prompt + "\\n" + response + eos` (a conversation's context: its contents, one per line), prompt and response
+    tokenised apart, as a caller would prompt the model."""
     prompt = "\n".join(content for _, content in ex.context) + "\n"
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if _starts_with_bos(tokenizer):
@@ -163,8 +164,7 @@ def _templated(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
     prompt = tokenizer.apply_chat_template(ex.messages(with_response=False), tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(ex.messages(), tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     if ids[: len(prompt_ids)] == prompt_ids:
         return ids, [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
     # Not a token prefix (e.g. the generation prompt ends in a space the response's first token absorbs, or the
@@ -176,7 +176,8 @@ def _templated(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
         boundary = full.rfind(ex.response.strip())
         if boundary < 0:
             raise ValueError(f"{ex.origin}: the chat template does not render the response verbatim; cannot find it to train on")
-    return ids, [int(end > boundary) for _, end in encoded["offset_mapping"]]
+    offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return ids, [int(end > boundary) for _, end in offsets]
 
 
 def tokenize_example(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
@@ -200,26 +201,32 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _rows(encoded: Sequence[tuple[list[int], list[int]]], seq_len: int, packing: bool, pad: int) -> Iterator[tuple[list[int], list[int], list[int]]]:
-    """(ids, mask, doc_lengths) rows of exactly seq_len: examples back to back (packing) or one each, then padding."""
-    ids: list[int] = []
-    mask: list[int] = []
-    docs: list[int] = []
-
-    def flush():
-        tail = seq_len - len(ids)
-        return ids + [pad] * tail, mask + [0] * tail, docs + ([tail] if tail else [])
-
-    for ex_ids, ex_mask in encoded:
-        if docs and (not packing or len(ids) + len(ex_ids) > seq_len):
-            yield flush()
-            ids, mask, docs = [], [], []
-        ids, mask, docs = ids + ex_ids, mask + ex_mask, docs + [len(ex_ids)]
-    if docs:
-        yield flush()
+Row = tuple[list[int], list[int], list[int]]  # (input ids, loss mask, doc_lengths) of one training sequence
 
 
-def _write_shard(rows: Sequence[tuple[list[int], list[int], list[int]]], seq_len: int, path: Path) -> None:
+def _padded(examples: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> Row:
+    """The examples back to back, then padding to seq_len as one more document that is never a target."""
+    ids = [t for example_ids, _ in examples for t in example_ids]
+    mask = [m for _, example_mask in examples for m in example_mask]
+    tail = seq_len - len(ids)
+    return ids + [pad] * tail, mask + [0] * tail, [len(i) for i, _ in examples] + ([tail] if tail else [])
+
+
+def _rows(encoded: Sequence[tuple[list[int], list[int]]], seq_len: int, packing: bool, pad: int) -> Iterator[Row]:
+    """Rows of exactly seq_len: greedily as many whole examples as fit (packing), or one example each."""
+    row: list[tuple[list[int], list[int]]] = []
+    used = 0
+    for example in encoded:
+        if row and (not packing or used + len(example[0]) > seq_len):
+            yield _padded(row, seq_len, pad)
+            row, used = [], 0
+        row.append(example)
+        used += len(example[0])
+    if row:
+        yield _padded(row, seq_len, pad)
+
+
+def _write_shard(rows: Sequence[Row], seq_len: int, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -241,7 +248,8 @@ def build_sft_shards(
 ) -> dict:
     """Write out_dir/train-00000.parquet, ... (input_ids, doc_lengths, loss_mask; see module docstring) and return
     counts: examples (written), sequences, target_tokens, pad_tokens, truncated (cut to seq_len: the tail of the
-    response, eos included, is lost), skipped (the prompt fills seq_len: no target left), shards (paths).
+    response, eos included, is lost), skipped (truncated ones whose prompt fills seq_len: no target left, not
+    written), shards (paths).
 
     Deterministic: the same examples, tokenizer and settings give the same bytes."""
     out_dir = Path(out_dir)
@@ -339,10 +347,12 @@ def response_metrics(model, tokenizer, examples: Sequence[Example], seq_len: int
 # ------------------------------------------------------------------------------------------------------- the run
 @dataclass
 class SftResult:
+    """What run_sft hands to the next stage: the model to save, and the numbers to report."""
+
     model: object  # the trained model, LoRA adapters merged
     counts: dict  # build_sft_shards counts of the training examples
     heldout: list[Example]
-    before: dict[str, float]  # response_metrics on the held-out examples, input model (empty: nothing held out)
+    before: dict[str, float]  # response_metrics of the input model on the held-out examples (empty: none to score)
     after: dict[str, float]  # the same for the trained model
     train: TrainResult
 
@@ -364,7 +374,7 @@ def run_sft(model, tokenizer, cfg: SftConfig, out_dir: Path, on_checkpoint=None)
 
     dist = distributed()
     model.to(torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"))  # where train() puts it
-    before = response_metrics(model, tokenizer, heldout, cfg.seq_len) if heldout else {}
+    before = response_metrics(model, tokenizer, heldout, cfg.seq_len)
 
     data_dir = out_dir / "data"
     if dist.main:
@@ -379,7 +389,7 @@ def run_sft(model, tokenizer, cfg: SftConfig, out_dir: Path, on_checkpoint=None)
 
     result = train(model, [Path(p) for p in counts["shards"]], cfg.train, out_dir / "train", resume=True, on_checkpoint=on_checkpoint)
     trained = merge_lora(result.model)
-    after = response_metrics(trained, tokenizer, heldout, cfg.seq_len) if heldout else {}
+    after = response_metrics(trained, tokenizer, heldout, cfg.seq_len)
     if before:
         log.info(
             "SFT held-out response loss %.4f -> %.4f, token accuracy %.3f -> %.3f",

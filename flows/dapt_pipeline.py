@@ -30,7 +30,7 @@ from flows import progress
 from flows.cpt import cpt_flow
 from flows.prepare import prepare_flow
 from tasks.caching import result_storage_for, was_cached
-from tasks.cpt import base_eval_task
+from tasks.cpt import base_eval_task, original_base_eval_task
 from tasks.data import discover_task
 from tasks.sft import sft_task
 from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
@@ -108,6 +108,9 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
         cached=prepared.cached + [n for n, f in runs if was_cached(f)],
     )
 
+    original = original_base_eval_task.with_options(result_storage=storage).submit(
+        config.model, base_fingerprint(config.model), pack, config.eval, config.store
+    )
     progress.stage("CPT + forgetting evaluation", total=1)
     cpt = _cpt_stage(config, data, start)
     progress.advance("CPT + forgetting evaluation")
@@ -124,7 +127,8 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
     run_key = stable_hash(data.pack.train_shards, cpt.promoted, sft.model if sft else None)[:16]
     with tempfile.TemporaryDirectory(prefix="dapt-report-") as tmp:
         paths = write_pipeline_report(
-            Path(tmp), project=config.project, clean=prepared.clean, tokenizer=tokenizer, pack=pack, cpt=cpt, sft=sft
+            Path(tmp), project=config.project, clean=prepared.clean, tokenizer=tokenizer, pack=pack, cpt=cpt, sft=sft,
+            original_base=original.result(),
         )
         refs = {k: store.put_file(p, f"runs/{config.project}/reports/{run_key}/{p.name}") for k, p in paths.items()}
         markdown = paths["md"].read_text(encoding="utf-8")

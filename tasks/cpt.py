@@ -22,11 +22,11 @@ import dapt_core.cpt as cpt_mod
 import dapt_core.evaluate as evaluate_mod
 import dapt_core.train as train_mod
 from dapt_core import manifest, metrics, model
-from dapt_core.config import EvalConfig, TrainConfig
+from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
 from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, run_eval
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
-from dapt_core.model import load_from_dir
+from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store
 
 CPT_CODE = code_version(cpt_mod, train_mod, evaluate_mod, metrics, model, manifest, sys.modules[__name__])
@@ -61,9 +61,25 @@ def base_eval_task(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig, 
     """Metrics of the reference model (before any CPT) on the held-out sets: what the forgetting policy compares to."""
     store = open_store(store_uri)
     m, tokenizer = load_from_dir(store.local_dir(reference))
+    return _metrics(m, tokenizer, store, pack, eval_cfg, "base model")
+
+
+@task(
+    name="original-base-eval",
+    cache_key_fn=lambda ctx, p: "original-eval-" + stable_hash(p["fingerprint"], _eval_hashes(p["pack"]), p["eval_cfg"], EVAL_BACKEND, CPT_CODE),
+    persist_result=True,
+    result_serializer="json",
+)
+def original_base_eval_task(model_cfg: ModelConfig, fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig, store_uri: str) -> dict:
+    """Metrics of the base model as configured, before tokenizer extension: bits per byte do not depend on the
+    tokenizer, so the report can show what the whole pipeline (extension included) did to the base."""
+    return _metrics(load_model(model_cfg), load_tokenizer(model_cfg), open_store(store_uri), pack, eval_cfg, "original base model")
+
+
+def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="dapt-base-eval-") as tmp:
         result = run_eval(m, tokenizer, eval_files(store, pack), Path(tmp), eval_cfg, EVAL_BACKEND)
-    _log().info("base model metrics (%s): %s", result.backend, json.dumps(result.metrics, sort_keys=True))
+    _log().info("%s metrics (%s): %s", what, result.backend, json.dumps(result.metrics, sort_keys=True))
     return dict(result.metrics)
 
 

