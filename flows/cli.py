@@ -143,26 +143,99 @@ def _run_plan(cfg: DaptConfig):
 
 
 @app.command()
+def cpt(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
+    """Training data (cached), base evaluation, then CPT with checkpoint-by-checkpoint forgetting checks and rollback."""
+    with _user_errors(as_json):
+        from flows.cpt import cpt_flow
+
+        with progress.bars(console):
+            result = cpt_flow(_load(config))
+        _print_cpt(result)
+    _emit(result, as_json)
+
+
+def _print_cpt(result) -> None:
+    table = Table(title="CPT checkpoints (forgetting policy vs the base)", title_justify="left")
+    for col in ("attempt", "lr", "replay", "step", "domain bpb", "general word ppl", "decision"):
+        table.add_column(col)
+    base = result.base_metrics
+    table.add_row("base", "", "", "", f"{base.get('domain/bits_per_byte', float('nan')):.4f}", f"{base.get('general/word_perplexity', float('nan')):.4g}", "reference")
+    for a in result.attempts:
+        for d in a["decisions"]:
+            m = d["metrics"]
+            table.add_row(
+                str(a["attempt"]), f"{a['lr']:.3g}", f"{a['general_fraction']:.3g}", str(d["step"]),
+                f"{m.get('domain/bits_per_byte', float('nan')):.4f}", f"{m.get('general/word_perplexity', float('nan')):.4g}",
+                "accepted" if d["accepted"] else "[red]REJECTED[/red]: " + "; ".join(d["reasons"]),
+            )
+    console.print(table)
+    if result.promoted:
+        console.print(f"promoted: attempt {result.attempt}, step {result.best_step} -> {result.promoted.uri}")
+    else:
+        console.print("[yellow]nothing promoted:[/yellow] no checkpoint passed the forgetting policy (see the report)")
+    console.print(f"report: {result.report_md.uri}")
+
+
+@app.command()
+def run(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
+    """The whole pipeline: data → tokenizer → packing → CPT + forgetting eval + rollback → SFT → report.
+
+    Finished stages are cached in the store: after a failure, running this again recomputes only from the failed stage."""
+    with _user_errors(as_json):
+        result = _run_pipeline(_load(config))
+    _emit(result, as_json)
+
+
+def _run_pipeline(cfg: DaptConfig):
+    from flows.dapt_pipeline import dapt_pipeline
+
+    with progress.bars(console):
+        result = dapt_pipeline(cfg)
+    _print_funnel(result.data.prepare.clean)
+    _print_cpt(result.cpt)
+    if result.sft:
+        s = result.sft
+        console.print(
+            f"SFT on {s.examples} pairs: held-out response loss {s.response_before.get('sft/response_loss', float('nan')):.4f} -> "
+            f"{s.response_after.get('sft/response_loss', float('nan')):.4f}; "
+            + ("passes the forgetting policy" if s.accepted else "[red]rejected[/red]: " + "; ".join(s.reasons))
+        )
+    console.print(f"computed {len(result.data.computed)} data task(s), {len(result.data.cached)} from cache")
+    console.print(f"[bold]report:[/bold] {result.report_md.uri}")
+    console.print(f"[bold]model:[/bold] {result.final_model.uri if result.final_model else 'none promoted'}")
+    return result
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("dapt-demo"), help="Where the demo writes its config and artifact store."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Run the pipeline offline on bundled real medical text (PubMed abstracts) with SmolLM2-135M."""
+    """The whole pipeline offline on bundled real medical text with SmolLM2-135M (about 15-20 min on 2 CPU cores)."""
     from dapt_core.demo import demo_config
 
     with _user_errors(as_json):
         config_path = demo_config(workdir.resolve())
         console.print(f"Demo config: {config_path}")
-        cfg = _load(config_path)
-        result = _run_training_data(cfg)
-        report = _run_plan(cfg)
+        result = _run_pipeline(_load(config_path))
     console.print(
-        f"[bold]Done.[/bold]\n  data report: {result.prepare.clean.stats_md.uri}\n"
-        f"  tokenizer report: {result.tokenizer.report_md.uri}\n  extended model: {result.tokenizer.model.uri}\n"
-        f"  training shards: {result.pack.train_shards[0].uri.rsplit('/', 1)[0]}"
+        f"[bold]Done.[/bold]\n  report: {result.report_md.uri}\n  promoted CPT model: "
+        f"{result.cpt.promoted.uri if result.cpt.promoted else 'none'}\n"
+        f"  SFT model: {result.sft.model.uri if result.sft else 'none'}\n  config (edit and `dapt run` it): {config_path}"
     )
-    if as_json:
-        sys.stdout.write(json.dumps({"training_data": result.model_dump(mode="json"), "plan": report.model_dump(mode="json")}) + "\n")
+    _emit(result, as_json)
+
+
+@app.command()
+def serve(config: Path = ConfigArg) -> None:
+    """Serve dapt-pipeline (on demand) and nightly-refresh (deploy.cron) on the Prefect server at PREFECT_API_URL.
+
+    Blocks, running the deployments' flow runs, until interrupted; needs a real server (`prefect server start`).
+    """
+    from flows.serve import serve as serve_deployments
+
+    with _user_errors(False):
+        serve_deployments(_load(config), str(config))
 
 
 if __name__ == "__main__":
