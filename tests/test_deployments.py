@@ -1,0 +1,358 @@
+"""Deployments: `dapt serve` against a real Prefect server, and the consistency of prefect.yaml and the Dockerfile.
+
+The server and the serve runner run as subprocesses with their own PREFECT_HOME and PREFECT_API_URL, so this process's
+Prefect settings (and the session's ephemeral `prefect_harness`) are never touched; the test talks to the server
+through an explicit client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from dapt_core.config import DaptConfig, load_config
+from tests.conftest import _free_port
+from tests.corpus import prose, write_config, write_corpus
+from tests.tiny_model import save_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+REPORT_KEY = "dapt-report"
+CRON, TIMEZONE = "30 3 * * 1-5", "Europe/Berlin"
+STAGES = ("ingest ", "clean-dedup-stats", "extend-tokenizer", "pack-mixed-corpus", "base-eval", "cpt-attempt")  # task run names
+
+TINY = f"""tokenizer: {{min_frequency: 5, domain_vocab_size: 600}}
+mix: {{seq_len: 64, heldout_fraction: 0.1, workers: 1}}
+train: {{max_steps: 4, save_every: 4, batch_size: 8, warmup_ratio: 0.1, report_to: [], ewc: {{lambda: 0.5}}}}
+eval: {{max_attempts: 1, max_probes: 8, batch_size: 8}}
+deploy: {{cron: "{CRON}", timezone: {TIMEZONE}, concurrency_limit: 1}}
+"""
+
+
+def _tiny_config(root: Path) -> Path:
+    dirs = write_corpus(root, n_domain=40, n_general=30)
+    base = save_tiny_model_dir(root / "base", [prose(i, "general") for i in range(60)])
+    return write_config(root, dirs, extra=f'model: {{base: "{base}"}}\n' + TINY)
+
+
+# --- prefect.yaml and the Dockerfile ----------------------------------------------------------------------------
+
+
+def _prefect_yaml_by_flow() -> dict[str, dict]:
+    """prefect.yaml's deployments keyed by the name of the flow their entrypoint loads, loaded as a worker does."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    return {load_flow_from_entrypoint(d["entrypoint"]).name: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+
+
+def test_prefect_yaml_entrypoints_resolve_and_configs_are_valid():
+    """Each entrypoint loads its flow; each `config` parameter is a valid DaptConfig; the refresh schedules as
+    `dapt serve` would with its config, and that config sends CPT to the GPU deployment in the same file."""
+    deployments = _prefect_yaml_by_flow()
+    assert set(deployments) == {"dapt-pipeline", "nightly-refresh", "dapt-cpt"}
+    configs = {name: DaptConfig.model_validate(d["parameters"]["config"]) for name, d in deployments.items()}
+    deploy = configs["nightly-refresh"].deploy
+    refresh = deployments["nightly-refresh"]
+    assert refresh["schedules"] == [{"cron": deploy.cron, "timezone": deploy.timezone, "active": True}]
+    assert refresh["concurrency_limit"] == {"limit": deploy.concurrency_limit, "collision_strategy": "CANCEL_NEW"}
+    cpt = deployments["dapt-cpt"]
+    assert cpt["work_pool"]["name"] == "gpu"
+    assert configs["dapt-pipeline"].deploy.cpt_deployment == deploy.cpt_deployment == f"dapt-cpt/{cpt['name']}"
+
+
+def test_dockerfile_matches_the_torch_pin_and_the_gpu_pool():
+    torch_pin = re.search(r'^\s*"(torch==[^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    dockerfile = DOCKERFILE.read_text()
+    assert f'"{torch_pin}"' in dockerfile
+    # The CUDA wheel index and the base image name the same CUDA 12.x.
+    cuda = re.search(r"^ARG TORCH_CUDA=cu12(\d)$", dockerfile, re.M)
+    assert cuda and "https://download.pytorch.org/whl/${TORCH_CUDA}" in dockerfile
+    assert re.search(rf"^ARG CUDA_IMAGE=nvidia/cuda:12\.{cuda[1]}\.\d+-\S*runtime", dockerfile, re.M)
+    deployments = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+    pool = next(d for d in deployments if d["entrypoint"] == "flows.cpt.cpt_flow")["work_pool"]["name"]
+    start = ROOT / "docker" / "start-worker.sh"
+    assert f'DAPT_WORK_POOL:-{pool}}}' in start.read_text() and "prefect worker start" in start.read_text()
+    assert re.search(r"^USER (?!root\b|0\b)\S+", dockerfile, re.M), "the worker must not run as root"
+    # Without a server address the entrypoint stops at once and says what to set.
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run(["sh", str(start)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "set PREFECT_API_URL" in done.stderr
+
+
+# --- build_deployments and the server check (no server) ------------------------------------------------------------
+
+
+def test_deployments_carry_the_config_schedule_and_concurrency(tmp_path):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+    from prefect.utilities.schema_tools import validate
+
+    from flows.serve import build_deployments
+
+    cfg = load_config(write_config(tmp_path, write_corpus(tmp_path), extra=TINY))
+    pipeline, refresh = build_deployments(cfg, "cfg.yaml")
+    assert (pipeline.flow_name, pipeline.name, refresh.flow_name, refresh.name) == ("dapt-pipeline", "test", "nightly-refresh", "test")
+    assert not pipeline.schedules
+    (schedule,) = refresh.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (CRON, TIMEZONE)
+    assert refresh.concurrency_limit == 1
+    assert refresh.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    for d in (pipeline, refresh):
+        # The server enforces the parameter schema: the config must pass it and load back unchanged.
+        validate(d.parameters, d._parameter_openapi_schema.model_dump(), raise_on_error=True, ignore_required=True)
+        assert DaptConfig.model_validate(d.parameters["config"]) == cfg
+        assert "cfg.yaml" in d.description
+
+
+def test_bad_schedule_is_a_config_error(tmp_path):
+    from dapt_core.config import ConfigError
+    from flows.serve import build_deployments
+
+    cfg = load_config(write_config(tmp_path, write_corpus(tmp_path), extra="deploy: {timezone: Mars/Olympus}\n"))
+    with pytest.raises(ConfigError, match="deploy.*Mars/Olympus.*IANA"):
+        build_deployments(cfg)
+
+
+@pytest.mark.parametrize("api_url", [None, "unreachable"])
+def test_serve_refuses_without_a_real_server(tmp_path, api_url):
+    """No PREFECT_API_URL means the ephemeral server, where schedules never fire: `dapt serve` says so and exits 2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_CLIENT_MAX_RETRIES="0")
+    if api_url:
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{_free_port()}/api"
+    config = write_config(tmp_path, write_corpus(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "serve", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    err = " ".join(proc.stderr.split())
+    if api_url:
+        assert "cannot reach the Prefect server" in err and "prefect server start" in err
+    else:
+        assert "PREFECT_API_URL is not set" in err and "schedules do not fire" in err and "prefect server start" in err
+
+
+# --- dapt serve on a real Prefect server ---------------------------------------------------------------------------
+
+
+class Services:
+    """Subprocesses of one test module, each in its own process group with its output in a log file."""
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root, self.env, self.procs = root, env, {}
+
+    def start(self, name: str, cmd: list[str], **env: str) -> None:
+        log = self.root / f"{name.replace(' ', '-')}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=self.env | env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.procs[name] = (proc, log)
+
+    def run(self, cmd: list[str]) -> str:
+        done = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}:\n{log.read_text()[-4000:]}" for name, (_, log) in self.procs.items())
+
+    def wait_for(self, check, what: str, timeout: float):
+        """Poll `check` until it returns something truthy; fail early, with the logs, if a subprocess died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, (proc, _) in self.procs.items():
+                if proc.poll() is not None:
+                    pytest.fail(f"{name} exited with {proc.returncode} while waiting for {what}\n{self.logs()}")
+            if result := check():
+                return result
+            time.sleep(1)
+        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{self.logs()}")
+
+    def stop(self) -> None:
+        """SIGTERM each process group (a runner or worker then stops its flow runs), SIGKILL what is left."""
+        for proc, _ in reversed(self.procs.values()):
+            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+                if proc.poll() is not None:
+                    break
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(wait)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on a free port with its own PREFECT_HOME, and `dapt serve CONFIG` on it.
+
+    Yields (services, tiny config path); services.env points every CLI call at the server.
+    """
+    root = tmp_path_factory.mktemp("serve")
+    config = _tiny_config(root)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),  # `prefect` for start-worker.sh
+        PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_WORKER_QUERY_SECONDS="2",  # pick runs up in 2 s, not 10
+    )
+    services = Services(root, env)
+    try:
+        services.start("prefect server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+
+        def healthy():
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        services.wait_for(healthy, "the Prefect server's /api/health", 120)
+        services.env["PREFECT_API_URL"] = url
+        services.start("dapt serve", [sys.executable, "-m", "flows.cli", "serve", str(config)])
+        yield services, config
+    finally:
+        services.stop()
+
+
+def _client(services: Services):
+    from prefect.client.orchestration import PrefectClient
+
+    return PrefectClient(services.env["PREFECT_API_URL"])
+
+
+async def _deployment(services: Services, name: str):
+    from prefect.exceptions import ObjectNotFound
+
+    async with _client(services) as client:
+        try:
+            return await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+
+
+async def _run(services: Services, deployment: str, parameters: dict, timeout: float):
+    """Trigger a deployment like the UI or another flow would and wait for a final state.
+
+    Returns the flow run, the artifacts by key and the task runs' {name: state name}, of the run and its subflows.
+    """
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+    from prefect.deployments import arun_deployment
+
+    async with _client(services) as client:
+        run = await arun_deployment(deployment, client=client, parameters=parameters, timeout=0)
+        deadline = time.monotonic() + timeout
+        while not run.state.is_final() and time.monotonic() < deadline:
+            await asyncio.sleep(2)
+            run = await client.read_flow_run(run.id)
+        ids, frontier = [run.id], [run.id]
+        while frontier:
+            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            frontier = [c.id for c in children]
+            ids += frontier
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+        task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+        return run, {a.key: a for a in artifacts if a.key}, {t.name: t.state.name for t in task_runs}
+
+
+def _run_to_completion(services: Services, deployment: str, parameters: dict | None = None):
+    """Run `deployment` (with its stored parameters unless given), fail with the logs unless it completes."""
+    started = time.monotonic()
+    run, artifacts, tasks = asyncio.run(_run(services, deployment, parameters or {}, timeout=420))
+    print(f"{deployment} run {run.name}: {run.state.type.value} after {time.monotonic() - started:.1f}s")
+    if not run.state.is_completed():
+        pytest.fail(f"{deployment} run ended {run.state.type.value}: {run.state.message}\n{services.logs()}")
+    return artifacts, tasks
+
+
+def _run_pipeline(services: Services, deployment: str, config: Path) -> dict[str, str]:
+    """Run a dapt-pipeline deployment with `config` as the UI's form would send it; check its report artifact."""
+    params = {"config": load_config(config).model_dump(mode="json", by_alias=True)}
+    artifacts, tasks = _run_to_completion(services, deployment, params)
+    assert REPORT_KEY in artifacts, f"no {REPORT_KEY!r} artifact among {sorted(artifacts)}"
+    report = artifacts[REPORT_KEY]
+    assert report.type == "markdown" and "# dapt report: test" in report.data and "Data funnel" in report.data
+    return tasks
+
+
+def _stage_states(tasks: dict[str, str]) -> dict[str, set[str]]:
+    """The states of each stage's task runs ({stage: {state name}}), over every stage of the pipeline."""
+    out = {stage: {state for name, state in tasks.items() if name.startswith(stage)} for stage in STAGES}
+    assert all(out.values()), f"stages without a task run: {[s for s, v in out.items() if not v]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def served_run(server):
+    """dapt-pipeline/test, registered by `dapt serve`, triggered through the API and run by it: its task run states."""
+    services, config = server
+    started = time.monotonic()
+    services.wait_for(lambda: asyncio.run(_deployment(services, "dapt-pipeline/test")), "dapt-pipeline/test", 120)
+    print(f"dapt serve registered its deployments after {time.monotonic() - started:.1f}s")
+    return _run_pipeline(services, "dapt-pipeline/test", config)
+
+
+def test_serve_registers_both_deployments_and_runs_the_pipeline(server, served_run):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+    from prefect.client.schemas.schedules import CronSchedule
+
+    services, config = server
+    refresh = asyncio.run(_deployment(services, "nightly-refresh/test"))
+    (schedule,) = refresh.schedules
+    assert isinstance(schedule.schedule, CronSchedule) and schedule.active
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (CRON, TIMEZONE)
+    assert refresh.global_concurrency_limit.limit == 1
+    assert refresh.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    pipeline = asyncio.run(_deployment(services, "dapt-pipeline/test"))
+    assert not pipeline.schedules and pipeline.work_pool_name is None
+    assert DaptConfig.model_validate(pipeline.parameters["config"]) == load_config(config)
+    assert _stage_states(served_run)["cpt-attempt"] == {"Completed"}, served_run  # trained, not from a cache
+
+
+def test_served_nightly_refresh_runs_with_its_stored_config(server, served_run):
+    """A refresh right after the pipeline (as the schedule would start it, without parameters) finds every stage
+    done: it completes without training."""
+    services, _ = server
+    _, tasks = _run_to_completion(services, "nightly-refresh/test")
+    trained = [name for name, state in tasks.items() if name.startswith("cpt-attempt") and state != "Cached"]
+    assert not trained, tasks
+
+
+def test_prefect_yaml_deploys_and_a_worker_runs_it(server, served_run):
+    """The README's steps: create the pools, `prefect deploy --all`, start a worker (docker/start-worker.sh) on the
+    cpu pool, run dapt-pipeline/medical with the test config. After the served run every stage comes from the cache
+    in the shared store, as on a second machine."""
+    services, config = server
+    for pool in ("cpu", "gpu"):
+        services.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"])
+    services.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)])
+
+    refresh = asyncio.run(_deployment(services, "nightly-refresh/medical"))
+    cfg = DaptConfig.model_validate(refresh.parameters["config"])
+    (schedule,) = refresh.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (cfg.deploy.cron, cfg.deploy.timezone)
+    assert refresh.global_concurrency_limit.limit == cfg.deploy.concurrency_limit and refresh.work_pool_name == "cpu"
+    cpt = asyncio.run(_deployment(services, cfg.deploy.cpt_deployment))
+    assert cpt.work_pool_name == "gpu" and cpt.entrypoint == "flows.cpt.cpt_flow" and cpt.pull_steps == []
+
+    services.start("cpu worker", ["sh", "docker/start-worker.sh"], DAPT_WORK_POOL="cpu")
+    tasks = _run_pipeline(services, "dapt-pipeline/medical", config)
+    assert set().union(*_stage_states(tasks).values()) == {"Cached"}, tasks
