@@ -63,13 +63,13 @@ def demo_config(workdir: Path) -> Path:
         "clean": {"quality": {"min_words": 30}},
         "model": {"base": str(model_dir), "gguf_file": SMOLLM2_GGUF},
         # The GGUF is the Instruct model, whose eos is the chat end token: separate documents with end-of-text.
-        # 40 held-out documents per kind keep each checkpoint's evaluation to about a minute on 2 CPU cores.
-        "mix": {"general_fraction": 0.05, "seq_len": 256, "document_separator": "<|endoftext|>", "max_heldout_docs": 40},
+        # 24 held-out documents and 20 probes per kind keep each evaluation to about a minute on 2 CPU cores.
+        "mix": {"general_fraction": 0.05, "seq_len": 256, "document_separator": "<|endoftext|>", "max_heldout_docs": 24},
         "tokenizer": {"min_frequency": 10},
-        # A CPU-sized run: 16 steps of 8 x 256 tokens (~33k tokens), a checkpoint judged every 8 steps. The LR is the
+        # A CPU-sized run: 12 steps of 8 x 256 tokens (~25k tokens), a checkpoint judged every 6 steps. The LR is the
         # top of the CPT range: with so few steps the lower defaults barely move the model.
-        "train": {"lr": 5e-5, "max_steps": 16, "save_every": 8, "batch_size": 8, "warmup_ratio": 0.1},
-        "eval": {"max_probes": 40, "batch_size": 8},
+        "train": {"lr": 5e-5, "max_steps": 12, "save_every": 6, "batch_size": 8, "warmup_ratio": 0.1},
+        "eval": {"max_probes": 20, "batch_size": 8},
         "sft": {
             "data": [str(_mts_dialog_pairs(data / "MTSDialog/validation.csv", workdir / "sft-mts-dialog.jsonl"))],
             "seq_len": 256,

@@ -128,22 +128,28 @@ def _pyplot():
 
 
 def _plot_funnel(clean: CleanManifest, path: Path) -> None:
+    """One horizontal bar per kind: kept documents (green), then one segment per drop reason (one colour each)."""
     plt = _pyplot()
     kinds = sorted({s.kind for s in clean.sources})
-    reasons = sorted({r for s in clean.sources for r in s.dropped})
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * len(kinds)), dpi=100)
+    reasons = sorted({r for s in clean.sources for r in s.dropped}, key=lambda r: -clean.dropped.get(r, 0))
+    palette = ["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+    colours = {r: palette[j % len(palette)] for j, r in enumerate(reasons)}  # green is "kept" only
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.6 * len(kinds)), dpi=100)
     for i, kind in enumerate(kinds):
         srcs = [s for s in clean.sources if s.kind == kind]
         left = sum(s.kept_docs for s in srcs)
         ax.barh(i, left, color="tab:green", label="kept" if i == 0 else None)
-        for j, r in enumerate(reasons):
+        for r in reasons:
             n = sum(s.dropped.get(r, 0) for s in srcs)
             if n:
-                ax.barh(i, n, left=left, color=plt.cm.tab20(j % 20), label=f"dropped: {r}" if r not in ax.get_legend_handles_labels()[1] else None)
+                ax.barh(i, n, left=left, color=colours[r])
                 left += n
+    for r in reasons:  # one legend entry per reason, whichever kinds it occurs in
+        ax.barh(0, 0, color=colours[r], label=f"dropped: {r} ({clean.dropped.get(r, 0):,})")
     ax.set_yticks(range(len(kinds)), kinds)
     ax.set_xlabel("documents")
-    ax.set_title("Data funnel: kept and dropped documents")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(6, integer=True))
+    ax.set_title(f"Data funnel: {clean.input_docs:,} documents in, {clean.kept_docs:,} kept")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, format="png")

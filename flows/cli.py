@@ -151,6 +151,7 @@ def cpt(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
         with progress.bars(console):
             result = cpt_flow(_load(config))
         _print_cpt(result)
+        console.print(f"report: {result.report_md.uri}")
     _emit(result, as_json)
 
 
@@ -173,7 +174,6 @@ def _print_cpt(result) -> None:
         console.print(f"promoted: attempt {result.attempt}, step {result.best_step} -> {result.promoted.uri}")
     else:
         console.print("[yellow]nothing promoted:[/yellow] no checkpoint passed the forgetting policy (see the report)")
-    console.print(f"report: {result.report_md.uri}")
 
 
 @app.command()

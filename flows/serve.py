@@ -56,14 +56,16 @@ def _nightly_schedule(cfg: DaptConfig) -> CronSchedule:
 
 
 def build_deployments(cfg: DaptConfig, config_path: str | None = None) -> list[RunnerDeployment]:
-    """`dapt-pipeline/<project>` (manual) and `nightly-refresh/<project>` (cron), both with `cfg` as their parameter.
+    """`dapt-pipeline/<project>` (manual), `nightly-refresh/<project>` (cron) and `dapt-cpt/<project>` (the CPT stage,
+    for deploy.cpt_deployment), all with `cfg` as their parameter.
 
     The config travels as the `config` parameter (by alias, as the flows' parameter schema names its fields), so a
     run from the UI shows it as an editable form; entrypoints are module paths, so runs import the installed package
     whatever directory `dapt serve` was started from. Overlapping refreshes are cancelled rather than queued: the
     next refresh ingests whatever the skipped one would have.
     """
-    from flows.dapt_pipeline import dapt_pipeline, nightly_refresh  # on use: it imports every stage's tasks
+    from flows.cpt import cpt_flow  # on use: they import every stage's tasks
+    from flows.dapt_pipeline import dapt_pipeline, nightly_refresh
 
     parameters = {"config": cfg.model_dump(mode="json", by_alias=True)}
     source = f" Parameters from {config_path}." if config_path else ""
@@ -84,11 +86,18 @@ def build_deployments(cfg: DaptConfig, config_path: str | None = None) -> list[R
         ),
         **common,
     )
-    return [pipeline, refresh]
+    cpt = cpt_flow.to_deployment(
+        description=(
+            f"The CPT stage of project {cfg.project!r} on its own (set deploy.cpt_deployment: dapt-cpt/{cfg.project} "
+            "to have the pipeline run it here through run_deployment)."
+        ),
+        **common,
+    )
+    return [pipeline, refresh, cpt]
 
 
 def serve(cfg: DaptConfig, config_path: str | None = None) -> None:
-    """Register both deployments on the Prefect server at PREFECT_API_URL and run their flow runs until interrupted."""
+    """Register the deployments on the Prefect server at PREFECT_API_URL and run their flow runs until interrupted."""
     from prefect import serve as prefect_serve
 
     require_api_server()

@@ -100,14 +100,15 @@ def test_deployments_carry_the_config_schedule_and_concurrency(tmp_path):
     from flows.serve import build_deployments
 
     cfg = load_config(write_config(tmp_path, write_corpus(tmp_path), extra=TINY))
-    pipeline, refresh = build_deployments(cfg, "cfg.yaml")
+    pipeline, refresh, cpt = build_deployments(cfg, "cfg.yaml")
     assert (pipeline.flow_name, pipeline.name, refresh.flow_name, refresh.name) == ("dapt-pipeline", "test", "nightly-refresh", "test")
+    assert (cpt.flow_name, cpt.name, cpt.schedules) == ("dapt-cpt", "test", [])
     assert not pipeline.schedules
     (schedule,) = refresh.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == (CRON, TIMEZONE)
     assert refresh.concurrency_limit == 1
     assert refresh.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
-    for d in (pipeline, refresh):
+    for d in (pipeline, refresh, cpt):
         # The server enforces the parameter schema: the config must pass it and load back unchanged.
         validate(d.parameters, d._parameter_openapi_schema.model_dump(), raise_on_error=True, ignore_required=True)
         assert DaptConfig.model_validate(d.parameters["config"]) == cfg
@@ -325,6 +326,28 @@ def test_serve_registers_both_deployments_and_runs_the_pipeline(server, served_r
     assert not pipeline.schedules and pipeline.work_pool_name is None
     assert DaptConfig.model_validate(pipeline.parameters["config"]) == load_config(config)
     assert _stage_states(served_run)["cpt-attempt"] == {"Completed"}, served_run  # trained, not from a cache
+
+
+def test_pipeline_runs_its_cpt_stage_as_a_deployment(server, served_run):
+    """deploy.cpt_deployment: the pipeline starts the CPT stage as a run of dapt-cpt/test (on a GPU pool in
+    production; here the same `dapt serve`) and reads its manifest back from the store."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    services, config = server
+    cfg = load_config(config)
+    cfg = cfg.model_copy(
+        update={"deploy": cfg.deploy.model_copy(update={"cpt_deployment": "dapt-cpt/test"}), "train": cfg.train.model_copy(update={"seed": 1})}
+    )
+    artifacts, _ = _run_to_completion(services, "dapt-pipeline/test", {"config": cfg.model_dump(mode="json", by_alias=True)})
+    assert "Domain bits per byte" in artifacts[REPORT_KEY].data or "nothing was promoted" in artifacts[REPORT_KEY].data
+
+    async def cpt_runs():
+        async with _client(services) as client:
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["test"])), limit=50)
+
+    runs = [r for r in asyncio.run(cpt_runs()) if r.parameters.get("output_key")]
+    assert len(runs) == 1 and runs[0].state.is_completed(), runs
+    assert runs[0].parameters["config"]["train"]["seed"] == 1
 
 
 def test_served_nightly_refresh_runs_with_its_stored_config(server, served_run):
