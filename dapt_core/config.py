@@ -242,6 +242,10 @@ class EvalConfig(_Section):
     extra_tasks: list[str] = Field(default_factory=list, description="Further lm-eval task names (must be available offline).")
     limit: int | None = Field(None, ge=1, description="Documents per eval task (null: all held-out documents).")
     batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
+    max_length: int = Field(
+        1024, ge=16, description="Context window of the perplexity tasks (longer documents are scored in rolling windows); "
+        "it bounds eval memory: measured on SmolLM2-135M, 4.3 GB peak at 1024 vs 6.9 GB at the model's 8192, and 2x faster.",
+    )
     max_probes: int = Field(200, ge=0, description="Cloze probes built per held-out split.")
     probe_choices: int = Field(4, ge=2, le=10, description="Choices per cloze probe (true word + distractors).")
     max_attempts: int = Field(3, ge=1, description="CPT attempts in all (the first run plus rollbacks).")

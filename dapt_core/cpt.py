@@ -65,6 +65,7 @@ def run_eval(model, tokenizer, files: dict[str, Path], workdir: Path, cfg: EvalC
         return evaluate(
             model, tokenizer, files, workdir, extra_tasks=cfg.extra_tasks, limit=cfg.limit, batch_size=cfg.batch_size,
             max_probes=cfg.max_probes, n_choices=cfg.probe_choices, probes=cfg.max_probes > 0, backend=backend,
+            max_length=cfg.max_length,
         )
 
 

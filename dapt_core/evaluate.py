@@ -228,6 +228,9 @@ def evaluate(
     probe scorer) or "auto" (lm-eval when importable, else native). `extra_tasks` are lm-eval task names (lm-eval
     backend only; they must be available offline). `limit` caps documents per task."""
     workdir = Path(workdir)
+    model_max = getattr(model.config, "max_position_embeddings", None)
+    if max_length is not None and model_max:
+        max_length = min(max_length, model_max)  # never a window longer than the model's positions
     task_dir = workdir / "lm_eval_tasks"
     names = write_tasks(eval_files, task_dir, probes=probes, max_probes=max_probes, n_choices=n_choices, seed=seed)
     notes: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from dapt_core.config import DaptConfig
 from dapt_core.evaluate import ForgettingPolicy, rollback_plan
@@ -88,6 +89,10 @@ def cpt_flow(
         log.warning("no checkpoint of %d attempt(s) passed the forgetting policy: nothing promoted", len(history))
     else:
         log.info("promoted: attempt %d step %d -> %s", best.attempt, best.best_step, best.promoted.uri)
+    store = open_store(config.store)
+    create_markdown_artifact(
+        key="dapt-cpt-report", markdown=store.read_text(final.report_md), description=f"CPT forgetting evaluation of {config.project}"
+    )
     if output_key:
-        open_store(config.store).put_text(final.model_dump_json(), output_key)
+        store.put_text(final.model_dump_json(), output_key)
     return final

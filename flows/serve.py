@@ -89,7 +89,7 @@ def build_deployments(cfg: DaptConfig, config_path: str | None = None) -> list[R
     cpt = cpt_flow.to_deployment(
         description=(
             f"The CPT stage of project {cfg.project!r} on its own (set deploy.cpt_deployment: dapt-cpt/{cfg.project} "
-            "to have the pipeline run it here through run_deployment)."
+            f"to have the pipeline run it here through run_deployment).{source}"
         ),
         **common,
     )

@@ -121,3 +121,22 @@ def test_torchrun_ddp_attempt_matches_one_process(prefect_harness, corpus, tmp_p
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     for x, y in zip(single.decisions, ddp.decisions):
         assert x["metrics"]["domain/bits_per_byte"] == pytest.approx(y["metrics"]["domain/bits_per_byte"], rel=1e-4)
+
+
+def test_ewc_attempt_estimates_its_fisher_on_the_general_sample(prefect_harness, corpus, tmp_path, monkeypatch):
+    """train.ewc through the attempt: the Fisher comes from packing's general-only sample and the penalty is logged."""
+    import dapt_core.ewc as ewc_mod
+    import dapt_core.train as train_mod
+
+    root, dirs, base = corpus
+    train = "{lr: 1e-4, max_steps: 4, save_every: 4, batch_size: 8, report_to: [], ewc: {enabled: true, lambda: 100.0, fisher_samples: 16}}"
+    cfg, data, base_metrics = _data(root, dirs, base, str(tmp_path / "store"), train)
+    assert data.pack.general_sample is not None
+    seen, histories = [], []
+    real_from_model, real_train = ewc_mod.EWC.from_model, train_mod.train
+    monkeypatch.setattr(ewc_mod.EWC, "from_model", classmethod(lambda cls, m, samples, *a, **kw: seen.append(list(samples)) or real_from_model(m, samples, *a, **kw)))
+    monkeypatch.setattr(train_mod, "train", lambda *a, **kw: histories.append(res := real_train(*a, **kw)) or res)
+    result = run_attempt(_spec(cfg, data, base_metrics, "cpt/ewc"), tmp_path / "work")
+    assert result.decisions and len(seen) == 1 and seen[0]
+    assert all(len(s) == SEQ for s in seen[0])
+    assert histories[0].history[-1]["ewc"] > 0  # the penalty is active once the weights moved
