@@ -28,12 +28,11 @@ from dapt_core.report import write_pipeline_report
 from dapt_core.store import open_store
 from flows import progress
 from flows.cpt import cpt_flow
-from flows.prepare import prepare_flow
-from tasks.caching import result_storage_for, was_cached
+from flows.training_data import training_data_flow
+from tasks.caching import result_storage_for
 from tasks.cpt import base_eval_task, original_base_eval_task
 from tasks.data import discover_task
 from tasks.sft import sft_task
-from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
 
 
 def state_key(project: str) -> str:
@@ -85,29 +84,8 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
     storage = result_storage_for(config.store)
     store = open_store(config.store)
 
-    prepared = prepare_flow(config)
-    if tokenizer is None:
-        tok_future = extend_tokenizer_task.with_options(result_storage=storage).submit(
-            prepared.clean, base_fingerprint(config.model), config.model, config.tokenizer, config.mix, config.store
-        )
-        progress.stage("tokenizer extension", total=1)
-        tokenizer = tok_future.result()
-        progress.advance("tokenizer extension")
-        publish_tokenizer_report(tokenizer, config.store)
-        runs = [("tokenizer", tok_future)]
-    else:
-        runs = []
-    pack_future = pack_task.with_options(result_storage=storage).submit(prepared.clean, tokenizer, config.mix, config.model, config.store)
-    progress.stage("packing", total=1)
-    pack = pack_future.result()
-    progress.advance("packing")
-    runs.append(("pack", pack_future))
-    data = TrainingDataManifest(
-        prepare=prepared, tokenizer=tokenizer, pack=pack,
-        computed=prepared.computed + [n for n, f in runs if not was_cached(f)],
-        cached=prepared.cached + [n for n, f in runs if was_cached(f)],
-    )
-
+    data = training_data_flow(config, tokenizer=tokenizer)
+    prepared, tokenizer, pack = data.prepare, data.tokenizer, data.pack
     original = original_base_eval_task.with_options(result_storage=storage).submit(
         config.model, base_fingerprint(config.model), pack, config.eval, config.store
     )

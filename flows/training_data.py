@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from dapt_core.config import DaptConfig
-from dapt_core.manifest import TrainingDataManifest
+from dapt_core.manifest import TokenizerManifest, TrainingDataManifest
 from dapt_core.model import base_fingerprint
 from flows import progress
 from flows.prepare import prepare_flow
@@ -14,30 +14,33 @@ from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokeni
 
 
 @flow(name="dapt-training-data", log_prints=True)
-def training_data_flow(config: DaptConfig) -> TrainingDataManifest:
+def training_data_flow(config: DaptConfig, tokenizer: TokenizerManifest | None = None) -> TrainingDataManifest:
     """Cleaned corpora → extended tokenizer + resized model → packed, mixed training shards and eval splits.
 
     Each stage is cached on the content hashes of its inputs (corpus shards, base model files), its
-    config section and its code version, so only what changed is recomputed.
+    config section and its code version, so only what changed is recomputed. A given `tokenizer` (a nightly
+    refresh keeps the vocabulary its promoted model was trained with) skips the extension.
     """
     prepared = prepare_flow(config)
     storage = result_storage_for(config.store)
-    fingerprint = base_fingerprint(config.model)
-    tok_future = extend_tokenizer_task.with_options(result_storage=storage).submit(
-        prepared.clean, fingerprint, config.model, config.tokenizer, config.mix, config.store
-    )
-    progress.stage("tokenizer extension", total=1)
-    tok = tok_future.result()
-    progress.advance("tokenizer extension")
-    publish_tokenizer_report(tok, config.store)
-    pack_future = pack_task.with_options(result_storage=storage).submit(prepared.clean, tok, config.mix, config.model, config.store)
+    runs = []
+    if tokenizer is None:
+        tok_future = extend_tokenizer_task.with_options(result_storage=storage).submit(
+            prepared.clean, base_fingerprint(config.model), config.model, config.tokenizer, config.mix, config.store
+        )
+        progress.stage("tokenizer extension", total=1)
+        tokenizer = tok_future.result()
+        progress.advance("tokenizer extension")
+        publish_tokenizer_report(tokenizer, config.store)
+        runs.append(("tokenizer", tok_future))
+    pack_future = pack_task.with_options(result_storage=storage).submit(prepared.clean, tokenizer, config.mix, config.model, config.store)
     progress.stage("packing", total=1)
     packed = pack_future.result()
     progress.advance("packing")
-    runs = [("tokenizer", tok_future), ("pack", pack_future)]
+    runs.append(("pack", pack_future))
     return TrainingDataManifest(
         prepare=prepared,
-        tokenizer=tok,
+        tokenizer=tokenizer,
         pack=packed,
         computed=prepared.computed + [n for n, f in runs if not was_cached(f)],
         cached=prepared.cached + [n for n, f in runs if was_cached(f)],
