@@ -86,9 +86,10 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
 
     data = training_data_flow(config, tokenizer=tokenizer)
     prepared, tokenizer, pack = data.prepare, data.tokenizer, data.pack
+    # Before CPT, not beside it: two models in memory at once doubled the demo's peak RSS.
     original = original_base_eval_task.with_options(result_storage=storage).submit(
         config.model, base_fingerprint(config.model), pack, config.eval, config.store
-    )
+    ).result()
     progress.stage("CPT + forgetting evaluation", total=1)
     cpt = _cpt_stage(config, data, start)
     progress.advance("CPT + forgetting evaluation")
@@ -106,7 +107,7 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
     with tempfile.TemporaryDirectory(prefix="dapt-report-") as tmp:
         paths = write_pipeline_report(
             Path(tmp), project=config.project, clean=prepared.clean, tokenizer=tokenizer, pack=pack, cpt=cpt, sft=sft,
-            original_base=original.result(),
+            original_base=original,
         )
         refs = {k: store.put_file(p, f"runs/{config.project}/reports/{run_key}/{p.name}") for k, p in paths.items()}
         markdown = paths["md"].read_text(encoding="utf-8")
