@@ -24,3 +24,5 @@ demo: setup
 
 bench: setup
 	$(PY) bench/prepare.py
+	$(PY) bench/pack.py
+	$(PY) bench/train.py
