@@ -215,6 +215,9 @@ class TrainConfig(_Section):
         False, description="LoRA: also train embed_tokens and lm_head in full (needed when the tokenizer was extended)."
     )
     lora: LoraTrainConfig = Field(default_factory=LoraTrainConfig)
+    save_adapter: bool = Field(
+        False, description="LoRA: also store the promoted adapter on its own (peft format), beside the merged model."
+    )
     ewc: EWCConfig = Field(default_factory=EWCConfig)
     report_to: list[Literal["tensorboard"]] = Field(
         default_factory=lambda: ["tensorboard"],

@@ -97,12 +97,12 @@ def _restore(rows: list[dict]) -> list[tuple[int, EvalResult, Decision]]:
 
 
 def _model_at(spec: AttemptSpec, store: ArtifactStore, checkpoint: Path):
-    """The start model with a checkpoint's weights loaded, LoRA merged: what gets promoted."""
+    """The start model with a checkpoint's weights loaded (a peft model for LoRA): what gets promoted."""
     model, _ = load_from_dir(store.local_dir(spec.start))
     if spec.train.method == "lora":
         model = train_mod.apply_lora(model, spec.train)
     train_mod.load_weights(model, checkpoint / "model.safetensors", spec.train.method)
-    return train_mod.merge_lora(model)
+    return model
 
 
 def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
@@ -164,11 +164,15 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
     evaluated = _restore(rows)
     accepted = [(s, r) for s, r, d in evaluated if d.accepted]
     best_step = policy.choose_best(accepted) if accepted else None
-    promoted = None
+    promoted = adapter = None
     if best_step is not None:
         del model
         best = next(r for r in rows if r["step"] == best_step)
         final = _model_at(spec, store, store.local_dir(DirRef.model_validate(best["checkpoint"]))).to("cpu")
+        if spec.train.method == "lora" and spec.train.save_adapter:
+            final.save_pretrained(workdir / "adapter")  # peft: adapter weights + adapter_config.json
+            adapter = store.put_dir(workdir / "adapter", f"{spec.prefix}/promoted-adapter")
+        final = train_mod.merge_lora(final)
         out = workdir / "promoted"
         final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
@@ -182,6 +186,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
     return CptManifest(
         accepted=best_step is not None,
         promoted=promoted,
+        adapter=adapter,
         best_step=best_step,
         stopped_at=rejected[0] if rejected else None,
         decisions=[{**{k: v for k, v in r.items() if k != "checkpoint"}, "attempt": spec.attempt, "checkpoint": r["checkpoint"]["uri"]} for r in rows],

@@ -145,6 +145,7 @@ class CptManifest(BaseModel):
     stage: Literal["cpt"] = "cpt"
     accepted: bool = Field(description="True when at least one checkpoint passed the forgetting policy.")
     promoted: DirRef | None = Field(None, description="Best accepted checkpoint, LoRA merged: a loadable HF directory.")
+    adapter: DirRef | None = Field(None, description="The promoted LoRA adapter alone (train.save_adapter).")
     best_step: int | None = None
     stopped_at: int | None = Field(None, description="Step of the first rejected checkpoint, where training stopped.")
     decisions: list[dict] = Field(description="Per checkpoint: step, accepted, reasons, numbers, metrics, checkpoint uri.")

@@ -59,7 +59,10 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
     was judged and uploaded; run again with an empty S3 cache and work dir (another machine), it downloads that
     checkpoint, keeps its decision, resumes exactly, and promotes the same weights as an uninterrupted attempt."""
     root, dirs, base = corpus
-    train = "{method: lora, train_embeddings: true, lora: {r: 8, alpha: 16}, lr: 2e-4, max_steps: 20, save_every: 10, batch_size: 8, report_to: [tensorboard]}"
+    train = (
+        "{method: lora, train_embeddings: true, save_adapter: true, lora: {r: 8, alpha: 16}, lr: 2e-4, max_steps: 20, "
+        "save_every: 10, batch_size: 8, report_to: [tensorboard]}"
+    )
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-setup"))
     cfg, data, base_metrics = _data(root, dirs, base, f"s3://{s3_bucket}/artifacts", train)
     assert data.tokenizer.new_tokens > 0
@@ -96,6 +99,7 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert resumed.tensorboard is not None and any("events.out.tfevents" in f for f in resumed.tensorboard.files)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(resumed.adapter.files)
 
     # The promoted model is a plain transformers model (LoRA merged) with the extended vocabulary, and it learned.
     from dapt_core.model import load_from_dir
