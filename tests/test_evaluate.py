@@ -232,3 +232,16 @@ def test_decision_is_plain_data():
     assert d.accepted and not math.isnan(d.numbers["x"])
     r = EvalResult(metrics={"a": 1.0}, notes=["n"])
     assert EvalResult.from_dict(r.to_dict()) == r
+
+
+@pytest.mark.parametrize(
+    "n,probe,accepted",
+    [(20, 0.45, True), (20, 0.40, False), (200, 0.465, False), (200, 0.475, True)],
+)
+def test_one_probe_flip_is_not_forgetting(n, probe, accepted):
+    """With 20 probes one flip is 5 points, over the 3-point limit: it must not reject on its own; two flips do.
+    With 200 probes the 3-point limit applies as is."""
+    base = _res()
+    ckpt = _res(probe=probe)
+    ckpt.metrics["general/probe_n"] = float(n)
+    assert ForgettingPolicy().judge(base, ckpt).accepted is accepted
