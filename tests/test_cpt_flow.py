@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from dapt_core.config import load_config
+from dapt_core.config import MixConfig, TrainConfig, load_config
 from dapt_core.evaluate import evaluate
 from dapt_core.model import load_from_dir
 from dapt_core.store import open_store
@@ -94,9 +94,9 @@ def test_high_lr_without_replay_is_rejected_and_rolled_back(prefect_harness, cor
         assert next(d for d in result.decisions if d["step"] == result.best_step)["metrics"]["domain/bits_per_byte"] == best
 
 
-def test_low_lr_with_replay_is_accepted_and_promoted(prefect_harness, corpus, monkeypatch):
+def test_default_lr_and_replay_are_accepted_and_improve_the_domain(prefect_harness, corpus, monkeypatch):
     root, dirs, base = corpus
-    cfg = _config(root, dirs, base, "low-lr", lr=1e-4, general_fraction=0.05, max_steps=20, save_every=10)
+    cfg = _config(root, dirs, base, "low-lr", lr=TrainConfig().lr, general_fraction=MixConfig().general_fraction, max_steps=20, save_every=10)
     result = cpt_flow(cfg)
     _print_attempts(result)
 
