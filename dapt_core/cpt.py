@@ -115,12 +115,17 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
     journal_key = f"{spec.prefix}/journal.json"
 
     rows: list[dict] = json.loads(store.read_key(journal_key)) if store.exists(journal_key) else []
-    if rows and dist.main:  # resume: the last uploaded checkpoint goes back where the loop looks for it
-        last = DirRef.model_validate(rows[-1]["checkpoint"])
-        dest = train_dir / f"{train_mod.CHECKPOINT_PREFIX}{rows[-1]['step']}"
-        if not dest.exists():
-            shutil.copytree(store.local_dir(last), dest)
-        log.info("attempt %d: resuming after step %d (%d checkpoint(s) already judged)", spec.attempt, rows[-1]["step"], len(rows))
+    stopped = not all(r["accepted"] for r in rows)  # an earlier run of this attempt already stopped at a rejection
+    if dist.main and not stopped:
+        judged = rows[-1]["step"] if rows else 0
+        for step, path in train_mod.list_checkpoints(train_dir):
+            if step > judged:  # written but never judged (a crash in between): train that stretch again
+                shutil.rmtree(path)
+        if rows:  # resume: the last judged checkpoint goes back where the loop looks for it
+            dest = train_dir / f"{train_mod.CHECKPOINT_PREFIX}{judged}"
+            if not dest.exists():
+                shutil.copytree(store.local_dir(DirRef.model_validate(rows[-1]["checkpoint"])), dest)
+            log.info("attempt %d: resuming after step %d (%d checkpoint(s) already judged)", spec.attempt, judged, len(rows))
     dist.barrier()
 
     model, tokenizer = load_from_dir(store.local_dir(spec.start))
@@ -151,7 +156,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
         store.put_text(json.dumps(rows, indent=1), journal_key)  # last: a journal entry means the checkpoint is safe
         return decision.accepted
 
-    if all(r["accepted"] for r in rows):  # else an earlier run of this attempt already stopped at a rejection
+    if not stopped:
         train_mod.train(
             model, shards, spec.train, train_dir, resume=True, on_checkpoint=on_checkpoint,
             general_samples=_general_samples(store, spec),

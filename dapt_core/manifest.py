@@ -196,7 +196,8 @@ class PipelineManifest(BaseModel):
 class RunState(BaseModel):
     """runs/<project>/last-success.json: what a nightly refresh compares against and continues from."""
 
-    inputs: dict[str, str] = Field(description="Input uri -> content fingerprint of the last successful run.")
+    inputs: dict[str, str] = Field(description="Input uri -> content fingerprint (domain, general, eval) of the last successful run.")
+    config_hash: str = Field(description="Hash of the config sections that change results; a change means a full run.")
     tokenizer: TokenizerManifest = Field(description="The tokenizer (and extended base) every refresh keeps.")
     promoted: DirRef = Field(description="The last promoted CPT model: the next refresh continues from it.")
     report_md: ArtifactRef

@@ -67,8 +67,9 @@ def write_pipeline_report(
     lines = [f"# dapt report: {project}", "", verdict, ""]
     lines += [
         "## Base → CPT → SFT", "",
-        "Base: the model CPT starts from (tokenizer extended, new rows initialised as the mean of their pieces); the "
-        "forgetting policy compares every checkpoint with it. Original: the configured base model before extension.", "",
+        "Base: the reference of the forgetting policy, every checkpoint is compared with it (the base model with the "
+        "extended tokenizer, new rows initialised as the mean of their pieces). Original: the configured base model "
+        "before extension.", "",
         "| metric | original | base | CPT (promoted) | Δ vs base | SFT | Δ vs base |", "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k, label, better in HEADLINE:

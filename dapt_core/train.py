@@ -46,6 +46,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,9 @@ import torch
 from dapt_core.config import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# Ranks != 0 wait while rank 0 writes, evaluates and uploads a checkpoint (a 7B full checkpoint with optimizer state
+# to S3 takes well over NCCL's default 10 minutes).
+DIST_TIMEOUT = timedelta(hours=4)
 EWC_FILE = "ewc.safetensors"
 
 
@@ -164,10 +168,11 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def total_steps_for(cfg: TrainConfig, num_sequences: int) -> int:
+def total_steps_for(cfg: TrainConfig, num_sequences: int, world: int = 1) -> int:
+    """Optimizer steps: cfg.max_steps, or cfg.epochs passes at batch_size * world * grad_accum sequences per step."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * num_sequences / (cfg.batch_size * cfg.grad_accum)))
+    return max(1, math.ceil(cfg.epochs * num_sequences / (cfg.batch_size * world * cfg.grad_accum)))
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA
@@ -334,7 +339,7 @@ def distributed() -> Distributed:
     if world <= 1:
         return Distributed()
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=DIST_TIMEOUT)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -386,7 +391,7 @@ def train(
     # --- data
     data = PackedSequences(shards)
     n = len(data)
-    total_steps = total_steps_for(cfg, n)
+    total_steps = total_steps_for(cfg, n, dist.world)
 
     # --- EWC anchor and Fisher: computed on the model as given, before any adapter or update
     ewc = None
@@ -434,6 +439,11 @@ def train(
         optimizer.load_state_dict(torch.load(resumed_from / "optimizer.pt", map_location=device, weights_only=True))
         scheduler.load_state_dict(torch.load(resumed_from / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(resumed_from / "rng.pt", weights_only=False))
+        if state.get("world_size", 1) != dist.world:
+            raise ValueError(
+                f"{resumed_from} was written by {state.get('world_size', 1)} process(es) and this run has {dist.world}: "
+                "the global batch would change mid-run. Resume with the same train.nproc_per_node, or start a new run."
+            )
         step, epoch, index, history = state["step"], state["epoch"], state["index"], state["history"]
 
     order = epoch_order(n, cfg.seed, epoch)
@@ -485,6 +495,10 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_value = loss_sum / cfg.grad_accum
+        if dist.world > 1:  # log the global batch's loss, not rank 0's share
+            mean = torch.tensor([loss_value], device=device)
+            torch.distributed.all_reduce(mean)
+            loss_value = float(mean.item()) / dist.world
         seconds = time.perf_counter() - t0
         history.append(
             {"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm, "ewc": ewc_value if ewc else None,

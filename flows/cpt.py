@@ -72,8 +72,8 @@ def cpt_flow(
         if plan is None:
             log.warning("attempt %d rejected at step %d and no attempts are left (eval.max_attempts)", attempt, result.stopped_at)
             break
-        if result.promoted is not None:
-            start = result.promoted
+        if best is not None:
+            start = best.promoted
         log.warning(
             "attempt %d rejected at step %d: rolling back to %s, lr=%.3g, general_fraction=%.3g (attempt %d)",
             attempt, result.stopped_at, start.uri, plan.lr, plan.general_fraction, plan.attempt,

@@ -39,6 +39,11 @@ def state_key(project: str) -> str:
     return f"runs/{project}/last-success.json"
 
 
+def result_config_hash(config: DaptConfig) -> str:
+    """The config sections that change what the pipeline produces (not where it runs or is scheduled)."""
+    return stable_hash(config.model_dump(mode="json", exclude={"project", "store", "plan", "deploy"}))
+
+
 def load_state(config: DaptConfig) -> RunState | None:
     store = open_store(config.store)
     key = state_key(config.project)
@@ -63,10 +68,11 @@ def nightly_refresh(config: DaptConfig) -> RefreshManifest:
     """Re-run on what changed since the last successful run, continuing CPT from the last promoted model."""
     log = get_run_logger()
     state = load_state(config)
-    inputs, _, _ = discover_task(config.data)
-    current = {i.uri: i.fingerprint for i in inputs}
-    if state is None:
-        log.info("no successful run of project %r yet: running the full pipeline", config.project)
+    inputs, evals, _ = discover_task(config.data)
+    current = {i.uri: i.fingerprint for i in inputs + evals}
+    if state is None or state.config_hash != result_config_hash(config):
+        why = "no successful run of project %r yet" if state is None else "the config of project %r changed since its last success"
+        log.info(why + ": running the full pipeline from the base model", config.project)
         return RefreshManifest(changed=True, new_or_changed=sorted(current), pipeline=run_stages(config))
     new_or_changed = sorted(u for u, f in current.items() if state.inputs.get(u) != f)
     removed = sorted(set(state.inputs) - set(current))
@@ -121,9 +127,11 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
         report_json=refs["json"], plots={k: refs[k] for k in ("funnel", "checkpoints")}, refresh_of=start.uri if start else None,
     )
     if cpt.promoted is not None:
+        _, evals, _ = discover_task(config.data)
+        ingested = {m.input.uri: m.input.fingerprint for m in prepared.ingested}  # exactly what this run trained on
         state = RunState(
-            inputs={m.input.uri: m.input.fingerprint for m in prepared.ingested}, tokenizer=tokenizer, promoted=cpt.promoted,
-            report_md=refs["md"],
+            inputs=ingested | {e.uri: e.fingerprint for e in evals}, config_hash=result_config_hash(config),
+            tokenizer=tokenizer, promoted=cpt.promoted, report_md=refs["md"],
         )
         store.put_text(state.model_dump_json(indent=1), state_key(config.project))
     log.info("report: %s; model: %s", refs["md"].uri, final_model.uri if final_model else "none promoted")

@@ -7,6 +7,7 @@ An attempt runs in this process, or under torchrun (DDP, one process per GPU) wh
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from prefect.logging import get_run_logger
 
 import dapt_core.cpt as cpt_mod
 import dapt_core.evaluate as evaluate_mod
+import dapt_core.ewc as ewc_mod
 import dapt_core.train as train_mod
 from dapt_core import manifest, metrics, model
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
@@ -29,7 +31,7 @@ from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store
 
-CPT_CODE = code_version(cpt_mod, train_mod, evaluate_mod, metrics, model, manifest, sys.modules[__name__])
+CPT_CODE = code_version(cpt_mod, train_mod, ewc_mod, evaluate_mod, metrics, model, manifest, sys.modules[__name__])
 
 # "auto" (lm-eval when importable), "lm-eval" or "native"; part of every cache key.
 EVAL_BACKEND = os.environ.get("DAPT_EVAL_BACKEND", "auto")
@@ -86,10 +88,10 @@ def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what
 # ------------------------------------------------------------------------------------------------------------- cpt
 def cpt_key(start: DirRef, pack: PackManifest, train_cfg: TrainConfig, eval_cfg: EvalConfig, base_metrics: dict, attempt: int) -> str:
     shards = [r.sha256 for r in pack.train_shards]
-    # nproc_per_node changes the launcher, not the result (the global batch is batch_size * ranks: see train.py).
-    settings = train_cfg.model_dump(exclude={"nproc_per_node"})
+    # The whole train section, nproc_per_node included: batch_size is per process, so it sets the global batch.
+    fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
     return "cpt-" + stable_hash(
-        start.sha256, shards, _eval_hashes(pack), settings, eval_cfg, base_metrics, attempt, EVAL_BACKEND, CPT_CODE
+        start.sha256, shards, _eval_hashes(pack), fisher, train_cfg, eval_cfg, base_metrics, attempt, EVAL_BACKEND, CPT_CODE
     )
 
 
@@ -139,8 +141,14 @@ def _torchrun(spec: AttemptSpec, tmp: Path, nproc: int) -> CptManifest:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "dapt_core.cpt", str(spec_path), str(result_path), str(tmp / "work"),
     ]
-    _log().info("launching: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = _log()
+    log.info("launching: %s", " ".join(cmd))
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:  # streamed: a long run shows its progress in the flow run's logs
+            line = line.rstrip()
+            tail.append(line)
+            log.info("%s", line)
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited with {proc.returncode}; the last lines:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"torchrun exited with {proc.returncode}; its last lines:\n" + "\n".join(tail))
     return CptManifest.model_validate_json(result_path.read_text())

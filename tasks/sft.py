@@ -10,8 +10,11 @@ from pathlib import Path
 from prefect import task
 
 import dapt_core.cpt as cpt_mod
+import dapt_core.evaluate as evaluate_mod
+import dapt_core.model as model_mod
 import dapt_core.sft as sft_mod
 import dapt_core.train as train_mod
+from dapt_core import metrics, split
 from dapt_core.config import EvalConfig, SftConfig
 from dapt_core.cpt import eval_files, run_eval
 from dapt_core.evaluate import EvalResult, ForgettingPolicy
@@ -21,7 +24,7 @@ from dapt_core.model import load_from_dir
 from dapt_core.store import open_store
 from tasks.cpt import EVAL_BACKEND, _eval_hashes, _log
 
-SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, sys.modules[__name__])
+SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, evaluate_mod, metrics, split, model_mod, sys.modules[__name__])
 
 
 def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, base_metrics: dict) -> str:

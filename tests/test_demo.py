@@ -22,6 +22,7 @@ def test_demo_config_points_at_installed_real_text(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole DAG on SmolLM2: ~15 min on 2 cores
 def test_demo_end_to_end(prefect_harness, tmp_path):
     """The README's main command: the whole DAG on SmolLM2-135M and real medical text, offline."""
     res = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--json"])
