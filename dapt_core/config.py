@@ -257,7 +257,9 @@ class EvalConfig(_Section):
 
 
 def _sft_train_defaults() -> TrainConfig:
-    return TrainConfig(lr=2e-5, epochs=2.0, warmup_ratio=0.03, save_every=1_000_000, block_cross_document_attention=True)
+    return TrainConfig(
+        lr=2e-5, epochs=2.0, warmup_ratio=0.03, save_every=1_000_000, block_cross_document_attention=True, report_to=[]
+    )
 
 
 class SftConfig(_Section):
@@ -275,7 +277,14 @@ class SftConfig(_Section):
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of instruction pairs held out for response loss/accuracy.")
     max_heldout: int = Field(200, ge=1, description="Cap on held-out instruction pairs.")
     seed: int = Field(0, description="Seed of the held-out split.")
-    train: TrainConfig = Field(default_factory=_sft_train_defaults, description="Optimiser settings of the SFT run.")
+    train: TrainConfig = Field(default_factory=_sft_train_defaults, description="Optimiser settings of the SFT run (one process).")
+
+    @field_validator("train")
+    @classmethod
+    def _one_process(cls, v: TrainConfig) -> TrainConfig:
+        if v.nproc_per_node != 1:
+            raise ValueError("sft.train.nproc_per_node: SFT runs in one process (it is short); remove the setting")
+        return v
 
 
 class DeployConfig(_Section):
