@@ -126,3 +126,18 @@ def test_nightly_refresh(prefect_harness, project, stage_calls):
     assert p.cpt.attempts[0]["start_model"] == before.promoted.uri
     assert p.data.tokenizer == before.tokenizer
     assert load_state(cfg).inputs.get(str(new_file)) is not None
+
+
+def test_refresh_after_a_config_change_is_a_full_run(prefect_harness, project, stage_calls):
+    """A changed training setting makes the refresh a full run from the base model (cached data stages reused)."""
+    root, dirs, config_path = project
+    cfg = load_config(config_path)
+    if load_state(cfg) is None:
+        dapt_pipeline(cfg)
+    for k in stage_calls:
+        stage_calls[k] = 0
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 5e-5})})
+    result = nightly_refresh(changed)
+    assert result.changed and result.pipeline.refresh_of is None
+    assert result.pipeline.cpt.attempts[0]["start_model"] == result.pipeline.data.tokenizer.model.uri
+    assert stage_calls["ingest"] == stage_calls["tokenizer"] == stage_calls["pack"] == 0 and stage_calls["cpt"] >= 1
