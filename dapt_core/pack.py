@@ -491,6 +491,12 @@ def _write_replay(texts: Iterable[str], path: Path) -> int:
 # --------------------------------------------------------------------------- mixing
 
 
+def _in_key_order(docs: _Docs, mask: np.ndarray) -> np.ndarray:
+    """Indices of the documents selected by `mask`, in shuffle-key order (the seeded order every stream uses)."""
+    idx = np.flatnonzero(mask)
+    return idx[np.argsort(docs.key[idx], kind="stable")]
+
+
 def _budget(docs_order: np.ndarray, lens: np.ndarray, budget: int) -> np.ndarray:
     """Tokens taken from each document of an ordered list until `budget` tokens (the last one cut, the rest 0)."""
     starts = np.concatenate([[0], np.cumsum(lens[docs_order], dtype=np.int64)[:-1]])
@@ -502,8 +508,7 @@ def _general_stream(docs: _Docs, budget: int, seed: int) -> tuple[np.ndarray, np
 
     The third value is the number of passes over the general training text (budget / its tokens) when all of it was
     tokenised, None when only a prefix of the shuffled order was (a subset: less than one pass)."""
-    base = np.flatnonzero(docs.train & (docs.tok_off >= 0))
-    base = base[np.argsort(docs.key[base], kind="stable")]
+    base = _in_key_order(docs, docs.train & (docs.tok_off >= 0))
     lens = docs.tok_len.astype(np.int64)
     pool = int(lens[base].sum())
     if budget == 0:
@@ -528,8 +533,7 @@ def _ensure_general_tokens(
     docs: _Docs, paths: list[Path], budget: int, bytes_per_token: float, encoder: _Encoder, tokens_out, tok_pos: list[int]
 ) -> int:
     """Tokenise general training documents in key order until `budget` tokens are available (or all are); returns passes."""
-    order = np.flatnonzero(docs.train)
-    order = order[np.argsort(docs.key[order], kind="stable")]
+    order = _in_key_order(docs, docs.train)
     passes = 0
     while True:
         done = docs.tok_off[order] >= 0
@@ -605,8 +609,7 @@ def _write_shards(
 def _write_general_sample(gen: _Docs, budget: int, seq_len: int, tokens: np.ndarray, out_dir: Path) -> Path | None:
     """The first general training documents in key order, cut into at most budget / seq_len sequences: the general
     text EWC estimates its Fisher on (replay is not marked in the mixed shards)."""
-    order = np.flatnonzero(gen.train & (gen.tok_off >= 0))
-    order = order[np.argsort(gen.key[order], kind="stable")]
+    order = _in_key_order(gen, gen.train & (gen.tok_off >= 0))
     lens = gen.tok_len.astype(np.int64)
     budget = min(budget, int(lens[order].sum())) // seq_len * seq_len
     if budget == 0:
@@ -682,8 +685,7 @@ def pack_corpus(
                 timings["general_scan_s"] = time.perf_counter() - t0
 
                 d_lens = dom.tok_len.astype(np.int64)
-                d_order = np.flatnonzero(dom.train)
-                d_order = d_order[np.argsort(dom.key[d_order], kind="stable")]
+                d_order = _in_key_order(dom, dom.train)
                 d_pool = int(d_lens[d_order].sum())
                 n_seq = int(d_pool / (1 - f)) // cfg.seq_len
                 total = n_seq * cfg.seq_len
