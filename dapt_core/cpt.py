@@ -133,7 +133,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
         log.warning("train.method lora with an extended tokenizer: set train.train_embeddings: true so the new token rows learn")
     files = eval_files(store, spec.pack)
     shards = [store.local_path(r) for r in spec.pack.train_shards]
-    tb = _tensorboard(train_dir) if dist.main and "tensorboard" in spec.train.report_to else None
+    tb = train_mod.tensorboard_writer(spec.train, train_dir, dist)
     tensorboard_ref: DirRef | None = None
 
     def on_checkpoint(step: int, path: Path) -> bool:
@@ -207,12 +207,6 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
         general_fraction=spec.pack.general_fraction_target,
         code_version=spec.code_version,
     )
-
-
-def _tensorboard(train_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(train_dir / "tensorboard"))
 
 
 def main(argv: list[str]) -> None:

@@ -346,7 +346,8 @@ def distributed() -> Distributed:
     return Distributed(rank=torch.distributed.get_rank(), world=world, local_rank=local)
 
 
-def _tensorboard(cfg: TrainConfig, out_dir: Path, dist: Distributed):
+def tensorboard_writer(cfg: TrainConfig, out_dir: Path, dist: Distributed):
+    """A TensorBoard writer on out_dir/tensorboard when cfg.report_to asks for one (rank 0 only), else None."""
     if "tensorboard" not in cfg.report_to or not dist.main:
         return None
     from torch.utils.tensorboard import SummaryWriter
@@ -464,7 +465,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     written: list[Path] = []
     loss_value = history[-1]["loss"] if history else None
-    writer = _tensorboard(cfg, out_dir, dist)
+    writer = tensorboard_writer(cfg, out_dir, dist)
     tokens_per_step = cfg.batch_size * dist.world * cfg.grad_accum * data.seq_len
 
     # --- the loop
