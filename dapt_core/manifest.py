@@ -95,6 +95,7 @@ class PrepareManifest(BaseModel):
     stage: Literal["prepare"] = "prepare"
     store: str
     ingested: list[IngestManifest]
+    evals: list[IngestManifest] = Field(default_factory=list, description="The eval sets, ingested for decontamination.")
     clean: CleanManifest
     computed: list[str] = Field(description="Task runs that did work in this run.")
     cached: list[str] = Field(description="Task runs answered from cache.")

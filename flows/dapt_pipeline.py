@@ -30,7 +30,7 @@ from flows import progress
 from flows.cpt import cpt_flow
 from flows.training_data import training_data_flow
 from tasks.caching import result_storage_for
-from tasks.cpt import base_eval_task, original_base_eval_task
+from tasks.cpt import original_base_eval_task
 from tasks.data import discover_task
 from tasks.sft import sft_task
 
@@ -103,8 +103,9 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
     sft = None
     if config.sft.data and cpt.promoted is not None:
         progress.stage("SFT", total=1)
-        base_metrics = base_eval_task.with_options(result_storage=storage).submit(tokenizer.model, pack, config.eval, config.store).result()
-        sft = sft_task.with_options(result_storage=storage).submit(cpt.promoted, pack, config.sft, config.eval, base_metrics, config.store).result()
+        sft = sft_task.with_options(result_storage=storage).submit(
+            cpt.promoted, pack, config.sft, config.eval, cpt.base_metrics, config.store
+        ).result()
         progress.advance("SFT")
     elif config.sft.data:
         log.warning("SFT skipped: no CPT checkpoint passed the forgetting policy")
@@ -127,11 +128,9 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
         report_json=refs["json"], plots={k: refs[k] for k in ("funnel", "checkpoints")}, refresh_of=start.uri if start else None,
     )
     if cpt.promoted is not None:
-        _, evals, _ = discover_task(config.data)
-        ingested = {m.input.uri: m.input.fingerprint for m in prepared.ingested}  # exactly what this run trained on
-        state = RunState(
-            inputs=ingested | {e.uri: e.fingerprint for e in evals}, config_hash=result_config_hash(config),
-            tokenizer=tokenizer, promoted=cpt.promoted, report_md=refs["md"],
+        state = RunState(  # the fingerprints of exactly what this run ingested
+            inputs={m.input.uri: m.input.fingerprint for m in prepared.ingested + prepared.evals},
+            config_hash=result_config_hash(config), tokenizer=tokenizer, promoted=cpt.promoted, report_md=refs["md"],
         )
         store.put_text(state.model_dump_json(indent=1), state_key(config.project))
     log.info("report: %s; model: %s", refs["md"].uri, final_model.uri if final_model else "none promoted")

@@ -47,6 +47,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     result = PrepareManifest(
         store=config.store,
         ingested=ingested,
+        evals=eval_manifests,
         clean=clean_manifest,
         computed=[name for name, f in runs if not was_cached(f)],
         cached=[name for name, f in runs if was_cached(f)],
