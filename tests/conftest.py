@@ -87,3 +87,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """How often each stage's library function really ran (cache hits do not call them)."""
+    import dapt_core.clean as clean_pkg
+    import dapt_core.ingest as ingest
+    import dapt_core.pack as pack
+    import dapt_core.tokenizer_ext as tokenizer_ext
+    import tasks.cpt
+
+    calls = {"ingest": 0, "clean": 0, "tokenizer": 0, "pack": 0, "cpt": 0}
+    targets = [
+        ("ingest", ingest, "ingest_file"), ("clean", clean_pkg, "clean_corpus"), ("tokenizer", tokenizer_ext, "extend"),
+        ("pack", pack, "pack_corpus"), ("cpt", tasks.cpt, "run_attempt"),
+    ]
+    for name, module, attr in targets:
+        real = getattr(module, attr)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(module, attr, counted)
+    return calls
