@@ -56,6 +56,15 @@ def load_model(cfg: ModelConfig, dtype=None):
     return model
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of encoded text (Llama 2/3 do; GPT-2/SmolLM/Qwen do not): packing and
+    SFT follow the tokenizer's own convention."""
+    bos = tokenizer.bos_token_id
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
+
+
 def load_from_dir(path: str | Path, dtype=None):
     """Model and tokenizer saved by a dapt stage (safetensors)."""
     import torch

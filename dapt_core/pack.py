@@ -81,6 +81,7 @@ import numpy as np
 import xxhash
 
 from dapt_core import split
+from dapt_core.model import adds_bos
 
 if TYPE_CHECKING:
     from dapt_core.config import MixConfig
@@ -137,10 +138,8 @@ def _token_spec(tokenizer_dir: Path, tmp: Path, separator: str | None) -> tuple[
         tok.eos_token = separator
     if tok.eos_token_id is None:
         raise PackError(f"{tokenizer_dir}: the tokenizer has no eos_token; set mix.document_separator to separate documents")
-    with_special = tok("x", add_special_tokens=True)["input_ids"]
-    plain = tok("x", add_special_tokens=False)["input_ids"]
     bos = tok.bos_token_id
-    add_bos = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
+    add_bos = adds_bos(tok)
     info = {
         "eos_token": tok.eos_token,
         "eos_id": int(tok.eos_token_id),

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from dapt_core.config import SftConfig
+from dapt_core.model import adds_bos
 from dapt_core.split import heldout_bucket, heldout_fraction
 from dapt_core.train import TrainResult, distributed, merge_lora, train
 
@@ -142,18 +143,12 @@ def split_examples(examples: Sequence[Example], fraction: float, max_heldout: in
 
 
 # --------------------------------------------------------------------------------------------------- tokenising
-def _starts_with_bos(tokenizer) -> bool:
-    """The tokenizer's own convention (as in dapt_core/pack.py): Llama puts BOS in front of text, GPT-2/Qwen do not."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
-
-
 def _plain(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
     """`prompt + "\\n" + response + eos` (a conversation's context: its contents, one per line), prompt and response
     tokenised apart, as a caller would prompt the model."""
     prompt = "\n".join(content for _, content in ex.context) + "\n"
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if _starts_with_bos(tokenizer):
+    if adds_bos(tokenizer):
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
