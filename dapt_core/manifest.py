@@ -86,6 +86,10 @@ class CleanManifest(BaseModel):
     kept_docs: int
     dropped: dict[str, int] = Field(description="Dropped documents per reason; input_docs == kept_docs + sum(dropped).")
     sources: list[SourceStats]
+    quarantined: list[QuarantineRecord] = Field(
+        default_factory=list,
+        description="Every quarantined training input (a file refused at discovery, a line, a record) with where and why.",
+    )
     code_version: str
 
 
