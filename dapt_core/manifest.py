@@ -13,7 +13,7 @@ class ArtifactRef(BaseModel):
     """An object in the artifact store, with the sha256 that is verified on every read."""
 
     uri: str
-    sha256: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # also names cached copies: hex only, never a path
     bytes: int
 
 

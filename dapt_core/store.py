@@ -102,14 +102,33 @@ class ArtifactStore(ABC):
         }
         return DirRef(uri=self.uri(key), files=files)
 
+    def key_of(self, uri: str) -> str:
+        """The key of an object of this store from its uri; UnsafeKeyError for a uri outside the store. Refs come from
+        manifests, and a manifest read from the store may only name the store's own objects."""
+        root = self.root.rstrip("/") + "/"
+        key = uri[len(root) :] if uri.startswith(root) else ""
+        if not key or self.uri(check_key(key)) != uri:
+            raise UnsafeKeyError(f"{uri!r} refused: not an object of the store {self.root}; a manifest names only its store's objects")
+        return key
+
+    def checked_files(self, ref: DirRef) -> dict[str, ArtifactRef]:
+        """The files of `ref` after checking that each one is `<ref's key>/<name>` in this store (UnsafeKeyError if not),
+        so no name can place a file outside the directory."""
+        key = self.key_of(ref.uri)
+        for name, f in ref.files.items():
+            if f.uri != self.uri(f"{key}/{check_key(name)}"):
+                raise UnsafeKeyError(f"{f.uri!r} refused: listed as {name!r} of {ref.uri}, which is not where it lives")
+        return ref.files
+
     def local_dir(self, ref: DirRef) -> Path:
         """A verified local directory holding the files of `ref` (in place locally, a cached copy for S3)."""
-        for f in ref.files.values():
+        for f in self.checked_files(ref).values():
             self.local_path(f)
         return Path(ref.uri)
 
     def local_path(self, ref: ArtifactRef) -> Path:
         """A verified local file holding the artifact (the file itself locally, a cached copy for S3)."""
+        self.key_of(ref.uri)
         path = self._local_copy(ref)
         actual = sha256_file(path)
         if actual != ref.sha256 and self._drop_cached(path):
@@ -249,7 +268,7 @@ class S3Store(ArtifactStore):
 
     def local_dir(self, ref: DirRef) -> Path:
         dest = self.cache_dir / "dirs" / ref.sha256
-        for name, f in ref.files.items():
+        for name, f in self.checked_files(ref).items():
             target = dest / name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
