@@ -38,7 +38,7 @@ from dapt_core.config import EvalConfig, TrainConfig
 from dapt_core.evaluate import Decision, EvalResult, ForgettingPolicy, evaluate, write_report
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model import load_from_dir
-from dapt_core.store import ArtifactStore, IntegrityError, UnsafeKeyError, check_key, open_store
+from dapt_core.store import ArtifactStore, IntegrityError, UnsafeKeyError, open_store
 
 log = logging.getLogger("dapt.cpt")
 
@@ -177,15 +177,13 @@ def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
             raise refuse(f"step {entry.step} follows step {last_step}")
         if rows and not rows[-1]["accepted"]:
             raise refuse(f"step {entry.step} follows the rejected step {last_step}, where training stops")
-        own = f"{prefix}/checkpoints/{train_mod.CHECKPOINT_PREFIX}{entry.step}"
+        own = store.uri(f"{prefix}/checkpoints/{train_mod.CHECKPOINT_PREFIX}{entry.step}")
+        if entry.checkpoint.uri != own:
+            raise refuse(f"the checkpoint of step {entry.step} is not this attempt's {own}")
         try:
-            foreign = entry.checkpoint.uri != store.uri(own) or any(
-                ref.uri != store.uri(f"{own}/{check_key(name)}") for name, ref in entry.checkpoint.files.items()
-            )
+            store.checked_files(entry.checkpoint)  # and each of its files lives in it, under a plain name
         except UnsafeKeyError as e:
             raise refuse(str(e)) from None
-        if foreign:
-            raise refuse(f"the checkpoint of step {entry.step} is not this attempt's {store.uri(own)}")
         rows.append(row)
         last_step = entry.step
     return rows
