@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, the field and what to do."""
+
+
+# Names that become part of store keys (runs/<project>/..., ingest/<kind>/<source>/...): a letter or digit, then
+# letters, digits, '_', '.', '-'; never '..', so no name can lead out of the store.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+def _no_parent_reference(name: str) -> str:
+    if ".." in name:
+        raise ValueError(f"must not contain '..' (names become part of store paths); got {name!r}")
+    return name
+
+
+StoreName = Annotated[str, Field(pattern=NAME_PATTERN), AfterValidator(_no_parent_reference)]
 
 
 class _Section(BaseModel):
@@ -25,7 +39,10 @@ class _Section(BaseModel):
 class SourceConfig(_Section):
     """One named corpus: local paths/globs and/or s3:// prefixes."""
 
-    name: str = Field(description="Source name, kept as lineage on every document (e.g. 'pubmed').", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: StoreName = Field(
+        description="Source name, kept as lineage on every document and part of store keys (e.g. 'pubmed'): a letter or "
+        "digit, then letters, digits, '_', '.', '-' (no '..')."
+    )
     paths: list[str] = Field(min_length=1, description="Files, directories, globs (**/*.txt) or s3://bucket/prefix.")
     text_field: str = Field("text", description="Field holding the text in .jsonl/.json/.parquet inputs.")
 
@@ -299,7 +316,9 @@ class DeployConfig(_Section):
 
 
 class DaptConfig(_Section):
-    project: str = Field("dapt", description="Run name used in artifact paths and Prefect.")
+    project: StoreName = Field(
+        "dapt", description="Run name used in artifact paths and Prefect: a letter or digit, then letters, digits, '_', '.', '-' (no '..')."
+    )
     store: str = Field("./dapt-artifacts", description="Artifact store: a local directory or s3://bucket/prefix.")
     data: DataConfig
     ingest: IngestConfig = Field(default_factory=IngestConfig)

@@ -8,6 +8,12 @@
 * **Crash safety.** After every checkpoint, `<prefix>/journal.json` in the store lists the decisions so far and the
   uploaded checkpoints (weights, optimizer, scheduler, RNG, data position). Running the same attempt again (a Prefect
   retry, a fresh worker) downloads the last checkpoint and resumes exactly from it, keeping the earlier decisions.
+* **The journal is verified before it is trusted** (`read_journal`): it names its attempt (the prefix, which holds
+  the attempt's content key), each entry carries `chain` = sha256(previous chain + canonical JSON of the entry),
+  starting from a hash of the format and the prefix, steps increase and nothing follows a rejection, and every
+  checkpoint it lists must be this attempt's own `<prefix>/checkpoints/checkpoint-<step>/...`. The checkpoint resumed
+  from is downloaded and each file checked against its recorded sha256; its state files are read as plain data only
+  (dapt_core/train.py `load_state`). A journal failing any check is refused (`JournalError`), never partly used.
 * **Multi-GPU.** `python -m torch.distributed.run --nproc_per_node N -m dapt_core.cpt spec.json result.json` runs the
   same attempt with DDP (dapt_core/train.py); rank 0 evaluates, uploads and writes the result.
 
@@ -16,21 +22,23 @@ Plain Python: the Prefect task (tasks/cpt.py) calls `run_attempt` in-process or 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dapt_core import train as train_mod
 from dapt_core.config import EvalConfig, TrainConfig
 from dapt_core.evaluate import Decision, EvalResult, ForgettingPolicy, evaluate, write_report
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model import load_from_dir
-from dapt_core.store import ArtifactStore, open_store
+from dapt_core.store import ArtifactStore, IntegrityError, UnsafeKeyError, open_store
 
 log = logging.getLogger("dapt.cpt")
 
@@ -89,6 +97,98 @@ def _decision_row(step: int, result: EvalResult, decision: Decision, checkpoint:
     }
 
 
+JOURNAL_FORMAT = "dapt-cpt-journal/1"
+
+
+class JournalError(IntegrityError):
+    """A resume journal that fails verification: refused, never trusted."""
+
+
+class JournalEntry(BaseModel):
+    """One judged checkpoint, as `_decision_row` writes it, with its link in the hash chain."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=1)
+    accepted: bool
+    reasons: list[str]
+    numbers: dict[str, float]
+    metrics: dict[str, float]
+    backend: str
+    checkpoint: DirRef
+    chain: str
+
+
+class Journal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["dapt-cpt-journal/1"]
+    attempt: str = Field(description="The attempt's store prefix (cpt/<content key>) the journal belongs to.")
+    entries: list[JournalEntry]
+
+
+def _journal_key(prefix: str) -> str:
+    return f"{prefix}/journal.json"
+
+
+def _chain(previous: str, row: dict) -> str:
+    canonical = json.dumps(row, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{previous}\n{canonical}".encode()).hexdigest()
+
+
+def journal_text(rows: list[dict], prefix: str) -> str:
+    """The journal of `rows` (decision rows, oldest first) for the attempt at `prefix`, each entry chained."""
+    chain = _chain(JOURNAL_FORMAT, {"attempt": prefix})
+    entries = []
+    for row in rows:
+        chain = _chain(chain, json.loads(json.dumps(row)))  # hash what a reader will parse back
+        entries.append({**row, "chain": chain})
+    return json.dumps({"format": JOURNAL_FORMAT, "attempt": prefix, "entries": entries}, indent=1)
+
+
+def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
+    """The decision rows of the attempt at `prefix` (none when it has no journal yet), after verifying the journal
+    (see module docstring); JournalError naming the journal and what to do when any check fails."""
+    key = _journal_key(prefix)
+    if not store.exists(key):
+        return []
+
+    def refuse(problem: str) -> JournalError:
+        return JournalError(
+            f"{store.uri(key)}: the resume journal of CPT attempt {prefix} fails verification ({problem}); it was changed "
+            f"or damaged after it was written and is not trusted. Delete {store.uri(prefix)} (the whole attempt) to run "
+            "this attempt again from its start."
+        )
+
+    try:
+        raw = json.loads(store.read_key(key))
+        journal = Journal.model_validate(raw)
+    except (ValueError, ValidationError) as e:  # json's and UnicodeDecodeError are ValueErrors
+        raise refuse(f"not a {JOURNAL_FORMAT} document: {str(e).splitlines()[0][:200]}") from None
+    if journal.attempt != prefix:
+        raise refuse(f"it belongs to attempt {journal.attempt!r}")
+    chain, rows, last_step = _chain(JOURNAL_FORMAT, {"attempt": prefix}), [], 0
+    for entry, raw_entry in zip(journal.entries, raw["entries"]):
+        row = {k: v for k, v in raw_entry.items() if k != "chain"}
+        chain = _chain(chain, row)
+        if entry.chain != chain:
+            raise refuse(f"the hash chain breaks at step {entry.step}")
+        if entry.step <= last_step:
+            raise refuse(f"step {entry.step} follows step {last_step}")
+        if rows and not rows[-1]["accepted"]:
+            raise refuse(f"step {entry.step} follows the rejected step {last_step}, where training stops")
+        own = store.uri(f"{prefix}/checkpoints/{train_mod.CHECKPOINT_PREFIX}{entry.step}")
+        if entry.checkpoint.uri != own:
+            raise refuse(f"the checkpoint of step {entry.step} is not this attempt's {own}")
+        try:
+            store.checked_files(entry.checkpoint)  # and each of its files lives in it, under a plain name
+        except UnsafeKeyError as e:
+            raise refuse(str(e)) from None
+        rows.append(row)
+        last_step = entry.step
+    return rows
+
+
 def _restore(rows: list[dict]) -> list[tuple[int, EvalResult, Decision]]:
     return [
         (r["step"], EvalResult(metrics=r["metrics"], backend=r["backend"]), Decision(r["accepted"], r["reasons"], r["numbers"]))
@@ -112,9 +212,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
     policy = ForgettingPolicy.from_config(spec.eval)
     base = EvalResult(metrics=dict(spec.base_metrics), backend=spec.eval_backend)
     train_dir = workdir / "train"
-    journal_key = f"{spec.prefix}/journal.json"
-
-    rows: list[dict] = json.loads(store.read_key(journal_key)) if store.exists(journal_key) else []
+    rows = read_journal(store, spec.prefix)
     stopped = not all(r["accepted"] for r in rows)  # an earlier run of this attempt already stopped at a rejection
     if dist.main and not stopped:
         judged = rows[-1]["step"] if rows else 0
@@ -153,7 +251,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
             tb.add_scalar("eval/accepted", float(decision.accepted), step)
             tb.flush()
             tensorboard_ref = store.put_dir(train_dir / "tensorboard", f"{spec.prefix}/tensorboard")
-        store.put_text(json.dumps(rows, indent=1), journal_key)  # last: a journal entry means the checkpoint is safe
+        store.put_text(journal_text(rows, spec.prefix), _journal_key(spec.prefix))  # last: an entry means the checkpoint is safe
         return decision.accepted
 
     if not stopped:

@@ -13,7 +13,7 @@ class ArtifactRef(BaseModel):
     """An object in the artifact store, with the sha256 that is verified on every read."""
 
     uri: str
-    sha256: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # also names cached copies: hex only, never a path
     bytes: int
 
 
@@ -86,6 +86,10 @@ class CleanManifest(BaseModel):
     kept_docs: int
     dropped: dict[str, int] = Field(description="Dropped documents per reason; input_docs == kept_docs + sum(dropped).")
     sources: list[SourceStats]
+    quarantined: list[QuarantineRecord] = Field(
+        default_factory=list,
+        description="Every quarantined training input (a file refused at discovery, a line, a record) with where and why.",
+    )
     code_version: str
 
 

@@ -2,7 +2,10 @@
 
 Every write is atomic (a crashed write leaves no partial object visible: a temp file renamed into
 place locally, a single PUT or completed multipart upload on S3) and returns an `ArtifactRef` with the
-object's sha256, which every read verifies. S3 endpoint and credentials come from the standard AWS
+object's sha256, which every read verifies. Keys are checked before use (`check_key`): a key that is absolute or
+has empty, '.' or '..' segments, a backslash or a NUL is refused with `UnsafeKeyError`, so no name from a config or a
+manifest can address anything outside the store's root. Local files get the mode the umask allows (0666 & ~umask),
+so a team's store directory shared through a group stays readable by the group. S3 endpoint and credentials come from the standard AWS
 environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) and are never logged; transient S3
 errors are retried with exponential backoff by botocore's "standard" retry mode.
 """
@@ -21,6 +24,40 @@ from dapt_core.manifest import ArtifactRef, DirRef
 
 class IntegrityError(RuntimeError):
     """An artifact's bytes no longer match the sha256 recorded when it was written."""
+
+
+class UnsafeKeyError(ValueError):
+    """A store key that could address something outside the store's root."""
+
+
+def check_key(key: str) -> str:
+    """`key` itself when it is a relative '/'-separated path of plain segments; else UnsafeKeyError naming it."""
+    problem = None
+    if not isinstance(key, str) or not key:
+        problem = "it is empty"
+    elif "\0" in key or "\\" in key:
+        problem = "it contains a NUL or a backslash"
+    elif key.startswith("/"):
+        problem = "it is absolute"
+    elif any(segment in ("", ".", "..") for segment in key.split("/")):
+        problem = "it has an empty, '.' or '..' segment"
+    if problem:
+        raise UnsafeKeyError(
+            f"store key {key!r} refused: {problem}. Keys are '/'-separated names under the store root; check the "
+            "project and source names in the config (letters, digits, '_', '.', '-')."
+        )
+    return key
+
+
+def _file_mode() -> int:
+    """0666 minus the process umask: the mode `open()` would give a new file (mkstemp gives 0600)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)  # no procfs: read it by setting it, then put it back
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 class ArtifactStore(ABC):
@@ -65,14 +102,33 @@ class ArtifactStore(ABC):
         }
         return DirRef(uri=self.uri(key), files=files)
 
+    def key_of(self, uri: str) -> str:
+        """The key of an object of this store from its uri; UnsafeKeyError for a uri outside the store. Refs come from
+        manifests, and a manifest read from the store may only name the store's own objects."""
+        root = self.root.rstrip("/") + "/"
+        key = uri[len(root) :] if uri.startswith(root) else ""
+        if not key or self.uri(check_key(key)) != uri:
+            raise UnsafeKeyError(f"{uri!r} refused: not an object of the store {self.root}; a manifest names only its store's objects")
+        return key
+
+    def checked_files(self, ref: DirRef) -> dict[str, ArtifactRef]:
+        """The files of `ref` after checking that each one is `<ref's key>/<name>` in this store (UnsafeKeyError if not),
+        so no name can place a file outside the directory."""
+        key = self.key_of(ref.uri)
+        for name, f in ref.files.items():
+            if f.uri != self.uri(f"{key}/{check_key(name)}"):
+                raise UnsafeKeyError(f"{f.uri!r} refused: listed as {name!r} of {ref.uri}, which is not where it lives")
+        return ref.files
+
     def local_dir(self, ref: DirRef) -> Path:
         """A verified local directory holding the files of `ref` (in place locally, a cached copy for S3)."""
-        for f in ref.files.values():
+        for f in self.checked_files(ref).values():
             self.local_path(f)
         return Path(ref.uri)
 
     def local_path(self, ref: ArtifactRef) -> Path:
         """A verified local file holding the artifact (the file itself locally, a cached copy for S3)."""
+        self.key_of(ref.uri)
         path = self._local_copy(ref)
         actual = sha256_file(path)
         if actual != ref.sha256 and self._drop_cached(path):
@@ -104,13 +160,18 @@ class LocalStore(ArtifactStore):
         self.root = str(Path(root).expanduser().resolve())
 
     def uri(self, key: str) -> str:
-        return str(Path(self.root) / key)
+        path = Path(self.root) / check_key(key)
+        # A symlink inside the store must not lead out of it either.
+        if os.path.commonpath([self.root, os.path.realpath(path)]) != self.root:
+            raise UnsafeKeyError(f"store key {key!r} refused: it resolves outside the store root {self.root} (a symlink)")
+        return str(path)
 
     def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
         dest = Path(self.uri(key))
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
         try:
+            os.fchmod(fd, _file_mode())
             with os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
                 out.flush()
@@ -129,7 +190,7 @@ class LocalStore(ArtifactStore):
 
     def list(self, prefix: str = "") -> list[str]:
         root = Path(self.root)
-        base = root / prefix
+        base = Path(self.uri(prefix)) if prefix else root
         if not base.exists():
             return []
         files = [base] if base.is_file() else base.rglob("*")
@@ -154,6 +215,7 @@ class S3Store(ArtifactStore):
         return f"S3Store({self.root!r})"  # endpoint and credentials stay out of logs
 
     def _key(self, key: str) -> str:
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def uri(self, key: str) -> str:
@@ -180,7 +242,7 @@ class S3Store(ArtifactStore):
         return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self._key(prefix)
+        base = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
@@ -206,7 +268,7 @@ class S3Store(ArtifactStore):
 
     def local_dir(self, ref: DirRef) -> Path:
         dest = self.cache_dir / "dirs" / ref.sha256
-        for name, f in ref.files.items():
+        for name, f in self.checked_files(ref).items():
             target = dest / name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)

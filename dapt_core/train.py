@@ -26,7 +26,9 @@ In the style of a torchtune recipe, everything happens in `train()`, top to bott
 * **Checkpoints.** Every `save_every` steps and at the end, out_dir/checkpoint-<step>/ holds `model.safetensors`
   (all weights for `full`, the trainable weights for `lora`), `config.json` (full: the directory loads with
   `from_pretrained`), `optimizer.pt`, `scheduler.pt`, `rng.pt` (python, numpy, torch, cuda) and
-  `trainer_state.json` (step, epoch, index, loss history), written last. The directory is written under a
+  `trainer_state.json` (step, epoch, index, loss history), written last. The three .pt files hold plain data only
+  (tensors, numbers, lists, dicts) and are read with `torch.load(weights_only=True)` (`load_state`): a checkpoint
+  downloaded from a shared store is never unpickled. The directory is written under a
   temporary name and renamed into place, so a checkpoint that exists is complete. `on_checkpoint(step, path)`
   is called after each one (evaluate, upload...); when it returns False training stops there (a rejected checkpoint:
   roll back instead of training further).
@@ -262,18 +264,48 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, ints and floats only: resume reads it with torch.load(weights_only=True), so a
+    checkpoint from the store is data and never unpickled (python's and numpy's own state objects would need pickle)."""
+    version, mt, gauss_next = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state({
+        "bit_generator": "MT19937", "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+        "has_gauss": npy["has_gauss"], "gauss": npy["gauss"],
+    })
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(path: Path, map_location=None):
+    """A checkpoint's optimizer / scheduler / RNG state, read as plain data (weights_only=True: tensors, numbers,
+    strings, lists, dicts); a file that needs anything else is refused, never unpickled."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to load: it holds more than plain data (tensors, numbers, lists, dicts) "
+            f"({str(e).splitlines()[0][:200]}). It was changed after it was written or comes from an older dapt. "
+            f"Delete {path.parent} to resume from the checkpoint before it, or start the run afresh."
+        ) from None
 
 
 def _write_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, method: str, trainer_state: dict) -> Path:
@@ -437,9 +469,9 @@ def train(
         _, resumed_from = checkpoints[-1]
         state = json.loads((resumed_from / "trainer_state.json").read_text())
         load_weights(trained, resumed_from / "model.safetensors", cfg.method)
-        optimizer.load_state_dict(torch.load(resumed_from / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(resumed_from / "scheduler.pt", weights_only=True))
-        _set_rng_state(torch.load(resumed_from / "rng.pt", weights_only=False))
+        optimizer.load_state_dict(load_state(resumed_from / "optimizer.pt", map_location=device))
+        scheduler.load_state_dict(load_state(resumed_from / "scheduler.pt"))
+        _set_rng_state(load_state(resumed_from / "rng.pt"))
         if state.get("world_size", 1) != dist.world:
             raise ValueError(
                 f"{resumed_from} was written by {state.get('world_size', 1)} process(es) and this run has {dist.world}: "

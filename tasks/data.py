@@ -111,6 +111,7 @@ def clean_task(
             kept_docs=out.kept_docs,
             dropped=out.dropped,
             sources=out.sources,
+            quarantined=out.quarantined,
             code_version=CLEAN_CODE,
         )
 

@@ -256,8 +256,10 @@ def _mixed_corpus(tmp_path: Path) -> tuple[list[Path], list[Path], list[Quaranti
     pq.write_table(pa.table({"text": [prose(63)]}), eval_shard)
     shards = [write_shard(tmp_path / "d.parquet", domain, "papers"), write_shard(tmp_path / "g.parquet", general, "web", "general")]
     quarantined = [
-        QuarantineRecord(file="bad.jsonl", source="papers", kind="domain", position="line 3", reason="malformed_json"),
-        QuarantineRecord(file="bad.jsonl", source="papers", kind="domain", position="line 9", reason="malformed_json"),
+        QuarantineRecord(file="bad.jsonl", source="papers", kind="domain", position="line 3", reason="malformed_json",
+                         detail="Expecting ',' delimiter: line 1 column 9 (char 8)"),
+        QuarantineRecord(file="bad.jsonl", source="papers", kind="domain", position="line 10", reason="malformed_json",
+                         detail="Unterminated string | starting at: line 1 column 2"),
         QuarantineRecord(file="x.gz", source="web", kind="general", position="byte 10", reason="truncated_gzip"),
         QuarantineRecord(file="q.jsonl", source="bench", kind="eval", position="line 1", reason="malformed_json"),
     ]
@@ -297,6 +299,23 @@ def test_stats_content_and_markdown(tmp_path):
     md = out.stats_markdown
     json.dumps(out.stats)  # JSON-serialisable
     assert "UTF-8 bytes / 4" in md and "| papers | domain |" in md and "quarantine:truncated_gzip" in md
+
+
+def test_quarantine_details_reach_decisions_stats_and_report(tmp_path):
+    """Not only a reason code: where and what was wrong (the JSON error, a symlink's target) for each input."""
+    shards, evals, quarantined = _mixed_corpus(tmp_path)
+    out = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "work")
+    training = quarantined[:3]  # the eval set's quarantine is not a training input
+    assert out.quarantined == training
+    by_position = {(r["file"], r["position"]): r for r in decisions(out) if (r["reason"] or "").startswith("quarantine:")}
+    assert {k: r["detail"] for k, r in by_position.items()} == {(q.file, q.position): q.detail for q in training}
+    assert all(r["detail"] is None for r in decisions(out) if not (r["reason"] or "").startswith("quarantine:"))
+    listed = [(q["file"], q["position"], q["reason"], q["detail"]) for q in out.stats["quarantined"]]
+    assert listed == [(q.file, q.position, q.reason, q.detail) for q in training]  # domain first, line 3 before line 10
+    md = out.stats_markdown
+    assert "| papers | bad.jsonl | line 3 | malformed_json | Expecting ',' delimiter: line 1 column 9 (char 8) |" in md
+    assert "Unterminated string \\| starting at" in md  # a '|' in a detail cannot break the table
+    assert "| web | x.gz | byte 10 | truncated_gzip |  |" in md
 
 
 def test_two_runs_give_identical_outputs(tmp_path):

@@ -32,6 +32,11 @@ def test_example_config_is_valid_and_paths_resolve():
         ("data: {domain: [{name: a, paths: [x]}]}\nmix: {general_fraction: 1.5}", "mix.general_fraction: Input should be less than 1"),
         ("data: {domain: [{name: a, paths: [x]}]}\nclean: {quality: {min_wrds: 3}}", "clean.quality.min_wrds: Extra inputs are not permitted"),
         ("data: {domain: [{name: 'bad name!', paths: [x]}]}", "data.domain.0.name: String should match pattern"),
+        # Names become store keys (runs/<project>/..., ingest/<kind>/<source>/...): nothing may lead out of the store.
+        ("project: ../../x\ndata: {domain: [{name: a, paths: [x]}]}", "project: String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]"),
+        ("project: /etc\ndata: {domain: [{name: a, paths: [x]}]}", "project: String should match pattern"),
+        ("data: {domain: [{name: a, paths: [x]}], general: [{name: '..', paths: [y]}]}", "data.general.0.name: String should match pattern"),
+        ("data: {domain: [{name: 'a..b', paths: [x]}]}", "data.domain.0.name: Value error, must not contain '..'"),
         ("data: {domain: [{name: a, paths: [x]}], general: [{name: a, paths: [y]}]}", "source names must be unique"),
         ("store: gs://bucket\ndata: {domain: [{name: a, paths: [x]}]}", "store: Value error, store must be a local directory or s3://"),
         ("project: x", "data: Field required"),

@@ -4,6 +4,8 @@ the store (S3, LoRA), and the torchrun / DDP launch path against a single proces
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors.torch import load_file
 
 import dapt_core.cpt as cpt
 from dapt_core.config import load_config
-from dapt_core.cpt import AttemptSpec, run_attempt
+from dapt_core.cpt import AttemptSpec, JournalError, journal_text, read_journal, run_attempt
 from dapt_core.store import open_store
 from flows.training_data import training_data_flow
 from tasks.cpt import CPT_CODE, _torchrun, base_eval_task
@@ -85,8 +87,7 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
     with pytest.raises(RuntimeError, match="worker lost"):
         run_attempt(spec, tmp_path / "work-b")
     store = open_store(cfg.store)
-    journal = json.loads(store.read_key("cpt/crashed/journal.json"))
-    assert [r["step"] for r in journal] == [10]
+    assert [r["step"] for r in read_journal(store, "cpt/crashed")] == [10]
 
     monkeypatch.setattr(cpt, "run_eval", real_eval)
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-c"))  # a fresh worker: nothing local
@@ -144,3 +145,108 @@ def test_ewc_attempt_estimates_its_fisher_on_the_general_sample(prefect_harness,
     assert result.decisions and len(seen) == 1 and seen[0]
     assert all(len(s) == SEQ for s in seen[0])
     assert histories[0].history[-1]["ewc"] > 0  # the penalty is active once the weights moved
+
+
+# ------------------------------------------------------------------------------------- the journal is verified
+class _Payload:
+    """What a writer of the store could plant in a checkpoint: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _journal(store, prefix: str) -> dict:
+    return json.loads(store.read_key(f"{prefix}/journal.json"))
+
+
+def test_poisoned_journal_and_rng_file_are_refused_and_run_no_code(prefect_harness, corpus, tmp_path):
+    """A writer of the store plants a pickle payload as rng.pt of the attempt's first checkpoint and a journal saying
+    the attempt crashed after it. Edited by hand (chain broken), pointing at a checkpoint elsewhere, or even re-chained
+    correctly (the chain algorithm is public): the resume refuses with one clear error and the payload never runs."""
+    root, dirs, base = corpus
+    train = "{lr: 1e-4, max_steps: 4, save_every: 2, batch_size: 8, report_to: []}"
+    cfg, data, base_metrics = _data(root, dirs, base, str(tmp_path / "store"), train)
+    spec = _spec(cfg, data, base_metrics, "cpt/poisoned")
+    run_attempt(spec, tmp_path / "work-honest")
+    store = open_store(cfg.store)
+    rows = read_journal(store, spec.prefix)
+    assert [r["step"] for r in rows] == [2, 4]
+
+    marker = tmp_path / "code-ran"
+    checkpoint = Path(store.uri(f"{spec.prefix}/checkpoints/checkpoint-2"))
+    torch.save({"torch": _Payload(marker)}, checkpoint / "rng.pt")
+    first = json.loads(json.dumps(rows[0]))
+    first["checkpoint"]["files"]["rng.pt"] = store.put_file(checkpoint / "rng.pt", f"{spec.prefix}/checkpoints/checkpoint-2/rng.pt").model_dump()
+    journal_key = f"{spec.prefix}/journal.json"
+
+    # 1. The journal edited by hand (the crash after step 2, the new rng.pt hash): the chain breaks.
+    edited = _journal(store, spec.prefix)
+    edited["entries"] = [{**first, "chain": edited["entries"][0]["chain"]}]
+    store.put_text(json.dumps(edited), journal_key)
+    with pytest.raises(JournalError) as err:
+        run_attempt(spec, tmp_path / "work-1")
+    message = str(err.value)
+    assert store.uri(journal_key) in message and "hash chain breaks at step 2" in message
+    assert f"Delete {store.uri(spec.prefix)}" in message
+
+    # 2. Re-chained, but its checkpoint is another attempt's (or any path on the worker): not this attempt's.
+    elsewhere = json.loads(json.dumps(first))
+    elsewhere["checkpoint"]["uri"] = store.uri("cpt/other/checkpoints/checkpoint-2")
+    store.put_text(journal_text([elsewhere], spec.prefix), journal_key)
+    with pytest.raises(JournalError, match="not this attempt's"):
+        run_attempt(spec, tmp_path / "work-2")
+    store.put_text(journal_text([first], "cpt/other"), journal_key)  # a journal copied from another attempt
+    with pytest.raises(JournalError, match="belongs to attempt 'cpt/other'"):
+        run_attempt(spec, tmp_path / "work-3")
+
+    # 3. Re-chained correctly: the journal is accepted, but rng.pt is read as plain data only and refused.
+    store.put_text(journal_text([first], spec.prefix), journal_key)
+    with pytest.raises(ValueError, match="rng.pt: refused to load: it holds more than plain data"):
+        run_attempt(spec, tmp_path / "work-4")
+    assert not marker.exists()  # no payload ran, at any stage
+
+
+def _checkpoint_rows(store, prefix: str, tmp_path: Path) -> list[dict]:
+    rows = []
+    for step in (2, 4):
+        local = tmp_path / f"checkpoint-{step}"
+        local.mkdir()
+        (local / "model.safetensors").write_bytes(b"weights %d" % step)
+        ref = store.put_dir(local, f"{prefix}/checkpoints/checkpoint-{step}")
+        rows.append({
+            "step": step, "accepted": step == 2, "reasons": [] if step == 2 else ["general ppl +20%"], "numbers": {"x": 0.1},
+            "metrics": {"general/word_perplexity": 10.0 + step}, "backend": "native", "checkpoint": ref.model_dump(mode="json"),
+        })
+    return rows
+
+
+def test_journal_round_trip_and_tampering(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    prefix = "cpt/abc"
+    assert read_journal(store, prefix) == []
+    rows = _checkpoint_rows(store, prefix, tmp_path)
+    key = f"{prefix}/journal.json"
+    store.put_text(journal_text(rows, prefix), key)
+    assert read_journal(store, prefix) == rows
+
+    def refused(doc, match: str) -> None:
+        store.put_text(doc if isinstance(doc, str) else json.dumps(doc), key)
+        with pytest.raises(JournalError, match=match):
+            read_journal(store, prefix)
+
+    good = json.loads(journal_text(rows, prefix))
+    flipped = json.loads(json.dumps(good))
+    flipped["entries"][1]["accepted"] = True  # a rejection turned into an acceptance
+    refused(flipped, "hash chain breaks at step 4")
+    refused({**good, "entries": good["entries"][::-1]}, "hash chain breaks at step 4")  # reordered
+    refused({**good, "entries": good["entries"][1:]}, "hash chain breaks at step 4")  # first entry dropped
+    refused(journal_text([rows[1], rows[0]], prefix), "step 2 follows step 4")
+    refused(journal_text([{**rows[0], "accepted": False}, rows[1]], prefix), "follows the rejected step 2")
+    refused(rows, "not a dapt-cpt-journal/1 document")  # the old, unchained format
+    refused("{not json", "not a dapt-cpt-journal/1 document")
+    outside = json.loads(json.dumps(rows[0]))
+    outside["checkpoint"]["files"] = {"../../../etc/passwd": outside["checkpoint"]["files"]["model.safetensors"]}
+    refused(journal_text([outside], prefix), "store key '../../../etc/passwd' refused")

@@ -44,17 +44,31 @@ def test_prepare_accounts_for_every_document(prefect_harness, tmp_path, counters
     with open(dirs["general"] / "general.jsonl", "a") as f:
         f.write("{not json\n")
         f.write(json.dumps({"text": prose(4242, "general") + " " + EVAL_QUESTION}) + "\n")
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text(prose(7, "domain"))
+    (dirs["domain"] / "escape.txt").symlink_to(secret)  # refused at discovery: outside the input root
 
     result = prepare_flow(load_config(write_config(tmp_path, dirs)))
     cm = result.clean
     assert cm.input_docs == cm.kept_docs + sum(cm.dropped.values())
-    assert cm.input_docs == 12 + 2 + 6 + 2  # generated docs + dup + short + malformed + contaminated
-    assert cm.dropped == {"exact_duplicate": 1, "quality:min_words": 1, "quarantine:malformed_json": 1, "decontaminated": 1}
+    assert cm.input_docs == 12 + 2 + 6 + 2 + 1  # generated docs + dup + short + malformed + contaminated + symlink
+    assert cm.dropped == {
+        "exact_duplicate": 1, "quality:min_words": 1, "quarantine:malformed_json": 1, "decontaminated": 1,
+        "quarantine:symlink_outside_root": 1,
+    }
+    # Each quarantined input's details, not only its reason, are in the manifest and the stats report.
+    details = {(q.reason, q.position): q.detail for q in cm.quarantined}
+    assert details.keys() == {("symlink_outside_root", "file"), ("malformed_json", "line 7")}
+    assert f"links to {secret}" in details["symlink_outside_root", "file"]
+    assert "Expecting property name" in details["malformed_json", "line 7"]
     for s in cm.sources:
         assert s.input_docs == s.kept_docs + sum(s.dropped.values())
     store = open_store(str(tmp_path / "store"))
     assert "exact_duplicate" in store.read_text(cm.stats_md)
-    assert json.loads(store.read_text(cm.stats_json))
+    assert f"links to {secret}" in store.read_text(cm.stats_md)
+    stats = json.loads(store.read_text(cm.stats_json))
+    assert {(q["file"], q["detail"]) for q in stats["quarantined"]} == {(q.file, q.detail) for q in cm.quarantined}
     assert len(counters["ingest"]) == 11 and counters["clean"] == 1  # 10 training files + 1 eval file
 
 

@@ -8,10 +8,17 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import os
+
 import boto3
 import pytest
 
-from dapt_core.store import IntegrityError, LocalStore, S3Store, open_store
+from dapt_core.hashing import sha256_file
+from dapt_core.manifest import ArtifactRef, DirRef
+from dapt_core.plan import latest_prepare_key
+from dapt_core.store import IntegrityError, LocalStore, S3Store, UnsafeKeyError, open_store
+
+UNSAFE_KEYS = ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "a\\..\\b", "a\0b", latest_prepare_key("../../x")]
 
 
 def test_local_roundtrip_and_listing(tmp_path):
@@ -38,6 +45,68 @@ def test_local_crashed_write_leaves_nothing_visible(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert store.read_text(old) == "old version"
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["obj.txt"]  # no .partial left behind
+
+
+@pytest.mark.parametrize("key", UNSAFE_KEYS)
+def test_local_store_refuses_keys_outside_its_root(tmp_path, key):
+    root = tmp_path / "team" / "store"
+    store = LocalStore(root)
+    for op in (lambda: store.put_text("pwned", key), lambda: store.exists(key), lambda: store.read_key(key), lambda: store.list(key)):
+        with pytest.raises(UnsafeKeyError, match="refused") as err:
+            op()
+        assert repr(key) in str(err.value)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written anywhere
+    with pytest.raises(UnsafeKeyError, match="empty"):
+        store.put_text("pwned", "")
+
+
+def test_local_store_refuses_a_symlink_out_of_its_root(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    store.put_text("ok", "runs/keep.txt")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "store" / "runs" / "link").symlink_to(outside)
+    with pytest.raises(UnsafeKeyError, match="outside the store root"):
+        store.put_text("pwned", "runs/link/x.txt")
+    assert list(outside.iterdir()) == []
+
+
+def test_refs_outside_the_store_are_refused(tmp_path):
+    """A manifest read from the store names objects by uri: one naming any other file (with its right hash) is refused."""
+    store = LocalStore(tmp_path / "store")
+    secret = tmp_path / "home" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("private")
+    outside = ArtifactRef(uri=str(secret), sha256=sha256_file(secret), bytes=7)
+    with pytest.raises(UnsafeKeyError, match="not an object of the store"):
+        store.local_path(outside)
+    ref = store.put_dir(_dir(tmp_path / "m", {"model.safetensors": b"w"}), "models/m")
+    renamed = DirRef(uri=ref.uri, files={"../../../home/secret.txt": ref.files["model.safetensors"]})
+    with pytest.raises(UnsafeKeyError, match="refused"):
+        store.local_dir(renamed)
+    with pytest.raises(ValueError, match="String should match pattern"):  # a sha256 also names cached copies
+        ArtifactRef(uri=store.uri("x"), sha256="../../x", bytes=1)
+
+
+def _dir(path: Path, files: dict[str, bytes]) -> Path:
+    path.mkdir(parents=True)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return path
+
+
+def test_local_store_files_follow_the_umask(tmp_path):
+    """mkstemp creates 0600 files; a store shared by a team's group must get what the umask allows."""
+    store = LocalStore(tmp_path / "store")
+    old = os.umask(0o002)
+    try:
+        shared = Path(store.put_text("x", "a/shared.txt").uri)
+        os.umask(0o077)
+        private = Path(store.put_text("x", "a/private.txt").uri)
+    finally:
+        os.umask(old)
+    assert shared.stat().st_mode & 0o777 == 0o664
+    assert private.stat().st_mode & 0o777 == 0o600
 
 
 def test_local_read_detects_tampering(tmp_path):
@@ -74,6 +143,31 @@ def test_s3_roundtrip_verify_and_cache(s3_bucket, tmp_path):
     fresh = S3Store(f"s3://{s3_bucket}/runs", cache_dir=tmp_path / "cache2")
     with pytest.raises(IntegrityError):
         fresh.local_path(ref)
+
+
+def test_s3_store_refuses_unsafe_keys(s3_bucket, tmp_path):
+    store = S3Store(f"s3://{s3_bucket}/runs", cache_dir=tmp_path / "cache")
+    for key in UNSAFE_KEYS:
+        for op in (lambda: store.put_text("pwned", key), lambda: store.exists(key), lambda: store.read_key(key), lambda: store.list(key)):
+            with pytest.raises(UnsafeKeyError, match="refused"):
+                op()
+    with pytest.raises(UnsafeKeyError, match="empty"):
+        store.put_text("pwned", "")
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)
+
+
+def test_s3_refs_outside_the_store_are_refused_and_write_nothing_outside_the_cache(s3_bucket, tmp_path):
+    store = S3Store(f"s3://{s3_bucket}/runs", cache_dir=tmp_path / "home" / ".cache" / "dapt")
+    ref = store.put_dir(_dir(tmp_path / "m", {"model.safetensors": b"w"}), "models/m")
+    other_bucket = ArtifactRef(uri="s3://elsewhere/runs/models/m/model.safetensors", sha256=ref.files["model.safetensors"].sha256, bytes=1)
+    with pytest.raises(UnsafeKeyError, match="not an object of the store"):
+        store.local_path(other_bucket)
+    # A file name that would place the download at ~/.bashrc instead of inside the cached directory.
+    escaping = DirRef(uri=ref.uri, files={"../../../../.bashrc": ref.files["model.safetensors"]})
+    with pytest.raises(UnsafeKeyError, match="refused"):
+        store.local_dir(escaping)
+    assert not (tmp_path / "home" / ".bashrc").exists()
+    assert (store.local_dir(ref) / "model.safetensors").read_bytes() == b"w"
 
 
 class _FlakyProxy(BaseHTTPRequestHandler):

@@ -137,6 +137,9 @@ def test_loss_decreases_with_grad_accum(tmp_path):
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.json"} <= {
         p.name for p in ckpt.iterdir()
     }
+    # Optimizer, scheduler and RNG state are plain data: loadable without unpickling anything.
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        assert torch.load(ckpt / name, weights_only=True)
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)
@@ -210,6 +213,29 @@ def test_exact_resume_after_sigkill(tmp_path):
         assert torch.allclose(a[n], b[n], rtol=1e-6, atol=1e-7), n
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in reference.history], rel=1e-6)
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], tiny_llama(VOCAB).state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+class _Payload:
+    """What a writer of the store could plant in a checkpoint: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("planted", ["rng.pt", "optimizer.pt", "scheduler.pt"])
+def test_resume_refuses_a_pickle_payload_in_checkpoint_state(tmp_path, planted):
+    shards = write_shards(tmp_path / "d", [general_seq(np.random.default_rng(i)) for i in range(16)])
+    cfg = _cfg(max_steps=4, save_every=2)
+    train(tiny_llama(VOCAB), shards, cfg.model_copy(update={"max_steps": 2}), tmp_path / "out")
+    marker = tmp_path / "code-ran"
+    torch.save({"torch": _Payload(marker)}, tmp_path / "out" / "checkpoint-2" / planted)
+    with pytest.raises(ValueError, match=f"checkpoint-2/{planted}: refused to load: it holds more than plain data") as err:
+        train(tiny_llama(VOCAB), shards, cfg, tmp_path / "out")
+    assert "Delete" in str(err.value)
+    assert not marker.exists()  # the payload never ran
 
 
 # ------------------------------------------------------------------------------------ block-diagonal attention

@@ -40,7 +40,7 @@ _DOCS = pa.schema(
     + [("words", pa.int64()), ("bytes", pa.int64()), ("text_hash", pa.binary(16)), ("filter_reason", pa.string())]
 )
 _BANDS = pa.schema([("seq", pa.int64()), ("band", pa.int32()), ("key", pa.uint64())])
-_QUARANTINE = pa.schema([(c, pa.string()) for c in ("source", "kind", "file", "position", "reason")])
+_QUARANTINE = pa.schema([(c, pa.string()) for c in ("source", "kind", "file", "position", "reason", "detail")])
 _ROW_GROUP_BYTES = 32 << 20  # output row groups of ~32 MiB of text bound the writer's buffers
 
 
@@ -52,13 +52,16 @@ class CleanOutput:
     """Kept general documents, same schema; None if none."""
     decisions_path: Path
     """One row per input document: doc_id, source, kind, file, position, status ('kept'|'dropped'),
-    reason (null when kept), duplicate_of (doc_id or null), cluster_id (int or null)."""
+    reason (null when kept), duplicate_of (doc_id or null), cluster_id (int or null), detail (what was wrong with a
+    quarantined input, e.g. a symlink's target or the JSON error; null otherwise)."""
     stats: dict
     stats_markdown: str
     input_docs: int
     kept_docs: int
     dropped: dict[str, int]
     sources: list[SourceStats]
+    quarantined: list[QuarantineRecord]
+    """The quarantined training inputs (domain, general), with their details."""
 
 
 def clean_corpus(
@@ -86,10 +89,11 @@ def clean_corpus(
             SELECT * EXCLUDE (text), row_number() OVER (ORDER BY kind = 'general', source, file, seq) AS rank
             FROM read_parquet({literal(docs)})""")
         find_duplicates(con, cfg.dedup, signatures, bands)
-        _decide(con, [q for q in quarantined if q.kind in _TRAINING_KINDS])
+        training_quarantined = [q for q in quarantined if q.kind in _TRAINING_KINDS]
+        _decide(con, training_quarantined)
         decisions = workdir / "decisions.parquet"
         con.execute(f"""
-            COPY (SELECT doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id
+            COPY (SELECT doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id, detail
                   FROM decided ORDER BY kind = 'general', source, file, seq NULLS LAST, position)
             TO {literal(decisions)} (FORMAT parquet, COMPRESSION zstd)""")
         kept = _write_kept(con, docs, scratch / "kept_flags.parquet", workdir)
@@ -109,6 +113,7 @@ def clean_corpus(
         kept_docs=total["kept_docs"],
         dropped=total["dropped"],
         sources=source_stats(stats),
+        quarantined=training_quarantined,
     )
 
 
@@ -193,13 +198,14 @@ def _decide(con: duckdb.DuckDBPyConnection, quarantined: list[QuarantineRecord])
             CASE WHEN coalesce(d.filter_reason, x.reason) IS NULL THEN 'kept' ELSE 'dropped' END AS status,
             coalesce(d.filter_reason, x.reason) AS reason,
             original.doc_id AS duplicate_of,
-            c.cluster_id
+            c.cluster_id,
+            NULL::VARCHAR AS detail
         FROM docs d
         LEFT JOIN duplicates x USING (seq)
         LEFT JOIN docs original ON original.seq = x.duplicate_of
         LEFT JOIN clusters c ON c.representative = x.representative
         UNION ALL BY NAME
-        SELECT source, kind, file, position, 'dropped' AS status, 'quarantine:' || reason AS reason
+        SELECT source, kind, file, position, 'dropped' AS status, 'quarantine:' || reason AS reason, detail
         FROM quarantine_in""")
     con.unregister("quarantine_in")
 

@@ -8,11 +8,12 @@ from dapt_core.manifest import SourceStats
 
 TOKEN_ESTIMATE = "kept UTF-8 bytes / 4 (no tokenizer involved)"
 _WORD_STATS = ("min", "p10", "p50", "p90", "max", "mean")
+MAX_QUARANTINE_ROWS = 200  # the Markdown report lists this many quarantined inputs; stats.json lists them all
 
 
 def corpus_stats(con: duckdb.DuckDBPyConnection) -> dict:
-    """Stats per (source, kind) and in total, from the table
-    `decided(source, kind, status, reason, words, bytes, cluster_id)` of every input document."""
+    """Stats per (source, kind) and in total, and every quarantined input with its details, from the table
+    `decided(source, kind, file, position, status, reason, detail, words, bytes, cluster_id)` of every input document."""
     rows = con.execute("""
         SELECT source, kind,
             count(*) AS input_docs,
@@ -50,7 +51,15 @@ def corpus_stats(con: duckdb.DuckDBPyConnection) -> dict:
         })
     total = entries.pop()
     del total["source"], total["kind"]
-    return {"token_estimate": TOKEN_ESTIMATE, "total": total, "sources": entries}
+    quarantined = con.execute("""
+        SELECT source, kind, file, position, substr(reason, length('quarantine:') + 1) AS reason, coalesce(detail, '') AS detail
+        FROM decided WHERE reason LIKE 'quarantine:%'
+        ORDER BY kind = 'general', source, file, length(position), position""").fetchall()
+    columns = ("source", "kind", "file", "position", "reason", "detail")
+    return {
+        "token_estimate": TOKEN_ESTIMATE, "total": total, "sources": entries,
+        "quarantined": [dict(zip(columns, row)) for row in quarantined],
+    }
 
 
 def source_stats(stats: dict) -> list[SourceStats]:
@@ -75,9 +84,27 @@ def stats_markdown(stats: dict) -> str:
         out += _table(["reason", *(r["source"] for r in rows)], [[why, *(r["dropped"].get(why, 0) for r in rows)] for why in reasons])
     else:
         out.append("Nothing was dropped.")
+    out += ["", "## Quarantined inputs", ""]
+    quarantined = stats["quarantined"]
+    if quarantined:
+        shown = quarantined[:MAX_QUARANTINE_ROWS]
+        out += _table(
+            ["source", "file", "position", "reason", "detail"],
+            [[q["source"], _cell_text(q["file"]), q["position"], q["reason"], _cell_text(q["detail"])] for q in shown],
+            text_columns=5,
+        )
+        if len(quarantined) > len(shown):
+            out += ["", f"… and {len(quarantined) - len(shown):,} more: all are listed in stats.json and decisions.parquet."]
+    else:
+        out.append("No input was quarantined.")
     out += ["", "## Duplicate clusters", "", "A cluster is a kept document with the exact and near duplicates dropped in its favour.", ""]
     out += _table(["source", "clusters", "docs in clusters"], [[r["source"], r["duplicate_clusters"], r["docs_in_duplicate_clusters"]] for r in rows])
     return "\n".join(out) + "\n"
+
+
+def _cell_text(text: str) -> str:
+    """Free text (an error message, a path) made safe for one Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def _percent(part: int, whole: int) -> str:
