@@ -24,6 +24,7 @@ from dapt_core.config import DaptConfig
 from dapt_core.hashing import stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PipelineManifest, RunState, TokenizerManifest, TrainingDataManifest
 from dapt_core.model import base_fingerprint
+from dapt_core.preflight import check_before_data_stages
 from dapt_core.report import write_pipeline_report
 from dapt_core.store import open_store
 from flows import progress
@@ -90,6 +91,7 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
     storage = result_storage_for(config.store)
     store = open_store(config.store)
 
+    check_before_data_stages(config)
     data = training_data_flow(config, tokenizer=tokenizer)
     prepared, tokenizer, pack = data.prepare, data.tokenizer, data.pack
     # Before CPT, not beside it: two models in memory at once doubled the demo's peak RSS.
