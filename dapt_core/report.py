@@ -6,6 +6,7 @@ checkpoints.png: domain and general metrics per checkpoint over all CPT attempts
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -29,6 +30,15 @@ def _delta(base, new) -> str:
     if base is None or new is None or base == 0:
         return "–"
     return f"{(new - base) / abs(base):+.1%}"
+
+
+def inline_images(markdown: str, images: dict[str, Path]) -> str:
+    """The report with its plots embedded as data URIs, for viewers that cannot fetch a store file (the Prefect UI
+    renders markdown artifacts in the browser, which reaches neither a worker's disk nor a private bucket)."""
+    for name, path in images.items():
+        encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        markdown = markdown.replace(f"]({name}.png)", f"](data:image/png;base64,{encoded})")
+    return markdown
 
 
 def write_pipeline_report(

@@ -25,7 +25,7 @@ from dapt_core.hashing import stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PipelineManifest, RunState, TokenizerManifest, TrainingDataManifest
 from dapt_core.model import base_fingerprint
 from dapt_core.preflight import check_before_data_stages
-from dapt_core.report import write_pipeline_report
+from dapt_core.report import inline_images, write_pipeline_report
 from dapt_core.store import open_store
 from flows import progress
 from flows.cpt import cpt_flow
@@ -119,9 +119,7 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
             original_base=original,
         )
         refs = {k: store.put_file(p, f"runs/{config.project}/reports/{run_key}/{p.name}") for k, p in paths.items()}
-        markdown = paths["md"].read_text(encoding="utf-8")
-    for name in ("funnel", "checkpoints"):  # the Prefect UI cannot show store files inline: say where they are
-        markdown = markdown.replace(f"]({name}.png)", f"]({refs[name].uri})")
+        markdown = inline_images(paths["md"].read_text(encoding="utf-8"), {k: paths[k] for k in ("funnel", "checkpoints")})
     create_markdown_artifact(key="dapt-report", markdown=markdown, description=f"dapt report of {config.project}")
 
     final_model = sft.model if sft is not None and sft.accepted else cpt.promoted
