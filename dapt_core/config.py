@@ -158,6 +158,11 @@ class MixConfig(_Section):
         1000, ge=0, description="General training sequences written aside for the EWC Fisher estimate (train.ewc)."
     )
     workers: int = Field(0, ge=0, description="Tokenizer worker processes (0: one per CPU core).")
+    refresh_domain_replay: float = Field(
+        0.25, ge=0, lt=1,
+        description="Nightly refresh: share of the domain tokens taken from earlier documents; the rest are the newly "
+        "kept documents (a refresh trains on what is new, not on the whole corpus again).",
+    )
     self_replay: SelfReplayConfig | None = Field(
         None, description="Sample replay text from the base model when data.general is empty (see README: trade-offs)."
     )
@@ -311,6 +316,11 @@ class DeployConfig(_Section):
     concurrency_limit: int = Field(1, ge=1, description="Refresh runs allowed at once (1: refreshes never overlap).")
     cpt_deployment: str | None = Field(
         None, description="Run the CPT stage as this deployment (e.g. 'dapt-cpt/gpu') on a GPU work pool via run_deployment."
+    )
+    lineage: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Refresh lineage: runs that share it continue from each other's promoted model. Default: the "
+        "Prefect deployment a run belongs to ('<flow>-<deployment>'), or 'local' outside a deployment.",
     )
 
 

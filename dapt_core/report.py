@@ -102,6 +102,10 @@ def write_pipeline_report(
 
     lines += ["## Training data", "", f"Tokenizer: +{tokenizer.new_tokens} domain tokens. Packed {pack.sequences:,} sequences of "
               f"{pack.seq_len} tokens; general replay {pack.general_fraction_realised:.2%} of tokens (attempt 0).", ""]
+    if pack.refresh is not None:
+        r = pack.refresh
+        lines += [f"Refresh: {r.new_documents:,} new domain documents ({r.new_tokens:,} tokens) and {r.replayed_documents:,} "
+                  f"earlier ones replayed ({r.replayed_tokens:,} tokens); held-out split fixed by the lineage.", ""]
 
     lines += ["## CPT attempts and decisions", ""]
     for a in cpt.attempts:
