@@ -6,6 +6,7 @@ Defaults encode the rules of thumb of domain-adaptive pretraining (see README, "
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -174,6 +175,11 @@ class MixConfig(_Section):
         1000, ge=0, description="General training sequences written aside for the EWC Fisher estimate (train.ewc)."
     )
     workers: int = Field(0, ge=0, description="Tokenizer worker processes (0: one per CPU core).")
+    refresh_domain_replay: float = Field(
+        0.25, ge=0, lt=1,
+        description="Nightly refresh: share of the domain tokens taken from earlier documents; the rest are the newly "
+        "kept documents (a refresh trains on what is new, not on the whole corpus again).",
+    )
     self_replay: SelfReplayConfig | None = Field(
         None, description="Sample replay text from the base model when data.general is empty (see README: trade-offs)."
     )
@@ -273,10 +279,15 @@ class EvalConfig(_Section):
     max_general_fraction: float = Field(0.3, gt=0, lt=1, description="Cap on the replay fraction a rollback doubles to.")
 
 
+# SFT's own defaults where they differ from CPT's; a user's `sft.train` is merged onto them field by field.
+SFT_TRAIN_DEFAULTS: dict[str, object] = {
+    "lr": 2e-5, "epochs": 2.0, "warmup_ratio": 0.03, "save_every": 1_000_000, "block_cross_document_attention": True,
+    "report_to": [],
+}
+
+
 def _sft_train_defaults() -> TrainConfig:
-    return TrainConfig(
-        lr=2e-5, epochs=2.0, warmup_ratio=0.03, save_every=1_000_000, block_cross_document_attention=True, report_to=[]
-    )
+    return TrainConfig(**SFT_TRAIN_DEFAULTS)
 
 
 class SftConfig(_Section):
@@ -284,7 +295,8 @@ class SftConfig(_Section):
 
     data: list[str] = Field(
         default_factory=list,
-        description="JSONL files of instruction pairs: {'prompt', 'response'} or {'messages': [{'role', 'content'}...]}. "
+        description="JSONL files of instruction pairs: {'prompt', 'response'}, TRL's {'prompt', 'completion'} or "
+        "{'messages': [{'role', 'content'}...]}. "
         "Empty: no SFT stage.",
     )
     seq_len: int = Field(1024, ge=16, description="Tokens per training sequence; longer examples are cut (the cut is logged).")
@@ -294,7 +306,16 @@ class SftConfig(_Section):
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of instruction pairs held out for response loss/accuracy.")
     max_heldout: int = Field(200, ge=1, description="Cap on held-out instruction pairs.")
     seed: int = Field(0, description="Seed of the held-out split.")
-    train: TrainConfig = Field(default_factory=_sft_train_defaults, description="Optimiser settings of the SFT run (one process).")
+    train: TrainConfig = Field(
+        default_factory=_sft_train_defaults,
+        description="Optimiser settings of the SFT run (one process); fields you set replace SFT's defaults one by one.",
+    )
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _merge_sft_defaults(cls, v: object) -> object:
+        """`sft.train: {lr: 1e-5}` keeps SFT's other defaults (2 epochs, 3% warmup, per-document attention)."""
+        return {**SFT_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v
 
     @field_validator("train")
     @classmethod
@@ -312,6 +333,11 @@ class DeployConfig(_Section):
     concurrency_limit: int = Field(1, ge=1, description="Refresh runs allowed at once (1: refreshes never overlap).")
     cpt_deployment: str | None = Field(
         None, description="Run the CPT stage as this deployment (e.g. 'dapt-cpt/gpu') on a GPU work pool via run_deployment."
+    )
+    lineage: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Refresh lineage: runs that share it continue from each other's promoted model. Default: the "
+        "Prefect deployment a run belongs to ('<flow>-<deployment>'), or 'local' outside a deployment.",
     )
 
 
@@ -340,12 +366,68 @@ class DaptConfig(_Section):
         return v
 
 
+# Hugging Face Trainer / TRL habits, and where dapt keeps the same setting.
+_KNOWN_ALIASES: dict[str, str] = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "max_grad_norm": "train.grad_clip",
+    "lr_scheduler_type": "train.min_lr_ratio (cosine decay is built in)",
+    "warmup_steps": "train.warmup_ratio",
+    "save_steps": "train.save_every",
+    "logging_steps": "train.log_every",
+    "lora_r": "train.lora.r",
+    "rank": "train.lora.r",
+    "lora_alpha": "train.lora.alpha",
+    "lora_dropout": "train.lora.dropout",
+    "model_name_or_path": "model.base",
+    "max_seq_length": "mix.seq_len (CPT) or sft.seq_len (SFT)",
+    "max_length": "mix.seq_len (CPT) or sft.seq_len (SFT)",
+    "output_dir": "store",
+}
+
+
+def _section_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The config model that holds the field at `loc` (list indices skipped), for suggestions."""
+    model: type[BaseModel] = DaptConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        inner = field.annotation
+        for arg in (inner, *getattr(inner, "__args__", ())):  # list[SourceConfig], X | None
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+                break
+        else:
+            return None
+    return model
+
+
+def _did_you_mean(loc: tuple[str | int, ...]) -> str:
+    """A hint for an unknown key: the dapt field a Hugging Face name maps to, or the closest field name here."""
+    name = str(loc[-1])
+    if name in _KNOWN_ALIASES:
+        return f"; dapt calls this {_KNOWN_ALIASES[name]}"
+    section = _section_at(loc)
+    if section is None:
+        return ""
+    names = [f.alias or n for n, f in section.model_fields.items()]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    return f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+
+
 def _format_errors(path: Path, err: ValidationError) -> str:
     lines = [f"{path}: invalid config ({err.error_count()} problem(s)):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<top level>"
         got = "" if e["type"] == "missing" else f" (got {e.get('input')!r:.80})"
-        lines.append(f"  - {field}: {e['msg']}{got}")
+        hint = _did_you_mean(e["loc"]) if e["type"] == "extra_forbidden" else ""
+        lines.append(f"  - {field}: {e['msg']}{got}{hint}")
     lines.append("See examples/config.yaml for a documented example.")
     return "\n".join(lines)
 

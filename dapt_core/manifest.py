@@ -117,6 +117,22 @@ class TokenizerManifest(BaseModel):
     code_version: str
 
 
+class RefreshCounts(BaseModel):
+    """What a refresh packed: the domain documents new to its lineage, and earlier ones replayed beside them."""
+
+    new_documents: int = Field(description="Packed domain documents that are not in the lineage's last corpus.")
+    new_tokens: int
+    replayed_documents: int = Field(description="Earlier domain documents packed again (mix.refresh_domain_replay).")
+    replayed_tokens: int
+
+
+class RefreshBasis(BaseModel):
+    """What a refresh packs against: the lineage's last cleaned domain corpus and its held-out thresholds."""
+
+    seen_domain: ArtifactRef = Field(description="Cleaned domain corpus of the lineage's last success.")
+    heldout_fractions: dict[str, float] = Field(description="Held-out threshold per kind, fixed for the lineage.")
+
+
 class PackManifest(BaseModel):
     stage: Literal["pack"] = "pack"
     train_shards: list[ArtifactRef] = Field(description="Parquet shards: input_ids and document boundaries per sequence.")
@@ -128,6 +144,8 @@ class PackManifest(BaseModel):
     tokens: dict[str, int] = Field(description="Training tokens per source (after upsampling/subsetting).")
     general_fraction_target: float
     general_fraction_realised: float
+    heldout_fractions: dict[str, float] = Field(default_factory=dict, description="Held-out threshold used per kind.")
+    refresh: RefreshCounts | None = Field(None, description="A refresh: new vs replayed domain documents and tokens.")
     report_json: ArtifactRef
     code_version: str
 
@@ -199,10 +217,14 @@ class PipelineManifest(BaseModel):
 
 
 class RunState(BaseModel):
-    """runs/<project>/last-success.json: what a nightly refresh compares against and continues from."""
+    """The last success of a lineage (runs/<project>/lineages/<lineage>/last-success.json): what its next refresh
+    compares against and continues from. Only runs of that lineage advance it, and never to an older model."""
 
+    lineage: str
+    generation: int = Field(0, description="0 for a full run from the base; each refresh that trained adds 1.")
     inputs: dict[str, str] = Field(description="Input uri -> content fingerprint (domain, general, eval) of the last successful run.")
     config_hash: str = Field(description="Hash of the config sections that change results; a change means a full run.")
     tokenizer: TokenizerManifest = Field(description="The tokenizer (and extended base) every refresh keeps.")
     promoted: DirRef = Field(description="The last promoted CPT model: the next refresh continues from it.")
+    refresh_basis: RefreshBasis | None = Field(None, description="The corpus and held-out thresholds the next refresh packs against.")
     report_md: ArtifactRef

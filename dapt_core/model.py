@@ -56,6 +56,18 @@ def load_model(cfg: ModelConfig, dtype=None):
     return model
 
 
+def module_names(cfg: ModelConfig) -> tuple[str, set[str]]:
+    """The base model's class name and the dotted names of all its submodules, from its config alone: the model is
+    built on PyTorch's meta device, so no weights are read or allocated (the same cost for 135M and 70B parameters)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(_require_base(cfg), **_kwargs(cfg))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.trust_remote_code)
+    return type(model).__name__, {name for name, _ in model.named_modules() if name}
+
+
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts BOS in front of encoded text (Llama 2/3 do; GPT-2/SmolLM/Qwen do not): packing and
     SFT follow the tokenizer's own convention."""

@@ -81,6 +81,7 @@ import numpy as np
 import xxhash
 
 from dapt_core import split
+from dapt_core.manifest import RefreshCounts
 from dapt_core.model import adds_bos
 
 if TYPE_CHECKING:
@@ -112,7 +113,23 @@ class PackResult:
     seq_len: int
     dropped_tokens: int  # domain tokens of the final partial sequence, not packed
     general_sample: Path | None = None  # up to mix.general_sample_sequences general training sequences (EWC Fisher)
+    heldout_fractions: dict[str, float] = field(default_factory=dict)  # per kind: the held-out threshold used
+    refresh: RefreshCounts | None = None  # a refresh: new vs replayed domain documents and tokens
     report: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RefreshSpec:
+    """A refresh packs what is new, not the whole corpus again: the domain documents absent from `seen` (the cleaned
+    domain corpus of the lineage's last success) plus `domain_replay` of the domain tokens from earlier documents
+    (key order, so the replayed ones rotate with the seed only), with the lineage's held-out thresholds, so that no
+    document ever moves between training and held-out."""
+
+    seen: Path
+    heldout_fractions: dict[str, float]
+    domain_replay: float
+
+
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -293,6 +310,7 @@ class _Docs:
     train: np.ndarray  # bool: not held out and not empty
     tok_off: np.ndarray  # int64 offset in the token file (-1: not tokenised)
     tok_len: np.ndarray  # int32 tokens incl. BOS/EOS
+    new: np.ndarray  # bool: not in the refresh's earlier corpus (all True outside a refresh)
     sources: list[str]
     heldout: int
     fraction: float
@@ -354,10 +372,14 @@ def _scan(
     encoder: _Encoder | None,
     tokens_out,
     tok_pos: list[int],
+    fraction: float | None = None,
+    seen: set[str] | None = None,
 ) -> _Docs:
-    """Read a kind's rows once: held-out decision, eval file, shuffle keys, sizes; tokenise training rows if `encoder`."""
+    """Read a kind's rows once: held-out decision, eval file, shuffle keys, sizes; tokenise training rows if `encoder`
+    (only the new ones when `seen` holds the ids of an earlier corpus). `fraction`: a fixed held-out threshold."""
     n = _n_rows(paths)
-    fraction = split.heldout_fraction(n, cfg.heldout_fraction, cfg.max_heldout_docs)
+    if fraction is None:
+        fraction = split.heldout_fraction(n, cfg.heldout_fraction, cfg.max_heldout_docs)
     seed = cfg.seed
     key = np.empty(n, np.uint64)
     nbytes = np.zeros(n, np.int64)
@@ -365,6 +387,7 @@ def _scan(
     train = np.zeros(n, bool)
     tok_off = np.full(n, -1, np.int64)
     tok_len = np.zeros(n, np.int32)
+    new = np.ones(n, bool)
     sources: dict[str, int] = {}
     heldout = 0
     out = open(eval_path, "w", encoding="utf-8")
@@ -386,7 +409,8 @@ def _scan(
                             heldout += 1
                     elif nonblank:
                         train[i] = True
-                        if encoder is not None:
+                        new[i] = seen is None or doc_id not in seen
+                        if encoder is not None and new[i]:
                             yield i, texts[j], b
                     i += 1
 
@@ -400,7 +424,7 @@ def _scan(
         out.close()
     if heldout == 0:
         eval_path.unlink()
-    return _Docs(key, nbytes, source, train, tok_off, tok_len, list(sources), heldout, fraction)
+    return _Docs(key, nbytes, source, train, tok_off, tok_len, new, list(sources), heldout, fraction)
 
 
 def _write_tokens(results: Iterator, tokens_out, tok_pos: list[int], tok_off: np.ndarray, tok_len: np.ndarray) -> None:
@@ -528,11 +552,20 @@ def _general_stream(docs: _Docs, budget: int, seed: int) -> tuple[np.ndarray, np
     return idx, take, (budget / pool if everything else None)
 
 
-def _ensure_general_tokens(
-    docs: _Docs, paths: list[Path], budget: int, bytes_per_token: float, encoder: _Encoder, tokens_out, tok_pos: list[int]
+def _ensure_tokens(
+    docs: _Docs,
+    paths: list[Path],
+    budget: int,
+    bytes_per_token: float,
+    encoder: _Encoder,
+    tokens_out,
+    tok_pos: list[int],
+    mask: np.ndarray | None = None,
 ) -> int:
-    """Tokenise general training documents in key order until `budget` tokens are available (or all are); returns passes."""
-    order = _in_key_order(docs, docs.train)
+    """Tokenise training documents (those in `mask`, default all) in key order until `budget` tokens are available
+    (or all are); returns passes. How the general stream and a refresh's replay of earlier domain documents tokenise
+    only about what they use."""
+    order = _in_key_order(docs, docs.train if mask is None else docs.train & mask)
     passes = 0
     while True:
         done = docs.tok_off[order] >= 0
@@ -627,11 +660,13 @@ def pack_corpus(
     cfg: MixConfig,
     out_dir: Path,
     replay_texts: Iterable[str] | None = None,
+    refresh: RefreshSpec | None = None,
 ) -> PackResult:
     """Held-out eval files, token-exact domain/general mix, fixed-length packed Parquet shards (see module docstring).
 
     `replay_texts` (e.g. `replay.sample_self_replay(...)`) are general documents of source "self-replay", used in
-    addition to `general`; they are only consumed when cfg.general_fraction > 0.
+    addition to `general`; they are only consumed when cfg.general_fraction > 0. `refresh`: pack the new domain
+    documents plus a replay share of earlier ones (`RefreshSpec`); with nothing new, no sequence is packed.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -671,20 +706,34 @@ def pack_corpus(
                     general_paths.append(tmp / "replay.parquet")
             token_path = tmp / "tokens.int32"
             tok_pos = [0]
+            fixed = refresh.heldout_fractions if refresh else {}
+            seen = _doc_ids(refresh.seen) if refresh else None
             with open(token_path, "wb") as tokens_out:
                 t0 = time.perf_counter()
-                dom = _scan([Path(domain)], "domain", cfg, out_dir / "eval" / "domain.jsonl", encoder, tokens_out, tok_pos)
+                dom = _scan(
+                    [Path(domain)], "domain", cfg, out_dir / "eval" / "domain.jsonl", encoder, tokens_out, tok_pos,
+                    fraction=fixed.get("domain"), seen=seen,
+                )
                 timings["domain_tokenize_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 gen = (
-                    _scan(general_paths, "general", cfg, out_dir / "eval" / "general.jsonl", None, None, tok_pos)
+                    _scan(
+                        general_paths, "general", cfg, out_dir / "eval" / "general.jsonl", None, None, tok_pos,
+                        fraction=fixed.get("general"),
+                    )
                     if general_paths
                     else None
                 )
                 timings["general_scan_s"] = time.perf_counter() - t0
+                heldout_fractions = {"domain": dom.fraction} | ({"general": gen.fraction} if gen is not None else {})
 
-                d_lens = dom.tok_len.astype(np.int64)
-                d_order = _in_key_order(dom, dom.train)
+                if refresh is None:
+                    d_order = _in_key_order(dom, dom.train)
+                else:
+                    d_order = _refresh_domain_order(dom, Path(domain), refresh.domain_replay, encoder, tokens_out, tok_pos)
+                    if not len(d_order):
+                        return _nothing_new(cfg, out_dir, heldout_fractions)
+                d_lens = dom.tok_len.astype(np.int64)  # after the refresh's replay documents are tokenised
                 d_pool = int(d_lens[d_order].sum())
                 n_seq = int(d_pool / (1 - f)) // cfg.seq_len
                 total = n_seq * cfg.seq_len
@@ -706,7 +755,7 @@ def pack_corpus(
                 if max(g_budget, sample_budget) > 0:
                     bpt = dom.nbytes[d_order].sum() / max(1, d_pool)
                     need = max(g_budget, sample_budget)
-                    passes = _ensure_general_tokens(gen, general_paths, need, bpt, encoder, tokens_out, tok_pos)
+                    passes = _ensure_tokens(gen, general_paths, need, bpt, encoder, tokens_out, tok_pos)
                 timings["general_tokenize_s"] = time.perf_counter() - t0
 
             # domain stream: key order until d_budget tokens
@@ -759,8 +808,14 @@ def pack_corpus(
         )
     tokenized = int(tok_pos[0])
     elapsed = time.perf_counter() - t_start
-    eval_files = {k: out_dir / "eval" / f"{k}.jsonl" for k in KINDS}
-    eval_files = {k: (p if p.exists() else None) for k, p in eval_files.items()}
+    eval_files = _eval_files(out_dir)
+    refresh_counts = None
+    if refresh is not None:
+        fresh = dom.new[d_idx]
+        refresh_counts = RefreshCounts(
+            new_documents=int(fresh.sum()), new_tokens=int(d_take[fresh].sum()),
+            replayed_documents=int((~fresh).sum()), replayed_tokens=int(d_take[~fresh].sum()),
+        )
     report = {
         "seq_len": cfg.seq_len,
         "sequences": n_seq,
@@ -808,6 +863,8 @@ def pack_corpus(
         "eval_files": {k: (p.name if p else None) for k, p in eval_files.items()},
         "eval_note": "lm-eval local tasks: dataset_path json, data_files <file>; a data_files string names the split 'train'",
         "seed": cfg.seed,
+        "heldout_fractions": heldout_fractions,
+        "refresh": refresh_counts.model_dump() if refresh_counts else None,
         "warnings": warnings,
     }
     return PackResult(
@@ -821,5 +878,51 @@ def pack_corpus(
         seq_len=cfg.seq_len,
         dropped_tokens=dropped,
         general_sample=general_sample,
+        heldout_fractions=heldout_fractions,
+        refresh=refresh_counts,
         report=report,
+    )
+
+
+def _eval_files(out_dir: Path) -> dict[str, Path | None]:
+    files = {k: out_dir / "eval" / f"{k}.jsonl" for k in KINDS}
+    return {k: (p if p.exists() else None) for k, p in files.items()}
+
+
+def _doc_ids(corpus: Path) -> set[str]:
+    """The document ids of a cleaned corpus (what a refresh compares the new corpus with)."""
+    import pyarrow.parquet as pq
+
+    return {str(x) for x in pq.read_table(corpus, columns=["doc_id"]).column("doc_id").to_pylist()}
+
+
+def _refresh_domain_order(
+    dom: _Docs, path: Path, replay: float, encoder: _Encoder, tokens_out, tok_pos: list[int]
+) -> np.ndarray:
+    """The domain documents of a refresh, in key order: every new training document, then earlier ones (whole, in key
+    order) until they are `replay` of the domain tokens. Empty when nothing is new. Only what is used is tokenised."""
+    lens = dom.tok_len.astype(np.int64)
+    fresh = _in_key_order(dom, dom.train & dom.new)
+    new_tokens = int(lens[fresh].sum())
+    if new_tokens == 0 or replay == 0:
+        return fresh
+    budget = int(round(replay / (1 - replay) * new_tokens))
+    bytes_per_token = dom.nbytes[fresh].sum() / new_tokens
+    _ensure_tokens(dom, [path], budget, bytes_per_token, encoder, tokens_out, tok_pos, mask=~dom.new)
+    earlier = _in_key_order(dom, dom.train & ~dom.new & (dom.tok_off >= 0))
+    count = int(np.searchsorted(np.cumsum(dom.tok_len[earlier], dtype=np.int64), budget)) + 1  # whole documents, the last one reaching budget
+    chosen = np.zeros(len(dom.train), bool)
+    chosen[fresh] = True
+    chosen[earlier[:count]] = True
+    return _in_key_order(dom, chosen)
+
+
+def _nothing_new(cfg: MixConfig, out_dir: Path, heldout_fractions: dict[str, float]) -> PackResult:
+    """A refresh whose cleaned corpus has no domain training document the lineage has not seen: nothing to pack."""
+    nothing = RefreshCounts(new_documents=0, new_tokens=0, replayed_documents=0, replayed_tokens=0)
+    return PackResult(
+        train_shards=[], eval_files=_eval_files(out_dir), tokens={}, tokens_by_kind={"domain": 0, "general": 0},
+        general_fraction=0.0, general_fraction_target=cfg.general_fraction, sequences=0, seq_len=cfg.seq_len,
+        dropped_tokens=0, heldout_fractions=heldout_fractions, refresh=nothing,
+        report={"refresh": nothing.model_dump(), "heldout_fractions": heldout_fractions, "sequences": 0},
     )

@@ -6,6 +6,7 @@ checkpoints.png: domain and general metrics per checkpoint over all CPT attempts
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -29,6 +30,15 @@ def _delta(base, new) -> str:
     if base is None or new is None or base == 0:
         return "–"
     return f"{(new - base) / abs(base):+.1%}"
+
+
+def inline_images(markdown: str, images: dict[str, Path]) -> str:
+    """The report with its plots embedded as data URIs, for viewers that cannot fetch a store file (the Prefect UI
+    renders markdown artifacts in the browser, which reaches neither a worker's disk nor a private bucket)."""
+    for name, path in images.items():
+        encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        markdown = markdown.replace(f"]({name}.png)", f"](data:image/png;base64,{encoded})")
+    return markdown
 
 
 def write_pipeline_report(
@@ -92,6 +102,10 @@ def write_pipeline_report(
 
     lines += ["## Training data", "", f"Tokenizer: +{tokenizer.new_tokens} domain tokens. Packed {pack.sequences:,} sequences of "
               f"{pack.seq_len} tokens; general replay {pack.general_fraction_realised:.2%} of tokens (attempt 0).", ""]
+    if pack.refresh is not None:
+        r = pack.refresh
+        lines += [f"Refresh: {r.new_documents:,} new domain documents ({r.new_tokens:,} tokens) and {r.replayed_documents:,} "
+                  f"earlier ones replayed ({r.replayed_tokens:,} tokens); held-out split fixed by the lineage.", ""]
 
     lines += ["## CPT attempts and decisions", ""]
     for a in cpt.attempts:

@@ -5,8 +5,8 @@ Why our own collator instead of TRL's `SFTTrainer`: SFT then runs through the sa
 DDP for free, and one loop is tested instead of two (TRL is not a dependency either). All SFT needs from the loop is
 the optional `loss_mask` column of the training shards; everything SFT-specific lives here:
 
-1. **Read** (`read_instructions`): JSONL (or .jsonl.gz) lines `{"prompt", "response"}` or `{"messages": [...]}` whose
-   last message is the assistant's response (earlier assistant turns are context). Bad input fails with file:line,
+1. **Read** (`read_instructions`): JSONL (or .jsonl.gz) lines `{"prompt", "response"}`, TRL's `{"prompt",
+   "completion"}` (strings, or lists of messages) or `{"messages": [...]}` whose last message is the assistant's response (earlier assistant turns are context). Bad input fails with file:line,
    the field and what to do. Every example has a content id, so duplicates land on the same side of the split.
 2. **Split** (`split_examples`): held out by a hash of (seed, example id), the rule `dapt_core.split` uses for CPT.
 3. **Tokenise** (`tokenize_example`): with the tokenizer's chat template when it has one (the prompt rendering with
@@ -71,36 +71,59 @@ def _non_empty_string(value: object) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
+def _messages(messages: object, where: str, field: str) -> list[tuple[str, str]]:
+    """(role, content) pairs of a chat-format field, each message checked."""
+    if not isinstance(messages, list):
+        raise ValueError(f"{where}: {field!r} must be a list of {{'role', 'content'}} messages")
+    pairs = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: {field}[{k}] must be an object with 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"{where}: {field}[{k}].role must be one of {', '.join(ROLES)} (got {m.get('role')!r})")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: {field}[{k}].content must be a string")
+        pairs.append((m["role"], m["content"]))
+    return pairs
+
+
+def _conversation(pairs: list[tuple[str, str]], where: str, field: str, response_at: str) -> Example:
+    """The last message is the response the model learns; everything before it is context."""
+    if len(pairs) < 2:
+        raise ValueError(f"{where}: {field} must be a list of at least 2 messages (context, then the assistant's response)")
+    role, response = pairs[-1]
+    if role != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's response (got role {role!r}): end with it")
+    if not _non_empty_string(response):
+        raise ValueError(f"{where}: {response_at}.content (the response) must be a non-empty string")
+    return Example(context=tuple(pairs[:-1]), response=response, origin=where)
+
+
 def _parse_line(record: object, where: str) -> Example:
+    """One JSONL record in any of the accepted shapes: messages, prompt/response, or TRL's prompt/completion."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or len(messages) < 2:
-            raise ValueError(f"{where}: 'messages' must be a list of at least 2 messages (context, then the assistant's response)")
-        pairs = []
-        for k, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise ValueError(f"{where}: messages[{k}] must be an object with 'role' and 'content'")
-            if m.get("role") not in ROLES:
-                raise ValueError(f"{where}: messages[{k}].role must be one of {', '.join(ROLES)} (got {m.get('role')!r})")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: messages[{k}].content must be a string")
-            pairs.append((m["role"], m["content"]))
-        role, response = pairs[-1]
-        if role != "assistant":
-            raise ValueError(f"{where}: the last message must be the assistant's response (got role {role!r}): end with it")
-        if not _non_empty_string(response):
-            raise ValueError(f"{where}: messages[{len(pairs) - 1}].content (the response) must be a non-empty string")
-        return Example(context=tuple(pairs[:-1]), response=response, origin=where)
-    if "prompt" in record or "response" in record:
-        for name in ("prompt", "response"):
-            if not _non_empty_string(record.get(name)):
-                raise ValueError(f"{where}: {name!r} must be a non-empty string")
-        return Example(context=(("user", record["prompt"]),), response=record["response"], origin=where)
-    raise ValueError(
-        f"{where}: expected {{'prompt': ..., 'response': ...}} or {{'messages': [...]}}, got keys {sorted(record)}"
-    )
+        pairs = _messages(record["messages"], where, "messages")
+        return _conversation(pairs, where, "'messages'", f"messages[{len(pairs) - 1}]")
+    if "completion" in record:  # TRL prompt-completion: two strings, or two lists of messages (conversational)
+        prompt, completion = record.get("prompt"), record["completion"]
+        if isinstance(prompt, list) or isinstance(completion, list):
+            tail = _messages(completion, where, "completion")
+            pairs = _messages(prompt, where, "prompt") + tail
+            return _conversation(pairs, where, "'prompt' + 'completion'", f"completion[{len(tail) - 1}]")
+        response_field = "completion"
+    elif "prompt" in record or "response" in record:
+        prompt, response_field = record.get("prompt"), "response"
+    else:
+        raise ValueError(
+            f"{where}: expected {{'prompt': ..., 'response': ...}}, {{'prompt': ..., 'completion': ...}} or "
+            f"{{'messages': [...]}}, got keys {sorted(record)}"
+        )
+    for name in ("prompt", response_field):
+        if not _non_empty_string(record.get(name)):
+            raise ValueError(f"{where}: {name!r} must be a non-empty string")
+    return Example(context=(("user", prompt),), response=record[response_field], origin=where)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

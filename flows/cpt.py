@@ -8,6 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from dapt_core.config import DaptConfig
 from dapt_core.evaluate import ForgettingPolicy, rollback_plan
 from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest
+from dapt_core.preflight import check_before_data_stages
 from dapt_core.store import open_store
 from flows.training_data import training_data_flow
 from tasks.caching import result_storage_for
@@ -48,7 +49,9 @@ def cpt_flow(
     (how a caller reads the result of this flow run as a deployment on a GPU work pool).
     """
     log = get_run_logger()
-    data = data or training_data_flow(config)
+    if data is None:
+        check_before_data_stages(config)
+        data = training_data_flow(config)
     start = start or data.tokenizer.model
     reference = reference or data.tokenizer.model
     storage = result_storage_for(config.store)

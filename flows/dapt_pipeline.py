@@ -5,14 +5,16 @@ SFT → final report. Every stage is a task cached on the content hashes of its 
 code version, with results persisted in the artifact store: a retry (Prefect UI, `prefect flow-run retry`, or
 `dapt run` again, on any worker that reaches the store) recomputes only the stage that failed and those after it.
 
-nightly-refresh: compares the discovered inputs with the last successful run (runs/<project>/last-success.json);
-when nothing changed it stops there. Otherwise only new or changed files are ingested (ingest is cached per file),
-the corpus is re-cleaned and re-packed with the SAME tokenizer, and CPT continues from the last promoted model,
-still judged against the original base.
+nightly-refresh: compares the discovered inputs with the last success of its lineage (`lineage_of`); when nothing
+changed it stops there. Otherwise only new or changed files are ingested (ingest is cached per file), the corpus is
+re-cleaned, and packing takes the documents new to the lineage plus a replay share of earlier ones (the held-out split
+fixed by the lineage), with the SAME tokenizer; CPT continues from the lineage's last promoted model, still judged
+against the original base. When no new document survived cleaning, it stops before CPT.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,10 +24,11 @@ from pydantic import BaseModel, Field
 
 from dapt_core.config import DaptConfig
 from dapt_core.hashing import stable_hash
-from dapt_core.manifest import CptManifest, DirRef, PipelineManifest, RunState, TokenizerManifest, TrainingDataManifest
+from dapt_core.manifest import CptManifest, DirRef, PipelineManifest, PrepareManifest, RefreshBasis, RunState, TrainingDataManifest
 from dapt_core.model import base_fingerprint
-from dapt_core.report import write_pipeline_report
-from dapt_core.store import open_store
+from dapt_core.preflight import check_before_data_stages
+from dapt_core.report import inline_images, write_pipeline_report
+from dapt_core.store import ArtifactStore, open_store
 from flows import progress
 from flows.cpt import cpt_flow
 from flows.training_data import training_data_flow
@@ -35,8 +38,19 @@ from tasks.data import discover_task
 from tasks.sft import sft_task
 
 
-def state_key(project: str) -> str:
-    return f"runs/{project}/last-success.json"
+def lineage_of(config: DaptConfig) -> str:
+    """`deploy.lineage`, else the deployment this flow run belongs to, else 'local' (the CLI, a test)."""
+    if config.deploy.lineage:
+        return config.deploy.lineage
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.name is None:
+        return "local"
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{flow_run.flow_name}-{deployment.name}").strip("-")
+
+
+def state_key(project: str, lineage: str) -> str:
+    return f"runs/{project}/lineages/{lineage}/last-success.json"
 
 
 def result_config_hash(config: DaptConfig) -> str:
@@ -44,16 +58,19 @@ def result_config_hash(config: DaptConfig) -> str:
     return stable_hash(config.model_dump(mode="json", exclude={"project", "store", "plan", "deploy"}))
 
 
-def load_state(config: DaptConfig) -> RunState | None:
-    store = open_store(config.store)
-    key = state_key(config.project)
+def load_state_at(store: ArtifactStore, project: str, lineage: str) -> RunState | None:
+    key = state_key(project, lineage)
     return RunState.model_validate_json(store.read_key(key)) if store.exists(key) else None
+
+
+def load_state(config: DaptConfig, lineage: str = "local") -> RunState | None:
+    return load_state_at(open_store(config.store), config.project, lineage)
 
 
 @flow(name="dapt-pipeline", log_prints=True)
 def dapt_pipeline(config: DaptConfig) -> PipelineManifest:
     """Base model + domain documents → a domain-adapted model that did not forget, and its report."""
-    return run_stages(config)
+    return run_stages(config, lineage_of(config))
 
 
 class RefreshManifest(BaseModel):
@@ -61,37 +78,54 @@ class RefreshManifest(BaseModel):
     new_or_changed: list[str] = Field(default_factory=list, description="Input uris new or changed since the last success.")
     removed: list[str] = Field(default_factory=list, description="Input uris of the last success that are gone.")
     pipeline: PipelineManifest | None = None
+    lineage: str = ""
 
 
 @flow(name="nightly-refresh", log_prints=True)
 def nightly_refresh(config: DaptConfig) -> RefreshManifest:
-    """Re-run on what changed since the last successful run, continuing CPT from the last promoted model."""
+    """Re-run on what changed since the lineage's last success, continuing CPT from its last promoted model."""
     log = get_run_logger()
-    state = load_state(config)
+    lineage = lineage_of(config)
+    state = load_state(config, lineage)
     inputs, evals, _ = discover_task(config.data)
     current = {i.uri: i.fingerprint for i in inputs + evals}
     if state is None or state.config_hash != result_config_hash(config):
-        why = "no successful run of project %r yet" if state is None else "the config of project %r changed since its last success"
-        log.info(why + ": running the full pipeline from the base model", config.project)
-        return RefreshManifest(changed=True, new_or_changed=sorted(current), pipeline=run_stages(config))
+        why = "no successful run of lineage %r yet" if state is None else "the config changed since the last success of lineage %r"
+        log.info(why + ": running the full pipeline from the base model", lineage)
+        return RefreshManifest(changed=True, new_or_changed=sorted(current), pipeline=run_stages(config, lineage), lineage=lineage)
     new_or_changed = sorted(u for u, f in current.items() if state.inputs.get(u) != f)
     removed = sorted(set(state.inputs) - set(current))
     if not new_or_changed and not removed:
-        log.info("nothing changed since the last successful run (%d inputs): nothing to do", len(current))
-        return RefreshManifest(changed=False)
-    log.info("%d new or changed input(s), %d removed: continuing CPT from %s", len(new_or_changed), len(removed), state.promoted.uri)
-    pipeline = run_stages(config, tokenizer=state.tokenizer, start=state.promoted)
-    return RefreshManifest(changed=True, new_or_changed=new_or_changed, removed=removed, pipeline=pipeline)
+        log.info("nothing changed since the last success of lineage %r (%d inputs): nothing to do", lineage, len(current))
+        return RefreshManifest(changed=False, lineage=lineage)
+    log.info(
+        "%d new or changed input(s), %d removed: lineage %r continues CPT from %s",
+        len(new_or_changed), len(removed), lineage, state.promoted.uri,
+    )
+    pipeline = run_stages(config, lineage, state)
+    return RefreshManifest(changed=True, new_or_changed=new_or_changed, removed=removed, pipeline=pipeline, lineage=lineage)
 
 
-def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, start: DirRef | None = None) -> PipelineManifest:
-    """The stages of dapt-pipeline; `tokenizer` and `start` are given by a refresh (keep the vocabulary, continue CPT)."""
+def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) -> PipelineManifest | None:
+    """The stages of dapt-pipeline. A refresh gives the lineage's `state`: keep its vocabulary, pack what is new to it,
+    continue CPT from its promoted model; it returns None, before CPT, when no new document survived cleaning."""
     log = get_run_logger()
     storage = result_storage_for(config.store)
     store = open_store(config.store)
 
-    data = training_data_flow(config, tokenizer=tokenizer)
+    check_before_data_stages(config)
+    start = state.promoted if state else None
+    data = training_data_flow(
+        config, tokenizer=state.tokenizer if state else None, refresh=state.refresh_basis if state else None
+    )
     prepared, tokenizer, pack = data.prepare, data.tokenizer, data.pack
+    if pack.refresh is not None and pack.refresh.new_documents == 0:
+        log.info(
+            "no new domain document was kept since the last success of lineage %r (dropped by the filters, duplicates "
+            "or held out): nothing to train, the lineage stays at %s", lineage, state.promoted.uri,
+        )
+        _save_state(store, state.model_copy(update={"inputs": _ingested(prepared)}), config.project)
+        return None
     # Before CPT, not beside it: two models in memory at once doubled the demo's peak RSS.
     original = original_base_eval_task.with_options(result_storage=storage).submit(
         config.model, base_fingerprint(config.model), pack, config.eval, config.store
@@ -117,9 +151,7 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
             original_base=original,
         )
         refs = {k: store.put_file(p, f"runs/{config.project}/reports/{run_key}/{p.name}") for k, p in paths.items()}
-        markdown = paths["md"].read_text(encoding="utf-8")
-    for name in ("funnel", "checkpoints"):  # the Prefect UI cannot show store files inline: say where they are
-        markdown = markdown.replace(f"]({name}.png)", f"]({refs[name].uri})")
+        markdown = inline_images(paths["md"].read_text(encoding="utf-8"), {k: paths[k] for k in ("funnel", "checkpoints")})
     create_markdown_artifact(key="dapt-report", markdown=markdown, description=f"dapt report of {config.project}")
 
     final_model = sft.model if sft is not None and sft.accepted else cpt.promoted
@@ -128,13 +160,47 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
         report_json=refs["json"], plots={k: refs[k] for k in ("funnel", "checkpoints")}, refresh_of=start.uri if start else None,
     )
     if cpt.promoted is not None:
-        state = RunState(  # the fingerprints of exactly what this run ingested
-            inputs={m.input.uri: m.input.fingerprint for m in prepared.ingested + prepared.evals},
+        success = RunState(
+            lineage=lineage, generation=state.generation + 1 if state else 0, inputs=_ingested(prepared),
             config_hash=result_config_hash(config), tokenizer=tokenizer, promoted=cpt.promoted, report_md=refs["md"],
+            refresh_basis=RefreshBasis(seen_domain=prepared.clean.domain, heldout_fractions=pack.heldout_fractions)
+            if prepared.clean.domain
+            else None,
         )
-        store.put_text(state.model_dump_json(indent=1), state_key(config.project))
+        _advance(store, config.project, success, started_from=start)
     log.info("report: %s; model: %s", refs["md"].uri, final_model.uri if final_model else "none promoted")
     return result
+
+
+def _ingested(prepared: PrepareManifest) -> dict[str, str]:
+    """The fingerprints of exactly what a run ingested: what the next refresh compares against."""
+    return {m.input.uri: m.input.fingerprint for m in prepared.ingested + prepared.evals}
+
+
+def _save_state(store: ArtifactStore, state: RunState, project: str) -> None:
+    store.put_text(state.model_dump_json(indent=1), state_key(project, state.lineage))
+
+
+def _advance(store: ArtifactStore, project: str, success: RunState, started_from: DirRef | None) -> None:
+    """Record a success as its lineage's state unless that would move the lineage back: a run from the base (a cached
+    `dapt run`, say) with the config the lineage has since refreshed under leaves the newer promoted model in place."""
+    log = get_run_logger()
+    current = load_state_at(store, project, success.lineage)
+    moves_back = (
+        current is not None
+        and current.generation > 0
+        and current.config_hash == success.config_hash
+        and started_from != current.promoted
+        and success.promoted != current.promoted
+    )
+    if moves_back:
+        log.warning(
+            "lineage %r is at generation %d (%s); this run started from %s and does not replace it",
+            success.lineage, current.generation, current.promoted.uri, started_from.uri if started_from else "the base model",
+        )
+        return
+    _save_state(store, success, project)
+
 
 
 def _cpt_stage(config: DaptConfig, data: TrainingDataManifest, start: DirRef | None) -> CptManifest:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from dapt_core.config import DaptConfig
-from dapt_core.manifest import TokenizerManifest, TrainingDataManifest
+from dapt_core.manifest import RefreshBasis, TokenizerManifest, TrainingDataManifest
 from dapt_core.model import base_fingerprint
 from flows import progress
 from flows.prepare import prepare_flow
@@ -14,12 +14,15 @@ from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokeni
 
 
 @flow(name="dapt-training-data", log_prints=True)
-def training_data_flow(config: DaptConfig, tokenizer: TokenizerManifest | None = None) -> TrainingDataManifest:
+def training_data_flow(
+    config: DaptConfig, tokenizer: TokenizerManifest | None = None, refresh: RefreshBasis | None = None
+) -> TrainingDataManifest:
     """Cleaned corpora → extended tokenizer + resized model → packed, mixed training shards and eval splits.
 
     Each stage is cached on the content hashes of its inputs (corpus shards, base model files), its
     config section and its code version, so only what changed is recomputed. A given `tokenizer` (a nightly
-    refresh keeps the vocabulary its promoted model was trained with) skips the extension.
+    refresh keeps the vocabulary its promoted model was trained with) skips the extension; a `refresh` basis packs
+    only what is new to the lineage (plus replay), with its fixed held-out split.
     """
     prepared = prepare_flow(config)
     storage = result_storage_for(config.store)
@@ -33,7 +36,9 @@ def training_data_flow(config: DaptConfig, tokenizer: TokenizerManifest | None =
         progress.advance("tokenizer extension")
         publish_tokenizer_report(tokenizer, config.store)
         runs.append(("tokenizer", tok_future))
-    pack_future = pack_task.with_options(result_storage=storage).submit(prepared.clean, tokenizer, config.mix, config.model, config.store)
+    pack_future = pack_task.with_options(result_storage=storage).submit(
+        prepared.clean, tokenizer, config.mix, config.model, config.store, refresh
+    )
     progress.stage("packing", total=1)
     packed = pack_future.result()
     progress.advance("packing")

@@ -17,7 +17,7 @@ import dapt_core.tokenizer_ext as tokenizer_ext
 from dapt_core import manifest, metrics, model, readers, split
 from dapt_core.config import MixConfig, ModelConfig, TokenizerConfig
 from dapt_core.hashing import code_version, stable_hash
-from dapt_core.manifest import CleanManifest, PackManifest, TokenizerManifest
+from dapt_core.manifest import CleanManifest, PackManifest, RefreshBasis, TokenizerManifest
 from dapt_core.model import load_model, load_tokenizer
 from dapt_core.store import open_store
 
@@ -70,21 +70,30 @@ def extend_tokenizer_task(
     )
 
 
-def pack_key(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig) -> str:
+def pack_key(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, refresh: RefreshBasis | None = None) -> str:
     shards = [r.sha256 if r else None for r in (clean.domain, clean.general)]
     output_settings = mix.model_dump(exclude={"workers"})  # worker count changes speed, not the shards
-    return "pack-" + stable_hash(shards, tok.model.sha256, tok.base_fingerprint, output_settings, PACK_CODE)
+    basis = (refresh.seen_domain.sha256, refresh.heldout_fractions) if refresh else None
+    return "pack-" + stable_hash(shards, tok.model.sha256, tok.base_fingerprint, output_settings, basis, PACK_CODE)
 
 
 @task(
     name="pack-mixed-corpus",
-    cache_key_fn=lambda ctx, p: pack_key(p["clean"], p["tok"], p["mix"]),
+    cache_key_fn=lambda ctx, p: pack_key(p["clean"], p["tok"], p["mix"], p.get("refresh")),
     persist_result=True,
     result_serializer="json",
 )
-def pack_task(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, model_cfg: ModelConfig, store_uri: str) -> PackManifest:
-    """Tokenise, hold out eval documents, mix domain and replay text by token share, pack fixed-length sequences."""
-    key = pack_key(clean, tok, mix)
+def pack_task(
+    clean: CleanManifest,
+    tok: TokenizerManifest,
+    mix: MixConfig,
+    model_cfg: ModelConfig,
+    store_uri: str,
+    refresh: RefreshBasis | None = None,
+) -> PackManifest:
+    """Tokenise, hold out eval documents, mix domain and replay text by token share, pack fixed-length sequences.
+    With `refresh`: only what is new to the lineage plus a replay share of earlier documents."""
+    key = pack_key(clean, tok, mix, refresh)
     store = open_store(store_uri)
     model_dir = store.local_dir(tok.model)
     replay_texts = None
@@ -99,6 +108,12 @@ def pack_task(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, mode
             mix,
             Path(tmp),
             replay_texts=replay_texts,
+            refresh=pack.RefreshSpec(
+                seen=store.local_path(refresh.seen_domain), heldout_fractions=refresh.heldout_fractions,
+                domain_replay=mix.refresh_domain_replay,
+            )
+            if refresh
+            else None,
         )
         prefix = f"pack/{key}"
         shards = [store.put_file(p, f"{prefix}/train/{p.name}") for p in result.train_shards]
@@ -115,6 +130,8 @@ def pack_task(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, mode
         tokens=result.tokens,
         general_fraction_target=mix.general_fraction,
         general_fraction_realised=result.general_fraction,
+        heldout_fractions=result.heldout_fractions,
+        refresh=result.refresh,
         report_json=report_json,
         code_version=PACK_CODE,
     )

@@ -56,3 +56,30 @@ def test_unreadable_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(_write(tmp_path, "- just a list"))
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "hint"),
+    [
+        ("train: {learning_rate: 1.0e-4}", "train.learning_rate: Extra inputs are not permitted (got 0.0001); dapt calls this train.lr"),
+        ("learning_rate: 1e-4", "dapt calls this train.lr"),
+        ("train: {lora: {rank: 8}}", "; dapt calls this train.lora.r"),
+        ("train: {lora: {alhpa: 8}}", "; did you mean train.lora.alpha?"),
+        ("mix: {general_fracton: 0.1}", "; did you mean mix.general_fraction?"),
+        ("clean: {dedup: {jacard_threshold: 0.7}}", "; did you mean clean.dedup.jaccard_threshold?"),
+        ("train: {ewc: {lamda: 10}}", "; did you mean train.ewc.lambda?"),
+    ],
+)
+def test_unknown_key_gets_a_suggestion(tmp_path, yaml_text, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "data: {domain: [{name: a, paths: [x]}]}\n" + yaml_text))
+    assert hint in str(err.value)
+
+
+def test_sft_train_merges_with_sft_defaults_field_by_field(tmp_path):
+    cfg = load_config(_write(tmp_path, "data: {domain: [{name: a, paths: [x]}]}\nsft: {train: {lr: 1.0e-5}}"))
+    default = load_config(_write(tmp_path, "data: {domain: [{name: a, paths: [x]}]}")).sft.train
+    assert cfg.sft.train.lr == 1e-5
+    # every other field keeps SFT's default, not CPT's (epochs 2, warmup 3%, per-document attention)
+    assert cfg.sft.train.model_dump(exclude={"lr"}) == default.model_dump(exclude={"lr"})
+    assert (default.epochs, default.warmup_ratio, default.block_cross_document_attention) == (2.0, 0.03, True)

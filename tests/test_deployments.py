@@ -8,6 +8,7 @@ through an explicit client.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import signal
@@ -291,6 +292,10 @@ def _run_pipeline(services: Services, deployment: str, config: Path) -> dict[str
     assert REPORT_KEY in artifacts, f"no {REPORT_KEY!r} artifact among {sorted(artifacts)}"
     report = artifacts[REPORT_KEY]
     assert report.type == "markdown" and "# dapt report: test" in report.data and "Data funnel" in report.data
+    # the plots are embedded (the UI's browser reaches neither the worker's disk nor the bucket) and are real PNGs
+    images = re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report.data)
+    assert sorted(name for name, _ in images) == ["checkpoints", "funnel"]
+    assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for _, data in images)
     return tasks
 
 

@@ -320,3 +320,51 @@ def test_document_separator_overrides_eos(corpus, tmp_path):
     assert not (ids == corpus["vocab"]["<eos>"]).any()
     with pytest.raises(PackError, match="mix.document_separator"):
         pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(document_separator="<nope>"), tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------------------ refresh
+def _markers(ids: np.ndarray, id2word: dict) -> set[str]:
+    return {id2word[int(i)] for i in np.unique(ids) if id2word[int(i)].startswith("dmark")}
+
+
+def _heldout_markers(result) -> set[str]:
+    lines = result.eval_files["domain"].read_text().splitlines()
+    return {json.loads(line)["text"].split()[0] for line in lines}
+
+
+def test_refresh_packs_the_new_documents_plus_the_replay_share(corpus, tmp_path):
+    """Earlier corpus: 340 documents. Refresh corpus: the same 340 + 60 new. The refresh packs every new training
+    document and earlier ones worth 25% of its domain tokens, with the earlier run's held-out threshold: a held-out
+    cap (max_heldout_docs) that depends on the corpus size would otherwise move documents across the split."""
+    docs = list(corpus["domain_docs"].items())
+    earlier = _write(tmp_path / "earlier.parquet", "domain", docs[:340])
+    current = _write(tmp_path / "current.parquet", "domain", docs)
+    cfg = _cfg(general_fraction=0.05)
+    first = pack_corpus(earlier, corpus["general"], corpus["tok_dir"], cfg, tmp_path / "first")
+    assert first.refresh is None and first.heldout_fractions["domain"] == pytest.approx(15 / 340)
+
+    spec = pack.RefreshSpec(seen=earlier, heldout_fractions=first.heldout_fractions, domain_replay=0.25)
+    r = pack_corpus(current, corpus["general"], corpus["tok_dir"], cfg, tmp_path / "refresh", refresh=spec)
+    assert r.heldout_fractions == first.heldout_fractions  # not 15 / 400
+
+    heldout_before = _heldout_markers(first)
+    new_markers = {text.split()[0] for _, text in docs[340:]}
+    assert _heldout_markers(r) - new_markers == heldout_before  # no earlier document moved across the split
+    ids, _ = _stream(r)
+    packed = _markers(ids, corpus["id2word"])
+    new_training = new_markers - _heldout_markers(r)
+    assert r.refresh.new_documents == len(packed & new_training) > 40
+    assert len(new_training - packed) <= 1  # all packed (the last of the stream may fall in the dropped remainder)
+    assert not packed & heldout_before  # never trains on an earlier held-out document
+    replayed = packed - new_markers
+    assert r.refresh.replayed_documents == len(replayed) < 340 / 2  # a replay share, not the whole corpus again
+    share = r.refresh.replayed_tokens / (r.refresh.replayed_tokens + r.refresh.new_tokens)
+    assert 0.22 < share < 0.32  # whole documents until 25%: over by at most one document
+    assert r.tokens_by_kind["domain"] == r.refresh.new_tokens + r.refresh.replayed_tokens
+
+
+def test_refresh_with_nothing_new_packs_nothing(corpus, tmp_path):
+    first = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path / "a")
+    spec = pack.RefreshSpec(seen=corpus["domain"], heldout_fractions=first.heldout_fractions, domain_replay=0.25)
+    r = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path / "b", refresh=spec)
+    assert r.sequences == 0 and r.train_shards == [] and r.refresh.model_dump() == dict.fromkeys(r.refresh.model_dump(), 0)

@@ -90,8 +90,7 @@ def test_nightly_refresh(prefect_harness, project, stage_calls):
     assert not quiet.changed and quiet.pipeline is None
     assert stage_calls == {k: 0 for k in stage_calls}
 
-    new_file = dirs["domain"] / "new-note.txt"
-    new_file.write_text(prose(7777, "domain") + " " + prose(7778, "domain"))
+    new_file = _new_notes(dirs, 7777)
     try:
         refreshed = nightly_refresh(cfg)
     finally:
@@ -102,7 +101,67 @@ def test_nightly_refresh(prefect_harness, project, stage_calls):
     assert p.refresh_of == before.promoted.uri
     assert p.cpt.attempts[0]["start_model"] == before.promoted.uri
     assert p.data.tokenizer == before.tokenizer
-    assert load_state(cfg).inputs.get(str(new_file)) is not None
+    after = load_state(cfg)
+    assert after.inputs.get(str(new_file)) is not None and after.generation == before.generation + 1
+    # it trained on the new documents plus the replay share of earlier ones, not on the whole corpus again
+    counts, packed = p.data.pack.refresh, p.data.pack
+    assert 1 <= counts.new_documents <= 5 and counts.replayed_documents >= 1
+    assert counts.new_tokens + counts.replayed_tokens == sum(t for s, t in packed.tokens.items() if s == "notes")
+    assert 0.2 < counts.replayed_tokens / (counts.new_tokens + counts.replayed_tokens) < 0.45
+    assert packed.heldout_fractions == before.refresh_basis.heldout_fractions  # the lineage's split, fixed
+
+
+def _new_notes(dirs, seed: int, n: int = 5):
+    """A new domain file of `n` documents: some are held out, the others are what a refresh trains on."""
+    path = dirs["domain"] / f"new-notes-{seed}.jsonl"
+    path.write_text("".join(json.dumps({"text": prose(seed + i, "domain")}) + "\n" for i in range(n)))
+    return path
+
+
+def test_refresh_with_no_new_kept_document_stops_before_cpt(prefect_harness, project, stage_calls):
+    """A new file whose documents all fail the quality filter changes the inputs but gives nothing to train on."""
+    root, dirs, config_path = project
+    cfg = load_config(config_path)
+    if load_state(cfg) is None:
+        dapt_pipeline(cfg)
+    before = load_state(cfg)
+    junk = dirs["domain"] / "junk.txt"
+    junk.write_text("too short to keep")
+    try:
+        for k in stage_calls:
+            stage_calls[k] = 0
+        result = nightly_refresh(cfg)
+    finally:
+        junk.unlink()
+    assert result.changed and result.new_or_changed == [str(junk)] and result.pipeline is None
+    assert stage_calls["cpt"] == 0 and stage_calls["ingest"] == 1
+    after = load_state(cfg)
+    assert after.promoted == before.promoted and after.generation == before.generation
+    assert after.inputs.get(str(junk)) is not None  # seen: the next night does not look at it again
+
+
+def test_refresh_lineage_is_its_own_and_never_moves_back(prefect_harness, project):
+    """A custom run, a scheduled refresh and a cached full run: the refresh lineage continues from its own last
+    promoted model every time (explicit lineage names stand in for two deployments)."""
+    root, dirs, config_path = project
+    cfg = load_config(config_path)
+    nightly = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"lineage": "nightly"})})
+    custom = nightly.model_copy(
+        update={"deploy": cfg.deploy.model_copy(update={"lineage": "custom"}), "train": cfg.train.model_copy(update={"lr": 3e-5})}
+    )
+    first = nightly_refresh(nightly).pipeline  # no state yet in this lineage: a full run
+    dapt_pipeline(custom)  # another lineage, another config: the nightly lineage does not see it
+    assert load_state(cfg, "nightly").config_hash != load_state(cfg, "custom").config_hash
+    new_file = _new_notes(dirs, 8100)
+    try:
+        refreshed = nightly_refresh(nightly).pipeline
+        assert refreshed.refresh_of == first.cpt.promoted.uri  # not the custom run's model, and not a full run
+        advanced = load_state(cfg, "nightly")
+        assert advanced.generation == 1 and advanced.promoted == refreshed.cpt.promoted
+        dapt_pipeline(nightly)  # a (cached) full run from the base, in the nightly lineage, after the refresh
+        assert load_state(cfg, "nightly") == advanced  # the lineage did not move back to the older model
+    finally:
+        new_file.unlink()
 
 
 def test_refresh_after_a_config_change_is_a_full_run(prefect_harness, project, stage_calls):

@@ -95,12 +95,27 @@ def test_read_instructions_both_formats_gzip_and_blank_lines(tmp_path):
 ANSWER = {"role": "assistant", "content": "r"}
 
 
+def test_read_instructions_trl_prompt_completion(tmp_path):
+    """TRL's prompt-completion shape, as strings and as conversational lists, reads like prompt/response."""
+    user, answer = {"role": "user", "content": "repeat: abc"}, {"role": "assistant", "content": "abc"}
+    path = write_jsonl(
+        tmp_path / "trl.jsonl",
+        [{"prompt": "repeat: abc", "completion": "abc"}, {"prompt": [{"role": "system", "content": "be brief"}, user], "completion": [answer]}],
+    )
+    plain, chat = read_instructions([path])
+    assert plain == Example(context=(("user", "repeat: abc"),), response="abc")
+    assert chat.context == (("system", "be brief"), ("user", "repeat: abc")) and chat.response == "abc"
+
+
 @pytest.mark.parametrize(
     "line, expected",
     [
         ("{not json", "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
-        ({"text": "x"}, "expected {'prompt': ..., 'response': ...} or {'messages': [...]}, got keys ['text']"),
+        ({"text": "x"}, "{'prompt': ..., 'completion': ...} or {'messages': [...]}, got keys ['text']"),
+        ({"prompt": "p", "completion": ""}, "'completion' must be a non-empty string"),
+        ({"prompt": [{"role": "user", "content": "p"}], "completion": "r"}, "'completion' must be a list of"),
+        ({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "user", "content": "r"}]}, "the last message must be"),
         ({"prompt": "p", "response": ""}, "'response' must be a non-empty string"),
         ({"prompt": 3, "response": "r"}, "'prompt' must be a non-empty string"),
         ({"messages": [{"role": "assistant", "content": "r"}]}, "'messages' must be a list of at least 2 messages"),
