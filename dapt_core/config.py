@@ -326,7 +326,7 @@ class SftConfig(_Section):
 
 
 class DeployConfig(_Section):
-    """`dapt serve` deployments (deployments/prefect.yaml mirrors them)."""
+    """The deployments of `dapt serve` and `dapt deploy`, built from this config."""
 
     cron: str = Field("0 2 * * *", description="When nightly-refresh runs (cron syntax).")
     timezone: str = Field("UTC", description="IANA time zone of the cron schedule.")

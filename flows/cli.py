@@ -209,6 +209,7 @@ def _run_pipeline(cfg: DaptConfig):
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("dapt-demo"), help="Where the demo writes its config and artifact store."),
+    config_only: bool = typer.Option(False, "--config-only", help="Write the demo's config (e.g. for `dapt serve`) and stop."),
     as_json: bool = JsonOpt,
 ) -> None:
     """The whole pipeline offline on bundled real medical text with SmolLM2-135M (about 15-20 min on 2 CPU cores)."""
@@ -217,6 +218,8 @@ def demo(
     with _user_errors(as_json):
         config_path = demo_config(workdir.resolve())
         console.print(f"Demo config: {config_path}")
+        if config_only:
+            return
         result = _run_pipeline(_load(config_path))
     console.print(
         f"[bold]Done.[/bold]\n  report: {result.report_md.uri}\n  promoted CPT model: "
@@ -236,6 +239,29 @@ def serve(config: Path = ConfigArg) -> None:
 
     with _user_errors(False):
         serve_deployments(_load(config), str(config))
+
+
+@app.command()
+def deploy(
+    config: Path = ConfigArg,
+    pool: str = typer.Option("cpu", help="Work pool of dapt-pipeline and nightly-refresh."),
+    gpu_pool: str = typer.Option("gpu", help="Work pool of dapt-cpt (the CPT stage; docker/start-worker.sh's default)."),
+) -> None:
+    """Register dapt-pipeline, nightly-refresh and dapt-cpt on work pools of the Prefect server at PREFECT_API_URL.
+
+    Names, tags, schedule and concurrency come from the config, as with `dapt serve`; workers run the flow runs
+    (`prefect worker start --pool cpu`; on the GPU machine docker/start-worker.sh)."""
+    from flows.serve import deploy_to_pools
+
+    with _user_errors(False):
+        cfg = _load(config)
+        for line in deploy_to_pools(cfg, pool, gpu_pool, str(config)):
+            console.print(f"deployed {line}")
+        expected = f"dapt-cpt/{cfg.project}"
+        if cfg.deploy.cpt_deployment != expected:
+            console.print(
+                f"note: the pipeline runs CPT itself; set deploy.cpt_deployment: {expected} to run it on pool {gpu_pool!r}"
+            )
 
 
 if __name__ == "__main__":

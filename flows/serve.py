@@ -1,8 +1,9 @@
-"""`dapt serve`: the pipeline (run on demand) and the nightly refresh (cron) as deployments served by this process.
+"""The deployments of a config, two ways: `dapt serve` (this process runs their flow runs) and `dapt deploy` (workers
+on work pools run them: the pipeline and the refresh on a CPU pool, the CPT stage on a GPU pool).
 
-`prefect.serve` registers the deployments on the Prefect server, then polls it and runs every flow run in a subprocess
-of `dapt serve`. The alternative for separate machines (a GPU work pool for the CPT stage) is
-deployments/prefect.yaml with `prefect deploy` and workers.
+Both register the same deployments, built from the config alone (names, tags, schedule, concurrency): nothing is kept
+in step by hand. `prefect.serve` registers them, then polls the server and runs every flow run in a subprocess of
+`dapt serve`; `dapt deploy` registers them on pools and returns.
 """
 
 from __future__ import annotations
@@ -102,3 +103,32 @@ def serve(cfg: DaptConfig, config_path: str | None = None) -> None:
 
     require_api_server()
     prefect_serve(*build_deployments(cfg, config_path))
+
+
+class WorkPoolMissing(ValueError):
+    """`dapt deploy` names a work pool the Prefect server does not have."""
+
+
+def deploy_to_pools(cfg: DaptConfig, pool: str, gpu_pool: str, config_path: str | None = None) -> list[str]:
+    """Register the deployments on work pools (dapt-pipeline and nightly-refresh on `pool`, dapt-cpt on `gpu_pool`) and
+    return 'flow/name -> pool' lines. Module-path entrypoints and no pull steps: a worker needs the installed dapt
+    package and nothing else (no checkout, no working directory)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    require_api_server()
+    with get_client(sync_client=True) as client:
+        for name in dict.fromkeys((pool, gpu_pool)):
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                raise WorkPoolMissing(
+                    f"work pool {name!r} does not exist on the Prefect server: create it with "
+                    f"`prefect work-pool create {name} --type process` (or name another with --pool / --gpu-pool)"
+                ) from None
+    placed = []
+    for deployment in build_deployments(cfg, config_path):
+        target = gpu_pool if deployment.flow_name == "dapt-cpt" else pool
+        deployment.apply(work_pool_name=target)
+        placed.append(f"{deployment.flow_name}/{deployment.name} -> {target}")
+    return placed

@@ -1,4 +1,4 @@
-"""Deployments: `dapt serve` against a real Prefect server, and the consistency of prefect.yaml and the Dockerfile.
+"""Deployments: `dapt serve` and `dapt deploy` against a real Prefect server, and the Dockerfile's consistency.
 
 The server and the serve runner run as subprocesses with their own PREFECT_HOME and PREFECT_API_URL, so this process's
 Prefect settings (and the session's ephemeral `prefect_harness`) are never touched; the test talks to the server
@@ -8,6 +8,7 @@ through an explicit client.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import base64
 import os
 import re
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from dapt_core.config import DaptConfig, load_config
 from tests.conftest import _free_port
@@ -27,7 +27,6 @@ from tests.corpus import prose, write_config, write_corpus
 from tests.tiny_model import save_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 REPORT_KEY = "dapt-report"
 CRON, TIMEZONE = "30 3 * * 1-5", "Europe/Berlin"
@@ -47,29 +46,7 @@ def _tiny_config(root: Path) -> Path:
     return write_config(root, dirs, extra=f'model: {{base: "{base}"}}\n' + TINY)
 
 
-# --- prefect.yaml and the Dockerfile ----------------------------------------------------------------------------
-
-
-def _prefect_yaml_by_flow() -> dict[str, dict]:
-    """prefect.yaml's deployments keyed by the name of the flow their entrypoint loads, loaded as a worker does."""
-    from prefect.flows import load_flow_from_entrypoint
-
-    return {load_flow_from_entrypoint(d["entrypoint"]).name: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
-
-
-def test_prefect_yaml_entrypoints_resolve_and_configs_are_valid():
-    """Each entrypoint loads its flow; each `config` parameter is a valid DaptConfig; the refresh schedules as
-    `dapt serve` would with its config, and that config sends CPT to the GPU deployment in the same file."""
-    deployments = _prefect_yaml_by_flow()
-    assert set(deployments) == {"dapt-pipeline", "nightly-refresh", "dapt-cpt"}
-    configs = {name: DaptConfig.model_validate(d["parameters"]["config"]) for name, d in deployments.items()}
-    deploy = configs["nightly-refresh"].deploy
-    refresh = deployments["nightly-refresh"]
-    assert refresh["schedules"] == [{"cron": deploy.cron, "timezone": deploy.timezone, "active": True}]
-    assert refresh["concurrency_limit"] == {"limit": deploy.concurrency_limit, "collision_strategy": "CANCEL_NEW"}
-    cpt = deployments["dapt-cpt"]
-    assert cpt["work_pool"]["name"] == "gpu"
-    assert configs["dapt-pipeline"].deploy.cpt_deployment == deploy.cpt_deployment == f"dapt-cpt/{cpt['name']}"
+# --- the Dockerfile --------------------------------------------------------------------------------------------
 
 
 def test_dockerfile_matches_the_torch_pin_and_the_gpu_pool():
@@ -80,8 +57,9 @@ def test_dockerfile_matches_the_torch_pin_and_the_gpu_pool():
     cuda = re.search(r"^ARG TORCH_CUDA=cu12(\d)$", dockerfile, re.M)
     assert cuda and "https://download.pytorch.org/whl/${TORCH_CUDA}" in dockerfile
     assert re.search(rf"^ARG CUDA_IMAGE=nvidia/cuda:12\.{cuda[1]}\.\d+-\S*runtime", dockerfile, re.M)
-    deployments = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
-    pool = next(d for d in deployments if d["entrypoint"] == "flows.cpt.cpt_flow")["work_pool"]["name"]
+    from flows.cli import deploy
+
+    pool = inspect.signature(deploy).parameters["gpu_pool"].default.default  # `dapt deploy`'s GPU pool
     start = ROOT / "docker" / "start-worker.sh"
     assert f'DAPT_WORK_POOL:-{pool}}}' in start.read_text() and "prefect worker start" in start.read_text()
     assert re.search(r"^USER (?!root\b|0\b)\S+", dockerfile, re.M), "the worker must not run as root"
@@ -285,13 +263,13 @@ def _run_to_completion(services: Services, deployment: str, parameters: dict | N
     return artifacts, tasks
 
 
-def _run_pipeline(services: Services, deployment: str, config: Path) -> dict[str, str]:
+def _run_pipeline(services: Services, deployment: str, config: Path, project: str = "test") -> dict[str, str]:
     """Run a dapt-pipeline deployment with `config` as the UI's form would send it; check its report artifact."""
     params = {"config": load_config(config).model_dump(mode="json", by_alias=True)}
     artifacts, tasks = _run_to_completion(services, deployment, params)
     assert REPORT_KEY in artifacts, f"no {REPORT_KEY!r} artifact among {sorted(artifacts)}"
     report = artifacts[REPORT_KEY]
-    assert report.type == "markdown" and "# dapt report: test" in report.data and "Data funnel" in report.data
+    assert report.type == "markdown" and f"# dapt report: {project}" in report.data and "Data funnel" in report.data
     # the plots are embedded (the UI's browser reaches neither the worker's disk nor the bucket) and are real PNGs
     images = re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report.data)
     assert sorted(name for name, _ in images) == ["checkpoints", "funnel"]
@@ -364,23 +342,31 @@ def test_served_nightly_refresh_runs_with_its_stored_config(server, served_run):
     assert not trained, tasks
 
 
-def test_prefect_yaml_deploys_and_a_worker_runs_it(server, served_run):
-    """The README's steps: create the pools, `prefect deploy --all`, start a worker (docker/start-worker.sh) on the
-    cpu pool, run dapt-pipeline/medical with the test config. After the served run every stage comes from the cache
-    in the shared store, as on a second machine."""
+def test_dapt_deploy_places_the_deployments_on_pools_and_a_worker_runs_them(server, served_run, tmp_path):
+    """The README's steps: create the pools, `dapt deploy CONFIG`, start a worker (docker/start-worker.sh) on the cpu
+    pool, run dapt-pipeline/<project>. Another project name than the served one, so both sets of deployments exist;
+    every stage comes from the cache in the shared store, as on a second machine."""
     services, config = server
+    pooled = tmp_path / "pooled.yaml"
+    pooled.write_text(config.read_text().replace("project: test", "project: pooled"))
+    assert load_config(pooled).project == "pooled"
+    missing = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "deploy", str(pooled)], cwd=ROOT, env=services.env, capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode == 2 and "prefect work-pool create cpu --type process" in " ".join(missing.stderr.split())
     for pool in ("cpu", "gpu"):
         services.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"])
-    services.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)])
+    services.run([sys.executable, "-m", "flows.cli", "deploy", str(pooled)])
 
-    refresh = asyncio.run(_deployment(services, "nightly-refresh/medical"))
+    refresh = asyncio.run(_deployment(services, "nightly-refresh/pooled"))
     cfg = DaptConfig.model_validate(refresh.parameters["config"])
     (schedule,) = refresh.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone) == (cfg.deploy.cron, cfg.deploy.timezone)
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (CRON, TIMEZONE) == (cfg.deploy.cron, cfg.deploy.timezone)
     assert refresh.global_concurrency_limit.limit == cfg.deploy.concurrency_limit and refresh.work_pool_name == "cpu"
-    cpt = asyncio.run(_deployment(services, cfg.deploy.cpt_deployment))
+    assert refresh.tags == ["dapt", "pooled"]
+    cpt = asyncio.run(_deployment(services, "dapt-cpt/pooled"))
     assert cpt.work_pool_name == "gpu" and cpt.entrypoint == "flows.cpt.cpt_flow" and cpt.pull_steps == []
 
     services.start("cpu worker", ["sh", "docker/start-worker.sh"], DAPT_WORK_POOL="cpu")
-    tasks = _run_pipeline(services, "dapt-pipeline/medical", config)
+    tasks = _run_pipeline(services, "dapt-pipeline/pooled", pooled, project="pooled")
     assert set().union(*_stage_states(tasks).values()) == {"Cached"}, tasks
