@@ -2,8 +2,8 @@
 
 botocore, urllib3 and the OS report a dead endpoint, missing credentials or a full disk in a dozen exception
 types whose messages name neither the object nor the remedy. `classify` maps them (anywhere in an exception's
-chain) to a `StoreError` naming the endpoint, bucket or path; `s3_errors` does so around S3 calls where the uri
-is known. The CLI turns a StoreError into its one `error:` line; task retries skip it (see `worth_retrying`).
+chain) to a `StoreError` naming the endpoint, bucket or path; `store_errors` does so around store calls where the
+uri is known. The CLI turns a StoreError into its one `error:` line; task retries skip it (see `worth_retrying`).
 
 S3 requests are retried with botocore's standard conditions and backoff, but bounded by time rather than by a
 count: `RetryBudget` gives up once an endpoint has failed for DAPT_STORE_RETRY_SECONDS in a row (default 120).
@@ -178,10 +178,10 @@ def _classify_one(exc: BaseException, where: str | None, endpoint: str) -> Store
             "unreachable",
         )
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        path = exc.filename or where or "a local file"
+        path = exc.filename or where
         return StoreError(
-            f"{path}: no space left on device. Free space, or point TMPDIR, DAPT_CACHE_DIR or the store at a larger "
-            "disk, then re-run: finished stages are cached.",
+            f"{f'{path}: ' if path else ''}no space left on device. Free space, or point TMPDIR, DAPT_CACHE_DIR or the "
+            "store at a larger disk, then re-run: finished stages are cached.",
             "disk_full",
         )
     if "No space left on device" in str(exc):  # DuckDB and pyarrow report ENOSPC in their own exception types
@@ -238,8 +238,8 @@ def _classify_client_error(exc: BaseException, at: str, bucket: str, endpoint: s
 
 
 @contextmanager
-def s3_errors(where: str, endpoint: str | None = None) -> Iterator[None]:
-    """Raise a StoreError naming `where` for any S3, network or disk failure inside the block."""
+def store_errors(where: str, endpoint: str | None = None) -> Iterator[None]:
+    """Raise a StoreError naming `where` (a uri or local path) for any S3, network or disk failure inside the block."""
     try:
         yield
     except StoreError:

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from dapt_core.config import IngestConfig, SourceConfig
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import InputFile, Kind, QuarantineRecord
-from dapt_core.faults import StoreError, s3_errors
+from dapt_core.faults import StoreError, store_errors
 from dapt_core.store import s3_client
 
 _CHUNK = 1 << 20
@@ -189,7 +189,7 @@ def _s3_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iterato
     bucket, _, prefix = spec[len("s3://") :].partition("/")
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    with s3_errors(spec):
+    with store_errors(spec):
         for page in pages:
             for obj in page.get("Contents", []):
                 key = obj["Key"]
@@ -502,7 +502,7 @@ def _download(inp: InputFile, dest_dir: Path) -> Path:
     bucket, _, key = inp.uri[len("s3://") :].partition("/")
     etag = inp.fingerprint.split(":")[1]  # fingerprint is "etag:{ETag}:{size}"
     dest = dest_dir / key.rsplit("/", 1)[-1]  # keeps the suffix that selects the reader
-    with s3_errors(inp.uri):
+    with store_errors(inp.uri):
         obj = s3_client().get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
         with open(dest, "wb") as out:
             shutil.copyfileobj(obj["Body"], out, _CHUNK)

@@ -16,7 +16,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from dapt_core.faults import RetryBudget, retry_seconds, s3_client_config, s3_errors
+from dapt_core.faults import RetryBudget, retry_seconds, s3_client_config, store_errors
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import ArtifactRef, DirRef
 
@@ -116,7 +116,7 @@ class LocalStore(ArtifactStore):
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
         try:
-            with os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
+            with store_errors(str(dest)), os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
                 out.flush()
                 os.fsync(out.fileno())
@@ -165,7 +165,7 @@ class S3Store(ArtifactStore):
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def _errors(self, uri: str):
-        return s3_errors(uri, self.client.meta.endpoint_url)
+        return store_errors(uri, self.client.meta.endpoint_url)
 
     def check(self) -> None:
         with self._errors(self.root):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
 import pytest
 
+from dapt_core.faults import StoreError
 from dapt_core.store import IntegrityError, LocalStore, S3Store, open_store
 
 
@@ -30,11 +33,12 @@ def test_local_crashed_write_leaves_nothing_visible(tmp_path, monkeypatch):
     old = store.put_text("old version", "obj.txt")
 
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shutil, "copyfileobj", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StoreError, match=f"{tmp_path / 'store' / 'obj.txt'}: no space left on device. Free space") as e:
         store.put_text("new version", "obj.txt")
+    assert e.value.kind == "disk_full"
     monkeypatch.undo()
     assert store.read_text(old) == "old version"
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["obj.txt"]  # no .partial left behind
@@ -123,6 +127,27 @@ def test_s3_transient_errors_are_retried(s3_bucket, s3_endpoint, monkeypatch, tm
         ref = store.put_text("survives throttling", "obj.txt")
         assert store.read_text(ref) == "survives throttling"
         assert _FlakyProxy.seen > _FlakyProxy.failures  # the 503s were answered by retrying, not by failing
+    finally:
+        proxy.shutdown()
+
+
+def test_s3_throttling_beyond_the_budget_is_one_store_error(s3_bucket, s3_endpoint, monkeypatch, tmp_path):
+    _FlakyProxy.failures, _FlakyProxy.seen, _FlakyProxy.upstream = 10**9, 0, s3_endpoint
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("DAPT_STORE_RETRY_SECONDS", "2")
+        store = S3Store(f"s3://{s3_bucket}/throttled", cache_dir=tmp_path / "cache")
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=f"s3://{s3_bucket}/throttled/obj.txt: {endpoint} kept throttling") as e:
+            store.put_text("never stored", "obj.txt")
+        assert e.value.kind == "throttled" and "DAPT_STORE_RETRY_SECONDS=2" in str(e.value)
+        assert time.monotonic() - started < 2 + 2  # the budget, plus at most one backoff cut short
+        assert _FlakyProxy.seen >= 2  # it did retry, with backoff, before giving up
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+        assert not S3Store(f"s3://{s3_bucket}/throttled").exists("obj.txt")
     finally:
         proxy.shutdown()
 
