@@ -82,7 +82,7 @@ def _describe(e: BaseException) -> tuple[int, str]:
         return 2, str(store_error)
     if isinstance(e, (ConfigError, FileNotFoundError, ValueError, IntegrityError, OSError)):
         return 2, str(e)
-    return 1, f"unexpected {type(e).__name__}: {e} (a bug in dapt or a library; the log file has the traceback)"
+    return 1, f"unexpected {type(e).__name__}: {e} (the log file has the traceback)"
 
 
 def _new_log_file(command: str) -> tuple[Path | None, str]:
