@@ -50,14 +50,15 @@ def main(
 
 
 @contextmanager
-def _user_errors(as_json: bool):
-    """Run a command with its logs in a log file, and end any failure with one `error:` line naming that file.
+def _user_errors(as_json: bool, terminal_logs: bool = False):
+    """Run a command with its logs in a log file (and on the terminal with `terminal_logs` or --verbose), and end
+    any failure with one `error:` line naming that file.
 
     Expected failures (bad config or input, a corrupted artifact, an unreachable or refusing store, a full disk)
     exit with code 2, anything else with 1; with --json the last stdout line is {"error": ..., "log": ...}.
     Prefect wraps a failed task's exception in its flow's failure: the message comes from the root cause."""
     log_path, why_no_log = _new_log_file(_Invocation.command)
-    with _logging_to(log_path, _Invocation.verbose):
+    with _logging_to(log_path, terminal_logs or _Invocation.verbose):
         try:
             yield
         except typer.Exit:
@@ -334,7 +335,7 @@ def serve(config: Path = ConfigArg) -> None:
     """
     from flows.serve import serve as serve_deployments
 
-    with _user_errors(False):
+    with _user_errors(False, terminal_logs=True):  # a server's output is its log
         serve_deployments(_load(config), str(config))
 
 

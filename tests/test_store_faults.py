@@ -228,7 +228,7 @@ def test_server_not_running(tmp_path, prefect_harness):
     url = f"http://127.0.0.1:{_free_port()}"
     run = _prepare(_config(tmp_path, "art"), _env(tmp_path, url, prefect_harness))
     _assert_one_clear_error(run, f"s3://{BUCKET}/art", "cannot reach", url, "DAPT_STORE_RETRY_SECONDS=4")
-    assert BUDGET_S <= run.seconds < BUDGET_S + STARTUP_S
+    assert 0.75 * BUDGET_S <= run.seconds < BUDGET_S + STARTUP_S  # it retried, within the budget
 
 
 def test_server_killed_mid_ingest_then_rerun(moto, corpus, tmp_path, prefect_harness, reference):
