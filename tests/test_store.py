@@ -81,9 +81,10 @@ def test_s3_roundtrip_verify_and_cache(s3_bucket, tmp_path):
 
 
 class _FlakyProxy(BaseHTTPRequestHandler):
-    """Answers the first `failures` requests with 503 SlowDown, then forwards to the real S3 endpoint."""
+    """Answers the first `failures` requests with `status` `code` (503 SlowDown), then forwards to the real endpoint."""
 
     failures = 0
+    status, code = 503, "SlowDown"
     seen = 0
     upstream = ""
 
@@ -92,8 +93,8 @@ class _FlakyProxy(BaseHTTPRequestHandler):
         cls.seen += 1
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if cls.seen <= cls.failures:
-            msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-            self.send_response(503)
+            msg = f"<Error><Code>{cls.code}</Code><Message>Refused by the test proxy.</Message></Error>".encode()
+            self.send_response(cls.status)
             self.send_header("Content-Length", str(len(msg)))
             self.end_headers()
             self.wfile.write(msg)
@@ -119,6 +120,7 @@ class _FlakyProxy(BaseHTTPRequestHandler):
 
 def test_s3_transient_errors_are_retried(s3_bucket, s3_endpoint, monkeypatch, tmp_path):
     _FlakyProxy.failures, _FlakyProxy.seen, _FlakyProxy.upstream = 3, 0, s3_endpoint
+    _FlakyProxy.status, _FlakyProxy.code = 503, "SlowDown"
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
@@ -133,6 +135,7 @@ def test_s3_transient_errors_are_retried(s3_bucket, s3_endpoint, monkeypatch, tm
 
 def test_s3_throttling_beyond_the_budget_is_one_store_error(s3_bucket, s3_endpoint, monkeypatch, tmp_path):
     _FlakyProxy.failures, _FlakyProxy.seen, _FlakyProxy.upstream = 10**9, 0, s3_endpoint
+    _FlakyProxy.status, _FlakyProxy.code = 503, "SlowDown"
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
@@ -148,6 +151,33 @@ def test_s3_throttling_beyond_the_budget_is_one_store_error(s3_bucket, s3_endpoi
         assert _FlakyProxy.seen >= 2  # it did retry, with backoff, before giving up
         monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
         assert not S3Store(f"s3://{s3_bucket}/throttled").exists("obj.txt")
+    finally:
+        proxy.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind", "says"),
+    [
+        (403, "AccessDenied", "access_denied", "access denied by"),
+        (403, "InvalidAccessKeyId", "credentials", "rejected the S3 credentials"),
+        (404, "NoSuchBucket", "no_bucket", "does not exist on"),
+    ],
+)
+def test_s3_final_errors_are_not_retried(s3_bucket, s3_endpoint, monkeypatch, tmp_path, status, code, kind, says):
+    _FlakyProxy.failures, _FlakyProxy.seen, _FlakyProxy.upstream = 10**9, 0, s3_endpoint
+    _FlakyProxy.status, _FlakyProxy.code = status, code
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        store = S3Store(f"s3://{s3_bucket}/final", cache_dir=tmp_path / "cache")
+        with pytest.raises(StoreError) as e:
+            store.put_text("never stored", "obj.txt")
+        message = str(e.value)
+        assert e.value.kind == kind and message.startswith(f"s3://{s3_bucket}/final/obj.txt: ")
+        assert says in message and endpoint in message
+        assert _FlakyProxy.seen == 1  # one request: retrying cannot help
     finally:
         proxy.shutdown()
 
