@@ -19,6 +19,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dapt_core.config import ConfigError, DaptConfig, load_config
@@ -66,8 +67,8 @@ def _user_errors(as_json: bool, terminal_logs: bool = False):
         except Exception as e:
             code, message = _describe(e)
             log.error("%s", message, exc_info=e)
-            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-            console.print(f"details: {log_path or why_no_log}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+            console.print(f"details: {escape(str(log_path or why_no_log))}", highlight=False, soft_wrap=True)
             if as_json:
                 sys.stdout.write(json.dumps({"error": message, "log": str(log_path) if log_path else None}) + "\n")
                 sys.stdout.flush()
