@@ -33,15 +33,19 @@ BUCKET = "faults"
 
 
 class MotoProcess:
-    """moto's S3 server in its own process, so it can be killed, paused and started again on the same port."""
+    """moto's S3 server in its own process, so it can be killed, paused and started again on the same port.
 
-    def __init__(self, port: int):
-        self.port, self.url, self.proc = port, f"http://127.0.0.1:{port}", None
+    It records every request it completes in `recording` (moto's recorder), so that a restarted server can replay
+    them: the state a killed server had, with any half-received request missing."""
+
+    def __init__(self, port: int, recording: Path):
+        self.port, self.url, self.proc, self.recording = port, f"http://127.0.0.1:{port}", None, recording
 
     def start(self) -> None:
+        env = {**os.environ, "MOTO_ENABLE_RECORDING": "1", "MOTO_RECORDER_FILEPATH": str(self.recording)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -51,6 +55,10 @@ class MotoProcess:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("moto server did not start")
+
+    def replay(self) -> None:
+        """Rebuild the state of the previous process from the recording."""
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/recorder/replay-recording", method="POST"), timeout=120)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGCONT)  # a paused process must be able to die
@@ -77,8 +85,8 @@ class Run:
 
 
 @pytest.fixture
-def moto():
-    server = MotoProcess(_free_port())
+def moto(tmp_path):
+    server = MotoProcess(_free_port(), tmp_path / "moto-recording.jsonl")
     server.start()
     yield server
     if server.proc.poll() is None:
@@ -173,13 +181,15 @@ def _manifest_hashes(manifest: dict) -> dict:
     }
 
 
-def _assert_no_partial_objects(url: str, prefix: str) -> None:
-    """Every object the store wrote carries the sha256 of the file it uploaded: the bytes under that key must match."""
+def _assert_no_partial_objects(url: str, prefix: str) -> list[str]:
+    """Every object the store wrote carries the sha256 of the file it uploaded: the bytes under that key must match.
+    Returns the keys checked."""
     s3 = _client(url)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix) for o in page.get("Contents", [])]
     for key in keys:
         obj = s3.get_object(Bucket=BUCKET, Key=key)
         assert hashlib.sha256(obj["Body"].read()).hexdigest() == obj["Metadata"]["sha256"], key
+    return keys
 
 
 def _wait_for_objects(url: str, prefix: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -196,11 +206,11 @@ def _wait_for_objects(url: str, prefix: str, proc: subprocess.Popen, timeout: fl
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory, prefect_harness):
     """The manifest hashes of an undisturbed run on the same corpus (its own server, so no test disturbs it)."""
-    server = MotoProcess(_free_port())
+    tmp_path = tmp_path_factory.mktemp("reference")
+    server = MotoProcess(_free_port(), tmp_path / "moto-recording.jsonl")
     server.start()
     try:
         _seed(server.url, corpus)
-        tmp_path = tmp_path_factory.mktemp("reference")
         run = _prepare(_config(tmp_path, "reference"), _env(tmp_path, server.url, prefect_harness))
     finally:
         server.kill()
@@ -243,8 +253,11 @@ def test_server_killed_mid_ingest_then_rerun(moto, corpus, tmp_path, prefect_har
     _assert_one_clear_error(run, "cannot reach", moto.url)
     assert time.monotonic() - killed < BUDGET_S + 15
 
-    moto.start()  # moto's state died with it: the bucket and the corpus come back, the store starts empty
-    _seed(moto.url, corpus)
+    moto.start()
+    moto.replay()  # the state the killed server had
+    stored = _assert_no_partial_objects(moto.url, "art/")
+    assert any(key.startswith("art/ingest/") for key in stored)  # the killed run had stored some work
+
     rerun = _prepare(config, env)
     assert rerun.rc == 0, rerun.stderr[-3000:]
     assert _manifest_hashes(rerun.last_json) == reference
