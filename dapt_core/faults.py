@@ -54,8 +54,8 @@ def retry_seconds() -> float:
 
 class RetryBudget:
     """botocore's standard retry conditions and backoff, stopped by time: an endpoint that keeps failing for
-    `seconds` (connection refused, timeouts, throttling, 5xx) is given up on, and every request to it fails fast
-    from then on until one succeeds."""
+    `seconds` (connection refused, timeouts, throttling, 5xx) is given up on, and from then on every request to it
+    gives up after its first failed attempt, until one gets an answer."""
 
     _outages: dict[str, tuple[float, float]] = {}  # endpoint -> (first, last) failure of its current outage
     _lock = threading.Lock()
@@ -72,7 +72,7 @@ class RetryBudget:
         self._adapter = RetryEventAdapter()
         self._conditions = StandardRetryConditions(max_attempts=1_000_000)  # time, not a count, ends the retries
         self._backoff = ExponentialBackoff(
-            max_backoff=max(1.0, seconds / 4), throttling_detector=ThrottlingErrorDetector(self._adapter)
+            max_backoff=min(20.0, max(1.0, seconds / 4)), throttling_detector=ThrottlingErrorDetector(self._adapter)
         )
 
     def install(self, client) -> None:
@@ -217,7 +217,7 @@ def _classify_client_error(exc: BaseException, at: str, bucket: str, endpoint: s
     if code in ("NoSuchKey", "404", "NotFound") or status == 404:
         return StoreError(
             f"{at}the object is gone from {endpoint} (deleted after it was discovered or written). Re-run: inputs are "
-            "discovered afresh, and a missing artifact is recomputed.",
+            "discovered afresh; a deleted artifact of a cached stage needs that stage recomputed (`--refresh`).",
             "vanished",
         )
     if code in ("PreconditionFailed", "412") or status == 412:
