@@ -197,3 +197,24 @@ def test_directories_roundtrip(backend, tmp_path, request):
     local = store.local_dir(ref)
     assert (local / "sub" / "weights.bin").read_bytes() == b"\x00\x01" * 1000
     assert ref.sha256 == store.put_dir(src, "models/m2").sha256  # content hash, not location
+
+
+def test_dead_endpoint_is_given_up_on_once_per_outage(monkeypatch, tmp_path):
+    """The budget is the outage's, not each request's: once spent, later requests fail after one attempt."""
+    from tests.conftest import _free_port
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("DAPT_STORE_RETRY_SECONDS", "1.5")
+    store = S3Store("s3://bucket/outage", cache_dir=tmp_path / "cache")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=f"s3://bucket/outage/a.txt: cannot reach the S3 endpoint {dead}") as e:
+        store.put_text("a", "a.txt")
+    first = time.monotonic() - started
+    assert e.value.kind == "unreachable" and 0.5 < first < 1.5 + 1.5
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot reach"):
+        store.exists("b.txt")
+    assert time.monotonic() - started < 0.5
