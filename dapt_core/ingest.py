@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from dapt_core.config import IngestConfig, SourceConfig
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import InputFile, Kind, QuarantineRecord
+from dapt_core.faults import StoreError, store_errors
 from dapt_core.store import s3_client
 
 _CHUNK = 1 << 20
@@ -184,12 +185,11 @@ def _local_file(path: Path, make_input: Callable, quarantine: Callable) -> Input
 
 def _s3_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iterator[InputFile | QuarantineRecord]:
     """Objects at s3://bucket/key or under s3://bucket/prefix/ (a prefix is a folder: 'a' does not match 'ab.txt')."""
-    from botocore.exceptions import ClientError
 
     bucket, _, prefix = spec[len("s3://") :].partition("/")
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    try:
+    with store_errors(spec):
         for page in pages:
             for obj in page.get("Contents", []):
                 key = obj["Key"]
@@ -204,10 +204,6 @@ def _s3_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iterato
                 else:
                     etag = obj["ETag"].strip('"')
                     yield make_input(uri=uri, fingerprint=f"etag:{etag}:{obj['Size']}", bytes=obj["Size"])
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
-            raise FileNotFoundError(f"{spec}: bucket {bucket!r} does not exist on the configured S3 endpoint") from None
-        raise
 
 
 # --------------------------------------------------------------------------- readers
@@ -501,23 +497,27 @@ def read_documents(
 
 
 def _download(inp: InputFile, dest_dir: Path) -> Path:
-    """Fetch an S3 object, insisting on the ETag it had at discovery so the bytes match the cache key."""
-    from botocore.exceptions import ClientError
-
+    """Fetch an S3 object, insisting on the ETag it had at discovery so the bytes match the cache key (a changed
+    or deleted object is a StoreError, never a cached result for the old fingerprint)."""
     bucket, _, key = inp.uri[len("s3://") :].partition("/")
     etag = inp.fingerprint.split(":")[1]  # fingerprint is "etag:{ETag}:{size}"
     dest = dest_dir / key.rsplit("/", 1)[-1]  # keeps the suffix that selects the reader
-    try:
+    with store_errors(inp.uri):
         obj = s3_client().get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-            raise RuntimeError(
-                f"{inp.uri}: changed since it was discovered (ETag is no longer {etag}); re-run so the new version is fingerprinted"
-            ) from None
-        raise
-    with open(dest, "wb") as out:
-        shutil.copyfileobj(obj["Body"], out, _CHUNK)
+        with open(dest, "wb") as out:
+            shutil.copyfileobj(obj["Body"], out, _CHUNK)
     return dest
+
+
+def _check_unchanged(inp: InputFile) -> None:
+    """A local input read after discovery must still be the file that was fingerprinted: otherwise the shard would
+    be cached under the old content's key (a deleted file would be cached as 'unreadable')."""
+    try:
+        same = sha256_file(inp.uri) == inp.fingerprint
+    except FileNotFoundError:
+        raise StoreError(f"{inp.uri}: deleted after it was discovered; re-run to discover the current inputs.", "vanished") from None
+    if not same:
+        raise StoreError(f"{inp.uri}: changed since it was discovered; re-run so the new version is fingerprinted.", "changed")
 
 
 _ROW_GROUP_BYTES = 64 << 20
@@ -555,6 +555,8 @@ def ingest_file(inp: InputFile, cfg: IngestConfig, out_path: Path) -> tuple[int,
             if batch:
                 writer.write_table(_table(batch, inp, fmt), row_group_size=cfg.shard_docs)
                 written += len(batch)
+    if not inp.uri.startswith("s3://"):
+        _check_unchanged(inp)
     return written, quarantined
 
 

@@ -7,7 +7,8 @@ has empty, '.' or '..' segments, a backslash or a NUL is refused with `UnsafeKey
 manifest can address anything outside the store's root. Local files get the mode the umask allows (0666 & ~umask),
 so a team's store directory shared through a group stays readable by the group. S3 endpoint and credentials come from the standard AWS
 environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) and are never logged; transient S3
-errors are retried with exponential backoff by botocore's "standard" retry mode.
+errors are retried with exponential backoff within a time budget (dapt_core.faults), and every S3 failure is
+raised as a StoreError naming the object and what to do.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from dapt_core.faults import RetryBudget, retry_seconds, s3_client_config, store_errors
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import ArtifactRef, DirRef
 
@@ -68,6 +70,9 @@ class ArtifactStore(ABC):
     @abstractmethod
     def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
         """Copy a local file to `key` atomically."""
+
+    def check(self) -> None:
+        """Fail early, with a StoreError, when the store cannot be used (a local directory is made on first write)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -172,7 +177,7 @@ class LocalStore(ArtifactStore):
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
         try:
             os.fchmod(fd, _file_mode())
-            with os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
+            with store_errors(str(dest)), os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
                 out.flush()
                 os.fsync(out.fileno())
@@ -221,32 +226,43 @@ class S3Store(ArtifactStore):
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
+    def _errors(self, uri: str):
+        return store_errors(uri, self.client.meta.endpoint_url)
+
+    def check(self) -> None:
+        with self._errors(self.root):
+            self.client.head_bucket(Bucket=self.bucket)
+
     def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
         digest = sha256_file(local_path)
         # upload_file switches to multipart for large files; either way the object appears only when complete.
-        self.client.upload_file(str(local_path), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}})
+        with self._errors(self.uri(key)):
+            self.client.upload_file(str(local_path), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}})
         return ArtifactRef(uri=self.uri(key), sha256=digest, bytes=Path(local_path).stat().st_size)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+        with self._errors(self.uri(key)):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
 
     def read_key(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        with self._errors(self.uri(key)):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys: list[str] = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-            keys += [o["Key"][strip:] for o in page.get("Contents", [])]
+        with self._errors(self.uri(prefix)):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                keys += [o["Key"][strip:] for o in page.get("Contents", [])]
         return sorted(keys)
 
     def _local_copy(self, ref: ArtifactRef) -> Path:
@@ -283,16 +299,20 @@ class S3Store(ArtifactStore):
 
     def _fetch(self, ref: ArtifactRef, dest: Path) -> None:
         bucket, _, key = ref.uri[len("s3://") :].partition("/")
-        self.client.download_file(bucket, key, str(dest))
+        with self._errors(ref.uri):
+            self.client.download_file(bucket, key, str(dest))
 
 
 def s3_client():
     """An S3 client from the standard AWS environment (AWS_ENDPOINT_URL, credentials, region), retrying
-    throttling, 5xx and dropped connections with exponential backoff (botocore "standard" mode)."""
+    throttling, 5xx, timeouts and dropped connections with exponential backoff until the endpoint has failed
+    for DAPT_STORE_RETRY_SECONDS (dapt_core.faults.RetryBudget)."""
     import boto3
-    from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+    seconds = retry_seconds()
+    client = boto3.client("s3", config=s3_client_config(seconds))
+    RetryBudget(seconds).install(client)
+    return client
 
 
 def open_store(uri: str) -> ArtifactStore:

@@ -1,50 +1,152 @@
 """The `dapt` command line. Every command takes --json: its last stdout line is then one JSON object.
 
-Human output (progress, tables) goes to stderr, so stdout stays machine-readable.
+Human output (progress, tables) goes to stderr, so stdout stays machine-readable. Logs (Prefect's task and flow
+logs, warnings, tracebacks) go to a log file per command, `$DAPT_LOG_DIR/<command>-<UTC time>-<pid>.log`
+(default `~/.cache/dapt/logs`), not to the terminal (`dapt --verbose` shows them there too); a failure ends with
+one `error:` line that names the log file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dapt_core.config import ConfigError, DaptConfig, load_config
+from dapt_core.faults import classify
 from flows import progress
 
 app = typer.Typer(help="dapt: domain-adaptive continual pretraining without forgetting.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
+log = logging.getLogger("dapt")
+KEEP_LOGS = 100  # log files kept in the log folder; older ones are removed
 
 ConfigArg = typer.Argument(..., exists=False, help="Path to the YAML config (see examples/config.yaml).")
 JsonOpt = typer.Option(False, "--json", help="Print the stage manifest as one JSON object on the last stdout line.")
 
 
+class _Invocation:
+    """What the top-level options said for this run of `dapt` (set by `main`, read by `_user_errors`)."""
+
+    command = "dapt"
+    verbose = False
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's logs and tracebacks on the terminal."),
+) -> None:
+    _Invocation.command, _Invocation.verbose = ctx.invoked_subcommand or "dapt", verbose
+
+
 @contextmanager
-def _user_errors(as_json: bool):
-    """Bad input (a missing path, an unreadable eval set, a bad model setting, a corrupted artifact) ends with one
-    `error:` line and exit code 2 instead of a traceback; with --json the last stdout line is {"error": ...}."""
+def _user_errors(as_json: bool, terminal_logs: bool = False):
+    """Run a command with its logs in a log file (and on the terminal with `terminal_logs` or --verbose), and end
+    any failure with one `error:` line naming that file.
+
+    Expected failures (bad config or input, a corrupted artifact, an unreachable or refusing store, a full disk)
+    exit with code 2, anything else with 1; with --json the last stdout line is {"error": ..., "log": ...}.
+    Prefect wraps a failed task's exception in its flow's failure: the message comes from the root cause."""
+    log_path, why_no_log = _new_log_file(_Invocation.command)
+    with _logging_to(log_path, terminal_logs or _Invocation.verbose):
+        try:
+            yield
+        except typer.Exit:
+            raise
+        except Exception as e:
+            code, message = _describe(e)
+            log.error("%s", message, exc_info=e)
+            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+            console.print(f"details: {escape(str(log_path or why_no_log))}", highlight=False, soft_wrap=True)
+            if as_json:
+                sys.stdout.write(json.dumps({"error": message, "log": str(log_path) if log_path else None}) + "\n")
+                sys.stdout.flush()
+            raise typer.Exit(code) from None
+
+
+def _describe(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-paragraph message) for a command's failure."""
     from dapt_core.store import IntegrityError
 
+    store_error = classify(e)
+    if store_error is not None:
+        return 2, str(store_error)
+    if isinstance(e, (ConfigError, FileNotFoundError, ValueError, IntegrityError, OSError)):
+        return 2, str(e)
+    return 1, f"unexpected {type(e).__name__}: {e} (the log file has the traceback)"
+
+
+def _new_log_file(command: str) -> tuple[Path | None, str]:
+    """A fresh log file in $DAPT_LOG_DIR (default ~/.cache/dapt/logs), the oldest beyond KEEP_LOGS removed;
+    (None, why) when it cannot be created (a full or read-only disk must not hide the real error)."""
+    folder = Path(os.environ.get("DAPT_LOG_DIR") or Path.home() / ".cache" / "dapt" / "logs").expanduser()
+    path = folder / f"{command}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        for old in sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-KEEP_LOGS]:
+            old.unlink(missing_ok=True)
+    except OSError as e:
+        return None, f"no log file ({e})"
+    return path, ""
+
+
+@contextmanager
+def _logging_to(path: Path | None, verbose: bool) -> Iterator[None]:
+    """Send Prefect's loggers, warnings and our own log to `path`; unless `verbose`, take Prefect's console
+    handlers off the terminal meanwhile (a failing run would otherwise print a traceback per task and retry)."""
+    import prefect  # noqa: F401  (configures Prefect's logging, which is then redirected)
+
+    file_handler = logging.FileHandler(path, encoding="utf-8") if path else logging.NullHandler()
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(threadName)s %(name)s - %(message)s"))
+    names = [None, *logging.root.manager.loggerDict]
+    loggers = [logging.getLogger(n) for n in names if n is None or isinstance(logging.root.manager.loggerDict[n], logging.Logger)]
+    consoles = [
+        (logger, h) for logger in loggers for h in logger.handlers
+        if type(h).__module__.startswith("prefect.logging") and isinstance(h, logging.StreamHandler)
+    ]
+    extra = list({logger for logger, _ in consoles if not logger.propagate})  # prefect._internal, uvicorn: the file too
+    removed = [] if verbose else consoles
+    for logger, h in removed:
+        logger.removeHandler(h)
+    for logger in [logging.root, *extra]:
+        logger.addHandler(file_handler)
+    level, raise_exceptions = log.level, logging.raiseExceptions
+    log.setLevel(logging.INFO)
+    logging.raiseExceptions = False  # a full disk makes the log file fail: say nothing rather than a traceback
+    logging.captureWarnings(True)
     try:
         yield
-    except (ConfigError, FileNotFoundError, ValueError, IntegrityError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        if as_json:
-            sys.stdout.write(json.dumps({"error": str(e)}) + "\n")
-        raise typer.Exit(2) from None
+    finally:
+        logging.captureWarnings(False)
+        logging.raiseExceptions = raise_exceptions
+        log.setLevel(level)
+        for logger in [logging.root, *extra]:
+            logger.removeHandler(file_handler)
+        for logger, h in removed:
+            logger.addHandler(h)
+        file_handler.close()
 
 
 def _load(path: Path) -> DaptConfig:
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    """The validated config, after checking that its store can be used (an unreachable or refusing S3 store fails
+    here, in seconds, rather than after Prefect has started)."""
+    from dapt_core.store import open_store
+
+    cfg = load_config(path)
+    open_store(cfg.store).check()
+    return cfg
 
 
 def _emit(obj, as_json: bool) -> None:
@@ -237,7 +339,7 @@ def serve(config: Path = ConfigArg) -> None:
     """
     from flows.serve import serve as serve_deployments
 
-    with _user_errors(False):
+    with _user_errors(False, terminal_logs=True):  # a server's output is its log
         serve_deployments(_load(config), str(config))
 
 

@@ -17,6 +17,7 @@ from dapt_core.config import CleanConfig, DataConfig, IngestConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
 from dapt_core.store import open_store
+from tasks.retries import retry_if_worthwhile
 
 # The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
 INGEST_CODE = code_version(ingest, manifest, sys.modules[__name__])
@@ -61,6 +62,7 @@ def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], l
     result_serializer="json",
     retries=2,
     retry_delay_seconds=5,
+    retry_condition_fn=retry_if_worthwhile,
 )
 def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestManifest:
     """Read one file into a Parquet shard; cached on the file's content hash, so only new or changed files run."""
@@ -79,6 +81,7 @@ def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestMani
     persist_result=True,
     result_serializer="json",
     retries=1,
+    retry_condition_fn=retry_if_worthwhile,
 )
 def clean_task(
     ingested: list[IngestManifest],

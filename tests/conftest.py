@@ -51,6 +51,18 @@ def s3_bucket(s3_endpoint, request):
     client.delete_bucket(Bucket=name)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dapt_log_dir(tmp_path_factory):
+    """CLI log files go to a temp folder, not the developer's ~/.cache/dapt/logs."""
+    saved = os.environ.get("DAPT_LOG_DIR")
+    os.environ["DAPT_LOG_DIR"] = str(tmp_path_factory.mktemp("dapt-logs"))
+    yield
+    if saved is None:
+        os.environ.pop("DAPT_LOG_DIR", None)
+    else:
+        os.environ["DAPT_LOG_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One ephemeral Prefect server for the whole session, its PREFECT_HOME in a temp dir (it takes ~10 s to start)."""

@@ -20,6 +20,7 @@ from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
 from dapt_core import ingest
 from dapt_core.config import IngestConfig, SourceConfig
+from dapt_core.faults import StoreError
 from dapt_core.hashing import sha256_file
 from dapt_core.ingest import INGEST_SCHEMA, Document, discover_inputs, ingest_file, read_documents
 from dapt_core.manifest import InputFile, QuarantineRecord
@@ -437,6 +438,8 @@ def test_s3_prefix_is_discovered_and_ingested(s3_bucket, tmp_path):
 
     single, _ = discover_inputs(SourceConfig(name="one", paths=[f"s3://{s3_bucket}/corpus/a.txt"]), "domain")
     assert [i.uri for i in single] == [f"s3://{s3_bucket}/corpus/a.txt"]
-    for missing in (f"s3://{s3_bucket}/nothing/", f"s3://{s3_bucket}-absent/x"):
-        with pytest.raises(FileNotFoundError, match="matches no input files|does not exist"):
-            discover_inputs(SourceConfig(name="web", paths=[missing]), "general")
+    with pytest.raises(FileNotFoundError, match="matches no input files"):
+        discover_inputs(SourceConfig(name="web", paths=[f"s3://{s3_bucket}/nothing/"]), "general")
+    with pytest.raises(StoreError, match=f"bucket '{s3_bucket}-absent' does not exist") as missing_bucket:
+        discover_inputs(SourceConfig(name="web", paths=[f"s3://{s3_bucket}-absent/x"]), "general")
+    assert missing_bucket.value.kind == "no_bucket"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +13,7 @@ from typer.testing import CliRunner
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
 from dapt_core.config import load_config
+from dapt_core.faults import StoreError
 from dapt_core.store import open_store
 from flows.cli import app
 from flows.prepare import prepare_flow
@@ -212,3 +215,50 @@ def test_missing_input_path_is_one_error_line(tmp_path):
     res = CliRunner().invoke(app, ["plan", str(write_config(tmp_path, dirs))])
     assert res.exit_code == 2
     assert "error:" in res.output and str(dirs["general"]) in res.output and "Traceback" not in res.output
+
+
+def test_input_deleted_after_discovery_fails_once_and_is_not_cached(prefect_harness, tmp_path, counters, monkeypatch):
+    dirs = write_corpus(tmp_path)
+    cfg = load_config(write_config(tmp_path, dirs))
+    victim = dirs["domain"] / "note0.txt"
+    content = victim.read_text()
+    real_discover = ingest.discover_inputs
+
+    def discover_then_delete(*a, **kw):
+        found = real_discover(*a, **kw)
+        victim.unlink(missing_ok=True)
+        return found
+
+    monkeypatch.setattr(ingest, "discover_inputs", discover_then_delete)
+    with pytest.raises(StoreError, match=f"{victim}: deleted after it was discovered") as e:
+        prepare_flow(cfg)
+    assert e.value.kind == "vanished"
+    assert counters["ingest"].count(str(victim)) == 1  # not retried: it cannot succeed
+
+    # Had the failed read been cached (as an 'unreadable' file under the same content hash), the restored file
+    # would come back from the cache with no documents.
+    monkeypatch.setattr(ingest, "discover_inputs", real_discover)
+    victim.write_text(content)
+    counters["ingest"].clear()
+    result = prepare_flow(cfg)
+    assert str(victim) in counters["ingest"]
+    (restored,) = [m for m in result.ingested if m.input.uri == str(victim)]
+    assert restored.docs == 1 and restored.quarantined == []
+
+
+def test_cli_disk_full_is_one_error_line(prefect_harness, tmp_path, monkeypatch):
+    import dapt_core.store as store_module
+
+    dirs = write_corpus(tmp_path)
+    cfg_path = write_config(tmp_path, dirs)
+
+    def no_space(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.shutil, "copyfileobj", no_space)
+    res = CliRunner().invoke(app, ["prepare", str(cfg_path), "--json"])
+    assert res.exit_code == 2, res.output
+    error = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "no space left on device" in error["error"] and str(tmp_path / "store") in error["error"]
+    assert [line for line in res.stderr.splitlines() if line.startswith("error:")] and "Traceback" not in res.stderr
+    assert "OSError: [Errno 28]" in Path(error["log"]).read_text()  # the details are in the log file

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import os
 import boto3
 import pytest
 
+from dapt_core.faults import StoreError
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import ArtifactRef, DirRef
 from dapt_core.plan import latest_prepare_key
@@ -37,11 +40,12 @@ def test_local_crashed_write_leaves_nothing_visible(tmp_path, monkeypatch):
     old = store.put_text("old version", "obj.txt")
 
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shutil, "copyfileobj", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StoreError, match=f"{tmp_path / 'store' / 'obj.txt'}: no space left on device. Free space") as e:
         store.put_text("new version", "obj.txt")
+    assert e.value.kind == "disk_full"
     monkeypatch.undo()
     assert store.read_text(old) == "old version"
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["obj.txt"]  # no .partial left behind
@@ -171,9 +175,10 @@ def test_s3_refs_outside_the_store_are_refused_and_write_nothing_outside_the_cac
 
 
 class _FlakyProxy(BaseHTTPRequestHandler):
-    """Answers the first `failures` requests with 503 SlowDown, then forwards to the real S3 endpoint."""
+    """Answers the first `failures` requests with `status` `code` (503 SlowDown), then forwards to the real endpoint."""
 
     failures = 0
+    status, code = 503, "SlowDown"
     seen = 0
     upstream = ""
 
@@ -182,8 +187,8 @@ class _FlakyProxy(BaseHTTPRequestHandler):
         cls.seen += 1
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if cls.seen <= cls.failures:
-            msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-            self.send_response(503)
+            msg = f"<Error><Code>{cls.code}</Code><Message>Refused by the test proxy.</Message></Error>".encode()
+            self.send_response(cls.status)
             self.send_header("Content-Length", str(len(msg)))
             self.end_headers()
             self.wfile.write(msg)
@@ -209,6 +214,7 @@ class _FlakyProxy(BaseHTTPRequestHandler):
 
 def test_s3_transient_errors_are_retried(s3_bucket, s3_endpoint, monkeypatch, tmp_path):
     _FlakyProxy.failures, _FlakyProxy.seen, _FlakyProxy.upstream = 3, 0, s3_endpoint
+    _FlakyProxy.status, _FlakyProxy.code = 503, "SlowDown"
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
@@ -217,6 +223,55 @@ def test_s3_transient_errors_are_retried(s3_bucket, s3_endpoint, monkeypatch, tm
         ref = store.put_text("survives throttling", "obj.txt")
         assert store.read_text(ref) == "survives throttling"
         assert _FlakyProxy.seen > _FlakyProxy.failures  # the 503s were answered by retrying, not by failing
+    finally:
+        proxy.shutdown()
+
+
+def test_s3_throttling_beyond_the_budget_is_one_store_error(s3_bucket, s3_endpoint, monkeypatch, tmp_path):
+    _FlakyProxy.failures, _FlakyProxy.seen, _FlakyProxy.upstream = 10**9, 0, s3_endpoint
+    _FlakyProxy.status, _FlakyProxy.code = 503, "SlowDown"
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("DAPT_STORE_RETRY_SECONDS", "2")
+        store = S3Store(f"s3://{s3_bucket}/throttled", cache_dir=tmp_path / "cache")
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=f"s3://{s3_bucket}/throttled/obj.txt: {endpoint} kept throttling") as e:
+            store.put_text("never stored", "obj.txt")
+        assert e.value.kind == "throttled" and "DAPT_STORE_RETRY_SECONDS=2" in str(e.value)
+        assert time.monotonic() - started < 2 + 2  # the budget, plus at most one backoff cut short
+        assert _FlakyProxy.seen >= 2  # it did retry, with backoff, before giving up
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+        assert not S3Store(f"s3://{s3_bucket}/throttled").exists("obj.txt")
+    finally:
+        proxy.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind", "says"),
+    [
+        (403, "AccessDenied", "access_denied", "access denied by"),
+        (403, "InvalidAccessKeyId", "credentials", "rejected the S3 credentials"),
+        (404, "NoSuchBucket", "no_bucket", "does not exist on"),
+    ],
+)
+def test_s3_final_errors_are_not_retried(s3_bucket, s3_endpoint, monkeypatch, tmp_path, status, code, kind, says):
+    _FlakyProxy.failures, _FlakyProxy.seen, _FlakyProxy.upstream = 10**9, 0, s3_endpoint
+    _FlakyProxy.status, _FlakyProxy.code = status, code
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        store = S3Store(f"s3://{s3_bucket}/final", cache_dir=tmp_path / "cache")
+        with pytest.raises(StoreError) as e:
+            store.put_text("never stored", "obj.txt")
+        message = str(e.value)
+        assert e.value.kind == kind and message.startswith(f"s3://{s3_bucket}/final/obj.txt: ")
+        assert says in message and endpoint in message
+        assert _FlakyProxy.seen == 1  # one request: retrying cannot help
     finally:
         proxy.shutdown()
 
@@ -236,3 +291,24 @@ def test_directories_roundtrip(backend, tmp_path, request):
     local = store.local_dir(ref)
     assert (local / "sub" / "weights.bin").read_bytes() == b"\x00\x01" * 1000
     assert ref.sha256 == store.put_dir(src, "models/m2").sha256  # content hash, not location
+
+
+def test_dead_endpoint_is_given_up_on_once_per_outage(monkeypatch, tmp_path):
+    """The budget is the outage's, not each request's: once spent, later requests fail after one attempt."""
+    from tests.conftest import _free_port
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("DAPT_STORE_RETRY_SECONDS", "1.5")
+    store = S3Store("s3://bucket/outage", cache_dir=tmp_path / "cache")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=f"s3://bucket/outage/a.txt: cannot reach the S3 endpoint {dead}") as e:
+        store.put_text("a", "a.txt")
+    first = time.monotonic() - started
+    assert e.value.kind == "unreachable" and 0.5 < first < 1.5 + 1.5
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot reach"):
+        store.exists("b.txt")
+    assert time.monotonic() - started < 0.5
