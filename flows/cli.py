@@ -26,6 +26,10 @@ from dapt_core.config import ConfigError, DaptConfig, load_config
 from dapt_core.faults import classify
 from flows import progress
 
+# Prefect's temporary server gets 20 s to start by default; on a loaded 2-core machine it once needed more, and the
+# command then failed with nothing wrong. The user's own setting wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
 app = typer.Typer(help="dapt: domain-adaptive continual pretraining without forgetting.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
 log = logging.getLogger("dapt")
