@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -32,6 +33,23 @@ class DirRef(BaseModel):
         for name in sorted(self.files):
             h.update(f"{name}\0{self.files[name].sha256}\n".encode())
         return h.hexdigest()
+
+
+def artifacts(value: object) -> Iterator[ArtifactRef]:
+    """Every stored file a manifest refers to (a directory by its files), in field order."""
+    if isinstance(value, ArtifactRef):
+        yield value
+    elif isinstance(value, DirRef):
+        yield from value.files.values()
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from artifacts(getattr(value, name))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from artifacts(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from artifacts(item)
 
 
 class InputFile(BaseModel):

@@ -17,6 +17,7 @@ from dapt_core.config import CleanConfig, DataConfig, IngestConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
 from dapt_core.store import open_store
+from tasks.caching import check_result_record, retry_unless_untrusted
 
 # The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
 INGEST_CODE = code_version(ingest, manifest, sys.modules[__name__])
@@ -61,10 +62,12 @@ def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], l
     result_serializer="json",
     retries=2,
     retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_untrusted,
 )
 def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestManifest:
     """Read one file into a Parquet shard; cached on the file's content hash, so only new or changed files run."""
     key = ingest_key(inp, cfg)
+    check_result_record(store_uri, key)
     store = open_store(store_uri)
     with tempfile.TemporaryDirectory(prefix="dapt-ingest-") as tmp:
         out = Path(tmp) / "docs.parquet"
@@ -79,6 +82,7 @@ def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestMani
     persist_result=True,
     result_serializer="json",
     retries=1,
+    retry_condition_fn=retry_unless_untrusted,
 )
 def clean_task(
     ingested: list[IngestManifest],
@@ -89,6 +93,7 @@ def clean_task(
 ) -> CleanManifest:
     """Normalise, filter, decontaminate and deduplicate the whole corpus in DuckDB; write kept docs, decisions and stats."""
     key = clean_key(ingested, evals, quarantined, cfg)
+    check_result_record(store_uri, key)
     store = open_store(store_uri)
     shards = [store.local_path(m.shard) for m in ingested if m.shard]
     eval_shards = [store.local_path(m.shard) for m in evals if m.shard]
