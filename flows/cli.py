@@ -5,6 +5,7 @@ Human output (progress, tables) goes to stderr, so stdout stays machine-readable
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from contextlib import contextmanager
@@ -224,6 +225,48 @@ def demo(
         f"  SFT model: {result.sft.model.uri if result.sft else 'none'}\n  config (edit and `dapt run` it): {config_path}"
     )
     _emit(result, as_json)
+
+
+@app.command()
+def verify(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
+    """Hash every artifact of the store's cached stage results and of the project's last runs; say what the next run
+    recomputes. Exit code 2 when anything is missing, damaged or untrusted."""
+    with _user_errors(as_json):
+        report = _run_verify(_load(config))
+    _emit(report, as_json)
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+def _run_verify(cfg: DaptConfig):
+    from dapt_core.manifest import CptManifest, PrepareManifest, RunState
+    from dapt_core.plan import latest_prepare_key
+    from dapt_core.store import open_store
+    from flows.dapt_pipeline import state_key
+    from tasks.caching import result_kind, verify_store
+
+    runs = {latest_prepare_key(cfg.project): PrepareManifest, state_key(cfg.project): RunState}
+    runs |= {key: CptManifest for key in open_store(cfg.store).list(f"runs/{cfg.project}/cpt-results")}
+    report = verify_store(cfg.store, cfg.project, runs)
+    action = {
+        "stale": "the next run recomputes this stage",
+        "damaged": "delete the damaged file(s); the next run then recomputes this stage",
+        "untrusted": "not written by dapt, never loaded: inspect it, then delete it or recompute with --refresh",
+    }
+    intact = collections.Counter(result_kind(c.name) or c.name for c in report.checks if c.status == "ok")
+    console.print("ok: " + (", ".join(f"{name} ×{n}" for name, n in sorted(intact.items())) or "nothing"), soft_wrap=True, highlight=False)
+    for c in report.checks:
+        if c.status != "ok":
+            console.print(f"[red]{c.status}[/red]: {c.uri}: {action[c.status]}", soft_wrap=True, highlight=False)
+            for problem in c.problems:
+                console.print(f"  {problem}", soft_wrap=True, highlight=False)
+    broken = sum(c.status != "ok" for c in report.checks)
+    console.print(
+        f"{len(report.checks)} manifest(s), {report.artifacts} artifact(s) in {report.store}: "
+        + (f"[red]{broken} broken[/red]" if broken else "all intact"),
+        soft_wrap=True, highlight=False,
+    )
+    return report
 
 
 @app.command()

@@ -31,8 +31,6 @@ from dapt_core.manifest import (
     CptManifest,
     IngestManifest,
     PackManifest,
-    PrepareManifest,
-    RunState,
     SftManifest,
     TokenizerManifest,
     artifacts,
@@ -220,6 +218,77 @@ def check_result_record(store_uri: str, key: str) -> None:
 def retry_unless_untrusted(task, task_run, state) -> bool:
     """retry_condition_fn of retried tasks: reading an untrusted record again cannot succeed."""
     return not isinstance(state.result(raise_on_failure=False), UntrustedResultRecord)
+
+
+class ManifestCheck(BaseModel):
+    """One stage result (or run manifest of the project) and the state of every artifact it refers to."""
+
+    name: str = Field(description="Cache key of a stage result, or store key of a run manifest.")
+    uri: str
+    status: Literal["ok", "stale", "damaged", "untrusted"] = Field(
+        description="stale: an artifact is missing or resized (the next run recomputes the stage); damaged: an artifact "
+        "has its size but another sha256 (delete it, then the next run recomputes the stage); untrusted: not a record "
+        "dapt wrote."
+    )
+    artifacts: int
+    problems: list[str] = Field(default_factory=list)
+
+
+class VerifyReport(BaseModel):
+    """What `dapt verify` found: every cached stage result of the store and the run manifests of the project."""
+
+    store: str
+    project: str
+    ok: bool
+    artifacts: int = Field(description="Distinct artifacts checked (every byte hashed unless missing or resized).")
+    checks: list[ManifestCheck]
+    not_results: list[str] = Field(
+        default_factory=list,
+        description="Entries under prefect-results/ that are not stage results (Prefect stores failed runs' exceptions "
+        "there); dapt never reads them.",
+    )
+
+
+def verify_store(store_uri: str, project: str, run_manifests: dict[str, type[BaseModel]]) -> VerifyReport:
+    """Hash every artifact of every cached stage result and of the project's `run_manifests` (store key -> class)."""
+    store = open_store(store_uri)
+    verdicts: dict[str, tuple[str, str] | None] = {}  # uri -> (status, problem); an artifact shared by manifests is hashed once
+
+    def verdict(ref: ArtifactRef) -> tuple[str, str] | None:
+        if ref.uri not in verdicts:
+            if problem := store.check(ref):
+                verdicts[ref.uri] = ("stale", problem)
+            else:
+                problem = store.check(ref, full=True)
+                verdicts[ref.uri] = ("damaged", problem) if problem else None
+        return verdicts[ref.uri]
+
+    def check(name: str, uri: str, value: Any) -> ManifestCheck:
+        refs = list(artifacts(value))
+        found = [v for ref in refs if (v := verdict(ref))]
+        status = "stale" if any(s == "stale" for s, _ in found) else "damaged" if found else "ok"
+        return ManifestCheck(name=name, uri=uri, status=status, artifacts=len(refs), problems=[p for _, p in found])
+
+    checks: list[ManifestCheck] = []
+    not_results: list[str] = []
+    for key in store.list(RESULTS_PREFIX):
+        name, uri = key[len(RESULTS_PREFIX) + 1 :], store.uri(key)
+        if result_kind(name) is None:
+            not_results.append(name)
+            continue
+        try:
+            checks.append(check(name, uri, decode_record(name, store.read_key(key), uri)))
+        except UntrustedResultRecord as e:
+            checks.append(ManifestCheck(name=name, uri=uri, status="untrusted", artifacts=0, problems=[str(e)]))
+    for key, model in run_manifests.items():
+        if store.exists(key):
+            try:
+                checks.append(check(key, store.uri(key), model.model_validate_json(store.read_key(key))))
+            except ValidationError as e:
+                problem = f"{store.uri(key)}: not a valid {model.__name__} ({e.error_count()} problem(s))"
+                checks.append(ManifestCheck(name=key, uri=store.uri(key), status="untrusted", artifacts=0, problems=[problem]))
+    ok = all(c.status == "ok" for c in checks)
+    return VerifyReport(store=store.root, project=project, ok=ok, artifacts=len(verdicts), checks=checks, not_results=not_results)
 
 
 def was_cached(future) -> bool:
