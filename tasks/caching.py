@@ -128,11 +128,12 @@ class ManifestSerializer(Serializer):
     type: Literal["dapt-manifest"] = Field(default="dapt-manifest", frozen=True)
     kind: str
 
+    # The stdlib's JSON, as Prefect's serializer writes it: pydantic's own would turn NaN metrics into null.
     def dumps(self, obj: Any) -> bytes:
-        return _ADAPTERS[self.kind].dump_json(obj)
+        return json.dumps(_ADAPTERS[self.kind].dump_python(obj, mode="json")).encode()
 
     def loads(self, blob: bytes) -> Any:
-        return _ADAPTERS[self.kind].validate_json(blob)
+        return _ADAPTERS[self.kind].validate_python(json.loads(blob))
 
 
 def _stale(store: ArtifactStore, value: Any) -> list[str]:

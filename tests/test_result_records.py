@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -159,6 +160,10 @@ def test_prefect_reads_the_validated_manifest_back(tmp_path):
     storage.write_path(key, written)
     assert ResultRecord.deserialize(storage.read_path(key)).result == manifest
 
+    metrics_key = "base-eval-" + "ef" * 32  # metrics may be NaN: they must survive the re-encoding
+    storage.write_path(metrics_key, ResultRecord(metadata={"serializer": JSONSerializer()}, result={"bpb": float("nan")}).serialize())
+    assert math.isnan(ResultRecord.deserialize(storage.read_path(metrics_key)).result["bpb"])
+
     Path(ref.uri).unlink()  # an artifact it hands on is gone: not reused (Prefect takes the error for a cache miss)
     with pytest.raises(RuntimeError, match="is not reused|missing"):
         storage.read_path(key)
@@ -237,3 +242,18 @@ def test_check_on_s3_uses_the_object_not_a_cached_copy(s3_bucket, tmp_path):
     assert "does not match the manifest's" in store.check(ref, full=True)
     boto3.client("s3").delete_object(Bucket=s3_bucket, Key="store/x/a.bin")
     assert store.check(ref) == f"{ref.uri}: missing"
+
+
+def test_checkpoints_are_not_what_a_cpt_result_hands_on():
+    """Deleting old checkpoints to free space must not make a finished CPT stage run again."""
+    from dapt_core.manifest import ArtifactRef, CptManifest, DirRef, artifacts
+
+    ref = lambda name: ArtifactRef(uri=f"/s/{name}", sha256="0" * 64, bytes=1)  # noqa: E731
+    m = CptManifest(
+        accepted=True, promoted=DirRef(uri="/s/promoted", files={"model.safetensors": ref("promoted")}),
+        checkpoints=[DirRef(uri="/s/ckpt", files={"optimizer.pt": ref("ckpt")})],
+        tensorboard=DirRef(uri="/s/tb", files={"events": ref("tb")}),
+        decisions=[], report_json=ref("r.json"), report_md=ref("r.md"), report_png=ref("r.png"),
+        attempt=0, lr=1e-5, general_fraction=0.05, code_version="v",
+    )
+    assert [r.uri for r in artifacts(m)] == ["/s/promoted", "/s/r.json", "/s/r.md", "/s/r.png"]
