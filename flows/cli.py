@@ -229,8 +229,8 @@ def demo(
 
 @app.command()
 def verify(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
-    """Hash every artifact of the store's cached stage results and of the project's last runs; say what the next run
-    recomputes. Exit code 2 when anything is missing, damaged or untrusted."""
+    """Hash every artifact of the project's last runs, say which cached stages the next run recomputes, and find result
+    records a run would refuse. Exit code 2 when anything is missing, damaged or untrusted."""
     with _user_errors(as_json):
         report = _run_verify(_load(config))
     _emit(report, as_json)
@@ -239,13 +239,13 @@ def verify(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
 
 
 def _run_verify(cfg: DaptConfig):
-    from dapt_core.manifest import CptManifest, PrepareManifest, RunState
-    from dapt_core.plan import latest_prepare_key
+    from dapt_core.manifest import CptManifest, PipelineManifest, PrepareManifest, RunState, TrainingDataManifest, latest_manifest_key
     from dapt_core.store import open_store
     from flows.dapt_pipeline import state_key
     from tasks.caching import result_kind, verify_store
 
-    runs = {latest_prepare_key(cfg.project): PrepareManifest, state_key(cfg.project): RunState}
+    latest = {"prepare": PrepareManifest, "training-data": TrainingDataManifest, "cpt": CptManifest, "pipeline": PipelineManifest}
+    runs = {latest_manifest_key(cfg.project, stage): model for stage, model in latest.items()} | {state_key(cfg.project): RunState}
     runs |= {key: CptManifest for key in open_store(cfg.store).list(f"runs/{cfg.project}/cpt-results")}
     report = verify_store(cfg.store, cfg.project, runs)
     action = {

@@ -22,7 +22,15 @@ from pydantic import BaseModel, Field
 
 from dapt_core.config import DaptConfig
 from dapt_core.hashing import stable_hash
-from dapt_core.manifest import CptManifest, DirRef, PipelineManifest, RunState, TokenizerManifest, TrainingDataManifest
+from dapt_core.manifest import (
+    CptManifest,
+    DirRef,
+    PipelineManifest,
+    RunState,
+    TokenizerManifest,
+    TrainingDataManifest,
+    latest_manifest_key,
+)
 from dapt_core.model import base_fingerprint
 from dapt_core.report import write_pipeline_report
 from dapt_core.store import open_store
@@ -127,6 +135,7 @@ def run_stages(config: DaptConfig, tokenizer: TokenizerManifest | None = None, s
         project=config.project, data=data, cpt=cpt, sft=sft, final_model=final_model, report_md=refs["md"],
         report_json=refs["json"], plots={k: refs[k] for k in ("funnel", "checkpoints")}, refresh_of=start.uri if start else None,
     )
+    store.put_text(result.model_dump_json(indent=1), latest_manifest_key(config.project, "pipeline"))
     if cpt.promoted is not None:
         state = RunState(  # the fingerprints of exactly what this run ingested
             inputs={m.input.uri: m.input.fingerprint for m in prepared.ingested + prepared.evals},

@@ -15,8 +15,11 @@ size is not reused: the stage runs again.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import os
 import re
 from typing import Any, Literal
 
@@ -53,7 +56,27 @@ RESULT_TYPES: dict[str, Any] = {
 _ADAPTERS = {kind: TypeAdapter(t) for kind, t in RESULT_TYPES.items()}
 # The fields of Prefect's JSON serializer that change how a record is decoded, as dapt's tasks write them.
 _JSON_DECODING = {k: v for k, v in JSONSerializer().model_dump().items() if k in ("jsonlib", "object_decoder", "loads_kwargs")}
+# Optional: a secret shared by the workers of a team; records are then signed, and unsigned ones refused.
+STORE_KEY_ENV = "DAPT_STORE_KEY"
+MAC_FIELD = "dapt_hmac"
 _KEY = re.compile(r"(?P<kind>[a-z][a-z-]*)-[0-9a-f]{64}")
+
+
+def _mac(secret: str, key: str, record: dict) -> str:
+    """HMAC-SHA256 of a record and the key it is stored under (a signed record moved to another key is refused)."""
+    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    return hmac.new(secret.encode(), f"{key}\0{canonical}".encode(), hashlib.sha256).hexdigest()
+
+
+def sign_record(key: str, content: bytes) -> bytes:
+    """The record as written to the store: signed when STORE_KEY_ENV is set, so that workers sharing that key refuse
+    any record written without it."""
+    secret = os.environ.get(STORE_KEY_ENV)
+    if not secret:
+        return content
+    record = json.loads(content)
+    record[MAC_FIELD] = _mac(secret, key, record)
+    return json.dumps(record).encode()
 
 
 class UntrustedResultRecord(ValueError):
@@ -91,6 +114,11 @@ def decode_record(key: str, content: bytes, uri: str) -> Any:
         record = json.loads(content)  # no object hook: JSON values only
     except ValueError:
         raise refuse("it is not JSON") from None
+    secret = os.environ.get(STORE_KEY_ENV)
+    if secret and isinstance(record, dict):
+        mac = record.pop(MAC_FIELD, None)
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(secret, key, record)):
+            raise refuse(f"it is not signed with the key in {STORE_KEY_ENV} (records written without that key never are)")
     metadata = record.get("metadata") if isinstance(record, dict) else None
     serializer = metadata.get("serializer") if isinstance(metadata, dict) else None
     if not isinstance(serializer, dict) or serializer.get("type") != "json":
@@ -178,7 +206,7 @@ class StoreResultStorage(WritableFileSystem):
         return json.dumps(record).encode()
 
     def write_path(self, path: str, content: bytes, _sync: bool = True) -> str:
-        return self._store().put_bytes(content, f"{RESULTS_PREFIX}/{path}").uri
+        return self._store().put_bytes(sign_record(path, content), f"{RESULTS_PREFIX}/{path}").uri
 
     async def aread_path(self, path: str) -> bytes:
         return self.read_path(path)
@@ -236,7 +264,8 @@ class ManifestCheck(BaseModel):
 
 
 class VerifyReport(BaseModel):
-    """What `dapt verify` found: every cached stage result of the store and the run manifests of the project."""
+    """What `dapt verify` found: the project's last-run manifests, the stage results that share their artifacts, and
+    any result record of the store that dapt would refuse."""
 
     store: str
     project: str
@@ -251,7 +280,9 @@ class VerifyReport(BaseModel):
 
 
 def verify_store(store_uri: str, project: str, run_manifests: dict[str, type[BaseModel]]) -> VerifyReport:
-    """Hash every artifact of every cached stage result and of the project's `run_manifests` (store key -> class)."""
+    """Hash every artifact of the project's last-run manifests (`run_manifests`: store key -> class); report the stage
+    results those artifacts come from, and every result record of the store that a run would refuse. Results of older
+    code versions or other projects are not hashed: no run of this project reads them."""
     store = open_store(store_uri)
     verdicts: dict[str, tuple[str, str] | None] = {}  # uri -> (status, problem); an artifact shared by manifests is hashed once
 
@@ -264,13 +295,24 @@ def verify_store(store_uri: str, project: str, run_manifests: dict[str, type[Bas
                 verdicts[ref.uri] = ("damaged", problem) if problem else None
         return verdicts[ref.uri]
 
-    def check(name: str, uri: str, value: Any) -> ManifestCheck:
-        refs = list(artifacts(value))
+    def check(name: str, uri: str, refs: list[ArtifactRef]) -> ManifestCheck:
         found = [v for ref in refs if (v := verdict(ref))]
         status = "stale" if any(s == "stale" for s, _ in found) else "damaged" if found else "ok"
         return ManifestCheck(name=name, uri=uri, status=status, artifacts=len(refs), problems=[p for _, p in found])
 
+    def untrusted(name: str, uri: str, problem: str) -> ManifestCheck:
+        return ManifestCheck(name=name, uri=uri, status="untrusted", artifacts=0, problems=[problem])
+
     checks: list[ManifestCheck] = []
+    for key, model in run_manifests.items():
+        if store.exists(key):
+            try:
+                refs = list(artifacts(model.model_validate_json(store.read_key(key))))
+            except ValidationError as e:
+                checks.append(untrusted(key, store.uri(key), f"not a valid {model.__name__} ({e.error_count()} problem(s))"))
+                continue
+            checks.append(check(key, store.uri(key), refs))
+    last_run = set(verdicts)
     not_results: list[str] = []
     for key in store.list(RESULTS_PREFIX):
         name, uri = key[len(RESULTS_PREFIX) + 1 :], store.uri(key)
@@ -278,16 +320,12 @@ def verify_store(store_uri: str, project: str, run_manifests: dict[str, type[Bas
             not_results.append(name)
             continue
         try:
-            checks.append(check(name, uri, decode_record(name, store.read_key(key), uri)))
+            refs = list(artifacts(decode_record(name, store.read_key(key), uri)))
         except UntrustedResultRecord as e:
-            checks.append(ManifestCheck(name=name, uri=uri, status="untrusted", artifacts=0, problems=[str(e)]))
-    for key, model in run_manifests.items():
-        if store.exists(key):
-            try:
-                checks.append(check(key, store.uri(key), model.model_validate_json(store.read_key(key))))
-            except ValidationError as e:
-                problem = f"{store.uri(key)}: not a valid {model.__name__} ({e.error_count()} problem(s))"
-                checks.append(ManifestCheck(name=key, uri=store.uri(key), status="untrusted", artifacts=0, problems=[problem]))
+            checks.append(untrusted(name, uri, str(e)))
+            continue
+        if any(ref.uri in last_run for ref in refs):
+            checks.append(check(name, uri, refs))
     ok = all(c.status == "ok" for c in checks)
     return VerifyReport(store=store.root, project=project, ok=ok, artifacts=len(verdicts), checks=checks, not_results=not_results)
 

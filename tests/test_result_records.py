@@ -257,3 +257,36 @@ def test_checkpoints_are_not_what_a_cpt_result_hands_on():
         attempt=0, lr=1e-5, general_fraction=0.05, code_version="v",
     )
     assert [r.uri for r in artifacts(m)] == ["/s/promoted", "/s/r.json", "/s/r.md", "/s/r.png"]
+
+
+def test_with_a_store_key_records_are_signed_and_unsigned_or_altered_ones_refused(tmp_path, monkeypatch):
+    from prefect._internal.result_records import ResultRecord
+    from prefect.serializers import JSONSerializer
+
+    from dapt_core.manifest import IngestManifest, InputFile
+
+    manifest = IngestManifest(input=InputFile(uri="/in/a.txt", source="s", kind="domain", fingerprint="f", bytes=1), docs=3, code_version="v")
+    written = ResultRecord(metadata={"serializer": JSONSerializer()}, result=manifest).serialize()
+    storage = StoreResultStorage(store_uri=str(tmp_path / "store"))
+    key, other_key = "ingest-" + "12" * 32, "ingest-" + "34" * 32
+    storage.write_path(key, written)  # no key set: written unsigned
+    monkeypatch.setenv("DAPT_STORE_KEY", "team secret")
+    with pytest.raises(UntrustedResultRecord, match="not signed with the key in DAPT_STORE_KEY"):
+        storage.read_path(key)
+
+    storage.write_path(key, written)
+    assert ResultRecord.deserialize(storage.read_path(key)).result == manifest
+    record_path = tmp_path / "store" / RESULTS_PREFIX / key
+    signed = json.loads(record_path.read_text())
+    (tmp_path / "store" / RESULTS_PREFIX / other_key).write_text(json.dumps(signed))  # moved under another key
+    with pytest.raises(UntrustedResultRecord, match="not signed"):
+        storage.read_path(other_key)
+    altered = json.loads(signed["result"])
+    altered["data"]["docs"] = 4  # still a valid manifest, but not the one that was signed
+    record_path.write_text(json.dumps({**signed, "result": json.dumps(altered)}))
+    with pytest.raises(UntrustedResultRecord, match="not signed"):
+        storage.read_path(key)
+    monkeypatch.setenv("DAPT_STORE_KEY", "another secret")
+    record_path.write_text(json.dumps(signed))
+    with pytest.raises(UntrustedResultRecord, match="not signed"):
+        storage.read_path(key)
