@@ -9,8 +9,8 @@ The store is shared by every worker of a team, so a result record is data, never
 own serializer (pickle included) and JSON decoder (which imports any class a `__class__` field names). dapt reads a
 record as plain JSON, accepts it only as the JSON of the manifest class its stage returns (`RESULT_TYPES`, chosen by
 the record's key, not by the record) and hands Prefect that validated manifest, re-encoded for `ManifestSerializer`.
-Anything else is refused with `UntrustedResultRecord`. A reused manifest whose artifacts are missing or changed in
-size is not reused: the stage runs again.
+Anything else is refused with `UntrustedResultRecord`; with DAPT_STORE_KEY set, so is a record not signed with it.
+A reused manifest whose artifacts are missing or changed in size is not reused: the stage runs again.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def sign_record(key: str, content: bytes) -> bytes:
 
 
 class UntrustedResultRecord(ValueError):
-    """A result record in the store that dapt did not write (another serializer, decoder or class, or not JSON)."""
+    """A result record in the store that dapt did not write: another serializer, decoder or class, not JSON, or not
+    signed with DAPT_STORE_KEY when that is set."""
 
 
 class StaleResultRecord(RuntimeError):
