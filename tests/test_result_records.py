@@ -90,6 +90,11 @@ def test_poisoned_result_records_are_refused_and_never_run(prefect_harness, tmp_
     assert error.startswith(f"untrusted result record {ingest_record}: its serializer is 'pickle'")
     assert "--refresh" in error
     assert not pickle_marker.exists()
+    res = CliRunner().invoke(app, ["verify", str(cfg_path), "--json"])
+    assert res.exit_code == 2
+    refused = [c for c in _last_json(res.stdout)["checks"] if c["status"] != "ok"]
+    assert [(c["uri"], c["status"]) for c in refused] == [(str(ingest_record), "untrusted")]
+    assert not pickle_marker.exists()
 
     ingest_record.write_bytes(good_ingest)
     _plant_class(clean_record, "dapt_evil_probe.Probe")
