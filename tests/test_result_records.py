@@ -295,3 +295,25 @@ def test_with_a_store_key_records_are_signed_and_unsigned_or_altered_ones_refuse
     record_path.write_text(json.dumps(signed))
     with pytest.raises(UntrustedResultRecord, match="not signed"):
         storage.read_path(key)
+
+
+def test_every_persisted_task_returns_a_registered_result_type():
+    """A new cached task must add its manifest class to RESULT_TYPES, or every cached read of it would be refused."""
+    import typing
+
+    from prefect import Task
+
+    import tasks.cpt
+    import tasks.data
+    import tasks.sft
+    import tasks.training_data
+    from tasks.caching import RESULT_TYPES
+
+    persisted = [
+        t for module in (tasks.data, tasks.training_data, tasks.cpt, tasks.sft)
+        for t in vars(module).values() if isinstance(t, Task) and t.persist_result
+    ]
+    assert len(persisted) == 8
+    registered = [typing.get_origin(t) or t for t in RESULT_TYPES.values()]
+    for t in persisted:
+        assert typing.get_type_hints(t.fn)["return"] in registered, t.name
