@@ -261,6 +261,8 @@ def _run_verify(cfg: DaptConfig):
             for problem in c.problems:
                 console.print(f"  {problem}", soft_wrap=True, highlight=False)
     broken = sum(c.status != "ok" for c in report.checks)
+    if not report.checks:
+        console.print(f"nothing to verify: no run of project {cfg.project!r} in {report.store} yet", highlight=False)
     console.print(
         f"{len(report.checks)} manifest(s), {report.artifacts} artifact(s) in {report.store}: "
         + (f"[red]{broken} broken[/red]" if broken else "all intact"),

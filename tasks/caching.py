@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import typing
 from typing import Any, Literal
 
 from prefect.filesystems import WritableFileSystem
@@ -151,18 +152,24 @@ def decode_record(key: str, content: bytes, uri: str) -> Any:
 
 
 class ManifestSerializer(Serializer):
-    """How Prefect decodes a record once `StoreResultStorage.read_path` validated it: the JSON of one dapt result type,
-    named by the record's stage. Records in the store are never decoded with it (they must say 'json')."""
+    """How Prefect decodes a record once `StoreResultStorage.read_path` validated it: `{"kind": stage, "data": json}`,
+    written by read_path itself. Records in the store are never decoded with it (they must say 'json'). No fields:
+    the Prefect server keeps a serializer's type only."""
 
     type: Literal["dapt-manifest"] = Field(default="dapt-manifest", frozen=True)
-    kind: str
 
-    # The stdlib's JSON, as Prefect's serializer writes it: pydantic's own would turn NaN metrics into null.
     def dumps(self, obj: Any) -> bytes:
-        return json.dumps(_ADAPTERS[self.kind].dump_python(obj, mode="json")).encode()
+        kind = next(k for k, t in RESULT_TYPES.items() if isinstance(obj, typing.get_origin(t) or t))
+        return _encode(kind, obj)
 
     def loads(self, blob: bytes) -> Any:
-        return _ADAPTERS[self.kind].validate_python(json.loads(blob))
+        payload = json.loads(blob)
+        return _ADAPTERS[payload["kind"]].validate_python(payload["data"])
+
+
+def _encode(kind: str, value: Any) -> bytes:
+    # The stdlib's JSON, as Prefect's serializer writes it: pydantic's own would turn NaN metrics into null.
+    return json.dumps({"kind": kind, "data": _ADAPTERS[kind].dump_python(value, mode="json")}).encode()
 
 
 def _stale(store: ArtifactStore, value: Any) -> list[str]:
@@ -202,9 +209,8 @@ class StoreResultStorage(WritableFileSystem):
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             _log().warning("cached result %s is not reused (%s%s): running the stage again", path, problems[0], more)
             raise StaleResultRecord(f"{store.uri(key)}: {problems[0]}{more}")
-        serializer = ManifestSerializer(kind=result_kind(path))
-        record = {"metadata": {"storage_key": path, "serializer": serializer.model_dump()}, "result": serializer.dumps(value).decode()}
-        return json.dumps(record).encode()
+        result = _encode(result_kind(path), value).decode()
+        return json.dumps({"metadata": {"storage_key": path, "serializer": ManifestSerializer().model_dump()}, "result": result}).encode()
 
     def write_path(self, path: str, content: bytes, _sync: bool = True) -> str:
         return self._store().put_bytes(sign_record(path, content), f"{RESULTS_PREFIX}/{path}").uri

@@ -19,7 +19,7 @@ from dapt_core.config import load_config
 from dapt_core.store import IntegrityError, open_store
 from flows.cli import app
 from flows.prepare import prepare_flow
-from tasks.caching import RESULTS_PREFIX, StoreResultStorage, UntrustedResultRecord, decode_record
+from tasks.caching import RESULTS_PREFIX, ManifestSerializer, StoreResultStorage, UntrustedResultRecord, decode_record
 from tests.corpus import write_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +164,13 @@ def test_prefect_reads_the_validated_manifest_back(tmp_path):
     storage = StoreResultStorage(store_uri=str(tmp_path / "store"))
     storage.write_path(key, written)
     assert ResultRecord.deserialize(storage.read_path(key)).result == manifest
+
+    # The Prefect server keeps only a serializer's type: task-run states read back from the API must still validate.
+    from prefect._internal.result_records import ResultRecordMetadata
+
+    assert ResultRecordMetadata.model_validate({"serializer": {"type": "dapt-manifest"}}).serializer.loads(
+        ManifestSerializer().dumps(manifest)
+    ) == manifest
 
     metrics_key = "base-eval-" + "ef" * 32  # metrics may be NaN: they must survive the re-encoding
     storage.write_path(metrics_key, ResultRecord(metadata={"serializer": JSONSerializer()}, result={"bpb": float("nan")}).serialize())
