@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -32,6 +33,34 @@ class DirRef(BaseModel):
         for name in sorted(self.files):
             h.update(f"{name}\0{self.files[name].sha256}\n".encode())
         return h.hexdigest()
+
+
+def latest_manifest_key(project: str, stage: str) -> str:
+    """Store key of the manifest of the project's last successful run of a stage's flow (what `dapt verify` checks)."""
+    return f"runs/{project}/{stage}-latest.json"
+
+
+# Marks a field whose artifacts no later stage reads (kept for resume or inspection): deleting them to free space must
+# not make a cached stage run again.
+NOT_HANDED_ON = {"handed_on": False}
+
+
+def artifacts(value: object) -> Iterator[ArtifactRef]:
+    """Every stored file a manifest hands on to later stages (a directory by its files), in field order."""
+    if isinstance(value, ArtifactRef):
+        yield value
+    elif isinstance(value, DirRef):
+        yield from value.files.values()
+    elif isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            if field.json_schema_extra != NOT_HANDED_ON:
+                yield from artifacts(getattr(value, name))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from artifacts(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from artifacts(item)
 
 
 class InputFile(BaseModel):
@@ -172,12 +201,14 @@ class CptManifest(BaseModel):
     best_step: int | None = None
     stopped_at: int | None = Field(None, description="Step of the first rejected checkpoint, where training stopped.")
     decisions: list[dict] = Field(description="Per checkpoint: step, accepted, reasons, numbers, metrics, checkpoint uri.")
-    checkpoints: list[DirRef] = Field(default_factory=list)
+    checkpoints: list[DirRef] = Field(default_factory=list, json_schema_extra=NOT_HANDED_ON)
     base_metrics: dict[str, float] = Field(default_factory=dict)
     report_json: ArtifactRef
     report_md: ArtifactRef
     report_png: ArtifactRef
-    tensorboard: DirRef | None = Field(None, description="TensorBoard event files (train loss/LR, eval metrics per checkpoint).")
+    tensorboard: DirRef | None = Field(
+        None, description="TensorBoard event files (train loss/LR, eval metrics per checkpoint).", json_schema_extra=NOT_HANDED_ON
+    )
     start_model: str = Field("", description="The model this attempt started from: the extended base or a rolled-back-to checkpoint.")
     attempt: int
     lr: float

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from dapt_core.config import DaptConfig
+from dapt_core.manifest import latest_manifest_key
 from dapt_core.model import load_tokenizer
 from dapt_core.readers import parquet_texts
 
@@ -191,7 +192,7 @@ def corpus_texts(cfg: DaptConfig) -> CorpusTexts:
 
 def latest_prepare_key(project: str) -> str:
     """Store key of the manifest of the project's last successful `dapt prepare`."""
-    return f"runs/{project}/prepare-latest.json"
+    return latest_manifest_key(project, "prepare")
 
 
 def _raw_texts(cfg: DaptConfig, kind: str, sources: list) -> Iterator[str]:

@@ -13,6 +13,7 @@ raised as a StoreError naming the object and what to do.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -142,9 +143,30 @@ class ArtifactStore(ABC):
         if actual != ref.sha256:
             raise IntegrityError(
                 f"{ref.uri}: sha256 {actual[:12]}… does not match the manifest's {ref.sha256[:12]}…; "
-                "the object was changed or corrupted after it was written. Delete it and re-run the stage."
+                "the object was changed or corrupted after it was written. Delete it and re-run: the stage that wrote "
+                "it runs again when its artifacts are missing (`dapt verify CONFIG` lists every damaged artifact)."
             )
         return path
+
+    def check(self, ref: ArtifactRef, full: bool = False) -> str | None:
+        """What is wrong with a stored artifact, or None. Existence and size cost one stat (one HEAD on S3); `full`
+        also hashes every byte against the recorded sha256."""
+        size = self._size(ref)
+        if size is None:
+            return f"{ref.uri}: missing"
+        if size != ref.bytes:
+            return f"{ref.uri}: {size} bytes, the manifest says {ref.bytes}"
+        if full and (actual := self._sha256(ref)) != ref.sha256:
+            return f"{ref.uri}: sha256 {actual[:12]}… does not match the manifest's {ref.sha256[:12]}…"
+        return None
+
+    def _size(self, ref: ArtifactRef) -> int | None:
+        """The stored object's size in bytes; None when it does not exist."""
+        path = Path(ref.uri)
+        return path.stat().st_size if path.is_file() else None
+
+    def _sha256(self, ref: ArtifactRef) -> str:
+        return sha256_file(ref.uri)
 
     def _drop_cached(self, path: Path) -> bool:
         """Forget a local cached copy; False where `path` is the artifact itself."""
@@ -301,6 +323,25 @@ class S3Store(ArtifactStore):
         bucket, _, key = ref.uri[len("s3://") :].partition("/")
         with self._errors(ref.uri):
             self.client.download_file(bucket, key, str(dest))
+
+    def _size(self, ref: ArtifactRef) -> int | None:
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = ref.uri[len("s3://") :].partition("/")
+        try:
+            return self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def _sha256(self, ref: ArtifactRef) -> str:
+        """The object's own bytes, streamed: a locally cached copy may be intact while the object is not."""
+        bucket, _, key = ref.uri[len("s3://") :].partition("/")
+        h = hashlib.sha256()
+        for chunk in self.client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 20):
+            h.update(chunk)
+        return h.hexdigest()
 
 
 def s3_client():

@@ -8,6 +8,7 @@ one `error:` line that names the log file.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -333,6 +334,51 @@ def demo(
         f"  SFT model: {result.sft.model.uri if result.sft else 'none'}\n  config (edit and `dapt run` it): {config_path}"
     )
     _emit(result, as_json)
+
+
+@app.command()
+def verify(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
+    """Hash every artifact of the project's last runs, say which cached stages the next run recomputes, and find result
+    records a run would refuse. Exit code 2 when anything is missing, damaged or untrusted."""
+    with _user_errors(as_json):
+        report = _run_verify(_load(config))
+    _emit(report, as_json)
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+def _run_verify(cfg: DaptConfig):
+    from dapt_core.manifest import CptManifest, PipelineManifest, PrepareManifest, RunState, TrainingDataManifest, latest_manifest_key
+    from dapt_core.store import open_store
+    from tasks.caching import result_kind, verify_store
+
+    store = open_store(cfg.store)
+    latest = {"prepare": PrepareManifest, "training-data": TrainingDataManifest, "cpt": CptManifest, "pipeline": PipelineManifest}
+    runs = {latest_manifest_key(cfg.project, stage): model for stage, model in latest.items()}
+    runs |= {key: RunState for key in store.list(f"runs/{cfg.project}/lineages") if key.endswith("/last-success.json")}
+    runs |= {key: CptManifest for key in store.list(f"runs/{cfg.project}/cpt-results")}
+    report = verify_store(cfg.store, cfg.project, runs)
+    action = {
+        "stale": "the next run recomputes this stage",
+        "damaged": "delete the damaged file(s); the next run then recomputes this stage",
+        "untrusted": "not written by dapt, never loaded: inspect it, then delete it or recompute with --refresh",
+    }
+    intact = collections.Counter(result_kind(c.name) or c.name for c in report.checks if c.status == "ok")
+    console.print("ok: " + (", ".join(f"{name} ×{n}" for name, n in sorted(intact.items())) or "nothing"), soft_wrap=True, highlight=False)
+    for c in report.checks:
+        if c.status != "ok":
+            console.print(f"[red]{c.status}[/red]: {c.uri}: {action[c.status]}", soft_wrap=True, highlight=False)
+            for problem in c.problems:
+                console.print(f"  {problem}", soft_wrap=True, highlight=False)
+    broken = sum(c.status != "ok" for c in report.checks)
+    if not report.checks:
+        console.print(f"nothing to verify: no run of project {cfg.project!r} in {report.store} yet", highlight=False)
+    console.print(
+        f"{len(report.checks)} manifest(s), {report.artifacts} artifact(s) in {report.store}: "
+        + (f"[red]{broken} broken[/red]" if broken else "all intact"),
+        soft_wrap=True, highlight=False,
+    )
+    return report
 
 
 @app.command()

@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from dapt_core.config import DaptConfig
 from dapt_core.evaluate import ForgettingPolicy, rollback_plan
-from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest
+from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest, latest_manifest_key
 from dapt_core.preflight import check_before_data_stages
 from dapt_core.store import open_store
 from flows.training_data import training_data_flow
@@ -96,6 +96,7 @@ def cpt_flow(
     create_markdown_artifact(
         key="dapt-cpt-report", markdown=store.read_text(final.report_md), description=f"CPT forgetting evaluation of {config.project}"
     )
+    store.put_text(final.model_dump_json(indent=1), latest_manifest_key(config.project, "cpt"))
     if output_key:
         store.put_text(final.model_dump_json(), output_key)
     return final

@@ -24,7 +24,16 @@ from pydantic import BaseModel, Field
 
 from dapt_core.config import DaptConfig
 from dapt_core.hashing import stable_hash
-from dapt_core.manifest import CptManifest, DirRef, PipelineManifest, PrepareManifest, RefreshBasis, RunState, TrainingDataManifest
+from dapt_core.manifest import (
+    CptManifest,
+    DirRef,
+    PipelineManifest,
+    PrepareManifest,
+    RefreshBasis,
+    RunState,
+    TrainingDataManifest,
+    latest_manifest_key,
+)
 from dapt_core.model import base_fingerprint
 from dapt_core.preflight import check_before_data_stages
 from dapt_core.report import inline_images, write_pipeline_report
@@ -159,6 +168,7 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
         project=config.project, data=data, cpt=cpt, sft=sft, final_model=final_model, report_md=refs["md"],
         report_json=refs["json"], plots={k: refs[k] for k in ("funnel", "checkpoints")}, refresh_of=start.uri if start else None,
     )
+    store.put_text(result.model_dump_json(indent=1), latest_manifest_key(config.project, "pipeline"))
     if cpt.promoted is not None:
         success = RunState(
             lineage=lineage, generation=state.generation + 1 if state else 0, inputs=_ingested(prepared),

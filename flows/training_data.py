@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import flow
 
 from dapt_core.config import DaptConfig
-from dapt_core.manifest import RefreshBasis, TokenizerManifest, TrainingDataManifest
+from dapt_core.manifest import RefreshBasis, TokenizerManifest, TrainingDataManifest, latest_manifest_key
 from dapt_core.model import base_fingerprint
+from dapt_core.store import open_store
 from flows import progress
 from flows.prepare import prepare_flow
 from tasks.caching import result_storage_for, was_cached
@@ -43,10 +44,12 @@ def training_data_flow(
     packed = pack_future.result()
     progress.advance("packing")
     runs.append(("pack", pack_future))
-    return TrainingDataManifest(
+    result = TrainingDataManifest(
         prepare=prepared,
         tokenizer=tokenizer,
         pack=packed,
         computed=prepared.computed + [n for n, f in runs if not was_cached(f)],
         cached=prepared.cached + [n for n, f in runs if was_cached(f)],
     )
+    open_store(config.store).put_text(result.model_dump_json(indent=1), latest_manifest_key(config.project, "training-data"))
+    return result

@@ -30,6 +30,7 @@ from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store
+from tasks.caching import check_result_record
 
 CPT_CODE = code_version(cpt_mod, train_mod, ewc_mod, evaluate_mod, metrics, model, manifest, sys.modules[__name__])
 
@@ -61,20 +62,26 @@ def base_eval_key(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig) -
 )
 def base_eval_task(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig, store_uri: str) -> dict:
     """Metrics of the reference model (before any CPT) on the held-out sets: what the forgetting policy compares to."""
+    check_result_record(store_uri, base_eval_key(reference, pack, eval_cfg))
     store = open_store(store_uri)
     m, tokenizer = load_from_dir(store.local_dir(reference))
     return _metrics(m, tokenizer, store, pack, eval_cfg, "base model")
 
 
+def original_eval_key(fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig) -> str:
+    return "original-eval-" + stable_hash(fingerprint, _eval_hashes(pack), eval_cfg, EVAL_BACKEND, CPT_CODE)
+
+
 @task(
     name="original-base-eval",
-    cache_key_fn=lambda ctx, p: "original-eval-" + stable_hash(p["fingerprint"], _eval_hashes(p["pack"]), p["eval_cfg"], EVAL_BACKEND, CPT_CODE),
+    cache_key_fn=lambda ctx, p: original_eval_key(p["fingerprint"], p["pack"], p["eval_cfg"]),
     persist_result=True,
     result_serializer="json",
 )
 def original_base_eval_task(model_cfg: ModelConfig, fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig, store_uri: str) -> dict:
     """Metrics of the base model as configured, before tokenizer extension: bits per byte do not depend on the
     tokenizer, so the report can show what the whole pipeline (extension included) did to the base."""
+    check_result_record(store_uri, original_eval_key(fingerprint, pack, eval_cfg))
     return _metrics(load_model(model_cfg), load_tokenizer(model_cfg), open_store(store_uri), pack, eval_cfg, "original base model")
 
 
@@ -114,6 +121,7 @@ def cpt_task(
     """Train from `start` on the packed shards; judge every checkpoint; stop at a rejection; promote the best accepted."""
     log = _log()
     key = cpt_key(start, pack, train_cfg, eval_cfg, base_metrics, attempt)
+    check_result_record(store_uri, key)
     spec = AttemptSpec(
         start=start, pack=pack, train=train_cfg, eval=eval_cfg, base_metrics=base_metrics, store=store_uri,
         prefix=f"cpt/{key}", attempt=attempt, new_tokens=new_tokens, eval_backend=EVAL_BACKEND, code_version=CPT_CODE,

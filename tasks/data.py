@@ -17,6 +17,7 @@ from dapt_core.config import CleanConfig, DataConfig, IngestConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
 from dapt_core.store import open_store
+from tasks.caching import check_result_record
 from tasks.retries import retry_if_worthwhile
 
 # The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
@@ -67,6 +68,7 @@ def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], l
 def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestManifest:
     """Read one file into a Parquet shard; cached on the file's content hash, so only new or changed files run."""
     key = ingest_key(inp, cfg)
+    check_result_record(store_uri, key)
     store = open_store(store_uri)
     with tempfile.TemporaryDirectory(prefix="dapt-ingest-") as tmp:
         out = Path(tmp) / "docs.parquet"
@@ -92,6 +94,7 @@ def clean_task(
 ) -> CleanManifest:
     """Normalise, filter, decontaminate and deduplicate the whole corpus in DuckDB; write kept docs, decisions and stats."""
     key = clean_key(ingested, evals, quarantined, cfg)
+    check_result_record(store_uri, key)
     store = open_store(store_uri)
     shards = [store.local_path(m.shard) for m in ingested if m.shard]
     eval_shards = [store.local_path(m.shard) for m in evals if m.shard]

@@ -22,6 +22,7 @@ from dapt_core.hashing import code_version, sha256_file, stable_hash
 from dapt_core.manifest import DirRef, PackManifest, SftManifest
 from dapt_core.model import load_from_dir
 from dapt_core.store import open_store
+from tasks.caching import check_result_record
 from tasks.cpt import EVAL_BACKEND, _eval_hashes, _log
 
 SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, evaluate_mod, metrics, split, model_mod, sys.modules[__name__])
@@ -42,6 +43,7 @@ def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: Ev
     """Fine-tune on the instruction pairs (loss on responses only), evaluate like a CPT checkpoint, store the model."""
     log = _log()
     key = sft_key(model, pack, sft_cfg, eval_cfg, base_metrics)
+    check_result_record(store_uri, key)
     store = open_store(store_uri)
     m, tokenizer = load_from_dir(store.local_dir(model))
     with tempfile.TemporaryDirectory(prefix="dapt-sft-") as tmp:

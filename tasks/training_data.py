@@ -20,6 +20,7 @@ from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, PackManifest, RefreshBasis, TokenizerManifest
 from dapt_core.model import load_model, load_tokenizer
 from dapt_core.store import open_store
+from tasks.caching import check_result_record
 
 # The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
 TOKENIZER_CODE = code_version(tokenizer_ext, embedding, metrics, split, readers, model, manifest, sys.modules[__name__])
@@ -46,6 +47,7 @@ def extend_tokenizer_task(
 ) -> TokenizerManifest:
     """Add frequent domain terms to the tokenizer, resize the model with mean-of-pieces init, report the effect."""
     key = tokenizer_key(clean, fingerprint, model_cfg, cfg, mix)
+    check_result_record(store_uri, key)
     store = open_store(store_uri)
     train, heldout = (
         split.split_texts(store.local_path(clean.domain), mix.heldout_fraction, mix.max_heldout_docs, mix.seed)
@@ -94,6 +96,7 @@ def pack_task(
     """Tokenise, hold out eval documents, mix domain and replay text by token share, pack fixed-length sequences.
     With `refresh`: only what is new to the lineage plus a replay share of earlier documents."""
     key = pack_key(clean, tok, mix, refresh)
+    check_result_record(store_uri, key)
     store = open_store(store_uri)
     model_dir = store.local_dir(tok.model)
     replay_texts = None
