@@ -72,7 +72,7 @@ class ArtifactStore(ABC):
     def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
         """Copy a local file to `key` atomically."""
 
-    def check(self) -> None:
+    def check_reachable(self) -> None:
         """Fail early, with a StoreError, when the store cannot be used (a local directory is made on first write)."""
 
     @abstractmethod
@@ -251,7 +251,7 @@ class S3Store(ArtifactStore):
     def _errors(self, uri: str):
         return store_errors(uri, self.client.meta.endpoint_url)
 
-    def check(self) -> None:
+    def check_reachable(self) -> None:
         with self._errors(self.root):
             self.client.head_bucket(Bucket=self.bucket)
 

@@ -150,7 +150,7 @@ def _load(path: Path) -> DaptConfig:
     from dapt_core.store import open_store
 
     cfg = load_config(path)
-    open_store(cfg.store).check()
+    open_store(cfg.store).check_reachable()
     return cfg
 
 
