@@ -4,3 +4,29 @@ import os
 
 # The project runs offline by default: keep the embedded Prefect server from phoning home.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _library_logs_to_flow_runs() -> None:
+    """dapt_core logs to the `dapt.*` loggers (a resume, a rollback, a checkpoint's decision, warnings). Prefect sends
+    only its own loggers to the flow-run logs, and PREFECT_LOGGING_EXTRA_LOGGERS is read once, when Prefect sets up
+    logging, which in a worker happens before this package is imported: attach its API handler here instead. Outside a
+    flow or task run the records stay local (no warning per line)."""
+    import logging
+    import sys
+
+    from prefect.exceptions import MissingContextError
+    from prefect.logging.handlers import APILogHandler
+
+    class LibraryLogsToRun(APILogHandler):
+        def handleError(self, record: logging.LogRecord) -> None:
+            if not isinstance(sys.exc_info()[1], MissingContextError):
+                super().handleError(record)
+
+    logger = logging.getLogger("dapt")
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(LibraryLogsToRun(level=logging.INFO))
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
+_library_logs_to_flow_runs()

@@ -234,6 +234,8 @@ async def _run(services: Services, deployment: str, parameters: dict, timeout: f
         FlowRunFilter,
         FlowRunFilterId,
         FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
     )
     from prefect.deployments import arun_deployment
 
@@ -250,17 +252,22 @@ async def _run(services: Services, deployment: str, parameters: dict, timeout: f
             ids += frontier
         artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
         task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-        return run, {a.key: a for a in artifacts if a.key}, {t.name: t.state.name for t in task_runs}
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+        return run, {a.key: a for a in artifacts if a.key}, {t.name: t.state.name for t in task_runs}, logs
 
 
 def _run_to_completion(services: Services, deployment: str, parameters: dict | None = None):
     """Run `deployment` (with its stored parameters unless given), fail with the logs unless it completes."""
     started = time.monotonic()
-    run, artifacts, tasks = asyncio.run(_run(services, deployment, parameters or {}, timeout=420))
+    run, artifacts, tasks, logs = asyncio.run(_run(services, deployment, parameters or {}, timeout=420))
     print(f"{deployment} run {run.name}: {run.state.type.value} after {time.monotonic() - started:.1f}s")
     if not run.state.is_completed():
         pytest.fail(f"{deployment} run ended {run.state.type.value}: {run.state.message}\n{services.logs()}")
+    _LAST_LOGS[:] = logs
     return artifacts, tasks
+
+
+_LAST_LOGS: list = []  # the flow-run logs of the last completed run (its subflows included)
 
 
 def _run_pipeline(services: Services, deployment: str, config: Path, project: str = "test") -> dict[str, str]:
@@ -291,7 +298,18 @@ def served_run(server):
     started = time.monotonic()
     services.wait_for(lambda: asyncio.run(_deployment(services, "dapt-pipeline/test")), "dapt-pipeline/test", 120)
     print(f"dapt serve registered its deployments after {time.monotonic() - started:.1f}s")
-    return _run_pipeline(services, "dapt-pipeline/test", config)
+    tasks = _run_pipeline(services, "dapt-pipeline/test", config)
+    SERVED_LOGS[:] = _LAST_LOGS
+    return tasks
+
+
+SERVED_LOGS: list = []  # the served pipeline run's flow-run logs (set by served_run)
+
+
+def test_library_log_lines_reach_the_flow_run_logs(served_run):
+    """dapt_core's own lines (each checkpoint's decision, from dapt.cpt) are in the run's logs in the UI."""
+    decisions = [log for log in SERVED_LOGS if log.name == "dapt.cpt" and "checkpoint step" in log.message]
+    assert decisions, sorted({log.name for log in SERVED_LOGS})
 
 
 def test_serve_registers_both_deployments_and_runs_the_pipeline(server, served_run):
