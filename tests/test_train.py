@@ -303,3 +303,127 @@ def test_ewc_limits_drift_and_forgetting(tmp_path):
     assert forgetting_plain > 1.0
     # smaller, though only slightly on this toy (measured 2.30 vs 2.35): the empirical diagonal Fisher misses much
     assert mean_loss(ewc_model, general_eval) - base_loss < forgetting_plain
+
+
+# ------------------------------------------------------------------------------------------ token-weighted loss
+def response_masked_shards(path: Path) -> list[Path]:
+    """8 sequences whose response-only masks are very uneven between the first and the second 4 of the step's order
+    (micro-batch 1 vs 2, or rank 0 vs 1): per-micro-batch means would weigh their tokens very differently."""
+    from dapt_core.train import epoch_order
+
+    rng = np.random.default_rng(7)
+    order = epoch_order(8, 0, 0)
+    seqs, masks = [None] * 8, [None] * 8
+    for rank, k in enumerate([2, 3, 2, 3, 30, 28, 25, 31]):
+        i = int(order[rank])
+        seqs[i] = general_seq(rng) if rank < 4 else domain_seq(rng)
+        masks[i] = [0] * (SEQ - k) + [1] * k
+    path.mkdir(parents=True, exist_ok=True)
+    shard = path / "train-00000.parquet"
+    pq.write_table(
+        pa.table({
+            "input_ids": pa.array(seqs, pa.list_(pa.int32())), "doc_lengths": pa.array([[SEQ]] * len(seqs), pa.list_(pa.int32())),
+            "loss_mask": pa.array(masks, pa.list_(pa.int8())),
+        }),
+        shard,
+    )
+    return [shard]
+
+
+def step_gradients(monkeypatch) -> list[list[torch.Tensor]]:
+    """Records the gradients the loop hands to clip_grad_norm_ (after accumulation and DDP averaging)."""
+    seen: list[list[torch.Tensor]] = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, *a, **k):
+        params = list(params)
+        seen.append([p.grad.detach().clone() for p in params])
+        return original(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return seen
+
+
+def reference_gradients(shards, order) -> list[torch.Tensor]:
+    """Gradients of the mean NLL over every target token of the 8 sequences (the token-weighted definition)."""
+    from dapt_core.train import PackedSequences
+
+    data = PackedSequences(shards)
+    model = tiny_llama(VOCAB)
+    grads = []
+    for rows in order:
+        batch = make_batch([data[int(i)] for i in rows], False)
+        model.zero_grad()
+        model(**batch, use_cache=False).loss.backward()
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+    return grads[0] if len(grads) == 1 else [sum(g) / len(g) for g in zip(*grads)]
+
+
+def assert_same_gradients(a: list[torch.Tensor], b: list[torch.Tensor], atol=1e-6):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=1e-4, atol=atol)
+
+
+def test_loss_is_token_weighted_across_accumulation(tmp_path, monkeypatch):
+    from dapt_core.train import epoch_order
+
+    shards = response_masked_shards(tmp_path / "d")
+    order = epoch_order(8, 0, 0)
+    reference = reference_gradients(shards, [order])
+    # mean of the two half-batches' means: what the loop computed before; it differs, so the test has teeth
+    mean_of_means = reference_gradients(shards, [order[:4], order[4:]])
+    diff = torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(reference, mean_of_means)))
+    assert diff > 0.05 * torch.sqrt(sum((x**2).sum() for x in reference))
+
+    seen = step_gradients(monkeypatch)
+    one = train(tiny_llama(VOCAB), shards, _cfg(batch_size=8, max_steps=1), tmp_path / "b8", resume=False)
+    accumulated = train(tiny_llama(VOCAB), shards, _cfg(batch_size=4, grad_accum=2, max_steps=1), tmp_path / "b4x2", resume=False)
+    assert len(seen) == 2
+    assert_same_gradients(seen[0], reference)
+    assert_same_gradients(seen[1], reference)
+    # (weights after the step are not compared: Adam's first step is ~lr * sign(g), which turns float-rounding
+    # noise in near-zero gradients into full-size differences)
+    assert one.history[0]["loss"] == pytest.approx(accumulated.history[0]["loss"], rel=1e-6)
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+from pathlib import Path
+from dapt_core.config import TrainConfig
+from dapt_core.train import train
+from tests.tiny_model import tiny_llama
+
+seen = []
+original = torch.nn.utils.clip_grad_norm_
+def spy(params, *a, **k):
+    params = list(params)
+    seen.append([p.grad.detach().clone() for p in params])
+    return original(params, *a, **k)
+torch.nn.utils.clip_grad_norm_ = spy
+res = train(tiny_llama({vocab}), [Path(p) for p in {shards!r}], TrainConfig.model_validate({cfg!r}), Path(sys.argv[1]), resume=False)
+if torch.distributed.get_rank() == 0:
+    torch.save({{"grads": seen[0], "loss": res.history[0]["loss"]}}, sys.argv[2])
+"""
+
+
+def test_loss_is_token_weighted_across_ranks(tmp_path, monkeypatch):
+    """2 ranks x 4 sequences (torchrun, gloo) give the gradients of 1 process x 8, with uneven response masks."""
+    shards = response_masked_shards(tmp_path / "d")
+    seen = step_gradients(monkeypatch)
+    single = train(tiny_llama(VOCAB), shards, _cfg(batch_size=8, max_steps=1), tmp_path / "one", resume=False)
+    script = tmp_path / "ddp.py"
+    cfg = _cfg(batch_size=4, max_steps=1).model_dump(by_alias=True)
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), vocab=VOCAB, shards=[str(s) for s in shards], cfg=cfg))
+    out = tmp_path / "ddp.pt"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "ddp"), str(out)],
+        cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = torch.load(out, weights_only=True)
+    assert_same_gradients(ddp["grads"], seen[0])
+    assert ddp["loss"] == pytest.approx(single.history[0]["loss"], rel=1e-6)
