@@ -212,7 +212,12 @@ class TrainConfig(_Section):
         False, description="Per-document position ids and a block-diagonal causal mask from `doc_lengths` (no attention across documents)."
     )
     train_embeddings: bool = Field(
-        False, description="LoRA: also train embed_tokens and lm_head in full (needed when the tokenizer was extended)."
+        False, description="LoRA: also train embed_tokens and lm_head in full (every row; each checkpoint stores both matrices)."
+    )
+    train_new_tokens: bool = Field(
+        True,
+        description="LoRA: train the rows of the tokens the tokenizer extension added (input embeddings and an untied lm_head), "
+        "and only those rows.",
     )
     lora: LoraTrainConfig = Field(default_factory=LoraTrainConfig)
     save_adapter: bool = Field(

@@ -108,6 +108,10 @@ class TokenizerManifest(BaseModel):
     model: DirRef
     base_fingerprint: str
     new_tokens: int
+    new_token_ids: list[int] = Field(
+        default_factory=list,
+        description="Ids of every vocabulary entry the extension added (intermediate merge tokens included): the rows LoRA trains.",
+    )
     report_json: ArtifactRef
     report_md: ArtifactRef
     code_version: str

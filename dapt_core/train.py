@@ -6,8 +6,9 @@ In the style of a torchtune recipe, everything happens in `train()`, top to bott
   SFT, an optional `loss_mask` (list<int8>, 1 where the token is a training target), read memory-mapped. Epoch e visits the sequences in the permutation `default_rng([seed, e]).permutation(N)`; the data
   position is (epoch, index in that permutation), so the order is a pure function of the seed.
 * **Method.** `full` trains every parameter; `lora` wraps the model with peft (`cfg.lora`: r, alpha, dropout,
-  target_modules; `cfg.train_embeddings` also trains embed_tokens and lm_head in full, needed after tokenizer
-  extension). `merge_lora(model)` folds the adapters back into plain weights.
+  target_modules). After a tokenizer extension (`new_token_ids`) the new tokens' rows of the input embeddings and
+  of an untied lm_head train too, and only those rows (`cfg.train_new_tokens`, peft trainable tokens);
+  `cfg.train_embeddings` trains both matrices in full instead. `merge_lora(model)` folds it all into plain weights.
 * **Optimisation.** AdamW (no weight decay on biases / norm weights), LR = linear warmup over
   round(warmup_ratio * steps) steps to the peak, then cosine to min_lr_ratio * peak at the last step (`lr_at`),
   gradient accumulation over `grad_accum` micro-batches, global grad-norm clipping. The loss is token-weighted
@@ -191,14 +192,23 @@ def total_steps_for(cfg: TrainConfig, num_sequences: int, world: int = 1) -> int
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA
-def apply_lora(model, cfg: TrainConfig):
-    """Wrap `model` with LoRA adapters (peft); embeddings and lm_head fully trained when cfg.train_embeddings."""
+def apply_lora(model, cfg: TrainConfig, new_token_ids: Sequence[int] = ()):
+    """Wrap `model` with LoRA adapters (peft). cfg.train_embeddings trains embed_tokens and lm_head in full; else, with
+    cfg.train_new_tokens, the rows of `new_token_ids` (the tokenizer extension's tokens) train and no other row does:
+    peft's trainable tokens on the input embeddings and, when untied, on the lm_head."""
     from peft import LoraConfig, get_peft_model
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    token_rows = None
+    if new_token_ids and cfg.train_new_tokens and not cfg.train_embeddings:
+        leaf = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+        token_rows = {leaf[id(model.get_input_embeddings())]: sorted(new_token_ids)}
+        if not tied:  # a tied lm_head follows the input rows (ensure_weight_tying)
+            token_rows[leaf[id(model.get_output_embeddings())]] = sorted(new_token_ids)
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
         modules_to_save=["embed_tokens", "lm_head"] if cfg.train_embeddings else None, bias="none", task_type="CAUSAL_LM",
+        trainable_token_indices=token_rows,
         ensure_weight_tying=tied,  # tied embeddings stay one matrix (else merging unties them: a second copy)
     )
     return get_peft_model(model, lora)
@@ -386,6 +396,7 @@ def train(
     resume: bool = True,
     on_checkpoint: Callable[[int, Path], bool | None] | None = None,
     general_samples: Sequence[Sequence[int]] | None = None,
+    new_token_ids: Sequence[int] = (),
 ) -> TrainResult:
     """Continually pretrain `model` on the packed `shards`; checkpoints in `out_dir` (see module docstring)."""
     out_dir = Path(out_dir)
@@ -431,7 +442,7 @@ def train(
 
     # --- method
     if cfg.method == "lora" and not _is_peft(model):
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, new_token_ids)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method == "lora" and hasattr(model, "enable_input_require_grads"):

@@ -427,3 +427,68 @@ def test_loss_is_token_weighted_across_ranks(tmp_path, monkeypatch):
     ddp = torch.load(out, weights_only=True)
     assert_same_gradients(ddp["grads"], seen[0])
     assert ddp["loss"] == pytest.approx(single.history[0]["loss"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ LoRA and new token rows
+NEW_IDS = list(range(VOCAB, VOCAB + 8))  # an extended vocabulary: ids 64..71 are the new tokens
+
+
+def extended_model(tied: bool):
+    model = tiny_llama(VOCAB, tied=tied)
+    model.resize_token_embeddings(VOCAB + 16, mean_resizing=False)  # 8 new tokens + 8 padding rows no token reaches
+    return model
+
+
+def new_token_shards(path: Path) -> list[Path]:
+    rng = np.random.default_rng(3)
+    seqs = []
+    for _ in range(16):
+        s = general_seq(rng)
+        s[::4] = [NEW_IDS[int(j)] for j in rng.integers(0, len(NEW_IDS), len(s[::4]))]  # the new tokens occur in the text
+        seqs.append(s)
+    return write_shards(path, seqs)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_trains_new_token_rows_only(tmp_path, tied):
+    """With an extended vocabulary LoRA trains, besides its adapters, exactly the new tokens' rows of the input
+    embeddings and of an untied lm_head (peft trainable tokens): every old row and padding row stays bit-identical.
+    Checkpoints hold those rows only, a killed run resumes exactly, and merging folds them into the weights."""
+    pytest.importorskip("peft")
+    shards = new_token_shards(tmp_path / "d")
+    start = extended_model(tied)
+    emb0, head0 = start.get_input_embeddings().weight.detach().clone(), start.get_output_embeddings().weight.detach().clone()
+    cfg = _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=4, save_every=2, lr=1e-3)
+    res = train(copy.deepcopy(start), shards, cfg, tmp_path / "out", resume=False, new_token_ids=NEW_IDS)
+    trainable = {n: p for n, p in res.model.named_parameters() if p.requires_grad}
+    rows = [p for n, p in trainable.items() if "trainable_tokens_delta" in n]
+    assert len(rows) == (1 if tied else 2) and all(p.shape == (len(NEW_IDS), 64) for p in rows)  # new rows, not matrices
+    assert all("lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+
+    merged = merge_lora(copy.deepcopy(res.model))
+    emb, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    old = [i for i in range(emb.shape[0]) if i not in NEW_IDS]
+    assert torch.equal(emb[old], emb0[old]) and torch.equal(head[old], head0[old])  # old and padding rows: untouched
+    assert (emb[NEW_IDS] - emb0[NEW_IDS]).abs().amax(1).min() > 1e-3  # every new input row moved
+    assert (head[NEW_IDS] - head0[NEW_IDS]).abs().amax(1).min() > 1e-3  # and every new output row (tied: the same)
+    assert (head is emb) == tied
+
+    # exact resume: from checkpoint-2 to step 4, the same adapters and rows as the uninterrupted run
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"))
+    assert {n for n in saved if "trainable_tokens" in n} and not any("modules_to_save" in n for n in saved)
+    assert all(t.shape[0] != VOCAB + 16 for t in saved.values())  # no whole embedding matrix in the checkpoint
+    import shutil
+
+    shutil.copytree(tmp_path / "out" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = train(copy.deepcopy(start), shards, cfg, tmp_path / "resumed", new_token_ids=NEW_IDS)
+    assert resumed.resumed_from == tmp_path / "resumed" / "checkpoint-2" and resumed.step == 4
+    a = dict(resumed.model.named_parameters())
+    for n, p in res.model.named_parameters():
+        assert torch.allclose(a[n], p, rtol=1e-6, atol=1e-7), n
+
+    # without the new ids (or with train_new_tokens off) the rows stay at their initialisation
+    off = train(copy.deepcopy(start), shards, _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=2, train_new_tokens=False),
+                tmp_path / "off", resume=False, new_token_ids=NEW_IDS)
+    assert torch.equal(merge_lora(off.model).get_input_embeddings().weight, emb0)
