@@ -128,6 +128,7 @@ class PackManifest(BaseModel):
     tokens: dict[str, int] = Field(description="Training tokens per source (after upsampling/subsetting).")
     general_fraction_target: float
     general_fraction_realised: float
+    warnings: list[str] = Field(default_factory=list, description="What the user should know about the data (e.g. self-replay eval).")
     report_json: ArtifactRef
     code_version: str
 

@@ -83,6 +83,12 @@ import xxhash
 from dapt_core import split
 from dapt_core.model import adds_bos
 
+SELF_REPLAY_EVAL_WARNING = (
+    "no data.general: the general held-out set is the base model's own samples (mix.self_replay), so general "
+    "bits-per-byte and perplexity measure drift from the base model's own distribution, not general knowledge; "
+    "add data.general text for a real forgetting signal"
+)
+
 if TYPE_CHECKING:
     from dapt_core.config import MixConfig
 
@@ -752,6 +758,8 @@ def pack_corpus(
     realised = general_tokens / total
     if encoder.broken:
         warnings.append(encoder.broken)
+    if general is None and replay_docs and gen is not None and gen.heldout:
+        warnings.append(SELF_REPLAY_EVAL_WARNING)
     if epochs is not None and epochs > 1:
         warnings.append(
             f"general text is short: its {gen.tok_len[gen.train].sum():,} training tokens are repeated {epochs:.2f} times "

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 import dapt_core.embedding as embedding
@@ -106,6 +106,8 @@ def pack_task(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, mode
         evals = {kind: store.put_file(p, f"{prefix}/eval/{kind}.jsonl") if p else None for kind, p in result.eval_files.items()}
         sample = store.put_file(result.general_sample, f"{prefix}/general-sample.parquet") if result.general_sample else None
     report_json = store.put_text(json.dumps(result.report, indent=2, default=str), f"{prefix}/report.json")
+    for w in result.report["warnings"]:
+        get_run_logger().warning("%s", w)
     return PackManifest(
         train_shards=shards,
         eval_domain=evals.get("domain"),
@@ -116,6 +118,7 @@ def pack_task(clean: CleanManifest, tok: TokenizerManifest, mix: MixConfig, mode
         tokens=result.tokens,
         general_fraction_target=mix.general_fraction,
         general_fraction_realised=result.general_fraction,
+        warnings=list(result.report["warnings"]),
         report_json=report_json,
         code_version=PACK_CODE,
     )
