@@ -188,7 +188,10 @@ class EWCConfig(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     enabled: bool = Field(False, description="Add the EWC penalty (an option; replay mixing is the default protection).")
-    lambda_: float = Field(1.0, ge=0, alias="lambda", description="Penalty strength lambda.")
+    lambda_: float = Field(
+        10.0, ge=0, alias="lambda",
+        description="Penalty strength; F is per-sample (summed log-likelihood), 10 from the sweep in bench/ewc.py (bench/README.md).",
+    )
     fisher_samples: int = Field(1000, ge=1, description="General sequences used to estimate the diagonal Fisher (1,000-5,000).")
 
 

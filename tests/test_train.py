@@ -275,6 +275,38 @@ def test_lora_trains_adapters_only_and_merges(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------- EWC
+def test_ewc_fisher_is_per_sample_summed_log_likelihood():
+    """F = squared gradient of each sample's SUMMED log-likelihood (not of the token mean), averaged over samples."""
+    from dapt_core.ewc import compute_fisher
+
+    model = tiny_llama(VOCAB)
+    seqs = [general_seq(np.random.default_rng(i)) for i in range(3)]
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for s in seqs:
+        model.zero_grad()
+        x = torch.tensor([s])
+        logits = model(input_ids=x).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad**2 / len(seqs)
+    fisher = compute_fisher(model, seqs)
+    for n, f in fisher.items():
+        assert torch.allclose(f, expected[n], rtol=1e-4, atol=1e-10), n
+
+
+def test_ewc_default_lambda_cuts_forgetting_more_than_domain_gain():
+    """At the default train.ewc.lambda, on the bench/ewc.py setup (a tiny model pretrained on general prose, then
+    domain CPT without replay), EWC removes >= 30% of the general-loss rise at the same number of steps, and costs a
+    smaller share of the domain gain."""
+    from bench.ewc import sweep
+
+    default = TrainConfig().ewc.lambda_
+    plain, ewc = sweep([0.0, default], seed=0)
+    assert plain.forgetting > 0.1 and plain.domain_gain > 0.1  # the setup forgets, and learns the domain
+    assert ewc.forgetting_reduction >= 0.3
+    assert ewc.domain_gain_reduction < ewc.forgetting_reduction
+
+
 def test_ewc_limits_drift_and_forgetting(tmp_path):
     rng = np.random.default_rng(0)
     general = [general_seq(rng) for _ in range(32)]
@@ -293,7 +325,7 @@ def test_ewc_limits_drift_and_forgetting(tmp_path):
     cpt = _cfg(max_steps=30, lr=1e-3, warmup_ratio=0.0)
     plain = train(copy.deepcopy(base), dom, cpt, tmp_path / "plain", resume=False).model
     with_ewc = train(
-        copy.deepcopy(base), dom, TrainConfig(**{**cpt.model_dump(), "ewc": {"enabled": True, "lambda": 1e5, "fisher_samples": 16}}),
+        copy.deepcopy(base), dom, TrainConfig(**{**cpt.model_dump(), "ewc": {"enabled": True, "lambda": 1e3, "fisher_samples": 16}}),
         tmp_path / "ewc", general_samples=general,
     )
     assert (tmp_path / "ewc" / "ewc.safetensors").is_file()
@@ -301,8 +333,9 @@ def test_ewc_limits_drift_and_forgetting(tmp_path):
     assert fisher_ref.drift(ewc_model) < 0.1 * fisher_ref.drift(plain)
     forgetting_plain = mean_loss(plain, general_eval) - base_loss
     assert forgetting_plain > 1.0
-    # smaller, though only slightly on this toy (measured 2.30 vs 2.35): the empirical diagonal Fisher misses much
-    assert mean_loss(ewc_model, general_eval) - base_loss < forgetting_plain
+    # the domain's rule conflicts with the general one on the same tokens, so even a strong EWC keeps little of it
+    # here (measured 2.16 vs 2.33); test_ewc_default_lambda_cuts_forgetting_more_than_domain_gain is the real case
+    assert mean_loss(ewc_model, general_eval) - base_loss < forgetting_plain - 0.1
 
 
 # ------------------------------------------------------------------------------------------ token-weighted loss
