@@ -14,7 +14,7 @@ pretraining corpus, as the product estimates it on `general-sample.parquet`. Met
 EWC is worth its cost at a lambda where the forgetting reduction is large and the domain-gain reduction is smaller.
 The default `train.ewc.lambda` is chosen from this table (bench/README.md).
 
-    .venv/bin/python bench/ewc.py                 # 3 seeds x 8 lambdas, ~20 min on 2 busy cores
+    .venv/bin/python bench/ewc.py                 # 3 seeds x 8 lambdas, ~30 min on 2 busy cores
     .venv/bin/python bench/ewc.py --seeds 1       # one seed
 """
 
