@@ -211,7 +211,10 @@ class EWCConfig(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     enabled: bool = Field(False, description="Add the EWC penalty (an option; replay mixing is the default protection).")
-    lambda_: float = Field(1.0, ge=0, alias="lambda", description="Penalty strength lambda.")
+    lambda_: float = Field(
+        10.0, ge=0, alias="lambda",
+        description="Penalty strength; F is per-sample (summed log-likelihood), 10 from the sweep in bench/ewc.py (bench/README.md).",
+    )
     fisher_samples: int = Field(1000, ge=1, description="General sequences used to estimate the diagonal Fisher (1,000-5,000).")
 
 
@@ -235,7 +238,12 @@ class TrainConfig(_Section):
         False, description="Per-document position ids and a block-diagonal causal mask from `doc_lengths` (no attention across documents)."
     )
     train_embeddings: bool = Field(
-        False, description="LoRA: also train embed_tokens and lm_head in full (needed when the tokenizer was extended)."
+        False, description="LoRA: also train embed_tokens and lm_head in full (every row; each checkpoint stores both matrices)."
+    )
+    train_new_tokens: bool = Field(
+        True,
+        description="LoRA: train the rows of the tokens the tokenizer extension added (input embeddings and an untied lm_head), "
+        "and only those rows.",
     )
     lora: LoraTrainConfig = Field(default_factory=LoraTrainConfig)
     save_adapter: bool = Field(

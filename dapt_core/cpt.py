@@ -54,7 +54,7 @@ class AttemptSpec(BaseModel):
     store: str
     prefix: str  # store key prefix of this attempt's outputs
     attempt: int
-    new_tokens: int = 0  # tokens the tokenizer stage added (their rows only learn when embeddings train)
+    new_token_ids: list[int] = []  # rows the tokenizer stage added: LoRA trains them (train.train_new_tokens)
     eval_backend: str = "auto"
     code_version: str
 
@@ -200,7 +200,7 @@ def _model_at(spec: AttemptSpec, store: ArtifactStore, checkpoint: Path):
     """The start model with a checkpoint's weights loaded (a peft model for LoRA): what gets promoted."""
     model, _ = load_from_dir(store.local_dir(spec.start))
     if spec.train.method == "lora":
-        model = train_mod.apply_lora(model, spec.train)
+        model = train_mod.apply_lora(model, spec.train, spec.new_token_ids)
     train_mod.load_weights(model, checkpoint / "model.safetensors", spec.train.method)
     return model
 
@@ -227,8 +227,8 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
     dist.barrier()
 
     model, tokenizer = load_from_dir(store.local_dir(spec.start))
-    if spec.train.method == "lora" and not spec.train.train_embeddings and spec.new_tokens:
-        log.warning("train.method lora with an extended tokenizer: set train.train_embeddings: true so the new token rows learn")
+    if spec.train.method == "lora" and spec.new_token_ids and not (spec.train.train_new_tokens or spec.train.train_embeddings):
+        log.warning("train.method lora with an extended tokenizer and train.train_new_tokens off: the new token rows will not learn")
     files = eval_files(store, spec.pack)
     shards = [store.local_path(r) for r in spec.pack.train_shards]
     tb = train_mod.tensorboard_writer(spec.train, train_dir, dist)
@@ -257,7 +257,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
     if not stopped:
         train_mod.train(
             model, shards, spec.train, train_dir, resume=True, on_checkpoint=on_checkpoint,
-            general_samples=_general_samples(store, spec),
+            general_samples=_general_samples(store, spec), new_token_ids=spec.new_token_ids,
         )
     if tb is not None:
         tb.close()

@@ -2,9 +2,12 @@
 
     loss_total = loss + (lambda / 2) * sum_i F_i * (theta_i - theta*_i)^2
 
-* F is the diagonal (empirical) Fisher: the mean over general samples of the squared gradient of the sample's
-  log-likelihood (one sequence at a time; the log-likelihood is the model's mean token log-probability, i.e. minus
-  the HF causal-LM loss, so the scale does not grow with sequence length).
+* F is the diagonal (empirical) Fisher: the mean over general samples of the squared gradient of each sample's
+  log-likelihood, summed over its tokens (one sequence at a time), as in Kirkpatrick et al. Then, to second order,
+  (1/2) sum_i F_i (theta_i - theta*_i)^2 approximates the rise of a general sample's summed NLL, so lambda has a
+  scale: lambda = 1 weighs one general sample's loss rise like the training loss (a per-token mean). Squaring the
+  gradient of the token-MEAN loss instead shrinks F by ~(tokens per sample)^2 and needs a lambda ~10^5 larger to
+  matter. The default lambda comes from the sweep in bench/ewc.py (results in bench/README.md).
 * theta* are the parameters before continual pretraining (the anchor).
 * Only parameters that require grad are covered (with LoRA those are the adapters: EWC then means little).
 * F and theta* are stored together as one safetensors file (`fisher.<name>`, `anchor.<name>`), so a resumed run
@@ -30,7 +33,8 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def compute_fisher(model, samples: Iterable[Sequence[int]], max_samples: int | None = None) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher: mean over `samples` (token id sequences) of the squared gradients of the log-likelihood."""
+    """Diagonal Fisher: mean over `samples` (token id sequences) of the squared gradients of each sample's summed
+    log-likelihood."""
     params = _trainable(model)
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     device = next(model.parameters()).device
@@ -46,7 +50,9 @@ def compute_fisher(model, samples: Iterable[Sequence[int]], max_samples: int | N
                 continue
             model.zero_grad(set_to_none=True)
             out = model(input_ids=x, labels=x, use_cache=False)
-            (-out.loss).backward()  # gradient of the log-likelihood (its sign does not matter once squared)
+            # the sample's summed log-likelihood: the HF loss is its mean over the x.shape[1] - 1 predicted tokens
+            # (the gradient's sign does not matter once squared)
+            (-out.loss * (x.shape[1] - 1)).backward()
             for n, p in params.items():
                 if p.grad is not None:
                     fisher[n] += p.grad.detach().float() ** 2

@@ -141,6 +141,10 @@ class TokenizerManifest(BaseModel):
     model: DirRef
     base_fingerprint: str
     new_tokens: int
+    new_token_ids: list[int] = Field(
+        default_factory=list,
+        description="Ids of every vocabulary entry the extension added (intermediate merge tokens included): the rows LoRA trains.",
+    )
     report_json: ArtifactRef
     report_md: ArtifactRef
     code_version: str
@@ -175,6 +179,7 @@ class PackManifest(BaseModel):
     general_fraction_realised: float
     heldout_fractions: dict[str, float] = Field(default_factory=dict, description="Held-out threshold used per kind.")
     refresh: RefreshCounts | None = Field(None, description="A refresh: new vs replayed domain documents and tokens.")
+    warnings: list[str] = Field(default_factory=list, description="What the user should know about the data (e.g. self-replay eval).")
     report_json: ArtifactRef
     code_version: str
 

@@ -85,26 +85,32 @@ def nll_stats(
     return NLLStats(nll_nats=total, tokens=scored, bytes=n_bytes, unscored_tokens=unscored)
 
 
-_LOGIT_CHUNK = 256  # positions per lm_head call: batch x seq x vocab logits never exist at once
+_LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits one forward call may produce (rows per call follow from it)
+_NLL_CHUNK = 256  # positions per fp32 cross-entropy
 
 
 def _summed_nll(model, input_ids, mask, labels) -> float:
-    """Summed next-token NLL, with the vocabulary projection done a few positions at a time.
+    """Summed next-token NLL from the model's own forward logits, a few rows per call.
 
-    Full logits are batch x length x vocab floats (8 x 1024 x 49k is 1.6 GB for SmolLM2); projecting the
-    final hidden states in chunks keeps memory and time flat in the vocabulary size.
+    The logits must come from the model's forward, not `lm_head(decoder(x))`: several architectures post-process
+    them there (Gemma 2/3 final-logit soft-capping, Granite `logits_scaling`, Cohere `logit_scale`), and skipping
+    that scores a different distribution. Memory stays bounded by calling the model on as many rows as fit in
+    `_LOGITS_BUDGET` (at least one) and upcasting the logits to fp32 `_NLL_CHUNK` positions at a time.
     """
     import torch.nn.functional as F
 
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
-    head = model.get_output_embeddings()
-    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    keep = flat_labels != -100
-    flat_hidden, flat_labels = flat_hidden[keep], flat_labels[keep]
+    vocab = int(model.config.get_text_config().vocab_size)
+    rows = max(1, _LOGITS_BUDGET // (4 * vocab * input_ids.shape[1]))
     total = 0.0
-    for start in range(0, len(flat_labels), _LOGIT_CHUNK):
-        logits = head(flat_hidden[start : start + _LOGIT_CHUNK]).float()
-        total += F.cross_entropy(logits, flat_labels[start : start + _LOGIT_CHUNK], reduction="sum").item()
+    for r in range(0, len(input_ids), rows):
+        logits = model(input_ids=input_ids[r : r + rows], attention_mask=mask[r : r + rows], use_cache=False).logits[:, :-1]
+        targets = labels[r : r + rows]
+        for s in range(0, logits.shape[1], _NLL_CHUNK):
+            chunk = logits[:, s : s + _NLL_CHUNK].float()
+            total += F.cross_entropy(
+                chunk.reshape(-1, chunk.shape[-1]), targets[:, s : s + _NLL_CHUNK].reshape(-1), ignore_index=-100, reduction="sum"
+            ).item()
+        del logits
     return total
 
 

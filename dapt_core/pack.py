@@ -84,6 +84,12 @@ from dapt_core import split
 from dapt_core.manifest import RefreshCounts
 from dapt_core.model import adds_bos
 
+SELF_REPLAY_EVAL_WARNING = (
+    "no data.general: the general held-out set is the base model's own samples (mix.self_replay), so general "
+    "bits-per-byte and perplexity measure drift from the base model's own distribution, not general knowledge; "
+    "add data.general text for a real forgetting signal"
+)
+
 if TYPE_CHECKING:
     from dapt_core.config import MixConfig
 
@@ -801,6 +807,8 @@ def pack_corpus(
     realised = general_tokens / total
     if encoder.broken:
         warnings.append(encoder.broken)
+    if general is None and replay_docs and gen is not None and gen.heldout:
+        warnings.append(SELF_REPLAY_EVAL_WARNING)
     if epochs is not None and epochs > 1:
         warnings.append(
             f"general text is short: its {gen.tok_len[gen.train].sum():,} training tokens are repeated {epochs:.2f} times "
@@ -924,5 +932,5 @@ def _nothing_new(cfg: MixConfig, out_dir: Path, heldout_fractions: dict[str, flo
         train_shards=[], eval_files=_eval_files(out_dir), tokens={}, tokens_by_kind={"domain": 0, "general": 0},
         general_fraction=0.0, general_fraction_target=cfg.general_fraction, sequences=0, seq_len=cfg.seq_len,
         dropped_tokens=0, heldout_fractions=heldout_fractions, refresh=nothing,
-        report={"refresh": nothing.model_dump(), "heldout_fractions": heldout_fractions, "sequences": 0},
+        report={"refresh": nothing.model_dump(), "heldout_fractions": heldout_fractions, "sequences": 0, "warnings": []},
     )

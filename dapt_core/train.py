@@ -6,11 +6,14 @@ In the style of a torchtune recipe, everything happens in `train()`, top to bott
   SFT, an optional `loss_mask` (list<int8>, 1 where the token is a training target), read memory-mapped. Epoch e visits the sequences in the permutation `default_rng([seed, e]).permutation(N)`; the data
   position is (epoch, index in that permutation), so the order is a pure function of the seed.
 * **Method.** `full` trains every parameter; `lora` wraps the model with peft (`cfg.lora`: r, alpha, dropout,
-  target_modules; `cfg.train_embeddings` also trains embed_tokens and lm_head in full, needed after tokenizer
-  extension). `merge_lora(model)` folds the adapters back into plain weights.
+  target_modules). After a tokenizer extension (`new_token_ids`) the new tokens' rows of the input embeddings and
+  of an untied lm_head train too, and only those rows (`cfg.train_new_tokens`, peft trainable tokens);
+  `cfg.train_embeddings` trains both matrices in full instead. `merge_lora(model)` folds it all into plain weights.
 * **Optimisation.** AdamW (no weight decay on biases / norm weights), LR = linear warmup over
   round(warmup_ratio * steps) steps to the peak, then cosine to min_lr_ratio * peak at the last step (`lr_at`),
-  gradient accumulation over `grad_accum` micro-batches, global grad-norm clipping. fp32 on CPU, bf16 autocast
+  gradient accumulation over `grad_accum` micro-batches, global grad-norm clipping. The loss is token-weighted
+  over the whole optimizer step (all micro-batches and ranks), as HF Trainer: summed NLL / target tokens of the
+  step, so response-only SFT masks, accumulation and DDP weigh every target token the same. fp32 on CPU, bf16 autocast
   on CUDA (weights and optimizer state stay fp32). Optional gradient checkpointing.
 * **Documents.** With `block_cross_document_attention`, position ids restart at every document of a packed
   sequence (from `doc_lengths`) and no attention mask is passed: transformers then builds the block-diagonal
@@ -21,7 +24,7 @@ In the style of a torchtune recipe, everything happens in `train()`, top to bott
   rank 0 writes checkpoints and runs `on_checkpoint` while the others wait. One process is the same loop, unchanged.
 * **Logging.** `cfg.report_to: [tensorboard]` writes loss, LR, grad norm, EWC penalty and tokens/s every
   `cfg.log_every` steps to out_dir/tensorboard (rank 0).
-* **EWC.** `cfg.ewc.enabled` adds (lambda/2) * sum F_i (theta_i - theta*_i)^2 (dapt_core/ewc.py); the Fisher is
+* **EWC.** `cfg.ewc.enabled` adds (lambda/2) * sum F_i (theta_i - theta*_i)^2 once per optimizer step (dapt_core/ewc.py); the Fisher is
   estimated once on `general_samples` at the start and saved as out_dir/ewc.safetensors (a resumed run reloads it).
 * **Checkpoints.** Every `save_every` steps and at the end, out_dir/checkpoint-<step>/ holds `model.safetensors`
   (all weights for `full`, the trainable weights for `lora`), `config.json` (full: the directory loads with
@@ -154,6 +157,19 @@ def make_batch(items: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], bl
     return batch
 
 
+def target_tokens(labels: torch.Tensor) -> int:
+    """Tokens a batch's labels train on: positions 1.. (the first has no prediction) that are not -100."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def summed_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL summed over the target tokens (fp32), to be divided by the step's target count."""
+    import torch.nn.functional as F
+
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
 # -------------------------------------------------------------------------------------------------- LR schedule
 def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
     return int(round(cfg.warmup_ratio * total_steps))
@@ -178,14 +194,23 @@ def total_steps_for(cfg: TrainConfig, num_sequences: int, world: int = 1) -> int
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA
-def apply_lora(model, cfg: TrainConfig):
-    """Wrap `model` with LoRA adapters (peft); embeddings and lm_head fully trained when cfg.train_embeddings."""
+def apply_lora(model, cfg: TrainConfig, new_token_ids: Sequence[int] = ()):
+    """Wrap `model` with LoRA adapters (peft). cfg.train_embeddings trains embed_tokens and lm_head in full; else, with
+    cfg.train_new_tokens, the rows of `new_token_ids` (the tokenizer extension's tokens) train and no other row does:
+    peft's trainable tokens on the input embeddings and, when untied, on the lm_head."""
     from peft import LoraConfig, get_peft_model
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    token_rows = None
+    if new_token_ids and cfg.train_new_tokens and not cfg.train_embeddings:
+        leaf = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+        token_rows = {leaf[id(model.get_input_embeddings())]: sorted(new_token_ids)}
+        if not tied:  # a tied lm_head follows the input rows (ensure_weight_tying)
+            token_rows[leaf[id(model.get_output_embeddings())]] = sorted(new_token_ids)
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
         modules_to_save=["embed_tokens", "lm_head"] if cfg.train_embeddings else None, bias="none", task_type="CAUSAL_LM",
+        trainable_token_indices=token_rows,
         ensure_weight_tying=tied,  # tied embeddings stay one matrix (else merging unties them: a second copy)
     )
     return get_peft_model(model, lora)
@@ -403,6 +428,7 @@ def train(
     resume: bool = True,
     on_checkpoint: Callable[[int, Path], bool | None] | None = None,
     general_samples: Sequence[Sequence[int]] | None = None,
+    new_token_ids: Sequence[int] = (),
 ) -> TrainResult:
     """Continually pretrain `model` on the packed `shards`; checkpoints in `out_dir` (see module docstring)."""
     out_dir = Path(out_dir)
@@ -448,7 +474,7 @@ def train(
 
     # --- method
     if cfg.method == "lora" and not _is_peft(model):
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, new_token_ids)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method == "lora" and hasattr(model, "enable_input_require_grads"):
@@ -503,22 +529,31 @@ def train(
     # --- the loop
     while step < total_steps:
         t0 = time.perf_counter()
-        loss_sum, ewc_value = 0.0, 0.0
-        for micro in range(cfg.grad_accum):
-            batch = next_micro_batch()
+        micro_batches = [next_micro_batch() for _ in range(cfg.grad_accum)]
+        # Token-weighted loss, as HF Trainer: every target token of the optimizer step weighs the same, whichever
+        # micro-batch or rank holds it (response-only SFT masks make the counts uneven). Each rank scales its summed
+        # NLL by world / (target tokens of the whole step); DDP's gradient averaging divides the world back out.
+        targets = torch.tensor([sum(target_tokens(b["labels"]) for b in micro_batches)], dtype=torch.float64, device=device)
+        if dist.world > 1:
+            torch.distributed.all_reduce(targets)
+        step_targets = max(float(targets.item()), 1.0)
+        nll_sum, ewc_value = 0.0, 0.0
+        for micro, batch in enumerate(micro_batches):
+            last = micro == cfg.grad_accum - 1
             # DDP: all-reduce gradients once per optimizer step, on the last micro-batch.
-            sync = contextlib.nullcontext() if dist.world == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
+            sync = contextlib.nullcontext() if dist.world == 1 or last else model.no_sync()
             with sync:
+                labels = batch.pop("labels")
                 with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     out = model(**batch, use_cache=False)
-                loss = out.loss.float()
-                total = loss
-                if ewc is not None:
+                summed = summed_token_nll(out.logits, labels)
+                total = summed * (dist.world / step_targets)
+                if ewc is not None and last:  # once per optimizer step, not once per micro-batch
                     penalty = ewc.penalty(trained)
-                    ewc_value += float(penalty.detach()) / cfg.grad_accum
+                    ewc_value = float(penalty.detach())
                     total = total + penalty
-                (total / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach())
+                total.backward()
+            nll_sum += float(summed.detach())
         grad_norm = None
         if cfg.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -527,11 +562,11 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_value = loss_sum / cfg.grad_accum
         if dist.world > 1:  # log the global batch's loss, not rank 0's share
-            mean = torch.tensor([loss_value], device=device)
-            torch.distributed.all_reduce(mean)
-            loss_value = float(mean.item()) / dist.world
+            summed_all = torch.tensor([nll_sum], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(summed_all)
+            nll_sum = float(summed_all.item())
+        loss_value = nll_sum / step_targets
         seconds = time.perf_counter() - t0
         history.append(
             {"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm, "ewc": ewc_value if ewc else None,

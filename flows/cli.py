@@ -220,6 +220,8 @@ def _run_training_data(cfg: DaptConfig):
         f"general share {p.general_fraction_realised:.2%} (target {p.general_fraction_target:.2%})"
     )
     console.print(f"held-out eval sets: {p.eval_domain.uri if p.eval_domain else '-'}, {p.eval_general.uri if p.eval_general else '-'}")
+    for w in p.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache")
     return result
 

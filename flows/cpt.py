@@ -63,7 +63,7 @@ def cpt_flow(
     best: CptManifest | None = None
     while True:
         result = cpt_task.with_options(result_storage=storage).submit(
-            start, pack, train_cfg, config.eval, base_metrics, config.store, attempt, data.tokenizer.new_tokens
+            start, pack, train_cfg, config.eval, base_metrics, config.store, attempt, data.tokenizer.new_token_ids
         ).result()
         history.append(_summary(result))
         if result.accepted and (best is None or _best_metric(result, policy) < _best_metric(best, policy)):

@@ -93,18 +93,22 @@ def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what
 
 
 # ------------------------------------------------------------------------------------------------------------- cpt
-def cpt_key(start: DirRef, pack: PackManifest, train_cfg: TrainConfig, eval_cfg: EvalConfig, base_metrics: dict, attempt: int) -> str:
+def cpt_key(
+    start: DirRef, pack: PackManifest, train_cfg: TrainConfig, eval_cfg: EvalConfig, base_metrics: dict, attempt: int,
+    new_token_ids: list[int] | None = None,
+) -> str:
     shards = [r.sha256 for r in pack.train_shards]
     # The whole train section, nproc_per_node included: batch_size is per process, so it sets the global batch.
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
     return "cpt-" + stable_hash(
-        start.sha256, shards, _eval_hashes(pack), fisher, train_cfg, eval_cfg, base_metrics, attempt, EVAL_BACKEND, CPT_CODE
+        start.sha256, shards, _eval_hashes(pack), fisher, train_cfg, eval_cfg, base_metrics, attempt, EVAL_BACKEND, CPT_CODE,
+        *([sorted(new_token_ids)] if new_token_ids else []),  # the rows LoRA trains (absent: the key stays as it was)
     )
 
 
 @task(
     name="cpt-attempt",
-    cache_key_fn=lambda ctx, p: cpt_key(p["start"], p["pack"], p["train_cfg"], p["eval_cfg"], p["base_metrics"], p["attempt"]),
+    cache_key_fn=lambda ctx, p: cpt_key(p["start"], p["pack"], p["train_cfg"], p["eval_cfg"], p["base_metrics"], p["attempt"], p["new_token_ids"]),
     persist_result=True,
     result_serializer="json",
 )
@@ -116,15 +120,15 @@ def cpt_task(
     base_metrics: dict,
     store_uri: str,
     attempt: int = 0,
-    new_tokens: int = 0,
+    new_token_ids: list[int] | None = None,
 ) -> CptManifest:
     """Train from `start` on the packed shards; judge every checkpoint; stop at a rejection; promote the best accepted."""
     log = _log()
-    key = cpt_key(start, pack, train_cfg, eval_cfg, base_metrics, attempt)
+    key = cpt_key(start, pack, train_cfg, eval_cfg, base_metrics, attempt, new_token_ids)
     check_result_record(store_uri, key)
     spec = AttemptSpec(
         start=start, pack=pack, train=train_cfg, eval=eval_cfg, base_metrics=base_metrics, store=store_uri,
-        prefix=f"cpt/{key}", attempt=attempt, new_tokens=new_tokens, eval_backend=EVAL_BACKEND, code_version=CPT_CODE,
+        prefix=f"cpt/{key}", attempt=attempt, new_token_ids=new_token_ids or [], eval_backend=EVAL_BACKEND, code_version=CPT_CODE,
     )
     log.info(
         "CPT attempt %d from %s: lr=%.3g, general_fraction=%.3g, %d sequences of %d tokens, %d process(es)",

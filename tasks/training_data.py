@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 import dapt_core.embedding as embedding
@@ -66,6 +66,7 @@ def extend_tokenizer_task(
         model=model_ref,
         base_fingerprint=fingerprint,
         new_tokens=len(result.report.get("new_tokens", [])),
+        new_token_ids=sorted(result.tokenizer.convert_tokens_to_ids(result.new_tokens)),
         report_json=report_json,
         report_md=report_md,
         code_version=TOKENIZER_CODE,
@@ -123,6 +124,8 @@ def pack_task(
         evals = {kind: store.put_file(p, f"{prefix}/eval/{kind}.jsonl") if p else None for kind, p in result.eval_files.items()}
         sample = store.put_file(result.general_sample, f"{prefix}/general-sample.parquet") if result.general_sample else None
     report_json = store.put_text(json.dumps(result.report, indent=2, default=str), f"{prefix}/report.json")
+    for w in result.report["warnings"]:
+        get_run_logger().warning("%s", w)
     return PackManifest(
         train_shards=shards,
         eval_domain=evals.get("domain"),
@@ -135,6 +138,7 @@ def pack_task(
         general_fraction_realised=result.general_fraction,
         heldout_fractions=result.heldout_fractions,
         refresh=result.refresh,
+        warnings=list(result.report["warnings"]),
         report_json=report_json,
         code_version=PACK_CODE,
     )

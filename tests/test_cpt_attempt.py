@@ -47,7 +47,7 @@ eval: {{max_probes: 20, batch_size: 8}}
 def _spec(cfg, data, base_metrics, prefix: str, **train_update) -> AttemptSpec:
     return AttemptSpec(
         start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update=train_update), eval=cfg.eval,
-        base_metrics=base_metrics, store=cfg.store, prefix=prefix, attempt=0, new_tokens=data.tokenizer.new_tokens,
+        base_metrics=base_metrics, store=cfg.store, prefix=prefix, attempt=0, new_token_ids=data.tokenizer.new_token_ids,
         eval_backend="native", code_version=CPT_CODE,
     )
 
@@ -57,12 +57,12 @@ def _promoted_weights(store_uri: str, manifest) -> dict[str, torch.Tensor]:
 
 
 def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpus, s3_bucket, tmp_path, monkeypatch):
-    """LoRA (+ trained embeddings for the new tokens) with an S3 store. The attempt dies after its first checkpoint
+    """LoRA (+ the new tokens' rows, trained by default) with an S3 store. The attempt dies after its first checkpoint
     was judged and uploaded; run again with an empty S3 cache and work dir (another machine), it downloads that
     checkpoint, keeps its decision, resumes exactly, and promotes the same weights as an uninterrupted attempt."""
     root, dirs, base = corpus
     train = (
-        "{method: lora, train_embeddings: true, save_adapter: true, lora: {r: 8, alpha: 16}, lr: 2e-4, max_steps: 20, "
+        "{method: lora, save_adapter: true, lora: {r: 8, alpha: 16}, lr: 2e-4, max_steps: 20, "
         "save_every: 10, batch_size: 8, report_to: [tensorboard]}"
     )
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-setup"))
@@ -107,6 +107,13 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
 
     model, tokenizer = load_from_dir(store.local_dir(resumed.promoted))
     assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer) and not hasattr(model, "peft_config")
+    start, _ = load_from_dir(store.local_dir(data.tokenizer.model))
+    new_ids = data.tokenizer.new_token_ids
+    assert new_ids and min(new_ids) >= len(tokenizer) - len(new_ids)
+    emb, emb0 = model.get_input_embeddings().weight, start.get_input_embeddings().weight
+    old = [i for i in range(emb.shape[0]) if i not in set(new_ids)]
+    assert torch.equal(emb[old], emb0[old])  # only the new tokens' rows trained ...
+    assert (emb[new_ids] - emb0[new_ids]).abs().amax(1).min() > 0  # ... and each of them did
     d = next(x for x in resumed.decisions if x["step"] == resumed.best_step)
     assert d["metrics"]["domain/bits_per_byte"] < base_metrics["domain/bits_per_byte"]
 

@@ -245,3 +245,46 @@ def test_one_probe_flip_is_not_forgetting(n, probe, accepted):
     ckpt = _res(probe=probe)
     ckpt.metrics["general/probe_n"] = float(n)
     assert ForgettingPolicy().judge(base, ckpt).accepted is accepted
+
+
+def _postprocessing_model(kind: str, vocab: int):
+    """Tiny models whose forward post-processes the lm_head output: Gemma 2 soft-caps the logits, Granite divides
+    them by `logits_scaling`. Strong settings, so that skipping the post-processing would change bpb a lot."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=256)
+    if kind == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=1.5))
+    else:
+        model = GraniteForCausalLM(GraniteConfig(**common, logits_scaling=8.0))
+    with torch.no_grad():  # random init is near-uniform; larger weights make the post-processing matter
+        model.get_output_embeddings().weight.mul_(20)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite"])
+def test_native_bpb_uses_the_models_own_logit_postprocessing(setup, kind):
+    """dapt_core.metrics scores the logits of the model's forward: equal to lm-eval (HFLM calls the forward too),
+    and far from what lm_head(decoder(x)) alone would give."""
+    import torch
+
+    from dapt_core.metrics import bits_per_byte
+
+    d, files, tok = setup
+    model = _postprocessing_model(kind, len(tok))
+    lm_eval_bpb = evaluate(model, tok, files, d / f"w-{kind}", batch_size=4, probes=False, backend="lm-eval")
+    for split, texts in (("domain", DOMAIN), ("general", GENERAL)):
+        native = bits_per_byte(model, tok, texts, batch_size=3)
+        assert native == pytest.approx(lm_eval_bpb.metrics[f"{split}/bits_per_byte"], rel=1e-4), split
+        # the raw head output (no post-processing) gives a different number: the comparison above has teeth
+        ids = [tok.eos_token_id] + tok(texts[0], add_special_tokens=False)["input_ids"]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            raw = model.get_output_embeddings()(model.get_decoder()(input_ids=x).last_hidden_state)[0, :-1]
+            own = model(input_ids=x).logits[0, :-1]
+        raw_nll = torch.nn.functional.cross_entropy(raw, x[0, 1:], reduction="sum")
+        own_nll = torch.nn.functional.cross_entropy(own, x[0, 1:], reduction="sum")
+        assert abs(float(raw_nll) - float(own_nll)) > 0.2 * float(own_nll)

@@ -153,6 +153,7 @@ def test_token_share_is_exact(corpus, tmp_path, fraction, general_key):
     if general_key == "short_general":  # repeated (upsampled) to reach the share
         assert r.report["general"]["epochs"] > 2
         assert any("repeated" in w for w in r.report["warnings"])
+        assert pack.SELF_REPLAY_EVAL_WARNING not in r.report["warnings"]  # real general text
     elif fraction:  # a subset of the long general corpus, and only about that much was tokenised
         assert r.report["general"]["epochs"] is None
         assert r.report["general"]["tokenised_bytes_share"] < 0.9
@@ -310,6 +311,9 @@ def test_self_replay_amount_determinism_and_packing(corpus, tmp_path):
     assert set(r.tokens) == {"domain-src0", "domain-src1", pack.REPLAY_SOURCE}
     assert abs(r.general_fraction - 0.05) <= 0.005 * 0.05
     assert r.report["general"]["self_replay_documents"] == len(a)
+    # general held-out documents that are the base model's own samples: the report says so
+    held = pack_corpus(corpus["domain"], None, corpus["tok_dir"], _cfg(general_fraction=0.05, heldout_fraction=0.4), tmp_path / "h", replay_texts=iter(a))
+    assert held.eval_files["general"] is not None and pack.SELF_REPLAY_EVAL_WARNING in held.report["warnings"]
 
 
 def test_document_separator_overrides_eos(corpus, tmp_path):

@@ -301,6 +301,38 @@ def test_lora_trains_adapters_only_and_merges(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------- EWC
+def test_ewc_fisher_is_per_sample_summed_log_likelihood():
+    """F = squared gradient of each sample's SUMMED log-likelihood (not of the token mean), averaged over samples."""
+    from dapt_core.ewc import compute_fisher
+
+    model = tiny_llama(VOCAB)
+    seqs = [general_seq(np.random.default_rng(i)) for i in range(3)]
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for s in seqs:
+        model.zero_grad()
+        x = torch.tensor([s])
+        logits = model(input_ids=x).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad**2 / len(seqs)
+    fisher = compute_fisher(model, seqs)
+    for n, f in fisher.items():
+        assert torch.allclose(f, expected[n], rtol=1e-4, atol=1e-10), n
+
+
+def test_ewc_default_lambda_cuts_forgetting_more_than_domain_gain():
+    """At the default train.ewc.lambda, on the bench/ewc.py setup (a tiny model pretrained on general prose, then
+    domain CPT without replay), EWC removes >= 30% of the general-loss rise at the same number of steps, and costs a
+    smaller share of the domain gain."""
+    from bench.ewc import sweep
+
+    default = TrainConfig().ewc.lambda_
+    plain, ewc = sweep([0.0, default], seed=0)
+    assert plain.forgetting > 0.1 and plain.domain_gain > 0.1  # the setup forgets, and learns the domain
+    assert ewc.forgetting_reduction >= 0.3
+    assert ewc.domain_gain_reduction < ewc.forgetting_reduction
+
+
 def test_ewc_limits_drift_and_forgetting(tmp_path):
     rng = np.random.default_rng(0)
     general = [general_seq(rng) for _ in range(32)]
@@ -319,7 +351,7 @@ def test_ewc_limits_drift_and_forgetting(tmp_path):
     cpt = _cfg(max_steps=30, lr=1e-3, warmup_ratio=0.0)
     plain = train(copy.deepcopy(base), dom, cpt, tmp_path / "plain", resume=False).model
     with_ewc = train(
-        copy.deepcopy(base), dom, TrainConfig(**{**cpt.model_dump(), "ewc": {"enabled": True, "lambda": 1e5, "fisher_samples": 16}}),
+        copy.deepcopy(base), dom, TrainConfig(**{**cpt.model_dump(), "ewc": {"enabled": True, "lambda": 1e3, "fisher_samples": 16}}),
         tmp_path / "ewc", general_samples=general,
     )
     assert (tmp_path / "ewc" / "ewc.safetensors").is_file()
@@ -327,5 +359,195 @@ def test_ewc_limits_drift_and_forgetting(tmp_path):
     assert fisher_ref.drift(ewc_model) < 0.1 * fisher_ref.drift(plain)
     forgetting_plain = mean_loss(plain, general_eval) - base_loss
     assert forgetting_plain > 1.0
-    # smaller, though only slightly on this toy (measured 2.30 vs 2.35): the empirical diagonal Fisher misses much
-    assert mean_loss(ewc_model, general_eval) - base_loss < forgetting_plain
+    # the domain's rule conflicts with the general one on the same tokens, so even a strong EWC keeps little of it
+    # here (measured 2.16 vs 2.33); test_ewc_default_lambda_cuts_forgetting_more_than_domain_gain is the real case
+    assert mean_loss(ewc_model, general_eval) - base_loss < forgetting_plain - 0.1
+
+
+# ------------------------------------------------------------------------------------------ token-weighted loss
+def response_masked_shards(path: Path) -> list[Path]:
+    """8 sequences whose response-only masks are very uneven between the first and the second 4 of the step's order
+    (micro-batch 1 vs 2, or rank 0 vs 1): per-micro-batch means would weigh their tokens very differently."""
+    from dapt_core.train import epoch_order
+
+    rng = np.random.default_rng(7)
+    order = epoch_order(8, 0, 0)
+    seqs, masks = [None] * 8, [None] * 8
+    for rank, k in enumerate([2, 3, 2, 3, 30, 28, 25, 31]):
+        i = int(order[rank])
+        seqs[i] = general_seq(rng) if rank < 4 else domain_seq(rng)
+        masks[i] = [0] * (SEQ - k) + [1] * k
+    path.mkdir(parents=True, exist_ok=True)
+    shard = path / "train-00000.parquet"
+    pq.write_table(
+        pa.table({
+            "input_ids": pa.array(seqs, pa.list_(pa.int32())), "doc_lengths": pa.array([[SEQ]] * len(seqs), pa.list_(pa.int32())),
+            "loss_mask": pa.array(masks, pa.list_(pa.int8())),
+        }),
+        shard,
+    )
+    return [shard]
+
+
+def step_gradients(monkeypatch) -> list[list[torch.Tensor]]:
+    """Records the gradients the loop hands to clip_grad_norm_ (after accumulation and DDP averaging)."""
+    seen: list[list[torch.Tensor]] = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, *a, **k):
+        params = list(params)
+        seen.append([p.grad.detach().clone() for p in params])
+        return original(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return seen
+
+
+def reference_gradients(shards, order) -> list[torch.Tensor]:
+    """Gradients of the mean NLL over every target token of the 8 sequences (the token-weighted definition)."""
+    from dapt_core.train import PackedSequences
+
+    data = PackedSequences(shards)
+    model = tiny_llama(VOCAB)
+    grads = []
+    for rows in order:
+        batch = make_batch([data[int(i)] for i in rows], False)
+        model.zero_grad()
+        model(**batch, use_cache=False).loss.backward()
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+    return grads[0] if len(grads) == 1 else [sum(g) / len(g) for g in zip(*grads)]
+
+
+def assert_same_gradients(a: list[torch.Tensor], b: list[torch.Tensor], atol=1e-6):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=1e-4, atol=atol)
+
+
+def test_loss_is_token_weighted_across_accumulation(tmp_path, monkeypatch):
+    from dapt_core.train import epoch_order
+
+    shards = response_masked_shards(tmp_path / "d")
+    order = epoch_order(8, 0, 0)
+    reference = reference_gradients(shards, [order])
+    # mean of the two half-batches' means: what the loop computed before; it differs, so the test has teeth
+    mean_of_means = reference_gradients(shards, [order[:4], order[4:]])
+    diff = torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(reference, mean_of_means)))
+    assert diff > 0.05 * torch.sqrt(sum((x**2).sum() for x in reference))
+
+    seen = step_gradients(monkeypatch)
+    one = train(tiny_llama(VOCAB), shards, _cfg(batch_size=8, max_steps=1), tmp_path / "b8", resume=False)
+    accumulated = train(tiny_llama(VOCAB), shards, _cfg(batch_size=4, grad_accum=2, max_steps=1), tmp_path / "b4x2", resume=False)
+    assert len(seen) == 2
+    assert_same_gradients(seen[0], reference)
+    assert_same_gradients(seen[1], reference)
+    # (weights after the step are not compared: Adam's first step is ~lr * sign(g), which turns float-rounding
+    # noise in near-zero gradients into full-size differences)
+    assert one.history[0]["loss"] == pytest.approx(accumulated.history[0]["loss"], rel=1e-6)
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+from pathlib import Path
+from dapt_core.config import TrainConfig
+from dapt_core.train import train
+from tests.tiny_model import tiny_llama
+
+seen = []
+original = torch.nn.utils.clip_grad_norm_
+def spy(params, *a, **k):
+    params = list(params)
+    seen.append([p.grad.detach().clone() for p in params])
+    return original(params, *a, **k)
+torch.nn.utils.clip_grad_norm_ = spy
+res = train(tiny_llama({vocab}), [Path(p) for p in {shards!r}], TrainConfig.model_validate({cfg!r}), Path(sys.argv[1]), resume=False)
+if torch.distributed.get_rank() == 0:
+    torch.save({{"grads": seen[0], "loss": res.history[0]["loss"]}}, sys.argv[2])
+"""
+
+
+def test_loss_is_token_weighted_across_ranks(tmp_path, monkeypatch):
+    """2 ranks x 4 sequences (torchrun, gloo) give the gradients of 1 process x 8, with uneven response masks."""
+    shards = response_masked_shards(tmp_path / "d")
+    seen = step_gradients(monkeypatch)
+    single = train(tiny_llama(VOCAB), shards, _cfg(batch_size=8, max_steps=1), tmp_path / "one", resume=False)
+    script = tmp_path / "ddp.py"
+    cfg = _cfg(batch_size=4, max_steps=1).model_dump(by_alias=True)
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), vocab=VOCAB, shards=[str(s) for s in shards], cfg=cfg))
+    out = tmp_path / "ddp.pt"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "ddp"), str(out)],
+        cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = torch.load(out, weights_only=True)
+    assert_same_gradients(ddp["grads"], seen[0])
+    assert ddp["loss"] == pytest.approx(single.history[0]["loss"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ LoRA and new token rows
+NEW_IDS = list(range(VOCAB, VOCAB + 8))  # an extended vocabulary: ids 64..71 are the new tokens
+
+
+def extended_model(tied: bool):
+    model = tiny_llama(VOCAB, tied=tied)
+    model.resize_token_embeddings(VOCAB + 16, mean_resizing=False)  # 8 new tokens + 8 padding rows no token reaches
+    return model
+
+
+def new_token_shards(path: Path) -> list[Path]:
+    rng = np.random.default_rng(3)
+    seqs = []
+    for _ in range(16):
+        s = general_seq(rng)
+        s[::4] = [NEW_IDS[int(j)] for j in rng.integers(0, len(NEW_IDS), len(s[::4]))]  # the new tokens occur in the text
+        seqs.append(s)
+    return write_shards(path, seqs)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_trains_new_token_rows_only(tmp_path, tied):
+    """With an extended vocabulary LoRA trains, besides its adapters, exactly the new tokens' rows of the input
+    embeddings and of an untied lm_head (peft trainable tokens): every old row and padding row stays bit-identical.
+    Checkpoints hold those rows only, a killed run resumes exactly, and merging folds them into the weights."""
+    pytest.importorskip("peft")
+    shards = new_token_shards(tmp_path / "d")
+    start = extended_model(tied)
+    emb0, head0 = start.get_input_embeddings().weight.detach().clone(), start.get_output_embeddings().weight.detach().clone()
+    cfg = _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=4, save_every=2, lr=1e-3)
+    res = train(copy.deepcopy(start), shards, cfg, tmp_path / "out", resume=False, new_token_ids=NEW_IDS)
+    trainable = {n: p for n, p in res.model.named_parameters() if p.requires_grad}
+    rows = [p for n, p in trainable.items() if "trainable_tokens_delta" in n]
+    assert len(rows) == (1 if tied else 2) and all(p.shape == (len(NEW_IDS), 64) for p in rows)  # new rows, not matrices
+    assert all("lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+
+    merged = merge_lora(copy.deepcopy(res.model))
+    emb, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    old = [i for i in range(emb.shape[0]) if i not in NEW_IDS]
+    assert torch.equal(emb[old], emb0[old]) and torch.equal(head[old], head0[old])  # old and padding rows: untouched
+    assert (emb[NEW_IDS] - emb0[NEW_IDS]).abs().amax(1).min() > 1e-3  # every new input row moved
+    assert (head[NEW_IDS] - head0[NEW_IDS]).abs().amax(1).min() > 1e-3  # and every new output row (tied: the same)
+    assert (head is emb) == tied
+
+    # exact resume: from checkpoint-2 to step 4, the same adapters and rows as the uninterrupted run
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"))
+    assert {n for n in saved if "trainable_tokens" in n} and not any("modules_to_save" in n for n in saved)
+    assert all(t.shape[0] != VOCAB + 16 for t in saved.values())  # no whole embedding matrix in the checkpoint
+    import shutil
+
+    shutil.copytree(tmp_path / "out" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = train(copy.deepcopy(start), shards, cfg, tmp_path / "resumed", new_token_ids=NEW_IDS)
+    assert resumed.resumed_from == tmp_path / "resumed" / "checkpoint-2" and resumed.step == 4
+    a = dict(resumed.model.named_parameters())
+    for n, p in res.model.named_parameters():
+        assert torch.allclose(a[n], p, rtol=1e-6, atol=1e-7), n
+
+    # without the new ids (or with train_new_tokens off) the rows stay at their initialisation
+    off = train(copy.deepcopy(start), shards, _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=2, train_new_tokens=False),
+                tmp_path / "off", resume=False, new_token_ids=NEW_IDS)
+    assert torch.equal(merge_lora(off.model).get_input_embeddings().weight, emb0)
