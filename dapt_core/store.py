@@ -5,6 +5,10 @@ place locally, a single PUT or completed multipart upload on S3) and returns an 
 object's sha256, which every read verifies. S3 endpoint and credentials come from the standard AWS
 environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) and are never logged; transient S3
 errors are retried with exponential backoff by botocore's "standard" retry mode.
+
+Partial files carry their writer in their name (dapt_core/leftovers.py): those of a killed run are removed after the
+next successful write of the same file, and everywhere under the store (local) or the download cache (S3) the first
+time a process opens the store.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from dapt_core import leftovers
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import ArtifactRef, DirRef
 
@@ -47,7 +52,7 @@ class ArtifactStore(ABC):
         """Read an object by key, unverified: only for index files (such as a run's latest manifest) that no ref points to."""
 
     def put_bytes(self, data: bytes, key: str) -> ArtifactRef:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{leftovers.TEMP_PREFIX}put-{leftovers.owner_tag()}-") as tmp:
             p = Path(tmp) / "blob"
             p.write_bytes(data)
             return self.put_file(p, key)
@@ -98,6 +103,10 @@ class ArtifactStore(ABC):
     def _local_copy(self, ref: ArtifactRef) -> Path:
         return Path(ref.uri)
 
+    def sweep_partials(self) -> list[Path]:
+        """Remove the partial files killed runs left in this store's local files."""
+        return []
+
 
 class LocalStore(ArtifactStore):
     def __init__(self, root: str | Path):
@@ -109,7 +118,7 @@ class LocalStore(ArtifactStore):
     def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
         dest = Path(self.uri(key))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=leftovers.partial_prefix(dest.name), suffix=".partial")
         try:
             with os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
@@ -119,10 +128,14 @@ class LocalStore(ArtifactStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        leftovers.sweep_partials(dest.parent, dest.name)
         return ArtifactRef(uri=str(dest), sha256=sha256_file(dest), bytes=dest.stat().st_size)
 
     def exists(self, key: str) -> bool:
         return Path(self.uri(key)).is_file()
+
+    def sweep_partials(self) -> list[Path]:
+        return leftovers.sweep_partials(Path(self.root), recursive=True)
 
     def read_key(self, key: str) -> bytes:
         return Path(self.uri(key)).read_bytes()
@@ -191,14 +204,19 @@ class S3Store(ArtifactStore):
         dest = self.cache_dir / ref.sha256[:2] / ref.sha256
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".partial")  # unique: tasks in threads may fetch the same object
+            # unique: tasks in threads may fetch the same object
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=leftovers.partial_prefix(dest.name), suffix=".partial")
             os.close(fd)
             try:
                 self._fetch(ref, Path(tmp))
                 os.replace(tmp, dest)
             finally:
                 Path(tmp).unlink(missing_ok=True)
+            leftovers.sweep_partials(dest.parent, dest.name)
         return dest
+
+    def sweep_partials(self) -> list[Path]:
+        return leftovers.sweep_partials(self.cache_dir, recursive=True) if self.cache_dir.is_dir() else []
 
     def _drop_cached(self, path: Path) -> bool:
         path.unlink(missing_ok=True)
@@ -210,7 +228,7 @@ class S3Store(ArtifactStore):
             target = dest / name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".partial")
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=leftovers.partial_prefix(target.name), suffix=".partial")
                 os.close(fd)
                 try:
                     shutil.copyfile(self.local_path(f), tmp)
@@ -233,6 +251,13 @@ def s3_client():
     return boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
 
 
+_swept: set[str] = set()
+
+
 def open_store(uri: str) -> ArtifactStore:
-    """The store behind a config's `store:` value."""
-    return S3Store(uri) if uri.startswith("s3://") else LocalStore(uri)
+    """The store behind a config's `store:` value; the first open in a process removes killed runs' partial files."""
+    store = S3Store(uri) if uri.startswith("s3://") else LocalStore(uri)
+    if store.root not in _swept:
+        _swept.add(store.root)
+        store.sweep_partials()
+    return store
