@@ -317,3 +317,67 @@ def test_leftovers_of_dead_processes_are_swept_and_live_ones_kept(tmp_path, monk
     open_store(str(store_root))  # the first open in a process sweeps the whole store
     assert not other_dead.exists() and live_partial.exists()
     assert (store_root / "ingest" / "a.parquet").read_bytes() == b"whole"
+
+
+# --- SFT ----------------------------------------------------------------------------------------------------------
+def _sft_inputs(tmp_path: Path, store_root: Path):
+    """A tiny model and held-out sets in a store, as the SFT task gets them from CPT and packing."""
+    from dapt_core.config import EvalConfig
+    from dapt_core.manifest import PackManifest
+    from tests.test_sft import _sft_cfg, repeat_task, write_jsonl
+    from tests.tiny_model import byte_level_tokenizer, tiny_llama
+
+    rows = repeat_task(200)
+    tok = byte_level_tokenizer([f"{r['prompt']}\n{r['response']}" for r in rows], 300)
+    model_dir = tmp_path / "model"
+    tiny_llama(len(tok)).save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    store = LocalStore(store_root)
+    model = store.put_dir(model_dir, "cpt/x/promoted")
+    heldout = store.put_file(write_jsonl(tmp_path / "heldout.jsonl", [{"text": f"{r['prompt']} {r['response']}"} for r in rows[:20]]), "pack/eval.jsonl")
+    pack = PackManifest(
+        train_shards=[], eval_domain=heldout, eval_general=heldout, seq_len=32, sequences=0, tokens={},
+        general_fraction_target=0.0, general_fraction_realised=0.0, report_json=heldout, code_version="test",
+    )
+    cfg = _sft_cfg(write_jsonl(tmp_path / "sft.jsonl", rows), max_steps=300)
+    return model, pack, cfg, EvalConfig(max_probes=0, batch_size=8)
+
+
+def test_sft_stopped_mid_training_resumes_from_its_journaled_checkpoint(tmp_path, monkeypatch):
+    import dapt_core.train as train_mod
+    from dapt_core import stop
+    from dapt_core.stop import StopRequested
+    from tasks.sft import sft_key, sft_task
+
+    def stop_once_training() -> None:  # what the signal handler does, from another thread
+        while stop.active_grace() is None:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        stop.request("SIGTERM")
+
+    model, pack, cfg, eval_cfg = _sft_inputs(tmp_path, tmp_path / "store")
+    threading.Thread(target=stop_once_training, daemon=True).start()
+    try:
+        with pytest.raises(StopRequested) as stopped:
+            sft_task.fn(model, pack, cfg, eval_cfg, {}, str(tmp_path / "store"))
+    finally:
+        stop.reset()
+    key = sft_key(model, pack, cfg, eval_cfg, {})
+    (row,) = json.loads((tmp_path / "store" / "sft" / key / "journal.json").read_text())
+    assert row["interrupted"] and 0 < row["step"] < 300 and stopped.value.stopped.checkpoint == row["checkpoint"]["uri"]
+
+    calls, real = [], train_mod.load_weights
+    monkeypatch.setattr(train_mod, "load_weights", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    resumed = sft_task.fn(model, pack, cfg, eval_cfg, {}, str(tmp_path / "store"))
+    monkeypatch.setattr(train_mod, "load_weights", real)
+    assert calls and calls[0].parent.name == f"checkpoint-{row['step']}"  # resumed from the journaled checkpoint
+
+    other = tmp_path / "undisturbed"
+    other.mkdir()
+    model2, pack2, _, _ = _sft_inputs(other, other / "store")
+    undisturbed = sft_task.fn(model2, pack2, cfg, eval_cfg, {}, str(other / "store"))
+    a = load_file(str(Path(resumed.model.uri) / "model.safetensors"))
+    b = load_file(str(Path(undisturbed.model.uri) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
