@@ -10,6 +10,7 @@ on), which puts its CPT attempt under a key of its own without changing what is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -381,3 +382,43 @@ def test_sft_stopped_mid_training_resumes_from_its_journaled_checkpoint(tmp_path
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_attempt_stops_on_request_with_a_checkpoint(prefect_harness, tiny, reference, tmp_path):
+    """nproc_per_node=2: the stop request reaches torchrun as SIGTERM, the ranks agree on a step, rank 0 uploads and
+    journals its checkpoint, and the task raises StopRequested."""
+    from dapt_core import stop
+    from dapt_core.cpt import AttemptSpec
+    from dapt_core.stop import StopRequested
+    from flows.training_data import training_data_flow
+    from tasks.cpt import CPT_CODE, _torchrun, base_eval_task
+
+    cfg = load_config(tiny(tmp_path / "run", log_every=99))
+    data = training_data_flow(cfg)
+    base_metrics = base_eval_task.fn(data.tokenizer.model, data.pack, cfg.eval, cfg.store)
+    spec = AttemptSpec(
+        start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update={"batch_size": 4, "nproc_per_node": 2}),
+        eval=cfg.eval, base_metrics=base_metrics, store=cfg.store, prefix="cpt/ddp-stop", attempt=0, eval_backend="native",
+        code_version=CPT_CODE,
+    )
+
+    class StopOnceTraining(logging.Handler):  # the task logs every line of torchrun's output
+        def emit(self, record: logging.LogRecord) -> None:
+            if "training steps" in record.getMessage():
+                threading.Timer(1.0, stop.request, ("SIGTERM",)).start()
+
+    handler, logger = StopOnceTraining(), logging.getLogger("dapt.cpt")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(StopRequested) as stopped:
+            _torchrun(spec, tmp_path, 2)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        stop.reset()
+    journal = json.loads(open_store(cfg.store).read_key("cpt/ddp-stop/journal.json"))
+    assert journal[-1]["interrupted"] and journal[-1]["step"] == stopped.value.stopped.step
+    assert 0 < stopped.value.stopped.step < STEPS
