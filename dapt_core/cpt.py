@@ -113,8 +113,8 @@ def resume_from_journal(store: ArtifactStore, rows: list[dict], train_dir: Path)
 def journal_interrupted(store: ArtifactStore, prefix: str, rows: list[dict], stopped: Stopped) -> Stopped:
     """Upload the checkpoint a stopped training loop wrote and append it to `<prefix>/journal.json` as interrupted (not
     judged, never promoted): the next run resumes from it. Returns `stopped` pointing at the store's copy."""
-    if stopped.checkpoint is None or (rows and rows[-1]["step"] >= stopped.step):
-        return stopped  # no step since the last journaled checkpoint
+    if stopped.checkpoint is None or (rows and rows[-1]["step"] >= stopped.step):  # no step since the last journaled one
+        return stopped.model_copy(update={"checkpoint": rows[-1]["checkpoint"]["uri"] if rows else None})
     local = Path(stopped.checkpoint)
     ref = store.put_dir(local, f"{prefix}/checkpoints/{local.name}")
     rows.append({"step": stopped.step, "interrupted": True, "reason": stopped.reason, "checkpoint": ref.model_dump(mode="json")})

@@ -38,9 +38,10 @@ def owner_tag() -> str:
 
 def abandoned(path: Path) -> bool:
     """Whether `path` (named with an owner tag) was left behind by a process that no longer runs."""
-    match = _OWNER.search(path.name)
-    if match is None:
+    tags = list(_OWNER.finditer(path.name))
+    if not tags:
         return False
+    match = tags[-1]  # the owner tag comes after the name the partial file is for
     try:
         mtime = path.stat().st_mtime
     except FileNotFoundError:

@@ -32,7 +32,7 @@ from dapt_core import stop
 from dapt_core.stop import StopRequested
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {"signals": 0, "signum": 0, "resume": "retry the flow run to resume"}
+_state = {"signals": 0, "signum": 0, "resume": "retry the flow run to resume", "watchdog": False}
 
 
 def _say(line: str) -> None:
@@ -101,10 +101,12 @@ def stoppable_command():
     command = shlex.join(["dapt", *sys.argv[1:]])
     stop.reset()
     _state.update(signals=0, signum=0, resume=f"run `{command}` again to resume")
-    subprocess.Popen(
-        [sys.executable, "-m", "dapt_core.reaper", str(os.getpid())],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    if not _state["watchdog"]:  # one per process (tests invoke several commands in one process)
+        _state["watchdog"] = True
+        subprocess.Popen(
+            [sys.executable, "-m", "dapt_core.reaper", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
     with handle_signals():
         try:
             yield

@@ -309,14 +309,15 @@ def test_leftovers_of_dead_processes_are_swept_and_live_ones_kept(tmp_path, monk
     dead_partial = store_root / "ingest" / f".a.parquet.{dead}.q1.partial"
     other_dead = store_root / "ingest" / f".b.parquet.{dead}.q2.partial"
     live_partial = store_root / "ingest" / f".a.parquet.{live}.q3.partial"
-    for p in (dead_partial, other_dead, live_partial):
+    live_odd_name = store_root / "ingest" / f".{dead}.parquet.{live}.q4.partial"  # the owner is the last tag
+    for p in (dead_partial, other_dead, live_partial, live_odd_name):
         p.write_bytes(b"half")
     src = tmp_path / "a.parquet"
     src.write_bytes(b"whole")
     LocalStore(store_root).put_file(src, "ingest/a.parquet")  # a successful write of the same file sweeps its dead partials
     assert not dead_partial.exists() and other_dead.exists() and live_partial.exists()
     open_store(str(store_root))  # the first open in a process sweeps the whole store
-    assert not other_dead.exists() and live_partial.exists()
+    assert not other_dead.exists() and live_partial.exists() and live_odd_name.exists()
     assert (store_root / "ingest" / "a.parquet").read_bytes() == b"whole"
 
 
