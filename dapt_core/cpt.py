@@ -114,13 +114,16 @@ def journal_interrupted(store: ArtifactStore, prefix: str, rows: list[dict], sto
     """Upload the checkpoint a stopped training loop wrote and append it to `<prefix>/journal.json` as interrupted (not
     judged, never promoted): the next run resumes from it. Returns `stopped` pointing at the store's copy."""
     if stopped.checkpoint is None or (rows and rows[-1]["step"] >= stopped.step):  # no step since the last journaled one
-        return stopped.model_copy(update={"checkpoint": rows[-1]["checkpoint"]["uri"] if rows else None})
-    local = Path(stopped.checkpoint)
-    ref = store.put_dir(local, f"{prefix}/checkpoints/{local.name}")
-    rows.append({"step": stopped.step, "interrupted": True, "reason": stopped.reason, "checkpoint": ref.model_dump(mode="json")})
-    store.put_text(json.dumps(rows, indent=1), f"{prefix}/journal.json")
-    log.warning("stopped (%s) at step %d: checkpoint %s journaled; a re-run resumes from it", stopped.reason, stopped.step, ref.uri)
-    return stopped.model_copy(update={"checkpoint": ref.uri})
+        stopped = stopped.model_copy(update={"checkpoint": rows[-1]["checkpoint"]["uri"] if rows else None})
+    else:
+        local = Path(stopped.checkpoint)
+        ref = store.put_dir(local, f"{prefix}/checkpoints/{local.name}")
+        rows.append({"step": stopped.step, "interrupted": True, "reason": stopped.reason, "checkpoint": ref.model_dump(mode="json")})
+        store.put_text(json.dumps(rows, indent=1), f"{prefix}/journal.json")
+        log.warning("stopped (%s) at step %d: checkpoint %s journaled; a re-run resumes from it", stopped.reason, stopped.step, ref.uri)
+        stopped = stopped.model_copy(update={"checkpoint": ref.uri})
+    stop.saved(stopped)
+    return stopped
 
 
 def _judged(rows: list[dict]) -> list[dict]:

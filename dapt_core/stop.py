@@ -7,7 +7,8 @@ optimizer step, writes a checkpoint of the current step and raises `StopRequeste
 checkpoint with an "interrupted, not judged" journal entry that a re-run resumes from (dapt_core/cpt.py).
 
 `training(grace_s)` marks a running loop (or a launched trainer): a signal handler uses it to decide between "stop
-at the next step and checkpoint, within grace_s" and "nothing to save: exit now".
+at the next step and checkpoint, within grace_s" and "nothing to save: exit now". `saved()` says the stop checkpoint
+is in the store, so the process may exit even if what remains (Prefect reporting the stopped run) cannot finish.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ _requested = threading.Event()
 _lock = threading.Lock()
 _reason = ""
 _graces: list[float] = []  # stop_grace_s of every training loop running in this process
+_saved: list[Stopped] = []
+_saved_event = threading.Event()
 
 
 class Stopped(BaseModel):
@@ -62,12 +65,29 @@ def wait(timeout: float) -> bool:
     return _requested.wait(timeout)
 
 
+def saved(stopped: Stopped) -> None:
+    """The stopped run's checkpoint is in the store (and journaled): a re-run resumes from it."""
+    with _lock:
+        _saved.append(stopped)
+    _saved_event.set()
+
+
+def wait_saved(timeout: float) -> Stopped | None:
+    """Block up to `timeout` seconds for `saved()`; what was saved, or None."""
+    if not _saved_event.wait(timeout):
+        return None
+    with _lock:
+        return _saved[-1]
+
+
 def reset() -> None:
     """Forget a stop request (a new run in the same process)."""
     global _reason
     with _lock:
         _reason = ""
+        _saved.clear()
     _requested.clear()
+    _saved_event.clear()
 
 
 @contextmanager

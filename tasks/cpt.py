@@ -173,7 +173,9 @@ def _torchrun(spec: AttemptSpec, tmp: Path, nproc: int) -> CptManifest:
             log.info("%s", line)
     stopped = cpt_mod.stopped_path(result_path)
     if stopped.is_file():
-        raise StopRequested(Stopped.model_validate_json(stopped.read_text()))
+        result = Stopped.model_validate_json(stopped.read_text())
+        stop.saved(result)
+        raise StopRequested(result)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun exited with {proc.returncode}; its last lines:\n" + "\n".join(tail))
     return CptManifest.model_validate_json(result_path.read_text())

@@ -51,7 +51,7 @@ class Dapt:
         self.config = config
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "cpt", str(config), "--json"], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,  # a process group, as in a shell
         )
         self.stderr: list[str] = []
         self._stdout: list[str] = []
@@ -168,7 +168,10 @@ def test_signal_stops_cpt_with_a_checkpoint_and_the_rerun_resumes_it_exactly(tin
     children = psutil.Process(dapt.proc.pid).children(recursive=True)
     assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the ephemeral Prefect server
     sent = time.monotonic()
-    dapt.proc.send_signal(sig)
+    if sig == signal.SIGINT:  # Ctrl-C in a terminal: the whole foreground process group, the Prefect server included
+        os.killpg(dapt.proc.pid, sig)
+    else:  # kill, Kubernetes, a spot preemption: the process
+        dapt.proc.send_signal(sig)
     rc = dapt.finish(timeout=30)
     print(f"{sig.name}: exit {rc} after {time.monotonic() - sent:.1f} s")
     assert rc == 128 + sig
