@@ -258,6 +258,10 @@ class TrainConfig(_Section):
     nproc_per_node: int = Field(
         1, ge=1, description="GPUs per node: > 1 launches the CPT attempt with torchrun (DDP, one process per GPU)."
     )
+    stop_grace_s: float = Field(
+        60.0, gt=0, description="On SIGTERM / SIGINT / a cancel: seconds to finish the current optimizer step and save a "
+        "resumable checkpoint before the process exits anyway (a spot preemption gives 30-120 s; Prefect's runner 30 s).",
+    )
 
 
 class EvalConfig(_Section):

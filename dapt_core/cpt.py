@@ -14,6 +14,10 @@
   checkpoint it lists must be this attempt's own `<prefix>/checkpoints/checkpoint-<step>/...`. The checkpoint resumed
   from is downloaded and each file checked against its recorded sha256; its state files are read as plain data only
   (dapt_core/train.py `load_state`). A journal failing any check is refused (`JournalError`), never partly used.
+* **Stopping.** A stop request (SIGTERM, Ctrl-C, a cancel: dapt_core/stop.py) ends training at the next optimizer
+  step; the checkpoint of that step is uploaded and journaled (chained like any entry) as "interrupted", not judged: the next run resumes from
+  it, and it is never promoted (it is evaluated like any other once training reaches the next `save_every` step or
+  the end). Then `StopRequested` propagates (the CLI prints how to resume).
 * **Multi-GPU.** `python -m torch.distributed.run --nproc_per_node N -m dapt_core.cpt spec.json result.json` runs the
   same attempt with DDP (dapt_core/train.py); rank 0 evaluates, uploads and writes the result.
 
@@ -27,17 +31,20 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dapt_core import stop
 from dapt_core import train as train_mod
 from dapt_core.config import EvalConfig, TrainConfig
 from dapt_core.evaluate import Decision, EvalResult, ForgettingPolicy, evaluate, write_report
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model import load_from_dir
+from dapt_core.stop import Stopped, StopRequested
 from dapt_core.store import ArtifactStore, IntegrityError, UnsafeKeyError, open_store
 
 log = logging.getLogger("dapt.cpt")
@@ -105,18 +112,27 @@ class JournalError(IntegrityError):
 
 
 class JournalEntry(BaseModel):
-    """One judged checkpoint, as `_decision_row` writes it, with its link in the hash chain."""
+    """One checkpoint with its link in the hash chain: judged (as `_decision_row` writes it), or a stop's resume point
+    (`interrupted`, with the stop's reason: never judged, never promoted)."""
 
     model_config = ConfigDict(extra="forbid")
 
     step: int = Field(ge=1)
-    accepted: bool
-    reasons: list[str]
-    numbers: dict[str, float]
-    metrics: dict[str, float]
-    backend: str
     checkpoint: DirRef
     chain: str
+    interrupted: bool = False
+    reason: str | None = None
+    accepted: bool | None = None
+    reasons: list[str] = Field(default_factory=list)
+    numbers: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    backend: str | None = None
+
+    @model_validator(mode="after")
+    def _judged_or_interrupted(self) -> JournalEntry:
+        if self.interrupted == (self.accepted is not None):
+            raise ValueError(f"step {self.step}: an entry is either judged (accepted) or interrupted, not both or neither")
+        return self
 
 
 class Journal(BaseModel):
@@ -155,9 +171,9 @@ def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
 
     def refuse(problem: str) -> JournalError:
         return JournalError(
-            f"{store.uri(key)}: the resume journal of CPT attempt {prefix} fails verification ({problem}); it was changed "
+            f"{store.uri(key)}: the resume journal of {prefix} fails verification ({problem}); it was changed "
             f"or damaged after it was written and is not trusted. Delete {store.uri(prefix)} (the whole attempt) to run "
-            "this attempt again from its start."
+            "it again from its start."
         )
 
     try:
@@ -175,7 +191,7 @@ def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
             raise refuse(f"the hash chain breaks at step {entry.step}")
         if entry.step <= last_step:
             raise refuse(f"step {entry.step} follows step {last_step}")
-        if rows and not rows[-1]["accepted"]:
+        if rows and rows[-1].get("accepted") is False:
             raise refuse(f"step {entry.step} follows the rejected step {last_step}, where training stops")
         own = store.uri(f"{prefix}/checkpoints/{train_mod.CHECKPOINT_PREFIX}{entry.step}")
         if entry.checkpoint.uri != own:
@@ -187,6 +203,41 @@ def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
         rows.append(row)
         last_step = entry.step
     return rows
+
+
+def resume_from_journal(store: ArtifactStore, rows: list[dict], train_dir: Path) -> int:
+    """Put the newest journaled checkpoint (judged or interrupted) where the training loop resumes from, and drop
+    local checkpoints after it (written but never journaled: that stretch is trained again). Returns its step."""
+    resume_step = rows[-1]["step"] if rows else 0
+    for step, path in train_mod.list_checkpoints(train_dir):
+        if step > resume_step:
+            shutil.rmtree(path)
+    if rows:
+        dest = train_dir / f"{train_mod.CHECKPOINT_PREFIX}{resume_step}"
+        if not dest.exists():
+            shutil.copytree(store.local_dir(DirRef.model_validate(rows[-1]["checkpoint"])), dest)
+    return resume_step
+
+
+def journal_interrupted(store: ArtifactStore, prefix: str, rows: list[dict], stopped: Stopped) -> Stopped:
+    """Upload the checkpoint a stopped training loop wrote and append it to `<prefix>/journal.json` as interrupted (not
+    judged, never promoted): the next run resumes from it. Returns `stopped` pointing at the store's copy."""
+    if stopped.checkpoint is None or (rows and rows[-1]["step"] >= stopped.step):  # no step since the last journaled one
+        stopped = stopped.model_copy(update={"checkpoint": rows[-1]["checkpoint"]["uri"] if rows else None})
+    else:
+        local = Path(stopped.checkpoint)
+        ref = store.put_dir(local, f"{prefix}/checkpoints/{local.name}")
+        rows.append({"step": stopped.step, "interrupted": True, "reason": stopped.reason, "checkpoint": ref.model_dump(mode="json")})
+        store.put_text(journal_text(rows, prefix), _journal_key(prefix))
+        log.warning("stopped (%s) at step %d: checkpoint %s journaled; a re-run resumes from it", stopped.reason, stopped.step, ref.uri)
+        stopped = stopped.model_copy(update={"checkpoint": ref.uri})
+    stop.saved(stopped)
+    return stopped
+
+
+def _judged(rows: list[dict]) -> list[dict]:
+    """Journal rows with a decision (interrupted checkpoints are resume points only)."""
+    return [r for r in rows if not r.get("interrupted")]
 
 
 def _restore(rows: list[dict]) -> list[tuple[int, EvalResult, Decision]]:
@@ -213,17 +264,11 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
     base = EvalResult(metrics=dict(spec.base_metrics), backend=spec.eval_backend)
     train_dir = workdir / "train"
     rows = read_journal(store, spec.prefix)
-    stopped = not all(r["accepted"] for r in rows)  # an earlier run of this attempt already stopped at a rejection
-    if dist.main and not stopped:
-        judged = rows[-1]["step"] if rows else 0
-        for step, path in train_mod.list_checkpoints(train_dir):
-            if step > judged:  # written but never judged (a crash in between): train that stretch again
-                shutil.rmtree(path)
-        if rows:  # resume: the last judged checkpoint goes back where the loop looks for it
-            dest = train_dir / f"{train_mod.CHECKPOINT_PREFIX}{judged}"
-            if not dest.exists():
-                shutil.copytree(store.local_dir(DirRef.model_validate(rows[-1]["checkpoint"])), dest)
-            log.info("attempt %d: resuming after step %d (%d checkpoint(s) already judged)", spec.attempt, judged, len(rows))
+    ended = not all(r["accepted"] for r in _judged(rows))  # an earlier run of this attempt already stopped at a rejection
+    if dist.main and not ended:
+        resume_step = resume_from_journal(store, rows, train_dir)
+        if rows:
+            log.info("attempt %d: resuming after step %d (%d checkpoint(s) already judged)", spec.attempt, resume_step, len(_judged(rows)))
     dist.barrier()
 
     model, tokenizer = load_from_dir(store.local_dir(spec.start))
@@ -254,16 +299,23 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
         store.put_text(journal_text(rows, spec.prefix), _journal_key(spec.prefix))  # last: an entry means the checkpoint is safe
         return decision.accepted
 
-    if not stopped:
-        train_mod.train(
-            model, shards, spec.train, train_dir, resume=True, on_checkpoint=on_checkpoint,
-            general_samples=_general_samples(store, spec), new_token_ids=spec.new_token_ids,
-        )
-    if tb is not None:
-        tb.close()
+    if not ended:
+        try:
+            train_mod.train(
+                model, shards, spec.train, train_dir, resume=True, on_checkpoint=on_checkpoint,
+                general_samples=_general_samples(store, spec), new_token_ids=spec.new_token_ids,
+            )
+        except StopRequested as e:
+            stopped = journal_interrupted(store, spec.prefix, rows, e.stopped) if dist.main else e.stopped
+            dist.barrier()  # the other ranks wait for the upload: torchrun ends the group when one rank exits
+            raise StopRequested(stopped) from None
+        finally:
+            if tb is not None:
+                tb.close()
     if not dist.main:
         return None
 
+    rows = _judged(rows)
     evaluated = _restore(rows)
     accepted = [(s, r) for s, r, d in evaluated if d.accepted]
     best_step = policy.choose_best(accepted) if accepted else None
@@ -307,13 +359,32 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
     )
 
 
+STOPPED_EXIT_CODE = 3
+
+
+def stopped_path(result: Path) -> Path:
+    """Where the torchrun entry point writes `Stopped` when training was stopped instead of finishing."""
+    return result.with_name(result.name + ".stopped")
+
+
 def main(argv: list[str]) -> None:
-    """torchrun entry point: `-m dapt_core.cpt SPEC_JSON RESULT_JSON [WORKDIR]`."""
+    """torchrun entry point: `-m dapt_core.cpt SPEC_JSON RESULT_JSON [WORKDIR]`.
+
+    SIGTERM / SIGINT (torchrun forwards the launcher's SIGTERM to every rank, and waits --shutdown_timeout seconds)
+    stop training at the next step with a checkpoint; rank 0 then writes RESULT_JSON.stopped and every rank exits
+    with STOPPED_EXIT_CODE."""
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s rank {rank}: %(message)s")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: stop.request(signal.Signals(signum).name))
     spec = AttemptSpec.model_validate_json(Path(argv[0]).read_text())
     workdir = Path(argv[2]) if len(argv) > 2 else Path(argv[1]).parent / "work"
-    manifest = run_attempt(spec, workdir)
+    try:
+        manifest = run_attempt(spec, workdir)
+    except StopRequested as e:
+        if rank == "0":
+            stopped_path(Path(argv[1])).write_text(e.stopped.model_dump_json())
+        sys.exit(STOPPED_EXIT_CODE)
     if manifest is not None:
         Path(argv[1]).write_text(manifest.model_dump_json())
 

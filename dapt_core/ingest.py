@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dapt_core import leftovers
 from dapt_core.config import IngestConfig, SourceConfig
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import InputFile, Kind, QuarantineRecord
@@ -532,7 +532,7 @@ def ingest_file(inp: InputFile, cfg: IngestConfig, out_path: Path) -> tuple[int,
     quarantined: list[QuarantineRecord] = []
     written = 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dapt-ingest-") as tmp:
+    with leftovers.temp_dir("ingest") as tmp:
         path = _download(inp, Path(tmp)) if inp.uri.startswith("s3://") else Path(inp.uri)
         items = read_documents(
             path, uri=inp.uri, source=inp.source, kind=inp.kind, text_field=inp.text_field, max_doc_bytes=cfg.max_doc_bytes

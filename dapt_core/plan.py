@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from dapt_core import leftovers
 from dapt_core.config import DaptConfig
 from dapt_core.manifest import latest_manifest_key
 from dapt_core.model import load_tokenizer
@@ -197,14 +198,12 @@ def latest_prepare_key(project: str) -> str:
 
 def _raw_texts(cfg: DaptConfig, kind: str, sources: list) -> Iterator[str]:
     """Read raw inputs through the ingest readers (same formats, same quarantine), one file at a time."""
-    import tempfile
-
     from dapt_core.ingest import discover_inputs, ingest_file
 
     for source in sources:
         files, _ = discover_inputs(source, kind)
         for f in files:
-            with tempfile.TemporaryDirectory(prefix="dapt-plan-") as tmp:
+            with leftovers.temp_dir("plan") as tmp:
                 out = Path(tmp) / "docs.parquet"
                 ingest_file(f, cfg.ingest, out)
                 yield from parquet_texts(out)

@@ -9,6 +9,10 @@ so a team's store directory shared through a group stays readable by the group. 
 environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) and are never logged; transient S3
 errors are retried with exponential backoff within a time budget (dapt_core.faults), and every S3 failure is
 raised as a StoreError naming the object and what to do.
+
+Partial files carry their writer in their name (dapt_core/leftovers.py): those of a killed run are removed after the
+next successful write of the same file, and everywhere under the store (local) or the download cache (S3) the first
+time a process opens the store.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from dapt_core import leftovers
 from dapt_core.faults import RetryBudget, retry_seconds, s3_client_config, store_errors
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import ArtifactRef, DirRef
@@ -90,7 +95,7 @@ class ArtifactStore(ABC):
         """Read an object by key, unverified: only for index files (such as a run's latest manifest) that no ref points to."""
 
     def put_bytes(self, data: bytes, key: str) -> ArtifactRef:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{leftovers.TEMP_PREFIX}put-{leftovers.owner_tag()}-") as tmp:
             p = Path(tmp) / "blob"
             p.write_bytes(data)
             return self.put_file(p, key)
@@ -181,6 +186,10 @@ class ArtifactStore(ABC):
     def _local_copy(self, ref: ArtifactRef) -> Path:
         return Path(ref.uri)
 
+    def sweep_partials(self) -> list[Path]:
+        """Remove the partial files killed runs left in this store's local files."""
+        return []
+
 
 class LocalStore(ArtifactStore):
     def __init__(self, root: str | Path):
@@ -196,7 +205,7 @@ class LocalStore(ArtifactStore):
     def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
         dest = Path(self.uri(key))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=leftovers.partial_prefix(dest.name), suffix=".partial")
         try:
             os.fchmod(fd, _file_mode())
             with store_errors(str(dest)), os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
@@ -207,10 +216,14 @@ class LocalStore(ArtifactStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        leftovers.sweep_partials(dest.parent, dest.name)
         return ArtifactRef(uri=str(dest), sha256=sha256_file(dest), bytes=dest.stat().st_size)
 
     def exists(self, key: str) -> bool:
         return Path(self.uri(key)).is_file()
+
+    def sweep_partials(self) -> list[Path]:
+        return leftovers.sweep_partials(Path(self.root), recursive=True)
 
     def read_key(self, key: str) -> bytes:
         return Path(self.uri(key)).read_bytes()
@@ -291,14 +304,19 @@ class S3Store(ArtifactStore):
         dest = self.cache_dir / ref.sha256[:2] / ref.sha256
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".partial")  # unique: tasks in threads may fetch the same object
+            # unique: tasks in threads may fetch the same object
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=leftovers.partial_prefix(dest.name), suffix=".partial")
             os.close(fd)
             try:
                 self._fetch(ref, Path(tmp))
                 os.replace(tmp, dest)
             finally:
                 Path(tmp).unlink(missing_ok=True)
+            leftovers.sweep_partials(dest.parent, dest.name)
         return dest
+
+    def sweep_partials(self) -> list[Path]:
+        return leftovers.sweep_partials(self.cache_dir, recursive=True) if self.cache_dir.is_dir() else []
 
     def _drop_cached(self, path: Path) -> bool:
         path.unlink(missing_ok=True)
@@ -310,7 +328,7 @@ class S3Store(ArtifactStore):
             target = dest / name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".partial")
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=leftovers.partial_prefix(target.name), suffix=".partial")
                 os.close(fd)
                 try:
                     shutil.copyfile(self.local_path(f), tmp)
@@ -356,6 +374,13 @@ def s3_client():
     return client
 
 
+_swept: set[str] = set()
+
+
 def open_store(uri: str) -> ArtifactStore:
-    """The store behind a config's `store:` value."""
-    return S3Store(uri) if uri.startswith("s3://") else LocalStore(uri)
+    """The store behind a config's `store:` value; the first open in a process removes killed runs' partial files."""
+    store = S3Store(uri) if uri.startswith("s3://") else LocalStore(uri)
+    if store.root not in _swept:
+        _swept.add(store.root)
+        store.sweep_partials()
+    return store

@@ -35,6 +35,9 @@ In the style of a torchtune recipe, everything happens in `train()`, top to bott
   temporary name and renamed into place, so a checkpoint that exists is complete. `on_checkpoint(step, path)`
   is called after each one (evaluate, upload...); when it returns False training stops there (a rejected checkpoint:
   roll back instead of training further).
+* **Stopping.** A stop request (dapt_core/stop.py: a signal or a cancel, set from the main thread) is honoured
+  before the next optimizer step: the loop writes a checkpoint of the current step (unless that step was just
+  checkpointed) and raises `StopRequested`; under DDP every rank stops at the same step (the flags are all-reduced).
 * **Exact resume.** With `resume=True` the loop restarts from the latest complete checkpoint: weights, optimizer,
   scheduler, RNG states and data position are restored, so a run killed at any point (SIGKILL included) and resumed
   ends with the same weights as an uninterrupted run (bitwise on CPU; tested).
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -57,7 +61,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dapt_core import stop
 from dapt_core.config import TrainConfig
+from dapt_core.stop import Stopped, StopRequested
+
+log = logging.getLogger("dapt.train")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Ranks != 0 wait while rank 0 writes, evaluates and uploads a checkpoint (a 7B full checkpoint with optimizer state
@@ -431,7 +439,20 @@ def train(
     new_token_ids: Sequence[int] = (),
 ) -> TrainResult:
     """Continually pretrain `model` on the packed `shards`; checkpoints in `out_dir` (see module docstring)."""
-    out_dir = Path(out_dir)
+    with stop.training(cfg.stop_grace_s):
+        return _train(model, shards, cfg, Path(out_dir), resume, on_checkpoint, general_samples)
+
+
+def _stop_agreed(dist: Distributed, device) -> bool:
+    """Whether any rank was asked to stop (one tiny all-reduce per step under DDP, so all ranks stop together)."""
+    if dist.world == 1:
+        return stop.requested()
+    flag = torch.tensor([int(stop.requested())], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _train(model, shards, cfg: TrainConfig, out_dir: Path, resume, on_checkpoint, general_samples) -> TrainResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a run killed while writing
         shutil.rmtree(stale, ignore_errors=True)
@@ -525,9 +546,28 @@ def train(
     loss_value = history[-1]["loss"] if history else None
     writer = tensorboard_writer(cfg, out_dir, dist)
     tokens_per_step = cfg.batch_size * dist.world * cfg.grad_accum * data.seq_len
+    last_saved = (step, resumed_from)  # the step the newest checkpoint holds
+
+    def checkpoint() -> Path:
+        trainer_state = {
+            "step": step, "epoch": epoch, "index": index, "total_steps": total_steps, "seed": cfg.seed,
+            "method": cfg.method, "world_size": dist.world, "history": history,
+        }
+        return _write_checkpoint(out_dir, step, trained, optimizer, scheduler, cfg.method, trainer_state)
 
     # --- the loop
+    log.info("training steps %d to %d%s", step + 1, total_steps, f" (resumed from {resumed_from})" if resumed_from else "")
     while step < total_steps:
+        if _stop_agreed(dist, device):
+            path = last_saved[1]
+            if last_saved[0] != step:
+                path = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+                if dist.main:
+                    path = checkpoint()
+                dist.barrier()
+            if writer is not None:
+                writer.close()
+            raise StopRequested(Stopped(step=step, checkpoint=str(path) if path else None, reason=stop.reason()))
         t0 = time.perf_counter()
         micro_batches = [next_micro_batch() for _ in range(cfg.grad_accum)]
         # Token-weighted loss, as HF Trainer: every target token of the optimizer step weighs the same, whichever
@@ -579,22 +619,19 @@ def train(
             writer.add_scalar("train/tokens_per_second", tokens_per_step / max(seconds, 1e-9), step)
 
         if step % cfg.save_every == 0 or step == total_steps:
-            path, stop = out_dir / f"{CHECKPOINT_PREFIX}{step}", False
+            path, rejected = out_dir / f"{CHECKPOINT_PREFIX}{step}", False
             if dist.main:
-                trainer_state = {
-                    "step": step, "epoch": epoch, "index": index, "total_steps": total_steps, "seed": cfg.seed,
-                    "method": cfg.method, "world_size": dist.world, "history": history,
-                }
-                path = _write_checkpoint(out_dir, step, trained, optimizer, scheduler, cfg.method, trainer_state)
+                path = checkpoint()
                 if writer is not None:
                     writer.flush()
-                stop = on_checkpoint is not None and on_checkpoint(step, path) is False
+                rejected = on_checkpoint is not None and on_checkpoint(step, path) is False
             written.append(path)
+            last_saved = (step, path)
             if dist.world > 1:  # rank 0 decided (it ran on_checkpoint); every rank follows
-                flag = torch.tensor([int(dist.main and stop)], device=device)
+                flag = torch.tensor([int(dist.main and rejected)], device=device)
                 torch.distributed.broadcast(flag, src=0)
-                stop = bool(flag.item())
-            if stop:
+                rejected = bool(flag.item())
+            if rejected:
                 break
 
     if writer is not None:

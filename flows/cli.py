@@ -25,7 +25,7 @@ from rich.table import Table
 
 from dapt_core.config import ConfigError, DaptConfig, load_config
 from dapt_core.faults import classify
-from flows import progress
+from flows import interrupt, progress
 
 # Prefect's temporary server gets 20 s to start by default; on a loaded 2-core machine it once needed more, and the
 # command then failed with nothing wrong. The user's own setting wins.
@@ -167,7 +167,7 @@ def prepare(
     refresh: bool = typer.Option(False, "--refresh", help="Ignore cached results and recompute every stage."),
 ) -> None:
     """Ingest, clean, filter, deduplicate and decontaminate the corpora; write per-source stats."""
-    with _user_errors(as_json):
+    with _user_errors(as_json), interrupt.stoppable_command():
         result = _run_prepare(_load(config), refresh)
     _emit(result, as_json)
 
@@ -202,7 +202,7 @@ def _print_funnel(cm) -> None:
 @app.command()
 def pack(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """Prepare the data (cached), extend the tokenizer, and pack the mixed domain + replay training corpus."""
-    with _user_errors(as_json):
+    with _user_errors(as_json), interrupt.stoppable_command():
         result = _run_training_data(_load(config))
     _emit(result, as_json)
 
@@ -229,7 +229,7 @@ def _run_training_data(cfg: DaptConfig):
 @app.command()
 def plan(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """Count domain/general tokens, warn against the rules of thumb, and estimate GPU-hours."""
-    with _user_errors(as_json):
+    with _user_errors(as_json), interrupt.stoppable_command():
         report = _run_plan(_load(config))
     _emit(report, as_json)
 
@@ -254,7 +254,7 @@ def _run_plan(cfg: DaptConfig):
 @app.command()
 def cpt(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """Training data (cached), base evaluation, then CPT with checkpoint-by-checkpoint forgetting checks and rollback."""
-    with _user_errors(as_json):
+    with _user_errors(as_json), interrupt.stoppable_command():
         from flows.cpt import cpt_flow
 
         with progress.bars(console):
@@ -290,7 +290,7 @@ def run(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """The whole pipeline: data → tokenizer → packing → CPT + forgetting eval + rollback → SFT → report.
 
     Finished stages are cached in the store: after a failure, running this again recomputes only from the failed stage."""
-    with _user_errors(as_json):
+    with _user_errors(as_json), interrupt.stoppable_command():
         result = _run_pipeline(_load(config))
     _emit(result, as_json)
 
@@ -324,7 +324,7 @@ def demo(
     """The whole pipeline offline on bundled real medical text with SmolLM2-135M (about 15-20 min on 2 CPU cores)."""
     from dapt_core.demo import demo_config
 
-    with _user_errors(as_json):
+    with _user_errors(as_json), interrupt.stoppable_command():
         config_path = demo_config(workdir.resolve())
         console.print(f"Demo config: {config_path}")
         if config_only:

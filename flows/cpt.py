@@ -10,6 +10,7 @@ from dapt_core.evaluate import ForgettingPolicy, rollback_plan
 from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest, latest_manifest_key
 from dapt_core.preflight import check_before_data_stages
 from dapt_core.store import open_store
+from flows.interrupt import handle_signals
 from flows.training_data import training_data_flow
 from tasks.caching import result_storage_for
 from tasks.cpt import base_eval_task, cpt_task
@@ -48,6 +49,13 @@ def cpt_flow(
     one when nothing was accepted) with every attempt in `attempts`; with `output_key` it is also written to the store
     (how a caller reads the result of this flow run as a deployment on a GPU work pool).
     """
+    with handle_signals():  # SIGTERM (a cancel) stops training with a checkpoint; Prefect's handler would not
+        return _cpt_attempts(config, data, start, reference, output_key)
+
+
+def _cpt_attempts(
+    config: DaptConfig, data: TrainingDataManifest | None, start: DirRef | None, reference: DirRef | None, output_key: str | None
+) -> CptManifest:
     log = get_run_logger()
     if data is None:
         check_before_data_stages(config)

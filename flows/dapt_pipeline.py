@@ -15,13 +15,13 @@ against the original base. When no new document survived cleaning, it stops befo
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
+from dapt_core import leftovers
 from dapt_core.config import DaptConfig
 from dapt_core.hashing import stable_hash
 from dapt_core.manifest import (
@@ -40,6 +40,7 @@ from dapt_core.report import inline_images, write_pipeline_report
 from dapt_core.store import ArtifactStore, open_store
 from flows import progress
 from flows.cpt import cpt_flow
+from flows.interrupt import handle_signals
 from flows.training_data import training_data_flow
 from tasks.caching import result_storage_for
 from tasks.cpt import original_base_eval_task
@@ -64,7 +65,8 @@ def state_key(project: str, lineage: str) -> str:
 
 def result_config_hash(config: DaptConfig) -> str:
     """The config sections that change what the pipeline produces (not where it runs or is scheduled)."""
-    return stable_hash(config.model_dump(mode="json", exclude={"project", "store", "plan", "deploy"}))
+    exclude = {"project": True, "store": True, "plan": True, "deploy": True, "train": {"stop_grace_s"}, "sft": {"train": {"stop_grace_s"}}}
+    return stable_hash(config.model_dump(mode="json", exclude=exclude))
 
 
 def load_state_at(store: ArtifactStore, project: str, lineage: str) -> RunState | None:
@@ -146,15 +148,16 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     sft = None
     if config.sft.data and cpt.promoted is not None:
         progress.stage("SFT", total=1)
-        sft = sft_task.with_options(result_storage=storage).submit(
-            cpt.promoted, pack, config.sft, config.eval, cpt.base_metrics, config.store
-        ).result()
+        with handle_signals():  # SIGTERM (a cancel) stops SFT with a checkpoint; Prefect's handler would not
+            sft = sft_task.with_options(result_storage=storage).submit(
+                cpt.promoted, pack, config.sft, config.eval, cpt.base_metrics, config.store
+            ).result()
         progress.advance("SFT")
     elif config.sft.data:
         log.warning("SFT skipped: no CPT checkpoint passed the forgetting policy")
 
     run_key = stable_hash(data.pack.train_shards, cpt.promoted, sft.model if sft else None)[:16]
-    with tempfile.TemporaryDirectory(prefix="dapt-report-") as tmp:
+    with leftovers.temp_dir("report") as tmp:
         paths = write_pipeline_report(
             Path(tmp), project=config.project, clean=prepared.clean, tokenizer=tokenizer, pack=pack, cpt=cpt, sft=sft,
             original_base=original,

@@ -3,6 +3,7 @@
 The base of the forgetting comparison is the model before any CPT: the extended-but-untrained model of the
 tokenizer stage, evaluated once (cached) on the held-out domain and general text of the pack stage.
 An attempt runs in this process, or under torchrun (DDP, one process per GPU) when train.nproc_per_node > 1.
+A stop request (dapt_core/stop.py) reaches the torchrun launch as SIGTERM, forwarded by this task.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
+import signal
 import subprocess
 import sys
-import tempfile
+import threading
 from pathlib import Path
 
 from prefect import task
@@ -23,11 +26,12 @@ import dapt_core.cpt as cpt_mod
 import dapt_core.evaluate as evaluate_mod
 import dapt_core.ewc as ewc_mod
 import dapt_core.train as train_mod
-from dapt_core import manifest, metrics, model
+from dapt_core import leftovers, manifest, metrics, model, stop
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
 from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, run_eval
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
+from dapt_core.stop import Stopped, StopRequested
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store
 from tasks.caching import check_result_record
@@ -86,7 +90,7 @@ def original_base_eval_task(model_cfg: ModelConfig, fingerprint: str, pack: Pack
 
 
 def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what: str) -> dict:
-    with tempfile.TemporaryDirectory(prefix="dapt-base-eval-") as tmp:
+    with leftovers.temp_dir("base-eval") as tmp:
         result = run_eval(m, tokenizer, eval_files(store, pack), Path(tmp), eval_cfg, EVAL_BACKEND)
     _log().info("%s metrics (%s): %s", what, result.backend, json.dumps(result.metrics, sort_keys=True))
     return dict(result.metrics)
@@ -98,10 +102,12 @@ def cpt_key(
     new_token_ids: list[int] | None = None,
 ) -> str:
     shards = [r.sha256 for r in pack.train_shards]
-    # The whole train section, nproc_per_node included: batch_size is per process, so it sets the global batch.
+    # The whole train section, nproc_per_node included (batch_size is per process, so it sets the global batch);
+    # stop_grace_s does not change what is trained.
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
+    train = train_cfg.model_dump(mode="json", exclude={"stop_grace_s"})
     return "cpt-" + stable_hash(
-        start.sha256, shards, _eval_hashes(pack), fisher, train_cfg, eval_cfg, base_metrics, attempt, EVAL_BACKEND, CPT_CODE,
+        start.sha256, shards, _eval_hashes(pack), fisher, train, eval_cfg, base_metrics, attempt, EVAL_BACKEND, CPT_CODE,
         *([sorted(new_token_ids)] if new_token_ids else []),  # the rows LoRA trains (absent: the key stays as it was)
     )
 
@@ -134,7 +140,7 @@ def cpt_task(
         "CPT attempt %d from %s: lr=%.3g, general_fraction=%.3g, %d sequences of %d tokens, %d process(es)",
         attempt, start.uri, train_cfg.lr, pack.general_fraction_target, pack.sequences, pack.seq_len, train_cfg.nproc_per_node,
     )
-    with tempfile.TemporaryDirectory(prefix="dapt-cpt-") as tmp:
+    with leftovers.temp_dir("cpt") as tmp:
         tmp = Path(tmp)
         if train_cfg.nproc_per_node == 1:
             result = run_attempt(spec, tmp / "work")
@@ -145,22 +151,43 @@ def cpt_task(
     return result
 
 
+def _forward_stop(proc: subprocess.Popen) -> None:
+    """Until `proc` ends: on a stop request, SIGTERM it (torchrun passes it on to every rank)."""
+    while proc.poll() is None:
+        if stop.wait(0.5):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            return
+
+
 def _torchrun(spec: AttemptSpec, tmp: Path, nproc: int) -> CptManifest:
-    """The same attempt, one process per GPU (DDP): `torch.distributed.run -m dapt_core.cpt`."""
+    """The same attempt, one process per GPU (DDP): `torch.distributed.run -m dapt_core.cpt`.
+
+    torchrun runs in its own session, so a terminal's Ctrl-C reaches it only through this process's stop request:
+    SIGTERM, which torchrun forwards to the ranks, giving them train.stop_grace_s (--shutdown_timeout) to checkpoint."""
     spec_path, result_path = tmp / "spec.json", tmp / "result.json"
     spec_path.write_text(spec.model_dump_json())
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        f"--shutdown_timeout={math.ceil(spec.train.stop_grace_s)}",
         "-m", "dapt_core.cpt", str(spec_path), str(result_path), str(tmp / "work"),
     ]
     log = _log()
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    with stop.training(spec.train.stop_grace_s), subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
+    ) as proc:
+        threading.Thread(target=_forward_stop, args=(proc,), name="dapt-forward-stop", daemon=True).start()
         for line in proc.stdout:  # streamed: a long run shows its progress in the flow run's logs
             line = line.rstrip()
             tail.append(line)
             log.info("%s", line)
+    stopped = cpt_mod.stopped_path(result_path)
+    if stopped.is_file():
+        result = Stopped.model_validate_json(stopped.read_text())
+        stop.saved(result)
+        raise StopRequested(result)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun exited with {proc.returncode}; its last lines:\n" + "\n".join(tail))
     return CptManifest.model_validate_json(result_path.read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -12,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
-from dapt_core import manifest
+from dapt_core import leftovers, manifest
 from dapt_core.config import CleanConfig, DataConfig, IngestConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
@@ -70,7 +69,7 @@ def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestMani
     key = ingest_key(inp, cfg)
     check_result_record(store_uri, key)
     store = open_store(store_uri)
-    with tempfile.TemporaryDirectory(prefix="dapt-ingest-") as tmp:
+    with leftovers.temp_dir("ingest") as tmp:
         out = Path(tmp) / "docs.parquet"
         docs, quarantined = ingest.ingest_file(inp, cfg, out)
         shard = store.put_file(out, f"ingest/{inp.kind}/{inp.source}/{key}.parquet") if docs else None
@@ -99,7 +98,7 @@ def clean_task(
     shards = [store.local_path(m.shard) for m in ingested if m.shard]
     eval_shards = [store.local_path(m.shard) for m in evals if m.shard]
     all_quarantined = quarantined + [q for m in ingested for q in m.quarantined]
-    with tempfile.TemporaryDirectory(prefix="dapt-clean-") as tmp:
+    with leftovers.temp_dir("clean") as tmp:
         out = clean.clean_corpus(shards, eval_shards, all_quarantined, cfg, Path(tmp))
         prefix = f"clean/{key}"
         put = lambda p, name: store.put_file(p, f"{prefix}/{name}") if p else None  # noqa: E731

@@ -1,10 +1,12 @@
 """Prefect task for supervised fine-tuning (dapt_core/sft.py) of the promoted CPT model, then the same forgetting
-evaluation against the base plus held-out response loss / accuracy."""
+evaluation against the base plus held-out response loss / accuracy.
+
+Stopped by a signal or a cancel (dapt_core/stop.py), the checkpoint of the current step is uploaded to
+`sft/<key>/checkpoints/` and journaled in `sft/<key>/journal.json`; the next run of the task resumes from it."""
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -14,13 +16,14 @@ import dapt_core.evaluate as evaluate_mod
 import dapt_core.model as model_mod
 import dapt_core.sft as sft_mod
 import dapt_core.train as train_mod
-from dapt_core import metrics, split
+from dapt_core import leftovers, metrics, split
 from dapt_core.config import EvalConfig, SftConfig
-from dapt_core.cpt import eval_files, run_eval
+from dapt_core.cpt import eval_files, journal_interrupted, read_journal, resume_from_journal, run_eval
 from dapt_core.evaluate import EvalResult, ForgettingPolicy
 from dapt_core.hashing import code_version, sha256_file, stable_hash
 from dapt_core.manifest import DirRef, PackManifest, SftManifest
 from dapt_core.model import load_from_dir
+from dapt_core.stop import StopRequested
 from dapt_core.store import open_store
 from tasks.caching import check_result_record
 from tasks.cpt import EVAL_BACKEND, _eval_hashes, _log
@@ -30,7 +33,8 @@ SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, evaluate_mod, metrics, spli
 
 def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, base_metrics: dict) -> str:
     data = [sha256_file(p) for p in sft_cfg.data]  # content, not paths: an edited file re-runs SFT
-    return "sft-" + stable_hash(model.sha256, data, sft_cfg, eval_cfg, _eval_hashes(pack), base_metrics, EVAL_BACKEND, SFT_CODE)
+    cfg = sft_cfg.model_dump(mode="json", exclude={"train": {"stop_grace_s"}})  # the grace changes nothing trained
+    return "sft-" + stable_hash(model.sha256, data, cfg, eval_cfg, _eval_hashes(pack), base_metrics, EVAL_BACKEND, SFT_CODE)
 
 
 @task(
@@ -45,10 +49,16 @@ def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: Ev
     key = sft_key(model, pack, sft_cfg, eval_cfg, base_metrics)
     check_result_record(store_uri, key)
     store = open_store(store_uri)
+    prefix = f"sft/{key}"
+    rows = read_journal(store, prefix)
     m, tokenizer = load_from_dir(store.local_dir(model))
-    with tempfile.TemporaryDirectory(prefix="dapt-sft-") as tmp:
+    with leftovers.temp_dir("sft") as tmp:
         tmp = Path(tmp)
-        result = sft_mod.run_sft(m, tokenizer, sft_cfg, tmp / "sft")
+        resume_from_journal(store, rows, tmp / "sft" / "train")
+        try:
+            result = sft_mod.run_sft(m, tokenizer, sft_cfg, tmp / "sft")
+        except StopRequested as e:
+            raise StopRequested(journal_interrupted(store, prefix, rows, e.stopped)) from None
         evaluated = run_eval(result.model, tokenizer, eval_files(store, pack), tmp / "eval", eval_cfg, EVAL_BACKEND)
         decision = ForgettingPolicy.from_config(eval_cfg).judge(EvalResult(metrics=dict(base_metrics)), evaluated)
         out = tmp / "model"

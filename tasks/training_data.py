@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -14,7 +13,7 @@ import dapt_core.embedding as embedding
 import dapt_core.pack as pack
 import dapt_core.replay as replay
 import dapt_core.tokenizer_ext as tokenizer_ext
-from dapt_core import manifest, metrics, model, readers, split
+from dapt_core import leftovers, manifest, metrics, model, readers, split
 from dapt_core.config import MixConfig, ModelConfig, TokenizerConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, PackManifest, RefreshBasis, TokenizerManifest
@@ -55,7 +54,7 @@ def extend_tokenizer_task(
         else ([], [])
     )
     result = tokenizer_ext.extend(load_model(model_cfg), load_tokenizer(model_cfg), train, heldout, cfg)
-    with tempfile.TemporaryDirectory(prefix="dapt-tokenizer-") as tmp:
+    with leftovers.temp_dir("tokenizer") as tmp:
         out = Path(tmp) / "model"
         result.model.save_pretrained(out, safe_serialization=True)
         result.tokenizer.save_pretrained(out)
@@ -104,7 +103,7 @@ def pack_task(
     if clean.general is None and mix.self_replay is not None and mix.general_fraction > 0:
         # Replay preserves the BASE model's distribution: sample before any tokenizer or weight change.
         replay_texts = replay.sample_self_replay(load_model(model_cfg), load_tokenizer(model_cfg), mix.self_replay, mix.seed)
-    with tempfile.TemporaryDirectory(prefix="dapt-pack-") as tmp:
+    with leftovers.temp_dir("pack") as tmp:
         result = pack.pack_corpus(
             store.local_path(clean.domain) if clean.domain else None,
             store.local_path(clean.general) if clean.general else None,
