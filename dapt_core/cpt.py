@@ -34,7 +34,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -256,7 +256,17 @@ def _model_at(spec: AttemptSpec, store: ArtifactStore, checkpoint: Path):
     return model
 
 
-def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
+class AttemptObserver(Protocol):
+    """Who watches an attempt (the CLI bar, the Prefect UI: tasks/progress.py), on rank 0."""
+
+    def step(self, progress: train_mod.StepProgress) -> None: ...
+
+    def evaluating(self, step: int) -> None: ...
+
+    def judged(self, step: int, accepted: bool, reasons: list[str], metrics: dict[str, float]) -> None: ...
+
+
+def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | None = None) -> CptManifest | None:
     """Train, judge and promote (see module docstring). Returns the manifest on rank 0, None on other DDP ranks."""
     dist = train_mod.distributed()
     store = open_store(spec.store)
@@ -282,8 +292,12 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
     def on_checkpoint(step: int, path: Path) -> bool:
         nonlocal tensorboard_ref
         # get_peft_model injects adapters into `model` in place: `model` is the model being trained, for either method.
+        if observer is not None:
+            observer.evaluating(step)
         result = run_eval(model, tokenizer, files, workdir / f"eval-{step}", spec.eval, spec.eval_backend)
         decision = policy.judge(base, result, step=step)
+        if observer is not None:
+            observer.judged(step, decision.accepted, decision.reasons, result.metrics)
         log.info(
             "attempt %d checkpoint step %d %s: %s %s", spec.attempt, step, "ACCEPTED" if decision.accepted else "REJECTED",
             "; ".join(decision.reasons) or "within limits", json.dumps(decision.numbers, sort_keys=True),
@@ -304,6 +318,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path) -> CptManifest | None:
             train_mod.train(
                 model, shards, spec.train, train_dir, resume=True, on_checkpoint=on_checkpoint,
                 general_samples=_general_samples(store, spec), new_token_ids=spec.new_token_ids,
+                on_progress=observer.step if observer is not None else None,
             )
         except StopRequested as e:
             stopped = journal_interrupted(store, spec.prefix, rows, e.stopped) if dist.main else e.stopped

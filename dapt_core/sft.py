@@ -375,7 +375,7 @@ class SftResult:
     train: TrainResult
 
 
-def run_sft(model, tokenizer, cfg: SftConfig, out_dir: Path, on_checkpoint=None) -> SftResult:
+def run_sft(model, tokenizer, cfg: SftConfig, out_dir: Path, on_checkpoint=None, on_progress=None) -> SftResult:
     """Read cfg.data, hold out examples, build shards in out_dir/data, train (out_dir/train, resuming from its latest
     checkpoint), and score the held-out responses before and after.
 
@@ -405,7 +405,10 @@ def run_sft(model, tokenizer, cfg: SftConfig, out_dir: Path, on_checkpoint=None)
         counts["examples"], counts["sequences"], cfg.seq_len, counts["target_tokens"], len(heldout),
     )
 
-    result = train(model, [Path(p) for p in counts["shards"]], cfg.train, out_dir / "train", resume=True, on_checkpoint=on_checkpoint)
+    result = train(
+        model, [Path(p) for p in counts["shards"]], cfg.train, out_dir / "train", resume=True, on_checkpoint=on_checkpoint,
+        on_progress=on_progress,
+    )
     trained = merge_lora(result.model)
     after = response_metrics(trained, tokenizer, heldout, cfg.seq_len)
     if before:

@@ -22,8 +22,10 @@ In the style of a torchtune recipe, everything happens in `train()`, top to bott
 * **Distributed.** Launched by `torchrun`/`accelerate launch` (WORLD_SIZE > 1) the loop runs DDP: each rank takes
   its slice of every global micro-batch (batch_size sequences per rank, same permutation), gradients are averaged,
   rank 0 writes checkpoints and runs `on_checkpoint` while the others wait. One process is the same loop, unchanged.
-* **Logging.** `cfg.report_to: [tensorboard]` writes loss, LR, grad norm, EWC penalty and tokens/s every
-  `cfg.log_every` steps to out_dir/tensorboard (rank 0).
+* **Logging.** Every `cfg.log_every` steps rank 0 logs step, loss, LR, tokens/s and ETA (logger `dapt.train`, which
+  reaches the Prefect flow-run logs) and hands a `StepProgress` to `on_progress` (the CLI bar, the UI's progress
+  artifact); `cfg.report_to: [tensorboard]` also writes loss, LR, grad norm, EWC penalty and tokens/s to
+  out_dir/tensorboard.
 * **EWC.** `cfg.ewc.enabled` adds (lambda/2) * sum F_i (theta_i - theta*_i)^2 once per optimizer step (dapt_core/ewc.py); the Fisher is
   estimated once on `general_samples` at the start and saved as out_dir/ewc.safetensors (a resumed run reloads it).
 * **Checkpoints.** Every `save_every` steps and at the end, out_dir/checkpoint-<step>/ holds `model.safetensors`
@@ -382,6 +384,24 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
+class StepProgress:
+    """Where training stands, every `log_every` steps: for the log, a progress bar, a UI."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    tokens_per_second: float  # over the steps since the last report
+    eta_seconds: float  # the remaining steps at that rate (checkpoint evaluations not included)
+
+    def line(self) -> str:
+        return (
+            f"step {self.step}/{self.total_steps} loss {self.loss:.4f} lr {self.lr:.3g} "
+            f"{self.tokens_per_second:,.0f} tokens/s eta {timedelta(seconds=round(self.eta_seconds))}"
+        )
+
+
+@dataclass(frozen=True)
 class Distributed:
     """This process's place in a torchrun / accelerate launch (rank 0 of 1 when run plainly)."""
 
@@ -437,10 +457,12 @@ def train(
     on_checkpoint: Callable[[int, Path], bool | None] | None = None,
     general_samples: Sequence[Sequence[int]] | None = None,
     new_token_ids: Sequence[int] = (),
+    on_progress: Callable[[StepProgress], None] | None = None,
 ) -> TrainResult:
-    """Continually pretrain `model` on the packed `shards`; checkpoints in `out_dir` (see module docstring)."""
+    """Continually pretrain `model` on the packed `shards`; checkpoints in `out_dir` (see module docstring).
+    `on_progress` gets a `StepProgress` every cfg.log_every optimizer steps (and the last), on rank 0."""
     with stop.training(cfg.stop_grace_s):
-        return _train(model, shards, cfg, Path(out_dir), resume, on_checkpoint, general_samples)
+        return _train(model, shards, cfg, Path(out_dir), resume, on_checkpoint, general_samples, new_token_ids, on_progress)
 
 
 def _stop_agreed(dist: Distributed, device) -> bool:
@@ -452,7 +474,9 @@ def _stop_agreed(dist: Distributed, device) -> bool:
     return bool(flag.item())
 
 
-def _train(model, shards, cfg: TrainConfig, out_dir: Path, resume, on_checkpoint, general_samples) -> TrainResult:
+def _train(
+    model, shards, cfg: TrainConfig, out_dir: Path, resume, on_checkpoint, general_samples, new_token_ids, on_progress
+) -> TrainResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a run killed while writing
         shutil.rmtree(stale, ignore_errors=True)
@@ -557,6 +581,7 @@ def _train(model, shards, cfg: TrainConfig, out_dir: Path, resume, on_checkpoint
 
     # --- the loop
     log.info("training steps %d to %d%s", step + 1, total_steps, f" (resumed from {resumed_from})" if resumed_from else "")
+    window = {"steps": 0, "seconds": 0.0}  # since the last progress report
     while step < total_steps:
         if _stop_agreed(dist, device):
             path = last_saved[1]
@@ -612,6 +637,18 @@ def _train(model, shards, cfg: TrainConfig, out_dir: Path, resume, on_checkpoint
             {"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm, "ewc": ewc_value if ewc else None,
              "seconds": seconds}
         )
+        window["steps"] += 1
+        window["seconds"] += seconds
+        if dist.main and (step % cfg.log_every == 0 or step == total_steps):
+            rate = window["steps"] / max(window["seconds"], 1e-9)
+            progress = StepProgress(
+                step=step, total_steps=total_steps, loss=loss_value, lr=lr, tokens_per_second=tokens_per_step * rate,
+                eta_seconds=(total_steps - step) / rate,
+            )
+            window = {"steps": 0, "seconds": 0.0}
+            log.info("%s", progress.line())
+            if on_progress is not None:
+                on_progress(progress)
         if writer is not None and (step % cfg.log_every == 0 or step == total_steps):
             for name, value in (("loss", loss_value), ("lr", lr), ("grad_norm", grad_norm), ("ewc_penalty", ewc_value if ewc else None)):
                 if value is not None:

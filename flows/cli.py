@@ -25,7 +25,8 @@ from rich.table import Table
 
 from dapt_core.config import ConfigError, DaptConfig, load_config
 from dapt_core.faults import classify
-from flows import interrupt, progress
+from flows import interrupt
+from tasks import progress
 
 # Prefect's temporary server gets 20 s to start by default; on a loaded 2-core machine it once needed more, and the
 # command then failed with nothing wrong. The user's own setting wins.

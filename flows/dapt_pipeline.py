@@ -38,7 +38,6 @@ from dapt_core.model import base_fingerprint
 from dapt_core.preflight import check_before_data_stages
 from dapt_core.report import inline_images, write_pipeline_report
 from dapt_core.store import ArtifactStore, open_store
-from flows import progress
 from flows.cpt import cpt_flow
 from flows.interrupt import handle_signals
 from flows.training_data import training_data_flow
@@ -141,18 +140,14 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     original = original_base_eval_task.with_options(result_storage=storage).submit(
         config.model, base_fingerprint(config.model), pack, config.eval, config.store
     ).result()
-    progress.stage("CPT + forgetting evaluation", total=1)
-    cpt = _cpt_stage(config, data, start)
-    progress.advance("CPT + forgetting evaluation")
+    cpt = _cpt_stage(config, data, start)  # step-level bars and UI artifacts: tasks/progress.py
 
     sft = None
     if config.sft.data and cpt.promoted is not None:
-        progress.stage("SFT", total=1)
         with handle_signals():  # SIGTERM (a cancel) stops SFT with a checkpoint; Prefect's handler would not
             sft = sft_task.with_options(result_storage=storage).submit(
                 cpt.promoted, pack, config.sft, config.eval, cpt.base_metrics, config.store
             ).result()
-        progress.advance("SFT")
     elif config.sft.data:
         log.warning("SFT skipped: no CPT checkpoint passed the forgetting policy")
 

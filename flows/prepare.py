@@ -9,7 +9,7 @@ from dapt_core.config import DaptConfig
 from dapt_core.manifest import PrepareManifest
 from dapt_core.plan import latest_prepare_key
 from dapt_core.store import open_store
-from flows import progress
+from tasks import progress
 from tasks.caching import result_storage_for, was_cached
 from tasks.data import check_eval_sets, clean_task, discover_task, ingest_task, publish_data_report
 

@@ -8,7 +8,7 @@ from dapt_core.config import DaptConfig
 from dapt_core.manifest import RefreshBasis, TokenizerManifest, TrainingDataManifest, latest_manifest_key
 from dapt_core.model import base_fingerprint
 from dapt_core.store import open_store
-from flows import progress
+from tasks import progress
 from flows.prepare import prepare_flow
 from tasks.caching import result_storage_for, was_cached
 from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report

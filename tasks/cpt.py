@@ -34,6 +34,7 @@ from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.stop import Stopped, StopRequested
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store
+from tasks import progress
 from tasks.caching import check_result_record
 
 CPT_CODE = code_version(cpt_mod, train_mod, ewc_mod, evaluate_mod, metrics, model, manifest, sys.modules[__name__])
@@ -143,11 +144,11 @@ def cpt_task(
     with leftovers.temp_dir("cpt") as tmp:
         tmp = Path(tmp)
         if train_cfg.nproc_per_node == 1:
-            result = run_attempt(spec, tmp / "work")
-        else:
+            watch = progress.TrainingProgress(f"CPT attempt {attempt}", f"dapt-cpt-attempt-{attempt}")
+            result = run_attempt(spec, tmp / "work", observer=watch)
+            watch.done(f"promoted step {result.best_step}" if result.promoted else "nothing promoted")
+        else:  # the ranks' log lines (steps, decisions) stream into this task's log
             result = _torchrun(spec, tmp, train_cfg.nproc_per_node)
-    for d in result.decisions:
-        log.info("attempt %d step %d: %s %s", attempt, d["step"], "ACCEPTED" if d["accepted"] else "REJECTED", "; ".join(d["reasons"]) or "within limits")
     return result
 
 

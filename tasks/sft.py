@@ -25,6 +25,7 @@ from dapt_core.manifest import DirRef, PackManifest, SftManifest
 from dapt_core.model import load_from_dir
 from dapt_core.stop import StopRequested
 from dapt_core.store import open_store
+from tasks import progress
 from tasks.caching import check_result_record
 from tasks.cpt import EVAL_BACKEND, _eval_hashes, _log
 
@@ -52,15 +53,19 @@ def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: Ev
     prefix = f"sft/{key}"
     rows = read_journal(store, prefix)
     m, tokenizer = load_from_dir(store.local_dir(model))
+    watch = progress.TrainingProgress("SFT", "dapt-sft")
     with leftovers.temp_dir("sft") as tmp:
         tmp = Path(tmp)
         resume_from_journal(store, rows, tmp / "sft" / "train")
         try:
-            result = sft_mod.run_sft(m, tokenizer, sft_cfg, tmp / "sft")
+            result = sft_mod.run_sft(m, tokenizer, sft_cfg, tmp / "sft", on_progress=watch.step)
         except StopRequested as e:
             raise StopRequested(journal_interrupted(store, prefix, rows, e.stopped)) from None
+        watch.evaluating(result.train.step)
         evaluated = run_eval(result.model, tokenizer, eval_files(store, pack), tmp / "eval", eval_cfg, EVAL_BACKEND)
         decision = ForgettingPolicy.from_config(eval_cfg).judge(EvalResult(metrics=dict(base_metrics)), evaluated)
+        watch.judged(result.train.step, decision.accepted, decision.reasons, evaluated.metrics)
+        watch.done("passes the forgetting policy" if decision.accepted else "rejected by the forgetting policy")
         out = tmp / "model"
         result.model.to("cpu").save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)

@@ -8,8 +8,9 @@ through an explicit client.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import base64
+import inspect
+import json
 import os
 import re
 import signal
@@ -264,10 +265,14 @@ def _run_to_completion(services: Services, deployment: str, parameters: dict | N
     if not run.state.is_completed():
         pytest.fail(f"{deployment} run ended {run.state.type.value}: {run.state.message}\n{services.logs()}")
     _LAST_LOGS[:] = logs
+    _LAST_ARTIFACTS.clear()
+    _LAST_ARTIFACTS.update(artifacts)
     return artifacts, tasks
 
 
 _LAST_LOGS: list = []  # the flow-run logs of the last completed run (its subflows included)
+_LAST_ARTIFACTS: dict = {}  # and its artifacts by key
+SERVED_ARTIFACTS: dict = {}  # the served pipeline run's artifacts by key (set by served_run)
 
 
 def _run_pipeline(services: Services, deployment: str, config: Path, project: str = "test") -> dict[str, str]:
@@ -300,16 +305,25 @@ def served_run(server):
     print(f"dapt serve registered its deployments after {time.monotonic() - started:.1f}s")
     tasks = _run_pipeline(services, "dapt-pipeline/test", config)
     SERVED_LOGS[:] = _LAST_LOGS
+    SERVED_ARTIFACTS.update(_LAST_ARTIFACTS)
     return tasks
 
 
 SERVED_LOGS: list = []  # the served pipeline run's flow-run logs (set by served_run)
 
 
-def test_library_log_lines_reach_the_flow_run_logs(served_run):
-    """dapt_core's own lines (each checkpoint's decision, from dapt.cpt) are in the run's logs in the UI."""
-    decisions = [log for log in SERVED_LOGS if log.name == "dapt.cpt" and "checkpoint step" in log.message]
-    assert decisions, sorted({log.name for log in SERVED_LOGS})
+def test_training_is_visible_in_the_ui(served_run):
+    """The run's logs carry dapt_core's own lines (training steps with loss and tokens/s, each checkpoint's decision);
+    a progress artifact reaches 100% and a table artifact lists the decisions."""
+    names = sorted({log.name for log in SERVED_LOGS})
+    steps = [log.message for log in SERVED_LOGS if log.name == "dapt.train" and re.match(r"step \d+/\d+ loss \d", log.message)]
+    assert "step 4/4 loss" in " ".join(steps) and "tokens/s eta" in " ".join(steps), names
+    decisions = [log for log in SERVED_LOGS if log.name == "dapt.cpt" and "checkpoint step 4" in log.message]
+    assert decisions, names
+    progress, table = SERVED_ARTIFACTS["dapt-cpt-attempt-0-progress"], SERVED_ARTIFACTS["dapt-cpt-attempt-0-decisions"]
+    assert progress.type == "progress" and float(progress.data) == 100.0, progress
+    rows = json.loads(table.data)
+    assert [r["step"] for r in rows] == [4] and rows[0]["decision"] in ("accepted", "REJECTED")
 
 
 def test_serve_registers_both_deployments_and_runs_the_pipeline(server, served_run):
