@@ -155,7 +155,7 @@ def _assert_gone(procs: list[psutil.Process], timeout: float = 15) -> None:
 
 def _newest_journal(store: Path) -> list[dict]:
     journal = max(store.glob("cpt/*/journal.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(journal.read_text())
+    return json.loads(journal.read_text())["entries"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -368,7 +368,7 @@ def test_sft_stopped_mid_training_resumes_from_its_journaled_checkpoint(tmp_path
     finally:
         stop.reset()
     key = sft_key(model, pack, cfg, eval_cfg, {})
-    (row,) = json.loads((tmp_path / "store" / "sft" / key / "journal.json").read_text())
+    (row,) = json.loads((tmp_path / "store" / "sft" / key / "journal.json").read_text())["entries"]
     assert row["interrupted"] and 0 < row["step"] < 300 and stopped.value.stopped.checkpoint == row["checkpoint"]["uri"]
 
     calls, real = [], train_mod.load_weights
@@ -423,6 +423,6 @@ def test_torchrun_attempt_stops_on_request_with_a_checkpoint(prefect_harness, ti
         logger.removeHandler(handler)
         logger.setLevel(level)
         stop.reset()
-    journal = json.loads(open_store(cfg.store).read_key("cpt/ddp-stop/journal.json"))
+    journal = json.loads(open_store(cfg.store).read_key("cpt/ddp-stop/journal.json"))["entries"]
     assert journal[-1]["interrupted"] and journal[-1]["step"] == stopped.value.stopped.step
     assert 0 < stopped.value.stopped.step < STEPS
