@@ -9,6 +9,7 @@ import pytest
 
 from dapt_core.config import DaptConfig
 from dapt_core.evaluate import (
+    BenchmarkSamples,
     Decision,
     EvalResult,
     ForgettingPolicy,
@@ -230,8 +231,8 @@ def test_report_files_and_png(tmp_path):
 def test_decision_is_plain_data():
     d = Decision(accepted=True, reasons=[], numbers={"x": 1.0})
     assert d.accepted and not math.isnan(d.numbers["x"])
-    r = EvalResult(metrics={"a": 1.0}, notes=["n"])
-    assert EvalResult.from_dict(r.to_dict()) == r
+    r = EvalResult(metrics={"a": 1.0}, notes=["n"], samples={"b": BenchmarkSamples(ids=[3, 7], acc=[1, 0], acc_norm=[0, 0])})
+    assert EvalResult.model_validate_json(r.model_dump_json()) == r
 
 
 @pytest.mark.parametrize(
