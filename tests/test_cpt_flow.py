@@ -99,7 +99,10 @@ def test_high_lr_without_replay_is_rejected_and_rolled_back(prefect_harness, cor
 
 def test_default_lr_and_replay_are_accepted_and_improve_the_domain(prefect_harness, corpus, monkeypatch):
     root, dirs, base = corpus
-    cfg = _config(root, dirs, base, "low-lr", lr=TrainConfig().lr, general_fraction=MixConfig().general_fraction, max_steps=20, save_every=10)
+    # Without tokenizer extension: checkpoints are judged against the original base, and on this tiny tokenizer the
+    # extension alone (mean-initialised rows taking probability mass) costs the +15% the limit allows.
+    cfg = _config(root, dirs, base, "low-lr", lr=TrainConfig().lr, general_fraction=MixConfig().general_fraction, max_steps=20,
+                  save_every=10, tokenizer="enabled: false")
     result = cpt_flow(cfg)
     _print_attempts(result)
 
