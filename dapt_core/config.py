@@ -264,18 +264,66 @@ class TrainConfig(_Section):
     )
 
 
+class BenchmarkConfig(_Section):
+    """A multiple-choice benchmark: a local JSONL/Parquet file read through a field mapping, or an lm-eval task name
+    (needs the dataset in the HF cache or a network). Scored like lm-eval's multiple_choice: acc and acc_norm."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_]{0,63}$", description="Benchmark name in metrics and reports (letters, digits, '_').")
+    kind: Literal["general", "domain"] = Field(
+        description="general: a drop past eval.max_general_benchmark_drop that is significant rejects a checkpoint; domain: reported."
+    )
+    path: str | None = Field(None, description="Local .jsonl or .parquet file (one item per line/row).")
+    task: str | None = Field(None, description="Or an lm-eval task name (a multiple-choice task with acc / acc_norm).")
+    question_field: str = Field("question", description="Field with the question (or the context to complete).")
+    passage_field: str | None = Field(None, description="Optional field with a passage shown before the question.")
+    choices_field: str | None = Field(
+        "choices", description="Field with the choices: a list of strings, or one string of lettered options 'A. …\\nB. …'."
+    )
+    choices: list[str] | None = Field(None, min_length=2, description="Fixed choices for every item (e.g. [yes, no, maybe]); replaces choices_field.")
+    answer_field: str = Field("answer", description="Field with the right answer.")
+    answer_format: Literal["auto", "letter", "index", "text"] = Field(
+        "auto", description="The answer as a letter ('B', 'B. text'), a 0-based index, or the choice's text; auto: whichever fits."
+    )
+    prompt: Literal["question_answer", "completion"] = Field(
+        "question_answer",
+        description="question_answer: '[passage\\n]Question: <question>\\nAnswer:' then each choice; completion: the "
+        "choice continues the question text directly (sentence-completion sets such as HellaSwag).",
+    )
+    limit: int | None = Field(200, ge=1, description="Items evaluated: a seeded random subsample (null: all).")
+    seed: int = Field(0, description="Seed of the subsample.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BenchmarkConfig:
+        if (self.path is None) == (self.task is None):
+            raise ValueError(f"benchmark {self.name}: set exactly one of path (a local file) or task (an lm-eval task name)")
+        return self
+
+
 class EvalConfig(_Section):
     """Forgetting evaluation and rollback (dapt_core/evaluate.py); thresholds from DAPT-FACTS."""
 
     max_general_ppl_increase: float = Field(
-        0.15, ge=0, description="Reject a checkpoint whose general perplexity rose more than this fraction over the base."
+        0.15, ge=0, description="Reject a checkpoint whose general perplexity rose more than this fraction over the original base."
     )
     max_general_probe_drop: float = Field(3.0, ge=0, description="Reject (diagnose) when a general probe lost more than this many points.")
+    benchmarks: list[BenchmarkConfig] = Field(
+        default_factory=list,
+        description="Multiple-choice benchmarks (general and domain); their items are also added to decontamination.",
+    )
+    max_general_benchmark_drop: float = Field(
+        3.0, ge=0, description="Reject a checkpoint when a general benchmark lost more than this many points AND the drop is significant at alpha."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the paired (exact McNemar) test of a benchmark drop.")
+    benchmark_metric: Literal["acc", "acc_norm"] = Field(
+        "acc_norm", description="Per-item score the gate compares: acc_norm divides each choice's log-likelihood by its bytes."
+    )
     primary_metric: str = Field("domain/bits_per_byte", description="Domain metric that picks the best accepted checkpoint.")
     primary_higher_is_better: bool = Field(False, description="Direction of primary_metric (bits per byte: lower is better).")
     general_ppl_metric: str = Field("general/word_perplexity", description="Perplexity the increase limit applies to.")
-    general_probe_metrics: list[str] = Field(
-        default_factory=lambda: ["general/probe_acc"], description="Accuracies (0..1) checked against max_general_probe_drop."
+    general_probe_metrics: list[str] | None = Field(
+        None,
+        description="Probe accuracies (0..1) checked against max_general_probe_drop; null: general/probe_acc when no general "
+        "benchmark is configured, none otherwise (benchmarks are the general signal).",
     )
     extra_tasks: list[str] = Field(default_factory=list, description="Further lm-eval task names (must be available offline).")
     limit: int | None = Field(None, ge=1, description="Documents per eval task (null: all held-out documents).")
@@ -289,6 +337,14 @@ class EvalConfig(_Section):
     max_attempts: int = Field(3, ge=1, description="CPT attempts in all (the first run plus rollbacks).")
     min_general_fraction: float = Field(0.05, gt=0, lt=1, description="Replay fraction a rollback starts from when mix.general_fraction is 0.")
     max_general_fraction: float = Field(0.3, gt=0, lt=1, description="Cap on the replay fraction a rollback doubles to.")
+
+    @model_validator(mode="after")
+    def _unique_benchmarks(self) -> EvalConfig:
+        names = [b.name for b in self.benchmarks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"benchmark names must be unique, repeated: {dupes}")
+        return self
 
 
 # SFT's own defaults where they differ from CPT's; a user's `sft.train` is merged onto them field by field.
@@ -484,4 +540,6 @@ def resolve_relative_paths(cfg: DaptConfig, base: Path) -> DaptConfig:
     if model.tokenizer and Path(_resolve(model.tokenizer, base)).exists():
         model = model.model_copy(update={"tokenizer": _resolve(model.tokenizer, base)})
     sft = cfg.sft.model_copy(update={"data": [_resolve(p, base) for p in cfg.sft.data]})
-    return cfg.model_copy(update={"data": data, "model": model, "sft": sft, "store": _resolve(cfg.store, base)})
+    benchmarks = [b.model_copy(update={"path": _resolve(b.path, base)}) if b.path else b for b in cfg.eval.benchmarks]
+    evaluation = cfg.eval.model_copy(update={"benchmarks": benchmarks})
+    return cfg.model_copy(update={"data": data, "model": model, "sft": sft, "eval": evaluation, "store": _resolve(cfg.store, base)})

@@ -1,7 +1,7 @@
 """One CPT attempt: train from a start model, judge every checkpoint against the base, promote the best accepted one.
 
 * **Judgement.** Each checkpoint is evaluated (dapt_core.evaluate) and judged by the ForgettingPolicy against the
-  base metrics (the model before any CPT). Training stops at the first rejected checkpoint: the caller rolls back to
+  reference evaluation (the original base model, per-item benchmark results included). Training stops at the first rejected checkpoint: the caller rolls back to
   the best accepted one and continues with a lower LR and more replay (flows/cpt.py).
 * **Promotion.** The accepted checkpoint with the best domain metric is written to the store as a loadable HF
   directory (LoRA merged), with the tokenizer.
@@ -57,7 +57,7 @@ class AttemptSpec(BaseModel):
     pack: PackManifest
     train: TrainConfig
     eval: EvalConfig
-    base_metrics: dict[str, float]
+    reference: EvalResult  # what every checkpoint is judged against: the original base's evaluation
     store: str
     prefix: str  # store key prefix of this attempt's outputs
     attempt: int
@@ -80,7 +80,7 @@ def run_eval(model, tokenizer, files: dict[str, Path], workdir: Path, cfg: EvalC
         return evaluate(
             model, tokenizer, files, workdir, extra_tasks=cfg.extra_tasks, limit=cfg.limit, batch_size=cfg.batch_size,
             max_probes=cfg.max_probes, n_choices=cfg.probe_choices, probes=cfg.max_probes > 0, backend=backend,
-            max_length=cfg.max_length,
+            max_length=cfg.max_length, benchmarks=cfg.benchmarks,
         )
 
 
@@ -271,7 +271,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
     dist = train_mod.distributed()
     store = open_store(spec.store)
     policy = ForgettingPolicy.from_config(spec.eval)
-    base = EvalResult(metrics=dict(spec.base_metrics), backend=spec.eval_backend)
+    base = spec.reference
     train_dir = workdir / "train"
     rows = read_journal(store, spec.prefix)
     ended = not all(r["accepted"] for r in _judged(rows))  # an earlier run of this attempt already stopped at a rejection
@@ -361,7 +361,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
         stopped_at=rejected[0] if rejected else None,
         decisions=[{**{k: v for k, v in r.items() if k != "checkpoint"}, "attempt": spec.attempt, "checkpoint": r["checkpoint"]["uri"]} for r in rows],
         checkpoints=[DirRef.model_validate(r["checkpoint"]) for r in rows],
-        base_metrics=dict(spec.base_metrics),
+        reference_metrics=dict(spec.reference.metrics),
         report_json=refs["json"],
         report_md=refs["md"],
         report_png=refs["png"],

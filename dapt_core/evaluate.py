@@ -17,8 +17,12 @@ turned into lm-eval *local* tasks, written as YAML into a work directory and loa
 never loaded by name). `backend="native"` (or "auto" when lm-eval is not installed) computes the same numbers with
 `dapt_core.metrics` and a built-in probe scorer.
 
-`ForgettingPolicy.judge` accepts a checkpoint unless general perplexity rose more than 15% over the base or a general
-probe lost more than 3 points (DAPT-FACTS); `choose_best` picks the accepted checkpoint with the best domain metric;
+* `dapt_bench_<name>`: each local benchmark (dapt_core/benchmarks.py) as `multiple_choice` on its seeded subsample,
+  run with `log_samples` so every item's right/wrong is kept (`EvalResult.samples`) for the paired test.
+
+`ForgettingPolicy.judge` accepts a checkpoint unless general perplexity rose more than 15% over the reference (the
+original base), a general benchmark lost more than 3 points with a drop significant at alpha (exact McNemar on the
+same items), or a general probe lost more than 3 points (DAPT-FACTS); `choose_best` picks the accepted checkpoint with the best domain metric;
 `rollback_plan` gives the next attempt's LR (halved) and replay fraction (doubled, capped).
 """
 
@@ -30,9 +34,14 @@ import math
 import random
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, Field
+
+from dapt_core.benchmarks import BenchmarkItem, compare_paired, load_benchmark, subsample
+from dapt_core.config import BenchmarkConfig
 
 log = logging.getLogger("dapt.evaluate")
 
@@ -44,21 +53,28 @@ _TASK_PREFIX = "dapt"
 # ----------------------------------------------------------------------------------------------------------- results
 
 
-@dataclass
-class EvalResult:
+class BenchmarkSamples(BaseModel):
+    """Per-item results of one benchmark: item ids (positions in the benchmark file, or lm-eval doc ids) and 1/0 for
+    right/wrong under acc and acc_norm, in the same order. What the paired test compares."""
+
+    ids: list[int]
+    acc: list[int]
+    acc_norm: list[int]
+
+    def correct(self, metric: str) -> dict[int, int]:
+        return dict(zip(self.ids, getattr(self, metric)))
+
+
+class EvalResult(BaseModel):
     """Flat metrics: `<split>/bits_per_byte`, `<split>/word_perplexity`, `<split>/byte_perplexity`,
-    `<split>/probe_acc`, `<split>/probe_acc_norm`, `<split>/probe_n`, and `<task>/<metric>` for extra tasks."""
+    `<split>/probe_acc`, `<split>/probe_acc_norm`, `<split>/probe_n`, `bench/<name>/acc`, `bench/<name>/acc_norm`,
+    `bench/<name>/n`, and `<task>/<metric>` for extra tasks; `samples`: per-item benchmark results (JSON data, cached
+    with the base evaluation so every checkpoint is tested against the reference on the same items)."""
 
     metrics: dict[str, float]
     backend: str = "lm-eval"
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
-        return cls(metrics=dict(d["metrics"]), backend=d.get("backend", "lm-eval"), notes=list(d.get("notes", [])))
+    notes: list[str] = Field(default_factory=list)
+    samples: dict[str, BenchmarkSamples] = Field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------------ probes
@@ -180,26 +196,61 @@ def write_tasks(
                 pdata = task_dir / f"{split}.probe.jsonl"
                 pdata.write_text("".join(json.dumps(p) + "\n" for p in items), encoding="utf-8")
                 names["probe"] = f"{_TASK_PREFIX}_probe_{split}"
-                (task_dir / f"{names['probe']}.yaml").write_text(
-                    f"task: {names['probe']}\n"
-                    "dataset_path: json\n"
-                    f"dataset_kwargs:\n  data_files:\n    test: {_yaml_str(str(pdata))}\n  cache_dir: {_yaml_str(str(cache))}\n"
-                    "output_type: multiple_choice\n"
-                    "test_split: test\n"
-                    'doc_to_text: "{{context}}"\n'
-                    "doc_to_choice: choices\n"
-                    "doc_to_target: label\n"
-                    'target_delimiter: " "\n'
-                    "metric_list:\n"
-                    "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-                    "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-                    "metadata:\n  version: 1.0\n",
-                    encoding="utf-8",
-                )
+                (task_dir / f"{names['probe']}.yaml").write_text(_mc_task_yaml(names["probe"], pdata, cache), encoding="utf-8")
             else:
                 log.warning("no cloze probe could be built from %s", path)
         out[split] = names
     return out
+
+
+def benchmark_prompt(item: BenchmarkItem) -> str:
+    """The context every choice is scored after (as " " + choice): lm-eval's zero-shot "Question: … Answer:" style, or
+    the question text itself for sentence completion."""
+    passage = f"{item.passage.strip()}\n" if item.passage else ""
+    if item.prompt == "completion":
+        return f"{passage}{item.question.strip()}"
+    return f"{passage}Question: {item.question.strip()}\nAnswer:"
+
+
+def _mc_task_yaml(name: str, data: Path, cache: Path) -> str:
+    """A local lm-eval multiple_choice task over JSONL rows {"context", "choices", "label"}: acc and acc_norm."""
+    return (
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {_yaml_str(str(data))}\n  cache_dir: {_yaml_str(str(cache))}\n"
+        "output_type: multiple_choice\n"
+        "test_split: test\n"
+        'doc_to_text: "{{context}}"\n'
+        "doc_to_choice: choices\n"
+        "doc_to_target: label\n"
+        'target_delimiter: " "\n'
+        "metric_list:\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n"
+    )
+
+
+def write_benchmark_tasks(benchmarks: Sequence[BenchmarkConfig], task_dir: Path) -> dict[str, str]:
+    """Write each local benchmark's seeded subsample as JSONL (rows {"id", "context", "choices", "label"}) and an lm-eval
+    multiple_choice task; returns {benchmark name: lm-eval task name} (lm-eval tasks of `task:` benchmarks as named)."""
+    task_dir = Path(task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    cache = (task_dir / "hf-datasets-cache").resolve()
+    names: dict[str, str] = {}
+    for b in benchmarks:
+        if b.task is not None:
+            names[b.name] = b.task
+            continue
+        items = subsample(load_benchmark(b), b.limit, b.seed)
+        data = (task_dir / f"bench_{b.name}.jsonl").resolve()
+        data.write_text(
+            "".join(json.dumps({"id": it.id, "context": benchmark_prompt(it), "choices": it.choices, "label": it.label}) + "\n" for it in items),
+            encoding="utf-8",
+        )
+        names[b.name] = f"{_TASK_PREFIX}_bench_{b.name}"
+        (task_dir / f"{names[b.name]}.yaml").write_text(_mc_task_yaml(names[b.name], data, cache), encoding="utf-8")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------------- evaluate
@@ -220,19 +271,22 @@ def evaluate(
     n_choices: int = 4,
     seed: int = 0,
     backend: str = "auto",
+    benchmarks: Sequence[BenchmarkConfig] = (),
 ) -> EvalResult:
     """Evaluate a loaded causal LM on local perplexity tasks and cloze probes built from `eval_files`
     ({split: jsonl}, e.g. {"domain": .../eval/domain.jsonl, "general": .../eval/general.jsonl}).
 
     backend: "lm-eval" (lm_eval.simple_evaluate on HFLM(pretrained=model)), "native" (dapt_core.metrics + built-in
     probe scorer) or "auto" (lm-eval when importable, else native). `extra_tasks` are lm-eval task names (lm-eval
-    backend only; they must be available offline). `limit` caps documents per task."""
+    backend only; they must be available offline). `limit` caps documents per perplexity/probe/extra task.
+    `benchmarks` are multiple-choice sets (each with its own seeded subsample), scored per item (`samples`)."""
     workdir = Path(workdir)
     model_max = getattr(model.config, "max_position_embeddings", None)
     if max_length is not None and model_max:
         max_length = min(max_length, model_max)  # never a window longer than the model's positions
     task_dir = workdir / "lm_eval_tasks"
     names = write_tasks(eval_files, task_dir, probes=probes, max_probes=max_probes, n_choices=n_choices, seed=seed)
+    bench_tasks = write_benchmark_tasks(benchmarks, task_dir)
     notes: list[str] = []
     if backend == "auto":
         try:
@@ -243,17 +297,28 @@ def evaluate(
             backend = "native"
             notes.append(f"lm-eval not importable ({e}); used dapt_core.metrics and the built-in probe scorer")
     if backend == "lm-eval":
-        metrics = _run_lm_eval(model, tokenizer, names, task_dir, extra_tasks, limit, batch_size, max_length, seed)
+        metrics, samples = _run_lm_eval(
+            model, tokenizer, names, task_dir, extra_tasks, limit, batch_size, max_length, seed, bench_tasks, benchmarks
+        )
     elif backend == "native":
-        if extra_tasks:
-            raise ValueError("extra_tasks need the lm-eval backend")
+        named = [b.name for b in benchmarks if b.task is not None]
+        if extra_tasks or named:
+            raise ValueError(f"extra_tasks and lm-eval task benchmarks ({named}) need the lm-eval backend")
         metrics = _run_native(model, tokenizer, task_dir, names, limit, batch_size, max_length)
+        samples = {name: _native_benchmark(model, tokenizer, task_dir / f"bench_{name}.jsonl") for name in bench_tasks}
     else:
         raise ValueError(f"unknown backend {backend!r}")
-    return EvalResult(metrics=metrics, backend=backend, notes=notes)
+    for name, smp in samples.items():
+        n = len(smp.ids)
+        metrics[f"bench/{name}/acc"] = sum(smp.acc) / n if n else float("nan")
+        metrics[f"bench/{name}/acc_norm"] = sum(smp.acc_norm) / n if n else float("nan")
+        metrics[f"bench/{name}/n"] = float(n)
+    return EvalResult(metrics=metrics, backend=backend, notes=notes, samples=samples)
 
 
-def _run_lm_eval(model, tokenizer, names, task_dir, extra_tasks, limit, batch_size, max_length, seed) -> dict[str, float]:
+def _run_lm_eval(
+    model, tokenizer, names, task_dir, extra_tasks, limit, batch_size, max_length, seed, bench_tasks, benchmarks
+) -> tuple[dict[str, float], dict[str, BenchmarkSamples]]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -263,14 +328,21 @@ def _run_lm_eval(model, tokenizer, names, task_dir, extra_tasks, limit, batch_si
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device,
         add_bos_token=False,  # text tokens as dapt_core.metrics sees them; the rolling prefix token supplies BOS/EOS
     )
-    tm = TaskManager(include_path=str(task_dir), include_defaults=bool(extra_tasks))
+    named = {b.name: b for b in benchmarks if b.task is not None}
+    tm = TaskManager(include_path=str(task_dir), include_defaults=bool(extra_tasks) or bool(named))
     tasks = [n for d in names.values() for n in d.values()] + list(extra_tasks)
+    seeds = dict(random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     was_training = model.training
     try:
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=tm, limit=limit, bootstrap_iters=0, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm, tasks=tasks, task_manager=tm, limit=limit, bootstrap_iters=0, log_samples=False, **seeds
         )
+        # A second run for the benchmarks: they carry their own subsamples (`limit` is per run in lm-eval), and their
+        # per-item results (log_samples) feed the paired test.
+        bench_out = lm_eval.simple_evaluate(
+            model=lm, tasks=list(bench_tasks.values()), task_manager=tm, samples=_named_subsamples(named, tm) or None,
+            bootstrap_iters=0, log_samples=True, **seeds,
+        ) if bench_tasks else None
     finally:
         model.train(was_training)
     results = out["results"]
@@ -286,7 +358,38 @@ def _run_lm_eval(model, tokenizer, names, task_dir, extra_tasks, limit, batch_si
         for k, v in results.get(t, {}).items():
             if isinstance(v, (int, float)) and "_stderr" not in k and k != "alias":
                 metrics[f"{t}/{k.split(',')[0]}"] = float(v)
-    return metrics
+    samples: dict[str, BenchmarkSamples] = {}
+    for name, task in bench_tasks.items():
+        logged = sorted(bench_out["samples"][task], key=lambda x: x["doc_id"])
+        if logged and not {"acc", "acc_norm"} <= set(logged[0]):
+            raise ValueError(f"benchmark {name}: lm-eval task {task} reports no per-item acc / acc_norm (not multiple choice?)")
+        samples[name] = BenchmarkSamples(
+            ids=[int(x["doc"]["id"]) if name not in named else int(x["doc_id"]) for x in logged],
+            acc=[int(x["acc"]) for x in logged], acc_norm=[int(x["acc_norm"]) for x in logged],
+        )
+    return metrics, samples
+
+
+def _named_subsamples(named: dict[str, BenchmarkConfig], tm) -> dict[str, list[int]]:
+    """Seeded doc indices of each lm-eval task benchmark with a `limit` (the same rule as local files)."""
+    import random as _random
+
+    from lm_eval.tasks import get_task_dict
+
+    out = {}
+    for b in named.values():
+        if b.limit is None:
+            continue
+        size = len(get_task_dict([b.task], tm)[b.task].eval_docs)
+        if b.limit < size:
+            out[b.task] = sorted(_random.Random(b.seed).sample(range(size), b.limit))
+    return out
+
+
+def _native_benchmark(model, tokenizer, data: Path) -> BenchmarkSamples:
+    rows = [json.loads(x) for x in data.read_text(encoding="utf-8").splitlines()]
+    acc, acc_norm = _score_choices(model, tokenizer, rows)
+    return BenchmarkSamples(ids=[r["id"] for r in rows], acc=acc, acc_norm=acc_norm)
 
 
 def _apply_limit(items: list, limit: int | float | None) -> list:
@@ -318,17 +421,24 @@ def _run_native(model, tokenizer, task_dir, names, limit, batch_size, max_length
 
 
 def score_probes(model, tokenizer, probes: Iterable[dict[str, Any]]) -> tuple[float, float]:
-    """(acc, acc_norm) of cloze probes: summed log-likelihood of " " + choice after the context (acc), and the same
-    divided by the choice's UTF-8 bytes (acc_norm), as lm-eval's multiple_choice does."""
+    """(acc, acc_norm) of cloze probes (see `_score_choices`)."""
+    acc, acc_norm = _score_choices(model, tokenizer, probes)
+    return (sum(acc) / len(acc), sum(acc_norm) / len(acc_norm)) if acc else (float("nan"), float("nan"))
+
+
+def _score_choices(model, tokenizer, items: Iterable[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """Per item 1/0 (acc, acc_norm) of {"context", "choices", "label"}: summed log-likelihood of " " + choice after
+    the context (acc), and the same divided by the choice's UTF-8 bytes (acc_norm), as lm-eval's multiple_choice."""
     import torch
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    hits = hits_norm = n = 0
+    hits: list[int] = []
+    hits_norm: list[int] = []
     try:
         with torch.no_grad():
-            for p in probes:
+            for p in items:
                 ctx = tokenizer(p["context"], add_special_tokens=False)["input_ids"]
                 scores = []
                 for c in p["choices"]:
@@ -344,12 +454,11 @@ def score_probes(model, tokenizer, probes: Iterable[dict[str, Any]]) -> tuple[fl
                     ll = logp[torch.arange(len(tgt)), tgt][k - 1 :].sum().item()
                     scores.append((ll, ll / len((" " + c).encode("utf-8"))))
                 label = int(p["label"])
-                hits += max(range(len(scores)), key=lambda i: scores[i][0]) == label
-                hits_norm += max(range(len(scores)), key=lambda i: scores[i][1]) == label
-                n += 1
+                hits.append(int(max(range(len(scores)), key=lambda i: scores[i][0]) == label))
+                hits_norm.append(int(max(range(len(scores)), key=lambda i: scores[i][1]) == label))
     finally:
         model.train(was_training)
-    return (hits / n, hits_norm / n) if n else (float("nan"), float("nan"))
+    return hits, hits_norm
 
 
 # ------------------------------------------------------------------------------------------------------------ policy
@@ -359,13 +468,21 @@ def score_probes(model, tokenizer, probes: Iterable[dict[str, Any]]) -> tuple[fl
 class Decision:
     accepted: bool
     reasons: list[str]
-    numbers: dict[str, float]
+    numbers: dict[str, float]  # incl. per general benchmark: "p_value bench/<name>", "drop_points bench/<name>", ...
+
+    @property
+    def p_values(self) -> dict[str, float]:
+        """{benchmark name: exact McNemar p-value of its difference from the reference}."""
+        return {k.split("/", 1)[1]: v for k, v in self.numbers.items() if k.startswith("p_value bench/")}
 
 
 @dataclass
 class ForgettingPolicy:
-    """Reject a checkpoint when general perplexity rose more than `max_general_ppl_increase` (relative) over the base,
-    or any general probe lost more than `max_general_probe_drop` points (accuracy x 100).
+    """Reject a checkpoint when general perplexity rose more than `max_general_ppl_increase` (relative) over the
+    reference (the original base),
+    or a general benchmark lost more than `max_general_benchmark_drop` points (accuracy x 100, on the same items as
+    the reference) with a drop significant at `alpha` (exact McNemar test on the discordant items), or any general
+    probe lost more than `max_general_probe_drop` points.
 
     Perplexity is word perplexity by default: tokenizer-independent (base and extended-vocabulary models compare) and
     on the scale of the token perplexity the 15% rule of thumb is stated for (byte perplexity moves far less)."""
@@ -376,15 +493,23 @@ class ForgettingPolicy:
     primary_higher_is_better: bool = False
     general_ppl_metric: str = "general/word_perplexity"
     general_probe_metrics: tuple[str, ...] = ("general/probe_acc",)
+    general_benchmarks: tuple[str, ...] = ()
+    max_general_benchmark_drop: float = 3.0
+    alpha: float = 0.05
+    benchmark_metric: str = "acc_norm"
 
     @classmethod
     def from_config(cls, cfg) -> ForgettingPolicy:
-        """From an EvalConfig or a DaptConfig (its `eval` section)."""
+        """From an EvalConfig or a DaptConfig (its `eval` section). Probes are the general signal only when no
+        general benchmark is configured, unless `general_probe_metrics` names them."""
         e = getattr(cfg, "eval", cfg)
+        benchmarks = tuple(b.name for b in e.benchmarks if b.kind == "general")
+        probes = e.general_probe_metrics if e.general_probe_metrics is not None else ([] if benchmarks else ["general/probe_acc"])
         return cls(
             max_general_ppl_increase=e.max_general_ppl_increase, max_general_probe_drop=e.max_general_probe_drop,
             primary_metric=e.primary_metric, primary_higher_is_better=e.primary_higher_is_better,
-            general_ppl_metric=e.general_ppl_metric, general_probe_metrics=tuple(e.general_probe_metrics),
+            general_ppl_metric=e.general_ppl_metric, general_probe_metrics=tuple(probes), general_benchmarks=benchmarks,
+            max_general_benchmark_drop=e.max_general_benchmark_drop, alpha=e.alpha, benchmark_metric=e.benchmark_metric,
         )
 
     def judge(self, base: EvalResult, ckpt: EvalResult, step: int | None = None) -> Decision:
@@ -402,7 +527,7 @@ class ForgettingPolicy:
             numbers.update({f"base {gm}": b[gm], gm: c[gm], "general_ppl_increase": inc})
             if not math.isfinite(inc) or inc > self.max_general_ppl_increase:
                 reasons.append(
-                    f"{gm} up {inc:+.1%} over the base ({b[gm]:.4g} -> {c[gm]:.4g}), limit +{self.max_general_ppl_increase:.0%}:"
+                    f"{gm} up {inc:+.1%} over the reference ({b[gm]:.4g} -> {c[gm]:.4g}), limit +{self.max_general_ppl_increase:.0%}:"
                     " roll back, lower the LR or raise the replay fraction"
                 )
         for m in self.general_probe_metrics:
@@ -419,12 +544,38 @@ class ForgettingPolicy:
                 reasons.append(
                     f"{m} down {drop:.1f} points ({b[m]:.3f} -> {c[m]:.3f}), limit {self.max_general_probe_drop:.1f}: diagnose before shipping"
                 )
+        for name in self.general_benchmarks:
+            reasons += self._judge_benchmark(name, base, ckpt, numbers)
         d = Decision(accepted=not reasons, reasons=reasons, numbers=numbers)
         log.info(
             "checkpoint%s %s: %s %s", "" if step is None else f" step {step}", "ACCEPTED" if d.accepted else "REJECTED",
             "; ".join(reasons) or "within limits", json.dumps(numbers, sort_keys=True),
         )
         return d
+
+    def _judge_benchmark(self, name: str, base: EvalResult, ckpt: EvalResult, numbers: dict[str, float]) -> list[str]:
+        """Reasons (none or one) to reject on benchmark `name`; its numbers go into `numbers`."""
+        if name not in base.samples or name not in ckpt.samples:
+            which = "reference" if name not in base.samples else "checkpoint"
+            return [f"benchmark {name}: no per-item results for the {which}: cannot test it against the reference"]
+        m = self.benchmark_metric
+        try:
+            cmp = compare_paired(base.samples[name].correct(m), ckpt.samples[name].correct(m))
+        except ValueError as e:
+            return [f"benchmark {name}: {e}"]
+        key = f"bench/{name}"
+        numbers.update({
+            f"base {key}/{m}": cmp.reference_acc, f"{key}/{m}": cmp.candidate_acc, f"drop_points {key}": cmp.drop_points,
+            f"p_value {key}": cmp.p_value, f"n {key}": float(cmp.n),
+            f"discordant {key}": float(cmp.only_reference + cmp.only_candidate),
+        })
+        if cmp.drop_points > self.max_general_benchmark_drop and cmp.p_value < self.alpha:
+            return [
+                f"benchmark {name} {m} down {cmp.drop_points:.1f} points ({cmp.reference_acc:.3f} -> {cmp.candidate_acc:.3f} on "
+                f"{cmp.n} items, {cmp.only_reference} lost / {cmp.only_candidate} gained, exact McNemar p={cmp.p_value:.3g} < "
+                f"{self.alpha:g}), limit {self.max_general_benchmark_drop:g}: roll back, lower the LR or raise the replay fraction"
+            ]
+        return []
 
     def choose_best(self, accepted: Sequence[tuple[int, EvalResult]]) -> int:
         """Step of the accepted checkpoint with the best primary (domain) metric; ties go to the earlier step."""
@@ -483,7 +634,7 @@ def write_report(
         {"step": s, "accepted": d.accepted, "reasons": d.reasons, "numbers": d.numbers, "metrics": r.metrics, "backend": r.backend}
         for s, r, d in checkpoints
     ]
-    doc = {"policy": asdict(policy), "base": base.to_dict(), "checkpoints": rows, "best_step": best_step}
+    doc = {"policy": asdict(policy), "base": base.model_dump(mode="json"), "checkpoints": rows, "best_step": best_step}
     paths = {"json": out_dir / "eval_report.json", "md": out_dir / "eval_report.md", "png": out_dir / "eval_report.png"}
     paths["json"].write_text(json.dumps(doc, indent=2, sort_keys=True, default=float), encoding="utf-8")
 
@@ -491,13 +642,18 @@ def write_report(
         v = m.get(k)
         return "n/a" if v is None else format(v, fmt)
 
-    cols = ["domain/bits_per_byte", "general/bits_per_byte", policy.general_ppl_metric, *policy.general_probe_metrics, "domain/probe_acc"]
+    bench_cols = sorted({k for r in [base, *(r for _, r, _ in checkpoints)] for k in r.metrics if k.startswith("bench/") and k.endswith(f"/{policy.benchmark_metric}")})
+    cols = ["domain/bits_per_byte", "general/bits_per_byte", policy.general_ppl_metric, *policy.general_probe_metrics, *bench_cols]
     cols = list(dict.fromkeys(cols))
     lines = [
         "# Forgetting evaluation",
         "",
-        f"Policy: general perplexity ({policy.general_ppl_metric}) at most +{policy.max_general_ppl_increase:.0%} over the base; "
-        f"general probes at most {policy.max_general_probe_drop:g} points down; best = "
+        f"Policy: general perplexity ({policy.general_ppl_metric}) at most +{policy.max_general_ppl_increase:.0%} over the reference (the original base); "
+        + (f"general probes ({', '.join(policy.general_probe_metrics)}) at most {policy.max_general_probe_drop:g} points down; " if policy.general_probe_metrics else "")
+        + (f"general benchmarks ({', '.join(policy.general_benchmarks)}) rejected when {policy.benchmark_metric} is down more than "
+           f"{policy.max_general_benchmark_drop:g} points AND the drop is significant (exact McNemar on the same items, p < {policy.alpha:g}); "
+           if policy.general_benchmarks else "")
+        + "best = "
         f"{'max' if policy.primary_higher_is_better else 'min'} {policy.primary_metric} among accepted.",
         "",
         "| checkpoint | " + " | ".join(cols) + " | decision |",
@@ -508,10 +664,66 @@ def write_report(
         verdict = "accepted" if d.accepted else "REJECTED: " + "; ".join(d.reasons)
         star = " (best)" if s == best_step else ""
         lines.append(f"| step {s}{star} | " + " | ".join(f(r.metrics, c) for c in cols) + f" | {verdict} |")
-    lines += ["", f"Best checkpoint: {'step ' + str(best_step) if best_step is not None else 'none accepted'}", "", "![bpb](eval_report.png)", ""]
+    lines += ["", f"Best checkpoint: {'step ' + str(best_step) if best_step is not None else 'none accepted'}", ""]
+    lines += benchmark_section(base.metrics, [(f"step {s}", r.metrics, d.numbers) for s, r, d in checkpoints], policy)
+    lines += ["![bpb](eval_report.png)", ""]
     paths["md"].write_text("\n".join(lines), encoding="utf-8")
     _plot(base, checkpoints, paths["png"], best_step)
     return paths
+
+
+def benchmark_section(
+    reference: dict[str, float], rows: Sequence[tuple[str, dict[str, float], dict[str, float] | None]], policy: ForgettingPolicy
+) -> list[str]:
+    """Markdown: each benchmark's accuracy with its 95% Wilson interval for the reference and each row (label,
+    metrics, the decision's numbers or None), the gate's p-value, and the smallest drop the sample can detect."""
+    from dapt_core.benchmarks import min_detectable_drop, wilson_interval
+
+    m = policy.benchmark_metric
+    names = sorted({k.split("/")[1] for r in [reference, *(x for _, x, _ in rows)] for k in r if k.startswith("bench/") and k.endswith("/n")})
+    if not names:
+        return []
+
+    def cell(metrics: dict[str, float], name: str) -> str:
+        acc, n = metrics.get(f"bench/{name}/{m}"), metrics.get(f"bench/{name}/n")
+        if acc is None or not n:
+            return "–"
+        lo, hi = wilson_interval(round(acc * n), int(n))
+        return f"{acc:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    lines = [
+        f"### Benchmarks ({m}, 95% Wilson interval)", "",
+        "| benchmark | gate | n | reference | " + " | ".join(label for label, _, _ in rows) + " | smallest detectable drop |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in rows) + " | --- |",
+    ]
+    for name in names:
+        gated = name in policy.general_benchmarks
+        n = int(reference.get(f"bench/{name}/n") or next((x.get(f"bench/{name}/n") for _, x, _ in rows if x.get(f"bench/{name}/n")), 0))
+        cells = []
+        discordant = None
+        for _, metrics, numbers in rows:
+            c = cell(metrics, name)
+            p = (numbers or {}).get(f"p_value bench/{name}")
+            if p is not None:
+                c += f", p={p:.3g}"
+                discordant = (numbers or {}).get(f"discordant bench/{name}", discordant)
+            cells.append(c)
+        acc = reference.get(f"bench/{name}/{m}", 0.5)
+        rate = discordant / n if discordant is not None and n else 2 * acc * (1 - acc)
+        mde = min_detectable_drop(n, rate, policy.alpha)
+        lines.append(
+            f"| {name} | {'general (gated)' if gated else 'reported'} | {n} | {cell(reference, name)} | " + " | ".join(cells)
+            + f" | {mde * 100:.1f} points |"
+        )
+    lines += [
+        "",
+        f"Smallest detectable drop: (z_(1-α/2) + z_0.8) · sqrt(d / n) at α = {policy.alpha:g} and power 0.8, with d the share of "
+        "items that flip between the reference and the last judged checkpoint (2·acc·(1−acc), the share for independent "
+        f"answers, before any checkpoint). A gate limit of {policy.max_general_benchmark_drop:g} points below it cannot be "
+        "told from noise at this sample size: raise the benchmark's `limit`.",
+        "",
+    ]
+    return lines
 
 
 def _plot(base: EvalResult, checkpoints, path: Path, best_step: int | None) -> None:

@@ -207,7 +207,12 @@ class CptManifest(BaseModel):
     stopped_at: int | None = Field(None, description="Step of the first rejected checkpoint, where training stopped.")
     decisions: list[dict] = Field(description="Per checkpoint: step, accepted, reasons, numbers, metrics, checkpoint uri.")
     checkpoints: list[DirRef] = Field(default_factory=list, json_schema_extra=NOT_HANDED_ON)
-    base_metrics: dict[str, float] = Field(default_factory=dict)
+    base_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The model CPT starts from (the extended base) on the same evaluation: reported."
+    )
+    reference_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The forgetting policy's reference: the original base model before tokenizer extension."
+    )
     report_json: ArtifactRef
     report_md: ArtifactRef
     report_png: ArtifactRef
@@ -232,8 +237,9 @@ class SftManifest(BaseModel):
     response_before: dict[str, float] = Field(description="Held-out response loss / token accuracy of the CPT model.")
     response_after: dict[str, float] = Field(description="The same after SFT.")
     eval_metrics: dict[str, float] = Field(description="Forgetting evaluation of the SFT model (same tasks as CPT).")
-    accepted: bool = Field(description="The SFT model passes the forgetting policy against the base.")
+    accepted: bool = Field(description="The SFT model passes the forgetting policy against the original base.")
     reasons: list[str] = Field(default_factory=list)
+    numbers: dict[str, float] = Field(default_factory=dict, description="The policy's numbers (benchmark drops and p-values).")
     code_version: str
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dapt_core.benchmarks import BenchmarkError, load_benchmark
 from dapt_core.config import ConfigError, DaptConfig, TrainConfig
 from dapt_core.model import ModelConfigError, module_names
 
@@ -27,8 +28,15 @@ def lora_target_problems(field: str, train: TrainConfig, model_class: str, names
 
 
 def check_before_data_stages(config: DaptConfig) -> None:
-    """Raise one ConfigError listing every problem found (LoRA targets of CPT and SFT, missing SFT data files)."""
+    """Raise one ConfigError listing every problem found (LoRA targets of CPT and SFT, missing SFT data files, benchmark
+    files that cannot be read through their field mapping)."""
     problems = [f"sft.data: {p} does not exist" for p in config.sft.data if "://" not in p and not Path(p).exists()]
+    for b in config.eval.benchmarks:
+        if b.path is not None:
+            try:
+                load_benchmark(b)
+            except BenchmarkError as e:
+                problems.append(f"eval.benchmarks[{b.name}]: {e}")
     lora_sections = [(f, t) for f, t in (("train", config.train), ("sft.train", config.sft.train)) if t.method == "lora"]
     if lora_sections and config.model.base:
         try:

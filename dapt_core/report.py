@@ -10,6 +10,7 @@ import base64
 import json
 from pathlib import Path
 
+from dapt_core.evaluate import ForgettingPolicy, benchmark_section
 from dapt_core.manifest import CleanManifest, CptManifest, PackManifest, SftManifest, TokenizerManifest
 
 HEADLINE = [
@@ -51,11 +52,14 @@ def write_pipeline_report(
     cpt: CptManifest,
     sft: SftManifest | None,
     original_base: dict[str, float] | None = None,
+    policy: ForgettingPolicy | None = None,
 ) -> dict[str, Path]:
-    """`original_base`: metrics of the configured base model before tokenizer extension (cpt.base_metrics are those of
-    the extended model CPT starts from, the reference of the forgetting policy)."""
+    """`original_base`: metrics of the configured base model before tokenizer extension, the reference of the
+    forgetting policy (default: cpt.reference_metrics); cpt.base_metrics are those of the extended model CPT starts
+    from, reported. `policy` says which benchmarks the gate tests and at which alpha."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    policy = policy or ForgettingPolicy()
     base = cpt.base_metrics
     best = next((d["metrics"] for d in cpt.decisions if d["step"] == cpt.best_step), None) if cpt.accepted else None
     after_sft = sft.eval_metrics if sft else None
@@ -63,7 +67,7 @@ def write_pipeline_report(
              "checkpoints": out_dir / "checkpoints.png"}
 
     key = "domain/bits_per_byte"
-    original = original_base or {}
+    original = original_base or cpt.reference_metrics
     if best and key in best and key in base:
         verdict = (
             f"Domain bits per byte on held-out text: base {base[key]:.4f} → promoted {best[key]:.4f} "
@@ -77,20 +81,30 @@ def write_pipeline_report(
     lines = [f"# dapt report: {project}", "", verdict, ""]
     lines += [
         "## Base → CPT → SFT", "",
-        "Base: the reference of the forgetting policy, every checkpoint is compared with it (the base model with the "
-        "extended tokenizer, new rows initialised as the mean of their pieces). Original: the configured base model "
-        "before extension.", "",
-        "| metric | original | base | CPT (promoted) | Δ vs base | SFT | Δ vs base |", "| --- | --- | --- | --- | --- | --- | --- |",
+        "Original: the configured base model before tokenizer extension, the reference of the forgetting policy (bits per "
+        "byte, word perplexity and benchmark accuracy do not depend on the tokenizer): every checkpoint and the SFT model "
+        "are compared with it. Base: the base model with the extended tokenizer, new rows initialised as the mean of "
+        "their pieces, before any training (the extension's cost is original → base).", "",
+        "| metric | original | base | CPT (promoted) | Δ vs original | SFT | Δ vs original |", "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for k, label, better in HEADLINE:
+    bench_rows = [
+        (k, f"{k.split('/')[1]} {policy.benchmark_metric}", "higher")
+        for k in sorted({k for m in (original, base, best or {}) for k in m if k.startswith("bench/") and k.endswith(f"/{policy.benchmark_metric}")})
+    ]
+    for k, label, better in HEADLINE + bench_rows:
         o, b, c, s = original.get(k), base.get(k), (best or {}).get(k), (after_sft or {}).get(k)
-        lines.append(f"| {label} ({better} is better) | {_fmt(o)} | {_fmt(b)} | {_fmt(c)} | {_delta(b, c)} | {_fmt(s)} | {_delta(b, s)} |")
+        if o is b is c is s is None:
+            continue
+        lines.append(f"| {label} ({better} is better) | {_fmt(o)} | {_fmt(b)} | {_fmt(c)} | {_delta(o, c)} | {_fmt(s)} | {_delta(o, s)} |")
     if sft:
         for k in sorted(set(sft.response_before) | set(sft.response_after)):
             lines.append(f"| {k} (held-out instructions) | | – | {_fmt(sft.response_before.get(k))} | | {_fmt(sft.response_after.get(k))} | |")
         lines += ["", f"SFT: {sft.examples} instruction pairs, {sft.heldout_examples} held out; "
                   + ("passes the forgetting policy." if sft.accepted else "REJECTED by the forgetting policy: " + "; ".join(sft.reasons))]
-    lines += ["", "![checkpoints](checkpoints.png)", ""]
+    best_numbers = next((d["numbers"] for d in cpt.decisions if d["step"] == cpt.best_step), None) if cpt.accepted else None
+    rows = [("base", base, None), ("CPT (promoted)", best or {}, best_numbers)] + ([("SFT", after_sft, sft.numbers)] if sft else [])
+    lines += [""] + benchmark_section(original, rows, policy)
+    lines += ["![checkpoints](checkpoints.png)", ""]
 
     lines += ["## Data funnel", "", f"{clean.input_docs:,} documents in, {clean.kept_docs:,} kept.", "",
               "| source | kind | input | kept | dropped |", "| --- | --- | --- | --- | --- |"]
@@ -115,14 +129,16 @@ def write_pipeline_report(
             + (f"; best accepted step {a['best_step']}" if a.get("best_step") is not None else "; nothing accepted")
         )
         for d in a["decisions"]:
-            lines.append(f"  - step {d['step']}: {'accepted' if d['accepted'] else 'REJECTED — ' + '; '.join(d['reasons'])}")
+            p_values = ", ".join(f"{k.split('/', 1)[1]} p={v:.3g}" for k, v in sorted(d["numbers"].items()) if k.startswith("p_value bench/"))
+            verdict = "accepted" if d["accepted"] else "REJECTED — " + "; ".join(d["reasons"])
+            lines.append(f"  - step {d['step']}: {verdict}" + (f" (benchmark gate: {p_values})" if p_values else ""))
     lines += ["", f"Promoted model: `{cpt.promoted.uri if cpt.promoted else 'none'}`"]
     if sft:
         lines.append(f"SFT model: `{sft.model.uri}`")
     paths["md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     doc = {
-        "project": project, "verdict": verdict, "original_base": original or None, "base": base, "cpt_promoted": best, "sft": after_sft,
+        "project": project, "verdict": verdict, "original_base": original or None, "base": base, "reference": "original_base", "cpt_promoted": best, "sft": after_sft,
         "sft_response": {"before": sft.response_before, "after": sft.response_after} if sft else None,
         "funnel": {"input_docs": clean.input_docs, "kept_docs": clean.kept_docs, "dropped": clean.dropped},
         "attempts": cpt.attempts, "promoted": cpt.promoted.uri if cpt.promoted else None,

@@ -266,11 +266,11 @@ def cpt(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
 
 
 def _print_cpt(result) -> None:
-    table = Table(title="CPT checkpoints (forgetting policy vs the base)", title_justify="left")
+    table = Table(title="CPT checkpoints (forgetting policy vs the original base)", title_justify="left")
     for col in ("attempt", "lr", "replay", "step", "domain bpb", "general word ppl", "decision"):
         table.add_column(col)
-    base = result.base_metrics
-    table.add_row("base", "", "", "", f"{base.get('domain/bits_per_byte', float('nan')):.4f}", f"{base.get('general/word_perplexity', float('nan')):.4g}", "reference")
+    base = result.reference_metrics
+    table.add_row("original base", "", "", "", f"{base.get('domain/bits_per_byte', float('nan')):.4f}", f"{base.get('general/word_perplexity', float('nan')):.4g}", "reference")
     for a in result.attempts:
         for d in a["decisions"]:
             m = d["metrics"]

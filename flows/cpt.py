@@ -8,12 +8,13 @@ from prefect.artifacts import create_markdown_artifact
 from dapt_core.config import DaptConfig
 from dapt_core.evaluate import ForgettingPolicy, rollback_plan
 from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest, latest_manifest_key
+from dapt_core.model import base_fingerprint
 from dapt_core.preflight import check_before_data_stages
 from dapt_core.store import open_store
 from flows.interrupt import handle_signals
 from flows.training_data import training_data_flow
 from tasks.caching import result_storage_for
-from tasks.cpt import base_eval_task, cpt_task
+from tasks.cpt import base_eval_task, cpt_task, original_base_eval_task
 from tasks.training_data import pack_task
 
 
@@ -40,8 +41,10 @@ def cpt_flow(
 ) -> CptManifest:
     """Continual pretraining with rollback.
 
-    `start` is the model CPT continues from and `reference` the model forgetting is measured against (both default
-    to the tokenizer stage's extended base; a nightly refresh starts from the last promoted model). Attempt 0 uses
+    `start` is the model CPT continues from (default: the tokenizer stage's extended base; a nightly refresh starts
+    from the last promoted model) and `reference` the extended base, evaluated for the report. Every checkpoint is
+    judged against the ORIGINAL base model (config.model, before tokenizer extension; cached, so the pipeline's own
+    evaluation of it is reused), also in a nightly refresh. Attempt 0 uses
     config.train and config.mix and stops at the first rejected checkpoint. Then, up to eval.max_attempts attempts,
     training rolls back to the best accepted checkpoint so far (or the start model) and continues with the LR halved
     and the replay fraction doubled (`rollback_plan`), re-packed through the cached pack stage. The promoted model is
@@ -64,14 +67,17 @@ def _cpt_attempts(
     reference = reference or data.tokenizer.model
     storage = result_storage_for(config.store)
     policy = ForgettingPolicy.from_config(config.eval)
-    base_metrics = base_eval_task.with_options(result_storage=storage).submit(reference, data.pack, config.eval, config.store).result()
+    original = original_base_eval_task.with_options(result_storage=storage).submit(
+        config.model, base_fingerprint(config.model), data.pack, config.eval, config.store
+    ).result()
+    base = base_eval_task.with_options(result_storage=storage).submit(reference, data.pack, config.eval, config.store).result()
 
     attempt, train_cfg, pack = 0, config.train, data.pack
     history: list[dict] = []
     best: CptManifest | None = None
     while True:
         result = cpt_task.with_options(result_storage=storage).submit(
-            start, pack, train_cfg, config.eval, base_metrics, config.store, attempt, data.tokenizer.new_token_ids
+            start, pack, train_cfg, config.eval, original, config.store, attempt, data.tokenizer.new_token_ids
         ).result()
         history.append(_summary(result))
         if result.accepted and (best is None or _best_metric(result, policy) < _best_metric(best, policy)):
@@ -95,7 +101,7 @@ def _cpt_attempts(
         ).result()
         train_cfg = config.train.model_copy(update={"lr": plan.lr})
         attempt = plan.attempt
-    final = (best or result).model_copy(update={"attempts": history})
+    final = (best or result).model_copy(update={"attempts": history, "base_metrics": dict(base.metrics)})
     if best is None:
         log.warning("no checkpoint of %d attempt(s) passed the forgetting policy: nothing promoted", len(history))
     else:

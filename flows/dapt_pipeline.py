@@ -22,7 +22,9 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
 from dapt_core import leftovers
+from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.config import DaptConfig
+from dapt_core.evaluate import ForgettingPolicy
 from dapt_core.hashing import stable_hash
 from dapt_core.manifest import (
     CptManifest,
@@ -97,7 +99,7 @@ def nightly_refresh(config: DaptConfig) -> RefreshManifest:
     log = get_run_logger()
     lineage = lineage_of(config)
     state = load_state(config, lineage)
-    inputs, evals, _ = discover_task(config.data)
+    inputs, evals, _ = discover_task(with_benchmark_texts(config.data, config.eval))
     current = {i.uri: i.fingerprint for i in inputs + evals}
     if state is None or state.config_hash != result_config_hash(config):
         why = "no successful run of lineage %r yet" if state is None else "the config changed since the last success of lineage %r"
@@ -136,7 +138,8 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
         )
         _save_state(store, state.model_copy(update={"inputs": _ingested(prepared)}), config.project)
         return None
-    # Before CPT, not beside it: two models in memory at once doubled the demo's peak RSS.
+    # The reference of the forgetting policy (cpt_flow reads it back from the cache). Before CPT, not beside it: two
+    # models in memory at once doubled the demo's peak RSS.
     original = original_base_eval_task.with_options(result_storage=storage).submit(
         config.model, base_fingerprint(config.model), pack, config.eval, config.store
     ).result()
@@ -146,7 +149,7 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     if config.sft.data and cpt.promoted is not None:
         with handle_signals():  # SIGTERM (a cancel) stops SFT with a checkpoint; Prefect's handler would not
             sft = sft_task.with_options(result_storage=storage).submit(
-                cpt.promoted, pack, config.sft, config.eval, cpt.base_metrics, config.store
+                cpt.promoted, pack, config.sft, config.eval, original, config.store
             ).result()
     elif config.sft.data:
         log.warning("SFT skipped: no CPT checkpoint passed the forgetting policy")
@@ -155,7 +158,7 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     with leftovers.temp_dir("report") as tmp:
         paths = write_pipeline_report(
             Path(tmp), project=config.project, clean=prepared.clean, tokenizer=tokenizer, pack=pack, cpt=cpt, sft=sft,
-            original_base=original,
+            original_base=original.metrics, policy=ForgettingPolicy.from_config(config.eval),
         )
         refs = {k: store.put_file(p, f"runs/{config.project}/reports/{run_key}/{p.name}") for k, p in paths.items()}
         markdown = inline_images(paths["md"].read_text(encoding="utf-8"), {k: paths[k] for k in ("funnel", "checkpoints")})

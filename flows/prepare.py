@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, unmapped
 from prefect.futures import as_completed
 
+from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.config import DaptConfig
 from dapt_core.manifest import PrepareManifest
 from dapt_core.plan import latest_prepare_key
@@ -26,7 +27,8 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     ingest = ingest_task.with_options(result_storage=storage)
     clean = clean_task.with_options(result_storage=storage)
 
-    inputs, evals, refused = discover_task(config.data)
+    # Benchmark items are eval texts too: no training document may share a 13-gram with them.
+    inputs, evals, refused = discover_task(with_benchmark_texts(config.data, config.eval))
     ingest_futures = ingest.map(inputs, cfg=unmapped(config.ingest), store_uri=unmapped(config.store))
     eval_futures = ingest.map(evals, cfg=unmapped(config.ingest), store_uri=unmapped(config.store))
     progress.stage("ingest files", total=len(inputs) + len(evals))

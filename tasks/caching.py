@@ -29,6 +29,7 @@ from prefect.serializers import JSONSerializer, Serializer
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from dapt_core.hashing import stable_hash
+from dapt_core.evaluate import EvalResult
 from dapt_core.manifest import (
     ArtifactRef,
     CleanManifest,
@@ -49,8 +50,8 @@ RESULT_TYPES: dict[str, Any] = {
     "clean": CleanManifest,
     "tokenizer": TokenizerManifest,
     "pack": PackManifest,
-    "base-eval": dict[str, float],
-    "original-eval": dict[str, float],
+    "base-eval": EvalResult,
+    "original-eval": EvalResult,
     "cpt": CptManifest,
     "sft": SftManifest,
 }

@@ -1,7 +1,10 @@
 """Prefect tasks for continual pretraining: the base evaluation, and one CPT attempt (dapt_core/cpt.py).
 
-The base of the forgetting comparison is the model before any CPT: the extended-but-untrained model of the
-tokenizer stage, evaluated once (cached) on the held-out domain and general text of the pack stage.
+The reference of the forgetting comparison is the ORIGINAL base model, before tokenizer extension: bits per byte, word
+perplexity and benchmark accuracy do not depend on the tokenizer, so a checkpoint is judged against what the user
+started with, not against the extended-but-untrained model (already worse by whatever the extension cost), which is
+still evaluated (cached) and reported. Both are evaluated once on the held-out text of the pack stage and the
+benchmarks, their per-item benchmark results kept for the paired test.
 An attempt runs in this process, or under torchrun (DDP, one process per GPU) when train.nproc_per_node > 1.
 A stop request (dapt_core/stop.py) reaches the torchrun launch as SIGTERM, forwarded by this task.
 """
@@ -29,6 +32,7 @@ import dapt_core.train as train_mod
 from dapt_core import leftovers, manifest, metrics, model, stop
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
 from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, run_eval
+from dapt_core.evaluate import EvalResult
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.stop import Stopped, StopRequested
@@ -65,8 +69,8 @@ def base_eval_key(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig) -
     persist_result=True,
     result_serializer="json",
 )
-def base_eval_task(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig, store_uri: str) -> dict:
-    """Metrics of the reference model (before any CPT) on the held-out sets: what the forgetting policy compares to."""
+def base_eval_task(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig, store_uri: str) -> EvalResult:
+    """Metrics of the model CPT starts from (the extended base) on the held-out sets and benchmarks: reported."""
     check_result_record(store_uri, base_eval_key(reference, pack, eval_cfg))
     store = open_store(store_uri)
     m, tokenizer = load_from_dir(store.local_dir(reference))
@@ -83,23 +87,23 @@ def original_eval_key(fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig
     persist_result=True,
     result_serializer="json",
 )
-def original_base_eval_task(model_cfg: ModelConfig, fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig, store_uri: str) -> dict:
-    """Metrics of the base model as configured, before tokenizer extension: bits per byte do not depend on the
-    tokenizer, so the report can show what the whole pipeline (extension included) did to the base."""
+def original_base_eval_task(model_cfg: ModelConfig, fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig, store_uri: str) -> EvalResult:
+    """Metrics of the base model as configured, before tokenizer extension, with per-item benchmark results: the
+    reference every CPT checkpoint and the SFT model are judged against (a nightly refresh too)."""
     check_result_record(store_uri, original_eval_key(fingerprint, pack, eval_cfg))
     return _metrics(load_model(model_cfg), load_tokenizer(model_cfg), open_store(store_uri), pack, eval_cfg, "original base model")
 
 
-def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what: str) -> dict:
+def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what: str) -> EvalResult:
     with leftovers.temp_dir("base-eval") as tmp:
         result = run_eval(m, tokenizer, eval_files(store, pack), Path(tmp), eval_cfg, EVAL_BACKEND)
     _log().info("%s metrics (%s): %s", what, result.backend, json.dumps(result.metrics, sort_keys=True))
-    return dict(result.metrics)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------------- cpt
 def cpt_key(
-    start: DirRef, pack: PackManifest, train_cfg: TrainConfig, eval_cfg: EvalConfig, base_metrics: dict, attempt: int,
+    start: DirRef, pack: PackManifest, train_cfg: TrainConfig, eval_cfg: EvalConfig, reference: EvalResult, attempt: int,
     new_token_ids: list[int] | None = None,
 ) -> str:
     shards = [r.sha256 for r in pack.train_shards]
@@ -108,14 +112,14 @@ def cpt_key(
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
     train = train_cfg.model_dump(mode="json", exclude={"stop_grace_s"})
     return "cpt-" + stable_hash(
-        start.sha256, shards, _eval_hashes(pack), fisher, train, eval_cfg, base_metrics, attempt, EVAL_BACKEND, CPT_CODE,
+        start.sha256, shards, _eval_hashes(pack), fisher, train, eval_cfg, reference, attempt, EVAL_BACKEND, CPT_CODE,
         *([sorted(new_token_ids)] if new_token_ids else []),  # the rows LoRA trains (absent: the key stays as it was)
     )
 
 
 @task(
     name="cpt-attempt",
-    cache_key_fn=lambda ctx, p: cpt_key(p["start"], p["pack"], p["train_cfg"], p["eval_cfg"], p["base_metrics"], p["attempt"], p["new_token_ids"]),
+    cache_key_fn=lambda ctx, p: cpt_key(p["start"], p["pack"], p["train_cfg"], p["eval_cfg"], p["reference"], p["attempt"], p["new_token_ids"]),
     persist_result=True,
     result_serializer="json",
 )
@@ -124,17 +128,18 @@ def cpt_task(
     pack: PackManifest,
     train_cfg: TrainConfig,
     eval_cfg: EvalConfig,
-    base_metrics: dict,
+    reference: EvalResult,
     store_uri: str,
     attempt: int = 0,
     new_token_ids: list[int] | None = None,
 ) -> CptManifest:
-    """Train from `start` on the packed shards; judge every checkpoint; stop at a rejection; promote the best accepted."""
+    """Train from `start` on the packed shards; judge every checkpoint against `reference` (the original base's
+    evaluation); stop at a rejection; promote the best accepted."""
     log = _log()
-    key = cpt_key(start, pack, train_cfg, eval_cfg, base_metrics, attempt, new_token_ids)
+    key = cpt_key(start, pack, train_cfg, eval_cfg, reference, attempt, new_token_ids)
     check_result_record(store_uri, key)
     spec = AttemptSpec(
-        start=start, pack=pack, train=train_cfg, eval=eval_cfg, base_metrics=base_metrics, store=store_uri,
+        start=start, pack=pack, train=train_cfg, eval=eval_cfg, reference=reference, store=store_uri,
         prefix=f"cpt/{key}", attempt=attempt, new_token_ids=new_token_ids or [], eval_backend=EVAL_BACKEND, code_version=CPT_CODE,
     )
     log.info(

@@ -32,22 +32,23 @@ from tasks.cpt import EVAL_BACKEND, _eval_hashes, _log
 SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, evaluate_mod, metrics, split, model_mod, sys.modules[__name__])
 
 
-def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, base_metrics: dict) -> str:
+def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult) -> str:
     data = [sha256_file(p) for p in sft_cfg.data]  # content, not paths: an edited file re-runs SFT
     cfg = sft_cfg.model_dump(mode="json", exclude={"train": {"stop_grace_s"}})  # the grace changes nothing trained
-    return "sft-" + stable_hash(model.sha256, data, cfg, eval_cfg, _eval_hashes(pack), base_metrics, EVAL_BACKEND, SFT_CODE)
+    return "sft-" + stable_hash(model.sha256, data, cfg, eval_cfg, _eval_hashes(pack), reference, EVAL_BACKEND, SFT_CODE)
 
 
 @task(
     name="sft",
-    cache_key_fn=lambda ctx, p: sft_key(p["model"], p["pack"], p["sft_cfg"], p["eval_cfg"], p["base_metrics"]),
+    cache_key_fn=lambda ctx, p: sft_key(p["model"], p["pack"], p["sft_cfg"], p["eval_cfg"], p["reference"]),
     persist_result=True,
     result_serializer="json",
 )
-def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, base_metrics: dict, store_uri: str) -> SftManifest:
-    """Fine-tune on the instruction pairs (loss on responses only), evaluate like a CPT checkpoint, store the model."""
+def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult, store_uri: str) -> SftManifest:
+    """Fine-tune on the instruction pairs (loss on responses only), evaluate like a CPT checkpoint against `reference`
+    (the original base's evaluation), store the model."""
     log = _log()
-    key = sft_key(model, pack, sft_cfg, eval_cfg, base_metrics)
+    key = sft_key(model, pack, sft_cfg, eval_cfg, reference)
     check_result_record(store_uri, key)
     store = open_store(store_uri)
     prefix = f"sft/{key}"
@@ -63,7 +64,7 @@ def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: Ev
             raise StopRequested(journal_interrupted(store, prefix, rows, e.stopped)) from None
         watch.evaluating(result.train.step)
         evaluated = run_eval(result.model, tokenizer, eval_files(store, pack), tmp / "eval", eval_cfg, EVAL_BACKEND)
-        decision = ForgettingPolicy.from_config(eval_cfg).judge(EvalResult(metrics=dict(base_metrics)), evaluated)
+        decision = ForgettingPolicy.from_config(eval_cfg).judge(reference, evaluated)
         watch.judged(result.train.step, decision.accepted, decision.reasons, evaluated.metrics)
         watch.done("passes the forgetting policy" if decision.accepted else "rejected by the forgetting policy")
         out = tmp / "model"
@@ -77,5 +78,5 @@ def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: Ev
     return SftManifest(
         model=ref, examples=result.counts["examples"], heldout_examples=len(result.heldout),
         response_before=result.before, response_after=result.after, eval_metrics=dict(evaluated.metrics),
-        accepted=decision.accepted, reasons=list(decision.reasons), code_version=SFT_CODE,
+        accepted=decision.accepted, reasons=list(decision.reasons), numbers=dict(decision.numbers), code_version=SFT_CODE,
     )

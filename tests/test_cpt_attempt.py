@@ -40,14 +40,14 @@ eval: {{max_probes: 20, batch_size: 8}}
 """
     cfg = load_config(write_config(run, dirs, store=store, extra=extra))
     data = training_data_flow(cfg)
-    base_metrics = base_eval_task.fn(data.tokenizer.model, data.pack, cfg.eval, cfg.store)
-    return cfg, data, base_metrics
+    reference = base_eval_task.fn(data.tokenizer.model, data.pack, cfg.eval, cfg.store)
+    return cfg, data, reference
 
 
-def _spec(cfg, data, base_metrics, prefix: str, **train_update) -> AttemptSpec:
+def _spec(cfg, data, reference, prefix: str, **train_update) -> AttemptSpec:
     return AttemptSpec(
         start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update=train_update), eval=cfg.eval,
-        base_metrics=base_metrics, store=cfg.store, prefix=prefix, attempt=0, new_token_ids=data.tokenizer.new_token_ids,
+        reference=reference, store=cfg.store, prefix=prefix, attempt=0, new_token_ids=data.tokenizer.new_token_ids,
         eval_backend="native", code_version=CPT_CODE,
     )
 
@@ -66,11 +66,11 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
         "save_every: 10, batch_size: 8, report_to: [tensorboard]}"
     )
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-setup"))
-    cfg, data, base_metrics = _data(root, dirs, base, f"s3://{s3_bucket}/artifacts", train)
+    cfg, data, reference = _data(root, dirs, base, f"s3://{s3_bucket}/artifacts", train)
     assert data.tokenizer.new_tokens > 0
 
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-a"))
-    whole = run_attempt(_spec(cfg, data, base_metrics, "cpt/whole"), tmp_path / "work-a")
+    whole = run_attempt(_spec(cfg, data, reference, "cpt/whole"), tmp_path / "work-a")
     assert [d["step"] for d in whole.decisions] == [10, 20]
 
     real_eval, calls = cpt.run_eval, []
@@ -83,7 +83,7 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
 
     monkeypatch.setattr(cpt, "run_eval", dies_at_second_checkpoint)
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-b"))
-    spec = _spec(cfg, data, base_metrics, "cpt/crashed")
+    spec = _spec(cfg, data, reference, "cpt/crashed")
     with pytest.raises(RuntimeError, match="worker lost"):
         run_attempt(spec, tmp_path / "work-b")
     store = open_store(cfg.store)
@@ -115,7 +115,7 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
     assert torch.equal(emb[old], emb0[old])  # only the new tokens' rows trained ...
     assert (emb[new_ids] - emb0[new_ids]).abs().amax(1).min() > 0  # ... and each of them did
     d = next(x for x in resumed.decisions if x["step"] == resumed.best_step)
-    assert d["metrics"]["domain/bits_per_byte"] < base_metrics["domain/bits_per_byte"]
+    assert d["metrics"]["domain/bits_per_byte"] < reference.metrics["domain/bits_per_byte"]
 
 
 def test_torchrun_ddp_attempt_matches_one_process(prefect_harness, corpus, tmp_path):
@@ -123,9 +123,9 @@ def test_torchrun_ddp_attempt_matches_one_process(prefect_harness, corpus, tmp_p
     at the weights of one process with 8, and rank 0 alone judges, uploads and promotes."""
     root, dirs, base = corpus
     train = "{lr: 1e-4, max_steps: 6, save_every: 3, batch_size: 8, report_to: []}"
-    cfg, data, base_metrics = _data(root, dirs, base, str(tmp_path / "store"), train)
-    single = run_attempt(_spec(cfg, data, base_metrics, "cpt/single"), tmp_path / "work-single")
-    ddp_spec = _spec(cfg, data, base_metrics, "cpt/ddp", batch_size=4, nproc_per_node=2)
+    cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train)
+    single = run_attempt(_spec(cfg, data, reference, "cpt/single"), tmp_path / "work-single")
+    ddp_spec = _spec(cfg, data, reference, "cpt/ddp", batch_size=4, nproc_per_node=2)
     ddp = _torchrun(ddp_spec, tmp_path, 2)
     assert [d["step"] for d in ddp.decisions] == [d["step"] for d in single.decisions] == [3, 6]
     a, b = _promoted_weights(cfg.store, single), _promoted_weights(cfg.store, ddp)
@@ -142,13 +142,13 @@ def test_ewc_attempt_estimates_its_fisher_on_the_general_sample(prefect_harness,
 
     root, dirs, base = corpus
     train = "{lr: 1e-4, max_steps: 4, save_every: 4, batch_size: 8, report_to: [], ewc: {enabled: true, lambda: 100.0, fisher_samples: 16}}"
-    cfg, data, base_metrics = _data(root, dirs, base, str(tmp_path / "store"), train)
+    cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train)
     assert data.pack.general_sample is not None
     seen, histories = [], []
     real_from_model, real_train = ewc_mod.EWC.from_model, train_mod.train
     monkeypatch.setattr(ewc_mod.EWC, "from_model", classmethod(lambda cls, m, samples, *a, **kw: seen.append(list(samples)) or real_from_model(m, samples, *a, **kw)))
     monkeypatch.setattr(train_mod, "train", lambda *a, **kw: histories.append(res := real_train(*a, **kw)) or res)
-    result = run_attempt(_spec(cfg, data, base_metrics, "cpt/ewc"), tmp_path / "work")
+    result = run_attempt(_spec(cfg, data, reference, "cpt/ewc"), tmp_path / "work")
     assert result.decisions and len(seen) == 1 and seen[0]
     assert all(len(s) == SEQ for s in seen[0])
     assert histories[0].history[-1]["ewc"] > 0  # the penalty is active once the weights moved
@@ -175,8 +175,8 @@ def test_poisoned_journal_and_rng_file_are_refused_and_run_no_code(prefect_harne
     correctly (the chain algorithm is public): the resume refuses with one clear error and the payload never runs."""
     root, dirs, base = corpus
     train = "{lr: 1e-4, max_steps: 4, save_every: 2, batch_size: 8, report_to: []}"
-    cfg, data, base_metrics = _data(root, dirs, base, str(tmp_path / "store"), train)
-    spec = _spec(cfg, data, base_metrics, "cpt/poisoned")
+    cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train)
+    spec = _spec(cfg, data, reference, "cpt/poisoned")
     run_attempt(spec, tmp_path / "work-honest")
     store = open_store(cfg.store)
     rows = read_journal(store, spec.prefix)

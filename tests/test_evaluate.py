@@ -9,6 +9,7 @@ import pytest
 
 from dapt_core.config import DaptConfig
 from dapt_core.evaluate import (
+    BenchmarkSamples,
     Decision,
     EvalResult,
     ForgettingPolicy,
@@ -230,8 +231,8 @@ def test_report_files_and_png(tmp_path):
 def test_decision_is_plain_data():
     d = Decision(accepted=True, reasons=[], numbers={"x": 1.0})
     assert d.accepted and not math.isnan(d.numbers["x"])
-    r = EvalResult(metrics={"a": 1.0}, notes=["n"])
-    assert EvalResult.from_dict(r.to_dict()) == r
+    r = EvalResult(metrics={"a": 1.0}, notes=["n"], samples={"b": BenchmarkSamples(ids=[3, 7], acc=[1, 0], acc_norm=[0, 0])})
+    assert EvalResult.model_validate_json(r.model_dump_json()) == r
 
 
 @pytest.mark.parametrize(
@@ -288,3 +289,54 @@ def test_native_bpb_uses_the_models_own_logit_postprocessing(setup, kind):
         raw_nll = torch.nn.functional.cross_entropy(raw, x[0, 1:], reduction="sum")
         own_nll = torch.nn.functional.cross_entropy(own, x[0, 1:], reduction="sum")
         assert abs(float(raw_nll) - float(own_nll)) > 0.2 * float(own_nll)
+
+
+def _hand_scores(model, tok, context: str, choices: list[str]) -> list[tuple[float, float]]:
+    """(log-likelihood, per byte) of " " + choice after `context`, from the model's own forward pass."""
+    import torch
+
+    out = []
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    for c in choices:
+        cont = tok(" " + c, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        ll = sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+        out.append((ll, ll / len((" " + c).encode())))
+    return out
+
+
+def test_local_benchmark_accuracy_matches_a_hand_computation(setup, random_model):
+    """A local benchmark file becomes an lm-eval multiple_choice task: per-item acc / acc_norm are exactly the argmax
+    of the choices' log-likelihoods computed by hand, with the seeded subsample's item ids; the native scorer agrees."""
+    from dapt_core.benchmarks import load_benchmark, subsample
+    from dapt_core.config import BenchmarkConfig
+    from dapt_core.evaluate import benchmark_prompt
+
+    d, files, tok = setup
+    words = [t.rstrip(".").split() for t in GENERAL + DOMAIN]
+    rows = []
+    for i, w in enumerate(words):  # the sentence's last three words against three other sentences' endings
+        endings = [" ".join(words[(i + k) % len(words)][-3:]) for k in (1, 2, 3)]
+        endings.insert(i % 4, " ".join(w[-3:]))
+        rows.append({"question": " ".join(w[:-3]), "options": "\n".join(f"{'ABCD'[j]}. {e}" for j, e in enumerate(endings)),
+                     "answer": "ABCD"[i % 4]})
+    path = d / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    b = BenchmarkConfig(name="mc", kind="general", path=str(path), choices_field="options", limit=6, seed=3)
+    result = evaluate(random_model, tok, {"general": files["general"]}, d / "w-mc", probes=False, batch_size=4, benchmarks=[b])
+    items = subsample(load_benchmark(b), 6, 3)
+    hand_acc, hand_norm = [], []
+    for it in items:
+        scores = _hand_scores(random_model, tok, benchmark_prompt(it), it.choices)
+        hand_acc.append(int(max(range(4), key=lambda j: scores[j][0]) == it.label))
+        hand_norm.append(int(max(range(4), key=lambda j: scores[j][1]) == it.label))
+    smp = result.samples["mc"]
+    assert smp.ids == [it.id for it in items] and len(smp.ids) == 6
+    assert (smp.acc, smp.acc_norm) == (hand_acc, hand_norm)
+    assert result.metrics["bench/mc/acc"] == pytest.approx(sum(hand_acc) / 6)
+    assert result.metrics["bench/mc/acc_norm"] == pytest.approx(sum(hand_norm) / 6)
+    assert result.metrics["bench/mc/n"] == 6
+    native = evaluate(random_model, tok, {"general": files["general"]}, d / "w-mc-native", probes=False, benchmarks=[b], backend="native")
+    assert native.samples["mc"] == smp

@@ -400,10 +400,10 @@ def test_torchrun_attempt_stops_on_request_with_a_checkpoint(prefect_harness, ti
 
     cfg = load_config(tiny(tmp_path / "run", log_every=99))
     data = training_data_flow(cfg)
-    base_metrics = base_eval_task.fn(data.tokenizer.model, data.pack, cfg.eval, cfg.store)
+    reference = base_eval_task.fn(data.tokenizer.model, data.pack, cfg.eval, cfg.store)
     spec = AttemptSpec(
         start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update={"batch_size": 4, "nproc_per_node": 2}),
-        eval=cfg.eval, base_metrics=base_metrics, store=cfg.store, prefix="cpt/ddp-stop", attempt=0, eval_backend="native",
+        eval=cfg.eval, reference=reference, store=cfg.store, prefix="cpt/ddp-stop", attempt=0, eval_backend="native",
         code_version=CPT_CODE,
     )
 

@@ -30,11 +30,14 @@ def project(tmp_path_factory):
     dirs = write_corpus(root, n_domain=40, n_general=30)
     base = pretrained_general_base(root, SEQ, steps=40)
     _sft_pairs(root / "sft.jsonl")
+    # Checkpoints are judged against the original base: on this tiny tokenizer the extension alone costs ~19% general
+    # word perplexity (SmolLM2's costs nothing measurable), so the limit leaves room for it; these tests are about
+    # the DAG (caching, retry, refresh), tests/test_cpt_flow.py about the limits.
     extra = f"""model: {{base: "{base}"}}
 tokenizer: {{min_frequency: 5, domain_vocab_size: 600}}
 mix: {{general_fraction: 0.05, seq_len: {SEQ}, heldout_fraction: 0.1}}
 train: {{lr: 1e-4, max_steps: 10, save_every: 5, batch_size: 8, report_to: []}}
-eval: {{max_probes: 20, batch_size: 8}}
+eval: {{max_probes: 20, batch_size: 8, max_general_ppl_increase: 0.5}}
 sft: {{data: ["{root / 'sft.jsonl'}"], seq_len: {SEQ}, heldout_fraction: 0.2, train: {{lr: 1e-4, max_steps: 6, batch_size: 4, report_to: []}}}}
 """
     return root, dirs, write_config(root, dirs, extra=extra)
