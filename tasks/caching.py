@@ -28,8 +28,8 @@ from prefect.filesystems import WritableFileSystem
 from prefect.serializers import JSONSerializer, Serializer
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from dapt_core.hashing import stable_hash
 from dapt_core.evaluate import EvalResult
+from dapt_core.hashing import stable_hash
 from dapt_core.manifest import (
     ArtifactRef,
     CleanManifest,
