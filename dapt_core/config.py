@@ -426,6 +426,13 @@ class DaptConfig(_Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
+    def result_hash(self) -> str:
+        """The config sections that change what the pipeline produces (not where it runs or how it is scheduled)."""
+        from dapt_core.hashing import stable_hash
+
+        exclude = {"project": True, "store": True, "plan": True, "deploy": True, "train": {"stop_grace_s"}, "sft": {"train": {"stop_grace_s"}}}
+        return stable_hash(self.model_dump(mode="json", exclude=exclude))
+
     @field_validator("store")
     @classmethod
     def _store_scheme(cls, v: str) -> str:

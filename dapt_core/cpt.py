@@ -44,6 +44,7 @@ from dapt_core.config import EvalConfig, TrainConfig
 from dapt_core.evaluate import Decision, EvalResult, ForgettingPolicy, evaluate, write_report
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model import load_from_dir
+from dapt_core.model_card import ModelProvenance, write_model_card
 from dapt_core.stop import Stopped, StopRequested
 from dapt_core.store import ArtifactStore, IntegrityError, UnsafeKeyError, open_store
 
@@ -62,6 +63,7 @@ class AttemptSpec(BaseModel):
     prefix: str  # store key prefix of this attempt's outputs
     attempt: int
     new_token_ids: list[int] = []  # rows the tokenizer stage added: LoRA trains them (train.train_new_tokens)
+    provenance: ModelProvenance | None = None  # for the promoted model's card (README.md)
     eval_backend: str = "auto"
     code_version: str
 
@@ -346,6 +348,11 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
         out = workdir / "promoted"
         final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        if spec.provenance is not None:
+            write_model_card(
+                out, spec.provenance, "continual pretraining", best["metrics"], spec.reference.metrics,
+                f"accepted at step {best_step} of attempt {spec.attempt} (lr {spec.train.lr:g}).",
+            )
         promoted = store.put_dir(out, f"{spec.prefix}/promoted")
         log.info("attempt %d: promoted checkpoint step %d to %s", spec.attempt, best_step, promoted.uri)
     else:

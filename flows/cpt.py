@@ -9,6 +9,7 @@ from dapt_core.config import DaptConfig
 from dapt_core.evaluate import ForgettingPolicy, rollback_plan
 from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest, latest_manifest_key
 from dapt_core.model import base_fingerprint
+from dapt_core.model_card import provenance_of
 from dapt_core.preflight import check_before_data_stages
 from dapt_core.store import open_store
 from flows.interrupt import handle_signals
@@ -77,7 +78,8 @@ def _cpt_attempts(
     best: CptManifest | None = None
     while True:
         result = cpt_task.with_options(result_storage=storage).submit(
-            start, pack, train_cfg, config.eval, original, config.store, attempt, data.tokenizer.new_token_ids
+            start, pack, train_cfg, config.eval, original, config.store, attempt, data.tokenizer.new_token_ids,
+            provenance_of(config, data),
         ).result()
         history.append(_summary(result))
         if result.accepted and (best is None or _best_metric(result, policy) < _best_metric(best, policy)):

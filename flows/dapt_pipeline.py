@@ -37,6 +37,7 @@ from dapt_core.manifest import (
     latest_manifest_key,
 )
 from dapt_core.model import base_fingerprint
+from dapt_core.model_card import provenance_of
 from dapt_core.preflight import check_before_data_stages
 from dapt_core.report import inline_images, write_pipeline_report
 from dapt_core.store import ArtifactStore, open_store
@@ -62,12 +63,6 @@ def lineage_of(config: DaptConfig) -> str:
 
 def state_key(project: str, lineage: str) -> str:
     return f"runs/{project}/lineages/{lineage}/last-success.json"
-
-
-def result_config_hash(config: DaptConfig) -> str:
-    """The config sections that change what the pipeline produces (not where it runs or is scheduled)."""
-    exclude = {"project": True, "store": True, "plan": True, "deploy": True, "train": {"stop_grace_s"}, "sft": {"train": {"stop_grace_s"}}}
-    return stable_hash(config.model_dump(mode="json", exclude=exclude))
 
 
 def load_state_at(store: ArtifactStore, project: str, lineage: str) -> RunState | None:
@@ -101,7 +96,7 @@ def nightly_refresh(config: DaptConfig) -> RefreshManifest:
     state = load_state(config, lineage)
     inputs, evals, _ = discover_task(with_benchmark_texts(config.data, config.eval))
     current = {i.uri: i.fingerprint for i in inputs + evals}
-    if state is None or state.config_hash != result_config_hash(config):
+    if state is None or state.config_hash != config.result_hash():
         why = "no successful run of lineage %r yet" if state is None else "the config changed since the last success of lineage %r"
         log.info(why + ": running the full pipeline from the base model", lineage)
         return RefreshManifest(changed=True, new_or_changed=sorted(current), pipeline=run_stages(config, lineage), lineage=lineage)
@@ -149,7 +144,7 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     if config.sft.data and cpt.promoted is not None:
         with handle_signals():  # SIGTERM (a cancel) stops SFT with a checkpoint; Prefect's handler would not
             sft = sft_task.with_options(result_storage=storage).submit(
-                cpt.promoted, pack, config.sft, config.eval, original, config.store
+                cpt.promoted, pack, config.sft, config.eval, original, config.store, provenance_of(config, data)
             ).result()
     elif config.sft.data:
         log.warning("SFT skipped: no CPT checkpoint passed the forgetting policy")
@@ -173,7 +168,7 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     if cpt.promoted is not None:
         success = RunState(
             lineage=lineage, generation=state.generation + 1 if state else 0, inputs=_ingested(prepared),
-            config_hash=result_config_hash(config), tokenizer=tokenizer, promoted=cpt.promoted, report_md=refs["md"],
+            config_hash=config.result_hash(), tokenizer=tokenizer, promoted=cpt.promoted, report_md=refs["md"],
             refresh_basis=RefreshBasis(seen_domain=prepared.clean.domain, heldout_fractions=pack.heldout_fractions)
             if prepared.clean.domain
             else None,

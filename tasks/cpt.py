@@ -35,6 +35,7 @@ from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, run_eval
 from dapt_core.evaluate import EvalResult
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
+from dapt_core.model_card import ModelProvenance
 from dapt_core.stop import Stopped, StopRequested
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store
@@ -132,6 +133,7 @@ def cpt_task(
     store_uri: str,
     attempt: int = 0,
     new_token_ids: list[int] | None = None,
+    provenance: ModelProvenance | None = None,
 ) -> CptManifest:
     """Train from `start` on the packed shards; judge every checkpoint against `reference` (the original base's
     evaluation); stop at a rejection; promote the best accepted."""
@@ -141,6 +143,7 @@ def cpt_task(
     spec = AttemptSpec(
         start=start, pack=pack, train=train_cfg, eval=eval_cfg, reference=reference, store=store_uri,
         prefix=f"cpt/{key}", attempt=attempt, new_token_ids=new_token_ids or [], eval_backend=EVAL_BACKEND, code_version=CPT_CODE,
+        provenance=provenance,
     )
     log.info(
         "CPT attempt %d from %s: lr=%.3g, general_fraction=%.3g, %d sequences of %d tokens, %d process(es)",

@@ -23,6 +23,7 @@ from dapt_core.evaluate import EvalResult, ForgettingPolicy
 from dapt_core.hashing import code_version, sha256_file, stable_hash
 from dapt_core.manifest import DirRef, PackManifest, SftManifest
 from dapt_core.model import load_from_dir
+from dapt_core.model_card import ModelProvenance, write_model_card
 from dapt_core.stop import StopRequested
 from dapt_core.store import open_store
 from tasks import progress
@@ -44,7 +45,15 @@ def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: Eva
     persist_result=True,
     result_serializer="json",
 )
-def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult, store_uri: str) -> SftManifest:
+def sft_task(
+    model: DirRef,
+    pack: PackManifest,
+    sft_cfg: SftConfig,
+    eval_cfg: EvalConfig,
+    reference: EvalResult,
+    store_uri: str,
+    provenance: ModelProvenance | None = None,
+) -> SftManifest:
     """Fine-tune on the instruction pairs (loss on responses only), evaluate like a CPT checkpoint against `reference`
     (the original base's evaluation), store the model."""
     log = _log()
@@ -70,6 +79,9 @@ def sft_task(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: Ev
         out = tmp / "model"
         result.model.to("cpu").save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        if provenance is not None:
+            verdict = "passes" if decision.accepted else "REJECTED: " + "; ".join(decision.reasons)
+            write_model_card(out, provenance, "supervised fine-tuning", evaluated.metrics, reference.metrics, verdict)
         ref = store.put_dir(out, f"sft/{key}/model")
     log.info(
         "SFT %s: response %s -> %s", "ACCEPTED" if decision.accepted else "REJECTED: " + "; ".join(decision.reasons),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 import tasks.cpt
 from dapt_core.config import load_config
@@ -78,6 +79,13 @@ def test_retry_after_cpt_failure_recomputes_only_cpt_onward(prefect_harness, pro
         assert store.local_path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = load_state(cfg)
     assert state is not None and state.promoted == result.cpt.promoted
+    # model cards: front matter the Hub reads, the data funnel, metrics beside the original base, how to reproduce
+    for model, stage in ((result.cpt.promoted, "continual pretraining"), (result.sft.model, "supervised fine-tuning")):
+        card = (store.local_dir(model) / "README.md").read_text()
+        front = yaml.safe_load(card.split("---")[1])
+        assert front["base_model"] == cfg.model.base and front["library_name"] == "transformers"
+        assert f"# test: {stage}" in card and f"config hash `{cfg.result_hash()[:16]}`" in card
+        assert "| notes | domain |" in card and "| domain/bits_per_byte |" in card
 
 
 def test_nightly_refresh(prefect_harness, project, stage_calls):
