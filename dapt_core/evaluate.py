@@ -333,6 +333,11 @@ def _run_lm_eval(
     tasks = [n for d in names.values() for n in d.values()] + list(extra_tasks)
     seeds = dict(random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     was_training = model.training
+    import lm_eval.evaluator
+
+    # lm-eval runs `git describe` in the working directory for its report's git_hash; outside a checkout that prints
+    # "fatal: not a git repository" on stderr at every evaluation. dapt's results record their own code version.
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     try:
         out = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, task_manager=tm, limit=limit, bootstrap_iters=0, log_samples=False, **seeds

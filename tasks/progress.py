@@ -12,10 +12,13 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from dapt_core.train import StepProgress
+if TYPE_CHECKING:  # dapt_core.train imports torch: not at every CLI start
+    from dapt_core.train import StepProgress
 
 log = logging.getLogger("dapt.progress")
 _active: Progress | None = None
