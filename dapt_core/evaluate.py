@@ -40,7 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from dapt_core.benchmarks import BenchmarkItem, compare_paired, load_benchmark, subsample
+from dapt_core.benchmarks import BenchmarkItem, compare_paired, load_benchmark, subsample, subsample_indices
 from dapt_core.config import BenchmarkConfig
 
 log = logging.getLogger("dapt.evaluate")
@@ -372,17 +372,13 @@ def _run_lm_eval(
 
 def _named_subsamples(named: dict[str, BenchmarkConfig], tm) -> dict[str, list[int]]:
     """Seeded doc indices of each lm-eval task benchmark with a `limit` (the same rule as local files)."""
-    import random as _random
-
     from lm_eval.tasks import get_task_dict
 
     out = {}
     for b in named.values():
         if b.limit is None:
             continue
-        size = len(get_task_dict([b.task], tm)[b.task].eval_docs)
-        if b.limit < size:
-            out[b.task] = sorted(_random.Random(b.seed).sample(range(size), b.limit))
+        out[b.task] = subsample_indices(len(get_task_dict([b.task], tm)[b.task].eval_docs), b.limit, b.seed)
     return out
 
 
