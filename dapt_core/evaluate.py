@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dapt_core.benchmarks import BenchmarkItem, compare_paired, load_benchmark, subsample, subsample_indices
 from dapt_core.config import BenchmarkConfig
@@ -70,6 +70,8 @@ class EvalResult(BaseModel):
     `<split>/probe_acc`, `<split>/probe_acc_norm`, `<split>/probe_n`, `bench/<name>/acc`, `bench/<name>/acc_norm`,
     `bench/<name>/n`, and `<task>/<metric>` for extra tasks; `samples`: per-item benchmark results (JSON data, cached
     with the base evaluation so every checkpoint is tested against the reference on the same items)."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # a NaN metric (nothing to score) survives the JSON cache
 
     metrics: dict[str, float]
     backend: str = "lm-eval"
@@ -654,7 +656,7 @@ def write_report(
         "",
         "| checkpoint | " + " | ".join(cols) + " | decision |",
         "| --- | " + " | ".join("---" for _ in cols) + " | --- |",
-        "| base | " + " | ".join(f(base.metrics, c) for c in cols) + " | reference |",
+        "| reference (original base) | " + " | ".join(f(base.metrics, c) for c in cols) + " | reference |",
     ]
     for s, r, d in checkpoints:
         verdict = "accepted" if d.accepted else "REJECTED: " + "; ".join(d.reasons)

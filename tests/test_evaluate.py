@@ -218,7 +218,7 @@ def test_report_files_and_png(tmp_path):
     assert doc["best_step"] == 200 and [c["accepted"] for c in doc["checkpoints"]] == [True, True, False]
     assert doc["checkpoints"][2]["numbers"]["general_ppl_increase"] == pytest.approx(0.2)
     md = paths["md"].read_text()
-    assert "step 200 (best)" in md and "REJECTED" in md and "| base |" in md
+    assert "step 200 (best)" in md and "REJECTED" in md and "| reference (original base) |" in md
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
