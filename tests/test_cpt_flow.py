@@ -17,7 +17,7 @@ from dapt_core.model import load_from_dir
 from dapt_core.store import open_store
 from flows.cpt import cpt_flow
 from flows.training_data import training_data_flow
-from tests.corpus import write_config, write_corpus
+from tests.corpus import general_multiple_choice, write_config, write_corpus
 from tests.tiny_model import pretrained_general_base
 
 SEQ = 64
@@ -128,21 +128,7 @@ def test_default_lr_and_replay_are_accepted_and_improve_the_domain(prefect_harne
 
 
 def _general_benchmark(path) -> str:
-    """Multiple choice from the prose the base was pretrained on: a sentence without its last four words, then its
-    true ending against the endings of three sentences of other templates."""
-    import random
-
-    from tests.corpus import prose
-
-    general = [s.strip().rstrip(".") for i in range(100) for s in prose(i, "general").split(". ") if len(s.split()) > 8]
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for i, s in enumerate(general[:300]):
-            words = s.split()
-            others = [o for o in rng.sample(general, 12) if o.split()[:3] != words[:3]][:3]
-            choices = [" ".join(o.split()[-4:]) for o in others]
-            choices.insert(i % 4, " ".join(words[-4:]))
-            f.write(json.dumps({"question": " ".join(words[:-4]), "choices": choices, "answer": i % 4}) + "\n")
+    general_multiple_choice(path)
     return (f', benchmarks: [{{name: general_prose, kind: general, path: "{path}", prompt: completion, limit: 150}}], '
             "max_general_ppl_increase: 100.0")
 

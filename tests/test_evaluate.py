@@ -218,7 +218,7 @@ def test_report_files_and_png(tmp_path):
     assert doc["best_step"] == 200 and [c["accepted"] for c in doc["checkpoints"]] == [True, True, False]
     assert doc["checkpoints"][2]["numbers"]["general_ppl_increase"] == pytest.approx(0.2)
     md = paths["md"].read_text()
-    assert "step 200 (best)" in md and "REJECTED" in md and "| base |" in md
+    assert "step 200 (best)" in md and "REJECTED" in md and "| reference (original base) |" in md
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
@@ -340,3 +340,27 @@ def test_local_benchmark_accuracy_matches_a_hand_computation(setup, random_model
     assert result.metrics["bench/mc/n"] == 6
     native = evaluate(random_model, tok, {"general": files["general"]}, d / "w-mc-native", probes=False, benchmarks=[b], backend="native")
     assert native.samples["mc"] == smp
+
+
+def test_lm_eval_task_benchmark_is_subsampled_by_doc_id(setup, random_model):
+    """`task:` benchmarks name an lm-eval task (here a local YAML task standing in for a hub one): the seeded subsample
+    goes through lm-eval's `samples`, and item ids are lm-eval doc ids, so the per-item results pair up."""
+    import random
+
+    from dapt_core.config import BenchmarkConfig
+    from dapt_core.evaluate import _mc_task_yaml
+
+    d, files, tok = setup
+    rows = [{"context": f"The {w} sat on the", "choices": ["mat", "sky", "idea"], "label": i % 3} for i, w in enumerate("cat dog hen fox owl cow pig ram".split())]
+    work = d / "w-named"
+    (work / "lm_eval_tasks").mkdir(parents=True)
+    data = d / "named.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (work / "lm_eval_tasks" / "my_mc.yaml").write_text(_mc_task_yaml("my_mc", data, d / "hf-cache"), encoding="utf-8")
+    b = BenchmarkConfig(name="named", kind="general", task="my_mc", limit=5, seed=1)
+    result = evaluate(random_model, tok, {"general": files["general"]}, work, probes=False, batch_size=4, benchmarks=[b])
+    smp = result.samples["named"]
+    assert smp.ids == sorted(random.Random(1).sample(range(8), 5))
+    for i, ok in zip(smp.ids, smp.acc):
+        scores = _hand_scores(random_model, tok, rows[i]["context"], rows[i]["choices"])
+        assert ok == int(max(range(3), key=lambda j: scores[j][0]) == rows[i]["label"])

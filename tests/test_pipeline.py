@@ -12,7 +12,7 @@ import tasks.cpt
 from dapt_core.config import load_config
 from dapt_core.store import open_store
 from flows.dapt_pipeline import dapt_pipeline, load_state, nightly_refresh
-from tests.corpus import prose, write_config, write_corpus
+from tests.corpus import general_multiple_choice, prose, write_config, write_corpus
 from tests.tiny_model import pretrained_general_base
 
 SEQ = 64
@@ -31,6 +31,7 @@ def project(tmp_path_factory):
     dirs = write_corpus(root, n_domain=40, n_general=30)
     base = pretrained_general_base(root, SEQ, steps=40)
     _sft_pairs(root / "sft.jsonl")
+    bench = general_multiple_choice(root / "general-mc.jsonl")
     # Checkpoints are judged against the original base: on this tiny tokenizer the extension alone costs ~19% general
     # word perplexity (SmolLM2's costs nothing measurable), so the limit leaves room for it; these tests are about
     # the DAG (caching, retry, refresh), tests/test_cpt_flow.py about the limits.
@@ -38,7 +39,7 @@ def project(tmp_path_factory):
 tokenizer: {{min_frequency: 5, domain_vocab_size: 600}}
 mix: {{general_fraction: 0.05, seq_len: {SEQ}, heldout_fraction: 0.1}}
 train: {{lr: 1e-4, max_steps: 10, save_every: 5, batch_size: 8, report_to: []}}
-eval: {{max_probes: 20, batch_size: 8, max_general_ppl_increase: 0.5}}
+eval: {{max_probes: 20, batch_size: 8, max_general_ppl_increase: 0.5, benchmarks: [{{name: prose, kind: general, path: "{bench}", prompt: completion, limit: 40}}]}}
 sft: {{data: ["{root / 'sft.jsonl'}"], seq_len: {SEQ}, heldout_fraction: 0.2, train: {{lr: 1e-4, max_steps: 6, batch_size: 4, report_to: []}}}}
 """
     return root, dirs, write_config(root, dirs, extra=extra)
@@ -72,6 +73,10 @@ def test_retry_after_cpt_failure_recomputes_only_cpt_onward(prefect_harness, pro
     assert result.sft.response_after["sft/response_loss"] < result.sft.response_before["sft/response_loss"]
     report = store.read_text(result.report_md)
     assert "Domain bits per byte on held-out text: base" in report and "## Data funnel" in report
+    # the benchmark, base → CPT → SFT, with its interval, the gate's p-values and the smallest detectable drop
+    bench_rows = [line for line in report.splitlines() if line.startswith("| prose |")]
+    assert len(bench_rows) == 1 and bench_rows[0].count("p=") == 2 and "points |" in bench_rows[0], report
+    assert "benchmark gate: prose p=" in report
     assert "| SFT |" in report and "sft/response_loss" in report
     doc = json.loads(store.read_text(result.report_json))
     assert doc["cpt_promoted"]["domain/bits_per_byte"] < doc["base"]["domain/bits_per_byte"]
