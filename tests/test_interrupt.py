@@ -352,6 +352,7 @@ def test_sft_stopped_mid_training_resumes_from_its_journaled_checkpoint(tmp_path
     import dapt_core.train as train_mod
     from dapt_core import stop
     from dapt_core.stop import StopRequested
+    from dapt_core.evaluate import EvalResult
     from tasks.sft import sft_key, sft_task
 
     def stop_once_training() -> None:  # what the signal handler does, from another thread
@@ -364,23 +365,23 @@ def test_sft_stopped_mid_training_resumes_from_its_journaled_checkpoint(tmp_path
     threading.Thread(target=stop_once_training, daemon=True).start()
     try:
         with pytest.raises(StopRequested) as stopped:
-            sft_task.fn(model, pack, cfg, eval_cfg, {}, str(tmp_path / "store"))
+            sft_task.fn(model, pack, cfg, eval_cfg, EvalResult(metrics={}), str(tmp_path / "store"))
     finally:
         stop.reset()
-    key = sft_key(model, pack, cfg, eval_cfg, {})
+    key = sft_key(model, pack, cfg, eval_cfg, EvalResult(metrics={}))
     (row,) = json.loads((tmp_path / "store" / "sft" / key / "journal.json").read_text())["entries"]
     assert row["interrupted"] and 0 < row["step"] < 300 and stopped.value.stopped.checkpoint == row["checkpoint"]["uri"]
 
     calls, real = [], train_mod.load_weights
     monkeypatch.setattr(train_mod, "load_weights", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
-    resumed = sft_task.fn(model, pack, cfg, eval_cfg, {}, str(tmp_path / "store"))
+    resumed = sft_task.fn(model, pack, cfg, eval_cfg, EvalResult(metrics={}), str(tmp_path / "store"))
     monkeypatch.setattr(train_mod, "load_weights", real)
     assert calls and calls[0].parent.name == f"checkpoint-{row['step']}"  # resumed from the journaled checkpoint
 
     other = tmp_path / "undisturbed"
     other.mkdir()
     model2, pack2, _, _ = _sft_inputs(other, other / "store")
-    undisturbed = sft_task.fn(model2, pack2, cfg, eval_cfg, {}, str(other / "store"))
+    undisturbed = sft_task.fn(model2, pack2, cfg, eval_cfg, EvalResult(metrics={}), str(other / "store"))
     a = load_file(str(Path(resumed.model.uri) / "model.safetensors"))
     b = load_file(str(Path(undisturbed.model.uri) / "model.safetensors"))
     assert a.keys() == b.keys()

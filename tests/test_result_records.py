@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dapt_core.config import load_config
+from dapt_core.evaluate import EvalResult
 from dapt_core.store import IntegrityError, open_store
 from flows.cli import app
 from flows.prepare import prepare_flow
@@ -173,8 +174,9 @@ def test_prefect_reads_the_validated_manifest_back(tmp_path):
     ) == manifest
 
     metrics_key = "base-eval-" + "ef" * 32  # metrics may be NaN: they must survive the re-encoding
-    storage.write_path(metrics_key, ResultRecord(metadata={"serializer": JSONSerializer()}, result={"bpb": float("nan")}).serialize())
-    assert math.isnan(ResultRecord.deserialize(storage.read_path(metrics_key)).result["bpb"])
+    nan_metrics = EvalResult(metrics={"bpb": float("nan")})
+    storage.write_path(metrics_key, ResultRecord(metadata={"serializer": JSONSerializer()}, result=nan_metrics).serialize())
+    assert math.isnan(ResultRecord.deserialize(storage.read_path(metrics_key)).result.metrics["bpb"])
 
     Path(ref.uri).unlink()  # an artifact it hands on is gone: not reused (Prefect takes the error for a cache miss)
     with pytest.raises(RuntimeError, match="is not reused|missing"):
