@@ -191,6 +191,7 @@ class TrainingDataManifest(BaseModel):
     prepare: PrepareManifest
     tokenizer: TokenizerManifest
     pack: PackManifest
+    refresh_basis: RefreshBasis | None = Field(None, description="A refresh packed against this (a rollback re-packs the same way).")
     computed: list[str]
     cached: list[str]
 

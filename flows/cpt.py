@@ -99,7 +99,7 @@ def _cpt_attempts(
         )
         mix = config.mix.model_copy(update={"general_fraction": plan.general_fraction})
         pack = pack_task.with_options(result_storage=storage).submit(
-            data.prepare.clean, data.tokenizer, mix, config.model, config.store
+            data.prepare.clean, data.tokenizer, mix, config.model, config.store, data.refresh_basis
         ).result()
         train_cfg = config.train.model_copy(update={"lr": plan.lr})
         attempt = plan.attempt

@@ -48,6 +48,7 @@ def training_data_flow(
         prepare=prepared,
         tokenizer=tokenizer,
         pack=packed,
+        refresh_basis=refresh,
         computed=prepared.computed + [n for n, f in runs if not was_cached(f)],
         cached=prepared.cached + [n for n, f in runs if was_cached(f)],
     )

@@ -125,6 +125,7 @@ def test_nightly_refresh(prefect_harness, project, stage_calls):
     assert counts.new_tokens + counts.replayed_tokens == sum(t for s, t in packed.tokens.items() if s == "notes")
     assert 0.2 < counts.replayed_tokens / (counts.new_tokens + counts.replayed_tokens) < 0.45
     assert packed.heldout_fractions == before.refresh_basis.heldout_fractions  # the lineage's split, fixed
+    assert p.data.refresh_basis == before.refresh_basis  # what a rollback of this refresh re-packs against
 
 
 def _new_notes(dirs, seed: int, n: int = 5):
