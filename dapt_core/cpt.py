@@ -41,7 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dapt_core import stop
 from dapt_core import train as train_mod
 from dapt_core.config import EvalConfig, TrainConfig
-from dapt_core.evaluate import Decision, EvalResult, ForgettingPolicy, evaluate, write_report
+from dapt_core.eval_report import write_report
+from dapt_core.evaluate import EvalResult, evaluate
+from dapt_core.forgetting import Decision, ForgettingPolicy
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model import load_from_dir
 from dapt_core.model_card import ModelProvenance, write_model_card
@@ -64,7 +66,6 @@ class AttemptSpec(BaseModel):
     attempt: int
     new_token_ids: list[int] = []  # rows the tokenizer stage added: LoRA trains them (train.train_new_tokens)
     provenance: ModelProvenance | None = None  # for the promoted model's card (README.md)
-    eval_backend: str = "auto"
     code_version: str
 
 
@@ -73,17 +74,6 @@ def eval_files(store: ArtifactStore, pack: PackManifest) -> dict[str, Path]:
     if not files:
         raise ValueError("the pack stage held out no eval documents (mix.heldout_fraction is 0): nothing to evaluate")
     return files
-
-
-def run_eval(model, tokenizer, files: dict[str, Path], workdir: Path, cfg: EvalConfig, backend: str) -> EvalResult:
-    import torch
-
-    with torch.no_grad():
-        return evaluate(
-            model, tokenizer, files, workdir, extra_tasks=cfg.extra_tasks, limit=cfg.limit, batch_size=cfg.batch_size,
-            max_probes=cfg.max_probes, n_choices=cfg.probe_choices, probes=cfg.max_probes > 0, backend=backend,
-            max_length=cfg.max_length, benchmarks=cfg.benchmarks,
-        )
 
 
 def _general_samples(store: ArtifactStore, spec: AttemptSpec) -> list[list[int]] | None:
@@ -296,7 +286,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
         # get_peft_model injects adapters into `model` in place: `model` is the model being trained, for either method.
         if observer is not None:
             observer.evaluating(step)
-        result = run_eval(model, tokenizer, files, workdir / f"eval-{step}", spec.eval, spec.eval_backend)
+        result = evaluate(model, tokenizer, files, workdir / f"eval-{step}", spec.eval)
         decision = policy.judge(base, result, step=step)
         if observer is not None:
             observer.judged(step, decision.accepted, decision.reasons, result.metrics)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from dapt_core import leftovers
 from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.config import DaptConfig
-from dapt_core.evaluate import ForgettingPolicy
+from dapt_core.forgetting import ForgettingPolicy
 from dapt_core.hashing import stable_hash
 from dapt_core.manifest import (
     CptManifest,

@@ -12,14 +12,14 @@ from pathlib import Path
 from prefect import task
 
 import dapt_core.cpt as cpt_mod
-import dapt_core.evaluate as evaluate_mod
 import dapt_core.model as model_mod
 import dapt_core.sft as sft_mod
 import dapt_core.train as train_mod
-from dapt_core import leftovers, metrics, split
+from dapt_core import leftovers, split
 from dapt_core.config import EvalConfig, SftConfig
-from dapt_core.cpt import eval_files, journal_interrupted, read_journal, resume_from_journal, run_eval
-from dapt_core.evaluate import EvalResult, ForgettingPolicy
+from dapt_core.cpt import eval_files, journal_interrupted, read_journal, resume_from_journal
+from dapt_core.evaluate import EvalResult, evaluate
+from dapt_core.forgetting import ForgettingPolicy
 from dapt_core.hashing import code_version, sha256_file, stable_hash
 from dapt_core.manifest import DirRef, PackManifest, SftManifest
 from dapt_core.model import load_from_dir
@@ -28,15 +28,15 @@ from dapt_core.stop import StopRequested
 from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import check_result_record
-from tasks.cpt import EVAL_BACKEND, _eval_hashes, _log
+from tasks.cpt import EVAL_CODE, _eval_hashes, _log
 
-SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, evaluate_mod, metrics, split, model_mod, sys.modules[__name__])
+SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, *EVAL_CODE, split, model_mod, sys.modules[__name__])
 
 
 def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult) -> str:
     data = [sha256_file(p) for p in sft_cfg.data]  # content, not paths: an edited file re-runs SFT
     cfg = sft_cfg.model_dump(mode="json", exclude={"train": {"stop_grace_s"}})  # the grace changes nothing trained
-    return "sft-" + stable_hash(model.sha256, data, cfg, eval_cfg, _eval_hashes(pack), reference, EVAL_BACKEND, SFT_CODE)
+    return "sft-" + stable_hash(model.sha256, data, cfg, eval_cfg, _eval_hashes(pack), reference, SFT_CODE)
 
 
 @task(
@@ -72,7 +72,7 @@ def sft_task(
         except StopRequested as e:
             raise StopRequested(journal_interrupted(store, prefix, rows, e.stopped)) from None
         watch.evaluating(result.train.step)
-        evaluated = run_eval(result.model, tokenizer, eval_files(store, pack), tmp / "eval", eval_cfg, EVAL_BACKEND)
+        evaluated = evaluate(result.model, tokenizer, eval_files(store, pack), tmp / "eval", eval_cfg)
         decision = ForgettingPolicy.from_config(eval_cfg).judge(reference, evaluated)
         watch.judged(result.train.step, decision.accepted, decision.reasons, evaluated.metrics)
         watch.done("passes the forgetting policy" if decision.accepted else "rejected by the forgetting policy")
