@@ -8,7 +8,7 @@ from prefect.futures import as_completed
 from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.config import DaptConfig
 from dapt_core.manifest import PrepareManifest
-from dapt_core.plan import latest_prepare_key
+from dapt_core import layout
 from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import result_storage_for, was_cached
@@ -54,5 +54,5 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
         computed=[name for name, f in runs if not was_cached(f)],
         cached=[name for name, f in runs if was_cached(f)],
     )
-    open_store(config.store).put_text(result.model_dump_json(indent=2), latest_prepare_key(config.project))
+    open_store(config.store).put_text(result.model_dump_json(indent=2), layout.latest_manifest_key(config.project, "prepare"))
     return result

@@ -29,7 +29,7 @@ import dapt_core.cpt as cpt_mod
 import dapt_core.evaluate as evaluate_mod
 import dapt_core.ewc as ewc_mod
 import dapt_core.train as train_mod
-from dapt_core import leftovers, manifest, metrics, model, stop
+from dapt_core import layout, leftovers, manifest, metrics, model, stop
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
 from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, run_eval
 from dapt_core.evaluate import EvalResult
@@ -142,7 +142,7 @@ def cpt_task(
     check_result_record(store_uri, key)
     spec = AttemptSpec(
         start=start, pack=pack, train=train_cfg, eval=eval_cfg, reference=reference, store=store_uri,
-        prefix=f"cpt/{key}", attempt=attempt, new_token_ids=new_token_ids or [], eval_backend=EVAL_BACKEND, code_version=CPT_CODE,
+        prefix=layout.cpt_attempt_prefix(key), attempt=attempt, new_token_ids=new_token_ids or [], eval_backend=EVAL_BACKEND, code_version=CPT_CODE,
         provenance=provenance,
     )
     log.info(

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
-from dapt_core import leftovers, manifest
+from dapt_core import layout, leftovers, manifest
 from dapt_core.config import CleanConfig, DataConfig, IngestConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
@@ -72,7 +72,7 @@ def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestMani
     with leftovers.temp_dir("ingest") as tmp:
         out = Path(tmp) / "docs.parquet"
         docs, quarantined = ingest.ingest_file(inp, cfg, out)
-        shard = store.put_file(out, f"ingest/{inp.kind}/{inp.source}/{key}.parquet") if docs else None
+        shard = store.put_file(out, layout.ingest_shard_key(inp.kind, inp.source, key)) if docs else None
     return IngestManifest(input=inp, shard=shard, docs=docs, quarantined=quarantined, code_version=INGEST_CODE)
 
 
@@ -100,7 +100,7 @@ def clean_task(
     all_quarantined = quarantined + [q for m in ingested for q in m.quarantined]
     with leftovers.temp_dir("clean") as tmp:
         out = clean.clean_corpus(shards, eval_shards, all_quarantined, cfg, Path(tmp))
-        prefix = f"clean/{key}"
+        prefix = layout.clean_prefix(key)
         put = lambda p, name: store.put_file(p, f"{prefix}/{name}") if p else None  # noqa: E731
         stats_json = Path(tmp) / "stats.json"
         stats_json.write_text(_json(out.stats))

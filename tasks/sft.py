@@ -16,7 +16,7 @@ import dapt_core.evaluate as evaluate_mod
 import dapt_core.model as model_mod
 import dapt_core.sft as sft_mod
 import dapt_core.train as train_mod
-from dapt_core import leftovers, metrics, split
+from dapt_core import layout, leftovers, metrics, split
 from dapt_core.config import EvalConfig, SftConfig
 from dapt_core.cpt import eval_files, journal_interrupted, read_journal, resume_from_journal, run_eval
 from dapt_core.evaluate import EvalResult, ForgettingPolicy
@@ -60,7 +60,7 @@ def sft_task(
     key = sft_key(model, pack, sft_cfg, eval_cfg, reference)
     check_result_record(store_uri, key)
     store = open_store(store_uri)
-    prefix = f"sft/{key}"
+    prefix = layout.sft_attempt_prefix(key)
     rows = read_journal(store, prefix)
     m, tokenizer = load_from_dir(store.local_dir(model))
     watch = progress.TrainingProgress("SFT", "dapt-sft")
@@ -82,7 +82,7 @@ def sft_task(
         if provenance is not None:
             verdict = "passes" if decision.accepted else "REJECTED: " + "; ".join(decision.reasons)
             write_model_card(out, provenance, "supervised fine-tuning", evaluated.metrics, reference.metrics, verdict)
-        ref = store.put_dir(out, f"sft/{key}/model")
+        ref = store.put_dir(out, layout.sft_model_key(key))
     log.info(
         "SFT %s: response %s -> %s", "ACCEPTED" if decision.accepted else "REJECTED: " + "; ".join(decision.reasons),
         result.before, result.after,
