@@ -111,8 +111,8 @@ def attempt_report_key(attempt_prefix: str, name: str) -> str:
     return f"{attempt_prefix}/report/{name}"
 
 
-def sft_model_key(key: str) -> str:
-    return f"{sft_attempt_prefix(key)}/model"
+def sft_model_key(attempt_prefix: str) -> str:
+    return f"{attempt_prefix}/model"
 
 
 def project_prefix(project: str) -> str:

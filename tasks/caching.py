@@ -241,6 +241,11 @@ def _refresh_requested() -> bool:
     return bool(PREFECT_TASKS_REFRESH_CACHE.value())
 
 
+def eval_set_hashes(pack: PackManifest) -> list[str | None]:
+    """The content of the held-out eval files, for the cache key of every stage that evaluates on them."""
+    return [r.sha256 if r else None for r in (pack.eval_domain, pack.eval_general)]
+
+
 def check_result_record(store_uri: str, key: str) -> None:
     """First call of every cached task body, which runs only on a cache miss. Prefect takes a record it cannot read for
     a miss, so an untrusted record would silently be recomputed and overwritten: refuse it instead (before any work),

@@ -40,7 +40,7 @@ from dapt_core.stop import Stopped, StopRequested
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store
 from tasks import progress
-from tasks.caching import check_result_record
+from tasks.caching import check_result_record, eval_set_hashes
 
 CPT_CODE = code_version(cpt_mod, train_mod, ewc_mod, evaluate_mod, metrics, model, manifest, sys.modules[__name__])
 
@@ -55,13 +55,9 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("dapt.cpt")
 
 
-def _eval_hashes(pack: PackManifest) -> list[str | None]:
-    return [r.sha256 if r else None for r in (pack.eval_domain, pack.eval_general)]
-
-
 # ------------------------------------------------------------------------------------------------------- base eval
 def base_eval_key(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig) -> str:
-    return "base-eval-" + stable_hash(reference.sha256, _eval_hashes(pack), eval_cfg, EVAL_BACKEND, CPT_CODE)
+    return "base-eval-" + stable_hash(reference.sha256, eval_set_hashes(pack), eval_cfg, EVAL_BACKEND, CPT_CODE)
 
 
 @task(
@@ -79,7 +75,7 @@ def base_eval_task(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig, 
 
 
 def original_eval_key(fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig) -> str:
-    return "original-eval-" + stable_hash(fingerprint, _eval_hashes(pack), eval_cfg, EVAL_BACKEND, CPT_CODE)
+    return "original-eval-" + stable_hash(fingerprint, eval_set_hashes(pack), eval_cfg, EVAL_BACKEND, CPT_CODE)
 
 
 @task(
@@ -113,7 +109,7 @@ def cpt_key(
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
     train = train_cfg.model_dump(mode="json", exclude={"stop_grace_s"})
     return "cpt-" + stable_hash(
-        start.sha256, shards, _eval_hashes(pack), fisher, train, eval_cfg, reference, attempt, EVAL_BACKEND, CPT_CODE,
+        start.sha256, shards, eval_set_hashes(pack), fisher, train, eval_cfg, reference, attempt, EVAL_BACKEND, CPT_CODE,
         *([sorted(new_token_ids)] if new_token_ids else []),  # the rows LoRA trains (absent: the key stays as it was)
     )
 

@@ -46,10 +46,7 @@ def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], l
             files, bad = ingest.discover_inputs(source, kind)
             found[kind] += files
             refused += bad
-    bad_evals = [q for q in refused if q.kind == "eval"]
-    if bad_evals:  # a skipped eval file would silently weaken decontamination
-        problems = "; ".join(f"{q.file}: {q.reason} {q.detail}" for q in bad_evals)
-        raise ValueError(f"data.eval: cannot read evaluation files ({problems}); fix or remove them.")
+    ingest.require_complete_eval_sets(refused)
     inputs, evals = found["domain"] + found["general"], found["eval"]
     return inputs, evals, refused
 
@@ -125,21 +122,6 @@ def _json(obj: object) -> str:
     import json
 
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
-
-
-def check_eval_sets(evals: list[IngestManifest]) -> None:
-    """Refuse to decontaminate against an eval file that yielded nothing: the usual cause is a wrong text_field,
-    and decontamination would then silently do nothing."""
-    problems = [
-        f"{m.input.uri}: {m.docs} documents read, {len(m.quarantined)} quarantined"
-        + (f" (first: {m.quarantined[0].reason} at {m.quarantined[0].position})" if m.quarantined else "")
-        for m in evals
-        if m.docs == 0 or m.quarantined
-    ]
-    if problems:
-        raise ValueError(
-            "data.eval: evaluation files could not be read completely; check each source's text_field: " + "; ".join(problems)
-        )
 
 
 def publish_data_report(cm: CleanManifest, store_uri: str) -> None:
