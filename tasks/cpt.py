@@ -25,13 +25,9 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
-import dapt_core.cpt as cpt_mod
-import dapt_core.evaluate as evaluate_mod
-import dapt_core.ewc as ewc_mod
-import dapt_core.train as train_mod
-from dapt_core import layout, leftovers, manifest, metrics, model, stop
+from dapt_core import layout, leftovers, stop
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
-from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, run_eval
+from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, run_eval, stopped_path
 from dapt_core.evaluate import EvalResult
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
@@ -42,7 +38,7 @@ from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import check_result_record, eval_set_hashes
 
-CPT_CODE = code_version(cpt_mod, train_mod, ewc_mod, evaluate_mod, metrics, model, manifest, sys.modules[__name__])
+CPT_CODE = code_version(run_attempt, run_eval, load_model, task_module=sys.modules[__name__])
 
 # "auto" (lm-eval when importable), "lm-eval" or "native"; part of every cache key.
 EVAL_BACKEND = os.environ.get("DAPT_EVAL_BACKEND", "auto")
@@ -188,7 +184,7 @@ def _torchrun(spec: AttemptSpec, tmp: Path, nproc: int) -> CptManifest:
             line = line.rstrip()
             tail.append(line)
             log.info("%s", line)
-    stopped = cpt_mod.stopped_path(result_path)
+    stopped = stopped_path(result_path)
     if stopped.is_file():
         result = Stopped.model_validate_json(stopped.read_text())
         stop.saved(result)
