@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "(unit or integration) and not slow"
 
 test-slow: setup
 	$(VENV)/bin/pytest -m slow

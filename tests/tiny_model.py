@@ -1,4 +1,5 @@
-"""Tiny models and tokenizers built on the fly, so tests never download weights."""
+"""Tiny models and tokenizers built on the fly, so tests and benchmarks never download weights: the one place that
+builds them (tests/ and bench/ import from here)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,21 @@ def byte_level_tokenizer(texts: list[str], vocab_size: int = 1000):
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def tiny_llama(vocab_rows: int, tied: bool = True, seed: int = 0):
+def tiny_llama(
+    vocab_rows: int, tied: bool = True, seed: int = 0, *, hidden: int = 64, intermediate: int = 128, layers: int = 2,
+    kv_heads: int = 2, max_positions: int = 512, **config: int,
+):
+    """A randomly initialised Llama (weights fixed by `seed`); `config`: further LlamaConfig fields."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
+    llama_config = LlamaConfig(
+        vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=tied, **config,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config)
 
 
 def save_tiny_model_dir(path: Path, texts: list[str], tied: bool = True, vocab_size: int = 1000) -> Path:
