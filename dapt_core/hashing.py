@@ -56,7 +56,6 @@ def code_version(*core: Callable, task_module: ModuleType | None = None) -> str:
     return sources_hash(files, PACKAGE_DIR.parent)
 
 
-
 def imported_sources(start: Path, package_dir: Path = PACKAGE_DIR) -> set[Path]:
     """`start` and every module of the package at `package_dir` that it imports, directly or through other modules of
     the package, read statically from the source (imports inside functions count: they run too). Importing a module

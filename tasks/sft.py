@@ -26,7 +26,9 @@ SFT_CODE = code_version(run_sft_attempt, task_module=sys.modules[__name__])
 def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult) -> str:
     data = [sha256_file(p) for p in sft_cfg.data]  # content, not paths: an edited file re-runs SFT
     cfg = sft_cfg.model_dump(mode="json", exclude={"train": {"stop_grace_s"}})  # the grace changes nothing trained
-    return "sft-" + stable_hash(model.sha256, data, cfg, eval_cfg, eval_set_hashes(pack), reference, EVAL_BACKEND, SFT_CODE)
+    return "sft-" + stable_hash(
+        model.sha256, data, cfg, eval_cfg, eval_set_hashes(pack), reference, EVAL_BACKEND, SFT_CODE
+    )
 
 
 @task(
@@ -49,8 +51,16 @@ def sft_task(
     key = sft_key(model, pack, sft_cfg, eval_cfg, reference)
     check_result_record(store_uri, key)
     spec = SftAttemptSpec(
-        start=model, pack=pack, sft=sft_cfg, eval=eval_cfg, reference=reference, store=store_uri,
-        prefix=layout.sft_attempt_prefix(key), provenance=provenance, eval_backend=EVAL_BACKEND, code_version=SFT_CODE,
+        start=model,
+        pack=pack,
+        sft=sft_cfg,
+        eval=eval_cfg,
+        reference=reference,
+        store=store_uri,
+        prefix=layout.sft_attempt_prefix(key),
+        provenance=provenance,
+        eval_backend=EVAL_BACKEND,
+        code_version=SFT_CODE,
     )
     watch = progress.TrainingProgress("SFT", "dapt-sft")
     with leftovers.temp_dir("sft") as tmp:

@@ -28,7 +28,11 @@ def test_a_transitively_imported_module_changes_the_version_and_an_unrelated_one
     names = lambda files: sorted(f.relative_to(pkg).as_posix() for f in files)  # noqa: E731
     assert names(imported_sources(pkg / "a.py", pkg)) == ["__init__.py", "a.py", "b.py", "c.py"]
     assert names(imported_sources(pkg / "sub" / "d.py", pkg)) == [
-        "__init__.py", "c.py", "sub/__init__.py", "sub/d.py", "sub/f.py"
+        "__init__.py",
+        "c.py",
+        "sub/__init__.py",
+        "sub/d.py",
+        "sub/f.py",
     ]
 
     version = lambda: sources_hash(imported_sources(pkg / "a.py", pkg), tmp_path)  # noqa: E731
@@ -50,4 +54,4 @@ def test_task_versions_cover_what_their_core_functions_import():
     import tasks.training_data
 
     assert tasks.training_data.PACK_CODE != tasks.training_data.TOKENIZER_CODE
-    assert tasks.sft.SFT_CODE == code_version(tasks.sft.run_sft_attempt, task_module=tasks.sft)
+    assert code_version(tasks.sft.run_sft_attempt, task_module=tasks.sft) == tasks.sft.SFT_CODE
