@@ -121,7 +121,7 @@ def pack_task(
         evals = {kind: store.put_file(p, layout.pack_eval_file_key(key, kind)) if p else None for kind, p in result.eval_files.items()}
         sample = store.put_file(result.general_sample, layout.pack_general_sample_key(key)) if result.general_sample else None
     report_json = store.put_text(json.dumps(result.report, indent=2, default=str), layout.pack_report_key(key))
-    for w in result.report["warnings"]:
+    for w in result.warnings:
         get_run_logger().warning("%s", w)
     return PackManifest(
         train_shards=shards,
@@ -135,7 +135,7 @@ def pack_task(
         general_fraction_realised=result.general_fraction,
         heldout_fractions=result.heldout_fractions,
         refresh=result.refresh,
-        warnings=list(result.report["warnings"]),
+        warnings=result.warnings,
         report_json=report_json,
         code_version=PACK_CODE,
     )
