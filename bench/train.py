@@ -75,25 +75,10 @@ def goal(name: str, value: float, target: str, ok: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-def train_tokenizer(texts: list[str], vocab: int, out: Path) -> None:
-    """Byte-level BPE (as tests/tiny_model.py makes them) trained on `texts`, saved as a HF tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    t.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(out)
-
-
 def prepare(work: Path, vocab: int, seq_len: int, max_heldout: int):
     from dapt_core.config import MixConfig
     from dapt_core.pack import pack_corpus
+    from tests.tiny_model import byte_level_tokenizer
 
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
@@ -106,7 +91,7 @@ def prepare(work: Path, vocab: int, seq_len: int, max_heldout: int):
         if size > 4_000_000:
             break
     tok_dir = work / "tokenizer"
-    train_tokenizer(sample, vocab, tok_dir)
+    byte_level_tokenizer(sample, vocab).save_pretrained(tok_dir)
     shutil.rmtree(work / "pack", ignore_errors=True)
     mix = MixConfig(seq_len=seq_len, general_fraction=0.05, heldout_fraction=0.3, max_heldout_docs=max_heldout)
     packed = pack_corpus(work / "domain.parquet", work / "general.parquet", tok_dir, mix, work / "pack")
@@ -122,16 +107,12 @@ def prepare(work: Path, vocab: int, seq_len: int, max_heldout: int):
 
 
 def make_model(vocab_rows: int, args):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny_model import tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab_rows, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=0, eos_token_id=0,
+    return tiny_llama(
+        vocab_rows, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, kv_heads=4,
+        max_positions=2048, bos_token_id=0, eos_token_id=0,
     )
-    return LlamaForCausalLM(cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ training

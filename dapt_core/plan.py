@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
@@ -16,6 +17,9 @@ from dapt_core import layout, leftovers
 from dapt_core.config import DaptConfig
 from dapt_core.model import load_tokenizer
 from dapt_core.readers import parquet_texts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, without sparsity).
 GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L4": 121.0, "A10G": 125.0, "RTX4090": 165.0, "L40S": 362.0}
@@ -43,7 +47,7 @@ class PlanReport(BaseModel):
     warnings: list[str]
 
 
-def count_tokens(texts: Iterable[str], tokenizer=None, batch_size: int = 256) -> int:
+def count_tokens(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 256) -> int:
     """Exact count with a fast tokenizer (batched), else the bytes/4 estimate."""
     if tokenizer is None:
         return int(sum(len(t.encode("utf-8")) for t in texts) / BYTES_PER_TOKEN_ESTIMATE)

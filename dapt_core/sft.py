@@ -6,8 +6,9 @@ DDP for free, and one loop is tested instead of two (TRL is not a dependency eit
 the optional `loss_mask` column of the training shards; everything SFT-specific lives here:
 
 1. **Read** (`read_instructions`): JSONL (or .jsonl.gz) lines `{"prompt", "response"}`, TRL's `{"prompt",
-   "completion"}` (strings, or lists of messages) or `{"messages": [...]}` whose last message is the assistant's response (earlier assistant turns are context). Bad input fails with file:line,
-   the field and what to do. Every example has a content id, so duplicates land on the same side of the split.
+   "completion"}` (strings, or lists of messages) or `{"messages": [...]}` whose last message is the assistant's
+   response (earlier assistant turns are context). Bad input fails with file:line, the field and what to do. Every
+   example has a content id, so duplicates land on the same side of the split.
 2. **Split** (`split_examples`): held out by a hash of (seed, example id), the rule `dapt_core.split` uses for CPT.
 3. **Tokenise** (`tokenize_example`): with the tokenizer's chat template when it has one (the prompt rendering with
    the generation prompt must be a token prefix of the full rendering; otherwise character offsets decide), else
@@ -32,10 +33,10 @@ import gzip
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -52,7 +53,10 @@ from dapt_core.model_card import ModelProvenance, write_model_card
 from dapt_core.split import heldout_bucket, heldout_fraction
 from dapt_core.stop import StopRequested
 from dapt_core.store import ArtifactStore, open_store
-from dapt_core.train import TrainResult, distributed, merge_lora, train
+from dapt_core.train import StepProgress, TrainResult, distributed, merge_lora, train
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("dapt.sft")
 
@@ -104,7 +108,9 @@ def _messages(messages: object, where: str, field: str) -> list[tuple[str, str]]
 def _conversation(pairs: list[tuple[str, str]], where: str, field: str, response_at: str) -> Example:
     """The last message is the response the model learns; everything before it is context."""
     if len(pairs) < 2:
-        raise ValueError(f"{where}: {field} must be a list of at least 2 messages (context, then the assistant's response)")
+        raise ValueError(
+            f"{where}: {field} must be a list of at least 2 messages (context, then the assistant's response)"
+        )
     role, response = pairs[-1]
     if role != "assistant":
         raise ValueError(f"{where}: the last message must be the assistant's response (got role {role!r}): end with it")
@@ -166,7 +172,9 @@ def read_instructions(paths: Sequence[Path]) -> list[Example]:
     return examples
 
 
-def split_examples(examples: Sequence[Example], fraction: float, max_heldout: int, seed: int) -> tuple[list[Example], list[Example]]:
+def split_examples(
+    examples: Sequence[Example], fraction: float, max_heldout: int, seed: int
+) -> tuple[list[Example], list[Example]]:
     """(train, held out): held out by `dapt_core.split`'s hash of (seed, example id), at most max_heldout of them.
 
     The hash rule makes the split independent of file order; when chance holds out more than the cap, those with the
@@ -180,7 +188,7 @@ def split_examples(examples: Sequence[Example], fraction: float, max_heldout: in
 
 
 # --------------------------------------------------------------------------------------------------- tokenising
-def _plain(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
+def _plain(ex: Example, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """`prompt + "\\n" + response + eos` (a conversation's context: its contents, one per line), prompt and response
     tokenised apart, as a caller would prompt the model."""
     prompt = "\n".join(content for _, content in ex.context) + "\n"
@@ -191,7 +199,7 @@ def _plain(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
-def _templated(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
+def _templated(ex: Example, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """Chat template: targets are the tokens after the prompt rendering (with generation prompt)."""
     prompt = tokenizer.apply_chat_template(ex.messages(with_response=False), tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(ex.messages(), tokenize=False)
@@ -207,12 +215,14 @@ def _templated(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
     else:
         boundary = full.rfind(ex.response.strip())
         if boundary < 0:
-            raise ValueError(f"{ex.origin}: the chat template does not render the response verbatim; cannot find it to train on")
+            raise ValueError(
+                f"{ex.origin}: the chat template does not render the response verbatim; cannot find it to train on"
+            )
     offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return ids, [int(end > boundary) for _, end in offsets]
 
 
-def tokenize_example(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
+def tokenize_example(ex: Example, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """(token ids, loss mask): mask 1 on the response and the end token after it, which the model must learn to emit.
 
     A chat template that ends the assistant turn without the tokenizer's eos gets eos appended (as a target), so
@@ -229,7 +239,7 @@ def tokenize_example(ex: Example, tokenizer) -> tuple[list[int], list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------------- shards
-def _pad_id(tokenizer) -> int:
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -267,16 +277,27 @@ def _write_shard(rows: Sequence[Row], seq_len: int, path: Path) -> None:
     doc_offsets = pa.array(np.concatenate([[0], np.cumsum([len(d) for _, _, d in rows])]).astype(np.int32))
     table = pa.table(
         {
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(np.concatenate([r[0] for r in rows]).astype(np.int32))),
-            "doc_lengths": pa.ListArray.from_arrays(doc_offsets, pa.array(np.concatenate([r[2] for r in rows]).astype(np.int32))),
-            "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(np.concatenate([r[1] for r in rows]).astype(np.int8))),
+            "input_ids": pa.ListArray.from_arrays(
+                offsets, pa.array(np.concatenate([r[0] for r in rows]).astype(np.int32))
+            ),
+            "doc_lengths": pa.ListArray.from_arrays(
+                doc_offsets, pa.array(np.concatenate([r[2] for r in rows]).astype(np.int32))
+            ),
+            "loss_mask": pa.ListArray.from_arrays(
+                offsets, pa.array(np.concatenate([r[1] for r in rows]).astype(np.int8))
+            ),
         }
     )
     pq.write_table(table, path, row_group_size=min(n, 1024), compression="zstd")
 
 
 def build_sft_shards(
-    examples: Sequence[Example], tokenizer, seq_len: int, out_dir: Path, packing: bool, shard_sequences: int = 4096
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    out_dir: Path,
+    packing: bool,
+    shard_sequences: int = 4096,
 ) -> dict:
     """Write out_dir/train-00000.parquet, ... (input_ids, doc_lengths, loss_mask; see module docstring) and return
     counts: examples (written), sequences, target_tokens, pad_tokens, truncated (cut to seq_len: the tail of the
@@ -299,7 +320,10 @@ def build_sft_shards(
             continue
         encoded.append((ids, mask))
     if not encoded:
-        raise ValueError(f"no SFT example has a response token within seq_len={seq_len} ({len(examples)} examples): raise sft.seq_len")
+        raise ValueError(
+            f"no SFT example has a response token within seq_len={seq_len} ({len(examples)} examples): "
+            "raise sft.seq_len"
+        )
     rows = list(_rows(encoded, seq_len, packing, _pad_id(tokenizer)))
     shards = []
     for k, start in enumerate(range(0, len(rows), shard_sequences)):
@@ -318,13 +342,22 @@ def build_sft_shards(
     if truncated or skipped:
         log.warning(
             "SFT: %d of %d examples longer than seq_len=%d were cut, %d of them skipped (no response token left)",
-            truncated, len(examples), seq_len, skipped,
+            truncated,
+            len(examples),
+            seq_len,
+            skipped,
         )
     return counts
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
-def response_metrics(model, tokenizer, examples: Sequence[Example], seq_len: int, batch_size: int = 8) -> dict[str, float]:
+def response_metrics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    seq_len: int,
+    batch_size: int = 8,
+) -> dict[str, float]:
     """Teacher-forced scores of the responses (cut to seq_len), on right-padded batches with an attention mask:
 
     * `sft/response_loss`: mean NLL per response token (eos included);
@@ -370,10 +403,16 @@ def response_metrics(model, tokenizer, examples: Sequence[Example], seq_len: int
             correct += int(hits.sum())
             targets += int(labels.numel())
             row_of_target = predicts_target.nonzero()[:, 0]
-            misses_per_row = torch.zeros(len(batch), dtype=torch.long, device=device).index_add_(0, row_of_target, (~hits).long())
+            misses_per_row = torch.zeros(len(batch), dtype=torch.long, device=device).index_add_(
+                0, row_of_target, (~hits).long()
+            )
             exact += int((misses_per_row == 0).sum())
     model.train(was_training)
-    return {"sft/response_loss": nll / targets, "sft/response_token_acc": correct / targets, "sft/exact_match": exact / len(encoded)}
+    return {
+        "sft/response_loss": nll / targets,
+        "sft/response_token_acc": correct / targets,
+        "sft/exact_match": exact / len(encoded),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- the run
@@ -381,7 +420,7 @@ def response_metrics(model, tokenizer, examples: Sequence[Example], seq_len: int
 class SftResult:
     """What run_sft hands to the next stage: the model to save, and the numbers to report."""
 
-    model: object  # the trained model, LoRA adapters merged
+    model: PreTrainedModel  # the trained model, LoRA adapters merged
     counts: dict  # build_sft_shards counts of the training examples
     heldout: list[Example]
     before: dict[str, float]  # response_metrics of the input model on the held-out examples (empty: none to score)
@@ -389,7 +428,14 @@ class SftResult:
     train: TrainResult
 
 
-def run_sft(model, tokenizer, cfg: SftConfig, out_dir: Path, on_checkpoint=None, on_progress=None) -> SftResult:
+def run_sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: SftConfig,
+    out_dir: Path,
+    on_checkpoint: Callable[[int, Path], bool | None] | None = None,
+    on_progress: Callable[[StepProgress], None] | None = None,
+) -> SftResult:
     """Read cfg.data, hold out examples, build shards in out_dir/data, train (out_dir/train, resuming from its latest
     checkpoint), and score the held-out responses before and after.
 
@@ -416,11 +462,20 @@ def run_sft(model, tokenizer, cfg: SftConfig, out_dir: Path, on_checkpoint=None,
     counts = json.loads((data_dir / COUNTS_FILE).read_text())
     log.info(
         "SFT: %d training examples in %d sequences of %d tokens (%d target tokens), %d held out",
-        counts["examples"], counts["sequences"], cfg.seq_len, counts["target_tokens"], len(heldout),
+        counts["examples"],
+        counts["sequences"],
+        cfg.seq_len,
+        counts["target_tokens"],
+        len(heldout),
     )
 
     result = train(
-        model, [Path(p) for p in counts["shards"]], cfg.train, out_dir / "train", resume=True, on_checkpoint=on_checkpoint,
+        model,
+        [Path(p) for p in counts["shards"]],
+        cfg.train,
+        out_dir / "train",
+        resume=True,
+        on_checkpoint=on_checkpoint,
         on_progress=on_progress,
     )
     trained = merge_lora(result.model)
@@ -428,7 +483,10 @@ def run_sft(model, tokenizer, cfg: SftConfig, out_dir: Path, on_checkpoint=None,
     if before:
         log.info(
             "SFT held-out response loss %.4f -> %.4f, token accuracy %.3f -> %.3f",
-            before["sft/response_loss"], after["sft/response_loss"], before["sft/response_token_acc"], after["sft/response_token_acc"],
+            before["sft/response_loss"],
+            after["sft/response_loss"],
+            before["sft/response_token_acc"],
+            after["sft/response_token_acc"],
         )
     return SftResult(model=trained, counts=counts, heldout=heldout, before=before, after=after, train=result)
 
@@ -473,21 +531,34 @@ def run_sft_attempt(spec: SftAttemptSpec, workdir: Path, observer: SftObserver |
     verdict = "ACCEPTED" if decision.accepted else "REJECTED: " + "; ".join(decision.reasons)
     log.info("SFT %s: response %s -> %s", verdict, result.before, result.after)
     return SftManifest(
-        model=ref, examples=result.counts["examples"], heldout_examples=len(result.heldout),
-        response_before=result.before, response_after=result.after, eval_metrics=dict(evaluated.metrics),
-        accepted=decision.accepted, reasons=list(decision.reasons), numbers=dict(decision.numbers),
+        model=ref,
+        examples=result.counts["examples"],
+        heldout_examples=len(result.heldout),
+        response_before=result.before,
+        response_after=result.after,
+        eval_metrics=dict(evaluated.metrics),
+        accepted=decision.accepted,
+        reasons=list(decision.reasons),
+        numbers=dict(decision.numbers),
         code_version=spec.code_version,
     )
 
 
 def _save_model(
-    spec: SftAttemptSpec, store: ArtifactStore, model: torch.nn.Module, tokenizer: object, evaluated: EvalResult,
-    decision: Decision, out: Path,
+    spec: SftAttemptSpec,
+    store: ArtifactStore,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    evaluated: EvalResult,
+    decision: Decision,
+    out: Path,
 ) -> DirRef:
     """The SFT model (with its tokenizer and, given provenance, a model card) in the store, accepted or not."""
     model.to("cpu").save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if spec.provenance is not None:
         verdict = "passes" if decision.accepted else "REJECTED: " + "; ".join(decision.reasons)
-        write_model_card(out, spec.provenance, "supervised fine-tuning", evaluated.metrics, spec.reference.metrics, verdict)
+        write_model_card(
+            out, spec.provenance, "supervised fine-tuning", evaluated.metrics, spec.reference.metrics, verdict
+        )
     return store.put_dir(out, layout.sft_model_key(spec.prefix))

@@ -24,17 +24,9 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
-import dapt_core.cpt as cpt_mod
-import dapt_core.eval_report as eval_report_mod
-import dapt_core.eval_tasks as eval_tasks_mod
-import dapt_core.evaluate as evaluate_mod
-import dapt_core.ewc as ewc_mod
-import dapt_core.forgetting as forgetting_mod
-import dapt_core.probes as probes_mod
-import dapt_core.train as train_mod
-from dapt_core import layout, leftovers, manifest, metrics, model, stop
+from dapt_core import layout, leftovers, stop
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
-from dapt_core.cpt import AttemptSpec, eval_files, run_attempt
+from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, stopped_path
 from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
@@ -45,8 +37,7 @@ from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import check_result_record, eval_set_hashes
 
-EVAL_CODE = (evaluate_mod, eval_tasks_mod, probes_mod, forgetting_mod, eval_report_mod, metrics)
-CPT_CODE = code_version(cpt_mod, train_mod, ewc_mod, *EVAL_CODE, model, manifest, sys.modules[__name__])
+CPT_CODE = code_version(run_attempt, evaluate, load_model, task_module=sys.modules[__name__])
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter:
@@ -189,7 +180,7 @@ def _torchrun(spec: AttemptSpec, tmp: Path, nproc: int) -> CptManifest:
             line = line.rstrip()
             tail.append(line)
             log.info("%s", line)
-    stopped = cpt_mod.stopped_path(result_path)
+    stopped = stopped_path(result_path)
     if stopped.is_file():
         result = Stopped.model_validate_json(stopped.read_text())
         stop.saved(result)

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
-from dapt_core import layout, leftovers, manifest
+from dapt_core import layout, leftovers
 from dapt_core.config import CleanConfig, DataConfig, IngestConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
@@ -20,8 +20,8 @@ from tasks.caching import check_result_record
 from tasks.retries import retry_if_worthwhile
 
 # The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
-INGEST_CODE = code_version(ingest, manifest, sys.modules[__name__])
-CLEAN_CODE = code_version(clean, manifest, sys.modules[__name__])
+INGEST_CODE = code_version(ingest.ingest_file, task_module=sys.modules[__name__])
+CLEAN_CODE = code_version(clean.clean_corpus, task_module=sys.modules[__name__])
 
 
 def ingest_key(inp: InputFile, cfg: IngestConfig) -> str:

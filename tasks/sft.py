@@ -9,21 +9,17 @@ from pathlib import Path
 
 from prefect import task
 
-import dapt_core.cpt as cpt_mod
-import dapt_core.model as model_mod
-import dapt_core.sft as sft_mod
-import dapt_core.train as train_mod
-from dapt_core import layout, leftovers, split
+from dapt_core import layout, leftovers
 from dapt_core.config import EvalConfig, SftConfig
 from dapt_core.evaluate import EvalResult
 from dapt_core.hashing import code_version, sha256_file, stable_hash
 from dapt_core.manifest import DirRef, PackManifest, SftManifest
 from dapt_core.model_card import ModelProvenance
+from dapt_core.sft import SftAttemptSpec, run_sft_attempt
 from tasks import progress
 from tasks.caching import check_result_record, eval_set_hashes
-from tasks.cpt import EVAL_CODE
 
-SFT_CODE = code_version(sft_mod, train_mod, cpt_mod, *EVAL_CODE, split, model_mod, sys.modules[__name__])
+SFT_CODE = code_version(run_sft_attempt, task_module=sys.modules[__name__])
 
 
 def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult) -> str:
@@ -51,10 +47,17 @@ def sft_task(
     (the original base's evaluation), store the model."""
     key = sft_key(model, pack, sft_cfg, eval_cfg, reference)
     check_result_record(store_uri, key)
-    spec = sft_mod.SftAttemptSpec(
-        start=model, pack=pack, sft=sft_cfg, eval=eval_cfg, reference=reference, store=store_uri,
-        prefix=layout.sft_attempt_prefix(key), provenance=provenance, code_version=SFT_CODE,
+    spec = SftAttemptSpec(
+        start=model,
+        pack=pack,
+        sft=sft_cfg,
+        eval=eval_cfg,
+        reference=reference,
+        store=store_uri,
+        prefix=layout.sft_attempt_prefix(key),
+        provenance=provenance,
+        code_version=SFT_CODE,
     )
     watch = progress.TrainingProgress("SFT", "dapt-sft")
     with leftovers.temp_dir("sft") as tmp:
-        return sft_mod.run_sft_attempt(spec, Path(tmp), watch)
+        return run_sft_attempt(spec, Path(tmp), watch)

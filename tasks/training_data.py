@@ -9,11 +9,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-import dapt_core.embedding as embedding
 import dapt_core.pack as pack
 import dapt_core.replay as replay
 import dapt_core.tokenizer_ext as tokenizer_ext
-from dapt_core import layout, leftovers, manifest, metrics, model, readers, split
+from dapt_core import layout, leftovers, split
 from dapt_core.config import MixConfig, ModelConfig, TokenizerConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, PackManifest, RefreshBasis, TokenizerManifest
@@ -22,8 +21,8 @@ from dapt_core.store import open_store
 from tasks.caching import check_result_record
 
 # The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
-TOKENIZER_CODE = code_version(tokenizer_ext, embedding, metrics, split, readers, model, manifest, sys.modules[__name__])
-PACK_CODE = code_version(pack, replay, split, readers, model, manifest, sys.modules[__name__])
+TOKENIZER_CODE = code_version(split.split_texts, tokenizer_ext.extend, load_model, task_module=sys.modules[__name__])
+PACK_CODE = code_version(pack.pack_corpus, replay.sample_self_replay, load_model, task_module=sys.modules[__name__])
 
 
 def _split_params(mix: MixConfig) -> tuple:
@@ -122,7 +121,7 @@ def pack_task(
         evals = {kind: store.put_file(p, layout.pack_eval_file_key(key, kind)) if p else None for kind, p in result.eval_files.items()}
         sample = store.put_file(result.general_sample, layout.pack_general_sample_key(key)) if result.general_sample else None
     report_json = store.put_text(json.dumps(result.report, indent=2, default=str), layout.pack_report_key(key))
-    for w in result.report["warnings"]:
+    for w in result.warnings:
         get_run_logger().warning("%s", w)
     return PackManifest(
         train_shards=shards,
@@ -136,7 +135,7 @@ def pack_task(
         general_fraction_realised=result.general_fraction,
         heldout_fractions=result.heldout_fractions,
         refresh=result.refresh,
-        warnings=list(result.report["warnings"]),
+        warnings=result.warnings,
         report_json=report_json,
         code_version=PACK_CODE,
     )

@@ -1,4 +1,11 @@
-"""Shared test harness: an S3 endpoint on 127.0.0.1 (moto server mode) and one Prefect home per session."""
+"""Shared test harness: an S3 endpoint on 127.0.0.1 (moto server mode), one Prefect home per session, and the test
+tiers.
+
+Tiers (markers in pyproject.toml): `integration` tests start a real service or process: a test that uses a fixture of
+INTEGRATION_FIXTURES is marked here; a module whose tests start processes themselves (torchrun, a subprocess killed
+mid-run, a Prefect server of its own) says `pytestmark = pytest.mark.integration`. `slow` tests need the real model.
+Every other test is `unit`. Plain `pytest` runs unit tests only; `make test` (CI) runs unit and integration.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,18 @@ import os
 import socket
 
 import pytest
+
+# Fixtures that start a service: a test using one (directly or through another fixture) is an integration test.
+INTEGRATION_FIXTURES = {"prefect_harness", "s3_endpoint"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("integration"):
+            continue
+        tier = "integration" if INTEGRATION_FIXTURES & set(item.fixturenames) else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 def _free_port() -> int:

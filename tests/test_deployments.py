@@ -27,6 +27,8 @@ from tests.conftest import _free_port
 from tests.corpus import prose, write_config, write_corpus
 from tests.tiny_model import save_tiny_model_dir
 
+pytestmark = pytest.mark.integration  # a Prefect server, a serve runner and workers as subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 REPORT_KEY = "dapt-report"

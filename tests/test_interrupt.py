@@ -31,6 +31,8 @@ from dapt_core.store import LocalStore, open_store
 from tests.corpus import write_config, write_corpus
 from tests.tiny_model import pretrained_general_base
 
+pytestmark = pytest.mark.integration  # `dapt cpt` subprocesses stopped by signals, and signal handlers in child processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
 STEPS = 200

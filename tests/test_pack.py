@@ -313,7 +313,8 @@ def test_self_replay_amount_determinism_and_packing(corpus, tmp_path):
     assert r.report["general"]["self_replay_documents"] == len(a)
     # general held-out documents that are the base model's own samples: the report says so
     held = pack_corpus(corpus["domain"], None, corpus["tok_dir"], _cfg(general_fraction=0.05, heldout_fraction=0.4), tmp_path / "h", replay_texts=iter(a))
-    assert held.eval_files["general"] is not None and pack.SELF_REPLAY_EVAL_WARNING in held.report["warnings"]
+    assert held.eval_files["general"] is not None and pack.SELF_REPLAY_EVAL_WARNING in held.warnings
+    assert held.warnings == held.report["warnings"]
 
 
 def test_document_separator_overrides_eos(corpus, tmp_path):

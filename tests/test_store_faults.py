@@ -27,6 +27,8 @@ from tests.conftest import _free_port
 from tests.corpus import write_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration  # moto's S3 server and `dapt prepare` subprocesses, some killed mid-run
+
 BUDGET_S = 4.0  # DAPT_STORE_RETRY_SECONDS for the failing runs
 STARTUP_S = 20.0  # interpreter + imports + flow start on a busy 2-core machine, on top of the budget
 BUCKET = "faults"

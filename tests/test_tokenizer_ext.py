@@ -27,6 +27,7 @@ from dapt_core.tokenizer_ext import (
     train_domain_bpe,
 )
 from tests.corpus import prose
+from tests.tiny_model import byte_level_tokenizer, tiny_llama
 
 GENERAL = [prose(i, "general") for i in range(200)]
 DOMAIN = [prose(10_000 + i, "domain") for i in range(300)]
@@ -49,28 +50,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def base_tok():
     """A 1000-token byte-level BPE of general prose plus a few domain docs: drug names split into 2-4 pieces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"], show_progress=False
-    )
-    t.train_from_iterator(GENERAL + DOMAIN[:20], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-
-
-def tiny_model(vocab_rows: int, tied: bool, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config)
+    return byte_level_tokenizer(GENERAL + DOMAIN[:20], 1000)
 
 
 _TRAINED: dict = {}
@@ -79,7 +59,7 @@ _TRAINED: dict = {}
 def trained_model(tok, tied: bool):
     """A tiny model trained 60 steps on domain + general text with the base tokenizer (cached per `tied`)."""
     if tied not in _TRAINED:
-        model = tiny_model(len(tok), tied)
+        model = tiny_llama(len(tok), tied)
         ids = [i for d in TRAIN + GENERAL[:100] for i in [tok.bos_token_id, *tok(d)["input_ids"]]]
         data = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -125,7 +105,7 @@ def _mean(matrix: torch.Tensor, rows: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("tied", [False, True])
 def test_mean_init_exact_rows(base_tok, tied):
     new_tok, added = extended_with(base_tok, WORDS)
-    model = tiny_model(len(base_tok), tied)
+    model = tiny_llama(len(base_tok), tied)
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
     info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
@@ -150,7 +130,7 @@ def test_mean_init_exact_rows(base_tok, tied):
 
 def test_extra_pad_rows_are_mean_of_old_rows(base_tok):
     new_tok, added = extended_with(base_tok, WORDS)
-    model = tiny_model(len(base_tok), tied=False)
+    model = tiny_llama(len(base_tok), tied=False)
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
     info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
@@ -164,7 +144,7 @@ def test_extra_pad_rows_are_mean_of_old_rows(base_tok):
 def test_padded_vocab_new_ids_fit_without_resize(base_tok):
     new_tok, added = extended_with(base_tok, WORDS)
     rows = len(base_tok) + 64  # a checkpoint padded beyond its tokenizer
-    model = tiny_model(rows, tied=False)
+    model = tiny_llama(rows, tied=False)
     with torch.no_grad():
         model.get_input_embeddings().weight[len(base_tok) :] = 7.0  # recognisable "never trained" pad rows
     before = model.get_input_embeddings().weight.detach().clone()
@@ -181,10 +161,10 @@ def test_padded_vocab_new_ids_fit_without_resize(base_tok):
 
 def test_padded_vocab_grows_never_shrinks(base_tok):
     new_tok, added = extended_with(base_tok, WORDS)
-    model = tiny_model(len(base_tok) + 3, tied=True)  # padded, but too few rows for the new ids
+    model = tiny_llama(len(base_tok) + 3, tied=True)  # padded, but too few rows for the new ids
     info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
     assert info["resized"] and info["new_rows"] % 64 == 0 and info["new_rows"] >= len(new_tok)
-    big = tiny_model(5000, tied=True)
+    big = tiny_llama(5000, tied=True)
     info = add_tokens_with_mean_init(big, base_tok, new_tok, added)
     assert not info["resized"] and big.get_input_embeddings().weight.shape[0] == 5000
 
@@ -192,7 +172,7 @@ def test_padded_vocab_grows_never_shrinks(base_tok):
 def test_guard_unties_lm_head_retied_by_resize(base_tok):
     """Installed transformers re-ties an untied lm_head whose config says 'tied' on resize: the guard undoes it."""
     new_tok, added = extended_with(base_tok, WORDS)
-    model = tiny_model(len(base_tok), tied=True)
+    model = tiny_llama(len(base_tok), tied=True)
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone() + 0.5)  # untied checkpoint, stale config
     assert not embeddings_tied(model)
     old_in = model.get_input_embeddings().weight.detach().clone()
@@ -213,7 +193,7 @@ def test_guard_unties_lm_head_retied_by_resize(base_tok):
 def test_guard_restores_rerandomised_rows(base_tok, monkeypatch):
     """Simulate a resize that re-randomises the old rows of both matrices: they are restored."""
     new_tok, added = extended_with(base_tok, WORDS)
-    model = tiny_model(len(base_tok), tied=False)
+    model = tiny_llama(len(base_tok), tied=False)
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
     real_emb, real_head = model._get_resized_embeddings, model._get_resized_lm_head
@@ -242,7 +222,7 @@ def test_guard_restores_rerandomised_rows(base_tok, monkeypatch):
 
 def test_default_resize_keeps_old_rows(base_tok):
     new_tok, _ = extended_with(base_tok, WORDS)
-    model = tiny_model(len(base_tok), tied=False)
+    model = tiny_llama(len(base_tok), tied=False)
     old_out = model.get_output_embeddings().weight.detach().clone()
     info = default_resize(model, new_tok)
     assert info["resized"] and info["new_rows"] % 64 == 0
@@ -250,7 +230,7 @@ def test_default_resize_keeps_old_rows(base_tok):
 
 
 def test_overwriting_an_old_token_is_refused(base_tok):
-    model = tiny_model(len(base_tok), tied=False)
+    model = tiny_llama(len(base_tok), tied=False)
     with pytest.raises(ValueError, match="already in the original"):
         add_tokens_with_mean_init(model, base_tok, base_tok, ["Ġthe"])
 
@@ -260,7 +240,7 @@ def test_overwriting_an_old_token_is_refused(base_tok):
 
 
 def test_bits_per_byte_matches_hand_computation(base_tok):
-    model = tiny_model(len(base_tok), tied=False).eval()
+    model = tiny_llama(len(base_tok), tied=False).eval()
     texts = ["The quiet river runs past the old mill.", "Trough levels of tacrolimus were monitored weekly. Ünïcode ✓"]
 
     def hand(width: int) -> tuple[float, int]:
@@ -428,7 +408,7 @@ def test_extend_mean_init_beats_default_init(base_tok, tied):
 
 
 def test_extend_disabled_or_nothing_to_add(base_tok):
-    model = tiny_model(len(base_tok), tied=False)
+    model = tiny_llama(len(base_tok), tied=False)
     res = extend(model, base_tok, TRAIN, HELDOUT, TokenizerConfig(enabled=False))
     assert res.tokenizer is base_tok and res.model is model and not res.report["changed"]
     assert "enabled is false" in res.report["reason"] and "unchanged" in res.report_markdown

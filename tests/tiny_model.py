@@ -1,4 +1,5 @@
-"""Tiny models and tokenizers built on the fly, so tests never download weights."""
+"""Tiny models and tokenizers built on the fly, so tests and benchmarks never download weights: the one place that
+builds them (tests/ and bench/ import from here)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,44 @@ def byte_level_tokenizer(texts: list[str], vocab_size: int = 1000):
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"], show_progress=False
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
     )
     t.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def tiny_llama(vocab_rows: int, tied: bool = True, seed: int = 0):
+def tiny_llama(
+    vocab_rows: int,
+    tied: bool = True,
+    seed: int = 0,
+    *,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 2,
+    kv_heads: int = 2,
+    max_positions: int = 512,
+    **config: int,
+):
+    """A randomly initialised Llama (weights fixed by `seed`); `config`: further LlamaConfig fields."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
+    llama_config = LlamaConfig(
+        vocab_size=vocab_rows,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tied,
+        **config,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config)
 
 
 def save_tiny_model_dir(path: Path, texts: list[str], tied: bool = True, vocab_size: int = 1000) -> Path:
@@ -41,7 +64,8 @@ def save_tiny_model_dir(path: Path, texts: list[str], tied: bool = True, vocab_s
 
 
 def pretrained_general_base(root: Path, seq_len: int, steps: int = 60) -> Path:
-    """A tiny model trained `steps` steps on general prose (texts unlike the corpus' held-out docs), saved as an HF dir."""
+    """A tiny model trained `steps` steps on general prose (texts unlike the corpus' held-out docs), saved as an HF
+    directory."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -60,7 +84,12 @@ def pretrained_general_base(root: Path, seq_len: int, steps: int = 60) -> Path:
     shard = root / "pretrain" / "shard.parquet"
     shard.parent.mkdir(parents=True)
     pq.write_table(
-        pa.table({"input_ids": pa.array(rows.tolist(), pa.list_(pa.int32())), "doc_lengths": pa.array([[seq_len]] * n, pa.list_(pa.int32()))}),
+        pa.table(
+            {
+                "input_ids": pa.array(rows.tolist(), pa.list_(pa.int32())),
+                "doc_lengths": pa.array([[seq_len]] * n, pa.list_(pa.int32())),
+            }
+        ),
         shard,
     )
     cfg = TrainConfig(lr=1e-3, max_steps=steps, batch_size=8, save_every=steps, warmup_ratio=0.05, report_to=[])

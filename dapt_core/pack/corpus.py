@@ -282,6 +282,7 @@ def _result(run: _Run, cfg: MixConfig, out_dir: Path, refresh: RefreshSpec | Non
     eval_files = _eval_files(out_dir)
     refresh_counts = _refresh_counts(run) if refresh is not None else None
     heldout_fractions = _heldout_fractions(run.dom, run.gen)
+    warnings = _warnings(run)
     report = {
         "seq_len": cfg.seq_len,
         "sequences": run.budget.sequences,
@@ -306,7 +307,7 @@ def _result(run: _Run, cfg: MixConfig, out_dir: Path, refresh: RefreshSpec | Non
         "seed": cfg.seed,
         "heldout_fractions": heldout_fractions,
         "refresh": refresh_counts.model_dump() if refresh_counts else None,
-        "warnings": _warnings(run),
+        "warnings": warnings,
     }
     return PackResult(
         train_shards=run.shards,
@@ -321,6 +322,7 @@ def _result(run: _Run, cfg: MixConfig, out_dir: Path, refresh: RefreshSpec | Non
         general_sample=run.general_sample,
         heldout_fractions=heldout_fractions,
         refresh=refresh_counts,
+        warnings=warnings,
         report=report,
     )
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import xxhash
@@ -116,16 +116,15 @@ def scan(
     new = np.ones(n, bool)
     sources: dict[str, int] = {}
     heldout = 0
-    out = open(eval_path, "w", encoding="utf-8")
 
-    def rows() -> Iterator[tuple[int, str, int]]:
+    def rows(out: TextIO) -> Iterator[tuple[int, str, int]]:
         nonlocal heldout
         i = 0
         for path in paths:
             for _, ids, text_col, sizes, has_text, srcs in _batches(path):
                 texts = text_col.to_pylist() if encoder is not None else None
                 for j, (doc_id, b, nonblank, src) in enumerate(zip(ids, sizes.tolist(), has_text.tolist(), srcs)):
-                    key[i] = xxhash.xxh64_intdigest(f"{seed}:order:{doc_id}".encode("utf-8"))
+                    key[i] = xxhash.xxh64_intdigest(f"{seed}:order:{doc_id}".encode())
                     source[i] = sources.setdefault(src or kind, len(sources))
                     nbytes[i] = b
                     if split.is_heldout(doc_id, fraction, seed):
@@ -140,14 +139,12 @@ def scan(
                             yield i, texts[j], b
                     i += 1
 
-    try:
+    with open(eval_path, "w", encoding="utf-8") as out:
         if encoder is None:
-            for _ in rows():
+            for _ in rows(out):
                 pass
         else:
-            token_file.append(encoder.map(batched(rows()), text_bytes(paths)), tok_off, tok_len)
-    finally:
-        out.close()
+            token_file.append(encoder.map(batched(rows(out)), text_bytes(paths)), tok_off, tok_len)
     if heldout == 0:
         eval_path.unlink()
     return Docs(key, nbytes, source, train, tok_off, tok_len, new, list(sources), heldout, fraction)

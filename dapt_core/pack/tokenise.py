@@ -214,7 +214,6 @@ class TokenFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = 0  # tokens written
-        self._out = open(path, "wb")
 
     def append(
         self, results: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], tok_off: np.ndarray, tok_len: np.ndarray
@@ -226,17 +225,15 @@ class TokenFile:
             ids.tofile(self._out)
             self.size += int(ids.size)
 
-    def close(self) -> None:
-        self._out.close()
-
     def __enter__(self) -> TokenFile:
+        self._out = open(self.path, "wb")
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        self._out.close()
 
     def read(self) -> np.ndarray:
-        """Every id written, as a read-only memmap (plain ndarray view: cheap slices); call after close()."""
+        """Every id written, as a read-only memmap (plain ndarray view: cheap slices), once the `with` block ended."""
         if not self.size:
             return np.empty(0, np.int32)
         return np.memmap(self.path, dtype=np.int32, mode="r").view(np.ndarray)

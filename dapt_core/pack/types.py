@@ -34,7 +34,8 @@ class PackResult:
     general_sample: Path | None = None  # up to mix.general_sample_sequences general training sequences (EWC Fisher)
     heldout_fractions: dict[str, float] = field(default_factory=dict)  # per kind: the held-out threshold used
     refresh: RefreshCounts | None = None  # a refresh: new vs replayed domain documents and tokens
-    report: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the user should know (also in the report)
+    report: dict = field(default_factory=dict)  # every figure, for report.json
 
 
 @dataclass(frozen=True)
