@@ -146,11 +146,13 @@ def _logging_to(path: Path | None, verbose: bool) -> Iterator[None]:
 
 
 def _load(path: Path) -> DaptConfig:
-    """The validated config, after checking that its store can be used (an unreachable or refusing S3 store fails
-    here, in seconds, rather than after Prefect has started)."""
+    """The validated config, after checking that its store can be used with the configured credentials (an
+    unreachable or refusing S3 store fails here, in seconds, rather than after Prefect has started)."""
     from dapt_core.store import open_store
+    from tasks.credentials import use_store_credentials
 
     cfg = load_config(path)
+    use_store_credentials(cfg)
     open_store(cfg.store).check_reachable()
     return cfg
 

@@ -12,6 +12,7 @@ from dapt_core.plan import latest_prepare_key
 from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import result_storage_for, was_cached
+from tasks.credentials import use_store_credentials
 from tasks.data import check_eval_sets, clean_task, discover_task, ingest_task, publish_data_report
 
 
@@ -23,6 +24,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     persisted in the artifact store, so a re-run recomputes nothing, a new file is the only one ingested,
     and a retry after a failed clean does not re-ingest.
     """
+    use_store_credentials(config)
     storage = result_storage_for(config.store)
     ingest = ingest_task.with_options(result_storage=storage)
     clean = clean_task.with_options(result_storage=storage)

@@ -11,6 +11,7 @@ from dapt_core.store import open_store
 from tasks import progress
 from flows.prepare import prepare_flow
 from tasks.caching import result_storage_for, was_cached
+from tasks.credentials import use_store_credentials
 from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
 
 
@@ -25,6 +26,7 @@ def training_data_flow(
     refresh keeps the vocabulary its promoted model was trained with) skips the extension; a `refresh` basis packs
     only what is new to the lineage (plus replay), with its fixed held-out split.
     """
+    use_store_credentials(config)
     prepared = prepare_flow(config)
     storage = result_storage_for(config.store)
     runs = []
