@@ -407,13 +407,17 @@ def deploy(
     """Register dapt-pipeline, nightly-refresh and dapt-cpt on work pools of the Prefect server at PREFECT_API_URL.
 
     Names, tags, schedule and concurrency come from the config, as with `dapt serve`; workers run the flow runs
-    (`prefect worker start --pool cpu`; on the GPU machine docker/start-worker.sh)."""
+    (`prefect worker start --pool cpu`; on the GPU machine docker/start-worker.sh). Also saves a standard result
+    storage block on the store that a worker may take as its default (for its other flows' persisted results)."""
     from flows.serve import deploy_to_pools
+    from tasks.caching import worker_result_storage
 
     with _user_errors(False):
         cfg = _load(config)
         for line in deploy_to_pools(cfg, pool, gpu_pool, str(config)):
             console.print(f"deployed {line}")
+        default = worker_result_storage(cfg.store, cfg.aws_credentials_block, f"dapt-flow-results-{cfg.project}")
+        console.print(f"workers' default result storage (optional): PREFECT_DEFAULT_RESULT_STORAGE_BLOCK={default}")
         expected = f"dapt-cpt/{cfg.project}"
         if cfg.deploy.cpt_deployment != expected:
             console.print(

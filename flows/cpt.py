@@ -33,7 +33,7 @@ def _best_metric(m: CptManifest, policy: ForgettingPolicy) -> float:
     return -value if policy.primary_higher_is_better else value
 
 
-@flow(name="dapt-cpt", log_prints=True)
+@flow(name="dapt-cpt", log_prints=True, persist_result=False)
 def cpt_flow(
     config: DaptConfig,
     data: TrainingDataManifest | None = None,

@@ -75,7 +75,7 @@ def load_state(config: DaptConfig, lineage: str = "local") -> RunState | None:
     return load_state_at(open_store(config.store), config.project, lineage)
 
 
-@flow(name="dapt-pipeline", log_prints=True)
+@flow(name="dapt-pipeline", log_prints=True, persist_result=False)
 def dapt_pipeline(config: DaptConfig) -> PipelineManifest:
     """Base model + domain documents → a domain-adapted model that did not forget, and its report."""
     use_store_credentials(config)
@@ -90,7 +90,7 @@ class RefreshManifest(BaseModel):
     lineage: str = ""
 
 
-@flow(name="nightly-refresh", log_prints=True)
+@flow(name="nightly-refresh", log_prints=True, persist_result=False)
 def nightly_refresh(config: DaptConfig) -> RefreshManifest:
     """Re-run on what changed since the lineage's last success, continuing CPT from its last promoted model."""
     log = get_run_logger()

@@ -16,7 +16,7 @@ from tasks.credentials import use_store_credentials
 from tasks.data import check_eval_sets, clean_task, discover_task, ingest_task, publish_data_report
 
 
-@flow(name="dapt-prepare", log_prints=True)
+@flow(name="dapt-prepare", log_prints=True, persist_result=False)
 def prepare_flow(config: DaptConfig) -> PrepareManifest:
     """Turn the configured raw corpora into cleaned, deduplicated, decontaminated Parquet with per-source stats.
 

@@ -15,7 +15,7 @@ from tasks.credentials import use_store_credentials
 from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
 
 
-@flow(name="dapt-training-data", log_prints=True)
+@flow(name="dapt-training-data", log_prints=True, persist_result=False)
 def training_data_flow(
     config: DaptConfig, tokenizer: TokenizerManifest | None = None, refresh: RefreshBasis | None = None
 ) -> TrainingDataManifest:
