@@ -418,6 +418,11 @@ class DaptConfig(_Section):
         "dapt", description="Run name used in artifact paths and Prefect: a letter or digit, then letters, digits, '_', '.', '-' (no '..')."
     )
     store: str = Field("./dapt-artifacts", description="Artifact store: a local directory or s3://bucket/prefix.")
+    aws_credentials_block: str | None = Field(
+        None,
+        description="Name of a Prefect AwsCredentials block (prefect-aws: `pip install 'dapt[aws]'`) whose keys, region "
+        "and endpoint reach the s3:// store and s3:// inputs, instead of the AWS_* environment variables.",
+    )
     data: DataConfig
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
@@ -434,7 +439,7 @@ class DaptConfig(_Section):
         """The config sections that change what the pipeline produces (not where it runs or how it is scheduled)."""
         from dapt_core.hashing import stable_hash
 
-        exclude = {"project": True, "store": True, "plan": True, "deploy": True, "train": {"stop_grace_s"}, "sft": {"train": {"stop_grace_s"}}}
+        exclude = {"project": True, "store": True, "aws_credentials_block": True, "plan": True, "deploy": True, "train": {"stop_grace_s"}, "sft": {"train": {"stop_grace_s"}}}
         return stable_hash(self.model_dump(mode="json", exclude=exclude))
 
     @field_validator("store")

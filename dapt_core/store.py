@@ -6,7 +6,8 @@ object's sha256, which every read verifies. Keys are checked before use (`check_
 has empty, '.' or '..' segments, a backslash or a NUL is refused with `UnsafeKeyError`, so no name from a config or a
 manifest can address anything outside the store's root. Local files get the mode the umask allows (0666 & ~umask),
 so a team's store directory shared through a group stays readable by the group. S3 endpoint and credentials come from the standard AWS
-environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) and are never logged; transient S3
+environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) unless the caller hands this process `S3Credentials`
+(`use_s3_credentials`; the flows resolve a Prefect AwsCredentials block into them), and are never logged; transient S3
 errors are retried with exponential backoff within a time budget (dapt_core.faults), and every S3 failure is
 raised as a StoreError naming the object and what to do.
 
@@ -23,6 +24,8 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from dapt_core import leftovers
 from dapt_core.faults import RetryBudget, retry_seconds, s3_client_config, store_errors
@@ -362,14 +365,62 @@ class S3Store(ArtifactStore):
         return h.hexdigest()
 
 
+class S3Credentials(BaseModel):
+    """S3 credentials handed to this process by its caller (the flows read them from a Prefect AwsCredentials block):
+    they replace the AWS_* environment for every S3 client dapt creates. Unset fields fall back to that environment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+
+    def client_arguments(self) -> dict[str, str]:
+        """Keyword arguments of `boto3.client` for the fields that are set."""
+        values = {
+            "aws_access_key_id": self.access_key_id,
+            "aws_secret_access_key": self.secret_access_key.get_secret_value() if self.secret_access_key else None,
+            "aws_session_token": self.session_token.get_secret_value() if self.session_token else None,
+            "region_name": self.region,
+            "endpoint_url": self.endpoint_url,
+        }
+        return {k: v for k, v in values.items() if v}
+
+    def environment(self) -> dict[str, str]:
+        """The same credentials as AWS_* variables, for subprocesses (torchrun ranks) that open the store themselves."""
+        names = {
+            "aws_access_key_id": "AWS_ACCESS_KEY_ID", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+            "aws_session_token": "AWS_SESSION_TOKEN", "region_name": "AWS_DEFAULT_REGION", "endpoint_url": "AWS_ENDPOINT_URL",
+        }
+        return {names[k]: v for k, v in self.client_arguments().items()}
+
+
+_credentials: S3Credentials | None = None
+
+
+def use_s3_credentials(credentials: S3Credentials | None) -> None:
+    """Every S3 client this process creates from now on (stores, s3:// inputs) uses `credentials`; None: the AWS
+    environment again. Process-wide because stores are opened from a uri deep inside every stage."""
+    global _credentials
+    _credentials = credentials
+
+
+def s3_environment() -> dict[str, str]:
+    """The AWS_* variables a subprocess needs to reach S3 as this process does ({} when it uses the environment)."""
+    return _credentials.environment() if _credentials else {}
+
+
 def s3_client():
-    """An S3 client from the standard AWS environment (AWS_ENDPOINT_URL, credentials, region), retrying
-    throttling, 5xx, timeouts and dropped connections with exponential backoff until the endpoint has failed
-    for DAPT_STORE_RETRY_SECONDS (dapt_core.faults.RetryBudget)."""
+    """An S3 client from the credentials given to `use_s3_credentials`, else the standard AWS environment
+    (AWS_ENDPOINT_URL, credentials, region), retrying throttling, 5xx, timeouts and dropped connections with
+    exponential backoff until the endpoint has failed for DAPT_STORE_RETRY_SECONDS (dapt_core.faults.RetryBudget)."""
     import boto3
 
     seconds = retry_seconds()
-    client = boto3.client("s3", config=s3_client_config(seconds))
+    arguments = _credentials.client_arguments() if _credentials else {}
+    client = boto3.client("s3", config=s3_client_config(seconds), **arguments)
     RetryBudget(seconds).install(client)
     return client
 

@@ -1,4 +1,9 @@
-"""Prefect flows chaining the cached `tasks/`."""
+"""Prefect flows chaining the cached `tasks/`.
+
+Every flow is declared with `persist_result=False`: what it returns is a manifest it also writes to the store itself,
+and a Prefect result record names its own serializer (pickle included), so dapt keeps none of its own records in a
+worker's default result storage (a retry re-enters a finished subflow through its cached tasks instead). The stages'
+results live in the store through dapt's own storage, set on each task (tasks/caching.py)."""
 
 import os
 

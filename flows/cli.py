@@ -146,11 +146,13 @@ def _logging_to(path: Path | None, verbose: bool) -> Iterator[None]:
 
 
 def _load(path: Path) -> DaptConfig:
-    """The validated config, after checking that its store can be used (an unreachable or refusing S3 store fails
-    here, in seconds, rather than after Prefect has started)."""
+    """The validated config, after checking that its store can be used with the configured credentials (an
+    unreachable or refusing S3 store fails here, in seconds, rather than after Prefect has started)."""
     from dapt_core.store import open_store
+    from tasks.credentials import use_store_credentials
 
     cfg = load_config(path)
+    use_store_credentials(cfg)
     open_store(cfg.store).check_reachable()
     return cfg
 
@@ -406,13 +408,17 @@ def deploy(
     """Register dapt-pipeline, nightly-refresh and dapt-cpt on work pools of the Prefect server at PREFECT_API_URL.
 
     Names, tags, schedule and concurrency come from the config, as with `dapt serve`; workers run the flow runs
-    (`prefect worker start --pool cpu`; on the GPU machine docker/start-worker.sh)."""
+    (`prefect worker start --pool cpu`; on the GPU machine docker/start-worker.sh). Also saves a standard result
+    storage block on the store that a worker may take as its default (for its other flows' persisted results)."""
     from flows.serve import deploy_to_pools
+    from tasks.caching import worker_result_storage
 
     with _user_errors(False):
         cfg = _load(config)
         for line in deploy_to_pools(cfg, pool, gpu_pool, str(config)):
             console.print(f"deployed {line}")
+        default = worker_result_storage(cfg.store, cfg.aws_credentials_block, f"dapt-flow-results-{cfg.project}")
+        console.print(f"workers' default result storage (optional): PREFECT_DEFAULT_RESULT_STORAGE_BLOCK={default}")
         expected = f"dapt-cpt/{cfg.project}"
         if cfg.deploy.cpt_deployment != expected:
             console.print(

@@ -11,12 +11,13 @@ from dapt_core.forgetting import ForgettingPolicy, rollback_plan
 from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest
 from dapt_core.model import base_fingerprint
 from dapt_core.model_card import provenance_of
-from dapt_core.preflight import check_before_data_stages
 from dapt_core.store import open_store
 from flows.interrupt import handle_signals
+from flows.preflight import check_before_first_stage
 from flows.training_data import training_data_flow
 from tasks.caching import result_storage_for
 from tasks.cpt import base_eval_task, cpt_task, original_base_eval_task
+from tasks.credentials import use_store_credentials
 from tasks.training_data import pack_task
 
 
@@ -33,7 +34,7 @@ def _best_metric(m: CptManifest, policy: ForgettingPolicy) -> float:
     return -value if policy.config.primary_higher_is_better else value
 
 
-@flow(name="dapt-cpt", log_prints=True)
+@flow(name="dapt-cpt", log_prints=True, persist_result=False)
 def cpt_flow(
     config: DaptConfig,
     data: TrainingDataManifest | None = None,
@@ -54,6 +55,7 @@ def cpt_flow(
     one when nothing was accepted) with every attempt in `attempts`; with `output_key` it is also written to the store
     (how a caller reads the result of this flow run as a deployment on a GPU work pool).
     """
+    use_store_credentials(config)
     with handle_signals():  # SIGTERM (a cancel) stops training with a checkpoint; Prefect's handler would not
         return _cpt_attempts(config, data, start, reference, output_key)
 
@@ -63,7 +65,7 @@ def _cpt_attempts(
 ) -> CptManifest:
     log = get_run_logger()
     if data is None:
-        check_before_data_stages(config)
+        check_before_first_stage(config)
         data = training_data_flow(config)
     start = start or data.tokenizer.model
     reference = reference or data.tokenizer.model

@@ -37,14 +37,15 @@ from dapt_core.manifest import (
 )
 from dapt_core.model import base_fingerprint
 from dapt_core.model_card import provenance_of
-from dapt_core.preflight import check_before_data_stages
 from dapt_core.report import inline_images, write_pipeline_report
 from dapt_core.store import ArtifactStore, open_store
 from flows.cpt import cpt_flow
 from flows.interrupt import handle_signals
+from flows.preflight import check_before_first_stage
 from flows.training_data import training_data_flow
 from tasks.caching import result_storage_for
 from tasks.cpt import original_base_eval_task
+from tasks.credentials import use_store_credentials
 from tasks.data import discover_task
 from tasks.sft import sft_task
 
@@ -69,9 +70,10 @@ def load_state(config: DaptConfig, lineage: str = "local") -> RunState | None:
     return load_state_at(open_store(config.store), config.project, lineage)
 
 
-@flow(name="dapt-pipeline", log_prints=True)
+@flow(name="dapt-pipeline", log_prints=True, persist_result=False)
 def dapt_pipeline(config: DaptConfig) -> PipelineManifest:
     """Base model + domain documents → a domain-adapted model that did not forget, and its report."""
+    use_store_credentials(config)
     return run_stages(config, lineage_of(config))
 
 
@@ -83,10 +85,11 @@ class RefreshManifest(BaseModel):
     lineage: str = ""
 
 
-@flow(name="nightly-refresh", log_prints=True)
+@flow(name="nightly-refresh", log_prints=True, persist_result=False)
 def nightly_refresh(config: DaptConfig) -> RefreshManifest:
     """Re-run on what changed since the lineage's last success, continuing CPT from its last promoted model."""
     log = get_run_logger()
+    use_store_credentials(config)
     lineage = lineage_of(config)
     state = load_state(config, lineage)
     inputs, evals, _ = discover_task(with_benchmark_texts(config.data, config.eval))
@@ -115,7 +118,7 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     storage = result_storage_for(config.store)
     store = open_store(config.store)
 
-    check_before_data_stages(config)
+    check_before_first_stage(config, config.deploy.cpt_deployment)
     start = state.promoted if state else None
     data = training_data_flow(
         config, tokenizer=state.tokenizer if state else None, refresh=state.refresh_basis if state else None

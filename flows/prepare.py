@@ -13,10 +13,11 @@ from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import result_storage_for, was_cached
 from dapt_core.ingest import require_complete_eval_sets
+from tasks.credentials import use_store_credentials
 from tasks.data import clean_task, discover_task, ingest_task, publish_data_report
 
 
-@flow(name="dapt-prepare", log_prints=True)
+@flow(name="dapt-prepare", log_prints=True, persist_result=False)
 def prepare_flow(config: DaptConfig) -> PrepareManifest:
     """Turn the configured raw corpora into cleaned, deduplicated, decontaminated Parquet with per-source stats.
 
@@ -24,6 +25,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     persisted in the artifact store, so a re-run recomputes nothing, a new file is the only one ingested,
     and a retry after a failed clean does not re-ingest.
     """
+    use_store_credentials(config)
     storage = result_storage_for(config.store)
     ingest = ingest_task.with_options(result_storage=storage)
     clean = clean_task.with_options(result_storage=storage)

@@ -12,10 +12,11 @@ from dapt_core.store import open_store
 from tasks import progress
 from flows.prepare import prepare_flow
 from tasks.caching import result_storage_for, was_cached
+from tasks.credentials import use_store_credentials
 from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
 
 
-@flow(name="dapt-training-data", log_prints=True)
+@flow(name="dapt-training-data", log_prints=True, persist_result=False)
 def training_data_flow(
     config: DaptConfig, tokenizer: TokenizerManifest | None = None, refresh: RefreshBasis | None = None
 ) -> TrainingDataManifest:
@@ -26,6 +27,7 @@ def training_data_flow(
     refresh keeps the vocabulary its promoted model was trained with) skips the extension; a `refresh` basis packs
     only what is new to the lineage (plus replay), with its fixed held-out split.
     """
+    use_store_credentials(config)
     prepared = prepare_flow(config)
     storage = result_storage_for(config.store)
     runs = []

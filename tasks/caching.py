@@ -28,6 +28,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect.serializers import JSONSerializer, Serializer
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from dapt_core.config import ConfigError
 from dapt_core.evaluate import EvalResult
 from dapt_core.hashing import stable_hash
 from dapt_core.layout import RESULTS_PREFIX, result_record_key
@@ -189,7 +190,9 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
 
 
 class StoreResultStorage(WritableFileSystem):
-    """Prefect result storage backed by the dapt artifact store (local or S3, atomic writes)."""
+    """Prefect result storage backed by the dapt artifact store (local or S3, atomic writes). dapt's flows set it on
+    each cached task; it is never a worker's default (it reads dapt's stage records only, and only processes that
+    import dapt know its block type): `worker_result_storage` makes the standard block for that."""
 
     _block_type_name = "dapt artifact store"
     _block_type_slug = "dapt-artifact-store"
@@ -228,6 +231,37 @@ def result_storage_for(store_uri: str) -> StoreResultStorage:
     block = StoreResultStorage(store_uri=store_uri)
     block.save(f"dapt-results-{stable_hash(store_uri)[:12]}", overwrite=True)
     return block
+
+
+FLOW_RESULTS_PREFIX = "prefect-flow-results"
+
+
+def worker_result_storage(store_uri: str, aws_credentials_block: str | None, name: str) -> str:
+    """Save, as `name`, a standard Prefect storage block on the store's `prefect-flow-results/` folder (LocalFileSystem,
+    or prefect-aws's S3Bucket with the config's AwsCredentials block for an s3:// store) and return the value for a
+    worker's PREFECT_DEFAULT_RESULT_STORAGE_BLOCK ('<block type>/<name>').
+
+    A standard block type loads in every flow run of the worker, dapt's or not (dapt's own type would fail there with
+    UnknownBlockType). dapt's flows do not persist their return values and set their tasks' storage themselves, so
+    this default holds other flows' results only, and no dapt run reads a record from it."""
+    if not store_uri.startswith("s3://"):
+        from prefect.filesystems import LocalFileSystem
+
+        block = LocalFileSystem(basepath=str(open_store(store_uri).uri(FLOW_RESULTS_PREFIX)))
+    else:
+        try:
+            from prefect_aws import AwsCredentials, S3Bucket
+        except ImportError:
+            raise ConfigError(
+                f"store: {store_uri} is on S3, and a worker's default result storage there is prefect-aws's S3Bucket "
+                "block: install it with `pip install 'dapt[aws]'`"
+            ) from None
+        bucket, _, prefix = store_uri[len("s3://") :].partition("/")
+        credentials = AwsCredentials.load(aws_credentials_block) if aws_credentials_block else AwsCredentials()
+        folder = f"{prefix.strip('/')}/{FLOW_RESULTS_PREFIX}".lstrip("/")
+        block = S3Bucket(bucket_name=bucket, bucket_folder=folder, credentials=credentials)
+    block.save(name, overwrite=True)
+    return f"{block.get_block_type_slug()}/{name}"
 
 
 def _refresh_requested() -> bool:

@@ -33,7 +33,7 @@ from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model_card import ModelProvenance
 from dapt_core.stop import Stopped, StopRequested
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
-from dapt_core.store import open_store
+from dapt_core.store import open_store, s3_environment
 from tasks import progress
 from tasks.caching import check_result_record, eval_set_hashes
 
@@ -173,7 +173,8 @@ def _torchrun(spec: AttemptSpec, tmp: Path, nproc: int) -> CptManifest:
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=200)
     with stop.training(spec.train.stop_grace_s), subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+        env={**os.environ, **s3_environment()},  # the ranks open the store: the credentials this process was given
     ) as proc:
         threading.Thread(target=_forward_stop, args=(proc,), name="dapt-forward-stop", daemon=True).start()
         for line in proc.stdout:  # streamed: a long run shows its progress in the flow run's logs

@@ -42,3 +42,24 @@ def test_sft_lora_targets_and_missing_sft_files_are_all_reported(tiny_base, tmp_
 def test_default_targets_and_full_training_pass(tiny_base):
     check_before_data_stages(_config(tiny_base, train={"method": "lora"}))  # Llama names: all seven projections exist
     check_before_data_stages(_config(tiny_base))  # full training: nothing to look up
+
+
+def test_an_s3_store_without_its_bucket_fails_before_the_data_stages(tiny_base, s3_endpoint, monkeypatch):
+    from dapt_core.faults import StoreError
+    from flows.preflight import check_before_first_stage
+
+    monkeypatch.setenv("DAPT_STORE_RETRY_SECONDS", "2")
+    cfg = _config(tiny_base).model_copy(update={"store": "s3://no-such-bucket/project"})
+    with pytest.raises(StoreError) as err:
+        check_before_first_stage(cfg)
+    assert err.value.kind == "no_bucket" and "no-such-bucket" in str(err.value)
+
+
+def test_a_cpt_deployment_name_without_its_flow_is_refused(tiny_base):
+    from flows.preflight import check_before_first_stage
+
+    with pytest.raises(ConfigError) as err:
+        check_before_first_stage(_config(tiny_base), cpt_deployment="gpu")
+    message = str(err.value)
+    assert message.startswith("deploy.cpt_deployment: 'gpu' is not '<flow>/<deployment>' (e.g. dapt-cpt/dapt)")
+    assert "dapt deploy CONFIG --pool cpu --gpu-pool gpu" in message
