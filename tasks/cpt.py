@@ -15,6 +15,7 @@ import collections
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import sys
