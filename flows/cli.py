@@ -418,7 +418,7 @@ def deploy(
         for line in deploy_to_pools(cfg, pool, gpu_pool, str(config)):
             console.print(f"deployed {line}")
         default = worker_result_storage(cfg.store, cfg.aws_credentials_block, f"dapt-flow-results-{cfg.project}")
-        console.print(f"workers' default result storage (optional): PREFECT_DEFAULT_RESULT_STORAGE_BLOCK={default}")
+        console.print(f"workers' default result storage (optional): PREFECT_DEFAULT_RESULT_STORAGE_BLOCK={default}", soft_wrap=True)
         expected = f"dapt-cpt/{cfg.project}"
         if cfg.deploy.cpt_deployment != expected:
             console.print(

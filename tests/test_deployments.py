@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from dapt_core.config import DaptConfig, load_config
@@ -326,6 +327,114 @@ def test_training_is_visible_in_the_ui(served_run):
     assert progress.type == "progress" and float(progress.data) == 100.0, progress
     rows = json.loads(table.data)
     assert [r["step"] for r in rows] == [4] and rows[0]["decision"] in ("accepted", "REJECTED")
+
+
+def _served_flow_run_process(services: Services) -> psutil.Process:
+    """The process `dapt serve` runs its one current flow run in: `python -m prefect.engine`, a child of the runner."""
+    runner, _ = services.procs["dapt serve"]
+    children = psutil.Process(runner.pid).children()
+    runs = [p for p in children if p.cmdline()[1:] == ["-m", "prefect.engine"]]
+    assert len(runs) == 1, [p.cmdline() for p in children]
+    return runs[0]
+
+
+def _journal_steps(store: Path, before: set[Path]) -> list[int]:
+    """The steps journaled so far by the CPT attempt whose journal appeared after `before` was listed."""
+    new = [p for p in store.glob("cpt/*/journal.json") if p not in before]
+    return [e["step"] for e in json.loads(new[0].read_text())["entries"]] if new else []
+
+
+@pytest.mark.integration
+def test_a_killed_cpt_run_retried_from_the_ui_resumes_and_says_so(server, served_run):
+    """kill -9 of the process running a pipeline flow run during CPT, then the UI's Retry (the run set to
+    AwaitingRetry): the retried run's logs say where training resumed, after per-step loss lines, and the CPT progress
+    artifact of the retry reaches 100%."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.states import Scheduled
+
+    services, config = server
+    cfg = load_config(config)
+    steps, every = 40, 10  # a checkpoint journaled every 10 steps, each judged: training outlasts the kill
+    cfg = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"max_steps": steps, "save_every": every, "log_every": 5}),
+        "eval": cfg.eval.model_copy(update={"max_general_ppl_increase": 1000.0, "max_general_probe_drop": 100.0}),
+    })
+    store = Path(cfg.store)
+    journals = set(store.glob("cpt/*/journal.json"))
+
+    async def trigger():
+        from prefect.deployments import arun_deployment
+
+        async with _client(services) as client:
+            return await arun_deployment(
+                "dapt-pipeline/test", client=client, parameters={"config": cfg.model_dump(mode="json", by_alias=True)}, timeout=0
+            )
+
+    run = asyncio.run(trigger())
+    services.wait_for(lambda: _journal_steps(store, journals), "the first journaled checkpoint", 420)
+    process = _served_flow_run_process(services)
+    process.kill()  # kill -9: no handler runs, nothing is saved on the way out
+    process.wait(30)
+    journaled = _journal_steps(store, journals)
+    assert journaled[-1] < steps, f"training had ended before the kill: {journaled}"
+
+    async def state_of(run_id):
+        async with _client(services) as client:
+            return (await client.read_flow_run(run_id)).state
+
+    services.wait_for(lambda: asyncio.run(state_of(run.id)).is_crashed(), "the killed run to be marked crashed", 120)
+
+    async def retry():  # what the UI's Retry button sends
+        async with _client(services) as client:
+            await client.set_flow_run_state(run.id, Scheduled(name="AwaitingRetry", message="Retry from the UI"), force=True)
+
+    asyncio.run(retry())
+    services.wait_for(lambda: asyncio.run(state_of(run.id)).is_final(), "the retried run to finish", 420)
+    assert asyncio.run(state_of(run.id)).is_completed(), services.logs()
+
+    ids, logs = asyncio.run(_run_logs(services, run.id))
+    messages = [log.message for log in logs if log.name.startswith("dapt.")]
+    resumed = [m for m in messages if re.search(r"attempt 0: resuming after step \d+", m)]
+    assert resumed == [f"attempt 0: resuming after step {journaled[-1]} ({len(journaled)} checkpoint(s) already judged)"], resumed
+    losses = [m for m in messages if re.match(rf"step \d+/{steps} loss \d", m)]
+    assert f"step {steps}/{steps} loss" in " ".join(losses), messages[-20:]
+
+    async def progress_versions():
+        async with _client(services) as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dapt-cpt-attempt-0-progress"])))
+
+    ours = [a for a in asyncio.run(progress_versions()) if a.flow_run_id in ids]
+    latest = max(ours, key=lambda a: a.updated)
+    assert latest.type == "progress" and float(latest.data) == 100.0, ours
+
+
+async def _run_logs(services: Services, run_id) -> tuple[list, list]:
+    """The ids of a flow run and its subflows, and their logs."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
+
+    async with _client(services) as client:
+        ids, frontier = [run_id], [run_id]
+        while frontier:
+            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            frontier = [c.id for c in children]
+            ids += frontier
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+        return ids, logs
+
+
+@pytest.mark.integration
+def test_the_pipeline_checks_its_cpt_deployment_before_the_data_stages(server, served_run):
+    """deploy.cpt_deployment naming a deployment the server does not have: the run fails at once, before any data
+    stage, with one error naming the field, the deployment and the command that creates it."""
+    services, config = server
+    cfg = load_config(config)
+    cfg = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"cpt_deployment": "dapt-cpt/gpu-missing"})})
+    run, _, tasks, logs = asyncio.run(_run(services, "dapt-pipeline/test", {"config": cfg.model_dump(mode="json", by_alias=True)}, 180))
+    assert run.state.is_failed(), run.state
+    assert not tasks, tasks  # not even discovery ran
+    error = " ".join([run.state.message or "", *(log.message for log in logs if log.level >= 40)])
+    assert "deploy.cpt_deployment: there is no deployment 'dapt-cpt/gpu-missing'" in error, error[-2000:]
+    assert "dapt deploy CONFIG --pool cpu --gpu-pool gpu" in error
 
 
 def test_serve_registers_both_deployments_and_runs_the_pipeline(server, served_run):

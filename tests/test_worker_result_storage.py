@@ -86,3 +86,32 @@ def test_the_default_serves_a_plain_flow_and_dapt_keeps_its_records_out_of_it(pr
     stage_records = [p.name for p in (Path(config.store) / RESULTS_PREFIX).iterdir()]
     assert any(name.startswith("clean-") for name in stage_records) and any(name.startswith("ingest-") for name in stage_records)
     assert sorted(p.name for p in flow_results.iterdir()) == records
+
+
+@pytest.mark.integration
+def test_an_s3_store_gets_an_s3_bucket_block_with_the_configured_credentials(prefect_harness, s3_endpoint, s3_bucket):
+    import boto3
+    from prefect import flow, task
+    from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    AwsCredentials(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint),
+    ).save("dapt-test-worker-s3", overwrite=True)
+    default = worker_result_storage(f"s3://{s3_bucket}/team", "dapt-test-worker-s3", "dapt-flow-results-s3")
+    assert default == "s3-bucket/dapt-flow-results-s3"
+
+    @task
+    def double(x: int) -> int:
+        return 2 * x
+
+    @flow
+    def plain() -> int:
+        return double(21)
+
+    with temporary_settings({PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: default, PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
+        assert plain() == 42
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert keys and all(k.startswith(f"team/{FLOW_RESULTS_PREFIX}/") for k in keys), keys
