@@ -557,7 +557,8 @@ def render_markdown(report: dict, top: int = 40) -> str:
         return "\n".join(lines) + "\n"
     lines.append(
         f"Added {len(report['new_tokens'])} domain tokens ({report['added_vocab_entries']} vocabulary entries, "
-        f"{len(report['intermediate_tokens'])} of them intermediate merge tokens) out of {report['candidates']} candidates; "
+        f"{len(report['intermediate_tokens'])} of them intermediate merge tokens) out of {report['candidates']} "
+        "candidates; "
         f"estimated saving on the training corpus: {report['estimated_tokens_saved_on_train']:,} tokens."
     )
     tpw = report.get("tokens_per_word_heldout")
@@ -569,14 +570,16 @@ def render_markdown(report: dict, top: int = 40) -> str:
     rt = report.get("roundtrip")
     if rt:
         lines.append(
-            f"Round trip on {rt['texts']} held-out texts: {rt['same_as_base']} decode exactly as with the base tokenizer "
+            f"Round trip on {rt['texts']} held-out texts: {rt['same_as_base']} decode exactly as with the base "
+            "tokenizer "
             f"({rt['exact_extended']} reproduce the input byte for byte; base: {rt['exact_base']})."
         )
     bpb = report.get("bits_per_byte_heldout")
     if bpb:
         lines += [
             "",
-            f"Bits per byte on {bpb['eval_docs']} held-out domain docs ({bpb['eval_bytes']:,} bytes), before any training:",
+            f"Bits per byte on {bpb['eval_docs']} held-out domain docs ({bpb['eval_bytes']:,} bytes), before any "
+            "training:",
             "",
             "| model | bits/byte |",
             "| --- | --- |",
