@@ -1,4 +1,5 @@
-"""Ingest: raw input files (local or S3) -> one Parquet of documents per file, plus a quarantine of what could not be read.
+"""Ingest: raw input files (local or S3) -> one Parquet of documents per file, plus a quarantine of what could not be
+read.
 
 Datatrove style: `discover_inputs` expands a source's paths into fingerprinted `InputFile`s, one small reader per
 format turns a file into `Document`s, and `ingest_file` writes them. Every input unit (a file, a JSON line, an array
@@ -24,7 +25,7 @@ import os
 import shutil
 import stat
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import takewhile
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 from dapt_core import leftovers
 from dapt_core.config import IngestConfig, SourceConfig
 from dapt_core.hashing import sha256_file
-from dapt_core.manifest import IngestManifest, InputFile, Kind, QuarantineRecord
+from dapt_core.manifest import InputFile, Kind, QuarantineRecord
 from dapt_core.faults import StoreError, store_errors
 from dapt_core.store import s3_client
 
@@ -81,7 +82,10 @@ def _format(name: str) -> str | None:
 
 
 def _unsupported_detail(name: str) -> str:
-    return f"{name}: unsupported file type; supported suffixes are {', '.join(_FORMATS)}. Convert it or remove it from the source paths."
+    return (
+        f"{name}: unsupported file type; supported suffixes are {', '.join(_FORMATS)}. Convert it or remove it from "
+        "the source paths."
+    )
 
 
 # --------------------------------------------------------------------------- discovery
@@ -112,24 +116,6 @@ def discover_inputs(source: SourceConfig, kind: Kind) -> tuple[list[InputFile], 
                 "Fix or remove this path in the config; relative paths are resolved against the config file's folder."
             )
     return sorted(inputs.values(), key=lambda i: i.uri), sorted(refused.values(), key=lambda q: q.file)
-
-
-def require_complete_eval_sets(refused: Sequence[QuarantineRecord], ingested: Sequence[IngestManifest] = ()) -> None:
-    """Every evaluation file must read completely: decontamination only removes what it can read, so an eval file
-    refused at discovery, or one that yielded no document (the usual cause: a wrong text_field) or quarantined some,
-    would silently weaken it. One ValueError names every such file."""
-    problems = [f"{q.file}: {q.reason} {q.detail}" for q in refused if q.kind == "eval"]
-    problems += [
-        f"{m.input.uri}: {m.docs} documents read, {len(m.quarantined)} quarantined"
-        + (f" (first: {m.quarantined[0].reason} at {m.quarantined[0].position})" if m.quarantined else "")
-        for m in ingested
-        if m.docs == 0 or m.quarantined
-    ]
-    if problems:
-        raise ValueError(
-            "data.eval: evaluation files could not be read completely; check each source's text_field, or fix or "
-            "remove the file: " + "; ".join(problems)
-        )
 
 
 def _is_glob(spec: str) -> bool:
@@ -229,7 +215,8 @@ def _s3_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iterato
 
 @dataclass(frozen=True)
 class _Ctx:
-    """What every reader needs: the file, its size and first bytes, and how to build documents and quarantine records."""
+    """What every reader needs: the file, its size and first bytes, and how to build documents and quarantine
+    records."""
 
     path: Path
     size: int
@@ -242,7 +229,8 @@ class _Ctx:
         return self.quarantine(
             position=position,
             reason="doc_too_large",
-            detail=f"{what} is over ingest.max_doc_bytes={self.max_doc_bytes}; skipped without loading. Raise the limit to keep it.",
+            detail=f"{what} is over ingest.max_doc_bytes={self.max_doc_bytes}; skipped without loading. Raise "
+                "the limit to keep it.",
         )
 
     def document(self, text: str, position: str) -> Document | QuarantineRecord:
@@ -264,7 +252,8 @@ class _Ctx:
         return self.quarantine(
             position=position,
             reason="missing_text_field",
-            detail=f"expected an object with a string {self.text_field!r} field, got {got}; set text_field in the source config",
+            detail=f"expected an object with a string {self.text_field!r} field, got {got}; set text_field in "
+                "the source config",
         )
 
 
@@ -300,7 +289,8 @@ def _read_text(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
 
 
 def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes without the newline) per line; None for a line over `limit` bytes, which is never held whole."""
+    """(line number, bytes without the newline) per line; None for a line over `limit` bytes, which is never held
+    whole."""
     parts: list[bytes] = []
     held, too_long, lineno = 0, False, 1
     # read1, not read: on a truncated gzip, read() would discard the data it decompressed before hitting the end.
@@ -352,7 +342,8 @@ def _read_jsonl(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
         yield ctx.quarantine(
             position=f"line {lineno + 1}",
             reason="truncated_gzip",
-            detail=f"the compressed stream ends early; the {lineno} lines before it were kept. Re-create or re-download the file.",
+            detail=f"the compressed stream ends early; the {lineno} lines before it were kept. Re-create or "
+                "re-download the file.",
         )
     except (gzip.BadGzipFile, zlib.error) as e:
         yield ctx.quarantine(position=f"line {lineno + 1}", reason="corrupt_gzip", detail=f"{e}; the {lineno} lines before it were kept")
@@ -497,7 +488,10 @@ def read_documents(
             return
         head = _head(path) if fmt in _TEXTUAL else b""
         if b"\0" in head:
-            detail = f"NUL bytes in the first {_SNIFF_BYTES} bytes: binary data or UTF-16, not a {fmt} file; convert it to UTF-8 text"
+            detail = (
+                f"NUL bytes in the first {_SNIFF_BYTES} bytes: binary data or UTF-16, not a {fmt} file; "
+                "convert it to UTF-8 text"
+            )
             yield quarantine(position="file", reason="binary_file", detail=detail)
             return
         ctx = _Ctx(path, size, head, text_field, max_doc_bytes, quarantine)
@@ -545,7 +539,8 @@ def ingest_file(inp: InputFile, cfg: IngestConfig, out_path: Path) -> tuple[int,
     """Read one input file into a Parquet of documents at `out_path` (INGEST_SCHEMA, row groups of at most
     cfg.shard_docs documents and ~64 MiB).
 
-    Returns (documents written, quarantine records). The Parquet is written, with the same schema, even with no documents.
+    Returns (documents written, quarantine records). The Parquet is written, with the same schema, even with no
+    documents.
     """
     quarantined: list[QuarantineRecord] = []
     written = 0

@@ -67,25 +67,30 @@ def warnings_for(domain_tokens: int, general_tokens: int, general_fraction: floa
     out = []
     if domain_tokens < 500_000:
         out.append(
-            f"{domain_tokens:,} domain tokens: below the ~500k tokens practitioners need to see any measurable change; add domain text."
+            f"{domain_tokens:,} domain tokens: below the ~500k tokens practitioners need to see any measurable "
+            "change; add domain text."
         )
     elif domain_tokens < 100_000_000:
         out.append(f"{domain_tokens:,} domain tokens (< ~100M): expect small domain gains; 100M-1B tokens gives 8-15 points.")
     elif domain_tokens > 10_000_000_000:
-        out.append(f"{domain_tokens:,} domain tokens (> 10B): consider pretraining from scratch instead of continual pretraining.")
+        out.append(f"{domain_tokens:,} domain tokens (> 10B): consider pretraining from scratch instead of "
+            "continual pretraining.")
     elif domain_tokens > 1_000_000_000:
         out.append("1B-10B domain tokens: strong gains are likely but forgetting needs care (replay; EWC for sensitive uses).")
     if general_fraction == 0:
-        out.append("mix.general_fraction is 0: no replay typically costs 5-15 points on general benchmarks; use 0.05 (0.15 for distant domains).")
+        out.append("mix.general_fraction is 0: no replay typically costs 5-15 points on general benchmarks; use "
+            "0.05 (0.15 for distant domains).")
     elif general_fraction < 0.05:
         out.append(f"mix.general_fraction {general_fraction:.1%} is below 5%: forgetting risk; 5% is near the Pareto frontier.")
     if general_fraction > 0:
         needed = domain_tokens * general_fraction / (1 - general_fraction)
         if general_tokens == 0:
-            out.append("No general corpus: add data.general sources, or the replay must come from self-replay of the base model.")
+            out.append("No general corpus: add data.general sources, or the replay must come from self-replay of "
+                "the base model.")
         elif general_tokens < needed:
             out.append(
-                f"General text ({general_tokens:,} tokens) is short of the {needed:,.0f} replay tokens needed: it will be repeated "
+                f"General text ({general_tokens:,} tokens) is short of the {needed:,.0f} replay tokens needed: "
+                "it will be repeated "
                 f"~{needed / general_tokens:.1f} times; add general text if you can."
             )
     return out
@@ -115,9 +120,11 @@ def estimate_compute(params: float, domain_tokens: int, cfg: DaptConfig) -> Comp
         mfu=plan.mfu,
         gpu_hours=gpu_hours,
         assumptions=[
-            f"FLOPs = {flops_per_token_param:g} * N * D ({plan.method}{'; frozen weights get no weight gradients' if plan.method == 'lora' else ''})",
+            f"FLOPs = {flops_per_token_param:g} * N * D "
+            f"({plan.method}{'; frozen weights get no weight gradients' if plan.method == 'lora' else ''})",
             f"N = {params:.3g} parameters",
-            f"D = {train_tokens:.3g} tokens = domain tokens / (1 - {fraction:g} general fraction) * {plan.epochs:g} epoch(s)",
+            f"D = {train_tokens:.3g} tokens = domain tokens / (1 - {fraction:g} general fraction) * "
+            f"{plan.epochs:g} epoch(s)",
             f"{gpu}: {peak:g} dense bf16 TFLOP/s peak at {plan.mfu:.0%} MFU",
             "excludes evaluation, checkpointing and restarts",
         ],
@@ -125,7 +132,8 @@ def estimate_compute(params: float, domain_tokens: int, cfg: DaptConfig) -> Comp
 
 
 def model_params(cfg: DaptConfig) -> float | None:
-    """Parameter count from `model.params`, or from the base model's config (built on the meta device, no weights read)."""
+    """Parameter count from `model.params`, or from the base model's config (built on the meta device, no weights
+    read)."""
     if cfg.model.params:
         return cfg.model.params
     if not cfg.model.base:

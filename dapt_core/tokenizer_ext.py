@@ -64,11 +64,19 @@ import copy
 import json
 import math
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from dapt_core.config import TokenizerConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from dapt_core.metrics import NLLStats
 
 _WORD_PUNCT = set("-_'’")
 _BYTE_LEVEL, _METASPACE, _PLAIN = "byte-level", "metaspace", "plain"
@@ -96,7 +104,7 @@ class ExtensionResult:
 # conventions of the base tokenizer
 
 
-def _find_types(node, out: set[str]) -> set[str]:
+def _find_types(node: object, out: set[str]) -> set[str]:
     if isinstance(node, dict):
         if "type" in node:
             out.add(node["type"])
@@ -151,7 +159,7 @@ def _word_like(word: str) -> bool:
     return all(c.isalnum() or c in _WORD_PUNCT or unicodedata.category(c).startswith("M") for c in word)
 
 
-def unsupported_reason(base_tokenizer) -> str | None:
+def unsupported_reason(base_tokenizer: PreTrainedTokenizerBase) -> str | None:
     backend = getattr(base_tokenizer, "backend_tokenizer", None)
     if backend is None:
         return "the base tokenizer is not a fast (tokenizers) tokenizer"
@@ -167,7 +175,9 @@ def unsupported_reason(base_tokenizer) -> str | None:
 # 1. domain BPE and frequencies
 
 
-def train_domain_bpe(base_tokenizer, texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
+def train_domain_bpe(
+    base_tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], vocab_size: int, min_frequency: int = 2
+) -> Tokenizer:
     """A BPE trained on `texts` with the base tokenizer's normalizer and pre-tokenizer (a `tokenizers.Tokenizer`)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
@@ -190,7 +200,9 @@ def train_domain_bpe(base_tokenizer, texts: Iterable[str], vocab_size: int, min_
     return domain
 
 
-def pretoken_frequencies(domain_bpe, texts: Iterable[str], tokens: list[str], batch_size: int = 1024):
+def pretoken_frequencies(
+    domain_bpe: Tokenizer, texts: Iterable[str], tokens: list[str], batch_size: int = 1024
+) -> np.ndarray:
     """How often each of `tokens` (vocabulary strings) is a whole pre-token of `texts`, under the domain BPE's
     normalizer and pre-tokenizer (the base's). Counted in Rust by a WordLevel model whose vocabulary is `tokens`
     (every other pre-token maps to an unknown id). Returns a numpy array aligned with `tokens`."""
@@ -227,7 +239,7 @@ def pretoken_frequencies(domain_bpe, texts: Iterable[str], tokens: list[str], ba
 
 
 def find_candidates(
-    base_tokenizer, domain_bpe, texts: Iterable[str], cfg: TokenizerConfig
+    base_tokenizer: PreTrainedTokenizerBase, domain_bpe: Tokenizer, texts: Iterable[str], cfg: TokenizerConfig
 ) -> tuple[list[Candidate], dict[str, int]]:
     """Domain-BPE tokens the base splits into 2+ pieces that pass the filters, best saving first, with their
     frequency as whole pre-tokens of `texts` (the training texts); and the rejects counted by reason."""
@@ -277,7 +289,7 @@ def find_candidates(
 # 3. the extended tokenizer (vocab + merges)
 
 
-def _merge_plan(pieces: list[str], known) -> list[tuple[str, str, str]]:
+def _merge_plan(pieces: list[str], known: Collection[str]) -> list[tuple[str, str, str]]:
     """Merges (left, right, result) that build "".join(pieces) from `pieces`, children before parents, adding the
     fewest strings not in `known` (ties: the left-to-right chain)."""
 
@@ -336,7 +348,9 @@ def _build(base_json: dict, candidates: list[Candidate], cap: int) -> tuple[dict
     return j, chosen, added, over_cap
 
 
-def build_extended_tokenizer(base_tokenizer, candidates: list[Candidate], max_new_tokens: int):
+def build_extended_tokenizer(
+    base_tokenizer: PreTrainedTokenizerBase, candidates: list[Candidate], max_new_tokens: int
+) -> tuple[PreTrainedTokenizerBase, list[Candidate], list[str], dict]:
     """The base tokenizer with the candidates (best first, within `max_new_tokens` vocabulary entries) appended to
     its BPE vocab and merges. Returns (tokenizer, chosen candidates, added vocabulary strings, stats)."""
     from tokenizers import Tokenizer
@@ -362,7 +376,7 @@ def build_extended_tokenizer(base_tokenizer, candidates: list[Candidate], max_ne
 # 4. the stage
 
 
-def _texts_factory(texts) -> Callable[[], Iterable[str]]:
+def _texts_factory(texts: Iterable[str] | Callable[[], Iterable[str]]) -> Callable[[], Iterable[str]]:
     if callable(texts):
         return texts
     if iter(texts) is texts:  # a one-shot iterator: it is read twice (training, then frequencies)
@@ -370,7 +384,7 @@ def _texts_factory(texts) -> Callable[[], Iterable[str]]:
     return lambda: texts
 
 
-def _lossless(tokenizer, base_tokenizer, texts: list[str]) -> tuple[int, int]:
+def _lossless(tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[int, int]:
     """(texts whose encode->decode equals the base tokenizer's encode->decode, texts equal to the input)."""
     same_as_base = exact = 0
     for t in texts:
@@ -393,14 +407,14 @@ def _cap_bytes(texts: list[str], max_bytes: int | None) -> list[str]:
     return out
 
 
-def _unchanged(model, base_tokenizer, report: dict, reason: str) -> ExtensionResult:
+def _unchanged(model: PreTrainedModel, base_tokenizer: PreTrainedTokenizerBase, report: dict, reason: str) -> ExtensionResult:
     report.update(changed=False, reason=reason)
     return ExtensionResult(base_tokenizer, model, report, render_markdown(report))
 
 
 def extend(
-    model,
-    base_tokenizer,
+    model: PreTrainedModel,
+    base_tokenizer: PreTrainedTokenizerBase,
     train_texts: Iterable[str] | Callable[[], Iterable[str]],
     heldout_texts: Iterable[str],
     cfg: TokenizerConfig,
@@ -419,8 +433,7 @@ def extend(
     Returns the base tokenizer and model unchanged, with the reason in the report, when `cfg.enabled` is false, the
     tokenizer cannot be extended, or no candidate passes.
     """
-    from dapt_core.embedding import add_tokens_with_mean_init, default_resize
-    from dapt_core.metrics import nll_stats, tokens_per_word
+    from dapt_core.embedding import add_tokens_with_mean_init
 
     report: dict = {"enabled": cfg.enabled, "config": cfg.model_dump()}
     if not cfg.enabled:
@@ -451,34 +464,15 @@ def extend(
     report["estimated_tokens_saved_on_train"] = sum(c.saving for c in chosen)
 
     heldout = list(heldout_texts)
-    if heldout:
-        same, exact = _lossless(tokenizer, base_tokenizer, heldout)
-        base_exact = _lossless(base_tokenizer, base_tokenizer, heldout)[1]
-        report["roundtrip"] = {"texts": len(heldout), "same_as_base": same, "exact_extended": exact, "exact_base": base_exact}
-        before, after = tokens_per_word(base_tokenizer, heldout), tokens_per_word(tokenizer, heldout)
-        report["tokens_per_word_heldout"] = {"before": before, "after": after, "reduction": 1 - after / before}
-        evald = _cap_bytes(heldout, eval_max_bytes)
-        kw = {"max_length": max_length, "batch_size": batch_size}
-        base_stats = nll_stats(model, base_tokenizer, evald, **kw)
-        clone = copy.deepcopy(model)
-        default_resize(clone, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-        default_stats = nll_stats(clone, tokenizer, evald, **kw)
-        del clone
+    kw = {"max_length": max_length, "batch_size": batch_size}
+    before = None
+    if heldout:  # measured before the surgery below changes `model` in place
+        report.update(_tokenization_report(base_tokenizer, tokenizer, heldout))
+        before = _bits_before(model, base_tokenizer, tokenizer, _cap_bytes(heldout, eval_max_bytes), pad_to_multiple_of, kw)
     emb = add_tokens_with_mean_init(model, base_tokenizer, tokenizer, added, pad_to_multiple_of=pad_to_multiple_of)
     report["embedding"] = {k: v for k, v in emb.items() if k not in ("pieces", "new_ids")}
-    if heldout:
-        mean_stats = nll_stats(model, tokenizer, evald, **kw)
-        bpb = {
-            "eval_docs": len(evald),
-            "eval_bytes": base_stats.bytes,
-            "base": base_stats.bits_per_byte,
-            "mean_init": mean_stats.bits_per_byte,
-            "default_init": default_stats.bits_per_byte,
-            "tokens_base": base_stats.tokens,
-            "tokens_extended": mean_stats.tokens,
-        }
-        bpb["better_init"] = "mean_init" if bpb["mean_init"] < bpb["default_init"] else "default_init"
-        report["bits_per_byte_heldout"] = bpb
+    if before is not None:
+        report["bits_per_byte_heldout"] = _bits_per_byte_report(model, tokenizer, before, kw)
     else:
         report["bits_per_byte_heldout"] = None
         report["note"] = "no held-out texts: tokens per word, round trip and bits per byte were not measured"
@@ -486,11 +480,71 @@ def extend(
     return ExtensionResult(tokenizer, model, report, render_markdown(report), new_tokens=added)
 
 
+def _tokenization_report(
+    base_tokenizer: PreTrainedTokenizerBase, tokenizer: PreTrainedTokenizerBase, heldout: list[str]
+) -> dict:
+    """Round trip and tokens per word of the held-out texts, base vs extended tokenizer."""
+    from dapt_core.metrics import tokens_per_word
+
+    same, exact = _lossless(tokenizer, base_tokenizer, heldout)
+    base_exact = _lossless(base_tokenizer, base_tokenizer, heldout)[1]
+    before, after = tokens_per_word(base_tokenizer, heldout), tokens_per_word(tokenizer, heldout)
+    return {
+        "roundtrip": {"texts": len(heldout), "same_as_base": same, "exact_extended": exact, "exact_base": base_exact},
+        "tokens_per_word_heldout": {"before": before, "after": after, "reduction": 1 - after / before},
+    }
+
+
+@dataclass
+class _BitsBefore:
+    """What is measured before the model is resized: the base model, and a default-init copy of the resized one."""
+
+    texts: list[str]
+    base: NLLStats
+    default_init: NLLStats
+
+
+def _bits_before(
+    model: PreTrainedModel,
+    base_tokenizer: PreTrainedTokenizerBase,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    pad_to_multiple_of: int | None,
+    kw: dict,
+) -> _BitsBefore:
+    from dapt_core.embedding import default_resize
+    from dapt_core.metrics import nll_stats
+
+    base_stats = nll_stats(model, base_tokenizer, texts, **kw)
+    clone = copy.deepcopy(model)  # freed on return
+    default_resize(clone, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    return _BitsBefore(texts, base_stats, nll_stats(clone, tokenizer, texts, **kw))
+
+
+def _bits_per_byte_report(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, before: _BitsBefore, kw: dict
+) -> dict:
+    from dapt_core.metrics import nll_stats
+
+    mean_stats = nll_stats(model, tokenizer, before.texts, **kw)
+    bpb = {
+        "eval_docs": len(before.texts),
+        "eval_bytes": before.base.bytes,
+        "base": before.base.bits_per_byte,
+        "mean_init": mean_stats.bits_per_byte,
+        "default_init": before.default_init.bits_per_byte,
+        "tokens_base": before.base.tokens,
+        "tokens_extended": mean_stats.tokens,
+    }
+    bpb["better_init"] = "mean_init" if bpb["mean_init"] < bpb["default_init"] else "default_init"
+    return bpb
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # report
 
 
-def _fmt(x, spec: str = ".4f") -> str:
+def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
@@ -503,7 +557,8 @@ def render_markdown(report: dict, top: int = 40) -> str:
         return "\n".join(lines) + "\n"
     lines.append(
         f"Added {len(report['new_tokens'])} domain tokens ({report['added_vocab_entries']} vocabulary entries, "
-        f"{len(report['intermediate_tokens'])} of them intermediate merge tokens) out of {report['candidates']} candidates; "
+        f"{len(report['intermediate_tokens'])} of them intermediate merge tokens) out of {report['candidates']} "
+        "candidates; "
         f"estimated saving on the training corpus: {report['estimated_tokens_saved_on_train']:,} tokens."
     )
     tpw = report.get("tokens_per_word_heldout")
@@ -515,14 +570,16 @@ def render_markdown(report: dict, top: int = 40) -> str:
     rt = report.get("roundtrip")
     if rt:
         lines.append(
-            f"Round trip on {rt['texts']} held-out texts: {rt['same_as_base']} decode exactly as with the base tokenizer "
+            f"Round trip on {rt['texts']} held-out texts: {rt['same_as_base']} decode exactly as with the base "
+            "tokenizer "
             f"({rt['exact_extended']} reproduce the input byte for byte; base: {rt['exact_base']})."
         )
     bpb = report.get("bits_per_byte_heldout")
     if bpb:
         lines += [
             "",
-            f"Bits per byte on {bpb['eval_docs']} held-out domain docs ({bpb['eval_bytes']:,} bytes), before any training:",
+            f"Bits per byte on {bpb['eval_docs']} held-out domain docs ({bpb['eval_bytes']:,} bytes), before any "
+            "training:",
             "",
             "| model | bits/byte |",
             "| --- | --- |",

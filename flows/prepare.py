@@ -12,7 +12,7 @@ from dapt_core import layout
 from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import result_storage_for, was_cached
-from dapt_core.ingest import require_complete_eval_sets
+from dapt_core.clean.decontam import require_complete_eval_sets
 from tasks.credentials import use_store_credentials
 from tasks.data import clean_task, discover_task, ingest_task, publish_data_report
 

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
 from dapt_core import layout, leftovers
+from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.config import CleanConfig, DataConfig, IngestConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
@@ -46,7 +47,7 @@ def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], l
             files, bad = ingest.discover_inputs(source, kind)
             found[kind] += files
             refused += bad
-    ingest.require_complete_eval_sets(refused)
+    require_complete_eval_sets(refused)
     inputs, evals = found["domain"] + found["general"], found["eval"]
     return inputs, evals, refused
 

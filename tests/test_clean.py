@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from dapt_core.clean import clean_corpus, quality
-from dapt_core.clean.decontam import EvalNgrams
+from dapt_core.clean.decontam import EvalNgrams, require_complete_eval_sets
 from dapt_core.clean.minhash import EMPTY, jaccard, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import ngram_hashes, tokenize, words
 from dapt_core.clean.normalize import normalize_text
 from dapt_core.clean.pipeline import _prepare
 from dapt_core.clean.quality import quality_failures, quality_reasons
 from dapt_core.config import CleanConfig, NormalizeConfig, QualityConfig
-from dapt_core.manifest import QuarantineRecord
+from dapt_core.manifest import IngestManifest, InputFile, QuarantineRecord
 
 _SYLLABLES = "ka lo mi ter san vo ru pel dis an ko tri mon se la fu ber gal ni os".split()
 
@@ -385,3 +385,23 @@ def test_minhash_is_deterministic_across_processes():
     root = str(Path(__file__).resolve().parents[1])
     other = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"})
     assert bytes.fromhex(other.stdout) == here.tobytes()
+
+
+def test_eval_sets_must_read_completely_at_discovery_and_after_ingest(tmp_path):
+
+    require_complete_eval_sets([QuarantineRecord(file="d.bin", kind="domain", position="file", reason="unsupported")])
+    refused = [QuarantineRecord(file="eval.bin", kind="eval", position="file", reason="unsupported_format")]
+    with pytest.raises(ValueError, match=r"data\.eval: .*eval\.bin: unsupported_format"):
+        require_complete_eval_sets(refused)
+
+    def ingested(name: str, docs: int, quarantined: list[QuarantineRecord]) -> IngestManifest:
+        inp = InputFile(uri=name, source="ev", kind="eval", fingerprint="0" * 64, bytes=10)
+        return IngestManifest(input=inp, shard=None, docs=docs, quarantined=quarantined, code_version="test")
+
+    bad_line = QuarantineRecord(file="b.jsonl", kind="eval", position="line 3", reason="missing_field")
+    complete, empty, partial = ingested("a.jsonl", 5, []), ingested("e.jsonl", 0, []), ingested("b.jsonl", 4, [bad_line])
+    require_complete_eval_sets([], [complete])
+    with pytest.raises(ValueError, match="text_field") as e:
+        require_complete_eval_sets([], [complete, empty, partial])
+    assert "e.jsonl: 0 documents read" in str(e.value) and "missing_field at line 3" in str(e.value)
+    assert "a.jsonl" not in str(e.value)

@@ -8,6 +8,7 @@ every training batch is probed against it with a vectorised binary search.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 from dapt_core.clean.ngrams import WordHashes, hash_words, ngram_hashes, ngram_starts, words
 from dapt_core.clean.normalize import normalize_text
 from dapt_core.config import NormalizeConfig
+from dapt_core.manifest import IngestManifest, QuarantineRecord
 
 _BATCH_DOCS = 1024
 _LETTER = re.compile(r"[^\W\d_]")  # a letter: a word character other than a digit or underscore
@@ -66,3 +68,21 @@ class EvalNgrams:
         at = np.minimum(np.searchsorted(self.hashes, probe), len(self.hashes) - 1)
         hit[owners[np.isin(grams, probe[self.hashes[at] == probe])]] = True
         return hit
+
+
+def require_complete_eval_sets(refused: Sequence[QuarantineRecord], ingested: Sequence[IngestManifest] = ()) -> None:
+    """Every evaluation file must read completely: decontamination only removes what it can read, so an eval file
+    refused at discovery, or one that yielded no document (the usual cause: a wrong text_field) or quarantined some,
+    would silently weaken it. One ValueError names every such file."""
+    problems = [f"{q.file}: {q.reason} {q.detail}" for q in refused if q.kind == "eval"]
+    problems += [
+        f"{m.input.uri}: {m.docs} documents read, {len(m.quarantined)} quarantined"
+        + (f" (first: {m.quarantined[0].reason} at {m.quarantined[0].position})" if m.quarantined else "")
+        for m in ingested
+        if m.docs == 0 or m.quarantined
+    ]
+    if problems:
+        raise ValueError(
+            "data.eval: evaluation files could not be read completely; check each source's text_field, or fix or "
+            "remove the file: " + "; ".join(problems)
+        )
