@@ -1,61 +1,49 @@
-"""Continual pretraining (CPT) of a causal LM on the packed shards of `dapt pack`: one readable loop.
+"""Continual pretraining (CPT) of a causal LM on the packed shards of `dapt pack`: a recipe in torchtune's style.
 
-In the style of a torchtune recipe, everything happens in `train()`, top to bottom:
+`train()` is `setup()` (process group, data, EWC anchor, model surgery, resume, optimizer) followed by `run_loop()`,
+which reads top to bottom: stop? → one optimizer step → log → checkpoint and judge. The pieces live beside it:
+data order and micro-batches (dapt_core/train_data.py), checkpoints (dapt_core/checkpoint.py), DDP / FSDP2 and the
+torchrun launch (dapt_core/distributed.py), LoRA (dapt_core/lora.py), attention kernels and packing
+(dapt_core/attention.py), tokens/s and MFU (dapt_core/throughput.py).
 
-* **Data.** Parquet shards with `input_ids` (list<int32>, fixed seq_len), `doc_lengths` (list<int32>) and, for
-  SFT, an optional `loss_mask` (list<int8>, 1 where the token is a training target), read memory-mapped. Epoch e visits the sequences in the permutation `default_rng([seed, e]).permutation(N)`; the data
-  position is (epoch, index in that permutation), so the order is a pure function of the seed.
-* **Method.** `full` trains every parameter; `lora` wraps the model with peft (`cfg.lora`: r, alpha, dropout,
-  target_modules). After a tokenizer extension (`new_token_ids`) the new tokens' rows of the input embeddings and
-  of an untied lm_head train too, and only those rows (`cfg.train_new_tokens`, peft trainable tokens);
-  `cfg.train_embeddings` trains both matrices in full instead. `merge_lora(model)` folds it all into plain weights.
-* **Optimisation.** AdamW (no weight decay on biases / norm weights), LR = linear warmup over
+* **Method.** `full` trains every parameter; `lora` wraps the model with peft (`cfg.lora`), new tokenizer rows train
+  per `cfg.train_new_tokens` / `cfg.train_embeddings`.
+* **Optimisation.** AdamW (no weight decay on biases / norm weights; fused on CUDA), LR = linear warmup over
   round(warmup_ratio * steps) steps to the peak, then cosine to min_lr_ratio * peak at the last step (`lr_at`),
   gradient accumulation over `grad_accum` micro-batches, global grad-norm clipping. The loss is token-weighted
   over the whole optimizer step (all micro-batches and ranks), as HF Trainer: summed NLL / target tokens of the
-  step, so response-only SFT masks, accumulation and DDP weigh every target token the same. fp32 on CPU, bf16 autocast
-  on CUDA (weights and optimizer state stay fp32). Optional gradient checkpointing.
-* **Documents.** With `block_cross_document_attention`, position ids restart at every document of a packed
-  sequence (from `doc_lengths`) and no attention mask is passed: transformers then builds the block-diagonal
-  causal mask from the position ids (eager / sdpa / flex) or runs varlen flash attention, so no token attends to
-  another document. The label of each document's first token (predicted from the previous document) is ignored.
-* **Distributed.** Launched by `torchrun`/`accelerate launch` (WORLD_SIZE > 1) the loop runs DDP: each rank takes
-  its slice of every global micro-batch (batch_size sequences per rank, same permutation), gradients are averaged,
-  rank 0 writes checkpoints and runs `on_checkpoint` while the others wait. One process is the same loop, unchanged.
-* **Logging.** Every `cfg.log_every` steps rank 0 logs step, loss, LR, tokens/s and ETA (logger `dapt.train`, which
-  reaches the Prefect flow-run logs) and hands a `StepProgress` to `on_progress` (the CLI bar, the UI's progress
-  artifact); `cfg.report_to: [tensorboard]` also writes loss, LR, grad norm, EWC penalty and tokens/s to
-  out_dir/tensorboard.
-* **EWC.** `cfg.ewc.enabled` adds (lambda/2) * sum F_i (theta_i - theta*_i)^2 once per optimizer step (dapt_core/ewc.py); the Fisher is
-  estimated once on `general_samples` at the start and saved as out_dir/ewc.safetensors (a resumed run reloads it).
-* **Checkpoints.** Every `save_every` steps and at the end, out_dir/checkpoint-<step>/ holds `model.safetensors`
-  (all weights for `full`, the trainable weights for `lora`), `config.json` (full: the directory loads with
-  `from_pretrained`), `optimizer.pt`, `scheduler.pt`, `rng.pt` (python, numpy, torch, cuda) and
-  `trainer_state.json` (step, epoch, index, loss history), written last. The three .pt files hold plain data only
-  (tensors, numbers, lists, dicts) and are read with `torch.load(weights_only=True)` (`load_state`): a checkpoint
-  downloaded from a shared store is never unpickled. The directory is written under a
-  temporary name and renamed into place, so a checkpoint that exists is complete. `on_checkpoint(step, path)`
-  is called after each one (evaluate, upload...); when it returns False training stops there (a rejected checkpoint:
-  roll back instead of training further).
-* **Stopping.** A stop request (dapt_core/stop.py: a signal or a cancel, set from the main thread) is honoured
-  before the next optimizer step: the loop writes a checkpoint of the current step (unless that step was just
-  checkpointed) and raises `StopRequested`; under DDP every rank stops at the same step (the flags are all-reduced).
+  step, so response-only SFT masks, accumulation and several ranks weigh every target token the same. fp32 on CPU;
+  on CUDA bf16 autocast (DDP) or bf16 FSDP2 compute, weights and optimizer state fp32. Optional activation
+  checkpointing per decoder layer (`cfg.gradient_checkpointing`) and per-layer `torch.compile` (`cfg.compile`).
+* **Documents.** With `block_cross_document_attention`, position ids restart at every document of a packed sequence
+  and no token attends to another document on any `attn_implementation` (dapt_core/attention.py). The label of each
+  document's first token (predicted from the previous document) is ignored.
+* **Distributed.** Under `torchrun` (WORLD_SIZE > 1) each rank takes its slice of every global micro-batch
+  (batch_size sequences per rank, same permutation); `cfg.strategy` ddp replicates, fsdp shards (FSDP2). Rank 0 writes
+  checkpoints and runs `on_checkpoint` while the others wait. One process is the same loop, unchanged.
+* **Logging.** Every `cfg.log_every` steps rank 0 logs step, loss, LR, tokens/s, step time, MFU and peak GPU memory
+  (CUDA) and ETA (logger `dapt.train`, which reaches the Prefect flow-run logs) and hands a `StepProgress` to
+  `on_progress`; `cfg.report_to: [tensorboard]` also writes them to out_dir/tensorboard.
+* **EWC.** `cfg.ewc.enabled` adds (lambda/2) * sum F_i (theta_i - theta*_i)^2 once per optimizer step
+  (dapt_core/ewc.py); the Fisher is estimated once on `general_samples` and saved as out_dir/ewc.safetensors.
+* **Checkpoints.** Every `save_every` steps and at the end (dapt_core/checkpoint.py); `on_checkpoint(step, path)` is
+  called after each one (evaluate, upload...); when it returns False training stops there (roll back instead).
+* **Stopping.** A stop request (dapt_core/stop.py) is honoured before the next optimizer step: the loop writes a
+  checkpoint of the current step (unless it was just written) and raises `StopRequested`; all ranks stop together.
 * **Exact resume.** With `resume=True` the loop restarts from the latest complete checkpoint: weights, optimizer,
   scheduler, RNG states and data position are restored, so a run killed at any point (SIGKILL included) and resumed
-  ends with the same weights as an uninterrupted run (bitwise on CPU; tested).
+  ends with the same weights as an uninterrupted run (bitwise on CPU; tested for one process, DDP and FSDP).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -63,126 +51,78 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dapt_core import checkpoint as ckpt
 from dapt_core import stop
+from dapt_core.attention import (
+    check_attention,
+    flatten_for_varlen,
+    needs_flattening,
+    set_attention,
+)
+from dapt_core.checkpoint import (
+    CHECKPOINT_PREFIX,
+    list_checkpoints,
+    load_state,
+    load_weights,
+    save_weights,
+)
 from dapt_core.config import TrainConfig
+from dapt_core.distributed import (
+    DIST_TIMEOUT,
+    Distributed,
+    decoder_layers,
+    distributed,
+    full_state,
+    gradient_sync,
+    wrap_model,
+)
+from dapt_core.lora import apply_lora, is_peft, merge_lora
 from dapt_core.stop import Stopped, StopRequested
+from dapt_core.throughput import flops_per_token, mfu, peak_flops, step_peak_memory_gib
+from dapt_core.train_data import (
+    MicroBatches,
+    PackedSequences,
+    document_position_ids,
+    epoch_order,
+    make_batch,
+    micro_batch_loader,
+    summed_token_nll,
+    target_tokens,
+)
+
+__all__ = [  # the training API other modules use (re-exported from the modules the recipe is built from)
+    "CHECKPOINT_PREFIX",
+    "DIST_TIMEOUT",
+    "Distributed",
+    "PackedSequences",
+    "StepProgress",
+    "TrainResult",
+    "apply_lora",
+    "distributed",
+    "document_position_ids",
+    "epoch_order",
+    "list_checkpoints",
+    "load_state",
+    "load_weights",
+    "lr_at",
+    "make_batch",
+    "merge_lora",
+    "run_loop",
+    "save_weights",
+    "setup",
+    "tensorboard_writer",
+    "total_steps_for",
+    "train",
+]
 
 log = logging.getLogger("dapt.train")
 
-CHECKPOINT_PREFIX = "checkpoint-"
-# Ranks != 0 wait while rank 0 writes, evaluates and uploads a checkpoint (a 7B full checkpoint with optimizer state
-# to S3 takes well over NCCL's default 10 minutes).
-DIST_TIMEOUT = timedelta(hours=4)
 EWC_FILE = "ewc.safetensors"
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-class PackedSequences:
-    """The packed shards as one indexable set of (input_ids [L] int64, doc_lengths [k] int64), memory-mapped."""
-
-    def __init__(self, shards: Sequence[Path]):
-        import pyarrow.parquet as pq
-
-        self._ids: list[np.ndarray] = []
-        self._docs: list[tuple[np.ndarray, np.ndarray]] = []
-        self._masks: list[np.ndarray | None] = []
-        seq_len = None
-        for shard in shards:
-            names = pq.read_schema(str(shard)).names
-            columns = ["input_ids", "doc_lengths"] + (["loss_mask"] if "loss_mask" in names else [])
-            table = pq.read_table(str(shard), columns=columns, memory_map=True)
-            ids = table.column("input_ids").combine_chunks()
-            if len(ids) == 0:
-                continue
-            values = ids.values.to_numpy(zero_copy_only=False)
-            offsets = ids.offsets.to_numpy()
-            n = len(ids)
-            length = int(offsets[1] - offsets[0])
-            if seq_len is None:
-                seq_len = length
-            if length != seq_len or int(offsets[-1] - offsets[0]) != n * seq_len:
-                raise ValueError(f"{shard}: sequences must all have length {seq_len}")
-            self._ids.append(values[offsets[0] : offsets[-1]].reshape(n, seq_len))
-            docs = table.column("doc_lengths").combine_chunks()
-            self._docs.append((docs.values.to_numpy(zero_copy_only=False), docs.offsets.to_numpy()))
-            mask = None
-            if "loss_mask" in columns:
-                m = table.column("loss_mask").combine_chunks()
-                mask = m.values.to_numpy(zero_copy_only=False)[m.offsets[0].as_py() : m.offsets[-1].as_py()]
-                if len(mask) != n * seq_len:
-                    raise ValueError(f"{shard}: loss_mask must have one entry per token")
-                mask = mask.reshape(n, seq_len)
-            self._masks.append(mask)
-        if seq_len is None:
-            raise ValueError("no training sequences in the given shards")
-        self.seq_len = seq_len
-        self._starts = np.cumsum([0] + [len(a) for a in self._ids])
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(input_ids, doc_lengths, loss_mask or None) of sequence i."""
-        s = int(np.searchsorted(self._starts, i, side="right") - 1)
-        j = i - int(self._starts[s])
-        values, offsets = self._docs[s]
-        mask = self._masks[s]
-        return (
-            self._ids[s][j].astype(np.int64),
-            values[offsets[j] : offsets[j + 1]].astype(np.int64),
-            None if mask is None else mask[j].astype(bool),
-        )
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order sequences are visited in during `epoch`: a permutation that depends only on (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def document_position_ids(doc_lengths: Sequence[int], seq_len: int) -> np.ndarray:
-    """Position ids restarting at 0 at each document of a packed sequence."""
-    pos = np.concatenate([np.arange(int(d)) for d in doc_lengths if d > 0]) if len(doc_lengths) else np.arange(0)
-    if len(pos) != seq_len:
-        raise ValueError(f"doc_lengths sum to {len(pos)}, expected seq_len {seq_len}")
-    return pos
-
-
-def make_batch(items: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], block_documents: bool) -> dict[str, torch.Tensor]:
-    """Model inputs for a micro-batch: input_ids, labels (-100 where loss_mask is 0) and (block mode) per-document
-    position_ids."""
-    ids = torch.from_numpy(np.stack([a for a, _, _ in items]))
-    labels = ids.clone()
-    for row, (_, _, mask) in enumerate(items):
-        if mask is not None:
-            labels[row, torch.from_numpy(~mask)] = -100
-    batch = {"input_ids": ids, "labels": labels}
-    if block_documents:
-        seq_len = ids.shape[1]
-        pos = torch.from_numpy(np.stack([document_position_ids(d, seq_len) for _, d, _ in items]))
-        batch["position_ids"] = pos
-        # A document's first token would be predicted from the previous document: not a learnable target.
-        starts = pos == 0
-        starts[:, 0] = False
-        labels[starts] = -100
-    return batch
-
-
-def target_tokens(labels: torch.Tensor) -> int:
-    """Tokens a batch's labels train on: positions 1.. (the first has no prediction) that are not -100."""
-    return int((labels[:, 1:] != -100).sum())
-
-
-def summed_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL summed over the target tokens (fp32), to be divided by the step's target count."""
-    import torch.nn.functional as F
-
-    shifted = logits[:, :-1].float()
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
 
 
 # -------------------------------------------------------------------------------------------------- LR schedule
 def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
-    return int(round(cfg.warmup_ratio * total_steps))
+    return round(cfg.warmup_ratio * total_steps)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -203,182 +143,14 @@ def total_steps_for(cfg: TrainConfig, num_sequences: int, world: int = 1) -> int
     return max(1, math.ceil(cfg.epochs * num_sequences / (cfg.batch_size * world * cfg.grad_accum)))
 
 
-# ------------------------------------------------------------------------------------------------------- LoRA
-def apply_lora(model, cfg: TrainConfig, new_token_ids: Sequence[int] = ()):
-    """Wrap `model` with LoRA adapters (peft). cfg.train_embeddings trains embed_tokens and lm_head in full; else, with
-    cfg.train_new_tokens, the rows of `new_token_ids` (the tokenizer extension's tokens) train and no other row does:
-    peft's trainable tokens on the input embeddings and, when untied, on the lm_head."""
-    from peft import LoraConfig, get_peft_model
-
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    token_rows = None
-    if new_token_ids and cfg.train_new_tokens and not cfg.train_embeddings:
-        leaf = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
-        token_rows = {leaf[id(model.get_input_embeddings())]: sorted(new_token_ids)}
-        if not tied:  # a tied lm_head follows the input rows (ensure_weight_tying)
-            token_rows[leaf[id(model.get_output_embeddings())]] = sorted(new_token_ids)
-    lora = LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
-        modules_to_save=["embed_tokens", "lm_head"] if cfg.train_embeddings else None, bias="none", task_type="CAUSAL_LM",
-        trainable_token_indices=token_rows,
-        ensure_weight_tying=tied,  # tied embeddings stay one matrix (else merging unties them: a second copy)
-    )
-    return get_peft_model(model, lora)
-
-
-def merge_lora(model):
-    """Fold LoRA adapters into the base weights and return the plain transformers model."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload()
-    return model
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    seen, out = set(), {}
-    for n, p in model.named_parameters():
-        if p.requires_grad and p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            out[n] = p.detach().contiguous().cpu()
-    return out
-
-
-def save_weights(model, path: Path, method: str) -> None:
-    from safetensors.torch import save_file, save_model
-
-    if method == "lora":
-        save_file(_trainable_state(model), str(path))
-    else:
-        save_model(model, str(path))  # drops tied duplicates (embed_tokens / lm_head), loads back with load_model
-
-
-def load_weights(model, path: Path, method: str) -> None:
-    from safetensors.torch import load_file, load_model
-
-    if method == "lora":
-        state = load_file(str(path))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t)
-    else:
-        load_model(model, str(path), strict=True)
-
-
-def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with trainer_state.json), by step."""
-    found = []
-    for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = p.name[len(CHECKPOINT_PREFIX) :]
-        if suffix.isdigit() and (p / "trainer_state.json").is_file():
-            found.append((int(suffix), p))
-    return sorted(found)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _rng_state() -> dict:
-    """Every RNG's state as tensors, ints and floats only: resume reads it with torch.load(weights_only=True), so a
-    checkpoint from the store is data and never unpickled (python's and numpy's own state objects would need pickle)."""
-    version, mt, gauss_next = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    state = {
-        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
-        "numpy": {
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    py, npy = state["python"], state["numpy"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
-    np.random.set_state({
-        "bit_generator": "MT19937", "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
-        "has_gauss": npy["has_gauss"], "gauss": npy["gauss"],
-    })
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_state(path: Path, map_location=None):
-    """A checkpoint's optimizer / scheduler / RNG state, read as plain data (weights_only=True: tensors, numbers,
-    strings, lists, dicts); a file that needs anything else is refused, never unpickled."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refused to load: it holds more than plain data (tensors, numbers, lists, dicts) "
-            f"({str(e).splitlines()[0][:200]}). It was changed after it was written or comes from an older dapt. "
-            f"Delete {path.parent} to resume from the checkpoint before it, or start the run afresh."
-        ) from None
-
-
-def _write_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, method: str, trainer_state: dict) -> Path:
-    final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = out_dir / f".tmp-{CHECKPOINT_PREFIX}{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp / "model.safetensors", method)
-    if method == "full" and hasattr(model, "config"):
-        model.config.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # a re-run over an old checkpoint of the same step: replace it
-        old = out_dir / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(out_dir)
-    return final
-
-
-# ------------------------------------------------------------------------------------------------------ train
+# -------------------------------------------------------------------------------------------------- results
 @dataclass
 class TrainResult:
     model: object  # the trained model (a peft model for method "lora": see merge_lora)
     step: int  # optimizer steps done
     total_steps: int
     final_loss: float | None  # mean LM loss of the last optimizer step
-    history: list[dict] = field(default_factory=list)  # per step: step, lr, loss, grad_norm (pre-clip), ewc
+    history: list[dict] = field(default_factory=list)  # per step: step, lr, loss, grad_norm (pre-clip), ewc, seconds
     checkpoints: list[Path] = field(default_factory=list)  # written by this call
     resumed_from: Path | None = None
 
@@ -393,42 +165,20 @@ class StepProgress:
     lr: float
     tokens_per_second: float  # over the steps since the last report
     eta_seconds: float  # the remaining steps at that rate (checkpoint evaluations not included)
+    step_seconds: float = 0.0  # mean optimizer-step time since the last report
+    mfu: float | None = None  # model FLOP utilisation (CUDA, a GPU in plan's table)
+    peak_memory_gib: float | None = None  # peak GPU memory allocated in the last step (CUDA)
 
     def line(self) -> str:
+        extra = f" step {self.step_seconds:.3g}s"
+        if self.mfu is not None:
+            extra += f" MFU {self.mfu:.1%}"
+        if self.peak_memory_gib is not None:
+            extra += f" peak mem {self.peak_memory_gib:.2f} GiB"
         return (
             f"step {self.step}/{self.total_steps} loss {self.loss:.4f} lr {self.lr:.3g} "
-            f"{self.tokens_per_second:,.0f} tokens/s eta {timedelta(seconds=round(self.eta_seconds))}"
+            f"{self.tokens_per_second:,.0f} tokens/s{extra} eta {timedelta(seconds=round(self.eta_seconds))}"
         )
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a torchrun / accelerate launch (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def distributed() -> Distributed:
-    """Join the process group torchrun set up (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=DIST_TIMEOUT)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return Distributed(rank=torch.distributed.get_rank(), world=world, local_rank=local)
 
 
 def tensorboard_writer(cfg: TrainConfig, out_dir: Path, dist: Distributed):
@@ -440,6 +190,123 @@ def tensorboard_writer(cfg: TrainConfig, out_dir: Path, dist: Distributed):
     return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
 
+# -------------------------------------------------------------------------------------------------- setup
+@dataclass
+class Run:
+    """What `setup` prepares and `run_loop` advances: one training run's state."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    dist: Distributed
+    device: torch.device
+    model: torch.nn.Module  # what the loop calls: the DDP wrapper, the FSDP-sharded model or the model itself
+    trained: torch.nn.Module  # what checkpoints save and the caller gets back (a peft model for LoRA)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batches: Iterator[dict[str, torch.Tensor]]
+    num_sequences: int
+    seq_len: int
+    total_steps: int
+    ewc: object | None
+    writer: object | None
+    step: int = 0
+    position: int = 0  # sequences of the data stream consumed (over all ranks)
+    history: list[dict] = field(default_factory=list)
+    resumed_from: Path | None = None
+    last_saved: tuple[int, Path | None] = (0, None)  # the step the newest checkpoint holds
+    flops_per_token: float = 0.0
+    peak_flops: float | None = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.dist.world * self.cfg.grad_accum * self.seq_len
+
+    def trainer_state(self) -> dict:
+        n = self.num_sequences
+        return {
+            "step": self.step, "epoch": self.position // n, "index": self.position % n, "total_steps": self.total_steps,
+            "seed": self.cfg.seed, "method": self.cfg.method, "world_size": self.dist.world, "strategy": self.strategy,
+            "history": self.history,
+        }
+
+    @property
+    def strategy(self) -> str:
+        return self.cfg.strategy if self.dist.world > 1 else "single"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (a resumed run then overwrites them with the checkpoint's RNG states)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_strategy(cfg: TrainConfig, dist: Distributed) -> None:
+    """One clear error for a combination this loop cannot run correctly."""
+    if cfg.strategy == "fsdp" and dist.world > 1 and cfg.ewc.enabled:
+        raise ValueError(
+            "train.ewc with train.strategy fsdp: the EWC penalty needs every parameter whole on each rank; "
+            "use train.strategy ddp with EWC, or switch EWC off for FSDP runs"
+        )
+
+
+def setup_ewc(model, cfg: TrainConfig, out_dir: Path, resume: bool, general_samples, dist: Distributed, device):
+    """The EWC anchor and Fisher, on the model as given (before any adapter or update); a resumed run reloads them."""
+    if not cfg.ewc.enabled:
+        return None
+    from dapt_core.ewc import EWC
+
+    path = out_dir / EWC_FILE
+    if resume and path.is_file():
+        ewc = EWC.load(path, cfg.ewc.lambda_)
+    else:
+        if not general_samples:
+            raise ValueError("train.ewc.enabled needs general_samples (token id sequences of general text)")
+        if cfg.method == "lora":
+            raise ValueError("train.ewc: EWC applies to full training (LoRA adapters start at zero: nothing to anchor)")
+        ewc = EWC.from_model(model, general_samples, cfg.ewc.lambda_, max_samples=cfg.ewc.fisher_samples)
+        if dist.main:
+            tmp = out_dir / f".tmp-{EWC_FILE}"
+            ewc.save(tmp)
+            os.replace(tmp, path)
+    ewc.to(device)
+    return ewc
+
+
+def prepare_model(model, cfg: TrainConfig, new_token_ids: Sequence[int]):
+    """Model surgery before training: LoRA adapters, the attention kernel, activation checkpointing, compilation."""
+    if cfg.method == "lora" and not is_peft(model):
+        model = apply_lora(model, cfg, new_token_ids)
+    set_attention(model, cfg)
+    if cfg.gradient_checkpointing:  # per decoder layer (transformers' GradientCheckpointingLayer)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.method == "lora" and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    if cfg.compile:  # per layer, in place: the state dict keeps its names, FSDP2 and DDP wrap the compiled layers
+        for layer in decoder_layers(model):
+            layer.compile()
+    model.train()
+    return model
+
+
+def read_resume_point(checkpoint: Path, cfg: TrainConfig, dist: Distributed) -> dict:
+    """The checkpoint's trainer state, refused when this run could not continue it exactly."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if state.get("world_size", 1) != dist.world:
+        raise ValueError(
+            f"{checkpoint} was written by {state.get('world_size', 1)} process(es) and this run has {dist.world}: "
+            "the global batch would change mid-run. Resume with the same train.nproc_per_node, or start a new run."
+        )
+    written_by = state.get("strategy", "ddp" if dist.world > 1 else "single")
+    expected = cfg.strategy if dist.world > 1 else "single"
+    if written_by != expected:
+        raise ValueError(
+            f"{checkpoint} was written with train.strategy {written_by} and this run uses {expected}: "
+            f"resume with train.strategy {written_by}, or start a new run."
+        )
+    return state
+
+
 def _param_groups(model, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
@@ -448,6 +315,72 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model, cfg: TrainConfig, total_steps: int, device: torch.device):
+    """AdamW (fused kernels on CUDA) and the warmup + cosine schedule."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
+    return optimizer, scheduler
+
+
+def restore_optimizer(run: Run, checkpoint: Path) -> None:
+    """Optimizer (whole or this rank's shard), schedule and RNG states of `checkpoint`."""
+    if run.strategy == "fsdp":
+        ckpt.load_sharded_optimizer(run.model, run.optimizer, checkpoint)
+    else:
+        run.optimizer.load_state_dict(load_state(checkpoint / "optimizer.pt", map_location=run.device))
+    run.scheduler.load_state_dict(load_state(checkpoint / "scheduler.pt"))
+    ckpt.set_rng_state(load_state(checkpoint / "rng.pt"))
+
+
+def data_workers(cfg: TrainConfig, device: torch.device) -> int:
+    if cfg.data_workers is not None:
+        return cfg.data_workers
+    return 2 if device.type == "cuda" else 0
+
+
+def setup(
+    model, shards: list[Path], cfg: TrainConfig, out_dir: Path, resume: bool = True,
+    general_samples: Sequence[Sequence[int]] | None = None, new_token_ids: Sequence[int] = (),
+) -> Run:
+    """Everything before the first step: process group, data, EWC anchor, model surgery, resume, optimizer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_partial(out_dir)
+    seed_everything(cfg.seed)
+    dist = distributed()
+    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+    check_strategy(cfg, dist)
+    check_attention(cfg, device)
+    model.to(device)
+    data = PackedSequences(shards)
+    total_steps = total_steps_for(cfg, len(data), dist.world)
+    ewc = setup_ewc(model, cfg, out_dir, resume, general_samples, dist, device)
+    trained = prepare_model(model, cfg, new_token_ids)
+
+    found = list_checkpoints(out_dir) if resume else []
+    resumed_from = found[-1][1] if found else None
+    state = read_resume_point(resumed_from, cfg, dist) if resumed_from else {}
+    if resumed_from:  # into the whole model, before FSDP shards it
+        load_weights(trained, resumed_from / "model.safetensors", cfg.method)
+    wrapped = wrap_model(trained, cfg, dist, device)
+    optimizer, scheduler = build_optimizer(wrapped, cfg, total_steps, device)
+
+    position = state.get("epoch", 0) * len(data) + state.get("index", 0)
+    micro = MicroBatches(shards, cfg.seed, cfg.batch_size, dist.rank, dist.world, position, cfg.block_cross_document_attention)
+    run = Run(
+        cfg=cfg, out_dir=out_dir, dist=dist, device=device, model=wrapped, trained=trained, optimizer=optimizer,
+        scheduler=scheduler, batches=micro_batch_loader(micro, data_workers(cfg, device), device.type == "cuda"),
+        num_sequences=len(data), seq_len=data.seq_len, total_steps=total_steps, ewc=ewc,
+        writer=tensorboard_writer(cfg, out_dir, dist), step=state.get("step", 0), position=position,
+        history=state.get("history", []), resumed_from=resumed_from, last_saved=(state.get("step", 0), resumed_from),
+        flops_per_token=flops_per_token(trained, cfg.method), peak_flops=peak_flops(device),
+    )
+    if resumed_from:
+        restore_optimizer(run, resumed_from)
+    return run
+
+
+# -------------------------------------------------------------------------------------------------- the loop
 def train(
     model,
     shards: list[Path],
@@ -462,218 +395,160 @@ def train(
     """Continually pretrain `model` on the packed `shards`; checkpoints in `out_dir` (see module docstring).
     `on_progress` gets a `StepProgress` every cfg.log_every optimizer steps (and the last), on rank 0."""
     with stop.training(cfg.stop_grace_s):
-        return _train(model, shards, cfg, Path(out_dir), resume, on_checkpoint, general_samples, new_token_ids, on_progress)
+        run = setup(model, shards, cfg, Path(out_dir), resume, general_samples, new_token_ids)
+        return run_loop(run, on_checkpoint, on_progress)
 
 
-def _stop_agreed(dist: Distributed, device) -> bool:
-    """Whether any rank was asked to stop (one tiny all-reduce per step under DDP, so all ranks stop together)."""
-    if dist.world == 1:
-        return stop.requested()
-    flag = torch.tensor([int(stop.requested())], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def _train(
-    model, shards, cfg: TrainConfig, out_dir: Path, resume, on_checkpoint, general_samples, new_token_ids, on_progress
-) -> TrainResult:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
-
-    # --- seeds (a resumed run overwrites them with the checkpoint's RNG states)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    torch.manual_seed(cfg.seed)
-
-    # --- device, precision, process group
-    dist = distributed()
-    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    # --- data
-    data = PackedSequences(shards)
-    n = len(data)
-    total_steps = total_steps_for(cfg, n, dist.world)
-
-    # --- EWC anchor and Fisher: computed on the model as given, before any adapter or update
-    ewc = None
-    if cfg.ewc.enabled:
-        from dapt_core.ewc import EWC
-
-        ewc_path = out_dir / EWC_FILE
-        if resume and ewc_path.is_file():
-            ewc = EWC.load(ewc_path, cfg.ewc.lambda_)
-        else:
-            if not general_samples:
-                raise ValueError("train.ewc.enabled needs general_samples (token id sequences of general text)")
-            if cfg.method == "lora":
-                raise ValueError("train.ewc: EWC applies to full training (LoRA adapters start at zero: nothing to anchor)")
-            ewc = EWC.from_model(model, general_samples, cfg.ewc.lambda_, max_samples=cfg.ewc.fisher_samples)
-            if dist.main:
-                tmp = out_dir / f".tmp-{EWC_FILE}"
-                ewc.save(tmp)
-                os.replace(tmp, ewc_path)
-        ewc.to(device)
-
-    # --- method
-    if cfg.method == "lora" and not _is_peft(model):
-        model = apply_lora(model, cfg, new_token_ids)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.method == "lora" and hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    model.train()
-    trained = model  # what checkpoints save and the caller gets back; `model` may become its DDP wrapper
-    if dist.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-
-    # --- optimizer, schedule
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
-
-    # --- resume
-    step, epoch, index, history, resumed_from = 0, 0, 0, [], None
-    checkpoints = list_checkpoints(out_dir) if resume else []
-    if checkpoints:
-        _, resumed_from = checkpoints[-1]
-        state = json.loads((resumed_from / "trainer_state.json").read_text())
-        load_weights(trained, resumed_from / "model.safetensors", cfg.method)
-        optimizer.load_state_dict(load_state(resumed_from / "optimizer.pt", map_location=device))
-        scheduler.load_state_dict(load_state(resumed_from / "scheduler.pt"))
-        _set_rng_state(load_state(resumed_from / "rng.pt"))
-        if state.get("world_size", 1) != dist.world:
-            raise ValueError(
-                f"{resumed_from} was written by {state.get('world_size', 1)} process(es) and this run has {dist.world}: "
-                "the global batch would change mid-run. Resume with the same train.nproc_per_node, or start a new run."
-            )
-        step, epoch, index, history = state["step"], state["epoch"], state["index"], state["history"]
-
-    order = epoch_order(n, cfg.seed, epoch)
-
-    def next_micro_batch() -> dict[str, torch.Tensor]:
-        """This rank's slice of the next global micro-batch (batch_size * world sequences of the data order)."""
-        nonlocal epoch, index, order
-        items = []
-        for k in range(cfg.batch_size * dist.world):
-            if index >= n:  # the stream continues into the next epoch's permutation
-                epoch, index = epoch + 1, 0
-                order = epoch_order(n, cfg.seed, epoch)
-            if k // cfg.batch_size == dist.rank:
-                items.append(data[int(order[index])])
-            index += 1
-        return {k: v.to(device) for k, v in make_batch(items, cfg.block_cross_document_attention).items()}
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    written: list[Path] = []
-    loss_value = history[-1]["loss"] if history else None
-    writer = tensorboard_writer(cfg, out_dir, dist)
-    tokens_per_step = cfg.batch_size * dist.world * cfg.grad_accum * data.seq_len
-    last_saved = (step, resumed_from)  # the step the newest checkpoint holds
-
-    def checkpoint() -> Path:
-        trainer_state = {
-            "step": step, "epoch": epoch, "index": index, "total_steps": total_steps, "seed": cfg.seed,
-            "method": cfg.method, "world_size": dist.world, "history": history,
-        }
-        return _write_checkpoint(out_dir, step, trained, optimizer, scheduler, cfg.method, trainer_state)
-
-    # --- the loop
-    log.info("training steps %d to %d%s", step + 1, total_steps, f" (resumed from {resumed_from})" if resumed_from else "")
-    window = {"steps": 0, "seconds": 0.0}  # since the last progress report
-    while step < total_steps:
-        if _stop_agreed(dist, device):
-            path = last_saved[1]
-            if last_saved[0] != step:
-                path = out_dir / f"{CHECKPOINT_PREFIX}{step}"
-                if dist.main:
-                    path = checkpoint()
-                dist.barrier()
-            if writer is not None:
-                writer.close()
-            raise StopRequested(Stopped(step=step, checkpoint=str(path) if path else None, reason=stop.reason()))
-        t0 = time.perf_counter()
-        micro_batches = [next_micro_batch() for _ in range(cfg.grad_accum)]
-        # Token-weighted loss, as HF Trainer: every target token of the optimizer step weighs the same, whichever
-        # micro-batch or rank holds it (response-only SFT masks make the counts uneven). Each rank scales its summed
-        # NLL by world / (target tokens of the whole step); DDP's gradient averaging divides the world back out.
-        targets = torch.tensor([sum(target_tokens(b["labels"]) for b in micro_batches)], dtype=torch.float64, device=device)
-        if dist.world > 1:
-            torch.distributed.all_reduce(targets)
-        step_targets = max(float(targets.item()), 1.0)
-        nll_sum, ewc_value = 0.0, 0.0
-        for micro, batch in enumerate(micro_batches):
-            last = micro == cfg.grad_accum - 1
-            # DDP: all-reduce gradients once per optimizer step, on the last micro-batch.
-            sync = contextlib.nullcontext() if dist.world == 1 or last else model.no_sync()
-            with sync:
-                labels = batch.pop("labels")
-                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                    out = model(**batch, use_cache=False)
-                summed = summed_token_nll(out.logits, labels)
-                total = summed * (dist.world / step_targets)
-                if ewc is not None and last:  # once per optimizer step, not once per micro-batch
-                    penalty = ewc.penalty(trained)
-                    ewc_value = float(penalty.detach())
-                    total = total + penalty
-                total.backward()
-            nll_sum += float(summed.detach())
-        grad_norm = None
-        if cfg.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if dist.world > 1:  # log the global batch's loss, not rank 0's share
-            summed_all = torch.tensor([nll_sum], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(summed_all)
-            nll_sum = float(summed_all.item())
-        loss_value = nll_sum / step_targets
-        seconds = time.perf_counter() - t0
-        history.append(
-            {"step": step, "lr": lr, "loss": loss_value, "grad_norm": grad_norm, "ewc": ewc_value if ewc else None,
-             "seconds": seconds}
-        )
-        window["steps"] += 1
-        window["seconds"] += seconds
-        if dist.main and (step % cfg.log_every == 0 or step == total_steps):
-            rate = window["steps"] / max(window["seconds"], 1e-9)
-            progress = StepProgress(
-                step=step, total_steps=total_steps, loss=loss_value, lr=lr, tokens_per_second=tokens_per_step * rate,
-                eta_seconds=(total_steps - step) / rate,
-            )
-            window = {"steps": 0, "seconds": 0.0}
-            log.info("%s", progress.line())
-            if on_progress is not None:
-                on_progress(progress)
-        if writer is not None and (step % cfg.log_every == 0 or step == total_steps):
-            for name, value in (("loss", loss_value), ("lr", lr), ("grad_norm", grad_norm), ("ewc_penalty", ewc_value if ewc else None)):
-                if value is not None:
-                    writer.add_scalar(f"train/{name}", value, step)
-            writer.add_scalar("train/tokens_per_second", tokens_per_step / max(seconds, 1e-9), step)
-
-        if step % cfg.save_every == 0 or step == total_steps:
-            path, rejected = out_dir / f"{CHECKPOINT_PREFIX}{step}", False
-            if dist.main:
-                path = checkpoint()
-                if writer is not None:
-                    writer.flush()
-                rejected = on_checkpoint is not None and on_checkpoint(step, path) is False
-            written.append(path)
-            last_saved = (step, path)
-            if dist.world > 1:  # rank 0 decided (it ran on_checkpoint); every rank follows
-                flag = torch.tensor([int(dist.main and rejected)], device=device)
-                torch.distributed.broadcast(flag, src=0)
-                rejected = bool(flag.item())
-            if rejected:
-                break
-
-    if writer is not None:
-        writer.close()
+def run_loop(run: Run, on_checkpoint=None, on_progress=None) -> TrainResult:
+    """Optimizer steps until the last one, a rejected checkpoint or a stop request (see module docstring)."""
+    cfg, written = run.cfg, []
+    log.info("training steps %d to %d%s", run.step + 1, run.total_steps, f" (resumed from {run.resumed_from})" if run.resumed_from else "")
+    window: list[dict] = []  # the steps since the last progress report
+    try:
+        while run.step < run.total_steps:
+            if run.dist.any(stop.requested(), run.device):
+                stop_with_checkpoint(run)
+            record = train_step(run)
+            window.append(record)
+            if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+                report(run, window, on_progress)
+                window = []
+            if run.step % cfg.save_every == 0 or run.step == run.total_steps:
+                path, accepted = save_and_judge(run, on_checkpoint)
+                written.append(path)
+                if not accepted:
+                    break
+    finally:
+        if run.writer is not None:
+            run.writer.close()
     return TrainResult(
-        model=trained, step=step, total_steps=total_steps, final_loss=loss_value, history=history, checkpoints=written,
-        resumed_from=resumed_from,
+        model=run.trained, step=run.step, total_steps=run.total_steps, final_loss=run.history[-1]["loss"] if run.history else None,
+        history=run.history, checkpoints=written, resumed_from=run.resumed_from,
     )
+
+
+def next_micro_batch(run: Run) -> dict[str, torch.Tensor]:
+    """This rank's slice of the next global micro-batch, on the device (one row per micro-batch for flash varlen)."""
+    batch = next(run.batches)
+    run.position += run.cfg.batch_size * run.dist.world
+    if needs_flattening(run.cfg):
+        batch = flatten_for_varlen(batch)
+    return {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over grad_accum micro-batches; returns its history record."""
+    t0 = time.perf_counter()
+    micro_batches = [next_micro_batch(run) for _ in range(run.cfg.grad_accum)]
+    # Token-weighted loss, as HF Trainer: every target token of the optimizer step weighs the same, whichever
+    # micro-batch or rank holds it (response-only SFT masks make the counts uneven). Each rank scales its summed
+    # NLL by world / (target tokens of the whole step); DDP's / FSDP's gradient averaging divides the world back out.
+    local_targets = float(sum(target_tokens(b["labels"]) for b in micro_batches))
+    step_targets = max(run.dist.all_reduce_sum(local_targets, run.device), 1.0)
+    nll_sum, ewc_value = 0.0, 0.0
+    for micro, batch in enumerate(micro_batches):
+        last = micro == run.cfg.grad_accum - 1
+        with gradient_sync(run.model, sync=last):  # reduce gradients once per optimizer step
+            labels = batch.pop("labels")
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast_bf16(run)):
+                out = run.model(**batch, use_cache=False)
+            summed = summed_token_nll(out.logits, labels)
+            total = summed * (run.dist.world / step_targets)
+            if run.ewc is not None and last:  # once per optimizer step, not once per micro-batch
+                penalty = run.ewc.penalty(run.trained)
+                ewc_value = float(penalty.detach())
+                total = total + penalty
+            total.backward()
+        nll_sum += float(summed.detach())
+    grad_norm = clip_gradients(run)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    loss = run.dist.all_reduce_sum(nll_sum, run.device) / step_targets  # the global batch's loss
+    record = {"step": run.step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "ewc": ewc_value if run.ewc else None,
+              "seconds": time.perf_counter() - t0}
+    run.history.append(record)
+    return {**record, "peak_memory_gib": step_peak_memory_gib(run.device)}
+
+
+def autocast_bf16(run: Run) -> bool:
+    """bf16 autocast on CUDA, except under FSDP, whose mixed-precision policy already computes in bf16."""
+    return run.device.type == "cuda" and torch.cuda.is_bf16_supported() and run.strategy != "fsdp"
+
+
+def clip_gradients(run: Run) -> float | None:
+    """Clip the global gradient norm (over every rank's shard under FSDP); the norm before clipping."""
+    if run.cfg.grad_clip is None:
+        return None
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def report(run: Run, window: list[dict], on_progress) -> None:
+    """Log the steps since the last report; hand them to `on_progress` and TensorBoard (rank 0)."""
+    if not run.dist.main:
+        return
+    seconds = sum(r["seconds"] for r in window)
+    rate = len(window) / max(seconds, 1e-9)
+    last = window[-1]
+    tokens_per_second = run.tokens_per_step * rate
+    progress = StepProgress(
+        step=run.step, total_steps=run.total_steps, loss=last["loss"], lr=last["lr"], tokens_per_second=tokens_per_second,
+        eta_seconds=(run.total_steps - run.step) / rate, step_seconds=seconds / len(window),
+        mfu=mfu(run.flops_per_token, tokens_per_second, run.peak_flops, run.dist.world),
+        peak_memory_gib=last["peak_memory_gib"],
+    )
+    log.info("%s", progress.line())
+    if on_progress is not None:
+        on_progress(progress)
+    if run.writer is not None:
+        scalars = {
+            "loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"], "ewc_penalty": last["ewc"],
+            "tokens_per_second": run.tokens_per_step / max(last["seconds"], 1e-9), "step_seconds": last["seconds"],
+            "mfu": progress.mfu, "peak_memory_gib": progress.peak_memory_gib,
+        }
+        for name, value in scalars.items():
+            if value is not None:
+                run.writer.add_scalar(f"train/{name}", value, run.step)
+
+
+def save_checkpoint(run: Run) -> Path:
+    """checkpoint-<step> (see dapt_core/checkpoint.py). Under FSDP every rank takes part (weights gathered to rank 0,
+    optimizer shards written by each); otherwise rank 0 alone writes. Returns its path on every rank."""
+    sharded = run.strategy == "fsdp"
+    weights = full_state(run.model, run.cfg)
+    if sharded:
+        ckpt.save_sharded_optimizer(run.model, run.optimizer, run.out_dir, run.step)
+    path = run.out_dir / f"{CHECKPOINT_PREFIX}{run.step}"
+    if run.dist.main:
+        path = ckpt.write_checkpoint(
+            run.out_dir, run.step, run.trained, run.optimizer, run.scheduler, run.cfg.method, run.trainer_state(),
+            weights=weights, sharded_optimizer=sharded,
+        )
+    run.last_saved = (run.step, path)
+    return path
+
+
+def save_and_judge(run: Run, on_checkpoint) -> tuple[Path, bool]:
+    """Write a checkpoint and let rank 0's `on_checkpoint` judge it; every rank follows its verdict."""
+    path = save_checkpoint(run)
+    rejected = False
+    if run.dist.main:
+        if run.writer is not None:
+            run.writer.flush()
+        rejected = on_checkpoint is not None and on_checkpoint(run.step, path) is False
+    return path, not run.dist.from_main(rejected, run.device)
+
+
+def stop_with_checkpoint(run: Run) -> None:
+    """Honour a stop request: a checkpoint of this step (unless it was just written), then StopRequested."""
+    step, path = run.last_saved
+    if step != run.step:
+        path = save_checkpoint(run)
+        run.dist.barrier()
+    raise StopRequested(Stopped(step=run.step, checkpoint=str(path) if path else None, reason=stop.reason()))
