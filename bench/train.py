@@ -20,7 +20,7 @@ side in one run. Absolute seconds on a shared 2-core machine are noise; only the
    with a timer and reported on its own. Goal: dapt (report_to=[]) / bare >= 0.9; also shown with the default
    TensorBoard logging (report_to=[tensorboard], log_every 10). Also shown: the per-step cost of dapt's data path
    (PackedSequences[i] x batch + make_batch) against the bare array slice.
-2. Evaluation cost per checkpoint: the product's call (`dapt_core.cpt.run_eval`
+2. Evaluation cost per checkpoint: the product's call (`dapt_core.evaluate.evaluate`
    with EvalConfig defaults: lm-eval backend, limit None, batch_size 8, 200 probes x 4 choices per split, under
    torch.no_grad, a fresh work directory as every checkpoint gets) on the held-out files `pack_corpus` wrote: 471
    domain + 481 general documents, about the default cap `mix.max_heldout_docs` 500 that any corpus of more than
@@ -396,13 +396,13 @@ def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Pa
 
     import lm_eval  # noqa: F401  (imported once per process; not a per-checkpoint cost)
     from dapt_core.config import EvalConfig
-    from dapt_core.cpt import run_eval
+    from dapt_core.evaluate import evaluate
 
     timers = EvalTimers()
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     cfg = EvalConfig()
     files = {k: Path(p) for k, p in eval_files.items() if p}
-    from dapt_core.evaluate import read_texts
+    from dapt_core.eval_tasks import read_texts
 
     texts = [t for p in files.values() for t in read_texts(p)]
     n_tok = sum(len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
@@ -423,7 +423,7 @@ def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Pa
                 timers.t.clear()
                 t0, c0 = time.perf_counter(), time.process_time()
                 with torch.no_grad(), contextlib.redirect_stderr(logf), contextlib.redirect_stdout(logf):
-                    res = run_eval(model, tokenizer, files, work, cfg, "auto")  # the call of every CPT checkpoint
+                    res = evaluate(model, tokenizer, files, work, cfg)  # the call of every CPT checkpoint
                 dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 parts = dict(timers.t)
                 parts["other (TaskManager, datasets, requests)"] = dt - sum(parts.values())

@@ -329,7 +329,7 @@ class BenchmarkConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Forgetting evaluation and rollback (dapt_core/evaluate.py); thresholds from DAPT-FACTS."""
+    """Forgetting evaluation (dapt_core/evaluate.py), its gate and rollback (dapt_core/forgetting.py); thresholds from DAPT-FACTS."""
 
     max_general_ppl_increase: float = Field(
         0.15, ge=0, description="Reject a checkpoint whose general perplexity rose more than this fraction over the original base."
@@ -356,6 +356,10 @@ class EvalConfig(_Section):
     )
     extra_tasks: list[str] = Field(default_factory=list, description="Further lm-eval task names (must be available offline).")
     limit: int | None = Field(None, ge=1, description="Documents per eval task (null: all held-out documents).")
+    backend: Literal["auto", "lm-eval", "native"] = Field(
+        "auto", description="lm-eval (HFLM on the loaded model), native (dapt_core.metrics and the built-in choice scorer, "
+        "no lm-eval needed) or auto (lm-eval when importable, else native)."
+    )
     batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
     max_length: int = Field(
         1024, ge=16, description="Context window of the perplexity tasks (longer documents are scored in rolling windows); "

@@ -38,10 +38,12 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dapt_core import stop
+from dapt_core import layout, stop
 from dapt_core import train as train_mod
 from dapt_core.config import EvalConfig, TrainConfig
-from dapt_core.evaluate import Decision, EvalResult, ForgettingPolicy, evaluate, write_report
+from dapt_core.eval_report import write_report
+from dapt_core.evaluate import EvalResult, evaluate
+from dapt_core.forgetting import Decision, ForgettingPolicy
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model import load_from_dir
 from dapt_core.model_card import ModelProvenance, write_model_card
@@ -64,7 +66,6 @@ class AttemptSpec(BaseModel):
     attempt: int
     new_token_ids: list[int] = []  # rows the tokenizer stage added: LoRA trains them (train.train_new_tokens)
     provenance: ModelProvenance | None = None  # for the promoted model's card (README.md)
-    eval_backend: str = "auto"
     code_version: str
 
 
@@ -73,17 +74,6 @@ def eval_files(store: ArtifactStore, pack: PackManifest) -> dict[str, Path]:
     if not files:
         raise ValueError("the pack stage held out no eval documents (mix.heldout_fraction is 0): nothing to evaluate")
     return files
-
-
-def run_eval(model, tokenizer, files: dict[str, Path], workdir: Path, cfg: EvalConfig, backend: str) -> EvalResult:
-    import torch
-
-    with torch.no_grad():
-        return evaluate(
-            model, tokenizer, files, workdir, extra_tasks=cfg.extra_tasks, limit=cfg.limit, batch_size=cfg.batch_size,
-            max_probes=cfg.max_probes, n_choices=cfg.probe_choices, probes=cfg.max_probes > 0, backend=backend,
-            max_length=cfg.max_length, benchmarks=cfg.benchmarks,
-        )
 
 
 def _general_samples(store: ArtifactStore, spec: AttemptSpec) -> list[list[int]] | None:
@@ -145,10 +135,6 @@ class Journal(BaseModel):
     entries: list[JournalEntry]
 
 
-def _journal_key(prefix: str) -> str:
-    return f"{prefix}/journal.json"
-
-
 def _chain(previous: str, row: dict) -> str:
     canonical = json.dumps(row, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{previous}\n{canonical}".encode()).hexdigest()
@@ -167,7 +153,7 @@ def journal_text(rows: list[dict], prefix: str) -> str:
 def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
     """The decision rows of the attempt at `prefix` (none when it has no journal yet), after verifying the journal
     (see module docstring); JournalError naming the journal and what to do when any check fails."""
-    key = _journal_key(prefix)
+    key = layout.journal_key(prefix)
     if not store.exists(key):
         return []
 
@@ -195,7 +181,7 @@ def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
             raise refuse(f"step {entry.step} follows step {last_step}")
         if rows and rows[-1].get("accepted") is False:
             raise refuse(f"step {entry.step} follows the rejected step {last_step}, where training stops")
-        own = store.uri(f"{prefix}/checkpoints/{train_mod.CHECKPOINT_PREFIX}{entry.step}")
+        own = store.uri(layout.checkpoint_key(prefix, f"{train_mod.CHECKPOINT_PREFIX}{entry.step}"))
         if entry.checkpoint.uri != own:
             raise refuse(f"the checkpoint of step {entry.step} is not this attempt's {own}")
         try:
@@ -228,9 +214,9 @@ def journal_interrupted(store: ArtifactStore, prefix: str, rows: list[dict], sto
         stopped = stopped.model_copy(update={"checkpoint": rows[-1]["checkpoint"]["uri"] if rows else None})
     else:
         local = Path(stopped.checkpoint)
-        ref = store.put_dir(local, f"{prefix}/checkpoints/{local.name}")
+        ref = store.put_dir(local, layout.checkpoint_key(prefix, local.name))
         rows.append({"step": stopped.step, "interrupted": True, "reason": stopped.reason, "checkpoint": ref.model_dump(mode="json")})
-        store.put_text(journal_text(rows, prefix), _journal_key(prefix))
+        store.put_text(journal_text(rows, prefix), layout.journal_key(prefix))
         log.warning("stopped (%s) at step %d: checkpoint %s journaled; a re-run resumes from it", stopped.reason, stopped.step, ref.uri)
         stopped = stopped.model_copy(update={"checkpoint": ref.uri})
     stop.saved(stopped)
@@ -296,7 +282,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
         # get_peft_model injects adapters into `model` in place: `model` is the model being trained, for either method.
         if observer is not None:
             observer.evaluating(step)
-        result = run_eval(model, tokenizer, files, workdir / f"eval-{step}", spec.eval, spec.eval_backend)
+        result = evaluate(model, tokenizer, files, workdir / f"eval-{step}", spec.eval)
         decision = policy.judge(base, result, step=step)
         if observer is not None:
             observer.judged(step, decision.accepted, decision.reasons, result.metrics)
@@ -304,15 +290,15 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
             "attempt %d checkpoint step %d %s: %s %s", spec.attempt, step, "ACCEPTED" if decision.accepted else "REJECTED",
             "; ".join(decision.reasons) or "within limits", json.dumps(decision.numbers, sort_keys=True),
         )
-        ref = store.put_dir(path, f"{spec.prefix}/checkpoints/{path.name}")
+        ref = store.put_dir(path, layout.checkpoint_key(spec.prefix, path.name))
         rows.append(_decision_row(step, result, decision, ref))
         if tb is not None:
             for name, value in result.metrics.items():
                 tb.add_scalar(f"eval/{name}", value, step)
             tb.add_scalar("eval/accepted", float(decision.accepted), step)
             tb.flush()
-            tensorboard_ref = store.put_dir(train_dir / "tensorboard", f"{spec.prefix}/tensorboard")
-        store.put_text(journal_text(rows, spec.prefix), _journal_key(spec.prefix))  # last: an entry means the checkpoint is safe
+            tensorboard_ref = store.put_dir(train_dir / "tensorboard", layout.tensorboard_key(spec.prefix))
+        store.put_text(journal_text(rows, spec.prefix), layout.journal_key(spec.prefix))  # last: an entry means the checkpoint is safe
         return decision.accepted
 
     if not ended:
@@ -343,7 +329,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
         final = _model_at(spec, store, store.local_dir(DirRef.model_validate(best["checkpoint"]))).to("cpu")
         if spec.train.method == "lora" and spec.train.save_adapter:
             final.save_pretrained(workdir / "adapter")  # peft: adapter weights + adapter_config.json
-            adapter = store.put_dir(workdir / "adapter", f"{spec.prefix}/promoted-adapter")
+            adapter = store.put_dir(workdir / "adapter", layout.promoted_adapter_key(spec.prefix))
         final = train_mod.merge_lora(final)
         out = workdir / "promoted"
         final.save_pretrained(out, safe_serialization=True)
@@ -353,12 +339,12 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
                 out, spec.provenance, "continual pretraining", best["metrics"], spec.reference.metrics,
                 f"accepted at step {best_step} of attempt {spec.attempt} (lr {spec.train.lr:g}).",
             )
-        promoted = store.put_dir(out, f"{spec.prefix}/promoted")
+        promoted = store.put_dir(out, layout.promoted_key(spec.prefix))
         log.info("attempt %d: promoted checkpoint step %d to %s", spec.attempt, best_step, promoted.uri)
     else:
         log.warning("attempt %d: no checkpoint passed the forgetting policy; nothing promoted", spec.attempt)
     report = write_report(base, evaluated, workdir / "report", best_step=best_step, policy=policy)
-    refs = {k: store.put_file(p, f"{spec.prefix}/report/{p.name}") for k, p in report.items()}
+    refs = {k: store.put_file(p, layout.attempt_report_key(spec.prefix, p.name)) for k, p in report.items()}
     rejected = [r["step"] for r in rows if not r["accepted"]]
     return CptManifest(
         accepted=best_step is not None,

@@ -24,7 +24,7 @@ import os
 import shutil
 import stat
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import takewhile
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from dapt_core import leftovers
 from dapt_core.config import IngestConfig, SourceConfig
 from dapt_core.hashing import sha256_file
-from dapt_core.manifest import InputFile, Kind, QuarantineRecord
+from dapt_core.manifest import IngestManifest, InputFile, Kind, QuarantineRecord
 from dapt_core.faults import StoreError, store_errors
 from dapt_core.store import s3_client
 
@@ -112,6 +112,24 @@ def discover_inputs(source: SourceConfig, kind: Kind) -> tuple[list[InputFile], 
                 "Fix or remove this path in the config; relative paths are resolved against the config file's folder."
             )
     return sorted(inputs.values(), key=lambda i: i.uri), sorted(refused.values(), key=lambda q: q.file)
+
+
+def require_complete_eval_sets(refused: Sequence[QuarantineRecord], ingested: Sequence[IngestManifest] = ()) -> None:
+    """Every evaluation file must read completely: decontamination only removes what it can read, so an eval file
+    refused at discovery, or one that yielded no document (the usual cause: a wrong text_field) or quarantined some,
+    would silently weaken it. One ValueError names every such file."""
+    problems = [f"{q.file}: {q.reason} {q.detail}" for q in refused if q.kind == "eval"]
+    problems += [
+        f"{m.input.uri}: {m.docs} documents read, {len(m.quarantined)} quarantined"
+        + (f" (first: {m.quarantined[0].reason} at {m.quarantined[0].position})" if m.quarantined else "")
+        for m in ingested
+        if m.docs == 0 or m.quarantined
+    ]
+    if problems:
+        raise ValueError(
+            "data.eval: evaluation files could not be read completely; check each source's text_field, or fix or "
+            "remove the file: " + "; ".join(problems)
+        )
 
 
 def _is_glob(spec: str) -> bool:

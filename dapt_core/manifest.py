@@ -35,11 +35,6 @@ class DirRef(BaseModel):
         return h.hexdigest()
 
 
-def latest_manifest_key(project: str, stage: str) -> str:
-    """Store key of the manifest of the project's last successful run of a stage's flow (what `dapt verify` checks)."""
-    return f"runs/{project}/{stage}-latest.json"
-
-
 # Marks a field whose artifacts no later stage reads (kept for resume or inspection): deleting them to free space must
 # not make a cached stage run again.
 NOT_HANDED_ON = {"handed_on": False}

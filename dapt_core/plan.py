@@ -12,9 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from dapt_core import leftovers
+from dapt_core import layout, leftovers
 from dapt_core.config import DaptConfig
-from dapt_core.manifest import latest_manifest_key
 from dapt_core.model import load_tokenizer
 from dapt_core.readers import parquet_texts
 
@@ -176,7 +175,7 @@ def corpus_texts(cfg: DaptConfig) -> CorpusTexts:
     from dapt_core.store import open_store
 
     store = open_store(cfg.store)
-    latest = latest_prepare_key(cfg.project)
+    latest = layout.latest_manifest_key(cfg.project, "prepare")
     if store.exists(latest):
         cm = PrepareManifest.model_validate_json(store.read_key(latest)).clean
         return CorpusTexts(
@@ -189,11 +188,6 @@ def corpus_texts(cfg: DaptConfig) -> CorpusTexts:
         domain=_raw_texts(cfg, "domain", cfg.data.domain),
         general=_raw_texts(cfg, "general", cfg.data.general),
     )
-
-
-def latest_prepare_key(project: str) -> str:
-    """Store key of the manifest of the project's last successful `dapt prepare`."""
-    return latest_manifest_key(project, "prepare")
 
 
 def _raw_texts(cfg: DaptConfig, kind: str, sources: list) -> Iterator[str]:

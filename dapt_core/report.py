@@ -10,7 +10,8 @@ import base64
 import json
 from pathlib import Path
 
-from dapt_core.evaluate import ForgettingPolicy, benchmark_section
+from dapt_core.eval_report import benchmark_section
+from dapt_core.forgetting import ForgettingPolicy
 from dapt_core.manifest import CleanManifest, CptManifest, PackManifest, SftManifest, TokenizerManifest
 
 HEADLINE = [
@@ -88,8 +89,8 @@ def write_pipeline_report(
         "| metric | original | base | CPT (promoted) | Δ vs original | SFT | Δ vs original |", "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     bench_rows = [
-        (k, f"{k.split('/')[1]} {policy.benchmark_metric}", "higher")
-        for k in sorted({k for m in (original, base, best or {}) for k in m if k.startswith("bench/") and k.endswith(f"/{policy.benchmark_metric}")})
+        (k, f"{k.split('/')[1]} {policy.config.benchmark_metric}", "higher")
+        for k in sorted({k for m in (original, base, best or {}) for k in m if k.startswith("bench/") and k.endswith(f"/{policy.config.benchmark_metric}")})
     ]
     for k, label, better in HEADLINE + bench_rows:
         o, b, c, s = original.get(k), base.get(k), (best or {}).get(k), (after_sft or {}).get(k)

@@ -20,6 +20,10 @@ the optional `loss_mask` column of the training shards; everything SFT-specific 
    default for SFT) keeps them from attending to each other.
 5. **Measure** (`response_metrics`): teacher-forced NLL and argmax accuracy on the held-out responses, and exact match
    (which teacher forcing gives for free, see there), before and after training (`run_sft`).
+6. **Attempt** (`run_sft_attempt`, beside CPT's `run_attempt`): train, evaluate with the forgetting evaluation against
+   the original base, judge by the same policy, save the model. Stopped by a signal or a cancel (dapt_core/stop.py),
+   the checkpoint of the current step is uploaded to `<prefix>/checkpoints/` and journaled in `<prefix>/journal.json`;
+   the next run resumes from it.
 """
 
 from __future__ import annotations
@@ -31,13 +35,23 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
-from dapt_core.config import SftConfig
-from dapt_core.model import adds_bos
+from dapt_core import layout
+from dapt_core.config import EvalConfig, SftConfig
+from dapt_core.cpt import AttemptObserver, eval_files, journal_interrupted, read_journal, resume_from_journal
+from dapt_core.evaluate import EvalResult, evaluate
+from dapt_core.forgetting import Decision, ForgettingPolicy
+from dapt_core.manifest import DirRef, PackManifest, SftManifest
+from dapt_core.model import adds_bos, load_from_dir
+from dapt_core.model_card import ModelProvenance, write_model_card
 from dapt_core.split import heldout_bucket, heldout_fraction
+from dapt_core.stop import StopRequested
+from dapt_core.store import ArtifactStore, open_store
 from dapt_core.train import TrainResult, distributed, merge_lora, train
 
 log = logging.getLogger("dapt.sft")
@@ -417,3 +431,63 @@ def run_sft(model, tokenizer, cfg: SftConfig, out_dir: Path, on_checkpoint=None,
             before["sft/response_loss"], after["sft/response_loss"], before["sft/response_token_acc"], after["sft/response_token_acc"],
         )
     return SftResult(model=trained, counts=counts, heldout=heldout, before=before, after=after, train=result)
+
+
+# ------------------------------------------------------------------------------------------------------ the attempt
+class SftAttemptSpec(BaseModel):
+    """Everything one SFT attempt needs (as `cpt.AttemptSpec` for CPT)."""
+
+    start: DirRef  # the model (and tokenizer) SFT starts from: the promoted CPT model
+    pack: PackManifest  # its held-out text is what the forgetting evaluation reads
+    sft: SftConfig
+    eval: EvalConfig
+    reference: EvalResult  # what the SFT model is judged against: the original base's evaluation
+    store: str
+    prefix: str  # store key prefix of this attempt's outputs (layout.sft_attempt_prefix)
+    provenance: ModelProvenance | None = None  # for the model card (README.md)
+    code_version: str
+
+
+class SftObserver(AttemptObserver, Protocol):
+    def done(self, description: str) -> None: ...
+
+
+def run_sft_attempt(spec: SftAttemptSpec, workdir: Path, observer: SftObserver | None = None) -> SftManifest:
+    """Train (resuming from the attempt's journal) → evaluate → judge → save the model; see the module docstring."""
+    store = open_store(spec.store)
+    rows = read_journal(store, spec.prefix)
+    model, tokenizer = load_from_dir(store.local_dir(spec.start))
+    resume_from_journal(store, rows, workdir / "sft" / "train")
+    try:
+        result = run_sft(model, tokenizer, spec.sft, workdir / "sft", on_progress=observer.step if observer else None)
+    except StopRequested as e:
+        raise StopRequested(journal_interrupted(store, spec.prefix, rows, e.stopped)) from None
+    if observer is not None:
+        observer.evaluating(result.train.step)
+    evaluated = evaluate(result.model, tokenizer, eval_files(store, spec.pack), workdir / "eval", spec.eval)
+    decision = ForgettingPolicy.from_config(spec.eval).judge(spec.reference, evaluated)
+    if observer is not None:
+        observer.judged(result.train.step, decision.accepted, decision.reasons, evaluated.metrics)
+        observer.done("passes the forgetting policy" if decision.accepted else "rejected by the forgetting policy")
+    ref = _save_model(spec, store, result.model, tokenizer, evaluated, decision, workdir / "model")
+    verdict = "ACCEPTED" if decision.accepted else "REJECTED: " + "; ".join(decision.reasons)
+    log.info("SFT %s: response %s -> %s", verdict, result.before, result.after)
+    return SftManifest(
+        model=ref, examples=result.counts["examples"], heldout_examples=len(result.heldout),
+        response_before=result.before, response_after=result.after, eval_metrics=dict(evaluated.metrics),
+        accepted=decision.accepted, reasons=list(decision.reasons), numbers=dict(decision.numbers),
+        code_version=spec.code_version,
+    )
+
+
+def _save_model(
+    spec: SftAttemptSpec, store: ArtifactStore, model: torch.nn.Module, tokenizer: object, evaluated: EvalResult,
+    decision: Decision, out: Path,
+) -> DirRef:
+    """The SFT model (with its tokenizer and, given provenance, a model card) in the store, accepted or not."""
+    model.to("cpu").save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if spec.provenance is not None:
+        verdict = "passes" if decision.accepted else "REJECTED: " + "; ".join(decision.reasons)
+        write_model_card(out, spec.provenance, "supervised fine-tuning", evaluated.metrics, spec.reference.metrics, verdict)
+    return store.put_dir(out, layout.sft_model_key(spec.prefix))

@@ -351,15 +351,16 @@ def verify(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
 
 
 def _run_verify(cfg: DaptConfig):
-    from dapt_core.manifest import CptManifest, PipelineManifest, PrepareManifest, RunState, TrainingDataManifest, latest_manifest_key
+    from dapt_core import layout
+    from dapt_core.manifest import CptManifest, PipelineManifest, PrepareManifest, RunState, TrainingDataManifest
     from dapt_core.store import open_store
     from tasks.caching import result_kind, verify_store
 
     store = open_store(cfg.store)
     latest = {"prepare": PrepareManifest, "training-data": TrainingDataManifest, "cpt": CptManifest, "pipeline": PipelineManifest}
-    runs = {latest_manifest_key(cfg.project, stage): model for stage, model in latest.items()}
-    runs |= {key: RunState for key in store.list(f"runs/{cfg.project}/lineages") if key.endswith("/last-success.json")}
-    runs |= {key: CptManifest for key in store.list(f"runs/{cfg.project}/cpt-results")}
+    runs = {layout.latest_manifest_key(cfg.project, stage): model for stage, model in latest.items()}
+    runs |= {key: RunState for key in store.list(layout.lineages_prefix(cfg.project)) if key.endswith("/last-success.json")}
+    runs |= {key: CptManifest for key in store.list(layout.cpt_results_prefix(cfg.project))}
     report = verify_store(cfg.store, cfg.project, runs)
     action = {
         "stale": "the next run recomputes this stage",

@@ -6,8 +6,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from dapt_core.config import DaptConfig
-from dapt_core.evaluate import ForgettingPolicy, rollback_plan
-from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest, latest_manifest_key
+from dapt_core import layout
+from dapt_core.forgetting import ForgettingPolicy, rollback_plan
+from dapt_core.manifest import CptManifest, DirRef, TrainingDataManifest
 from dapt_core.model import base_fingerprint
 from dapt_core.model_card import provenance_of
 from dapt_core.preflight import check_before_data_stages
@@ -28,8 +29,8 @@ def _summary(m: CptManifest) -> dict:
 
 
 def _best_metric(m: CptManifest, policy: ForgettingPolicy) -> float:
-    value = next(d["metrics"][policy.primary_metric] for d in m.decisions if d["step"] == m.best_step)
-    return -value if policy.primary_higher_is_better else value
+    value = next(d["metrics"][policy.config.primary_metric] for d in m.decisions if d["step"] == m.best_step)
+    return -value if policy.config.primary_higher_is_better else value
 
 
 @flow(name="dapt-cpt", log_prints=True)
@@ -112,7 +113,7 @@ def _cpt_attempts(
     create_markdown_artifact(
         key="dapt-cpt-report", markdown=store.read_text(final.report_md), description=f"CPT forgetting evaluation of {config.project}"
     )
-    store.put_text(final.model_dump_json(indent=1), latest_manifest_key(config.project, "cpt"))
+    store.put_text(final.model_dump_json(indent=1), layout.latest_manifest_key(config.project, "cpt"))
     if output_key:
         store.put_text(final.model_dump_json(), output_key)
     return final

@@ -21,10 +21,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from dapt_core import leftovers
+from dapt_core import layout, leftovers
 from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.config import DaptConfig
-from dapt_core.evaluate import ForgettingPolicy
+from dapt_core.forgetting import ForgettingPolicy
 from dapt_core.hashing import stable_hash
 from dapt_core.manifest import (
     CptManifest,
@@ -34,7 +34,6 @@ from dapt_core.manifest import (
     RefreshBasis,
     RunState,
     TrainingDataManifest,
-    latest_manifest_key,
 )
 from dapt_core.model import base_fingerprint
 from dapt_core.model_card import provenance_of
@@ -61,12 +60,8 @@ def lineage_of(config: DaptConfig) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{flow_run.flow_name}-{deployment.name}").strip("-")
 
 
-def state_key(project: str, lineage: str) -> str:
-    return f"runs/{project}/lineages/{lineage}/last-success.json"
-
-
 def load_state_at(store: ArtifactStore, project: str, lineage: str) -> RunState | None:
-    key = state_key(project, lineage)
+    key = layout.lineage_state_key(project, lineage)
     return RunState.model_validate_json(store.read_key(key)) if store.exists(key) else None
 
 
@@ -155,7 +150,7 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
             Path(tmp), project=config.project, clean=prepared.clean, tokenizer=tokenizer, pack=pack, cpt=cpt, sft=sft,
             original_base=original.metrics, policy=ForgettingPolicy.from_config(config.eval),
         )
-        refs = {k: store.put_file(p, f"runs/{config.project}/reports/{run_key}/{p.name}") for k, p in paths.items()}
+        refs = {k: store.put_file(p, layout.run_report_key(config.project, run_key, p.name)) for k, p in paths.items()}
         markdown = inline_images(paths["md"].read_text(encoding="utf-8"), {k: paths[k] for k in ("funnel", "checkpoints")})
     create_markdown_artifact(key="dapt-report", markdown=markdown, description=f"dapt report of {config.project}")
 
@@ -164,7 +159,7 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
         project=config.project, data=data, cpt=cpt, sft=sft, final_model=final_model, report_md=refs["md"],
         report_json=refs["json"], plots={k: refs[k] for k in ("funnel", "checkpoints")}, refresh_of=start.uri if start else None,
     )
-    store.put_text(result.model_dump_json(indent=1), latest_manifest_key(config.project, "pipeline"))
+    store.put_text(result.model_dump_json(indent=1), layout.latest_manifest_key(config.project, "pipeline"))
     if cpt.promoted is not None:
         success = RunState(
             lineage=lineage, generation=state.generation + 1 if state else 0, inputs=_ingested(prepared),
@@ -184,7 +179,7 @@ def _ingested(prepared: PrepareManifest) -> dict[str, str]:
 
 
 def _save_state(store: ArtifactStore, state: RunState, project: str) -> None:
-    store.put_text(state.model_dump_json(indent=1), state_key(project, state.lineage))
+    store.put_text(state.model_dump_json(indent=1), layout.lineage_state_key(project, state.lineage))
 
 
 def _advance(store: ArtifactStore, project: str, success: RunState, started_from: DirRef | None) -> None:
@@ -217,7 +212,7 @@ def _cpt_stage(config: DaptConfig, data: TrainingDataManifest, start: DirRef | N
         return cpt_flow(config, data=data, start=start, reference=reference)
     from prefect.deployments import run_deployment
 
-    key = f"runs/{config.project}/cpt-results/{stable_hash(data.pack, start, config.train, config.eval)}.json"
+    key = layout.cpt_result_key(config.project, stable_hash(data.pack, start, config.train, config.eval))
     run = run_deployment(
         config.deploy.cpt_deployment,
         parameters={

@@ -8,11 +8,12 @@ from prefect.futures import as_completed
 from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.config import DaptConfig
 from dapt_core.manifest import PrepareManifest
-from dapt_core.plan import latest_prepare_key
+from dapt_core import layout
 from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import result_storage_for, was_cached
-from tasks.data import check_eval_sets, clean_task, discover_task, ingest_task, publish_data_report
+from dapt_core.ingest import require_complete_eval_sets
+from tasks.data import clean_task, discover_task, ingest_task, publish_data_report
 
 
 @flow(name="dapt-prepare", log_prints=True)
@@ -36,7 +37,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
         progress.advance("ingest files")
     ingested = [f.result() for f in ingest_futures]
     eval_manifests = [f.result() for f in eval_futures]
-    check_eval_sets(eval_manifests)
+    require_complete_eval_sets([], eval_manifests)
 
     progress.stage("clean, dedup, stats", total=1)
     clean_future = clean.submit(ingested, eval_manifests, refused, config.clean, config.store)
@@ -54,5 +55,5 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
         computed=[name for name, f in runs if not was_cached(f)],
         cached=[name for name, f in runs if was_cached(f)],
     )
-    open_store(config.store).put_text(result.model_dump_json(indent=2), latest_prepare_key(config.project))
+    open_store(config.store).put_text(result.model_dump_json(indent=2), layout.latest_manifest_key(config.project, "prepare"))
     return result

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from dapt_core.config import DaptConfig
-from dapt_core.manifest import RefreshBasis, TokenizerManifest, TrainingDataManifest, latest_manifest_key
+from dapt_core import layout
+from dapt_core.manifest import RefreshBasis, TokenizerManifest, TrainingDataManifest
 from dapt_core.model import base_fingerprint
 from dapt_core.store import open_store
 from tasks import progress
@@ -52,5 +53,5 @@ def training_data_flow(
         computed=prepared.computed + [n for n, f in runs if not was_cached(f)],
         cached=prepared.cached + [n for n, f in runs if was_cached(f)],
     )
-    open_store(config.store).put_text(result.model_dump_json(indent=1), latest_manifest_key(config.project, "training-data"))
+    open_store(config.store).put_text(result.model_dump_json(indent=1), layout.latest_manifest_key(config.project, "training-data"))
     return result

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from dapt_core.evaluate import EvalResult
 from dapt_core.hashing import stable_hash
+from dapt_core.layout import RESULTS_PREFIX, result_record_key
 from dapt_core.manifest import (
     ArtifactRef,
     CleanManifest,
@@ -42,7 +43,6 @@ from dapt_core.manifest import (
 )
 from dapt_core.store import ArtifactStore, open_store
 
-RESULTS_PREFIX = "prefect-results"
 
 # What the result record of each cached task may hold, by the stage name its cache key starts with ("ingest-<sha256>").
 RESULT_TYPES: dict[str, Any] = {
@@ -203,7 +203,7 @@ class StoreResultStorage(WritableFileSystem):
     def read_path(self, path: str, _sync: bool = True) -> bytes:
         """The record at `path`, validated and re-encoded; raises for an untrusted record or a stale one (Prefect takes
         both for a cache miss: the cached task body refuses the untrusted one, see `check_result_record`)."""
-        store, key = self._store(), f"{RESULTS_PREFIX}/{path}"
+        store, key = self._store(), result_record_key(path)
         value = decode_record(path, store.read_key(key), store.uri(key))
         problems = _stale(store, value)
         if problems:
@@ -214,7 +214,7 @@ class StoreResultStorage(WritableFileSystem):
         return json.dumps({"metadata": {"storage_key": path, "serializer": ManifestSerializer().model_dump()}, "result": result}).encode()
 
     def write_path(self, path: str, content: bytes, _sync: bool = True) -> str:
-        return self._store().put_bytes(sign_record(path, content), f"{RESULTS_PREFIX}/{path}").uri
+        return self._store().put_bytes(sign_record(path, content), result_record_key(path)).uri
 
     async def aread_path(self, path: str) -> bytes:
         return self.read_path(path)
@@ -241,13 +241,18 @@ def _refresh_requested() -> bool:
     return bool(PREFECT_TASKS_REFRESH_CACHE.value())
 
 
+def eval_set_hashes(pack: PackManifest) -> list[str | None]:
+    """The content of the held-out eval files, for the cache key of every stage that evaluates on them."""
+    return [r.sha256 if r else None for r in (pack.eval_domain, pack.eval_general)]
+
+
 def check_result_record(store_uri: str, key: str) -> None:
     """First call of every cached task body, which runs only on a cache miss. Prefect takes a record it cannot read for
     a miss, so an untrusted record would silently be recomputed and overwritten: refuse it instead (before any work),
     unless the user asked to recompute."""
     if _refresh_requested():
         return
-    store, path = open_store(store_uri), f"{RESULTS_PREFIX}/{key}"
+    store, path = open_store(store_uri), result_record_key(key)
     if store.exists(path):
         decode_record(key, store.read_key(path), store.uri(path))
 

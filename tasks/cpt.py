@@ -15,7 +15,6 @@ import collections
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -26,13 +25,17 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 import dapt_core.cpt as cpt_mod
+import dapt_core.eval_report as eval_report_mod
+import dapt_core.eval_tasks as eval_tasks_mod
 import dapt_core.evaluate as evaluate_mod
 import dapt_core.ewc as ewc_mod
+import dapt_core.forgetting as forgetting_mod
+import dapt_core.probes as probes_mod
 import dapt_core.train as train_mod
-from dapt_core import leftovers, manifest, metrics, model, stop
+from dapt_core import layout, leftovers, manifest, metrics, model, stop
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
-from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, run_eval
-from dapt_core.evaluate import EvalResult
+from dapt_core.cpt import AttemptSpec, eval_files, run_attempt
+from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
 from dapt_core.model_card import ModelProvenance
@@ -40,12 +43,10 @@ from dapt_core.stop import Stopped, StopRequested
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store
 from tasks import progress
-from tasks.caching import check_result_record
+from tasks.caching import check_result_record, eval_set_hashes
 
-CPT_CODE = code_version(cpt_mod, train_mod, ewc_mod, evaluate_mod, metrics, model, manifest, sys.modules[__name__])
-
-# "auto" (lm-eval when importable), "lm-eval" or "native"; part of every cache key.
-EVAL_BACKEND = os.environ.get("DAPT_EVAL_BACKEND", "auto")
+EVAL_CODE = (evaluate_mod, eval_tasks_mod, probes_mod, forgetting_mod, eval_report_mod, metrics)
+CPT_CODE = code_version(cpt_mod, train_mod, ewc_mod, *EVAL_CODE, model, manifest, sys.modules[__name__])
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter:
@@ -55,13 +56,9 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("dapt.cpt")
 
 
-def _eval_hashes(pack: PackManifest) -> list[str | None]:
-    return [r.sha256 if r else None for r in (pack.eval_domain, pack.eval_general)]
-
-
 # ------------------------------------------------------------------------------------------------------- base eval
 def base_eval_key(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig) -> str:
-    return "base-eval-" + stable_hash(reference.sha256, _eval_hashes(pack), eval_cfg, EVAL_BACKEND, CPT_CODE)
+    return "base-eval-" + stable_hash(reference.sha256, eval_set_hashes(pack), eval_cfg, CPT_CODE)
 
 
 @task(
@@ -79,7 +76,7 @@ def base_eval_task(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig, 
 
 
 def original_eval_key(fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig) -> str:
-    return "original-eval-" + stable_hash(fingerprint, _eval_hashes(pack), eval_cfg, EVAL_BACKEND, CPT_CODE)
+    return "original-eval-" + stable_hash(fingerprint, eval_set_hashes(pack), eval_cfg, CPT_CODE)
 
 
 @task(
@@ -97,7 +94,7 @@ def original_base_eval_task(model_cfg: ModelConfig, fingerprint: str, pack: Pack
 
 def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what: str) -> EvalResult:
     with leftovers.temp_dir("base-eval") as tmp:
-        result = run_eval(m, tokenizer, eval_files(store, pack), Path(tmp), eval_cfg, EVAL_BACKEND)
+        result = evaluate(m, tokenizer, eval_files(store, pack), Path(tmp), eval_cfg)
     _log().info("%s metrics (%s): %s", what, result.backend, json.dumps(result.metrics, sort_keys=True))
     return result
 
@@ -113,7 +110,7 @@ def cpt_key(
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
     train = train_cfg.model_dump(mode="json", exclude={"stop_grace_s"})
     return "cpt-" + stable_hash(
-        start.sha256, shards, _eval_hashes(pack), fisher, train, eval_cfg, reference, attempt, EVAL_BACKEND, CPT_CODE,
+        start.sha256, shards, eval_set_hashes(pack), fisher, train, eval_cfg, reference, attempt, CPT_CODE,
         *([sorted(new_token_ids)] if new_token_ids else []),  # the rows LoRA trains (absent: the key stays as it was)
     )
 
@@ -142,7 +139,7 @@ def cpt_task(
     check_result_record(store_uri, key)
     spec = AttemptSpec(
         start=start, pack=pack, train=train_cfg, eval=eval_cfg, reference=reference, store=store_uri,
-        prefix=f"cpt/{key}", attempt=attempt, new_token_ids=new_token_ids or [], eval_backend=EVAL_BACKEND, code_version=CPT_CODE,
+        prefix=layout.cpt_attempt_prefix(key), attempt=attempt, new_token_ids=new_token_ids or [], code_version=CPT_CODE,
         provenance=provenance,
     )
     log.info(

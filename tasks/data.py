@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
-from dapt_core import leftovers, manifest
+from dapt_core import layout, leftovers, manifest
 from dapt_core.config import CleanConfig, DataConfig, IngestConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
@@ -46,10 +46,7 @@ def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], l
             files, bad = ingest.discover_inputs(source, kind)
             found[kind] += files
             refused += bad
-    bad_evals = [q for q in refused if q.kind == "eval"]
-    if bad_evals:  # a skipped eval file would silently weaken decontamination
-        problems = "; ".join(f"{q.file}: {q.reason} {q.detail}" for q in bad_evals)
-        raise ValueError(f"data.eval: cannot read evaluation files ({problems}); fix or remove them.")
+    ingest.require_complete_eval_sets(refused)
     inputs, evals = found["domain"] + found["general"], found["eval"]
     return inputs, evals, refused
 
@@ -72,7 +69,7 @@ def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestMani
     with leftovers.temp_dir("ingest") as tmp:
         out = Path(tmp) / "docs.parquet"
         docs, quarantined = ingest.ingest_file(inp, cfg, out)
-        shard = store.put_file(out, f"ingest/{inp.kind}/{inp.source}/{key}.parquet") if docs else None
+        shard = store.put_file(out, layout.ingest_shard_key(inp.kind, inp.source, key)) if docs else None
     return IngestManifest(input=inp, shard=shard, docs=docs, quarantined=quarantined, code_version=INGEST_CODE)
 
 
@@ -100,7 +97,7 @@ def clean_task(
     all_quarantined = quarantined + [q for m in ingested for q in m.quarantined]
     with leftovers.temp_dir("clean") as tmp:
         out = clean.clean_corpus(shards, eval_shards, all_quarantined, cfg, Path(tmp))
-        prefix = f"clean/{key}"
+        prefix = layout.clean_prefix(key)
         put = lambda p, name: store.put_file(p, f"{prefix}/{name}") if p else None  # noqa: E731
         stats_json = Path(tmp) / "stats.json"
         stats_json.write_text(_json(out.stats))
@@ -125,21 +122,6 @@ def _json(obj: object) -> str:
     import json
 
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
-
-
-def check_eval_sets(evals: list[IngestManifest]) -> None:
-    """Refuse to decontaminate against an eval file that yielded nothing: the usual cause is a wrong text_field,
-    and decontamination would then silently do nothing."""
-    problems = [
-        f"{m.input.uri}: {m.docs} documents read, {len(m.quarantined)} quarantined"
-        + (f" (first: {m.quarantined[0].reason} at {m.quarantined[0].position})" if m.quarantined else "")
-        for m in evals
-        if m.docs == 0 or m.quarantined
-    ]
-    if problems:
-        raise ValueError(
-            "data.eval: evaluation files could not be read completely; check each source's text_field: " + "; ".join(problems)
-        )
 
 
 def publish_data_report(cm: CleanManifest, store_uri: str) -> None:

@@ -13,7 +13,7 @@ import dapt_core.embedding as embedding
 import dapt_core.pack as pack
 import dapt_core.replay as replay
 import dapt_core.tokenizer_ext as tokenizer_ext
-from dapt_core import leftovers, manifest, metrics, model, readers, split
+from dapt_core import layout, leftovers, manifest, metrics, model, readers, split
 from dapt_core.config import MixConfig, ModelConfig, TokenizerConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, PackManifest, RefreshBasis, TokenizerManifest
@@ -58,9 +58,9 @@ def extend_tokenizer_task(
         out = Path(tmp) / "model"
         result.model.save_pretrained(out, safe_serialization=True)
         result.tokenizer.save_pretrained(out)
-        model_ref = store.put_dir(out, f"tokenizer/{key}/model")
-    report_json = store.put_text(json.dumps(result.report, indent=2, default=str), f"tokenizer/{key}/report.json")
-    report_md = store.put_text(result.report_markdown, f"tokenizer/{key}/report.md")
+        model_ref = store.put_dir(out, layout.tokenizer_model_key(key))
+    report_json = store.put_text(json.dumps(result.report, indent=2, default=str), layout.tokenizer_report_key(key, "json"))
+    report_md = store.put_text(result.report_markdown, layout.tokenizer_report_key(key, "md"))
     return TokenizerManifest(
         model=model_ref,
         base_fingerprint=fingerprint,
@@ -118,11 +118,10 @@ def pack_task(
             if refresh
             else None,
         )
-        prefix = f"pack/{key}"
-        shards = [store.put_file(p, f"{prefix}/train/{p.name}") for p in result.train_shards]
-        evals = {kind: store.put_file(p, f"{prefix}/eval/{kind}.jsonl") if p else None for kind, p in result.eval_files.items()}
-        sample = store.put_file(result.general_sample, f"{prefix}/general-sample.parquet") if result.general_sample else None
-    report_json = store.put_text(json.dumps(result.report, indent=2, default=str), f"{prefix}/report.json")
+        shards = [store.put_file(p, layout.pack_train_shard_key(key, p.name)) for p in result.train_shards]
+        evals = {kind: store.put_file(p, layout.pack_eval_file_key(key, kind)) if p else None for kind, p in result.eval_files.items()}
+        sample = store.put_file(result.general_sample, layout.pack_general_sample_key(key)) if result.general_sample else None
+    report_json = store.put_text(json.dumps(result.report, indent=2, default=str), layout.pack_report_key(key))
     for w in result.report["warnings"]:
         get_run_logger().warning("%s", w)
     return PackManifest(

@@ -25,7 +25,8 @@ from dapt_core.benchmarks import (
     wilson_interval,
 )
 from dapt_core.config import BenchmarkConfig, ConfigError, DaptConfig, EvalConfig
-from dapt_core.evaluate import BenchmarkSamples, EvalResult, ForgettingPolicy
+from dapt_core.evaluate import BenchmarkSamples, EvalResult
+from dapt_core.forgetting import ForgettingPolicy
 
 CHOICES = ["a warm coat", "a paper boat", "a glass hammer"]
 QUESTION = "What keeps you warm in winter?"
@@ -198,6 +199,11 @@ def test_wilson_interval_and_minimum_detectable_drop():
     assert min_detectable_drop(800, 0.1) == pytest.approx(min_detectable_drop(200, 0.1) / 2)
 
 
+def _gate_on(name: str) -> ForgettingPolicy:
+    """A policy gated on one general benchmark (so no probes), thresholds at the EvalConfig defaults."""
+    return ForgettingPolicy.from_config(EvalConfig(benchmarks=[{"name": name, "kind": "general", "task": "stand_in"}]))
+
+
 def _samples(correct: list[int]) -> BenchmarkSamples:
     return BenchmarkSamples(ids=list(range(len(correct))), acc=correct, acc_norm=correct)
 
@@ -214,7 +220,7 @@ def _samples(correct: list[int]) -> BenchmarkSamples:
 def test_gate_needs_a_drop_past_the_limit_and_significance(n, lost, gained, accepted):
     base = [1] * lost + [0] * gained + [1] * (n // 2) + [0] * (n - n // 2 - lost - gained)
     ckpt = [0] * lost + [1] * gained + base[lost + gained:]
-    policy = ForgettingPolicy(general_benchmarks=("b",), general_probe_metrics=())
+    policy = _gate_on("b")
     metrics = {"general/word_perplexity": 10.0}
     d = policy.judge(EvalResult(metrics=metrics, samples={"b": _samples(base)}), EvalResult(metrics=metrics, samples={"b": _samples(ckpt)}))
     assert d.accepted is accepted, d.reasons
@@ -225,7 +231,7 @@ def test_gate_needs_a_drop_past_the_limit_and_significance(n, lost, gained, acce
 
 
 def test_gate_refuses_without_per_item_results_or_common_items():
-    policy = ForgettingPolicy(general_benchmarks=("b",), general_probe_metrics=())
+    policy = _gate_on("b")
     m = {"general/word_perplexity": 10.0}
     d = policy.judge(EvalResult(metrics=m), EvalResult(metrics=m, samples={"b": _samples([1, 0])}))
     assert not d.accepted and "no per-item results for the reference" in d.reasons[0]

@@ -46,9 +46,9 @@ eval: {{max_probes: 20, batch_size: 8}}
 
 def _spec(cfg, data, reference, prefix: str, **train_update) -> AttemptSpec:
     return AttemptSpec(
-        start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update=train_update), eval=cfg.eval,
-        reference=reference, store=cfg.store, prefix=prefix, attempt=0, new_token_ids=data.tokenizer.new_token_ids,
-        eval_backend="native", code_version=CPT_CODE,
+        start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update=train_update),
+        eval=cfg.eval.model_copy(update={"backend": "native"}), reference=reference, store=cfg.store, prefix=prefix, attempt=0,
+        new_token_ids=data.tokenizer.new_token_ids, code_version=CPT_CODE,
     )
 
 
@@ -73,7 +73,7 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
     whole = run_attempt(_spec(cfg, data, reference, "cpt/whole"), tmp_path / "work-a")
     assert [d["step"] for d in whole.decisions] == [10, 20]
 
-    real_eval, calls = cpt.run_eval, []
+    real_eval, calls = cpt.evaluate, []
 
     def dies_at_second_checkpoint(*a, **kw):
         calls.append(1)
@@ -81,7 +81,7 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
             raise RuntimeError("worker lost")
         return real_eval(*a, **kw)
 
-    monkeypatch.setattr(cpt, "run_eval", dies_at_second_checkpoint)
+    monkeypatch.setattr(cpt, "evaluate", dies_at_second_checkpoint)
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-b"))
     spec = _spec(cfg, data, reference, "cpt/crashed")
     with pytest.raises(RuntimeError, match="worker lost"):
@@ -89,7 +89,7 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
     store = open_store(cfg.store)
     assert [r["step"] for r in read_journal(store, "cpt/crashed")] == [10]
 
-    monkeypatch.setattr(cpt, "run_eval", real_eval)
+    monkeypatch.setattr(cpt, "evaluate", real_eval)
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-c"))  # a fresh worker: nothing local
     resumed = run_attempt(spec, tmp_path / "work-c")
     assert [d["step"] for d in resumed.decisions] == [10, 20]

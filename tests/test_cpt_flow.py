@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from dapt_core.config import MixConfig, TrainConfig, load_config
+from dapt_core.config import EvalConfig, MixConfig, TrainConfig, load_config
 from dapt_core.evaluate import evaluate
 from dapt_core.model import load_from_dir
 from dapt_core.store import open_store
@@ -113,7 +113,8 @@ def test_default_lr_and_replay_are_accepted_and_improve_the_domain(prefect_harne
     # The promoted directory loads as a plain HF model, and it is better on the domain than the base.
     model, tokenizer = load_from_dir(store.local_dir(result.promoted))
     files = {"domain": store.local_path(training_data_flow(cfg).pack.eval_domain)}  # cached: nothing recomputed
-    promoted_bpb = evaluate(model, tokenizer, files, root / "low-lr" / "check", probes=False, backend="native").metrics["domain/bits_per_byte"]
+    check = EvalConfig(max_probes=0, backend="native")
+    promoted_bpb = evaluate(model, tokenizer, files, root / "low-lr" / "check", check).metrics["domain/bits_per_byte"]
     base_bpb = result.base_metrics["domain/bits_per_byte"]
     print(f"domain bpb: base {base_bpb:.4f} -> promoted {promoted_bpb:.4f}")
     assert promoted_bpb < base_bpb

@@ -7,19 +7,12 @@ import math
 
 import pytest
 
-from dapt_core.config import DaptConfig
-from dapt_core.evaluate import (
-    BenchmarkSamples,
-    Decision,
-    EvalResult,
-    ForgettingPolicy,
-    build_probes,
-    choose_best,
-    evaluate,
-    rollback_plan,
-    write_report,
-    write_tasks,
-)
+from dapt_core.config import DaptConfig, EvalConfig
+from dapt_core.eval_report import write_report
+from dapt_core.eval_tasks import write_tasks
+from dapt_core.evaluate import BenchmarkSamples, EvalResult, evaluate
+from dapt_core.forgetting import Decision, ForgettingPolicy, rollback_plan
+from dapt_core.probes import build_probes
 from tests.tiny_model import byte_level_tokenizer, tiny_llama
 
 DOMAIN = [
@@ -67,7 +60,7 @@ def random_model(setup):
 @pytest.fixture(scope="module")
 def random_result(setup, random_model):
     d, files, tok = setup
-    return evaluate(random_model, tok, files, d / "w-random", batch_size=4, seed=0)
+    return evaluate(random_model, tok, files, d / "w-random", EvalConfig(batch_size=4))
 
 
 def test_write_tasks_generates_local_yaml(tmp_path):
@@ -115,7 +108,7 @@ def test_lm_eval_bpb_matches_dapt_metrics(setup, random_model, random_result):
 
 def test_native_backend_agrees_with_lm_eval(setup, random_model, random_result):
     d, files, tok = setup
-    native = evaluate(random_model, tok, files, d / "w-native", batch_size=4, seed=0, backend="native")
+    native = evaluate(random_model, tok, files, d / "w-native", EvalConfig(batch_size=4, backend="native"))
     assert native.backend == "native"
     for k, v in random_result.metrics.items():
         assert native.metrics[k] == pytest.approx(v, rel=1e-4), k
@@ -137,7 +130,7 @@ def test_model_trained_on_probe_text_beats_random(setup, random_result):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    trained = evaluate(model, tok, {"domain": files["domain"]}, d / "w-trained", batch_size=4, seed=0)
+    trained = evaluate(model, tok, {"domain": files["domain"]}, d / "w-trained", EvalConfig(batch_size=4))
     assert trained.metrics["domain/probe_acc"] > random_result.metrics["domain/probe_acc"]
     assert trained.metrics["domain/probe_acc"] >= 0.75
     assert trained.metrics["domain/bits_per_byte"] < random_result.metrics["domain/bits_per_byte"]
@@ -159,7 +152,7 @@ def _res(ppl=100.0, probe=0.5, dom=1.0):
 )
 def test_policy_threshold_edges(ppl, probe, accepted, why, caplog):
     pol = ForgettingPolicy()
-    with caplog.at_level("INFO", logger="dapt.evaluate"):
+    with caplog.at_level("INFO", logger="dapt.forgetting"):
         dec = pol.judge(_res(), _res(ppl=ppl, probe=probe, dom=0.8), step=7)
     assert dec.accepted is accepted
     if why:
@@ -176,19 +169,18 @@ def test_policy_rejects_missing_metric_and_reads_config():
     dec = ForgettingPolicy().judge(_res(), EvalResult(metrics={"domain/bits_per_byte": 0.9}))
     assert not dec.accepted and any("missing" in r for r in dec.reasons)
     cfg = DaptConfig(data={"domain": [{"name": "a", "paths": ["x"]}]}, eval={"max_general_ppl_increase": 0.1})
-    pol = ForgettingPolicy.from_config(cfg)
-    assert pol.max_general_ppl_increase == 0.1 and pol.max_general_probe_drop == 3.0
+    pol = ForgettingPolicy.from_config(cfg.eval)
+    assert pol.config.max_general_ppl_increase == 0.1 and pol.config.max_general_probe_drop == 3.0
     assert not pol.judge(_res(), _res(ppl=111.0)).accepted
 
 
 def test_choose_best():
     acc = [(100, _res(dom=0.9)), (200, _res(dom=0.7)), (300, _res(dom=0.7)), (400, _res(dom=0.8))]
-    assert choose_best(acc) == 200  # lowest domain bpb, earlier step on ties
-    assert ForgettingPolicy(primary_metric="general/probe_acc", primary_higher_is_better=True).choose_best(
-        [(1, _res(probe=0.4)), (2, _res(probe=0.6))]
-    ) == 2
+    assert ForgettingPolicy().choose_best(acc) == 200  # lowest domain bpb, earlier step on ties
+    higher = EvalConfig(primary_metric="general/probe_acc", primary_higher_is_better=True)
+    assert ForgettingPolicy.from_config(higher).choose_best([(1, _res(probe=0.4)), (2, _res(probe=0.6))]) == 2
     with pytest.raises(ValueError):
-        choose_best([])
+        ForgettingPolicy().choose_best([])
 
 
 def test_rollback_plan_halves_lr_doubles_replay_capped():
@@ -276,7 +268,7 @@ def test_native_bpb_uses_the_models_own_logit_postprocessing(setup, kind):
 
     d, files, tok = setup
     model = _postprocessing_model(kind, len(tok))
-    lm_eval_bpb = evaluate(model, tok, files, d / f"w-{kind}", batch_size=4, probes=False, backend="lm-eval")
+    lm_eval_bpb = evaluate(model, tok, files, d / f"w-{kind}", EvalConfig(batch_size=4, max_probes=0, backend="lm-eval"))
     for split, texts in (("domain", DOMAIN), ("general", GENERAL)):
         native = bits_per_byte(model, tok, texts, batch_size=3)
         assert native == pytest.approx(lm_eval_bpb.metrics[f"{split}/bits_per_byte"], rel=1e-4), split
@@ -312,7 +304,7 @@ def test_local_benchmark_accuracy_matches_a_hand_computation(setup, random_model
     of the choices' log-likelihoods computed by hand, with the seeded subsample's item ids; the native scorer agrees."""
     from dapt_core.benchmarks import load_benchmark, subsample
     from dapt_core.config import BenchmarkConfig
-    from dapt_core.evaluate import benchmark_prompt
+    from dapt_core.eval_tasks import benchmark_prompt
 
     d, files, tok = setup
     words = [t.rstrip(".").split() for t in GENERAL + DOMAIN]
@@ -325,7 +317,7 @@ def test_local_benchmark_accuracy_matches_a_hand_computation(setup, random_model
     path = d / "mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     b = BenchmarkConfig(name="mc", kind="general", path=str(path), choices_field="options", limit=6, seed=3)
-    result = evaluate(random_model, tok, {"general": files["general"]}, d / "w-mc", probes=False, batch_size=4, benchmarks=[b])
+    result = evaluate(random_model, tok, {"general": files["general"]}, d / "w-mc", EvalConfig(max_probes=0, batch_size=4, benchmarks=[b]))
     items = subsample(load_benchmark(b), 6, 3)
     hand_acc, hand_norm = [], []
     for it in items:
@@ -338,7 +330,7 @@ def test_local_benchmark_accuracy_matches_a_hand_computation(setup, random_model
     assert result.metrics["bench/mc/acc"] == pytest.approx(sum(hand_acc) / 6)
     assert result.metrics["bench/mc/acc_norm"] == pytest.approx(sum(hand_norm) / 6)
     assert result.metrics["bench/mc/n"] == 6
-    native = evaluate(random_model, tok, {"general": files["general"]}, d / "w-mc-native", probes=False, benchmarks=[b], backend="native")
+    native = evaluate(random_model, tok, {"general": files["general"]}, d / "w-mc-native", EvalConfig(max_probes=0, benchmarks=[b], backend="native"))
     assert native.samples["mc"] == smp
 
 
@@ -348,7 +340,7 @@ def test_lm_eval_task_benchmark_is_subsampled_by_doc_id(setup, random_model):
     import random
 
     from dapt_core.config import BenchmarkConfig
-    from dapt_core.evaluate import _mc_task_yaml
+    from dapt_core.eval_tasks import _mc_task_yaml
 
     d, files, tok = setup
     rows = [{"context": f"The {w} sat on the", "choices": ["mat", "sky", "idea"], "label": i % 3} for i, w in enumerate("cat dog hen fox owl cow pig ram".split())]
@@ -358,7 +350,7 @@ def test_lm_eval_task_benchmark_is_subsampled_by_doc_id(setup, random_model):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (work / "lm_eval_tasks" / "my_mc.yaml").write_text(_mc_task_yaml("my_mc", data, d / "hf-cache"), encoding="utf-8")
     b = BenchmarkConfig(name="named", kind="general", task="my_mc", limit=5, seed=1)
-    result = evaluate(random_model, tok, {"general": files["general"]}, work, probes=False, batch_size=4, benchmarks=[b])
+    result = evaluate(random_model, tok, {"general": files["general"]}, work, EvalConfig(max_probes=0, batch_size=4, benchmarks=[b]))
     smp = result.samples["named"]
     assert smp.ids == sorted(random.Random(1).sample(range(8), 5))
     for i, ok in zip(smp.ids, smp.acc):

@@ -443,3 +443,24 @@ def test_s3_prefix_is_discovered_and_ingested(s3_bucket, tmp_path):
     with pytest.raises(StoreError, match=f"bucket '{s3_bucket}-absent' does not exist") as missing_bucket:
         discover_inputs(SourceConfig(name="web", paths=[f"s3://{s3_bucket}-absent/x"]), "general")
     assert missing_bucket.value.kind == "no_bucket"
+
+
+def test_eval_sets_must_read_completely_at_discovery_and_after_ingest(tmp_path):
+    from dapt_core.manifest import IngestManifest
+
+    ingest.require_complete_eval_sets([QuarantineRecord(file="d.bin", kind="domain", position="file", reason="unsupported")])
+    refused = [QuarantineRecord(file="eval.bin", kind="eval", position="file", reason="unsupported_format")]
+    with pytest.raises(ValueError, match=r"data\.eval: .*eval\.bin: unsupported_format"):
+        ingest.require_complete_eval_sets(refused)
+
+    def ingested(name: str, docs: int, quarantined: list[QuarantineRecord]) -> IngestManifest:
+        inp = InputFile(uri=name, source="ev", kind="eval", fingerprint="0" * 64, bytes=10)
+        return IngestManifest(input=inp, shard=None, docs=docs, quarantined=quarantined, code_version="test")
+
+    bad_line = QuarantineRecord(file="b.jsonl", kind="eval", position="line 3", reason="missing_field")
+    complete, empty, partial = ingested("a.jsonl", 5, []), ingested("e.jsonl", 0, []), ingested("b.jsonl", 4, [bad_line])
+    ingest.require_complete_eval_sets([], [complete])
+    with pytest.raises(ValueError, match="text_field") as e:
+        ingest.require_complete_eval_sets([], [complete, empty, partial])
+    assert "e.jsonl: 0 documents read" in str(e.value) and "missing_field at line 3" in str(e.value)
+    assert "a.jsonl" not in str(e.value)

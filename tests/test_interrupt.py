@@ -404,8 +404,8 @@ def test_torchrun_attempt_stops_on_request_with_a_checkpoint(prefect_harness, ti
     reference = base_eval_task.fn(data.tokenizer.model, data.pack, cfg.eval, cfg.store)
     spec = AttemptSpec(
         start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update={"batch_size": 4, "nproc_per_node": 2}),
-        eval=cfg.eval, reference=reference, store=cfg.store, prefix="cpt/ddp-stop", attempt=0, eval_backend="native",
-        code_version=CPT_CODE,
+        eval=cfg.eval.model_copy(update={"backend": "native"}), reference=reference, store=cfg.store, prefix="cpt/ddp-stop",
+        attempt=0, code_version=CPT_CODE,
     )
 
     class StopOnceTraining(logging.Handler):  # the task logs every line of torchrun's output

@@ -18,7 +18,7 @@ import pytest
 
 from dapt_core import pack, split
 from dapt_core.config import MixConfig, SelfReplayConfig
-from dapt_core.pack import PackError, pack_corpus
+from dapt_core.pack import PackError, pack_corpus, tokenise
 
 SEQ = 64
 
@@ -172,7 +172,7 @@ def test_deterministic_for_a_seed_and_independent_of_workers(corpus, tmp_path, m
     args = (corpus["domain"], corpus["general"], corpus["tok_dir"])
     a = pack_corpus(*args, _cfg(general_fraction=0.15, seed=3), tmp_path / "a")
     b = pack_corpus(*args, _cfg(general_fraction=0.15, seed=3), tmp_path / "b")
-    monkeypatch.setattr(pack, "INPROCESS_BYTES", 0)  # force the spawned worker pool even for this small corpus
+    monkeypatch.setattr(tokenise, "INPROCESS_BYTES", 0)  # force the spawned worker pool even for this small corpus
     c = pack_corpus(*args, _cfg(general_fraction=0.15, seed=3, workers=2), tmp_path / "c")
     assert c.report["tokenization"]["mode"] == ["2 spawned workers"]
     d = pack_corpus(*args, _cfg(general_fraction=0.15, seed=4), tmp_path / "d")

@@ -18,10 +18,10 @@ import pytest
 from dapt_core.faults import StoreError
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import ArtifactRef, DirRef
-from dapt_core.plan import latest_prepare_key
+from dapt_core.layout import latest_manifest_key
 from dapt_core.store import IntegrityError, LocalStore, S3Store, UnsafeKeyError, open_store
 
-UNSAFE_KEYS = ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "a\\..\\b", "a\0b", latest_prepare_key("../../x")]
+UNSAFE_KEYS = ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "a\\..\\b", "a\0b", latest_manifest_key("../../x", "prepare")]
 
 
 def test_local_roundtrip_and_listing(tmp_path):
