@@ -219,7 +219,7 @@ class EWCConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Continual pretraining (dapt_core/train.py). `dapt plan` warns when lr is outside the usual CPT range 1e-5..5e-5."""
+    """Continual pretraining (dapt_core/train/). `dapt plan` warns when lr is outside the usual CPT range 1e-5..5e-5."""
 
     method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
     lr: float = Field(2e-5, ge=1e-6, le=1e-3, description="Peak learning rate (CPT: 1e-5 to 5e-5).")
@@ -268,7 +268,10 @@ class TrainConfig(_Section):
         "fsdp (FSDP2) shards them over the GPUs, bf16 compute with fp32 reduction on CUDA (what 7B+ full CPT needs).",
     )
     nnodes: int = Field(1, ge=1, description="Nodes of the torchrun launch (> 1: c10d rendezvous at rdzv_endpoint).")
-    node_rank: int = Field(0, ge=0, description="This node's index, 0..nnodes-1 (the only setting that differs between nodes).")
+    node_rank: int | None = Field(
+        None, ge=0, description="Pin this node's index 0..nnodes-1 (null: the c10d rendezvous numbers the nodes as they join, "
+        "so every node runs the same config; torchrun's PET_NODE_RANK also sets it).",
+    )
     rdzv_endpoint: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]+$",
         description="host:port every node reaches for the c10d rendezvous (node 0's address), when nnodes > 1.",
@@ -286,7 +289,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _rendezvous(self) -> TrainConfig:
-        if self.node_rank >= self.nnodes:
+        if self.node_rank is not None and self.node_rank >= self.nnodes:
             raise ValueError(f"train.node_rank {self.node_rank} must be below train.nnodes {self.nnodes} (0-based)")
         if self.nnodes > 1 and self.rdzv_endpoint is None:
             raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint: host:port of node 0, reachable from every node")

@@ -1,4 +1,4 @@
-"""dapt_core/train.py and dapt_core/ewc.py on a tiny Llama (vocab 64, seq_len 32): seconds each."""
+"""dapt_core/train/ and dapt_core/ewc.py on a tiny Llama (vocab 64, seq_len 32): seconds each."""
 
 from __future__ import annotations
 

@@ -150,24 +150,29 @@ def full_state(model, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
 
 
 def _without_tied_copies(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a tied lm_head's copy of the input embeddings, as safetensors' save_model does."""
-    if getattr(model.config, "tie_word_embeddings", False):
-        for name in list(state):
-            if name.endswith("lm_head.weight"):
-                del state[name]
+    """Drop the copies of tied weights (embed_tokens / lm_head) that safetensors' save_model drops, so the file is the
+    one a one-process checkpoint writes and `load_weights` (load_model, strict) reads it back."""
+    from safetensors.torch import _remove_duplicate_names
+
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    probe = {name: t for names in names_of.values() if len(names) > 1 for t in [torch.empty(1)] for name in names}
+    for dropped in _remove_duplicate_names(probe).values():
+        for name in dropped:
+            state.pop(name, None)
     return state
 
 
 def torchrun_command(cfg: TrainConfig, module_args: list[str], shutdown_timeout_s: int) -> list[str]:
     """The torchrun launch of `python -m dapt_core.cpt ...` on this node: `--standalone` on one node; with
-    `train.nnodes` > 1 a c10d rendezvous at `train.rdzv_endpoint`, the same command on every node (only
-    `train.node_rank` differs)."""
+    `train.nnodes` > 1 a c10d rendezvous at `train.rdzv_endpoint`: the same command on every node (deployments/README.md:
+    how the nodes are started)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}"]
     if cfg.nnodes == 1:
         cmd.append("--standalone")
     else:
-        cmd += [
-            f"--nnodes={cfg.nnodes}", f"--node_rank={cfg.node_rank}", "--rdzv_backend=c10d",
-            f"--rdzv_endpoint={cfg.rdzv_endpoint}", f"--rdzv_id={cfg.rdzv_id}",
-        ]
+        cmd += [f"--nnodes={cfg.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={cfg.rdzv_endpoint}", f"--rdzv_id={cfg.rdzv_id}"]
+        if cfg.node_rank is not None:
+            cmd.append(f"--node_rank={cfg.node_rank}")
     return cmd + [f"--shutdown_timeout={shutdown_timeout_s}", "-m", "dapt_core.cpt", *module_args]

@@ -2,9 +2,9 @@
 
 `train()` is `setup()` (process group, data, EWC anchor, model surgery, resume, optimizer) followed by `run_loop()`,
 which reads top to bottom: stop? → one optimizer step → log → checkpoint and judge. The pieces live beside it:
-data order and micro-batches (dapt_core/train_data.py), checkpoints (dapt_core/checkpoint.py), DDP / FSDP2 and the
-torchrun launch (dapt_core/distributed.py), LoRA (dapt_core/lora.py), attention kernels and packing
-(dapt_core/attention.py), tokens/s and MFU (dapt_core/throughput.py).
+data order and micro-batches (dapt_core/train/data.py), checkpoints (dapt_core/train/checkpoint.py), DDP / FSDP2 and the
+torchrun launch (dapt_core/train/distributed.py), LoRA (dapt_core/train/lora.py), attention kernels and packing
+(dapt_core/train/attention.py), tokens/s and MFU (dapt_core/train/throughput.py).
 
 * **Method.** `full` trains every parameter; `lora` wraps the model with peft (`cfg.lora`), new tokenizer rows train
   per `cfg.train_new_tokens` / `cfg.train_embeddings`.
@@ -16,7 +16,7 @@ torchrun launch (dapt_core/distributed.py), LoRA (dapt_core/lora.py), attention 
   on CUDA bf16 autocast (DDP) or bf16 FSDP2 compute, weights and optimizer state fp32. Optional activation
   checkpointing per decoder layer (`cfg.gradient_checkpointing`) and per-layer `torch.compile` (`cfg.compile`).
 * **Documents.** With `block_cross_document_attention`, position ids restart at every document of a packed sequence
-  and no token attends to another document on any `attn_implementation` (dapt_core/attention.py). The label of each
+  and no token attends to another document on any `attn_implementation` (dapt_core/train/attention.py). The label of each
   document's first token (predicted from the previous document) is ignored.
 * **Distributed.** Under `torchrun` (WORLD_SIZE > 1) each rank takes its slice of every global micro-batch
   (batch_size sequences per rank, same permutation); `cfg.strategy` ddp replicates, fsdp shards (FSDP2). Rank 0 writes
@@ -26,7 +26,7 @@ torchrun launch (dapt_core/distributed.py), LoRA (dapt_core/lora.py), attention 
   `on_progress`; `cfg.report_to: [tensorboard]` also writes them to out_dir/tensorboard.
 * **EWC.** `cfg.ewc.enabled` adds (lambda/2) * sum F_i (theta_i - theta*_i)^2 once per optimizer step
   (dapt_core/ewc.py); the Fisher is estimated once on `general_samples` and saved as out_dir/ewc.safetensors.
-* **Checkpoints.** Every `save_every` steps and at the end (dapt_core/checkpoint.py); `on_checkpoint(step, path)` is
+* **Checkpoints.** Every `save_every` steps and at the end (dapt_core/train/checkpoint.py); `on_checkpoint(step, path)` is
   called after each one (evaluate, upload...); when it returns False training stops there (roll back instead).
 * **Stopping.** A stop request (dapt_core/stop.py) is honoured before the next optimizer step: the loop writes a
   checkpoint of the current step (unless it was just written) and raises `StopRequested`; all ranks stop together.
@@ -51,35 +51,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dapt_core import checkpoint as ckpt
 from dapt_core import stop
-from dapt_core.attention import (
+from dapt_core.config import TrainConfig
+from dapt_core.stop import Stopped, StopRequested
+from dapt_core.train import checkpoint as ckpt
+from dapt_core.train.attention import (
     check_attention,
     flatten_for_varlen,
     needs_flattening,
     set_attention,
 )
-from dapt_core.checkpoint import (
+from dapt_core.train.checkpoint import (
     CHECKPOINT_PREFIX,
     list_checkpoints,
     load_state,
     load_weights,
     save_weights,
 )
-from dapt_core.config import TrainConfig
-from dapt_core.distributed import (
-    DIST_TIMEOUT,
-    Distributed,
-    decoder_layers,
-    distributed,
-    full_state,
-    gradient_sync,
-    wrap_model,
-)
-from dapt_core.lora import apply_lora, is_peft, merge_lora
-from dapt_core.stop import Stopped, StopRequested
-from dapt_core.throughput import flops_per_token, mfu, peak_flops, step_peak_memory_gib
-from dapt_core.train_data import (
+from dapt_core.train.data import (
     MicroBatches,
     PackedSequences,
     document_position_ids,
@@ -88,6 +77,22 @@ from dapt_core.train_data import (
     micro_batch_loader,
     summed_token_nll,
     target_tokens,
+)
+from dapt_core.train.distributed import (
+    DIST_TIMEOUT,
+    Distributed,
+    decoder_layers,
+    distributed,
+    full_state,
+    gradient_sync,
+    wrap_model,
+)
+from dapt_core.train.lora import apply_lora, is_peft, merge_lora
+from dapt_core.train.throughput import (
+    flops_per_token,
+    mfu,
+    peak_flops,
+    step_peak_memory_gib,
 )
 
 __all__ = [  # the training API other modules use (re-exported from the modules the recipe is built from)
@@ -518,12 +523,12 @@ def report(run: Run, window: list[dict], on_progress) -> None:
 
 
 def save_checkpoint(run: Run) -> Path:
-    """checkpoint-<step> (see dapt_core/checkpoint.py). Under FSDP every rank takes part (weights gathered to rank 0,
+    """checkpoint-<step> (see dapt_core/train/checkpoint.py). Under FSDP every rank takes part (weights gathered to rank 0,
     optimizer shards written by each); otherwise rank 0 alone writes. Returns its path on every rank."""
     sharded = run.strategy == "fsdp"
     weights = full_state(run.model, run.cfg)
     if sharded:
-        ckpt.save_sharded_optimizer(run.model, run.optimizer, run.out_dir, run.step)
+        ckpt.save_sharded_optimizer(run.model, run.optimizer, run.out_dir, run.step, run.device)
     path = run.out_dir / f"{CHECKPOINT_PREFIX}{run.step}"
     if run.dist.main:
         path = ckpt.write_checkpoint(

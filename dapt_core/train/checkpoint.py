@@ -9,8 +9,8 @@ torch.distributed.checkpoint; each rank writes and reads only its own slice, so 
 AdamW state).
 
 Nothing from a checkpoint is ever unpickled: the .pt files hold plain data (tensors, numbers, lists, dicts) and are
-read with `torch.load(weights_only=True)` (`load_state`); the sharded optimizer's metadata is read with the same
-restricted unpickler, allowing only torch.distributed.checkpoint's metadata classes (`SafeShardReader`). A checkpoint
+read with `torch.load(weights_only=True)` (`load_state`); the sharded optimizer's metadata is read by an allow-list
+unpickler that builds only torch.distributed.checkpoint's metadata classes (`SafeShardReader`). A checkpoint
 downloaded from a shared store is therefore data, whoever wrote it. The directory is written under a temporary name
 and renamed into place, so a checkpoint that exists is complete.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -136,8 +137,6 @@ def _refusal(path: Path, error: Exception) -> ValueError:
 def load_state(path: Path, map_location=None):
     """A checkpoint's optimizer / scheduler / RNG state, read as plain data (weights_only=True: tensors, numbers,
     strings, lists, dicts); a file that needs anything else is refused, never unpickled."""
-    import pickle
-
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -185,7 +184,7 @@ def staging_dir(out_dir: Path, step: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------- sharded optimizer (FSDP)
-def save_sharded_optimizer(model, optimizer, out_dir: Path, step: int) -> None:
+def save_sharded_optimizer(model, optimizer, out_dir: Path, step: int, device: torch.device) -> None:
     """Every rank writes its slice of the AdamW state into the staging directory (torch.distributed.checkpoint)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -195,6 +194,14 @@ def save_sharded_optimizer(model, optimizer, out_dir: Path, step: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
+    visible = torch.tensor([int(tmp.is_dir())], device=device)
+    torch.distributed.all_reduce(visible, op=torch.distributed.ReduceOp.MIN)
+    if not visible.item():
+        raise ValueError(
+            f"train.strategy fsdp: {out_dir} is not on a filesystem every rank shares (the sharded optimizer state is "
+            "assembled there): with train.nnodes > 1 run every node with the same WORKDIR on a shared volume (deployments/README.md, "
+            "Several nodes), or use train.strategy ddp"
+        )
     state = get_optimizer_state_dict(model, optimizer)
     dcp.save({"optimizer": state}, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDED_OPTIMIZER)))
 
@@ -224,19 +231,27 @@ def _metadata_classes() -> list:
     return [getattr(meta, n) for n in names if hasattr(meta, n)] + [fs._StorageInfo]
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what torch.distributed.checkpoint's metadata is made of (its dataclasses, torch.Size, dtypes,
+    layouts, paths); any other global (os.system, a class with a payload in __reduce__...) is refused."""
+
+    def find_class(self, module: str, name: str):
+        allowed = {(c.__module__, c.__qualname__) for c in _metadata_classes()}
+        allowed |= {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+        if (module, name) in allowed or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in checkpoint metadata")
+
+
 class SafeShardReader(FileSystemReader):
-    """torch.distributed.checkpoint's reader with its `.metadata` (a pickle) read by torch's weights-only unpickler."""
+    """torch.distributed.checkpoint's reader with its `.metadata` (a pickle) read by an allow-list unpickler."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        import pickle
-
-        from torch import _weights_only_unpickler
-
         path = Path(self.path) / ".metadata"
         try:
-            with torch.serialization.safe_globals(_metadata_classes()), open(path, "rb") as fh:
-                metadata = _weights_only_unpickler.load(fh)
-        except (pickle.UnpicklingError, RuntimeError) as e:
+            with open(path, "rb") as fh:
+                metadata = _MetadataUnpickler(fh).load()
+        except pickle.UnpicklingError as e:
             raise _refusal(path, e) from None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
