@@ -141,14 +141,15 @@ class Stamps:
     step by step (A, B, A, B...) and see the same machine load."""
 
     def __init__(self):
+        import dapt_core.train as T
         import dapt_core.train.checkpoint as C
-        import dapt_core.train.data as T
+        import dapt_core.train.data as D
 
         self.T = T
         self.batch: list[tuple[float, float]] = []  # (wall, process CPU) at each make_batch call
         self.ckpt: list[tuple[float, float]] = []  # wall start, end
         self.partner: BareLoop | None = None
-        orig_batch, orig_ckpt = T.make_batch, C.write_checkpoint
+        orig_batch, orig_ckpt = D.make_batch, C.write_checkpoint
 
         def make_batch(*a, **k):
             if self.partner is not None:
@@ -163,7 +164,7 @@ class Stamps:
             finally:
                 self.ckpt.append((t0, c0, time.perf_counter()))
 
-        T.make_batch, C.write_checkpoint = make_batch, write_checkpoint
+        D.make_batch, C.write_checkpoint = make_batch, write_checkpoint
 
     def reset(self, partner=None):
         self.batch.clear()

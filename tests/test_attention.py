@@ -29,7 +29,7 @@ def packed_rows() -> list[list[list[int]]]:
 
 
 def packed_batch(rows) -> dict[str, torch.Tensor]:
-    items = [(np.array(sum(docs, [])), np.array([len(d) for d in docs]), None) for docs in rows]
+    items = [(np.array([t for doc in docs for t in doc]), np.array([len(d) for d in docs]), None) for docs in rows]
     return make_batch(items, block_documents=True)
 
 
@@ -137,8 +137,13 @@ class _Payload:
 
 
 def test_sharded_checkpoint_metadata_is_read_as_data_only(tmp_path):
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkStorageMetadata, Metadata, TensorProperties
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
 
     good = tmp_path / "good"
     good.mkdir()
