@@ -365,6 +365,11 @@ def setup(
     found = list_checkpoints(out_dir) if resume else []
     resumed_from = found[-1][1] if found else None
     state = read_resume_point(resumed_from, cfg, dist) if resumed_from else {}
+    if not dist.agree(state.get("step", 0), device):
+        raise ValueError(
+            f"the ranks found different checkpoints to resume from in {out_dir} (this rank: step {state.get('step', 0)}): "
+            "every node's training directory must hold the same checkpoints (each node's first process fetches them)"
+        )
     if resumed_from:  # into the whole model, before FSDP shards it
         load_weights(trained, resumed_from / "model.safetensors", cfg.method)
     wrapped = wrap_model(trained, cfg, dist, device)

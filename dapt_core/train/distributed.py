@@ -58,6 +58,14 @@ class Distributed:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
+    def agree(self, value: int, device: torch.device) -> bool:
+        """Whether every rank holds the same `value`."""
+        if self.world == 1:
+            return True
+        t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t[0]) == -int(t[1])
+
     def from_main(self, flag: bool, device: torch.device) -> bool:
         """Rank 0's `flag`, on every rank."""
         if self.world == 1:
