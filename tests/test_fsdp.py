@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from dapt_core.config import TrainConfig
+from dapt_core.cpt import run_attempt
 from dapt_core.train import train
 from dapt_core.train.distributed import torchrun_command
+from tests.test_cpt_attempt import corpus  # noqa: F401  (the module-scoped fixture)
 from tests.test_train import REPO, VOCAB, _cfg, mixed_shards
 from tests.tiny_model import tiny_llama
 
@@ -167,3 +169,23 @@ def test_two_nodes_on_localhost_match_one_node_with_two_processes(tmp_path, stra
     end = f"checkpoint-{STEPS}"
     assert_close_weights(weights(tmp_path / "two-nodes" / end), weights(tmp_path / "one-node" / end), atol=0)
     assert losses(tmp_path / "two-nodes" / end) == losses(tmp_path / "one-node" / end)
+
+
+def test_fsdp_attempt_judges_and_promotes_like_one_process(prefect_harness, corpus, tmp_path):  # noqa: F811
+    """The CPT attempt under torchrun with train.strategy fsdp: rank 0 judges each checkpoint on its consolidated
+    weights and promotes a plain HF directory, with the decisions and weights of one process."""
+    from tasks.cpt import _torchrun
+    from tests.test_cpt_attempt import _data, _promoted_weights, _spec
+
+    root, dirs, base = corpus
+    train_cfg = "{lr: 1e-4, max_steps: 4, save_every: 2, batch_size: 8, report_to: []}"
+    cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train_cfg)
+    single = run_attempt(_spec(cfg, data, reference, "cpt/single"), tmp_path / "work-single")
+    fsdp = _torchrun(_spec(cfg, data, reference, "cpt/fsdp", batch_size=4, nproc_per_node=2, strategy="fsdp"), tmp_path)
+    assert [d["step"] for d in fsdp.decisions] == [d["step"] for d in single.decisions] == [2, 4]
+    a, b = _promoted_weights(cfg.store, single), _promoted_weights(cfg.store, fsdp)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for x, y in zip(single.decisions, fsdp.decisions, strict=True):
+        assert x["metrics"]["domain/bits_per_byte"] == pytest.approx(y["metrics"]["domain/bits_per_byte"], rel=1e-4)
