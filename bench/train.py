@@ -9,14 +9,14 @@ side in one run. Absolute seconds on a shared 2-core machine are noise; only the
    threads. The bare loop reads the shards into one int32 array up front and slices a batch per step. Both arms must
    give the same loss curve (checked: bitwise equal, so the work is identical).
    The machine's load changes within seconds (steps took 0.4 s to 5 s in one run), so runs that alternate A, B, A, B
-   still disagree by +-40%. The primary figure therefore alternates *steps*: `dapt_core.train.make_batch` is wrapped
+   still disagree by +-40%. The primary figure therefore alternates *steps*: `dapt_core.train.data.make_batch` is wrapped
    (in this process only) so that each call first runs one step of a bare loop, then stamps the time; a dapt step is
    the time between two stamps minus the bare step inside it. Each dapt step is paired with the bare step run just
    before it, and the figure is the median of the per-pair ratios bare_s / dapt_s (= dapt steps/s / bare steps/s).
    Cross-checks: the total-time ratio of the same pairs, the same with process CPU time, and the ratio of median
    steps/s of separate runs alternated dapt, bare, dapt+tb (rotating order). The first `--warmup` steps of each run
    are not timed; setup (shard reading, optimizer creation) and the final checkpoint, which `train()` always writes at
-   the last step (`save_every` is set far above the steps), are outside the window; `_write_checkpoint` is wrapped
+   the last step (`save_every` is set far above the steps), are outside the window; `dapt_core.train.checkpoint.write_checkpoint` is wrapped
    with a timer and reported on its own. Goal: dapt (report_to=[]) / bare >= 0.9; also shown with the default
    TensorBoard logging (report_to=[tensorboard], log_every 10). Also shown: the per-step cost of dapt's data path
    (PackedSequences[i] x batch + make_batch) against the bare array slice.
@@ -117,18 +117,20 @@ def make_model(vocab_rows: int, args):
 
 # ------------------------------------------------------------------------------------------------------ training
 class Stamps:
-    """Timers wrapped around dapt_core.train.make_batch and _write_checkpoint (this process only). With a `partner`
+    """Timers wrapped around dapt_core.train.data.make_batch and dapt_core.train.checkpoint.write_checkpoint (this process only). With a `partner`
     (a BareLoop), one bare step runs inside each make_batch call, before the stamp: the two loops then alternate
     step by step (A, B, A, B...) and see the same machine load."""
 
     def __init__(self):
         import dapt_core.train as T
+        import dapt_core.train.checkpoint as C
+        import dapt_core.train.data as D
 
         self.T = T
         self.batch: list[tuple[float, float]] = []  # (wall, process CPU) at each make_batch call
         self.ckpt: list[tuple[float, float]] = []  # wall start, end
         self.partner: BareLoop | None = None
-        orig_batch, orig_ckpt = T.make_batch, T._write_checkpoint
+        orig_batch, orig_ckpt = D.make_batch, C.write_checkpoint
 
         def make_batch(*a, **k):
             if self.partner is not None:
@@ -143,7 +145,7 @@ class Stamps:
             finally:
                 self.ckpt.append((t0, c0, time.perf_counter()))
 
-        T.make_batch, T._write_checkpoint = make_batch, write_checkpoint
+        D.make_batch, C.write_checkpoint = make_batch, write_checkpoint
 
     def reset(self, partner=None):
         self.batch.clear()

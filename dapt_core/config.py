@@ -219,7 +219,7 @@ class EWCConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Continual pretraining (dapt_core/train.py). `dapt plan` warns when lr is outside the usual CPT range 1e-5..5e-5."""
+    """Continual pretraining (dapt_core/train/). `dapt plan` warns when lr is outside the usual CPT range 1e-5..5e-5."""
 
     method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
     lr: float = Field(2e-5, ge=1e-6, le=1e-3, description="Peak learning rate (CPT: 1e-5 to 5e-5).")
@@ -256,12 +256,44 @@ class TrainConfig(_Section):
     )
     log_every: int = Field(10, ge=1, description="Log loss / LR / grad norm / tokens per second every this many steps.")
     nproc_per_node: int = Field(
-        1, ge=1, description="GPUs per node: > 1 launches the CPT attempt with torchrun (DDP, one process per GPU)."
+        1, ge=1, description="GPUs per node: > 1 launches the CPT attempt with torchrun (train.strategy, one process per GPU)."
     )
     stop_grace_s: float = Field(
         60.0, gt=0, description="On SIGTERM / SIGINT / a cancel: seconds to finish the current optimizer step and save a "
         "resumable checkpoint before the process exits anyway (a spot preemption gives 30-120 s; Prefect's runner 30 s).",
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several processes: ddp replicates the model and AdamW state on every GPU (~16 bytes per parameter); "
+        "fsdp (FSDP2) shards them over the GPUs, bf16 compute with fp32 reduction on CUDA (what 7B+ full CPT needs).",
+    )
+    nnodes: int = Field(1, ge=1, description="Nodes of the torchrun launch (> 1: c10d rendezvous at rdzv_endpoint).")
+    node_rank: int | None = Field(
+        None, ge=0, description="Pin this node's index 0..nnodes-1 (null: the c10d rendezvous numbers the nodes as they join, "
+        "so every node runs the same config; torchrun's PET_NODE_RANK also sets it).",
+    )
+    rdzv_endpoint: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]+$",
+        description="host:port every node reaches for the c10d rendezvous (node 0's address), when nnodes > 1.",
+    )
+    rdzv_id: str = Field("dapt-cpt", pattern=r"^[A-Za-z0-9_.\-]+$", description="Rendezvous id: unique per concurrent multi-node run.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Attention kernel. flash_attention_2 needs the flash-attn package and a CUDA GPU; with "
+        "block_cross_document_attention its micro-batch is flattened into one row (varlen), so documents stay apart.",
+    )
+    compile: bool = Field(False, description="torch.compile the model (faster steps on GPU after a compile warm-up).")
+    data_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes preparing micro-batches ahead of the step (null: 2 on CUDA, 0 on CPU).",
+    )
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> TrainConfig:
+        if self.node_rank is not None and self.node_rank >= self.nnodes:
+            raise ValueError(f"train.node_rank {self.node_rank} must be below train.nnodes {self.nnodes} (0-based)")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint: host:port of node 0, reachable from every node")
+        return self
 
 
 class BenchmarkConfig(_Section):
@@ -394,6 +426,8 @@ class SftConfig(_Section):
     def _one_process(cls, v: TrainConfig) -> TrainConfig:
         if v.nproc_per_node != 1:
             raise ValueError("sft.train.nproc_per_node: SFT runs in one process (it is short); remove the setting")
+        if v.nnodes != 1:
+            raise ValueError("sft.train.nnodes: SFT runs in one process (it is short); remove the setting")
         return v
 
 

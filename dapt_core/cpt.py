@@ -13,13 +13,14 @@
   starting from a hash of the format and the prefix, steps increase and nothing follows a rejection, and every
   checkpoint it lists must be this attempt's own `<prefix>/checkpoints/checkpoint-<step>/...`. The checkpoint resumed
   from is downloaded and each file checked against its recorded sha256; its state files are read as plain data only
-  (dapt_core/train.py `load_state`). A journal failing any check is refused (`JournalError`), never partly used.
+  (dapt_core/train/checkpoint.py `load_state`). A journal failing any check is refused (`JournalError`), never partly used.
 * **Stopping.** A stop request (SIGTERM, Ctrl-C, a cancel: dapt_core/stop.py) ends training at the next optimizer
   step; the checkpoint of that step is uploaded and journaled (chained like any entry) as "interrupted", not judged: the next run resumes from
   it, and it is never promoted (it is evaluated like any other once training reaches the next `save_every` step or
   the end). Then `StopRequested` propagates (the CLI prints how to resume).
 * **Multi-GPU.** `python -m torch.distributed.run --nproc_per_node N -m dapt_core.cpt spec.json result.json` runs the
-  same attempt with DDP (dapt_core/train.py); rank 0 evaluates, uploads and writes the result.
+  same attempt with DDP or FSDP2 (dapt_core/train/), on one node or several (`dapt_core.train.distributed.torchrun_command`);
+  rank 0 evaluates, uploads and writes the result; each node's first process fetches the checkpoint it resumes from.
 
 Plain Python: the Prefect task (tasks/cpt.py) calls `run_attempt` in-process or launches it with torchrun.
 """
@@ -244,6 +245,14 @@ def _model_at(spec: AttemptSpec, store: ArtifactStore, checkpoint: Path):
     return model
 
 
+def _judged_model(spec: AttemptSpec, store: ArtifactStore, model, checkpoint: Path):
+    """The model a checkpoint's evaluation runs on: the trained model itself, except under FSDP with several ranks,
+    where rank 0 holds only its shard: then the checkpoint's consolidated weights, loaded on rank 0's device."""
+    if spec.train.strategy != "fsdp" or train_mod.distributed().world == 1:
+        return model
+    return _model_at(spec, store, checkpoint).to(next(model.parameters()).device.type)
+
+
 class AttemptObserver(Protocol):
     """Who watches an attempt (the CLI bar, the Prefect UI: tasks/progress.py), on rank 0."""
 
@@ -263,9 +272,9 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
     train_dir = workdir / "train"
     rows = read_journal(store, spec.prefix)
     ended = not all(r["accepted"] for r in _judged(rows))  # an earlier run of this attempt already stopped at a rejection
-    if dist.main and not ended:
+    if dist.local_rank == 0 and not ended:  # on every node: its ranks resume from their local train_dir
         resume_step = resume_from_journal(store, rows, train_dir)
-        if rows:
+        if rows and dist.main:
             log.info("attempt %d: resuming after step %d (%d checkpoint(s) already judged)", spec.attempt, resume_step, len(_judged(rows)))
     dist.barrier()
 
@@ -282,7 +291,7 @@ def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | No
         # get_peft_model injects adapters into `model` in place: `model` is the model being trained, for either method.
         if observer is not None:
             observer.evaluating(step)
-        result = evaluate(model, tokenizer, files, workdir / f"eval-{step}", spec.eval)
+        result = evaluate(_judged_model(spec, store, model, path), tokenizer, files, workdir / f"eval-{step}", spec.eval)
         decision = policy.judge(base, result, step=step)
         if observer is not None:
             observer.judged(step, decision.accepted, decision.reasons, result.metrics)
@@ -375,8 +384,17 @@ def stopped_path(result: Path) -> Path:
     return result.with_name(result.name + ".stopped")
 
 
+def _read_spec(where: str) -> str:
+    """The attempt spec from a local file, or from the store (`<store uri>#<key>`: how the other nodes of a multi-node
+    launch get the spec node 0's task wrote)."""
+    if "#" in where:
+        store_uri, key = where.split("#", 1)
+        return open_store(store_uri).read_key(key).decode()
+    return Path(where).read_text()
+
+
 def main(argv: list[str]) -> None:
-    """torchrun entry point: `-m dapt_core.cpt SPEC_JSON RESULT_JSON [WORKDIR]`.
+    """torchrun entry point: `-m dapt_core.cpt SPEC_JSON RESULT_JSON [WORKDIR]` (SPEC_JSON: a file or `<store>#<key>`).
 
     SIGTERM / SIGINT (torchrun forwards the launcher's SIGTERM to every rank, and waits --shutdown_timeout seconds)
     stop training at the next step with a checkpoint; rank 0 then writes RESULT_JSON.stopped and every rank exits
@@ -385,7 +403,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s rank {rank}: %(message)s")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: stop.request(signal.Signals(signum).name))
-    spec = AttemptSpec.model_validate_json(Path(argv[0]).read_text())
+    spec = AttemptSpec.model_validate_json(_read_spec(argv[0]))
     workdir = Path(argv[2]) if len(argv) > 2 else Path(argv[1]).parent / "work"
     try:
         manifest = run_attempt(spec, workdir)

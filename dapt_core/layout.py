@@ -18,6 +18,7 @@ finished stage is never overwritten; `runs/<project>/` holds the small run manif
     │   └── report.json                                pack_report_key
     ├── cpt/<cpt key>/                                 cpt_attempt_prefix: one CPT attempt
     │   ├── journal.json                               journal_key: decisions so far (what a resume trusts)
+    │   ├── spec.json                                  attempt_spec_key: the attempt, for the other nodes of a launch
     │   ├── checkpoints/checkpoint-<step>/             checkpoint_key: every judged or interrupted checkpoint
     │   ├── tensorboard/                               tensorboard_key
     │   ├── promoted/, promoted-adapter/               promoted_key, promoted_adapter_key: the accepted model
@@ -88,6 +89,11 @@ def sft_attempt_prefix(key: str) -> str:
 
 def journal_key(attempt_prefix: str) -> str:
     return f"{attempt_prefix}/journal.json"
+
+
+def attempt_spec_key(attempt_prefix: str) -> str:
+    """The AttemptSpec node 0 writes when train.nnodes > 1; the other nodes' torchrun reads it (`<store>#<key>`)."""
+    return f"{attempt_prefix}/spec.json"
 
 
 def checkpoint_key(attempt_prefix: str, name: str) -> str:

@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT) on instruction pairs after CPT: loss on response tokens only.
 
 Why our own collator instead of TRL's `SFTTrainer`: SFT then runs through the same `train()` loop as CPT
-(dapt_core/train.py), so it gets exact resume, atomic checkpoints with `on_checkpoint`, LoRA, EWC, TensorBoard and
+(dapt_core/train/), so it gets exact resume, atomic checkpoints with `on_checkpoint`, LoRA, EWC, TensorBoard and
 DDP for free, and one loop is tested instead of two (TRL is not a dependency either). All SFT needs from the loop is
 the optional `loss_mask` column of the training shards; everything SFT-specific lives here:
 

@@ -2,7 +2,7 @@
 
 Signals can only be handled in the main thread, while training runs in a worker thread (a Prefect task) or in
 torchrun's worker processes. So whoever owns the signals (the CLI and the flows: flows/interrupt.py; the torchrun entry
-point: dapt_core/cpt.py) only calls `request()`; the training loop (dapt_core/train.py) polls `requested()` before each
+point: dapt_core/cpt.py) only calls `request()`; the training loop (dapt_core/train/) polls `requested()` before each
 optimizer step, writes a checkpoint of the current step and raises `StopRequested`; the attempt uploads that
 checkpoint with an "interrupted, not judged" journal entry that a re-run resumes from (dapt_core/cpt.py).
 

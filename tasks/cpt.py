@@ -5,7 +5,8 @@ perplexity and benchmark accuracy do not depend on the tokenizer, so a checkpoin
 started with, not against the extended-but-untrained model (already worse by whatever the extension cost), which is
 still evaluated (cached) and reported. Both are evaluated once on the held-out text of the pack stage and the
 benchmarks, their per-item benchmark results kept for the paired test.
-An attempt runs in this process, or under torchrun (DDP, one process per GPU) when train.nproc_per_node > 1.
+An attempt runs in this process, or under torchrun (DDP or FSDP, one process per GPU) when train.nproc_per_node > 1
+or train.nnodes > 1.
 A stop request (dapt_core/stop.py) reaches the torchrun launch as SIGTERM, forwarded by this task.
 """
 
@@ -31,10 +32,11 @@ from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, stopped_path
 from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CptManifest, DirRef, PackManifest
+from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.model_card import ModelProvenance
 from dapt_core.stop import Stopped, StopRequested
-from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.store import open_store, s3_environment
+from dapt_core.train.distributed import torchrun_command
 from tasks import progress
 from tasks.caching import check_result_record, eval_set_hashes
 
@@ -97,10 +99,11 @@ def cpt_key(
     new_token_ids: list[int] | None = None,
 ) -> str:
     shards = [r.sha256 for r in pack.train_shards]
-    # The whole train section, nproc_per_node included (batch_size is per process, so it sets the global batch);
-    # stop_grace_s does not change what is trained.
+    # The whole train section, nproc_per_node and nnodes included (batch_size is per process, so they set the global
+    # batch); stop_grace_s, where the nodes meet and how many loader processes prepare the data do not change what is
+    # trained (and every node of a launch must compute the same key).
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
-    train = train_cfg.model_dump(mode="json", exclude={"stop_grace_s"})
+    train = train_cfg.model_dump(mode="json", exclude={"stop_grace_s", "node_rank", "rdzv_endpoint", "rdzv_id", "data_workers"})
     return "cpt-" + stable_hash(
         start.sha256, shards, eval_set_hashes(pack), fisher, train, eval_cfg, reference, attempt, CPT_CODE,
         *([sorted(new_token_ids)] if new_token_ids else []),  # the rows LoRA trains (absent: the key stays as it was)
@@ -140,12 +143,12 @@ def cpt_task(
     )
     with leftovers.temp_dir("cpt") as tmp:
         tmp = Path(tmp)
-        if train_cfg.nproc_per_node == 1:
+        if train_cfg.nproc_per_node == 1 and train_cfg.nnodes == 1:
             watch = progress.TrainingProgress(f"CPT attempt {attempt}", f"dapt-cpt-attempt-{attempt}")
             result = run_attempt(spec, tmp / "work", observer=watch)
             watch.done(f"promoted step {result.best_step}" if result.promoted else "nothing promoted")
         else:  # the ranks' log lines (steps, decisions) stream into this task's log
-            result = _torchrun(spec, tmp, train_cfg.nproc_per_node)
+            result = _torchrun(spec, tmp)
     return result
 
 
@@ -158,18 +161,22 @@ def _forward_stop(proc: subprocess.Popen) -> None:
             return
 
 
-def _torchrun(spec: AttemptSpec, tmp: Path, nproc: int) -> CptManifest:
-    """The same attempt, one process per GPU (DDP): `torch.distributed.run -m dapt_core.cpt`.
+def _torchrun(spec: AttemptSpec, tmp: Path) -> CptManifest:
+    """The same attempt, one process per GPU (DDP or FSDP): `torch.distributed.run -m dapt_core.cpt`, on this node
+    and, with train.nnodes > 1, the others (deployments/README.md, "Several nodes": they run the logged command).
 
     torchrun runs in its own session, so a terminal's Ctrl-C reaches it only through this process's stop request:
     SIGTERM, which torchrun forwards to the ranks, giving them train.stop_grace_s (--shutdown_timeout) to checkpoint."""
     spec_path, result_path = tmp / "spec.json", tmp / "result.json"
     spec_path.write_text(spec.model_dump_json())
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        f"--shutdown_timeout={math.ceil(spec.train.stop_grace_s)}",
-        "-m", "dapt_core.cpt", str(spec_path), str(result_path), str(tmp / "work"),
-    ]
+    timeout = math.ceil(spec.train.stop_grace_s)
+    cmd = torchrun_command(spec.train, [str(spec_path), str(result_path), str(tmp / "work")], timeout)
+    if spec.train.nnodes > 1:
+        key = layout.attempt_spec_key(spec.prefix)
+        open_store(spec.store).put_text(spec.model_dump_json(), key)
+        # the same work dir path: with TMPDIR on a volume the nodes share, FSDP's sharded checkpoints meet there
+        other = torchrun_command(spec.train, [f"{spec.store}#{key}", str(result_path), str(tmp / "work")], timeout)
+        _log().info("other nodes join with: %s", " ".join(other[1:]))
     log = _log()
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=200)

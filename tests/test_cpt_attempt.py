@@ -126,7 +126,7 @@ def test_torchrun_ddp_attempt_matches_one_process(prefect_harness, corpus, tmp_p
     cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train)
     single = run_attempt(_spec(cfg, data, reference, "cpt/single"), tmp_path / "work-single")
     ddp_spec = _spec(cfg, data, reference, "cpt/ddp", batch_size=4, nproc_per_node=2)
-    ddp = _torchrun(ddp_spec, tmp_path, 2)
+    ddp = _torchrun(ddp_spec, tmp_path)
     assert [d["step"] for d in ddp.decisions] == [d["step"] for d in single.decisions] == [3, 6]
     a, b = _promoted_weights(cfg.store, single), _promoted_weights(cfg.store, ddp)
     for k in a:

@@ -1,9 +1,10 @@
-"""dapt_core/train.py and dapt_core/ewc.py on a tiny Llama (vocab 64, seq_len 32): seconds each."""
+"""dapt_core/train/ and dapt_core/ewc.py on a tiny Llama (vocab 64, seq_len 32): seconds each."""
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -551,3 +552,21 @@ def test_lora_trains_new_token_rows_only(tmp_path, tied):
     off = train(copy.deepcopy(start), shards, _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=2, train_new_tokens=False),
                 tmp_path / "off", resume=False, new_token_ids=NEW_IDS)
     assert torch.equal(merge_lora(off.model).get_input_embeddings().weight, emb0)
+
+
+# ------------------------------------------------------------------------------------------- data prefetching
+def test_data_loader_workers_feed_the_same_batches(tmp_path):
+    """Micro-batches built ahead in DataLoader worker processes are the batches the loop builds itself, in order,
+    across an epoch boundary and a resume (same losses, same weights)."""
+    shards = mixed_shards(tmp_path / "d", n=10)
+    cfg = _cfg(max_steps=6, save_every=3, batch_size=3, block_cross_document_attention=True, report_to=[])
+    inline = train(tiny_llama(VOCAB), shards, cfg, tmp_path / "inline")
+    workers = cfg.model_copy(update={"data_workers": 2})
+    first = train(tiny_llama(VOCAB), shards, workers, tmp_path / "prefetched")
+    assert [h["loss"] for h in first.history] == [h["loss"] for h in inline.history]
+    shutil.rmtree(tmp_path / "prefetched" / "checkpoint-6")
+    prefetched = train(tiny_llama(VOCAB), shards, workers, tmp_path / "prefetched")  # resumes at step 3
+    assert prefetched.resumed_from is not None and prefetched.resumed_from.name == "checkpoint-3"
+    assert [h["loss"] for h in prefetched.history] == [h["loss"] for h in inline.history]
+    a, b = prefetched.model.state_dict(), inline.model.state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
