@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 
-def _trainable(model) -> dict[str, torch.nn.Parameter]:
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     seen: set[int] = set()
     out = {}
     for name, p in model.named_parameters():  # named_parameters skips tied duplicates already; keep it explicit
@@ -32,7 +32,9 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def compute_fisher(model, samples: Iterable[Sequence[int]], max_samples: int | None = None) -> dict[str, torch.Tensor]:
+def compute_fisher(
+    model: torch.nn.Module, samples: Iterable[Sequence[int]], max_samples: int | None = None
+) -> dict[str, torch.Tensor]:
     """Diagonal Fisher: mean over `samples` (token id sequences) of the squared gradients of each sample's summed
     log-likelihood."""
     params = _trainable(model)
@@ -45,7 +47,9 @@ def compute_fisher(model, samples: Iterable[Sequence[int]], max_samples: int | N
         for ids in samples:
             if max_samples is not None and count >= max_samples:
                 break
-            x = torch.as_tensor(list(ids) if not torch.is_tensor(ids) else ids, dtype=torch.long, device=device).view(1, -1)
+            x = torch.as_tensor(list(ids) if not torch.is_tensor(ids) else ids, dtype=torch.long, device=device).view(
+                1, -1
+            )
             if x.shape[1] < 2:
                 continue
             model.zero_grad(set_to_none=True)
@@ -75,17 +79,19 @@ class EWC:
         self.fisher, self.anchor, self.lambda_ = fisher, anchor, float(lambda_)
 
     @classmethod
-    def from_model(cls, model, samples: Iterable[Sequence[int]], lambda_: float, max_samples: int | None = None) -> EWC:
+    def from_model(
+        cls, model: torch.nn.Module, samples: Iterable[Sequence[int]], lambda_: float, max_samples: int | None = None
+    ) -> EWC:
         fisher = compute_fisher(model, samples, max_samples)
         anchor = {n: p.detach().clone().float() for n, p in _trainable(model).items()}
         return cls(fisher, anchor, lambda_)
 
-    def to(self, device) -> EWC:
+    def to(self, device: torch.device | str) -> EWC:
         self.fisher = {n: t.to(device) for n, t in self.fisher.items()}
         self.anchor = {n: t.to(device) for n, t in self.anchor.items()}
         return self
 
-    def penalty(self, model) -> torch.Tensor:
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         """(lambda/2) * sum_i F_i (theta_i - theta*_i)^2 over the covered parameters (differentiable)."""
         params = dict(model.named_parameters())
         total = None
@@ -96,7 +102,7 @@ class EWC:
             return torch.zeros(())
         return 0.5 * self.lambda_ * total
 
-    def drift(self, model) -> float:
+    def drift(self, model: torch.nn.Module) -> float:
         """Fisher-weighted squared drift sum_i F_i (theta_i - theta*_i)^2 (the penalty without lambda/2)."""
         with torch.no_grad():
             params = dict(model.named_parameters())
@@ -116,7 +122,7 @@ class EWC:
         fisher, anchor = {}, {}
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 kind, name = key.split(".", 1)
                 (fisher if kind == "fisher" else anchor)[name] = f.get_tensor(key)
         return cls(fisher, anchor, float(meta.get("lambda", 1.0)) if lambda_ is None else lambda_)

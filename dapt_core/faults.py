@@ -19,14 +19,27 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from botocore.client import BaseClient
+    from botocore.config import Config
+    from botocore.endpoint import Endpoint
 
 RETRY_SECONDS_ENV = "DAPT_STORE_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 120.0
 
 Kind = Literal[
-    "credentials", "access_denied", "no_bucket", "vanished", "changed", "unreachable", "throttled", "server_error",
-    "disk_full", "refused",
+    "credentials",
+    "access_denied",
+    "no_bucket",
+    "vanished",
+    "changed",
+    "unreachable",
+    "throttled",
+    "server_error",
+    "disk_full",
+    "refused",
 ]
 
 
@@ -75,7 +88,7 @@ class RetryBudget:
             max_backoff=min(20.0, max(1.0, seconds / 4)), throttling_detector=ThrottlingErrorDetector(self._adapter)
         )
 
-    def install(self, client) -> None:
+    def install(self, client: BaseClient) -> None:
         """Replace the client's standard retry handler (same conditions and backoff) with this time-bounded one."""
         events = client.meta.events
         events.register("before-call.s3", self._started)
@@ -83,10 +96,10 @@ class RetryBudget:
         events.register("needs-retry.s3", self._needs_retry, unique_id="retry-config-s3")
 
     @staticmethod
-    def _started(context, **kwargs) -> None:
+    def _started(context: dict, **kwargs) -> None:
         context["dapt_started"] = time.monotonic()
 
-    def _needs_retry(self, endpoint, request_dict, **kwargs) -> float | bool:
+    def _needs_retry(self, endpoint: Endpoint, request_dict: dict, **kwargs) -> float | bool:
         ctx = self._adapter.create_retry_context(request_dict=request_dict, **kwargs)
         host = endpoint.host
         now = time.monotonic()
@@ -106,7 +119,7 @@ class RetryBudget:
         return False if now + delay - first > self.seconds else delay
 
 
-def s3_client_config(seconds: float):
+def s3_client_config(seconds: float) -> Config:
     """botocore settings for a budget of `seconds`: timeouts short enough that a stalled endpoint is noticed
     (and retried) within it."""
     from botocore.config import Config
@@ -133,11 +146,27 @@ def _error_code(exc: BaseException) -> tuple[str, int]:
     return code, status
 
 
-_REJECTED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
-             "AuthorizationHeaderMalformed", "InvalidClientTokenId", "UnrecognizedClientException"}
+_REJECTED = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+}
 _DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden"}
-_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-              "TooManyRequestsException", "RequestThrottled", "ProvisionedThroughputExceededException"}
+_THROTTLED = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "TooManyRequestsException",
+    "RequestThrottled",
+    "ProvisionedThroughputExceededException",
+}
 
 
 def classify(exc: BaseException, where: str | None = None, endpoint: str | None = None) -> StoreError | None:
@@ -221,7 +250,9 @@ def _classify_client_error(exc: BaseException, at: str, bucket: str, endpoint: s
             "vanished",
         )
     if code in ("PreconditionFailed", "412") or status == 412:
-        return StoreError(f"{at}changed since it was discovered; re-run so the new version is fingerprinted.", "changed")
+        return StoreError(
+            f"{at}changed since it was discovered; re-run so the new version is fingerprinted.", "changed"
+        )
     if code in _THROTTLED or status in (429, 503):
         return StoreError(
             f"{at}{endpoint} kept throttling requests ({code or status}) for longer than the retry budget "

@@ -7,8 +7,13 @@ checkpoint runs only when `model.trust_remote_code` says so.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dapt_core.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class ModelConfigError(ValueError):
@@ -26,11 +31,13 @@ def _kwargs(cfg: ModelConfig) -> dict:
 
 def _require_base(cfg: ModelConfig) -> str:
     if not cfg.base:
-        raise ModelConfigError("model.base is required for this stage: a local model directory, a hub id, or a folder holding model.gguf_file")
+        raise ModelConfigError(
+            "model.base is required for this stage: a local model directory, a hub id, or a folder holding model.gguf_file"
+        )
     return cfg.base
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The base tokenizer (a fast tokenizer: batched encoding and `tokenizer.backend_tokenizer` are needed)."""
     from transformers import AutoTokenizer
 
@@ -39,7 +46,7 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(_require_base(cfg), **_kwargs(cfg))
 
 
-def load_model(cfg: ModelConfig, dtype=None):
+def load_model(cfg: ModelConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The base causal LM, in float32 unless `dtype` says otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -68,7 +75,7 @@ def module_names(cfg: ModelConfig) -> tuple[str, set[str]]:
     return type(model).__name__, {name for name, _ in model.named_modules() if name}
 
 
-def adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer puts BOS in front of encoded text (Llama 2/3 do; GPT-2/SmolLM/Qwen do not): packing and
     SFT follow the tokenizer's own convention."""
     bos = tokenizer.bos_token_id
@@ -77,7 +84,9 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
 
 
-def load_from_dir(path: str | Path, dtype=None):
+def load_from_dir(
+    path: str | Path, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer saved by a dapt stage (safetensors)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,5 +109,7 @@ def base_fingerprint(cfg: ModelConfig) -> str:
     if cfg.gguf_file:
         files = [root / cfg.gguf_file]
     else:  # weights, configs, tokenizer files, and remote code (.py) when trust_remote_code runs it
-        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".model", ".txt", ".py"))
+        files = sorted(
+            p for p in root.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".model", ".txt", ".py")
+        )
     return stable_hash([(p.name, sha256_file(p)) for p in files], tokenizer_part, cfg.trust_remote_code)

@@ -12,13 +12,17 @@ Wikipedia in the model's languages) is preferred whenever it is available; self-
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from dapt_core.config import SelfReplayConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MAX_EMPTY_BATCHES = 8
 
 
-def _start_token(tokenizer) -> int:
+def _start_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """BOS when the tokenizer puts BOS in front of text (Llama style), else EOS: how packed documents begin/follow."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is not None:
@@ -32,7 +36,9 @@ def _start_token(tokenizer) -> int:
     raise ValueError("self-replay needs a tokenizer with a bos_token or an eos_token to start sampling from")
 
 
-def sample_self_replay(model, tokenizer, cfg: SelfReplayConfig, seed: int) -> Iterator[str]:
+def sample_self_replay(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SelfReplayConfig, seed: int
+) -> Iterator[str]:
     """Yield documents sampled from `model` until `cfg.tokens` tokens have been produced.
 
     Each batch of `cfg.batch_size` sequences starts from a single BOS (or EOS, see `_start_token`) token and samples

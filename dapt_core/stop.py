@@ -14,6 +14,7 @@ is in the store, so the process may exit even if what remains (Prefect reporting
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pydantic import BaseModel
@@ -40,7 +41,9 @@ class StopRequested(Exception):
 
     def __init__(self, stopped: Stopped):
         self.stopped = stopped
-        where = f"checkpoint of step {stopped.step}: {stopped.checkpoint}" if stopped.checkpoint else "no new checkpoint"
+        where = (
+            f"checkpoint of step {stopped.step}: {stopped.checkpoint}" if stopped.checkpoint else "no new checkpoint"
+        )
         super().__init__(f"training stopped at step {stopped.step} ({stopped.reason}); {where}")
 
 
@@ -91,7 +94,7 @@ def reset() -> None:
 
 
 @contextmanager
-def training(grace_s: float):
+def training(grace_s: float) -> Iterator[None]:
     """Mark a training loop (or a trainer launched as a subprocess) as running while the block runs."""
     with _lock:
         _graces.append(grace_s)

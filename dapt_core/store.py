@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
@@ -31,6 +32,9 @@ from dapt_core import leftovers
 from dapt_core.faults import RetryBudget, retry_seconds, s3_client_config, store_errors
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import ArtifactRef, DirRef
+
+if TYPE_CHECKING:
+    from botocore.client import BaseClient as S3Client
 
 
 class IntegrityError(RuntimeError):
@@ -80,8 +84,8 @@ class ArtifactStore(ABC):
     def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
         """Copy a local file to `key` atomically."""
 
-    def check_reachable(self) -> None:
-        """Fail early, with a StoreError, when the store cannot be used (a local directory is made on first write)."""
+    def check_reachable(self) -> None:  # noqa: B027 (a local directory needs no check: it is made on first write)
+        """Fail early, with a StoreError, when the store cannot be used."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -412,7 +416,7 @@ def s3_environment() -> dict[str, str]:
     return _credentials.environment() if _credentials else {}
 
 
-def s3_client():
+def s3_client() -> S3Client:
     """An S3 client from the credentials given to `use_s3_credentials`, else the standard AWS environment
     (AWS_ENDPOINT_URL, credentials, region), retrying throttling, 5xx, timeouts and dropped connections with
     exponential backoff until the endpoint has failed for DAPT_STORE_RETRY_SECONDS (dapt_core.faults.RetryBudget)."""
