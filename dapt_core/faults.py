@@ -194,7 +194,7 @@ def _classify_one(exc: BaseException, where: str | None, endpoint: str) -> Store
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
         return StoreError(
             f"{at}no usable S3 credentials for {endpoint} ({exc}). Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or AWS_PROFILE) and re-run.",
+            "(or AWS_PROFILE), or name a Prefect AwsCredentials block in the config's aws_credentials_block, and re-run.",
             "credentials",
         )
     if isinstance(exc, bx.ClientError):
@@ -228,7 +228,7 @@ def _classify_client_error(exc: BaseException, at: str, bucket: str, endpoint: s
     if code in _REJECTED:
         return StoreError(
             f"{at}{endpoint} rejected the S3 credentials ({code}). Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-            "(or refresh the session token) and re-run.",
+            "or the keys of the config's aws_credentials_block (or refresh the session token) and re-run.",
             "credentials",
         )
     if code in _DENIED or status == 403:

@@ -7,7 +7,12 @@ import pytest
 
 from dapt_core.config import ConfigError, DaptConfig
 from dapt_core.faults import StoreError
-from dapt_core.store import S3Credentials, open_store, s3_environment, use_s3_credentials
+from dapt_core.store import (
+    S3Credentials,
+    open_store,
+    s3_environment,
+    use_s3_credentials,
+)
 from tests.corpus import write_config, write_corpus
 
 AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from dapt_core.config import load_config
-from tasks.caching import FLOW_RESULTS_PREFIX, RESULTS_PREFIX, result_storage_for, worker_result_storage
+from tasks.caching import (
+    FLOW_RESULTS_PREFIX,
+    RESULTS_PREFIX,
+    result_storage_for,
+    worker_result_storage,
+)
 from tests.corpus import write_config, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +56,16 @@ def _plain_flow_with_default(block: str, home: Path) -> subprocess.CompletedProc
         PREFECT_RESULTS_PERSIST_BY_DEFAULT="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
     env.pop("PYTHONPATH", None)  # nothing of dapt on the path: a user's own project
-    return subprocess.run([sys.executable, "-c", PLAIN_FLOW], cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", PLAIN_FLOW], check=False, cwd=home, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.integration
 def test_the_default_serves_a_plain_flow_and_dapt_keeps_its_records_out_of_it(prefect_harness, tmp_path):
-    from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+    from prefect.settings import (
+        PREFECT_DEFAULT_RESULT_STORAGE_BLOCK,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+        temporary_settings,
+    )
 
     from flows.prepare import prepare_flow
 
@@ -92,7 +101,11 @@ def test_the_default_serves_a_plain_flow_and_dapt_keeps_its_records_out_of_it(pr
 def test_an_s3_store_gets_an_s3_bucket_block_with_the_configured_credentials(prefect_harness, s3_endpoint, s3_bucket):
     import boto3
     from prefect import flow, task
-    from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+    from prefect.settings import (
+        PREFECT_DEFAULT_RESULT_STORAGE_BLOCK,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+        temporary_settings,
+    )
     from prefect_aws import AwsCredentials
     from prefect_aws.client_parameters import AwsClientParameters
 
