@@ -255,7 +255,7 @@ def check_strategy(cfg: TrainConfig, dist: Distributed) -> None:
         )
 
 
-def setup_ewc(model, cfg: TrainConfig, out_dir: Path, resume: bool, general_samples, dist: Distributed, device):
+def setup_ewc(model, cfg: TrainConfig, out_dir: Path, resume: bool, general_samples, dist: Distributed, device: torch.device):
     """The EWC anchor and Fisher, on the model as given (before any adapter or update); a resumed run reloads them."""
     if not cfg.ewc.enabled:
         return None
@@ -409,7 +409,11 @@ def train(
         return run_loop(run, on_checkpoint, on_progress)
 
 
-def run_loop(run: Run, on_checkpoint=None, on_progress=None) -> TrainResult:
+def run_loop(
+    run: Run,
+    on_checkpoint: Callable[[int, Path], bool | None] | None = None,
+    on_progress: Callable[[StepProgress], None] | None = None,
+) -> TrainResult:
     """Optimizer steps until the last one, a rejected checkpoint or a stop request (see module docstring)."""
     cfg, written = run.cfg, []
     log.info("training steps %d to %d%s", run.step + 1, run.total_steps, f" (resumed from {run.resumed_from})" if run.resumed_from else "")
@@ -499,7 +503,7 @@ def clip_gradients(run: Run) -> float | None:
     return float(norm)
 
 
-def report(run: Run, window: list[dict], on_progress) -> None:
+def report(run: Run, window: list[dict], on_progress: Callable[[StepProgress], None] | None) -> None:
     """Log the steps since the last report; hand them to `on_progress` and TensorBoard (rank 0)."""
     if not run.dist.main:
         return
@@ -544,7 +548,7 @@ def save_checkpoint(run: Run) -> Path:
     return path
 
 
-def save_and_judge(run: Run, on_checkpoint) -> tuple[Path, bool]:
+def save_and_judge(run: Run, on_checkpoint: Callable[[int, Path], bool | None] | None) -> tuple[Path, bool]:
     """Write a checkpoint and let rank 0's `on_checkpoint` judge it; every rank follows its verdict."""
     path = save_checkpoint(run)
     rejected = False
