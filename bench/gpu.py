@@ -38,13 +38,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 LLAMA_1B = {
-    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "max_position_embeddings": 4096,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 4096,
     "rope_theta": 500000.0,
 }
 TINY = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": True, "max_position_embeddings": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 512,
 }
 LOSS_TOLERANCE = 0.02  # relative, bf16 vs fp32
 
@@ -78,7 +90,15 @@ def write_shards(path: Path, vocab: int, seq_len: int, rows: int) -> list[Path]:
         docs.append(np.diff(np.concatenate([[0], cuts, [seq_len]])).tolist())
     path.mkdir(parents=True, exist_ok=True)
     shard = path / "train-00000.parquet"
-    pq.write_table(pa.table({"input_ids": pa.array(ids.tolist(), pa.list_(pa.int32())), "doc_lengths": pa.array(docs, pa.list_(pa.int32()))}), shard)
+    pq.write_table(
+        pa.table(
+            {
+                "input_ids": pa.array(ids.tolist(), pa.list_(pa.int32())),
+                "doc_lengths": pa.array(docs, pa.list_(pa.int32())),
+            }
+        ),
+        shard,
+    )
     return [shard]
 
 
@@ -145,15 +165,23 @@ def worker(spec: dict) -> None:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     loss_bf16, loss_fp32 = first_sequence_losses(model, shards, device, bf16) if rank0 else (None, None)
     cfg = TrainConfig(
-        lr=1e-5, warmup_ratio=0.0, batch_size=spec["batch_size"], max_steps=spec["steps"], save_every=10**6, log_every=1,
-        block_cross_document_attention=True, strategy=spec["strategy"] if spec["strategy"] != "single" else "ddp",
-        attn_implementation=spec["attn"], gradient_checkpointing=spec["model"] == "llama-1b", report_to=[],
+        lr=1e-5,
+        warmup_ratio=0.0,
+        batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        save_every=10**6,
+        log_every=1,
+        block_cross_document_attention=True,
+        strategy=spec["strategy"] if spec["strategy"] != "single" else "ddp",
+        attn_implementation=spec["attn"],
+        gradient_checkpointing=spec["model"] == "llama-1b",
+        report_to=[],
     )
     progress = []
     result = train(model, shards, cfg, work / "out", resume=False, on_progress=progress.append)
     if not rank0:
         return
-    timed = progress[spec["warmup"]:] or progress
+    timed = progress[spec["warmup"] :] or progress
     step_s = sum(p.step_seconds for p in timed) / len(timed)
     tokens_s = sum(p.tokens_per_second for p in timed) / len(timed)
     mfus = [p.mfu for p in timed if p.mfu is not None]
@@ -161,12 +189,22 @@ def worker(spec: dict) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     train_s_per_token = step_s / (spec["batch_size"] * world * spec["seq_len"])
     score_s_per_token = scoring_seconds_per_token(result.model, shards, device, spec["batch_size"], bf16)
-    Path(spec["out"]).write_text(json.dumps({
-        "tokens_per_s": tokens_s, "step_s": step_s, "mfu": sum(mfus) / len(mfus) if mfus else None,
-        "peak_mem_gib": max(mems) if mems else None, "eval_train_ratio": score_s_per_token / train_s_per_token,
-        "first_step_loss": result.history[0]["loss"], "loss_gpu_precision": loss_bf16, "loss_cpu_fp32": loss_fp32,
-        "gpus": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-    }))
+    Path(spec["out"]).write_text(
+        json.dumps(
+            {
+                "tokens_per_s": tokens_s,
+                "step_s": step_s,
+                "mfu": sum(mfus) / len(mfus) if mfus else None,
+                "peak_mem_gib": max(mems) if mems else None,
+                "eval_train_ratio": score_s_per_token / train_s_per_token,
+                "first_step_loss": result.history[0]["loss"],
+                "loss_gpu_precision": loss_bf16,
+                "loss_cpu_fp32": loss_fp32,
+                "gpus": world,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ driver
@@ -182,9 +220,21 @@ def configurations(args) -> list[dict]:
     seq_len, batch = (128, 2) if args.cpu_smoke else (2048, args.batch_size)
     steps = 3 if args.cpu_smoke else (12 if args.quick else args.steps)
     return [
-        {"model": m, "strategy": s, "attn": a, "seq_len": seq_len, "batch_size": batch, "steps": steps,
-         "warmup": 1 if args.cpu_smoke else 3, "rows": max(8, batch * max(gpus, 1) * steps), "cpu": args.cpu_smoke, "gpus": gpus}
-        for m in models for s in strategies for a in kernels
+        {
+            "model": m,
+            "strategy": s,
+            "attn": a,
+            "seq_len": seq_len,
+            "batch_size": batch,
+            "steps": steps,
+            "warmup": 1 if args.cpu_smoke else 3,
+            "rows": max(8, batch * max(gpus, 1) * steps),
+            "cpu": args.cpu_smoke,
+            "gpus": gpus,
+        }
+        for m in models
+        for s in strategies
+        for a in kernels
     ]
 
 
@@ -194,12 +244,25 @@ def run_one(spec: dict, tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     if spec["gpus"] > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec['gpus']}", __file__]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={spec['gpus']}",
+            __file__,
+        ]
     else:
         cmd = [sys.executable, __file__]
-    proc = subprocess.run([*cmd, "--worker", str(tmp / "spec.json")], check=False, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cmd, "--worker", str(tmp / "spec.json")], check=False, env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        return {"error": (proc.stdout + proc.stderr).strip().splitlines()[-1][:300] if (proc.stdout + proc.stderr).strip() else f"exit {proc.returncode}"}
+        return {
+            "error": (proc.stdout + proc.stderr).strip().splitlines()[-1][:300]
+            if (proc.stdout + proc.stderr).strip()
+            else f"exit {proc.returncode}"
+        }
     return json.loads(Path(spec["out"]).read_text())
 
 
@@ -208,14 +271,16 @@ def fmt(value, pattern: str, missing: str = "n/a") -> str:
 
 
 def report_line(spec: dict, r: dict) -> str:
-    name = f"{spec['model']} {spec['strategy']} {spec['attn']} seq {spec['seq_len']} batch {spec['batch_size']}x{max(spec['gpus'], 1)}"
+    shape = f"seq {spec['seq_len']} batch {spec['batch_size']}x{max(spec['gpus'], 1)}"
+    name = f"{spec['model']} {spec['strategy']} {spec['attn']} {shape}"
     if "error" in r:
         return f"{name}: FAILED {r['error']}"
     rel = abs(r["loss_gpu_precision"] - r["loss_cpu_fp32"]) / r["loss_cpu_fp32"]
     verdict = "PASS" if rel <= LOSS_TOLERANCE else "FAIL"
     return (
         f"{name} on {r['device']}: {r['tokens_per_s']:,.0f} tokens/s, step {r['step_s']:.3f} s, "
-        f"MFU {fmt(r['mfu'], '.1%')}, peak mem {fmt(r['peak_mem_gib'], '.2f')} GiB, eval/train {r['eval_train_ratio']:.2f}, "
+        f"MFU {fmt(r['mfu'], '.1%')}, peak mem {fmt(r['peak_mem_gib'], '.2f')} GiB, "
+        f"eval/train {r['eval_train_ratio']:.2f}, "
         f"first-step loss {r['first_step_loss']:.4f}; first-sequence loss {r['loss_gpu_precision']:.4f} vs CPU fp32 "
         f"{r['loss_cpu_fp32']:.4f} (rel {rel:.2e}, tolerance {LOSS_TOLERANCE}) {verdict}"
     )
@@ -224,7 +289,9 @@ def report_line(spec: dict, r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="12 steps per configuration (< 5 min on one H100/H200)")
-    ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: a tiny Llama on the CPU, 3 steps, the same code path")
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="no GPU: a tiny Llama on the CPU, 3 steps, the same code path"
+    )
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=4, help="sequences of 2048 tokens per GPU per step")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

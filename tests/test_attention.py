@@ -96,7 +96,9 @@ def test_flash_attention_packed_equals_documents_alone():
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_flash_attention_without_the_package_is_refused_before_training(tmp_path):
     cfg = _cfg(attn_implementation="flash_attention_2", block_cross_document_attention=True)
-    with pytest.raises(ValueError, match="train.attn_implementation flash_attention_2: the flash-attn package is not installed"):
+    with pytest.raises(
+        ValueError, match="train.attn_implementation flash_attention_2: the flash-attn package is not installed"
+    ):
         train(tiny_llama(VOCAB), mixed_shards(tmp_path / "d", n=8), cfg, tmp_path / "out")
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
@@ -120,9 +122,17 @@ def test_multi_node_settings():
     with pytest.raises(ValueError, match="train.node_rank 2 must be below train.nnodes 2"):
         TrainConfig(nnodes=2, node_rank=2, rdzv_endpoint="10.0.0.1:29500")
     one = torchrun_command(TrainConfig(nproc_per_node=8), ["spec.json", "result.json"], 60)
-    assert "--standalone" in one and "--nproc_per_node=8" in one and one[-3:] == ["dapt_core.cpt", "spec.json", "result.json"]
+    assert (
+        "--standalone" in one
+        and "--nproc_per_node=8" in one
+        and one[-3:] == ["dapt_core.cpt", "spec.json", "result.json"]
+    )
     many = torchrun_command(TrainConfig(nproc_per_node=8, nnodes=4, rdzv_endpoint="10.0.0.1:29500"), [], 60)
-    assert "--standalone" not in many and {"--nnodes=4", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29500"} <= set(many)
+    assert "--standalone" not in many and {
+        "--nnodes=4",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=10.0.0.1:29500",
+    } <= set(many)
     assert not any(a.startswith("--node_rank") for a in many)  # c10d numbers the nodes: one config for every node
 
 
@@ -147,7 +157,11 @@ def test_sharded_checkpoint_metadata_is_read_as_data_only(tmp_path):
 
     good = tmp_path / "good"
     good.mkdir()
-    tensor = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([4, 2]), [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 2]))])
+    tensor = TensorStorageMetadata(
+        TensorProperties(dtype=torch.float32),
+        torch.Size([4, 2]),
+        [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 2]))],
+    )
     with open(good / ".metadata", "wb") as fh:
         pickle.dump(Metadata(state_dict_metadata={"w": tensor, "step": BytesStorageMetadata()}), fh)
     assert SafeShardReader(str(good)).read_metadata().state_dict_metadata["w"].size == torch.Size([4, 2])

@@ -16,7 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_bench_cpu_smoke_reports_every_figure():
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu.py"), "--cpu-smoke"], check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(REPO / "bench" / "gpu.py"), "--cpu-smoke"],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

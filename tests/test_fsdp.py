@@ -58,16 +58,26 @@ def free_port() -> int:
 
 def worker_script(tmp_path: Path, shards: list[Path], cfg: TrainConfig) -> Path:
     script = tmp_path / f"worker-{time.monotonic_ns()}.py"
-    script.write_text(WORKER.format(repo=str(REPO), vocab=VOCAB, shards=[str(s) for s in shards], cfg=cfg.model_dump(by_alias=True)))
+    script.write_text(
+        WORKER.format(repo=str(REPO), vocab=VOCAB, shards=[str(s) for s in shards], cfg=cfg.model_dump(by_alias=True))
+    )
     return script
 
 
 def launch(script: Path, out_dir: Path, torchrun_args: list[str], env: dict | None = None) -> subprocess.Popen:
-    clean = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", *torchrun_args, str(script), str(out_dir)],
-        cwd=REPO, env={**clean, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+        cwd=REPO,
+        env={**clean, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -94,7 +104,13 @@ STEPS = 4
 
 
 def fsdp_cfg(**kw) -> TrainConfig:
-    base = {"batch_size": 4, "grad_accum": 2, "max_steps": STEPS, "save_every": 2, "block_cross_document_attention": True}
+    base = {
+        "batch_size": 4,
+        "grad_accum": 2,
+        "max_steps": STEPS,
+        "save_every": 2,
+        "block_cross_document_attention": True,
+    }
     return _cfg(**{**base, "report_to": [], "strategy": "fsdp", **kw})
 
 
@@ -104,13 +120,21 @@ def test_fsdp_two_processes_train_the_weights_of_one(tmp_path, method):
     reduce-scatter sums gradients in another order (~1e-7 relative); Adam turns that noise into at most ~lr-sized steps
     on coordinates whose gradient is ~0, so weights agree to 2e-5 after 4 steps at lr 1e-3 with warmup."""
     shards = mixed_shards(tmp_path / "d", n=24)
-    extra = {"method": method, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}} if method == "lora" else {}
+    extra = (
+        {"method": method, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+        if method == "lora"
+        else {}
+    )
     torch.set_num_threads(1)
     try:
         train(tiny_llama(VOCAB), shards, fsdp_cfg(batch_size=8, **extra), tmp_path / "one")
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
-    finish(launch(worker_script(tmp_path, shards, fsdp_cfg(**extra)), tmp_path / "two", ["--standalone", "--nproc_per_node=2"]))
+    finish(
+        launch(
+            worker_script(tmp_path, shards, fsdp_cfg(**extra)), tmp_path / "two", ["--standalone", "--nproc_per_node=2"]
+        )
+    )
     one, two = tmp_path / "one" / f"checkpoint-{STEPS}", tmp_path / "two" / f"checkpoint-{STEPS}"
     assert (two / "optimizer").is_dir() and not (two / "optimizer.pt").exists()  # sharded AdamW state
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
@@ -128,7 +152,9 @@ def test_fsdp_resumes_exactly_after_sigkill(tmp_path):
     shards = mixed_shards(tmp_path / "d", n=20)
     script = worker_script(tmp_path, shards, fsdp_cfg())
     marker = tmp_path / "hanging"
-    killed = launch(script, tmp_path / "killed", ["--standalone", "--nproc_per_node=2"], {"HANG_AFTER": "3", "MARKER": str(marker)})
+    killed = launch(
+        script, tmp_path / "killed", ["--standalone", "--nproc_per_node=2"], {"HANG_AFTER": "3", "MARKER": str(marker)}
+    )
     try:
         deadline = time.time() + 300
         while not marker.exists():
@@ -142,7 +168,9 @@ def test_fsdp_resumes_exactly_after_sigkill(tmp_path):
             os.killpg(killed.pid, signal.SIGKILL)
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2"]
     resumed = launch(script, tmp_path / "killed", ["--standalone", "--nproc_per_node=2"])
-    reference = launch(script, tmp_path / "reference", ["--standalone", "--nproc_per_node=2", f"--master_port={free_port()}"])
+    reference = launch(
+        script, tmp_path / "reference", ["--standalone", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    )
     finish(resumed)
     finish(reference)
     end = f"checkpoint-{STEPS}"
@@ -154,7 +182,9 @@ def test_fsdp_resumes_exactly_after_sigkill(tmp_path):
 def test_two_nodes_on_localhost_match_one_node_with_two_processes(tmp_path, strategy):
     """nnodes 2 x nproc 1, c10d rendezvous on 127.0.0.1 (the launch torchrun_command builds for each node)."""
     shards = mixed_shards(tmp_path / "d", n=24)
-    cfg = fsdp_cfg(strategy=strategy, nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id="test")
+    cfg = fsdp_cfg(
+        strategy=strategy, nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id="test"
+    )
     script = worker_script(tmp_path, shards, cfg)
     nodes = []
     for node_rank in range(2):

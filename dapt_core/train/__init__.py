@@ -16,8 +16,8 @@ torchrun launch (dapt_core/train/distributed.py), LoRA (dapt_core/train/lora.py)
   on CUDA bf16 autocast (DDP) or bf16 FSDP2 compute, weights and optimizer state fp32. Optional activation
   checkpointing per decoder layer (`cfg.gradient_checkpointing`) and per-layer `torch.compile` (`cfg.compile`).
 * **Documents.** With `block_cross_document_attention`, position ids restart at every document of a packed sequence
-  and no token attends to another document on any `attn_implementation` (dapt_core/train/attention.py). The label of each
-  document's first token (predicted from the previous document) is ignored.
+  and no token attends to another document on any `attn_implementation` (dapt_core/train/attention.py). The label
+  of each document's first token (predicted from the previous document) is ignored.
 * **Distributed.** Under `torchrun` (WORLD_SIZE > 1) each rank takes its slice of every global micro-batch
   (batch_size sequences per rank, same permutation); `cfg.strategy` ddp replicates, fsdp shards (FSDP2). Rank 0 writes
   checkpoints and runs `on_checkpoint` while the others wait. One process is the same loop, unchanged.
@@ -26,8 +26,8 @@ torchrun launch (dapt_core/train/distributed.py), LoRA (dapt_core/train/lora.py)
   `on_progress`; `cfg.report_to: [tensorboard]` also writes them to out_dir/tensorboard.
 * **EWC.** `cfg.ewc.enabled` adds (lambda/2) * sum F_i (theta_i - theta*_i)^2 once per optimizer step
   (dapt_core/ewc.py); the Fisher is estimated once on `general_samples` and saved as out_dir/ewc.safetensors.
-* **Checkpoints.** Every `save_every` steps and at the end (dapt_core/train/checkpoint.py); `on_checkpoint(step, path)` is
-  called after each one (evaluate, upload...); when it returns False training stops there (roll back instead).
+* **Checkpoints.** Every `save_every` steps and at the end (dapt_core/train/checkpoint.py); `on_checkpoint(step,
+  path)` is called after each one (evaluate, upload...); when it returns False training stops there (roll back instead).
 * **Stopping.** A stop request (dapt_core/stop.py) is honoured before the next optimizer step: the loop writes a
   checkpoint of the current step (unless it was just written) and raises `StopRequested`; all ranks stop together.
 * **Exact resume.** With `resume=True` the loop restarts from the latest complete checkpoint: weights, optimizer,
@@ -47,9 +47,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dapt_core.ewc import EWC
 
 from dapt_core import stop
 from dapt_core.config import TrainConfig
@@ -186,7 +192,7 @@ class StepProgress:
         )
 
 
-def tensorboard_writer(cfg: TrainConfig, out_dir: Path, dist: Distributed):
+def tensorboard_writer(cfg: TrainConfig, out_dir: Path, dist: Distributed) -> SummaryWriter | None:
     """A TensorBoard writer on out_dir/tensorboard when cfg.report_to asks for one (rank 0 only), else None."""
     if "tensorboard" not in cfg.report_to or not dist.main:
         return None
@@ -212,7 +218,7 @@ class Run:
     num_sequences: int
     seq_len: int
     total_steps: int
-    ewc: object | None
+    ewc: EWC | None
     writer: object | None
     step: int = 0
     position: int = 0  # sequences of the data stream consumed (over all ranks)
@@ -229,8 +235,14 @@ class Run:
     def trainer_state(self) -> dict:
         n = self.num_sequences
         return {
-            "step": self.step, "epoch": self.position // n, "index": self.position % n, "total_steps": self.total_steps,
-            "seed": self.cfg.seed, "method": self.cfg.method, "world_size": self.dist.world, "strategy": self.strategy,
+            "step": self.step,
+            "epoch": self.position // n,
+            "index": self.position % n,
+            "total_steps": self.total_steps,
+            "seed": self.cfg.seed,
+            "method": self.cfg.method,
+            "world_size": self.dist.world,
+            "strategy": self.strategy,
             "history": self.history,
         }
 
@@ -255,7 +267,15 @@ def check_strategy(cfg: TrainConfig, dist: Distributed) -> None:
         )
 
 
-def setup_ewc(model, cfg: TrainConfig, out_dir: Path, resume: bool, general_samples, dist: Distributed, device):
+def setup_ewc(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    out_dir: Path,
+    resume: bool,
+    general_samples: Sequence[Sequence[int]] | None,
+    dist: Distributed,
+    device: torch.device,
+) -> EWC | None:
     """The EWC anchor and Fisher, on the model as given (before any adapter or update); a resumed run reloads them."""
     if not cfg.ewc.enabled:
         return None
@@ -278,7 +298,7 @@ def setup_ewc(model, cfg: TrainConfig, out_dir: Path, resume: bool, general_samp
     return ewc
 
 
-def prepare_model(model, cfg: TrainConfig, new_token_ids: Sequence[int]):
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig, new_token_ids: Sequence[int]):
     """Model surgery before training: LoRA adapters, the attention kernel, activation checkpointing, compilation."""
     if cfg.method == "lora" and not is_peft(model):
         model = apply_lora(model, cfg, new_token_ids)
@@ -312,7 +332,7 @@ def read_resume_point(checkpoint: Path, cfg: TrainConfig, dist: Distributed) -> 
     return state
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -320,10 +340,12 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, cfg: TrainConfig, total_steps: int, device: torch.device):
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device):
     """AdamW (fused kernels on CUDA) and the warmup + cosine schedule."""
     fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **fused)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **fused
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
     return optimizer, scheduler
 
@@ -345,8 +367,13 @@ def data_workers(cfg: TrainConfig, device: torch.device) -> int:
 
 
 def setup(
-    model, shards: list[Path], cfg: TrainConfig, out_dir: Path, resume: bool = True,
-    general_samples: Sequence[Sequence[int]] | None = None, new_token_ids: Sequence[int] = (),
+    model: torch.nn.Module,
+    shards: list[Path],
+    cfg: TrainConfig,
+    out_dir: Path,
+    resume: bool = True,
+    general_samples: Sequence[Sequence[int]] | None = None,
+    new_token_ids: Sequence[int] = (),
 ) -> Run:
     """Everything before the first step: process group, data, EWC anchor, model surgery, resume, optimizer."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -367,7 +394,8 @@ def setup(
     state = read_resume_point(resumed_from, cfg, dist) if resumed_from else {}
     if not dist.agree(state.get("step", 0), device):
         raise ValueError(
-            f"the ranks found different checkpoints to resume from in {out_dir} (this rank: step {state.get('step', 0)}): "
+            f"the ranks found different checkpoints to resume from in {out_dir} "
+            f"(this rank: step {state.get('step', 0)}): "
             "every node's training directory must hold the same checkpoints (each node's first process fetches them)"
         )
     if resumed_from:  # into the whole model, before FSDP shards it
@@ -376,14 +404,31 @@ def setup(
     optimizer, scheduler = build_optimizer(wrapped, cfg, total_steps, device)
 
     position = state.get("epoch", 0) * len(data) + state.get("index", 0)
-    micro = MicroBatches(shards, cfg.seed, cfg.batch_size, dist.rank, dist.world, position, cfg.block_cross_document_attention)
+    micro = MicroBatches(
+        shards, cfg.seed, cfg.batch_size, dist.rank, dist.world, position, cfg.block_cross_document_attention
+    )
     run = Run(
-        cfg=cfg, out_dir=out_dir, dist=dist, device=device, model=wrapped, trained=trained, optimizer=optimizer,
-        scheduler=scheduler, batches=micro_batch_loader(micro, data_workers(cfg, device), device.type == "cuda"),
-        num_sequences=len(data), seq_len=data.seq_len, total_steps=total_steps, ewc=ewc,
-        writer=tensorboard_writer(cfg, out_dir, dist), step=state.get("step", 0), position=position,
-        history=state.get("history", []), resumed_from=resumed_from, last_saved=(state.get("step", 0), resumed_from),
-        flops_per_token=flops_per_token(trained, cfg.method), peak_flops=peak_flops(device),
+        cfg=cfg,
+        out_dir=out_dir,
+        dist=dist,
+        device=device,
+        model=wrapped,
+        trained=trained,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=micro_batch_loader(micro, data_workers(cfg, device), device.type == "cuda"),
+        num_sequences=len(data),
+        seq_len=data.seq_len,
+        total_steps=total_steps,
+        ewc=ewc,
+        writer=tensorboard_writer(cfg, out_dir, dist),
+        step=state.get("step", 0),
+        position=position,
+        history=state.get("history", []),
+        resumed_from=resumed_from,
+        last_saved=(state.get("step", 0), resumed_from),
+        flops_per_token=flops_per_token(trained, cfg.method),
+        peak_flops=peak_flops(device),
     )
     if resumed_from:
         restore_optimizer(run, resumed_from)
@@ -392,7 +437,7 @@ def setup(
 
 # -------------------------------------------------------------------------------------------------- the loop
 def train(
-    model,
+    model: torch.nn.Module,
     shards: list[Path],
     cfg: TrainConfig,
     out_dir: Path,
@@ -409,10 +454,19 @@ def train(
         return run_loop(run, on_checkpoint, on_progress)
 
 
-def run_loop(run: Run, on_checkpoint=None, on_progress=None) -> TrainResult:
+def run_loop(
+    run: Run,
+    on_checkpoint: Callable[[int, Path], bool | None] | None = None,
+    on_progress: Callable[[StepProgress], None] | None = None,
+) -> TrainResult:
     """Optimizer steps until the last one, a rejected checkpoint or a stop request (see module docstring)."""
     cfg, written = run.cfg, []
-    log.info("training steps %d to %d%s", run.step + 1, run.total_steps, f" (resumed from {run.resumed_from})" if run.resumed_from else "")
+    log.info(
+        "training steps %d to %d%s",
+        run.step + 1,
+        run.total_steps,
+        f" (resumed from {run.resumed_from})" if run.resumed_from else "",
+    )
     window: list[dict] = []  # the steps since the last progress report
     try:
         while run.step < run.total_steps:
@@ -432,8 +486,13 @@ def run_loop(run: Run, on_checkpoint=None, on_progress=None) -> TrainResult:
         if run.writer is not None:
             run.writer.close()
     return TrainResult(
-        model=run.trained, step=run.step, total_steps=run.total_steps, final_loss=run.history[-1]["loss"] if run.history else None,
-        history=run.history, checkpoints=written, resumed_from=run.resumed_from,
+        model=run.trained,
+        step=run.step,
+        total_steps=run.total_steps,
+        final_loss=run.history[-1]["loss"] if run.history else None,
+        history=run.history,
+        checkpoints=written,
+        resumed_from=run.resumed_from,
     )
 
 
@@ -477,8 +536,14 @@ def train_step(run: Run) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     loss = run.dist.all_reduce_sum(nll_sum, run.device) / step_targets  # the global batch's loss
-    record = {"step": run.step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "ewc": ewc_value if run.ewc else None,
-              "seconds": time.perf_counter() - t0}
+    record = {
+        "step": run.step,
+        "lr": lr,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "ewc": ewc_value if run.ewc else None,
+        "seconds": time.perf_counter() - t0,
+    }
     run.history.append(record)
     return {**record, "peak_memory_gib": step_peak_memory_gib(run.device)}
 
@@ -499,7 +564,7 @@ def clip_gradients(run: Run) -> float | None:
     return float(norm)
 
 
-def report(run: Run, window: list[dict], on_progress) -> None:
+def report(run: Run, window: list[dict], on_progress: Callable[[StepProgress], None] | None) -> None:
     """Log the steps since the last report; hand them to `on_progress` and TensorBoard (rank 0)."""
     if not run.dist.main:
         return
@@ -508,8 +573,13 @@ def report(run: Run, window: list[dict], on_progress) -> None:
     last = window[-1]
     tokens_per_second = run.tokens_per_step * rate
     progress = StepProgress(
-        step=run.step, total_steps=run.total_steps, loss=last["loss"], lr=last["lr"], tokens_per_second=tokens_per_second,
-        eta_seconds=(run.total_steps - run.step) / rate, step_seconds=seconds / len(window),
+        step=run.step,
+        total_steps=run.total_steps,
+        loss=last["loss"],
+        lr=last["lr"],
+        tokens_per_second=tokens_per_second,
+        eta_seconds=(run.total_steps - run.step) / rate,
+        step_seconds=seconds / len(window),
         mfu=mfu(run.flops_per_token, tokens_per_second, run.peak_flops, run.dist.world),
         peak_memory_gib=last["peak_memory_gib"],
     )
@@ -518,9 +588,14 @@ def report(run: Run, window: list[dict], on_progress) -> None:
         on_progress(progress)
     if run.writer is not None:
         scalars = {
-            "loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"], "ewc_penalty": last["ewc"],
-            "tokens_per_second": run.tokens_per_step / max(last["seconds"], 1e-9), "step_seconds": last["seconds"],
-            "mfu": progress.mfu, "peak_memory_gib": progress.peak_memory_gib,
+            "loss": last["loss"],
+            "lr": last["lr"],
+            "grad_norm": last["grad_norm"],
+            "ewc_penalty": last["ewc"],
+            "tokens_per_second": run.tokens_per_step / max(last["seconds"], 1e-9),
+            "step_seconds": last["seconds"],
+            "mfu": progress.mfu,
+            "peak_memory_gib": progress.peak_memory_gib,
         }
         for name, value in scalars.items():
             if value is not None:
@@ -528,8 +603,8 @@ def report(run: Run, window: list[dict], on_progress) -> None:
 
 
 def save_checkpoint(run: Run) -> Path:
-    """checkpoint-<step> (see dapt_core/train/checkpoint.py). Under FSDP every rank takes part (weights gathered to rank 0,
-    optimizer shards written by each); otherwise rank 0 alone writes. Returns its path on every rank."""
+    """checkpoint-<step> (see dapt_core/train/checkpoint.py). Under FSDP every rank takes part (weights gathered to
+    rank 0, optimizer shards written by each); otherwise rank 0 alone writes. Returns its path on every rank."""
     sharded = run.strategy == "fsdp"
     weights = full_state(run.model, run.cfg)
     if sharded:
@@ -537,14 +612,21 @@ def save_checkpoint(run: Run) -> Path:
     path = run.out_dir / f"{CHECKPOINT_PREFIX}{run.step}"
     if run.dist.main:
         path = ckpt.write_checkpoint(
-            run.out_dir, run.step, run.trained, run.optimizer, run.scheduler, run.cfg.method, run.trainer_state(),
-            weights=weights, sharded_optimizer=sharded,
+            run.out_dir,
+            run.step,
+            run.trained,
+            run.optimizer,
+            run.scheduler,
+            run.cfg.method,
+            run.trainer_state(),
+            weights=weights,
+            sharded_optimizer=sharded,
         )
     run.last_saved = (run.step, path)
     return path
 
 
-def save_and_judge(run: Run, on_checkpoint) -> tuple[Path, bool]:
+def save_and_judge(run: Run, on_checkpoint: Callable[[int, Path], bool | None] | None) -> tuple[Path, bool]:
     """Write a checkpoint and let rank 0's `on_checkpoint` judge it; every rank follows its verdict."""
     path = save_checkpoint(run)
     rejected = False

@@ -5,8 +5,8 @@ attention mask is passed. transformers then builds the block-diagonal causal mas
 sdpa, at any batch size. flash-attention-2 instead runs varlen attention from the position ids, but only detects
 packing for a batch of one row: at batch > 1 it would silently attend across documents. So for flash-attention the
 micro-batch is flattened into one row (`flatten_for_varlen`): each row's end is a document boundary too
-(its position ids restart at 0), and the first token of every row is masked from the loss, as the first token of every document already
-is. Combinations that cannot run are refused before the first step (`check_attention`).
+(its position ids restart at 0), and the first token of every row is masked from the loss, as the first token of
+every document already is. Combinations that cannot run are refused before the first step (`check_attention`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ def check_attention(cfg: TrainConfig, device: torch.device) -> None:
             "(pip install flash-attn --no-build-isolation on the GPU machine), or use sdpa"
         )
     if device.type != "cuda":
-        raise ValueError("train.attn_implementation flash_attention_2 needs a CUDA GPU; this run is on CPU: use sdpa or eager")
+        raise ValueError(
+            "train.attn_implementation flash_attention_2 needs a CUDA GPU; this run is on CPU: use sdpa or eager"
+        )
 
 
-def set_attention(model, cfg: TrainConfig) -> None:
+def set_attention(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Switch the model (and a peft wrapper's base) to cfg.attn_implementation."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(cfg.attn_implementation)

@@ -23,6 +23,7 @@ import pickle
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 SHARDED_OPTIMIZER = "optimizer"  # directory of torch.distributed.checkpoint shards (FSDP)
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     seen, out = set(), {}
     for n, p in model.named_parameters():
         if p.requires_grad and p.data_ptr() not in seen:
@@ -42,7 +43,7 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(model, path: Path, method: str, state: dict[str, torch.Tensor] | None = None) -> None:
+def save_weights(model: torch.nn.Module, path: Path, method: str, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write the weights a checkpoint keeps; `state` (FSDP: gathered from the shards) replaces reading `model`."""
     from safetensors.torch import save_file, save_model
 
@@ -54,7 +55,7 @@ def save_weights(model, path: Path, method: str, state: dict[str, torch.Tensor] 
         save_model(model, str(path))  # drops tied duplicates (embed_tokens / lm_head), loads back with load_model
 
 
-def load_weights(model, path: Path, method: str) -> None:
+def load_weights(model: torch.nn.Module, path: Path, method: str) -> None:
     from safetensors.torch import load_file, load_model
 
     if method == "lora":
@@ -104,8 +105,10 @@ def rng_state() -> dict:
     state = {
         "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
         "numpy": {
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"]),
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
         },
         "torch": torch.get_rng_state(),
     }
@@ -117,10 +120,14 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
-    np.random.set_state({
-        "bit_generator": "MT19937", "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
-        "has_gauss": npy["has_gauss"], "gauss": npy["gauss"],
-    })
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+            "has_gauss": npy["has_gauss"],
+            "gauss": npy["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -134,7 +141,7 @@ def _refusal(path: Path, error: Exception) -> ValueError:
     )
 
 
-def load_state(path: Path, map_location=None):
+def load_state(path: Path, map_location: torch.device | str | None = None) -> Any:
     """A checkpoint's optimizer / scheduler / RNG state, read as plain data (weights_only=True: tensors, numbers,
     strings, lists, dicts); a file that needs anything else is refused, never unpickled."""
     try:
@@ -144,8 +151,15 @@ def load_state(path: Path, map_location=None):
 
 
 def write_checkpoint(
-    out_dir: Path, step: int, model, optimizer, scheduler, method: str, trainer_state: dict,
-    weights: dict[str, torch.Tensor] | None = None, sharded_optimizer: bool = False,
+    out_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    method: str,
+    trainer_state: dict,
+    weights: dict[str, torch.Tensor] | None = None,
+    sharded_optimizer: bool = False,
 ) -> Path:
     """Write checkpoint-<step> (rank 0). With `sharded_optimizer` the ranks have already written their optimizer
     shards into `staging_dir(out_dir, step)`, which becomes the checkpoint."""
@@ -184,7 +198,9 @@ def staging_dir(out_dir: Path, step: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------- sharded optimizer (FSDP)
-def save_sharded_optimizer(model, optimizer, out_dir: Path, step: int, device: torch.device) -> None:
+def save_sharded_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path, step: int, device: torch.device
+) -> None:
     """Every rank writes its slice of the AdamW state into the staging directory (torch.distributed.checkpoint)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -199,14 +215,14 @@ def save_sharded_optimizer(model, optimizer, out_dir: Path, step: int, device: t
     if not visible.item():
         raise ValueError(
             f"train.strategy fsdp: {out_dir} is not on a filesystem every rank shares (the sharded optimizer state is "
-            "assembled there): with train.nnodes > 1 run every node with the same WORKDIR on a shared volume (deployments/README.md, "
-            "Several nodes), or use train.strategy ddp"
+            "assembled there): with train.nnodes > 1 run every node with the same WORKDIR on a shared volume "
+            "(deployments/README.md, Several nodes), or use train.strategy ddp"
         )
     state = get_optimizer_state_dict(model, optimizer)
     dcp.save({"optimizer": state}, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDED_OPTIMIZER)))
 
 
-def load_sharded_optimizer(model, optimizer, checkpoint: Path) -> None:
+def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
     """Read this rank's slice of the AdamW state back (metadata through the restricted unpickler)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -216,7 +232,9 @@ def load_sharded_optimizer(model, optimizer, checkpoint: Path) -> None:
 
     path = checkpoint / SHARDED_OPTIMIZER
     if not path.is_dir():
-        raise ValueError(f"{checkpoint}: no {SHARDED_OPTIMIZER}/ shards: it was written by train.strategy ddp; resume it with ddp")
+        raise ValueError(
+            f"{checkpoint}: no {SHARDED_OPTIMIZER}/ shards: it was written by train.strategy ddp; resume it with ddp"
+        )
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, storage_reader=SafeShardReader(str(path)))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -226,8 +244,16 @@ def _metadata_classes() -> list:
     import torch.distributed.checkpoint.filesystem as fs
     import torch.distributed.checkpoint.metadata as meta
 
-    names = ["ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata", "StorageMeta",
-             "Metadata", "MetadataIndex", "_MEM_FORMAT_ENCODING"]
+    names = [
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "StorageMeta",
+        "Metadata",
+        "MetadataIndex",
+        "_MEM_FORMAT_ENCODING",
+    ]
     return [getattr(meta, n) for n in names if hasattr(meta, n)] + [fs._StorageInfo]
 
 
@@ -237,7 +263,12 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         allowed = {(c.__module__, c.__qualname__) for c in _metadata_classes()}
-        allowed |= {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+        allowed |= {
+            ("torch", "Size"),
+            ("torch.serialization", "_get_layout"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
+        }
         if (module, name) in allowed or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in checkpoint metadata")

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 Item = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
@@ -69,7 +73,7 @@ class PackedSequences:
         )
 
 
-def _loss_mask(table, shard: Path, n: int, seq_len: int) -> np.ndarray:
+def _loss_mask(table: pa.Table, shard: Path, n: int, seq_len: int) -> np.ndarray:
     m = table.column("loss_mask").combine_chunks()
     mask = m.values.to_numpy(zero_copy_only=False)[m.offsets[0].as_py() : m.offsets[-1].as_py()]
     if len(mask) != n * seq_len:
@@ -120,7 +124,9 @@ def summed_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     import torch.nn.functional as F
 
     shifted = logits[:, :-1].float()
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 class MicroBatches(torch.utils.data.IterableDataset):
@@ -128,7 +134,16 @@ class MicroBatches(torch.utils.data.IterableDataset):
     permutation). It opens the shards itself, so DataLoader workers (forked or spawned) never copy the data. With
     several workers, worker w builds micro-batches w, w+k, ... and the DataLoader yields them back in order."""
 
-    def __init__(self, shards: Sequence[Path], seed: int, batch_size: int, rank: int, world: int, start: int, block_documents: bool):
+    def __init__(
+        self,
+        shards: Sequence[Path],
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        start: int,
+        block_documents: bool,
+    ):
         super().__init__()
         self.shards, self.seed, self.batch_size, self.rank, self.world = list(shards), seed, batch_size, rank, world
         self.start, self.block_documents = start, block_documents
@@ -157,6 +172,11 @@ def micro_batch_loader(dataset: MicroBatches, workers: int, pin_memory: bool) ->
     if workers == 0:
         return iter(dataset)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4, persistent_workers=False,
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4,
+        persistent_workers=False,
     )
     return iter(loader)

@@ -12,6 +12,7 @@ neither wrapper. Launching (one node or several, c10d rendezvous) is `torchrun_c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ def distributed() -> Distributed:
     return Distributed(rank=torch.distributed.get_rank(), world=world, local_rank=local)
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks (transformers names their class in `_no_split_modules`, e.g. LlamaDecoderLayer)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
@@ -101,7 +102,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(model, device: torch.device) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """FSDP2: fully_shard each decoder layer, then the root (embeddings, final norm, lm_head). In place."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -115,20 +116,20 @@ def shard_model(model, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def wrap_model(model, cfg: TrainConfig, dist: Distributed, device: torch.device) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, cfg: TrainConfig, dist: Distributed, device: torch.device) -> torch.nn.Module:
     """The module the loop calls: DDP or FSDP2 over the ranks per `cfg.strategy`, the model itself in one process."""
     if dist.world == 1:
         return model
     if cfg.strategy == "fsdp":
         return shard_model(model, device)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.local_rank] if device.type == "cuda" else None
+    )
 
 
-def gradient_sync(wrapped: torch.nn.Module, sync: bool):
+def gradient_sync(wrapped: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """A context in which backward all-reduces (DDP) / reduce-scatters (FSDP) gradients only when `sync`: once per
     optimizer step, on its last micro-batch."""
-    import contextlib
-
     if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext() if sync else wrapped.no_sync()
     if hasattr(wrapped, "set_requires_gradient_sync"):
@@ -136,7 +137,7 @@ def gradient_sync(wrapped: torch.nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def full_state(model, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+def full_state(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     """FSDP: the weights a checkpoint keeps, gathered from every rank onto rank 0's CPU (None elsewhere); other
     strategies read the model directly (None)."""
     from torch.distributed.fsdp import FSDPModule
@@ -157,7 +158,7 @@ def full_state(model, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     return _without_tied_copies(model, state)
 
 
-def _without_tied_copies(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _without_tied_copies(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the copies of tied weights (embed_tokens / lm_head) that safetensors' save_model drops, so the file is the
     one a one-process checkpoint writes and `load_weights` (load_model, strict) reads it back."""
     from safetensors.torch import _remove_duplicate_names
@@ -174,13 +175,18 @@ def _without_tied_copies(model, state: dict[str, torch.Tensor]) -> dict[str, tor
 
 def torchrun_command(cfg: TrainConfig, module_args: list[str], shutdown_timeout_s: int) -> list[str]:
     """The torchrun launch of `python -m dapt_core.cpt ...` on this node: `--standalone` on one node; with
-    `train.nnodes` > 1 a c10d rendezvous at `train.rdzv_endpoint`: the same command on every node (deployments/README.md:
-    how the nodes are started)."""
+    `train.nnodes` > 1 a c10d rendezvous at `train.rdzv_endpoint`: the same command on every node
+    (deployments/README.md: how the nodes are started)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}"]
     if cfg.nnodes == 1:
         cmd.append("--standalone")
     else:
-        cmd += [f"--nnodes={cfg.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={cfg.rdzv_endpoint}", f"--rdzv_id={cfg.rdzv_id}"]
+        cmd += [
+            f"--nnodes={cfg.nnodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={cfg.rdzv_endpoint}",
+            f"--rdzv_id={cfg.rdzv_id}",
+        ]
         if cfg.node_rank is not None:
             cmd.append(f"--node_rank={cfg.node_rank}")
     return cmd + [f"--shutdown_timeout={shutdown_timeout_s}", "-m", "dapt_core.cpt", *module_args]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def flops_per_token(model, method: str) -> float:
+def flops_per_token(model: torch.nn.Module, method: str) -> float:
     params = sum(p.numel() for p in model.parameters())
     return (6.0 if method == "full" else 4.0) * params
 
