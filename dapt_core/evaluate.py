@@ -147,12 +147,19 @@ def bounded_hflm(model, tokenizer, batch_size: int, max_length: int):
     1.6 GB each for 8 rows of 1024 tokens and a 49k vocabulary. Here each call gets at most `batch_size` rows and at
     most as many as `dapt_core.metrics.rows_within_budget` allows for its longest request (requests are scored longest
     first, as lm-eval does), so short multiple-choice requests still batch and long perplexity windows go one or two at
-    a time. The scores are lm-eval's own."""
+    a time. The scores are lm-eval's own. It draws no progress bars (HFLM asks tqdm for them explicitly, past
+    TQDM_DISABLE): a checkpoint's evaluation is one step of dapt's own progress."""
     from lm_eval.models.huggingface import HFLM
 
     from dapt_core.metrics import rows_within_budget
 
     class BoundedHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
             order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
             results: list = [None] * len(requests)

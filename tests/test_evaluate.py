@@ -426,3 +426,19 @@ def test_lm_eval_batches_are_bounded_by_memory_and_score_the_same(setup, random_
     assert bounded.batch_size == 8  # restored after scoring
     assert [s[1] for s in scored] == [s[1] for s in expected]
     assert [s[0] for s in scored] == pytest.approx([s[0] for s in expected], rel=1e-5)
+
+
+def test_lm_eval_draws_no_progress_bars(setup, random_model, capfd):
+    """HFLM asks tqdm for bars explicitly (TQDM_DISABLE does not stop them): in a terminal each evaluation added a
+    line per call. dapt's HFLM scores without them."""
+    from lm_eval.api.instance import Instance
+
+    from dapt_core.evaluate import bounded_hflm
+
+    _, _, tok = setup
+    lm = bounded_hflm(random_model, tok, batch_size=8, max_length=256)
+    capfd.readouterr()
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(DOMAIN)]
+    choices = [Instance("loglikelihood", {}, (t[:20], " " + t[20:30]), i) for i, t in enumerate(GENERAL)]
+    assert len(lm.loglikelihood_rolling(rolling)) == len(DOMAIN) and len(lm.loglikelihood(choices)) == len(GENERAL)
+    assert "it/s" not in capfd.readouterr().err
