@@ -151,12 +151,7 @@ def bounded_hflm(model, tokenizer, batch_size: int, max_length: int):
     TQDM_DISABLE): a checkpoint's evaluation is one step of dapt's own progress."""
     from lm_eval.models.huggingface import HFLM
 
-    from dapt_core.metrics import _LOGITS_BUDGET
-
-    vocab = int(model.config.get_text_config().vocab_size)
-
-    def rows_within_budget(model, length: int) -> int:
-        return max(1, _LOGITS_BUDGET // (4 * vocab * max(1, length)))
+    from dapt_core.metrics import rows_within_budget
 
     class BoundedHFLM(HFLM):
         def loglikelihood(self, requests, disable_tqdm: bool = False):

@@ -385,7 +385,7 @@ def test_chunked_nll_equals_one_unchunked_pass(setup, random_model, monkeypatch)
     with torch.no_grad():
         logits = random_model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
         whole = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    monkeypatch.setattr(metrics, "_LOGITS_BUDGET", 4 * len(tok) * width * 3)  # three rows per forward call
+    monkeypatch.setattr(metrics, "LOGITS_BUDGET", 4 * len(tok) * width * 3)  # three rows per forward call
     monkeypatch.setattr(metrics, "_NLL_CHUNK", 5)
     shapes, hook = _forward_rows(random_model)
     try:
@@ -414,7 +414,7 @@ def test_lm_eval_batches_are_bounded_by_memory_and_score_the_same(setup, random_
     longest = max(len(c) + len(x) for _, c, x in requests)
     plain = HFLM(pretrained=random_model, tokenizer=tok, batch_size=8, max_length=256, device="cpu", add_bos_token=False)
     expected = plain._loglikelihood_tokens(requests, disable_tqdm=True)
-    monkeypatch.setattr(metrics, "_LOGITS_BUDGET", 4 * len(tok) * longest * 2)  # two of the longest rows per call
+    monkeypatch.setattr(metrics, "LOGITS_BUDGET", 4 * len(tok) * longest * 2)  # two of the longest rows per call
     bounded = bounded_hflm(random_model, tok, batch_size=8, max_length=256)
     shapes, hook = _forward_rows(random_model)
     try:
