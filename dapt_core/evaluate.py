@@ -60,8 +60,6 @@ class EvalResult(BaseModel):
     samples: dict[str, BenchmarkSamples] = Field(default_factory=dict)
 
 
-
-
 def evaluate(model, tokenizer, eval_files: dict[str, Path], workdir: Path, cfg: EvalConfig) -> EvalResult:
     """Evaluate a loaded causal LM (under `no_grad`) on the perplexity tasks and cloze probes built from `eval_files`
     ({split: jsonl}, e.g. {"domain": .../eval/domain.jsonl, "general": .../eval/general.jsonl}) and on
