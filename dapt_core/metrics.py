@@ -85,8 +85,16 @@ def nll_stats(
     return NLLStats(nll_nats=total, tokens=scored, bytes=n_bytes, unscored_tokens=unscored)
 
 
-_LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits one forward call may produce (rows per call follow from it)
+LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits one forward call may produce (rows per call follow from it)
 _NLL_CHUNK = 256  # positions per fp32 cross-entropy
+
+
+def rows_within_budget(model, length: int) -> int:
+    """How many rows of `length` tokens one forward call may score so that their fp32 logits (rows x length x vocab)
+    stay within LOGITS_BUDGET bytes; at least one. With a 49k vocabulary one 1024-token row is
+    already 200 MB: a whole batch of them would be gigabytes."""
+    vocab = int(model.config.get_text_config().vocab_size)
+    return max(1, LOGITS_BUDGET // (4 * vocab * max(1, length)))
 
 
 def _summed_nll(model, input_ids, mask, labels) -> float:
@@ -95,12 +103,11 @@ def _summed_nll(model, input_ids, mask, labels) -> float:
     The logits must come from the model's forward, not `lm_head(decoder(x))`: several architectures post-process
     them there (Gemma 2/3 final-logit soft-capping, Granite `logits_scaling`, Cohere `logit_scale`), and skipping
     that scores a different distribution. Memory stays bounded by calling the model on as many rows as fit in
-    `_LOGITS_BUDGET` (at least one) and upcasting the logits to fp32 `_NLL_CHUNK` positions at a time.
+    `LOGITS_BUDGET` (at least one) and upcasting the logits to fp32 `_NLL_CHUNK` positions at a time.
     """
     import torch.nn.functional as F
 
-    vocab = int(model.config.get_text_config().vocab_size)
-    rows = max(1, _LOGITS_BUDGET // (4 * vocab * input_ids.shape[1]))
+    rows = rows_within_budget(model, input_ids.shape[1])
     total = 0.0
     for r in range(0, len(input_ids), rows):
         logits = model(input_ids=input_ids[r : r + rows], attention_mask=mask[r : r + rows], use_cache=False).logits[:, :-1]

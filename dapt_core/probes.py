@@ -94,9 +94,10 @@ def score_choices(model, tokenizer, items: Iterable[dict[str, Any]]) -> tuple[li
                         k += 1
                     k = max(k, 1)
                     ids = torch.tensor([full], device=device)
-                    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-                    tgt = ids[0, 1:]
-                    ll = logp[torch.arange(len(tgt)), tgt][k - 1 :].sum().item()
+                    # log-softmax over the choice's positions only: the context's rows of a 49k vocabulary are waste
+                    logp = torch.log_softmax(model(input_ids=ids).logits[0, k - 1 : -1].float(), -1)
+                    tgt = ids[0, k:]
+                    ll = logp[torch.arange(len(tgt)), tgt].sum().item()
                     scores.append((ll, ll / len((" " + c).encode("utf-8"))))
                 label = int(p["label"])
                 hits.append(int(max(range(len(scores)), key=lambda i: scores[i][0]) == label))

@@ -288,6 +288,38 @@ def _print_cpt(result) -> None:
         console.print("[yellow]nothing promoted:[/yellow] no checkpoint passed the forgetting policy (see the report)")
 
 
+def _print_benchmarks(cpt, sft, cfg: DaptConfig) -> None:
+    """Each benchmark's accuracy ± the half-width of its 95% Wilson interval: the original base, the promoted
+    checkpoint and the SFT model, with the gate's exact McNemar p-value against the base (general benchmarks, *)."""
+    from dapt_core.benchmarks import wilson_interval
+
+    if not cfg.eval.benchmarks:
+        return
+    m = cfg.eval.benchmark_metric
+    best = next((d for d in cpt.decisions if d["step"] == cpt.best_step), None) if cpt.promoted else None
+    columns = [("original base", cpt.reference_metrics, {})]
+    if best is not None:
+        columns.append((f"CPT step {best['step']}", best["metrics"], best["numbers"]))
+    if sft is not None:
+        columns.append(("SFT", sft.eval_metrics, sft.numbers))
+    table = Table(title=f"Benchmarks ({m} ± 95% interval; * gated: p = exact McNemar vs the base)", title_justify="left")
+    for col in ("benchmark", "n", *(label for label, _, _ in columns)):
+        table.add_column(col, justify="left" if col == "benchmark" else "right", no_wrap=True)
+    for b in cfg.eval.benchmarks:
+        cells = []
+        for _, metrics, numbers in columns:
+            acc, n = metrics.get(f"bench/{b.name}/{m}"), int(metrics.get(f"bench/{b.name}/n", 0))
+            if acc is None or not n:
+                cells.append("–")
+                continue
+            lo, hi = wilson_interval(round(acc * n), n)
+            p = numbers.get(f"p_value bench/{b.name}")
+            cells.append(f"{acc:.3f} ±{max(acc - lo, hi - acc):.2f}" + (f" p={p:.2g}" if p is not None else ""))
+        n_items = int(cpt.reference_metrics.get(f"bench/{b.name}/n", 0))
+        table.add_row(b.name + ("*" if b.kind == "general" else ""), str(n_items), *cells)
+    console.print(table)
+
+
 @app.command()
 def run(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """The whole pipeline: data → tokenizer → packing → CPT + forgetting eval + rollback → SFT → report.
@@ -305,6 +337,7 @@ def _run_pipeline(cfg: DaptConfig):
         result = dapt_pipeline(cfg)
     _print_funnel(result.data.prepare.clean)
     _print_cpt(result.cpt)
+    _print_benchmarks(result.cpt, result.sft, cfg)
     if result.sft:
         s = result.sft
         console.print(

@@ -253,3 +253,26 @@ def test_compare_paired_uses_common_items_only():
     cmp = compare_paired({1: 1, 2: 1, 3: 0, 9: 1}, {1: 0, 2: 1, 3: 1, 7: 0})
     assert (cmp.n, cmp.only_reference, cmp.only_candidate) == (3, 1, 1)
     assert cmp.reference_acc == pytest.approx(2 / 3) and cmp.candidate_acc == pytest.approx(2 / 3) and cmp.p_value == 1.0
+
+
+def test_cli_benchmark_table_shows_accuracy_interval_and_p_value():
+    """`dapt run` / `dapt demo` print each benchmark for the original base, the promoted checkpoint and SFT: accuracy ±
+    its 95% Wilson interval, and the gate's p-value where the gate tested it."""
+    from types import SimpleNamespace
+
+    from flows import cli
+
+    cfg = DaptConfig(data={"domain": [{"name": "a", "paths": ["x"]}]}, eval={"benchmarks": [
+        {"name": "g", "kind": "general", "task": "piqa"}, {"name": "d", "kind": "domain", "task": "medqa"}]})
+    base = {"bench/g/acc_norm": 0.6, "bench/g/n": 100.0, "bench/d/acc_norm": 0.3, "bench/d/n": 40.0}
+    ckpt = {**base, "bench/g/acc_norm": 0.55}
+    cpt = SimpleNamespace(promoted=object(), best_step=12, reference_metrics=base,
+                          decisions=[{"step": 12, "metrics": ckpt, "numbers": {"p_value bench/g": 0.0413}}])
+    sft = SimpleNamespace(eval_metrics=ckpt, numbers={})
+    with cli.console.capture() as out:
+        cli._print_benchmarks(cpt, sft, cfg)
+    text = out.get()
+    lo, hi = wilson_interval(55, 100)
+    assert "CPT step 12" in text and "SFT" in text and "g*" in text
+    assert f"0.550 ±{max(0.55 - lo, hi - 0.55):.2f} p=0.041" in text
+    assert "0.300 ±" in text  # the domain benchmark is reported, not gated

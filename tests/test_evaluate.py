@@ -356,3 +356,89 @@ def test_lm_eval_task_benchmark_is_subsampled_by_doc_id(setup, random_model):
     for i, ok in zip(smp.ids, smp.acc):
         scores = _hand_scores(random_model, tok, rows[i]["context"], rows[i]["choices"])
         assert ok == int(max(range(3), key=lambda j: scores[j][0]) == rows[i]["label"])
+
+
+def _forward_rows(model) -> tuple[list[tuple[int, int]], object]:
+    """Record (rows, length) of every forward call of `model`; returns the list and the hook handle."""
+    shapes: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        shapes.append(tuple(ids.shape))
+
+    return shapes, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_chunked_nll_equals_one_unchunked_pass(setup, random_model, monkeypatch):
+    """The native NLL bounds memory (a few rows per forward, fp32 cross-entropy a few positions at a time): the sum must
+    equal one cross-entropy over the whole batch's logits."""
+    import torch
+
+    from dapt_core import metrics
+
+    _, _, tok = setup
+    ids = [[tok.eos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in DOMAIN + GENERAL]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    with torch.no_grad():
+        logits = random_model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        whole = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    monkeypatch.setattr(metrics, "LOGITS_BUDGET", 4 * len(tok) * width * 3)  # three rows per forward call
+    monkeypatch.setattr(metrics, "_NLL_CHUNK", 5)
+    shapes, hook = _forward_rows(random_model)
+    try:
+        with torch.no_grad():
+            chunked = metrics._summed_nll(random_model, input_ids, mask, labels)
+    finally:
+        hook.remove()
+    assert [rows for rows, _ in shapes] == [3, 3, 2]  # 8 rows in calls of at most three
+    assert chunked == pytest.approx(float(whole), rel=1e-5)
+
+
+def test_lm_eval_batches_are_bounded_by_memory_and_score_the_same(setup, random_model, monkeypatch):
+    """lm-eval log-softmaxes a whole batch's logits at once; dapt's HFLM caps the rows of each batch by the longest
+    request's length, and the log-likelihoods stay lm-eval's own (equal to plain HFLM's)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from dapt_core import metrics
+    from dapt_core.evaluate import bounded_hflm
+
+    _, _, tok = setup
+    requests = []
+    for t in DOMAIN + GENERAL:
+        words = t.split()
+        context = tok(" ".join(words[:-2]), add_special_tokens=False)["input_ids"]
+        requests.append((None, context, tok(" " + " ".join(words[-2:]), add_special_tokens=False)["input_ids"]))
+    longest = max(len(c) + len(x) for _, c, x in requests)
+    plain = HFLM(pretrained=random_model, tokenizer=tok, batch_size=8, max_length=256, device="cpu", add_bos_token=False)
+    expected = plain._loglikelihood_tokens(requests, disable_tqdm=True)
+    monkeypatch.setattr(metrics, "LOGITS_BUDGET", 4 * len(tok) * longest * 2)  # two of the longest rows per call
+    bounded = bounded_hflm(random_model, tok, batch_size=8, max_length=256)
+    shapes, hook = _forward_rows(random_model)
+    try:
+        scored = bounded._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        hook.remove()
+    assert shapes and all(rows * length <= 2 * longest for rows, length in shapes)
+    assert max(rows for rows, _ in shapes) >= 2  # still batches
+    assert bounded.batch_size == 8  # restored after scoring
+    assert [s[1] for s in scored] == [s[1] for s in expected]
+    assert [s[0] for s in scored] == pytest.approx([s[0] for s in expected], rel=1e-5)
+
+
+def test_lm_eval_draws_no_progress_bars(setup, random_model, capfd):
+    """HFLM asks tqdm for bars explicitly (TQDM_DISABLE does not stop them): in a terminal each evaluation added a
+    line per call. dapt's HFLM scores without them."""
+    from lm_eval.api.instance import Instance
+
+    from dapt_core.evaluate import bounded_hflm
+
+    _, _, tok = setup
+    lm = bounded_hflm(random_model, tok, batch_size=8, max_length=256)
+    capfd.readouterr()
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(DOMAIN)]
+    choices = [Instance("loglikelihood", {}, (t[:20], " " + t[20:30]), i) for i, t in enumerate(GENERAL)]
+    assert len(lm.loglikelihood_rolling(rolling)) == len(DOMAIN) and len(lm.loglikelihood(choices)) == len(GENERAL)
+    assert "it/s" not in capfd.readouterr().err
