@@ -448,6 +448,16 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _set_peak_lr(optimizer, scheduler, peak: float) -> None:
+    """After loading a checkpoint's scheduler: the schedule's peak is this run's cfg.lr, at the loaded position. A plain
+    resume keeps the same LR; a rollback continuing from an accepted checkpoint (dapt_core/continuation.py) lowers it
+    on the same schedule (the loaded state carries the old peak as base_lrs)."""
+    scheduler.base_lrs = [peak for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(scheduler.last_epoch)
+
+
 def train(
     model,
     shards: list[Path],
@@ -542,6 +552,7 @@ def _train(
         load_weights(trained, resumed_from / "model.safetensors", cfg.method)
         optimizer.load_state_dict(load_state(resumed_from / "optimizer.pt", map_location=device))
         scheduler.load_state_dict(load_state(resumed_from / "scheduler.pt"))
+        _set_peak_lr(optimizer, scheduler, cfg.lr)
         _set_rng_state(load_state(resumed_from / "rng.pt"))
         if state.get("world_size", 1) != dist.world:
             raise ValueError(
