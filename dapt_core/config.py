@@ -145,6 +145,13 @@ class TokenizerConfig(_Section):
     max_new_tokens: int = Field(1_000, ge=0, description="Cap on tokens added to the base tokenizer.")
     min_frequency: int = Field(20, ge=1, description="Minimum occurrences of a candidate in the domain corpus.")
     min_chars: int = Field(4, ge=2, description="Minimum length of a candidate (without the leading-space marker).")
+    on_no_gain: Literal["report", "retry_without_extension"] = Field(
+        "report",
+        description="When CPT of the extended model promotes nothing (no checkpoint beats the original base on the "
+        "domain, or none passed the forgetting policy): report it and promote nothing, or run packing and CPT again "
+        "with the base tokenizer and promote that model if it beats the original. Not part of the tokenizer stage's "
+        "cache key.",
+    )
 
 
 class SelfReplayConfig(_Section):

@@ -1,10 +1,17 @@
-"""One CPT attempt: train from a start model, judge every checkpoint against the base, promote the best accepted one.
+"""One CPT attempt: recover → train → judge → promote.
 
-* **Judgement.** Each checkpoint is evaluated (dapt_core.evaluate) and judged by the ForgettingPolicy against the
-  reference evaluation (the original base model, per-item benchmark results included). Training stops at the first rejected checkpoint: the caller rolls back to
-  the best accepted one and continues with a lower LR and more replay (flows/cpt.py).
-* **Promotion.** The accepted checkpoint with the best domain metric is written to the store as a loadable HF
-  directory (LoRA merged), with the tokenizer.
+* **Recover.** The attempt's journal (below) is read and verified; its newest checkpoint, or for a rollback that has
+  not started yet the checkpoint it continues from (`AttemptSpec.continue_from`, dapt_core/continuation.py), is put
+  where the training loop resumes from. A rollback trains on the data that checkpoint had not seen, plus replay.
+* **Train.** dapt_core/train.py, until the end of the plan or the first rejected checkpoint.
+* **Judge.** Each checkpoint is evaluated (dapt_core.evaluate) and judged by the ForgettingPolicy against the
+  reference evaluation (the original base model, per-item benchmark results included), and against the same
+  reference on the domain (dapt_core/gain.py: does it beat the original?). Training stops at the first rejected
+  checkpoint: the caller rolls back to the best accepted one and continues with a lower LR and more replay
+  (flows/cpt.py).
+* **Promote.** Among the accepted checkpoints that beat the original base on the domain, the one with the best
+  domain metric is written to the store as a loadable HF directory (LoRA merged), with the tokenizer. When no
+  accepted checkpoint beats the original, nothing is promoted and the manifest's `gain` says "no gain" and why.
 * **Crash safety.** After every checkpoint, `<prefix>/journal.json` in the store lists the decisions so far and the
   uploaded checkpoints (weights, optimizer, scheduler, RNG, data position). Running the same attempt again (a Prefect
   retry, a fresh worker) downloads the last checkpoint and resumes exactly from it, keeping the earlier decisions.
@@ -34,22 +41,40 @@ import os
 import shutil
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dapt_core import layout, stop
 from dapt_core import train as train_mod
 from dapt_core.config import EvalConfig, TrainConfig
+from dapt_core.continuation import (
+    place_resume_point,
+    trainer_state,
+    write_continuation_data,
+)
 from dapt_core.eval_report import write_report
 from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.forgetting import Decision, ForgettingPolicy
-from dapt_core.manifest import CptManifest, DirRef, PackManifest
+from dapt_core.gain import domain_gain, trails_original
+from dapt_core.manifest import (
+    ArtifactRef,
+    CheckpointDecision,
+    Continuation,
+    ContinuationData,
+    CptManifest,
+    DirRef,
+    PackManifest,
+)
 from dapt_core.model import load_from_dir
 from dapt_core.model_card import ModelProvenance, write_model_card
 from dapt_core.stop import Stopped, StopRequested
 from dapt_core.store import ArtifactStore, IntegrityError, UnsafeKeyError, open_store
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("dapt.cpt")
 
@@ -66,6 +91,7 @@ class AttemptSpec(BaseModel):
     prefix: str  # store key prefix of this attempt's outputs
     attempt: int
     new_token_ids: list[int] = []  # rows the tokenizer stage added: LoRA trains them (train.train_new_tokens)
+    continue_from: Continuation | None = None  # a rollback: continue from this checkpoint on the data it had not seen
     provenance: ModelProvenance | None = None  # for the promoted model's card (README.md)
     code_version: str
 
@@ -89,14 +115,6 @@ def _general_samples(store: ArtifactStore, spec: AttemptSpec) -> list[list[int]]
     return [seqs[i][0].tolist() for i in range(len(seqs))]
 
 
-def _decision_row(step: int, result: EvalResult, decision: Decision, checkpoint: DirRef) -> dict:
-    return {
-        "step": step, "accepted": decision.accepted, "reasons": list(decision.reasons),
-        "numbers": {k: float(v) for k, v in decision.numbers.items()}, "metrics": dict(result.metrics),
-        "backend": result.backend, "checkpoint": checkpoint.model_dump(mode="json"),
-    }
-
-
 JOURNAL_FORMAT = "dapt-cpt-journal/1"
 
 
@@ -105,14 +123,14 @@ class JournalError(IntegrityError):
 
 
 class JournalEntry(BaseModel):
-    """One checkpoint with its link in the hash chain: judged (as `_decision_row` writes it), or a stop's resume point
+    """One checkpoint with its link in the hash chain: judged (`accepted` set), or a stop's resume point
     (`interrupted`, with the stop's reason: never judged, never promoted)."""
 
     model_config = ConfigDict(extra="forbid")
 
     step: int = Field(ge=1)
     checkpoint: DirRef
-    chain: str
+    chain: str = Field("", exclude=True, description="sha256 of the previous link and this entry; set when written.")
     interrupted: bool = False
     reason: str | None = None
     accepted: bool | None = None
@@ -120,12 +138,19 @@ class JournalEntry(BaseModel):
     numbers: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     backend: str | None = None
+    trails_original: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _judged_or_interrupted(self) -> JournalEntry:
         if self.interrupted == (self.accepted is not None):
             raise ValueError(f"step {self.step}: an entry is either judged (accepted) or interrupted, not both or neither")
         return self
+
+    def decision(self, attempt: int) -> CheckpointDecision:
+        return CheckpointDecision(
+            attempt=attempt, step=self.step, accepted=bool(self.accepted), reasons=self.reasons, numbers=self.numbers,
+            metrics=self.metrics, backend=self.backend or "", checkpoint=self.checkpoint.uri, trails_original=self.trails_original,
+        )
 
 
 class Journal(BaseModel):
@@ -141,18 +166,19 @@ def _chain(previous: str, row: dict) -> str:
     return hashlib.sha256(f"{previous}\n{canonical}".encode()).hexdigest()
 
 
-def journal_text(rows: list[dict], prefix: str) -> str:
-    """The journal of `rows` (decision rows, oldest first) for the attempt at `prefix`, each entry chained."""
+def journal_text(entries: list[JournalEntry], prefix: str) -> str:
+    """The journal of `entries` (oldest first) for the attempt at `prefix`, each entry chained."""
     chain = _chain(JOURNAL_FORMAT, {"attempt": prefix})
-    entries = []
-    for row in rows:
-        chain = _chain(chain, json.loads(json.dumps(row)))  # hash what a reader will parse back
-        entries.append({**row, "chain": chain})
-    return json.dumps({"format": JOURNAL_FORMAT, "attempt": prefix, "entries": entries}, indent=1)
+    rows = []
+    for entry in entries:
+        row = entry.model_dump(mode="json")  # what a reader parses back and hashes
+        chain = _chain(chain, row)
+        rows.append({**row, "chain": chain})
+    return json.dumps({"format": JOURNAL_FORMAT, "attempt": prefix, "entries": rows}, indent=1)
 
 
-def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
-    """The decision rows of the attempt at `prefix` (none when it has no journal yet), after verifying the journal
+def read_journal(store: ArtifactStore, prefix: str) -> list[JournalEntry]:
+    """The entries of the attempt at `prefix` (none when it has no journal yet), after verifying the journal
     (see module docstring); JournalError naming the journal and what to do when any check fails."""
     key = layout.journal_key(prefix)
     if not store.exists(key):
@@ -172,16 +198,15 @@ def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
         raise refuse(f"not a {JOURNAL_FORMAT} document: {str(e).splitlines()[0][:200]}") from None
     if journal.attempt != prefix:
         raise refuse(f"it belongs to attempt {journal.attempt!r}")
-    chain, rows, last_step = _chain(JOURNAL_FORMAT, {"attempt": prefix}), [], 0
+    chain, entries = _chain(JOURNAL_FORMAT, {"attempt": prefix}), []
     for entry, raw_entry in zip(journal.entries, raw["entries"]):
-        row = {k: v for k, v in raw_entry.items() if k != "chain"}
-        chain = _chain(chain, row)
+        chain = _chain(chain, {k: v for k, v in raw_entry.items() if k != "chain"})
         if entry.chain != chain:
             raise refuse(f"the hash chain breaks at step {entry.step}")
-        if entry.step <= last_step:
-            raise refuse(f"step {entry.step} follows step {last_step}")
-        if rows and rows[-1].get("accepted") is False:
-            raise refuse(f"step {entry.step} follows the rejected step {last_step}, where training stops")
+        if entries and entry.step <= entries[-1].step:
+            raise refuse(f"step {entry.step} follows step {entries[-1].step}")
+        if entries and entries[-1].accepted is False:
+            raise refuse(f"step {entry.step} follows the rejected step {entries[-1].step}, where training stops")
         own = store.uri(layout.checkpoint_key(prefix, f"{train_mod.CHECKPOINT_PREFIX}{entry.step}"))
         if entry.checkpoint.uri != own:
             raise refuse(f"the checkpoint of step {entry.step} is not this attempt's {own}")
@@ -189,51 +214,43 @@ def read_journal(store: ArtifactStore, prefix: str) -> list[dict]:
             store.checked_files(entry.checkpoint)  # and each of its files lives in it, under a plain name
         except UnsafeKeyError as e:
             raise refuse(str(e)) from None
-        rows.append(row)
-        last_step = entry.step
-    return rows
+        entries.append(entry)
+    return entries
 
 
-def resume_from_journal(store: ArtifactStore, rows: list[dict], train_dir: Path) -> int:
+def resume_from_journal(store: ArtifactStore, entries: list[JournalEntry], train_dir: Path) -> int:
     """Put the newest journaled checkpoint (judged or interrupted) where the training loop resumes from, and drop
     local checkpoints after it (written but never journaled: that stretch is trained again). Returns its step."""
-    resume_step = rows[-1]["step"] if rows else 0
+    resume_step = entries[-1].step if entries else 0
     for step, path in train_mod.list_checkpoints(train_dir):
         if step > resume_step:
             shutil.rmtree(path)
-    if rows:
+    if entries:
         dest = train_dir / f"{train_mod.CHECKPOINT_PREFIX}{resume_step}"
         if not dest.exists():
-            shutil.copytree(store.local_dir(DirRef.model_validate(rows[-1]["checkpoint"])), dest)
+            shutil.copytree(store.local_dir(entries[-1].checkpoint), dest)
     return resume_step
 
 
-def journal_interrupted(store: ArtifactStore, prefix: str, rows: list[dict], stopped: Stopped) -> Stopped:
+def journal_interrupted(store: ArtifactStore, prefix: str, entries: list[JournalEntry], stopped: Stopped) -> Stopped:
     """Upload the checkpoint a stopped training loop wrote and append it to `<prefix>/journal.json` as interrupted (not
     judged, never promoted): the next run resumes from it. Returns `stopped` pointing at the store's copy."""
-    if stopped.checkpoint is None or (rows and rows[-1]["step"] >= stopped.step):  # no step since the last journaled one
-        stopped = stopped.model_copy(update={"checkpoint": rows[-1]["checkpoint"]["uri"] if rows else None})
+    if stopped.checkpoint is None or (entries and entries[-1].step >= stopped.step):  # no step since the last journaled one
+        stopped = stopped.model_copy(update={"checkpoint": entries[-1].checkpoint.uri if entries else None})
     else:
         local = Path(stopped.checkpoint)
         ref = store.put_dir(local, layout.checkpoint_key(prefix, local.name))
-        rows.append({"step": stopped.step, "interrupted": True, "reason": stopped.reason, "checkpoint": ref.model_dump(mode="json")})
-        store.put_text(journal_text(rows, prefix), layout.journal_key(prefix))
+        entries.append(JournalEntry(step=stopped.step, interrupted=True, reason=stopped.reason, checkpoint=ref))
+        store.put_text(journal_text(entries, prefix), layout.journal_key(prefix))
         log.warning("stopped (%s) at step %d: checkpoint %s journaled; a re-run resumes from it", stopped.reason, stopped.step, ref.uri)
         stopped = stopped.model_copy(update={"checkpoint": ref.uri})
     stop.saved(stopped)
     return stopped
 
 
-def _judged(rows: list[dict]) -> list[dict]:
-    """Journal rows with a decision (interrupted checkpoints are resume points only)."""
-    return [r for r in rows if not r.get("interrupted")]
-
-
-def _restore(rows: list[dict]) -> list[tuple[int, EvalResult, Decision]]:
-    return [
-        (r["step"], EvalResult(metrics=r["metrics"], backend=r["backend"]), Decision(r["accepted"], r["reasons"], r["numbers"]))
-        for r in rows
-    ]
+def _judged(entries: list[JournalEntry]) -> list[JournalEntry]:
+    """Journal entries with a decision (interrupted checkpoints are resume points only)."""
+    return [e for e in entries if not e.interrupted]
 
 
 def _model_at(spec: AttemptSpec, store: ArtifactStore, checkpoint: Path):
@@ -245,7 +262,7 @@ def _model_at(spec: AttemptSpec, store: ArtifactStore, checkpoint: Path):
     return model
 
 
-def _judged_model(spec: AttemptSpec, store: ArtifactStore, model, checkpoint: Path):
+def _judged_model(spec: AttemptSpec, store: ArtifactStore, model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
     """The model a checkpoint's evaluation runs on: the trained model itself, except under FSDP with several ranks,
     where rank 0 holds only its shard: then the checkpoint's consolidated weights, loaded on rank 0's device."""
     if spec.train.strategy != "fsdp" or train_mod.distributed().world == 1:
@@ -263,117 +280,196 @@ class AttemptObserver(Protocol):
     def judged(self, step: int, accepted: bool, reasons: list[str], metrics: dict[str, float]) -> None: ...
 
 
+# ------------------------------------------------------------------------ the attempt: recover → train → judge → promote
 def run_attempt(spec: AttemptSpec, workdir: Path, observer: AttemptObserver | None = None) -> CptManifest | None:
     """Train, judge and promote (see module docstring). Returns the manifest on rank 0, None on other DDP ranks."""
     dist = train_mod.distributed()
     store = open_store(spec.store)
-    policy = ForgettingPolicy.from_config(spec.eval)
-    base = spec.reference
-    train_dir = workdir / "train"
-    rows = read_journal(store, spec.prefix)
-    ended = not all(r["accepted"] for r in _judged(rows))  # an earlier run of this attempt already stopped at a rejection
-    if dist.local_rank == 0 and not ended:  # on every node: its ranks resume from their local train_dir
-        resume_step = resume_from_journal(store, rows, train_dir)
-        if rows and dist.main:
-            log.info("attempt %d: resuming after step %d (%d checkpoint(s) already judged)", spec.attempt, resume_step, len(_judged(rows)))
+    data = _training_data(spec, store, workdir, dist)
+    judge = CheckpointJudge(spec, store, workdir, read_journal(store, spec.prefix), observer)
+    if not judge.ended:  # else an earlier run of this attempt already stopped at a rejection
+        _recover(spec, store, workdir / "train", judge.journal, dist)
+        _train(spec, store, workdir, judge, data, dist)
+    if not dist.main:
+        return None
+    return _promote(spec, store, workdir, judge, data)
+
+
+@dataclass
+class AttemptData:
+    """What an attempt trains on: the pack's shards, or a rollback's continuation data (dapt_core/continuation.py)."""
+
+    shards: list[Path]  # local files the training loop reads
+    refs: list[ArtifactRef]  # the same in the store (rank 0)
+    continuation: ContinuationData | None = None
+
+
+def _training_data(spec: AttemptSpec, store: ArtifactStore, workdir: Path, dist: train_mod.Distributed) -> AttemptData:
+    """The pack's shards; for a rollback, the data its checkpoint had not seen plus replay, written by rank 0 (stored
+    with the attempt: a later rollback may continue from this attempt's checkpoints against it)."""
+    c = spec.continue_from
+    if c is None:
+        return AttemptData([store.local_path(r) for r in spec.pack.train_shards], list(spec.pack.train_shards))
+    shard, counts_file = workdir / "continuation" / "train-00000.parquet", workdir / "continuation" / "counts.json"
+    refs = []
+    if dist.main:
+        state = trainer_state(store.local_dir(c.checkpoint))
+        general = store.local_path(spec.pack.general_sample) if spec.pack.general_sample else None
+        counts = write_continuation_data(
+            [store.local_path(r) for r in c.data], general, state, state["seed"], c.data_general_fraction, c.general_fraction, shard
+        )
+        counts_file.write_text(counts.model_dump_json())
+        refs = [store.put_file(shard, layout.continuation_shard_key(spec.prefix, shard.name))]
+        log.info(
+            "attempt %d continues from %s (step %d of %d): %d sequences it had not seen + %d replay sequences, lr %.3g",
+            spec.attempt, c.source, counts.resume_step, counts.total_steps, counts.unseen_sequences, counts.replay_sequences, spec.train.lr,
+        )
+        store.put_text(counts.model_dump_json(), layout.continuation_shard_key(spec.prefix, counts_file.name))
+    dist.barrier()
+    if dist.local_rank == 0 and not dist.main:  # another node: fetch what node 0 wrote
+        for path in (shard, counts_file):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(store.read_key(layout.continuation_shard_key(spec.prefix, path.name)))
+    dist.barrier()
+    return AttemptData([shard], refs, ContinuationData.model_validate_json(counts_file.read_text()))
+
+
+def _recover(spec: AttemptSpec, store: ArtifactStore, train_dir: Path, journal: list[JournalEntry], dist: train_mod.Distributed) -> None:
+    """On each node's first process (its ranks resume from their local train_dir), put the journal's newest checkpoint
+    (or, for a rollback not started yet, the checkpoint it continues from) where the training loop resumes from."""
+    if dist.local_rank == 0:
+        resume_step = resume_from_journal(store, journal, train_dir)
+        if journal and dist.main:
+            log.info("attempt %d: resuming after step %d (%d checkpoint(s) already judged)", spec.attempt, resume_step, len(_judged(journal)))
+        elif spec.continue_from is not None:
+            place_resume_point(store.local_dir(spec.continue_from.checkpoint), train_dir)
     dist.barrier()
 
+
+class CheckpointJudge:
+    """Called by the training loop after each checkpoint (rank 0): evaluate the model being trained, judge it against
+    the reference, upload the checkpoint and journal the decision (last: an entry means the checkpoint is safe).
+    Returns whether training may go on."""
+
+    def __init__(self, spec: AttemptSpec, store: ArtifactStore, workdir: Path, journal: list[JournalEntry], observer: AttemptObserver | None):
+        self.spec, self.store, self.workdir, self.journal, self.observer = spec, store, workdir, journal, observer
+        self.policy = ForgettingPolicy.from_config(spec.eval)
+        self.files = eval_files(store, spec.pack)
+        self.model = self.tokenizer = self.tensorboard = None
+        self.tensorboard_ref: DirRef | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Training stopped at a rejected checkpoint (in this run or an earlier run of the attempt)."""
+        return any(e.accepted is False for e in self.journal)
+
+    def __call__(self, step: int, path: Path) -> bool:
+        # get_peft_model injects adapters into `model` in place: `model` is the model being trained, for either method.
+        if self.observer is not None:
+            self.observer.evaluating(step)
+        result = evaluate(_judged_model(self.spec, self.store, self.model, path), self.tokenizer, self.files, self.workdir / f"eval-{step}", self.spec.eval)
+        decision = self.policy.judge(self.spec.reference, result, step=step)  # logs the decision
+        trails, domain_numbers = trails_original(self.spec.reference, result, self.spec.eval)
+        if trails:
+            log.info("attempt %d step %d does not beat the original base on the domain: %s", self.spec.attempt, step, "; ".join(trails))
+        if self.observer is not None:
+            self.observer.judged(step, decision.accepted, decision.reasons, result.metrics)
+        ref = self.store.put_dir(path, layout.checkpoint_key(self.spec.prefix, path.name))
+        self.journal.append(JournalEntry(
+            step=step, checkpoint=ref, accepted=decision.accepted, reasons=list(decision.reasons),
+            numbers={k: float(v) for k, v in {**decision.numbers, **domain_numbers}.items()}, metrics=dict(result.metrics),
+            backend=result.backend, trails_original=trails,
+        ))
+        self._tensorboard(step, result.metrics, decision.accepted)
+        self.store.put_text(journal_text(self.journal, self.spec.prefix), layout.journal_key(self.spec.prefix))
+        return decision.accepted
+
+    def _tensorboard(self, step: int, metrics: dict[str, float], accepted: bool) -> None:
+        if self.tensorboard is None:
+            return
+        for name, value in metrics.items():
+            self.tensorboard.add_scalar(f"eval/{name}", value, step)
+        self.tensorboard.add_scalar("eval/accepted", float(accepted), step)
+        self.tensorboard.flush()
+        self.tensorboard_ref = self.store.put_dir(self.workdir / "train" / "tensorboard", layout.tensorboard_key(self.spec.prefix))
+
+
+def _train(spec: AttemptSpec, store: ArtifactStore, workdir: Path, judge: CheckpointJudge, data: AttemptData, dist: train_mod.Distributed) -> None:
+    """Train from the start model (or the checkpoint `_recover` placed) until the end or the first rejection. A
+    rollback keeps the step budget of the plan it continues (module docstring of dapt_core/continuation.py)."""
+    train_dir = workdir / "train"
+    cfg = spec.train if data.continuation is None else spec.train.model_copy(update={"max_steps": data.continuation.total_steps})
     model, tokenizer = load_from_dir(store.local_dir(spec.start))
     if spec.train.method == "lora" and spec.new_token_ids and not (spec.train.train_new_tokens or spec.train.train_embeddings):
         log.warning("train.method lora with an extended tokenizer and train.train_new_tokens off: the new token rows will not learn")
-    files = eval_files(store, spec.pack)
-    shards = [store.local_path(r) for r in spec.pack.train_shards]
-    tb = train_mod.tensorboard_writer(spec.train, train_dir, dist)
-    tensorboard_ref: DirRef | None = None
-
-    def on_checkpoint(step: int, path: Path) -> bool:
-        nonlocal tensorboard_ref
-        # get_peft_model injects adapters into `model` in place: `model` is the model being trained, for either method.
-        if observer is not None:
-            observer.evaluating(step)
-        result = evaluate(_judged_model(spec, store, model, path), tokenizer, files, workdir / f"eval-{step}", spec.eval)
-        decision = policy.judge(base, result, step=step)
-        if observer is not None:
-            observer.judged(step, decision.accepted, decision.reasons, result.metrics)
-        log.info(
-            "attempt %d checkpoint step %d %s: %s %s", spec.attempt, step, "ACCEPTED" if decision.accepted else "REJECTED",
-            "; ".join(decision.reasons) or "within limits", json.dumps(decision.numbers, sort_keys=True),
+    judge.model, judge.tokenizer = model, tokenizer
+    judge.tensorboard = train_mod.tensorboard_writer(spec.train, train_dir, dist)
+    try:
+        train_mod.train(
+            model, data.shards, cfg, train_dir, resume=True,
+            on_checkpoint=judge, general_samples=_general_samples(store, spec), new_token_ids=spec.new_token_ids,
+            on_progress=judge.observer.step if judge.observer is not None else None,
         )
-        ref = store.put_dir(path, layout.checkpoint_key(spec.prefix, path.name))
-        rows.append(_decision_row(step, result, decision, ref))
-        if tb is not None:
-            for name, value in result.metrics.items():
-                tb.add_scalar(f"eval/{name}", value, step)
-            tb.add_scalar("eval/accepted", float(decision.accepted), step)
-            tb.flush()
-            tensorboard_ref = store.put_dir(train_dir / "tensorboard", layout.tensorboard_key(spec.prefix))
-        store.put_text(journal_text(rows, spec.prefix), layout.journal_key(spec.prefix))  # last: an entry means the checkpoint is safe
-        return decision.accepted
+    except StopRequested as e:
+        stopped = journal_interrupted(store, spec.prefix, judge.journal, e.stopped) if dist.main else e.stopped
+        dist.barrier()  # the other ranks wait for the upload: torchrun ends the group when one rank exits
+        raise StopRequested(stopped) from None
+    finally:
+        if judge.tensorboard is not None:
+            judge.tensorboard.close()
+        judge.model = None
 
-    if not ended:
-        try:
-            train_mod.train(
-                model, shards, spec.train, train_dir, resume=True, on_checkpoint=on_checkpoint,
-                general_samples=_general_samples(store, spec), new_token_ids=spec.new_token_ids,
-                on_progress=observer.step if observer is not None else None,
-            )
-        except StopRequested as e:
-            stopped = journal_interrupted(store, spec.prefix, rows, e.stopped) if dist.main else e.stopped
-            dist.barrier()  # the other ranks wait for the upload: torchrun ends the group when one rank exits
-            raise StopRequested(stopped) from None
-        finally:
-            if tb is not None:
-                tb.close()
-    if not dist.main:
-        return None
 
-    rows = _judged(rows)
-    evaluated = _restore(rows)
-    accepted = [(s, r) for s, r, d in evaluated if d.accepted]
-    best_step = policy.choose_best(accepted) if accepted else None
+def _promote(spec: AttemptSpec, store: ArtifactStore, workdir: Path, judge: CheckpointJudge, data: AttemptData) -> CptManifest:
+    """Promote the best checkpoint that passed the forgetting policy AND beats the original base on the domain (if
+    any: else "no gain", dapt_core/gain.py), write the attempt's report, return its manifest."""
+    judged = _judged(judge.journal)
+    evaluated = [
+        (e.step, EvalResult(metrics=e.metrics, backend=e.backend or ""), Decision(bool(e.accepted), e.reasons, e.numbers)) for e in judged
+    ]
+    promotable = [(e.step, r) for e, (_, r, _) in zip(judged, evaluated) if e.accepted and not e.trails_original]
+    best_step = judge.policy.choose_best(promotable) if promotable else None
+    decisions = [e.decision(spec.attempt) for e in judged]
     promoted = adapter = None
     if best_step is not None:
-        del model
-        best = next(r for r in rows if r["step"] == best_step)
-        final = _model_at(spec, store, store.local_dir(DirRef.model_validate(best["checkpoint"]))).to("cpu")
-        if spec.train.method == "lora" and spec.train.save_adapter:
-            final.save_pretrained(workdir / "adapter")  # peft: adapter weights + adapter_config.json
-            adapter = store.put_dir(workdir / "adapter", layout.promoted_adapter_key(spec.prefix))
-        final = train_mod.merge_lora(final)
-        out = workdir / "promoted"
-        final.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        if spec.provenance is not None:
-            write_model_card(
-                out, spec.provenance, "continual pretraining", best["metrics"], spec.reference.metrics,
-                f"accepted at step {best_step} of attempt {spec.attempt} (lr {spec.train.lr:g}).",
-            )
-        promoted = store.put_dir(out, layout.promoted_key(spec.prefix))
-        log.info("attempt %d: promoted checkpoint step %d to %s", spec.attempt, best_step, promoted.uri)
-    else:
-        log.warning("attempt %d: no checkpoint passed the forgetting policy; nothing promoted", spec.attempt)
-    report = write_report(base, evaluated, workdir / "report", best_step=best_step, policy=policy)
+        promoted, adapter = _write_promoted(spec, store, workdir, next(e for e in judged if e.step == best_step))
+    gain = domain_gain(spec.eval, spec.reference.metrics, decisions, next((d for d in decisions if d.step == best_step), None))
+    if promoted is None:
+        log.warning("attempt %d: nothing promoted (%s): %s", spec.attempt, gain.verdict, "; ".join(gain.reasons))
+    report = write_report(spec.reference, evaluated, workdir / "report", best_step=best_step, policy=judge.policy)
     refs = {k: store.put_file(p, layout.attempt_report_key(spec.prefix, p.name)) for k, p in report.items()}
-    rejected = [r["step"] for r in rows if not r["accepted"]]
+    rejected = [e.step for e in judged if e.accepted is False]
     return CptManifest(
-        accepted=best_step is not None,
-        promoted=promoted,
-        adapter=adapter,
-        best_step=best_step,
-        stopped_at=rejected[0] if rejected else None,
-        decisions=[{**{k: v for k, v in r.items() if k != "checkpoint"}, "attempt": spec.attempt, "checkpoint": r["checkpoint"]["uri"]} for r in rows],
-        checkpoints=[DirRef.model_validate(r["checkpoint"]) for r in rows],
-        reference_metrics=dict(spec.reference.metrics),
-        report_json=refs["json"],
-        report_md=refs["md"],
-        report_png=refs["png"],
-        tensorboard=tensorboard_ref,
-        start_model=spec.start.uri,
-        attempt=spec.attempt,
-        lr=spec.train.lr,
-        general_fraction=spec.pack.general_fraction_target,
-        code_version=spec.code_version,
+        accepted=any(d.accepted for d in decisions), promoted=promoted, adapter=adapter, best_step=best_step, gain=gain,
+        stopped_at=rejected[0] if rejected else None, decisions=decisions,
+        checkpoints=[e.checkpoint for e in judged], reference_metrics=dict(spec.reference.metrics),
+        report_json=refs["json"], report_md=refs["md"], report_png=refs["png"], tensorboard=judge.tensorboard_ref,
+        start_model=spec.start.uri, attempt=spec.attempt, lr=spec.train.lr, trained_on=data.refs, continuation=data.continuation,
+        general_fraction=spec.continue_from.general_fraction if spec.continue_from else spec.pack.general_fraction_target,
+        continued_from=spec.continue_from.source if spec.continue_from else None, code_version=spec.code_version,
     )
+
+
+def _write_promoted(spec: AttemptSpec, store: ArtifactStore, workdir: Path, best: JournalEntry) -> tuple[DirRef, DirRef | None]:
+    """The checkpoint's model (LoRA merged) with the tokenizer and a model card, and the adapter alone (save_adapter)."""
+    final = _model_at(spec, store, store.local_dir(best.checkpoint)).to("cpu")
+    _, tokenizer = load_from_dir(store.local_dir(spec.start))
+    adapter = None
+    if spec.train.method == "lora" and spec.train.save_adapter:
+        final.save_pretrained(workdir / "adapter")  # peft: adapter weights + adapter_config.json
+        adapter = store.put_dir(workdir / "adapter", layout.promoted_adapter_key(spec.prefix))
+    final = train_mod.merge_lora(final)
+    out = workdir / "promoted"
+    final.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if spec.provenance is not None:
+        write_model_card(
+            out, spec.provenance, "continual pretraining", best.metrics, spec.reference.metrics,
+            f"accepted at step {best.step} of attempt {spec.attempt} (lr {spec.train.lr:g}).",
+        )
+    promoted = store.put_dir(out, layout.promoted_key(spec.prefix))
+    log.info("attempt %d: promoted checkpoint step %d to %s", spec.attempt, best.step, promoted.uri)
+    return promoted, adapter
 
 
 STOPPED_EXIT_CODE = 3

@@ -20,6 +20,7 @@ finished stage is never overwritten; `runs/<project>/` holds the small run manif
     │   ├── journal.json                               journal_key: decisions so far (what a resume trusts)
     │   ├── spec.json                                  attempt_spec_key: the attempt, for the other nodes of a launch
     │   ├── checkpoints/checkpoint-<step>/             checkpoint_key: every judged or interrupted checkpoint
+    │   ├── continuation/                              continuation_shard_key: a rollback's unseen data + replay
     │   ├── tensorboard/                               tensorboard_key
     │   ├── promoted/, promoted-adapter/               promoted_key, promoted_adapter_key: the accepted model
     │   └── report/<file>                              attempt_report_key: the forgetting report
@@ -99,6 +100,11 @@ def attempt_spec_key(attempt_prefix: str) -> str:
 def checkpoint_key(attempt_prefix: str, name: str) -> str:
     """`name`: the checkpoint's folder name (`checkpoint-<step>`)."""
     return f"{attempt_prefix}/checkpoints/{name}"
+
+
+def continuation_shard_key(attempt_prefix: str, name: str) -> str:
+    """A rollback's training data: what its checkpoint had not seen plus replay (dapt_core/continuation.py)."""
+    return f"{attempt_prefix}/continuation/{name}"
 
 
 def tensorboard_key(attempt_prefix: str) -> str:

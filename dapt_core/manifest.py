@@ -191,9 +191,85 @@ class TrainingDataManifest(BaseModel):
     cached: list[str]
 
 
+class CheckpointDecision(BaseModel):
+    """The forgetting policy's verdict on one checkpoint of a CPT attempt, with the numbers it was judged on."""
+
+    attempt: int
+    step: int
+    accepted: bool
+    reasons: list[str] = Field(default_factory=list, description="Why it was rejected (empty when accepted).")
+    numbers: dict[str, float] = Field(
+        default_factory=dict, description="The policy's numbers: reference and checkpoint values, increases, benchmark drops, p-values."
+    )
+    metrics: dict[str, float] = Field(description="The checkpoint's evaluation (dapt_core.evaluate.EvalResult.metrics).")
+    backend: str = Field(description="Evaluation backend: lm-eval or native.")
+    checkpoint: str = Field(description="Store uri of the checkpoint (weights, optimizer, scheduler, data position).")
+    trails_original: list[str] = Field(
+        default_factory=list,
+        description="Why it does not beat the original base on the domain (dapt_core/gain.py); empty when it does. "
+        "Only a checkpoint that is accepted AND beats the original can be promoted.",
+    )
+
+    def p_values(self) -> dict[str, float]:
+        """{benchmark name: p-value of the paired test of its difference from the reference}."""
+        return {k.split("/", 1)[1]: v for k, v in self.numbers.items() if k.startswith("p_value bench/")}
+
+
+class AttemptSummary(BaseModel):
+    """One attempt of a CPT flow run (the first run, or a rollback continuing from the best accepted checkpoint)."""
+
+    attempt: int
+    lr: float
+    general_fraction: float
+    accepted: bool
+    best_step: int | None = None
+    stopped_at: int | None = None
+    start_model: str
+    continued_from: str | None = None
+    promoted: str | None = None
+    without_extension: bool = Field(False, description="A tokenizer.on_no_gain retry with the base tokenizer.")
+    decisions: list[CheckpointDecision]
+    report_md: str
+
+
+class Continuation(BaseModel):
+    """Where a rollback attempt continues from: the best accepted checkpoint so far (dapt_core/continuation.py)."""
+
+    checkpoint: DirRef = Field(description="The best accepted checkpoint: weights, optimizer, scheduler, RNG, data position.")
+    data: list[ArtifactRef] = Field(description="The shards the checkpoint's data position indexes (what it trained on).")
+    data_general_fraction: float = Field(ge=0, lt=1, description="Replay share of `data`.")
+    general_fraction: float = Field(ge=0, lt=1, description="The raised replay share of the data not yet seen.")
+    source: str = Field(description="'attempt <a> step <s>', for logs and the report.")
+
+
+class ContinuationData(BaseModel):
+    """What the continuation trains on, counted."""
+
+    unseen_sequences: int = Field(description="Sequences of the earlier data after the checkpoint's data position.")
+    replay_sequences: int = Field(description="General-only sequences added to raise the replay share.")
+    resume_step: int
+    total_steps: int
+
+
+class DomainGain(BaseModel):
+    """Whether CPT beat the original base on the domain (dapt_core/gain.py), what the tokenizer extension cost, and when
+    training paid it back."""
+
+    metric: str = Field(description="eval.primary_metric (domain bits per byte by default).")
+    original: float | None = Field(description="The original base model, before tokenizer extension.")
+    extended_base: float | None = Field(None, description="The extended model before training (None: no extension).")
+    extension_cost: float | None = Field(None, description="extended_base - original: what the extension costs before any training.")
+    best_accepted: float | None = Field(None, description="The best checkpoint that passed the forgetting policy.")
+    promoted: float | None = Field(None, description="The promoted checkpoint (None: nothing promoted).")
+    break_even_attempt: int | None = None
+    break_even_step: int | None = Field(None, description="First checkpoint (oldest first) whose metric beats the original base.")
+    verdict: Literal["gain", "no gain", "nothing accepted"]
+    reasons: list[str] = Field(default_factory=list, description="Why nothing was promoted, with the numbers.")
+
+
 class CptManifest(BaseModel):
-    """One CPT attempt (train, evaluate every checkpoint against the base, promote the best accepted one); the flow
-    adds the earlier attempts of a rollback sequence in `attempts`."""
+    """One CPT attempt (train, evaluate every checkpoint against the original base, promote the best accepted one that
+    beats the original base on the domain); the flow adds every attempt of a rollback sequence in `attempts`."""
 
     stage: Literal["cpt"] = "cpt"
     accepted: bool = Field(description="True when at least one checkpoint passed the forgetting policy.")
@@ -201,7 +277,7 @@ class CptManifest(BaseModel):
     adapter: DirRef | None = Field(None, description="The promoted LoRA adapter alone (train.save_adapter).")
     best_step: int | None = None
     stopped_at: int | None = Field(None, description="Step of the first rejected checkpoint, where training stopped.")
-    decisions: list[dict] = Field(description="Per checkpoint: step, accepted, reasons, numbers, metrics, checkpoint uri.")
+    decisions: list[CheckpointDecision] = Field(description="Every judged checkpoint of this attempt, oldest first.")
     checkpoints: list[DirRef] = Field(default_factory=list, json_schema_extra=NOT_HANDED_ON)
     base_metrics: dict[str, float] = Field(
         default_factory=dict, description="The model CPT starts from (the extended base) on the same evaluation: reported."
@@ -219,8 +295,30 @@ class CptManifest(BaseModel):
     attempt: int
     lr: float
     general_fraction: float
-    attempts: list[dict] = Field(default_factory=list, description="Every attempt of the flow run: attempt, lr, general_fraction, accepted, best_step, decisions.")
+    attempts: list[AttemptSummary] = Field(default_factory=list, description="Every attempt of the flow run, oldest first.")
+    gain: DomainGain | None = Field(None, description="Against the original base on the domain: promoted only on a gain.")
+    trained_on: list[ArtifactRef] = Field(
+        default_factory=list, description="The shards this attempt trained on (the pack's, or a rollback's continuation data).",
+        json_schema_extra=NOT_HANDED_ON,
+    )
+    continued_from: str | None = Field(None, description="A rollback: 'attempt <a> step <s>', the checkpoint it continued from.")
+    continuation: ContinuationData | None = Field(None, description="A rollback: what it trained on, counted.")
+    warnings: list[str] = Field(default_factory=list, description="What to know before trusting the verdict (e.g. a self-replay run).")
+    without_extension: TrainingDataManifest | None = Field(
+        None,
+        description="tokenizer.on_no_gain retry_without_extension ran: the training data (base tokenizer) this result was "
+        "trained on, which later stages (SFT, the lineage's state) use instead of the extended one.",
+    )
     code_version: str
+
+    def decision_at(self, step: int | None) -> CheckpointDecision | None:
+        """This attempt's decision of checkpoint `step` (None for None or a step it did not judge)."""
+        return next((d for d in self.decisions if d.step == step), None)
+
+    @property
+    def best(self) -> CheckpointDecision | None:
+        """The decision of the promoted checkpoint (None when nothing was promoted)."""
+        return self.decision_at(self.best_step) if self.promoted is not None else None
 
 
 class SftManifest(BaseModel):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dapt_core.eval_report import benchmark_section
 from dapt_core.forgetting import ForgettingPolicy
-from dapt_core.manifest import CleanManifest, CptManifest, PackManifest, SftManifest, TokenizerManifest
+from dapt_core.manifest import CleanManifest, CptManifest, DomainGain, PackManifest, SftManifest, TokenizerManifest
 
 HEADLINE = [
     ("domain/bits_per_byte", "domain bits/byte", "lower"),
@@ -32,6 +32,30 @@ def _delta(base, new) -> str:
     if base is None or new is None or base == 0:
         return "–"
     return f"{(new - base) / abs(base):+.1%}"
+
+
+def gain_lines(gain: DomainGain | None) -> list[str]:
+    """The domain verdict in sentences: what the tokenizer extension cost, when training paid it back (break-even),
+    and the gain over the original base, or why nothing was promoted ("no gain")."""
+    if gain is None or gain.original is None:
+        return []
+    m, o = gain.metric, gain.original
+    lines = []
+    if gain.extension_cost is not None:
+        lines.append(
+            f"Tokenizer extension cost: {m} {o:.4f} (original base) -> {gain.extended_base:.4f} (extended, before "
+            f"training): {gain.extension_cost:+.4f} ({_delta(o, gain.extended_base)})."
+        )
+    if gain.break_even_step is not None:
+        lines.append(f"Break-even: attempt {gain.break_even_attempt}, step {gain.break_even_step} is the first checkpoint whose {m} beats the original base.")
+    else:
+        lines.append(f"Break-even: no checkpoint's {m} beats the original base's {o:.4f} within the training budget.")
+    if gain.verdict == "gain":
+        lines.append(f"Domain gain: promoted {gain.promoted:.4f} vs original base {o:.4f} ({_delta(o, gain.promoted)}).")
+    else:
+        best = f"; best accepted {gain.best_accepted:.4f} ({_delta(o, gain.best_accepted)})" if gain.best_accepted is not None else ""
+        lines.append(f"No gain: nothing promoted ({gain.verdict}{best} vs original base {o:.4f}): " + "; ".join(gain.reasons))
+    return lines
 
 
 def inline_images(markdown: str, images: dict[str, Path]) -> str:
@@ -61,26 +85,61 @@ def write_pipeline_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     policy = policy or ForgettingPolicy()
-    base = cpt.base_metrics
-    best = next((d["metrics"] for d in cpt.decisions if d["step"] == cpt.best_step), None) if cpt.accepted else None
-    after_sft = sft.eval_metrics if sft else None
+    original = original_base or cpt.reference_metrics
+    best = cpt.best.metrics if cpt.best else None
     paths = {"md": out_dir / "report.md", "json": out_dir / "report.json", "funnel": out_dir / "funnel.png",
              "checkpoints": out_dir / "checkpoints.png"}
+    verdict = _verdict(cpt, original)
+    lines = [f"# dapt report: {project}", "", verdict, ""] + [f"- {line}" for line in gain_lines(cpt.gain)] + [""]
+    lines += [f"> Warning: {w}" for w in cpt.warnings] + ([""] if cpt.warnings else [])
+    lines += _comparison_lines(original, cpt, sft, policy)
+    lines += _funnel_lines(clean) + _training_data_lines(tokenizer, pack) + _attempt_lines(cpt)
+    lines += ["", f"Promoted model: `{cpt.promoted.uri if cpt.promoted else 'none'}`"]
+    if sft:
+        lines.append(f"SFT model: `{sft.model.uri}`")
+    paths["md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    key = "domain/bits_per_byte"
-    original = original_base or cpt.reference_metrics
-    if best and key in best and key in base:
+    doc = {
+        "project": project, "verdict": verdict, "original_base": original or None, "base": cpt.base_metrics,
+        "reference": "original_base", "cpt_promoted": best, "sft": sft.eval_metrics if sft else None,
+        "sft_response": {"before": sft.response_before, "after": sft.response_after} if sft else None,
+        "funnel": {"input_docs": clean.input_docs, "kept_docs": clean.kept_docs, "dropped": clean.dropped},
+        "attempts": [a.model_dump(mode="json") for a in cpt.attempts], "gain": cpt.gain.model_dump(mode="json") if cpt.gain else None,
+        "warnings": cpt.warnings, "promoted": cpt.promoted.uri if cpt.promoted else None,
+    }
+    paths["json"].write_text(json.dumps(doc, indent=2, sort_keys=True, default=float), encoding="utf-8")
+    _plot_funnel(clean, paths["funnel"])
+    _plot_checkpoints(cpt, paths["checkpoints"])
+    return paths
+
+
+def _verdict(cpt: CptManifest, original: dict[str, float]) -> str:
+    key, base = "domain/bits_per_byte", cpt.base_metrics
+    best = cpt.best.metrics if cpt.best else {}
+    if key in best and key in base:
         verdict = (
             f"Domain bits per byte on held-out text: base {base[key]:.4f} → promoted {best[key]:.4f} "
             f"({_delta(base[key], best[key])}); attempt {cpt.attempt}, step {cpt.best_step}."
         )
         if key in original:
             verdict += f" The base before tokenizer extension: {original[key]:.4f} ({_delta(original[key], best[key])} after CPT)."
+    elif cpt.gain is not None and cpt.gain.verdict == "no gain":
+        verdict = "No gain: checkpoints passed the forgetting policy but none beats the original base on the domain; nothing was promoted."
     else:
         verdict = "No CPT checkpoint passed the forgetting policy: nothing was promoted (see the decisions below)."
+    if cpt.without_extension is not None:
+        verdict += (
+            " The extended tokenizer gave no gain, so packing and CPT ran again with the base tokenizer "
+            "(tokenizer.on_no_gain: retry_without_extension); the numbers are that run's."
+        )
+    return verdict
 
-    lines = [f"# dapt report: {project}", "", verdict, ""]
-    lines += [
+
+def _comparison_lines(original: dict[str, float], cpt: CptManifest, sft: SftManifest | None, policy: ForgettingPolicy) -> list[str]:
+    """Original → extended base → CPT → SFT: bits per byte, perplexity, probes, benchmarks with intervals and p-values."""
+    base, best = cpt.base_metrics, (cpt.best.metrics if cpt.best else {})
+    after_sft = sft.eval_metrics if sft else {}
+    lines = [
         "## Base → CPT → SFT", "",
         "Original: the configured base model before tokenizer extension, the reference of the forgetting policy (bits per "
         "byte, word perplexity and benchmark accuracy do not depend on the tokenizer): every checkpoint and the SFT model "
@@ -88,12 +147,10 @@ def write_pipeline_report(
         "their pieces, before any training (the extension's cost is original → base).", "",
         "| metric | original | base | CPT (promoted) | Δ vs original | SFT | Δ vs original |", "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    bench_rows = [
-        (k, f"{k.split('/')[1]} {policy.config.benchmark_metric}", "higher")
-        for k in sorted({k for m in (original, base, best or {}) for k in m if k.startswith("bench/") and k.endswith(f"/{policy.config.benchmark_metric}")})
-    ]
-    for k, label, better in HEADLINE + bench_rows:
-        o, b, c, s = original.get(k), base.get(k), (best or {}).get(k), (after_sft or {}).get(k)
+    metric = policy.config.benchmark_metric
+    bench_keys = sorted({k for m in (original, base, best) for k in m if k.startswith("bench/") and k.endswith(f"/{metric}")})
+    for k, label, better in HEADLINE + [(k, f"{k.split('/')[1]} {metric}", "higher") for k in bench_keys]:
+        o, b, c, s = original.get(k), base.get(k), best.get(k), after_sft.get(k)
         if o is b is c is s is None:
             continue
         lines.append(f"| {label} ({better} is better) | {_fmt(o)} | {_fmt(b)} | {_fmt(c)} | {_delta(o, c)} | {_fmt(s)} | {_delta(o, s)} |")
@@ -102,52 +159,50 @@ def write_pipeline_report(
             lines.append(f"| {k} (held-out instructions) | | – | {_fmt(sft.response_before.get(k))} | | {_fmt(sft.response_after.get(k))} | |")
         lines += ["", f"SFT: {sft.examples} instruction pairs, {sft.heldout_examples} held out; "
                   + ("passes the forgetting policy." if sft.accepted else "REJECTED by the forgetting policy: " + "; ".join(sft.reasons))]
-    best_numbers = next((d["numbers"] for d in cpt.decisions if d["step"] == cpt.best_step), None) if cpt.accepted else None
-    rows = [("base", base, None), ("CPT (promoted)", best or {}, best_numbers)] + ([("SFT", after_sft, sft.numbers)] if sft else [])
-    lines += [""] + benchmark_section(original, rows, policy)
-    lines += ["![checkpoints](checkpoints.png)", ""]
+    rows = [("base", base, None), ("CPT (promoted)", best, cpt.best.numbers if cpt.best else None)]
+    rows += [("SFT", after_sft, sft.numbers)] if sft else []
+    return [*lines, "", *benchmark_section(original, rows, policy), "![checkpoints](checkpoints.png)", ""]
 
-    lines += ["## Data funnel", "", f"{clean.input_docs:,} documents in, {clean.kept_docs:,} kept.", "",
-              "| source | kind | input | kept | dropped |", "| --- | --- | --- | --- | --- |"]
+
+def _funnel_lines(clean: CleanManifest) -> list[str]:
+    lines = ["## Data funnel", "", f"{clean.input_docs:,} documents in, {clean.kept_docs:,} kept.", "",
+             "| source | kind | input | kept | dropped |", "| --- | --- | --- | --- | --- |"]
     for s in clean.sources:
         lines.append(f"| {s.source} | {s.kind} | {s.input_docs:,} | {s.kept_docs:,} | {sum(s.dropped.values()):,} |")
     lines += ["", "| dropped because | documents |", "| --- | --- |"]
     lines += [f"| {r} | {n:,} |" for r, n in sorted(clean.dropped.items(), key=lambda kv: -kv[1])]
-    lines += ["", "![funnel](funnel.png)", ""]
+    return [*lines, "", "![funnel](funnel.png)", ""]
 
-    lines += ["## Training data", "", f"Tokenizer: +{tokenizer.new_tokens} domain tokens. Packed {pack.sequences:,} sequences of "
-              f"{pack.seq_len} tokens; general replay {pack.general_fraction_realised:.2%} of tokens (attempt 0).", ""]
+
+def _training_data_lines(tokenizer: TokenizerManifest, pack: PackManifest) -> list[str]:
+    lines = ["## Training data", "", f"Tokenizer: +{tokenizer.new_tokens} domain tokens. Packed {pack.sequences:,} sequences of "
+             f"{pack.seq_len} tokens; general replay {pack.general_fraction_realised:.2%} of tokens (attempt 0).", ""]
     if pack.refresh is not None:
         r = pack.refresh
         lines += [f"Refresh: {r.new_documents:,} new domain documents ({r.new_tokens:,} tokens) and {r.replayed_documents:,} "
                   f"earlier ones replayed ({r.replayed_tokens:,} tokens); held-out split fixed by the lineage.", ""]
+    return lines
 
-    lines += ["## CPT attempts and decisions", ""]
+
+def _attempt_lines(cpt: CptManifest) -> list[str]:
+    """Every attempt (its settings, where it started or continued from) and every checkpoint's decision with the
+    benchmark gate's p-values."""
+    lines = ["## CPT attempts and decisions", ""]
     for a in cpt.attempts:
+        origin = f"continuing from {a.continued_from}" if a.continued_from else f"from `{a.start_model}`"
         lines.append(
-            f"- attempt {a['attempt']}: lr {a['lr']:.3g}, replay {a['general_fraction']:.3g}, from `{a['start_model']}`; "
-            + (f"stopped at step {a['stopped_at']}" if a.get("stopped_at") is not None else "ran to the end")
-            + (f"; best accepted step {a['best_step']}" if a.get("best_step") is not None else "; nothing accepted")
+            f"- attempt {a.attempt}{' (base tokenizer)' if a.without_extension else ''}: lr {a.lr:.3g}, replay {a.general_fraction:.3g}, "
+            f"{origin}; " + (f"stopped at step {a.stopped_at}" if a.stopped_at is not None else "ran to the end")
+            + (f"; best accepted step {a.best_step}" if a.best_step is not None else "; nothing promoted")
         )
-        for d in a["decisions"]:
-            p_values = ", ".join(f"{k.split('/', 1)[1]} p={v:.3g}" for k, v in sorted(d["numbers"].items()) if k.startswith("p_value bench/"))
-            verdict = "accepted" if d["accepted"] else "REJECTED — " + "; ".join(d["reasons"])
-            lines.append(f"  - step {d['step']}: {verdict}" + (f" (benchmark gate: {p_values})" if p_values else ""))
-    lines += ["", f"Promoted model: `{cpt.promoted.uri if cpt.promoted else 'none'}`"]
-    if sft:
-        lines.append(f"SFT model: `{sft.model.uri}`")
-    paths["md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-    doc = {
-        "project": project, "verdict": verdict, "original_base": original or None, "base": base, "reference": "original_base", "cpt_promoted": best, "sft": after_sft,
-        "sft_response": {"before": sft.response_before, "after": sft.response_after} if sft else None,
-        "funnel": {"input_docs": clean.input_docs, "kept_docs": clean.kept_docs, "dropped": clean.dropped},
-        "attempts": cpt.attempts, "promoted": cpt.promoted.uri if cpt.promoted else None,
-    }
-    paths["json"].write_text(json.dumps(doc, indent=2, sort_keys=True, default=float), encoding="utf-8")
-    _plot_funnel(clean, paths["funnel"])
-    _plot_checkpoints(cpt, paths["checkpoints"])
-    return paths
+        for d in a.decisions:
+            p_values = ", ".join(f"{name} p={v:.3g}" for name, v in sorted(d.p_values().items()))
+            if d.accepted:
+                verdict = "accepted" + (" (does not beat the original base on the domain)" if d.trails_original else "")
+            else:
+                verdict = "REJECTED — " + "; ".join(d.reasons)
+            lines.append(f"  - step {d.step}: {verdict}" + (f" (benchmark gate: {p_values})" if p_values else ""))
+    return lines
 
 
 def _pyplot():
@@ -193,23 +248,23 @@ def _plot_checkpoints(cpt: CptManifest, path: Path) -> None:
     attempt; the original base (the policy's reference) dashed, the extended base dotted; rejected checkpoints red x;
     the promoted one a star."""
     plt = _pyplot()
-    points = [(a["attempt"], d) for a in cpt.attempts for d in a["decisions"]]
-    labels = [f"a{att}:{d['step']}" for att, d in points]
+    points = [(a.attempt, d) for a in cpt.attempts for d in a.decisions]
+    labels = [f"a{att}:{d.step}" for att, d in points]
     xs = list(range(len(points)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     panels = ((left, ("domain/bits_per_byte", "general/bits_per_byte"), "bits per byte"), (right, ("general/word_perplexity",), "general word perplexity"))
     for ax, keys, ylabel in panels:
         for key, color in zip(keys, ("tab:blue", "tab:orange")):
-            ys = [d["metrics"].get(key, float("nan")) for _, d in points]
+            ys = [d.metrics.get(key, float("nan")) for _, d in points]
             ax.plot(xs, ys, "o-", color=color, label=key)
             if key in cpt.reference_metrics:
                 ax.axhline(cpt.reference_metrics[key], color=color, linestyle="--", alpha=0.7, label=f"original base {key}")
             if key in cpt.base_metrics:
                 ax.axhline(cpt.base_metrics[key], color=color, linestyle=":", alpha=0.7, label=f"extended base {key}")
-            rejected = [(x, y) for x, y, (_, d) in zip(xs, ys, points) if not d["accepted"]]
+            rejected = [(x, y) for x, y, (_, d) in zip(xs, ys, points) if not d.accepted]
             if rejected:
                 ax.scatter(*zip(*rejected), marker="x", s=110, color="red", zorder=5)
-            best = [(x, y) for x, y, (att, d) in zip(xs, ys, points) if att == cpt.attempt and d["step"] == cpt.best_step and cpt.accepted]
+            best = [(x, y) for x, y, (att, d) in zip(xs, ys, points) if att == cpt.attempt and d.step == cpt.best_step and cpt.promoted]
             if best:
                 ax.scatter(*zip(*best), marker="*", s=220, color="gold", edgecolor="k", zorder=6)
         ax.set_xticks(xs, labels, rotation=45, fontsize=7)

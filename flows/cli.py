@@ -25,6 +25,8 @@ from rich.table import Table
 
 from dapt_core.config import ConfigError, DaptConfig, load_config
 from dapt_core.faults import classify
+from dapt_core.manifest import CptManifest
+from dapt_core.report import gain_lines
 from flows import interrupt
 from tasks import progress
 
@@ -267,25 +269,29 @@ def cpt(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     _emit(result, as_json)
 
 
-def _print_cpt(result) -> None:
+def _print_cpt(result: CptManifest) -> None:
     table = Table(title="CPT checkpoints (forgetting policy vs the original base)", title_justify="left")
     for col in ("attempt", "lr", "replay", "step", "domain bpb", "general word ppl", "decision"):
         table.add_column(col)
     base = result.reference_metrics
     table.add_row("original base", "", "", "", f"{base.get('domain/bits_per_byte', float('nan')):.4f}", f"{base.get('general/word_perplexity', float('nan')):.4g}", "reference")
     for a in result.attempts:
-        for d in a["decisions"]:
-            m = d["metrics"]
+        for d in a.decisions:
+            m = d.metrics
             table.add_row(
-                str(a["attempt"]), f"{a['lr']:.3g}", f"{a['general_fraction']:.3g}", str(d["step"]),
+                str(a.attempt), f"{a.lr:.3g}", f"{a.general_fraction:.3g}", str(d.step),
                 f"{m.get('domain/bits_per_byte', float('nan')):.4f}", f"{m.get('general/word_perplexity', float('nan')):.4g}",
-                "accepted" if d["accepted"] else "[red]REJECTED[/red]: " + "; ".join(d["reasons"]),
+                ("accepted" + (" (does not beat the original base on the domain)" if d.trails_original else ""))
+                if d.accepted else "[red]REJECTED[/red]: " + escape("; ".join(d.reasons)),
             )
     console.print(table)
+    for line in gain_lines(result.gain):
+        console.print(escape(line))
     if result.promoted:
         console.print(f"promoted: attempt {result.attempt}, step {result.best_step} -> {result.promoted.uri}")
     else:
-        console.print("[yellow]nothing promoted:[/yellow] no checkpoint passed the forgetting policy (see the report)")
+        verdict = result.gain.verdict if result.gain else "nothing accepted"
+        console.print(f"[yellow]nothing promoted ({verdict}):[/yellow] " + escape("; ".join(result.gain.reasons if result.gain else [])))
 
 
 def _print_benchmarks(cpt, sft, cfg: DaptConfig) -> None:

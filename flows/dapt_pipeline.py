@@ -137,6 +137,9 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
         config.model, base_fingerprint(config.model), pack, config.eval, config.store
     ).result()
     cpt = _cpt_stage(config, data, start)  # step-level bars and UI artifacts: tasks/progress.py
+    if cpt.without_extension is not None:  # tokenizer.on_no_gain: CPT ran again with the base tokenizer
+        data = cpt.without_extension
+        prepared, tokenizer, pack = data.prepare, data.tokenizer, data.pack
 
     sft = None
     if config.sft.data and cpt.promoted is not None:
@@ -145,7 +148,7 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
                 cpt.promoted, pack, config.sft, config.eval, original, config.store, provenance_of(config, data)
             ).result()
     elif config.sft.data:
-        log.warning("SFT skipped: no CPT checkpoint passed the forgetting policy")
+        log.warning("SFT skipped: no CPT model was promoted (%s)", cpt.gain.verdict if cpt.gain else "nothing accepted")
 
     run_key = stable_hash(data.pack.train_shards, cpt.promoted, sft.model if sft else None)[:16]
     with leftovers.temp_dir("report") as tmp:

@@ -31,7 +31,7 @@ from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
 from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, stopped_path
 from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.hashing import code_version, stable_hash
-from dapt_core.manifest import CptManifest, DirRef, PackManifest
+from dapt_core.manifest import Continuation, CptManifest, DirRef, PackManifest
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.model_card import ModelProvenance
 from dapt_core.stop import Stopped, StopRequested
@@ -97,6 +97,7 @@ def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what
 def cpt_key(
     start: DirRef, pack: PackManifest, train_cfg: TrainConfig, eval_cfg: EvalConfig, reference: EvalResult, attempt: int,
     new_token_ids: list[int] | None = None,
+    continue_from: Continuation | None = None,
 ) -> str:
     shards = [r.sha256 for r in pack.train_shards]
     # The whole train section, nproc_per_node and nnodes included (batch_size is per process, so they set the global
@@ -107,12 +108,13 @@ def cpt_key(
     return "cpt-" + stable_hash(
         start.sha256, shards, eval_set_hashes(pack), fisher, train, eval_cfg, reference, attempt, CPT_CODE,
         *([sorted(new_token_ids)] if new_token_ids else []),  # the rows LoRA trains (absent: the key stays as it was)
+        *([continue_from] if continue_from else []),  # a rollback: the checkpoint and data it continues from
     )
 
 
 @task(
     name="cpt-attempt",
-    cache_key_fn=lambda ctx, p: cpt_key(p["start"], p["pack"], p["train_cfg"], p["eval_cfg"], p["reference"], p["attempt"], p["new_token_ids"]),
+    cache_key_fn=lambda ctx, p: cpt_key(p["start"], p["pack"], p["train_cfg"], p["eval_cfg"], p["reference"], p["attempt"], p["new_token_ids"], p["continue_from"]),
     persist_result=True,
     result_serializer="json",
 )
@@ -126,20 +128,23 @@ def cpt_task(
     attempt: int = 0,
     new_token_ids: list[int] | None = None,
     provenance: ModelProvenance | None = None,
+    continue_from: Continuation | None = None,
 ) -> CptManifest:
     """Train from `start` on the packed shards; judge every checkpoint against `reference` (the original base's
     evaluation); stop at a rejection; promote the best accepted."""
     log = _log()
-    key = cpt_key(start, pack, train_cfg, eval_cfg, reference, attempt, new_token_ids)
+    key = cpt_key(start, pack, train_cfg, eval_cfg, reference, attempt, new_token_ids, continue_from)
     check_result_record(store_uri, key)
     spec = AttemptSpec(
         start=start, pack=pack, train=train_cfg, eval=eval_cfg, reference=reference, store=store_uri,
         prefix=layout.cpt_attempt_prefix(key), attempt=attempt, new_token_ids=new_token_ids or [], code_version=CPT_CODE,
-        provenance=provenance,
+        provenance=provenance, continue_from=continue_from,
     )
     log.info(
         "CPT attempt %d from %s: lr=%.3g, general_fraction=%.3g, %d sequences of %d tokens, %d process(es)",
-        attempt, start.uri, train_cfg.lr, pack.general_fraction_target, pack.sequences, pack.seq_len, train_cfg.nproc_per_node,
+        attempt, continue_from.source if continue_from else start.uri, train_cfg.lr,
+        continue_from.general_fraction if continue_from else pack.general_fraction_target, pack.sequences, pack.seq_len,
+        train_cfg.nproc_per_node,
     )
     with leftovers.temp_dir("cpt") as tmp:
         tmp = Path(tmp)

@@ -31,7 +31,9 @@ def _split_params(mix: MixConfig) -> tuple:
 
 def tokenizer_key(clean: CleanManifest, fingerprint: str, model: ModelConfig, cfg: TokenizerConfig, mix: MixConfig) -> str:
     domain = clean.domain.sha256 if clean.domain else None
-    return "tokenizer-" + stable_hash(domain, fingerprint, model.trust_remote_code, cfg, _split_params(mix), TOKENIZER_CODE)
+    return "tokenizer-" + stable_hash(
+        domain, fingerprint, model.trust_remote_code, cfg.model_dump(mode="json", exclude={"on_no_gain"}), _split_params(mix), TOKENIZER_CODE
+    )
 
 
 @task(

@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 
 import dapt_core.cpt as cpt
 from dapt_core.config import load_config
-from dapt_core.cpt import AttemptSpec, JournalError, journal_text, read_journal, run_attempt
+from dapt_core.cpt import (
+    AttemptSpec,
+    JournalEntry,
+    JournalError,
+    journal_text,
+    read_journal,
+    run_attempt,
+)
 from dapt_core.store import open_store
 from flows.training_data import training_data_flow
 from tasks.cpt import CPT_CODE, _torchrun, base_eval_task
@@ -71,7 +78,7 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
 
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-a"))
     whole = run_attempt(_spec(cfg, data, reference, "cpt/whole"), tmp_path / "work-a")
-    assert [d["step"] for d in whole.decisions] == [10, 20]
+    assert [d.step for d in whole.decisions] == [10, 20]
 
     real_eval, calls = cpt.evaluate, []
 
@@ -87,13 +94,13 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
     with pytest.raises(RuntimeError, match="worker lost"):
         run_attempt(spec, tmp_path / "work-b")
     store = open_store(cfg.store)
-    assert [r["step"] for r in read_journal(store, "cpt/crashed")] == [10]
+    assert [e.step for e in read_journal(store, "cpt/crashed")] == [10]
 
     monkeypatch.setattr(cpt, "evaluate", real_eval)
     monkeypatch.setenv("DAPT_CACHE_DIR", str(tmp_path / "cache-c"))  # a fresh worker: nothing local
     resumed = run_attempt(spec, tmp_path / "work-c")
-    assert [d["step"] for d in resumed.decisions] == [10, 20]
-    assert resumed.decisions[0]["metrics"] == whole.decisions[0]["metrics"]
+    assert [d.step for d in resumed.decisions] == [10, 20]
+    assert resumed.decisions[0].metrics == whole.decisions[0].metrics
     assert resumed.best_step == whole.best_step and resumed.promoted.uri.startswith(f"s3://{s3_bucket}/")
     a, b = _promoted_weights(cfg.store, whole), _promoted_weights(cfg.store, resumed)
     assert a.keys() == b.keys()
@@ -114,8 +121,7 @@ def test_killed_attempt_resumes_on_a_fresh_worker_from_s3(prefect_harness, corpu
     old = [i for i in range(emb.shape[0]) if i not in set(new_ids)]
     assert torch.equal(emb[old], emb0[old])  # only the new tokens' rows trained ...
     assert (emb[new_ids] - emb0[new_ids]).abs().amax(1).min() > 0  # ... and each of them did
-    d = next(x for x in resumed.decisions if x["step"] == resumed.best_step)
-    assert d["metrics"]["domain/bits_per_byte"] < reference.metrics["domain/bits_per_byte"]
+    assert resumed.best.metrics["domain/bits_per_byte"] < reference.metrics["domain/bits_per_byte"]
 
 
 def test_torchrun_ddp_attempt_matches_one_process(prefect_harness, corpus, tmp_path):
@@ -127,12 +133,12 @@ def test_torchrun_ddp_attempt_matches_one_process(prefect_harness, corpus, tmp_p
     single = run_attempt(_spec(cfg, data, reference, "cpt/single"), tmp_path / "work-single")
     ddp_spec = _spec(cfg, data, reference, "cpt/ddp", batch_size=4, nproc_per_node=2)
     ddp = _torchrun(ddp_spec, tmp_path)
-    assert [d["step"] for d in ddp.decisions] == [d["step"] for d in single.decisions] == [3, 6]
+    assert [d.step for d in ddp.decisions] == [d.step for d in single.decisions] == [3, 6]
     a, b = _promoted_weights(cfg.store, single), _promoted_weights(cfg.store, ddp)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     for x, y in zip(single.decisions, ddp.decisions):
-        assert x["metrics"]["domain/bits_per_byte"] == pytest.approx(y["metrics"]["domain/bits_per_byte"], rel=1e-4)
+        assert x.metrics["domain/bits_per_byte"] == pytest.approx(y.metrics["domain/bits_per_byte"], rel=1e-4)
 
 
 def test_ewc_attempt_estimates_its_fisher_on_the_general_sample(prefect_harness, corpus, tmp_path, monkeypatch):
@@ -152,6 +158,72 @@ def test_ewc_attempt_estimates_its_fisher_on_the_general_sample(prefect_harness,
     assert result.decisions and len(seen) == 1 and seen[0]
     assert all(len(s) == SEQ for s in seen[0])
     assert histories[0].history[-1]["ewc"] > 0  # the penalty is active once the weights moved
+
+
+def test_rollback_continues_from_the_best_accepted_checkpoint(prefect_harness, corpus, tmp_path, monkeypatch):
+    """Attempt 0 is accepted at step 4 and rejected at step 8; attempt 1 continues from step 4 with its optimizer,
+    schedule (at half the peak LR) and data position, on the sequences step 4 had not seen plus general replay for a
+    raised share: no sequence trained before the best step is trained again, and the step budget stays 12."""
+    from dapt_core.forgetting import Decision
+    import dapt_core.train as train_mod
+    from dapt_core.continuation import better_rollback_point
+    import dapt_core.train.data as train_data
+    from dapt_core.forgetting import ForgettingPolicy
+    from dapt_core.manifest import DirRef
+
+    root, dirs, base = corpus
+    train = "{lr: 1e-4, max_steps: 12, save_every: 4, batch_size: 4, warmup_ratio: 0.2, report_to: []}"
+    cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train)
+    n = len(train_mod.PackedSequences([open_store(cfg.store).local_path(r) for r in data.pack.train_shards]))
+    assert n >= 12 * 4, "one epoch must cover the plan for this test"
+
+    reject_at = {8}
+    real_judge, real_make_batch, real_load_state, real_train = (
+        ForgettingPolicy.judge, train_mod.make_batch, train_mod.load_state, train_mod.train,
+    )
+
+    def judge(self, base_result, result, step=None):
+        decision = real_judge(self, base_result, result, step=step)
+        return Decision(step not in reject_at, [] if step not in reject_at else ["told to reject"], decision.numbers)
+
+    batches, loaded, results = [], [], []
+    monkeypatch.setattr(ForgettingPolicy, "judge", judge)
+    monkeypatch.setattr(train_data, "make_batch", lambda items, block: batches.append([i[0].tobytes() for i in items]) or real_make_batch(items, block))
+    monkeypatch.setattr(train_mod, "load_state", lambda path, **kw: loaded.append(Path(path)) or real_load_state(path, **kw))
+    monkeypatch.setattr(train_mod, "train", lambda *a, **kw: results.append(res := real_train(*a, **kw)) or res)
+
+    first = run_attempt(_spec(cfg, data, reference, "cpt/first"), tmp_path / "work-first")
+    assert [d.step for d in first.decisions] == [4, 8] and first.stopped_at == 8
+    first_batches, batches[:] = list(batches), []
+    reject_at.clear()
+
+    policy = ForgettingPolicy.from_config(cfg.eval)
+    point = better_rollback_point(None, first, data.tokenizer.model, policy.config.primary_metric, policy.config.primary_higher_is_better)
+    continuation = point.continuation(general_fraction=0.2)
+    assert continuation.source == "attempt 0 step 4" and continuation.data_general_fraction == 0.05
+    spec = _spec(cfg, data, reference, "cpt/second", lr=5e-5).model_copy(update={"attempt": 1, "continue_from": continuation})
+    second = run_attempt(spec, tmp_path / "work-second")
+
+    counts = second.continuation
+    print(f"attempt 0: {len(first_batches)} steps trained; attempt 1: {len(batches)} steps trained, continuing at step "
+          f"{counts.resume_step} on {counts.unseen_sequences} unseen + {counts.replay_sequences} replay sequences")
+    assert (counts.resume_step, counts.total_steps) == (4, 12) and [d.step for d in second.decisions] == [8, 12]
+    assert counts.unseen_sequences == n - 4 * 4
+    assert counts.replay_sequences == round(counts.unseen_sequences * (0.2 - 0.05) / 0.8) > 0
+    assert second.general_fraction == 0.2 and second.continued_from == "attempt 0 step 4"
+    # The optimizer and scheduler state of step 4 were loaded, and the schedule continues at half its peak.
+    resumed = {p.name for p in loaded if p.parent.name == "checkpoint-4"}
+    assert {"optimizer.pt", "scheduler.pt", "rng.pt"} <= resumed
+    before, after = results[0].history, results[1].history
+    assert after[:4] == before[:4] and after[4]["step"] == 5
+    assert after[4]["lr"] == pytest.approx(0.5 * before[4]["lr"], rel=1e-9)
+    # Tokens: 8 more steps of 4 sequences (the budget of 12), none of the 16 sequences trained before step 4.
+    assert len(batches) == 12 - 4 and all(len(b) == 4 for b in batches)
+    trained_before_best = {s for b in first_batches[:4] for s in b}
+    assert not trained_before_best & {s for b in batches for s in b}
+    # The continuation data is stored with the attempt: a later rollback can continue from its checkpoints.
+    assert [r.uri for r in second.trained_on] == [open_store(cfg.store).uri("cpt/second/continuation/train-00000.parquet")]
+    assert isinstance(second.checkpoints[0], DirRef)
 
 
 # ------------------------------------------------------------------------------------- the journal is verified
@@ -179,19 +251,19 @@ def test_poisoned_journal_and_rng_file_are_refused_and_run_no_code(prefect_harne
     spec = _spec(cfg, data, reference, "cpt/poisoned")
     run_attempt(spec, tmp_path / "work-honest")
     store = open_store(cfg.store)
-    rows = read_journal(store, spec.prefix)
-    assert [r["step"] for r in rows] == [2, 4]
+    entries = read_journal(store, spec.prefix)
+    assert [e.step for e in entries] == [2, 4]
 
     marker = tmp_path / "code-ran"
     checkpoint = Path(store.uri(f"{spec.prefix}/checkpoints/checkpoint-2"))
     torch.save({"torch": _Payload(marker)}, checkpoint / "rng.pt")
-    first = json.loads(json.dumps(rows[0]))
-    first["checkpoint"]["files"]["rng.pt"] = store.put_file(checkpoint / "rng.pt", f"{spec.prefix}/checkpoints/checkpoint-2/rng.pt").model_dump()
+    rng = store.put_file(checkpoint / "rng.pt", f"{spec.prefix}/checkpoints/checkpoint-2/rng.pt")
+    first = entries[0].model_copy(update={"checkpoint": entries[0].checkpoint.model_copy(update={"files": {**entries[0].checkpoint.files, "rng.pt": rng}})})
     journal_key = f"{spec.prefix}/journal.json"
 
     # 1. The journal edited by hand (the crash after step 2, the new rng.pt hash): the chain breaks.
     edited = _journal(store, spec.prefix)
-    edited["entries"] = [{**first, "chain": edited["entries"][0]["chain"]}]
+    edited["entries"] = [{**first.model_dump(mode="json"), "chain": edited["entries"][0]["chain"]}]
     store.put_text(json.dumps(edited), journal_key)
     with pytest.raises(JournalError) as err:
         run_attempt(spec, tmp_path / "work-1")
@@ -200,8 +272,7 @@ def test_poisoned_journal_and_rng_file_are_refused_and_run_no_code(prefect_harne
     assert f"Delete {store.uri(spec.prefix)}" in message
 
     # 2. Re-chained, but its checkpoint is another attempt's (or any path on the worker): not this attempt's.
-    elsewhere = json.loads(json.dumps(first))
-    elsewhere["checkpoint"]["uri"] = store.uri("cpt/other/checkpoints/checkpoint-2")
+    elsewhere = first.model_copy(update={"checkpoint": first.checkpoint.model_copy(update={"uri": store.uri("cpt/other/checkpoints/checkpoint-2")})})
     store.put_text(journal_text([elsewhere], spec.prefix), journal_key)
     with pytest.raises(JournalError, match="not this attempt's"):
         run_attempt(spec, tmp_path / "work-2")
@@ -216,28 +287,28 @@ def test_poisoned_journal_and_rng_file_are_refused_and_run_no_code(prefect_harne
     assert not marker.exists()  # no payload ran, at any stage
 
 
-def _checkpoint_rows(store, prefix: str, tmp_path: Path) -> list[dict]:
-    rows = []
+def _checkpoint_entries(store, prefix: str, tmp_path: Path) -> list[JournalEntry]:
+    entries = []
     for step in (2, 4):
         local = tmp_path / f"checkpoint-{step}"
         local.mkdir()
         (local / "model.safetensors").write_bytes(b"weights %d" % step)
         ref = store.put_dir(local, f"{prefix}/checkpoints/checkpoint-{step}")
-        rows.append({
-            "step": step, "accepted": step == 2, "reasons": [] if step == 2 else ["general ppl +20%"], "numbers": {"x": 0.1},
-            "metrics": {"general/word_perplexity": 10.0 + step}, "backend": "native", "checkpoint": ref.model_dump(mode="json"),
-        })
-    return rows
+        entries.append(JournalEntry(
+            step=step, accepted=step == 2, reasons=[] if step == 2 else ["general ppl +20%"], numbers={"x": 0.1},
+            metrics={"general/word_perplexity": 10.0 + step}, backend="native", checkpoint=ref,
+        ))
+    return entries
 
 
 def test_journal_round_trip_and_tampering(tmp_path):
     store = open_store(str(tmp_path / "store"))
     prefix = "cpt/abc"
     assert read_journal(store, prefix) == []
-    rows = _checkpoint_rows(store, prefix, tmp_path)
+    rows = _checkpoint_entries(store, prefix, tmp_path)
     key = f"{prefix}/journal.json"
     store.put_text(journal_text(rows, prefix), key)
-    assert read_journal(store, prefix) == rows
+    assert [e.model_dump() for e in read_journal(store, prefix)] == [e.model_dump() for e in rows]
 
     def refused(doc, match: str) -> None:
         store.put_text(doc if isinstance(doc, str) else json.dumps(doc), key)
@@ -251,9 +322,9 @@ def test_journal_round_trip_and_tampering(tmp_path):
     refused({**good, "entries": good["entries"][::-1]}, "hash chain breaks at step 4")  # reordered
     refused({**good, "entries": good["entries"][1:]}, "hash chain breaks at step 4")  # first entry dropped
     refused(journal_text([rows[1], rows[0]], prefix), "step 2 follows step 4")
-    refused(journal_text([{**rows[0], "accepted": False}, rows[1]], prefix), "follows the rejected step 2")
-    refused(rows, "not a dapt-cpt-journal/1 document")  # the old, unchained format
+    refused(journal_text([rows[0].model_copy(update={"accepted": False}), rows[1]], prefix), "follows the rejected step 2")
+    refused([r.model_dump(mode="json") for r in rows], "not a dapt-cpt-journal/1 document")  # the old, unchained format
     refused("{not json", "not a dapt-cpt-journal/1 document")
-    outside = json.loads(json.dumps(rows[0]))
-    outside["checkpoint"]["files"] = {"../../../etc/passwd": outside["checkpoint"]["files"]["model.safetensors"]}
+    files = {"../../../etc/passwd": rows[0].checkpoint.files["model.safetensors"]}
+    outside = rows[0].model_copy(update={"checkpoint": rows[0].checkpoint.model_copy(update={"files": files})})
     refused(journal_text([outside], prefix), "store key '../../../etc/passwd' refused")

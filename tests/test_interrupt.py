@@ -421,7 +421,7 @@ def test_torchrun_attempt_stops_on_request_with_a_checkpoint(prefect_harness, ti
     logger.setLevel(logging.INFO)
     try:
         with pytest.raises(StopRequested) as stopped:
-            _torchrun(spec, tmp_path, 2)
+            _torchrun(spec, tmp_path)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

@@ -115,7 +115,7 @@ def test_nightly_refresh(prefect_harness, project, stage_calls):
     assert stage_calls["ingest"] == 1 and stage_calls["tokenizer"] == 0  # only the new file; the vocabulary is kept
     p = refreshed.pipeline
     assert p.refresh_of == before.promoted.uri
-    assert p.cpt.attempts[0]["start_model"] == before.promoted.uri
+    assert p.cpt.attempts[0].start_model == before.promoted.uri
     assert p.data.tokenizer == before.tokenizer
     after = load_state(cfg)
     assert after.inputs.get(str(new_file)) is not None and after.generation == before.generation + 1
@@ -192,5 +192,5 @@ def test_refresh_after_a_config_change_is_a_full_run(prefect_harness, project, s
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 5e-5})})
     result = nightly_refresh(changed)
     assert result.changed and result.pipeline.refresh_of is None
-    assert result.pipeline.cpt.attempts[0]["start_model"] == result.pipeline.data.tokenizer.model.uri
+    assert result.pipeline.cpt.attempts[0].start_model == result.pipeline.data.tokenizer.model.uri
     assert stage_calls["ingest"] == stage_calls["tokenizer"] == stage_calls["pack"] == 0 and stage_calls["cpt"] >= 1

@@ -63,9 +63,10 @@ def save_tiny_model_dir(path: Path, texts: list[str], tied: bool = True, vocab_s
     return path
 
 
-def pretrained_general_base(root: Path, seq_len: int, steps: int = 60) -> Path:
-    """A tiny model trained `steps` steps on general prose (texts unlike the corpus' held-out docs), saved as an HF
-    directory."""
+def pretrained_general_base(root: Path, seq_len: int, steps: int = 60, domain_docs: int = 0) -> Path:
+    """A tiny model trained `steps` steps on general prose (texts unlike the corpus' held-out docs), saved as an HF dir.
+    With `domain_docs`, it also reads that many domain documents (other seeds than the corpus'): a base that already
+    knows the domain through its general-text tokenizer, as a real LLM knows legal or medical English."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -76,6 +77,7 @@ def pretrained_general_base(root: Path, seq_len: int, steps: int = 60) -> Path:
 
     texts = [prose(i, "general") for i in range(100)]
     tok = byte_level_tokenizer(texts, 1000)
+    texts += [prose(5000 + i, "domain") for i in range(domain_docs)]
     ids: list[int] = []
     for t in texts:
         ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

@@ -357,7 +357,18 @@ def restore_optimizer(run: Run, checkpoint: Path) -> None:
     else:
         run.optimizer.load_state_dict(load_state(checkpoint / "optimizer.pt", map_location=run.device))
     run.scheduler.load_state_dict(load_state(checkpoint / "scheduler.pt"))
+    set_peak_lr(run.optimizer, run.scheduler, run.cfg.lr)
     ckpt.set_rng_state(load_state(checkpoint / "rng.pt"))
+
+
+def set_peak_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, peak: float) -> None:
+    """After loading a checkpoint's scheduler: the schedule's peak is this run's cfg.lr, at the loaded position. A plain
+    resume keeps the same LR; a rollback continuing from an accepted checkpoint (dapt_core/continuation.py) lowers it
+    on the same schedule (the loaded state carries the old peak as base_lrs)."""
+    scheduler.base_lrs = [peak for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(scheduler.last_epoch)
 
 
 def data_workers(cfg: TrainConfig, device: torch.device) -> int:
