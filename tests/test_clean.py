@@ -17,6 +17,7 @@ import pytest
 
 from dapt_core.clean import clean_corpus, quality
 from dapt_core.clean.decontam import EvalNgrams
+from dapt_core.clean.identity import document_uid
 from dapt_core.clean.minhash import EMPTY, jaccard, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import ngram_hashes, tokenize, words
 from dapt_core.clean.normalize import normalize_text
@@ -184,7 +185,7 @@ def test_exact_duplicates_across_sources_keep_domain(tmp_path):
     out = clean_corpus([general, domain], [], [], CleanConfig(), tmp_path / "work")  # general listed first
     kept, dup = by_text_id(out, text), by_text_id(out, text + "   ")
     assert (kept["status"], kept["source"]) == ("kept", "papers")
-    assert (dup["status"], dup["reason"], dup["duplicate_of"]) == ("dropped", "exact_duplicate", kept["doc_id"])
+    assert (dup["status"], dup["reason"], dup["duplicate_of"]) == ("dropped", "exact_duplicate", kept["doc_uid"])
     assert dup["cluster_id"] == kept["cluster_id"] is not None
     assert out.dropped == {"exact_duplicate": 1}
     assert pq.read_table(out.general_path).num_rows == 1
@@ -200,11 +201,37 @@ def test_near_duplicates_dropped_and_unrelated_kept(tmp_path):
     out = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "work")
     original, near, copy_of_near, unrelated = (by_text_id(out, t) for t in (original, near, copy_of_near, unrelated))
     assert original["status"] == "kept" and unrelated["status"] == "kept"
-    assert (near["reason"], near["duplicate_of"]) == ("near_duplicate", original["doc_id"])
-    assert (copy_of_near["reason"], copy_of_near["duplicate_of"]) == ("exact_duplicate", near["doc_id"])
+    assert (near["reason"], near["duplicate_of"]) == ("near_duplicate", original["doc_uid"])
+    assert (copy_of_near["reason"], copy_of_near["duplicate_of"]) == ("exact_duplicate", near["doc_uid"])
     assert near["cluster_id"] == copy_of_near["cluster_id"] == original["cluster_id"] is not None  # one cluster
     assert unrelated["cluster_id"] is None
     assert (out.stats["total"]["duplicate_clusters"], out.stats["total"]["docs_in_duplicate_clusters"]) == (1, 3)
+
+
+def test_every_input_document_has_its_own_id_and_duplicates_name_the_kept_copy(tmp_path):
+    """Exact copies share a content hash (doc_id) but not a doc_uid: the decisions say which copy was kept."""
+    texts = [prose(60), prose(61), prose(62)]
+    first = write_shard(tmp_path / "a.parquet", [texts[0], texts[1], texts[0]], "papers")
+    second = write_shard(tmp_path / "b.parquet", [texts[0], texts[2], texts[1]], "papers")
+    web = write_shard(tmp_path / "w.parquet", [texts[2]], "web", kind="general")
+    bad = QuarantineRecord(file="c.txt", source="papers", position="file", reason="empty_file")
+    out = clean_corpus([first, second, web], [], [bad], CleanConfig(), tmp_path / "work")
+    rows = decisions(out)
+    uids = [r["doc_uid"] for r in rows]
+    assert len(set(uids)) == len(rows) == 8
+    by_uid = {r["doc_uid"]: r for r in rows}
+    dropped = [r for r in rows if r["reason"] == "exact_duplicate"]
+    assert len(dropped) == 4
+    for dup in dropped:
+        kept = by_uid[dup["duplicate_of"]]
+        assert kept["status"] == "kept" and kept["doc_id"] == dup["doc_id"] and kept["doc_uid"] != dup["doc_uid"]
+        assert (kept["kind"], kept["source"], kept["file"]) <= (dup["kind"], dup["source"], dup["file"])  # first by priority
+    assert by_uid[document_uid("domain", "papers", "a.txt", "line 3")]["duplicate_of"] == document_uid("domain", "papers", "a.txt", "line 1")
+    assert by_uid[document_uid("domain", "papers", "c.txt", "file")]["reason"] == "quarantine:empty_file"
+    for source in ("papers", "web"):
+        mine = [r for r in rows if r["source"] == source]
+        [stats] = [s for s in out.sources if s.source == source]
+        assert stats.input_docs == len(mine) == stats.kept_docs + sum(stats.dropped.values())
 
 
 def test_dedup_can_be_switched_off(tmp_path):

@@ -23,6 +23,7 @@ import xxhash
 from dapt_core.clean.decontam import EvalNgrams
 from dapt_core.clean.dedup import find_duplicates
 from dapt_core.clean.duck import connect, literal
+from dapt_core.clean.identity import document_uid
 from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import tokenize
 from dapt_core.clean.normalize import normalize_text
@@ -35,12 +36,12 @@ _BATCH_DOCS = 512
 _INPUT_COLUMNS = ["doc_id", "text", "source", "kind", "file", "position"]
 _TRAINING_KINDS = ("domain", "general")
 _DOCS = pa.schema(
-    [("seq", pa.int64())]
+    [("seq", pa.int64()), ("doc_uid", pa.string())]
     + [(c, pa.string()) for c in _INPUT_COLUMNS]
     + [("words", pa.int64()), ("bytes", pa.int64()), ("text_hash", pa.binary(16)), ("filter_reason", pa.string())]
 )
 _BANDS = pa.schema([("seq", pa.int64()), ("band", pa.int32()), ("key", pa.uint64())])
-_QUARANTINE = pa.schema([(c, pa.string()) for c in ("source", "kind", "file", "position", "reason", "detail")])
+_QUARANTINE = pa.schema([(c, pa.string()) for c in ("doc_uid", "source", "kind", "file", "position", "reason", "detail")])
 _ROW_GROUP_BYTES = 32 << 20  # output row groups of ~32 MiB of text bound the writer's buffers
 
 
@@ -51,8 +52,9 @@ class CleanOutput:
     general_path: Path | None
     """Kept general documents, same schema; None if none."""
     decisions_path: Path
-    """One row per input document: doc_id, source, kind, file, position, status ('kept'|'dropped'),
-    reason (null when kept), duplicate_of (doc_id or null), cluster_id (int or null), detail (what was wrong with a
+    """One row per input document: doc_uid (unique: `identity.document_uid`), doc_id (content hash; null when
+    quarantined), source, kind, file, position, status ('kept'|'dropped'), reason (null when kept), duplicate_of (the
+    doc_uid of the document kept in its place, or null), cluster_id (int or null), detail (what was wrong with a
     quarantined input, e.g. a symlink's target or the JSON error; null otherwise)."""
     stats: dict
     stats_markdown: str
@@ -93,7 +95,7 @@ def clean_corpus(
         _decide(con, training_quarantined)
         decisions = workdir / "decisions.parquet"
         con.execute(f"""
-            COPY (SELECT doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id, detail
+            COPY (SELECT doc_uid, doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id, detail
                   FROM decided ORDER BY kind = 'general', source, file, seq NULLS LAST, position)
             TO {literal(decisions)} (FORMAT parquet, COMPRESSION zstd)""")
         kept = _write_kept(con, docs, scratch / "kept_flags.parquet", workdir)
@@ -151,8 +153,10 @@ def _prepare(shards: list[Path], cfg: CleanConfig, evals: EvalNgrams, docs: Path
             seq += len(texts)
             encoded = [t.encode() for t in texts]
             columns = {c: batch.column(c) for c in _INPUT_COLUMNS}
+            lineage = (batch.column(c).to_pylist() for c in ("kind", "source", "file", "position"))
             columns |= {
                 "seq": seqs,
+                "doc_uid": [document_uid(*where) for where in zip(*lineage)],
                 "text": [t if r is None else None for t, r in zip(texts, reasons)],
                 # Stats report the lengths of kept documents only, and only filter survivors can be kept.
                 "words": [len(t.split()) if r is None else None for t, r in zip(texts, reasons)],
@@ -187,17 +191,23 @@ def _decide(con: duckdb.DuckDBPyConnection, quarantined: list[QuarantineRecord])
     """Table `decided`: one row per input document with its status, reason, duplicate and cluster."""
     con.register(
         "quarantine_in",
-        pa.table({c: [getattr(q, c) for q in quarantined] for c in _QUARANTINE.names}, schema=_QUARANTINE),
+        pa.table(
+            {
+                "doc_uid": [document_uid(q.kind, q.source, q.file, q.position) for q in quarantined],
+                **{c: [getattr(q, c) for q in quarantined] for c in _QUARANTINE.names[1:]},
+            },
+            schema=_QUARANTINE,
+        ),
     )
     con.execute("""
         CREATE TABLE decided AS
         WITH clusters AS (
             SELECT representative, row_number() OVER (ORDER BY min(rank)) - 1 AS cluster_id
             FROM duplicates GROUP BY representative HAVING count(*) > 1)
-        SELECT d.seq, d.doc_id, d.source, d.kind, d.file, d.position, d.words, d.bytes,
+        SELECT d.seq, d.doc_uid, d.doc_id, d.source, d.kind, d.file, d.position, d.words, d.bytes,
             CASE WHEN coalesce(d.filter_reason, x.reason) IS NULL THEN 'kept' ELSE 'dropped' END AS status,
             coalesce(d.filter_reason, x.reason) AS reason,
-            original.doc_id AS duplicate_of,
+            original.doc_uid AS duplicate_of,
             c.cluster_id,
             NULL::VARCHAR AS detail
         FROM docs d
@@ -205,7 +215,7 @@ def _decide(con: duckdb.DuckDBPyConnection, quarantined: list[QuarantineRecord])
         LEFT JOIN docs original ON original.seq = x.duplicate_of
         LEFT JOIN clusters c ON c.representative = x.representative
         UNION ALL BY NAME
-        SELECT source, kind, file, position, 'dropped' AS status, 'quarantine:' || reason AS reason, detail
+        SELECT doc_uid, source, kind, file, position, 'dropped' AS status, 'quarantine:' || reason AS reason, detail
         FROM quarantine_in""")
     con.unregister("quarantine_in")
 
