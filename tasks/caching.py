@@ -34,6 +34,7 @@ from dapt_core.manifest import (
     ArtifactRef,
     CleanManifest,
     CptManifest,
+    IngestBatchManifest,
     IngestManifest,
     PackManifest,
     SftManifest,
@@ -47,6 +48,7 @@ RESULTS_PREFIX = "prefect-results"
 # What the result record of each cached task may hold, by the stage name its cache key starts with ("ingest-<sha256>").
 RESULT_TYPES: dict[str, Any] = {
     "ingest": IngestManifest,
+    "ingest-batch": IngestBatchManifest,
     "clean": CleanManifest,
     "tokenizer": TokenizerManifest,
     "pack": PackManifest,
@@ -230,7 +232,7 @@ def result_storage_for(store_uri: str) -> StoreResultStorage:
     return block
 
 
-def _refresh_requested() -> bool:
+def refresh_requested() -> bool:
     """The user asked to recompute cached stages (`dapt prepare --refresh`, PREFECT_TASKS_REFRESH_CACHE)."""
     from prefect.context import TaskRunContext
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
@@ -245,7 +247,7 @@ def check_result_record(store_uri: str, key: str) -> None:
     """First call of every cached task body, which runs only on a cache miss. Prefect takes a record it cannot read for
     a miss, so an untrusted record would silently be recomputed and overwritten: refuse it instead (before any work),
     unless the user asked to recompute."""
-    if _refresh_requested():
+    if refresh_requested():
         return
     store, path = open_store(store_uri), f"{RESULTS_PREFIX}/{key}"
     if store.exists(path):

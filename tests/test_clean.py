@@ -21,9 +21,10 @@ from dapt_core.clean.identity import document_uid
 from dapt_core.clean.minhash import EMPTY, jaccard, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import ngram_hashes, tokenize, words
 from dapt_core.clean.normalize import normalize_text
-from dapt_core.clean.pipeline import _prepare
+from dapt_core.clean.pipeline import ShardJob, prepare_shard
 from dapt_core.clean.quality import quality_failures, quality_reasons
-from dapt_core.config import CleanConfig, NormalizeConfig, QualityConfig
+from dapt_core.config import CleanConfig, NormalizeConfig, PrepareConfig, QualityConfig
+from dapt_core.engine import open_engine
 from dapt_core.manifest import QuarantineRecord
 
 _SYLLABLES = "ka lo mi ter san vo ru pel dis an ko tri mon se la fu ber gal ni os".split()
@@ -171,9 +172,10 @@ def test_scratch_holds_text_of_filter_survivors_only(tmp_path):
     contaminated, short, kept = f"{prose(22)} {prose(23)}", prose(24, 20), prose(25)
     shard = write_shard(tmp_path / "d.parquet", [contaminated, short, kept], "d")
     evals = EvalNgrams(ngram_hashes(tokenize([prose(23)]), 13, short_docs=False)[0], 13)
-    docs = tmp_path / "docs.parquet"
-    _prepare([shard], CleanConfig(), evals, docs, tmp_path / "signatures.parquet", tmp_path / "bands.parquet")
-    rows = pq.read_table(docs, columns=["text", "filter_reason", "words"]).to_pylist()
+    np.save(tmp_path / "evals.npy", evals.hashes)
+    job = ShardJob(shard, 0, CleanConfig(), tmp_path / "evals.npy", tmp_path / "part")
+    prepare_shard(job)
+    rows = pq.read_table(job.output("docs"), columns=["text", "filter_reason", "words"]).to_pylist()
     assert [(r["text"], r["filter_reason"]) for r in rows] == [(None, "decontaminated"), (None, "quality:min_words"), (kept, None)]
     assert [r["words"] for r in rows] == [None, None, len(kept.split())]
 
@@ -412,3 +414,15 @@ def test_minhash_is_deterministic_across_processes():
     root = str(Path(__file__).resolve().parents[1])
     other = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"})
     assert bytes.fromhex(other.stdout) == here.tobytes()
+
+
+def test_local_engine_imports_no_ray(monkeypatch):
+    """The default engine runs without Ray installed; the Ray engine says what is missing when it has no cluster."""
+    code = (
+        "import sys; import flows.prepare, dapt_core.clean; from dapt_core.engine import open_engine; "
+        "from dapt_core.config import PrepareConfig; open_engine(PrepareConfig()); assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="prepare.ray_address"):
+        open_engine(PrepareConfig(engine="ray"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from dapt_core.clean.duck import literal
+from dapt_core.clean.duck import parquet_source
 from dapt_core.clean.minhash import jaccard
 from dapt_core.config import DedupConfig
 
@@ -47,8 +47,8 @@ class UnionFind:
         return {x: self.find(x) for x in self.parent}
 
 
-def find_duplicates(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, signatures: Path, bands: Path) -> None:
-    """Create `duplicates`; `signatures` (seq, sig) and `bands` (seq, band, key) are Parquet files
+def find_duplicates(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, signatures: list[Path], bands: list[Path]) -> None:
+    """Create `duplicates`; `signatures` (seq, sig) and `bands` (seq, band, key) are Parquet parts
     written for the filter survivors that have words (only read when cfg.near)."""
     first = "first_value(seq) OVER (PARTITION BY text_hash ORDER BY rank)" if cfg.exact else "seq"
     con.execute(f"CREATE TABLE exact AS SELECT seq, rank, {first} AS first_seq FROM docs WHERE filter_reason IS NULL")
@@ -73,7 +73,7 @@ def find_duplicates(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, signatures
         LEFT JOIN near first_near ON first_near.seq = e.first_seq""")
 
 
-def _near_duplicate_roots(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, signatures: Path, bands: Path) -> dict[int, int]:
+def _near_duplicate_roots(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, signatures: list[Path], bands: list[Path]) -> dict[int, int]:
     """rank -> rank of its cluster's root, for exact-unique survivors with a verified near duplicate.
 
     Candidates come from LSH buckets (same key in some band). Each bucket member is paired with
@@ -85,7 +85,7 @@ def _near_duplicate_roots(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, sign
         CREATE TABLE candidates AS
         WITH banded AS (
             SELECT b.band, b.key, b.seq, e.rank
-            FROM read_parquet({literal(bands)}) b JOIN exact e ON e.seq = b.seq
+            FROM {parquet_source(bands)} b JOIN exact e ON e.seq = b.seq
             WHERE e.first_seq = e.seq),
         heads AS (
             SELECT band, key, arg_min(seq, rank) AS head, min(rank) AS head_rank
@@ -96,8 +96,8 @@ def _near_duplicate_roots(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, sign
     reader = con.sql(f"""
         SELECT c.head_rank, c.rank, hs.sig AS head_sig, ms.sig AS sig
         FROM candidates c
-        JOIN read_parquet({literal(signatures)}) hs ON hs.seq = c.head
-        JOIN read_parquet({literal(signatures)}) ms ON ms.seq = c.seq""").to_arrow_reader(_VERIFY_BATCH_ROWS)
+        JOIN {parquet_source(signatures)} hs ON hs.seq = c.head
+        JOIN {parquet_source(signatures)} ms ON ms.seq = c.seq""").to_arrow_reader(_VERIFY_BATCH_ROWS)
     clusters = UnionFind()
     for head_rank, rank in _verified_pairs(reader, cfg):
         clusters.union(head_rank, rank)

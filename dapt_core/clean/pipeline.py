@@ -22,7 +22,7 @@ import xxhash
 
 from dapt_core.clean.decontam import EvalNgrams
 from dapt_core.clean.dedup import find_duplicates
-from dapt_core.clean.duck import connect, literal
+from dapt_core.clean.duck import connect, literal, parquet_source
 from dapt_core.clean.identity import document_uid
 from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import tokenize
@@ -30,6 +30,7 @@ from dapt_core.clean.normalize import normalize_text
 from dapt_core.clean.quality import quality_reasons
 from dapt_core.clean.stats import corpus_stats, source_stats, stats_markdown
 from dapt_core.config import CleanConfig
+from dapt_core.engine import Engine, LocalEngine
 from dapt_core.manifest import QuarantineRecord, SourceStats
 
 _BATCH_DOCS = 512
@@ -67,29 +68,40 @@ class CleanOutput:
 
 
 def clean_corpus(
-    shards: list[Path], eval_shards: list[Path], quarantined: list[QuarantineRecord], cfg: CleanConfig, workdir: Path
+    shards: list[Path],
+    eval_shards: list[Path],
+    quarantined: list[QuarantineRecord],
+    cfg: CleanConfig,
+    workdir: Path,
+    engine: Engine | None = None,
 ) -> CleanOutput:
     """Clean the ingested `shards` into kept domain/general Parquet files in `workdir`.
 
     `eval_shards` (Parquet with a `text` column) are only decontaminated against; they are not
     training documents. Each of `quarantined` counts as a dropped input document (eval ones aside).
     Of duplicates the first by priority is kept: domain before general, then source, file, and
-    position in the file (read order).
+    position in the file (read order). The per-document pass runs one task per shard on `engine`
+    (default: this process); on Ray, `workdir` must be on storage every node reaches.
     """
     workdir = Path(workdir)
     scratch = workdir / "clean-scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    docs, signatures, bands = scratch / "docs.parquet", scratch / "signatures.parquet", scratch / "bands.parquet"
-    evals = EvalNgrams.from_parquet(eval_shards, cfg.decontamination.ngram, cfg.normalize)
-    _prepare(shards, cfg, evals, docs, signatures, bands)
+    evals = scratch / "eval_ngrams.npy"
+    np.save(evals, EvalNgrams.from_parquet(eval_shards, cfg.decontamination.ngram, cfg.normalize).hashes)
+    first_seqs = np.cumsum([0] + [pq.ParquetFile(s).metadata.num_rows for s in shards])
+    jobs = [ShardJob(Path(s), int(first), cfg, evals, scratch / f"{i:06d}") for i, (s, first) in enumerate(zip(shards, first_seqs))]
+    if not jobs:  # no training shard: one empty part keeps the SQL below the same
+        jobs = [ShardJob(None, 0, cfg, evals, scratch / "000000")]
+    (engine or LocalEngine()).map(prepare_shard, jobs)
+    docs, signatures, bands = ([job.output(name) for job in jobs] for name in ("docs", "signatures", "bands"))
 
     con = connect(scratch / "clean.duckdb", cfg.duckdb_memory_limit)
     try:
         con.execute(f"""
             CREATE TABLE docs AS
             SELECT * EXCLUDE (text), row_number() OVER (ORDER BY kind = 'general', source, file, seq) AS rank
-            FROM read_parquet({literal(docs)})""")
+            FROM {parquet_source(docs)}""")
         find_duplicates(con, cfg.dedup, signatures, bands)
         training_quarantined = [q for q in quarantined if q.kind in _TRAINING_KINDS]
         _decide(con, training_quarantined)
@@ -119,28 +131,46 @@ def clean_corpus(
     )
 
 
-def _input_batches(shards: list[Path]) -> Iterator[pa.RecordBatch]:
-    for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=_BATCH_DOCS, columns=_INPUT_COLUMNS):
-            kinds = set(batch.column("kind").to_pylist())
-            if not kinds <= set(_TRAINING_KINDS):
-                raise ValueError(f"{shard}: training shards hold domain/general documents, found kinds {sorted(kinds)}")
-            yield batch
+@dataclass(frozen=True)
+class ShardJob:
+    """The per-document pass over one ingested shard: its documents are numbered from `first_seq` (so the numbers
+    run on across shards in order) and its three Parquet parts are written beside `out`."""
+
+    shard: Path | None  # None: no documents (empty parts)
+    first_seq: int
+    cfg: CleanConfig
+    eval_ngrams: Path  # .npy of the eval n-gram hashes
+    out: Path
+
+    def output(self, name: str) -> Path:
+        return self.out.with_name(f"{self.out.name}.{name}.parquet")
 
 
-def _prepare(shards: list[Path], cfg: CleanConfig, evals: EvalNgrams, docs: Path, signatures: Path, bands: Path) -> None:
-    """The per-document pass: each document's filter verdict to `docs`, with its normalised text
-    only if it passed the filters (only those can be written out); MinHash signatures and LSH band
-    keys of the filter survivors to `signatures` and `bands`."""
-    dedup = cfg.dedup
+def _input_batches(shard: Path | None) -> Iterator[pa.RecordBatch]:
+    if shard is None:
+        return
+    for batch in pq.ParquetFile(shard).iter_batches(batch_size=_BATCH_DOCS, columns=_INPUT_COLUMNS):
+        kinds = set(batch.column("kind").to_pylist())
+        if not kinds <= set(_TRAINING_KINDS):
+            raise ValueError(f"{shard}: training shards hold domain/general documents, found kinds {sorted(kinds)}")
+        yield batch
+
+
+def prepare_shard(job: ShardJob) -> None:
+    """The per-document pass of one shard: each document's filter verdict to the docs part, with its normalised
+    text only if it passed the filters (only those can be written out); MinHash signatures and LSH band keys of
+    the filter survivors to the signatures and bands parts. It depends on the job alone, so any worker can run
+    it, or run it again after a crash, with the same result."""
+    cfg, dedup = job.cfg, job.cfg.dedup
+    evals = EvalNgrams(np.load(job.eval_ngrams), cfg.decontamination.ngram)
     sig_schema = pa.schema([("seq", pa.int64()), ("sig", pa.list_(pa.uint32(), dedup.num_perm))])
     with (
-        pq.ParquetWriter(docs, _DOCS) as docs_out,
-        pq.ParquetWriter(signatures, sig_schema) as sigs_out,
-        pq.ParquetWriter(bands, _BANDS) as bands_out,
+        pq.ParquetWriter(job.output("docs"), _DOCS) as docs_out,
+        pq.ParquetWriter(job.output("signatures"), sig_schema) as sigs_out,
+        pq.ParquetWriter(job.output("bands"), _BANDS) as bands_out,
     ):
-        seq = 0
-        for batch in _input_batches(shards):
+        seq = job.first_seq
+        for batch in _input_batches(job.shard):
             texts = [normalize_text(t, cfg.normalize) for t in batch.column("text").to_pylist()]
             reasons = quality_reasons(texts, cfg.quality)
             passed = [i for i, r in enumerate(reasons) if r is None]
@@ -220,7 +250,7 @@ def _decide(con: duckdb.DuckDBPyConnection, quarantined: list[QuarantineRecord])
     con.unregister("quarantine_in")
 
 
-def _write_kept(con: duckdb.DuckDBPyConnection, docs: Path, flags: Path, workdir: Path) -> dict[str, Path | None]:
+def _write_kept(con: duckdb.DuckDBPyConnection, docs: list[Path], flags: Path, workdir: Path) -> dict[str, Path | None]:
     """Write the kept documents of each kind, in input order, from the normalised text in `docs`.
 
     A POSITIONAL JOIN against per-document keep flags (written in `docs` row order) streams the
@@ -241,7 +271,7 @@ def _write_kept(con: duckdb.DuckDBPyConnection, docs: Path, flags: Path, workdir
         row_group = int(min(122_880, max(64, _ROW_GROUP_BYTES // max(mean_bytes, 1))))
         con.execute(f"""
             COPY (SELECT d.doc_id, d.text, d.source, d.kind, d.file, d.position
-                  FROM read_parquet({literal(docs)}) d POSITIONAL JOIN read_parquet({literal(flags)}) f
+                  FROM {parquet_source(docs)} d POSITIONAL JOIN read_parquet({literal(flags)}) f
                   WHERE f.{kind})
             TO {literal(path)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group})""")
         paths[kind] = path
