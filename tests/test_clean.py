@@ -173,7 +173,7 @@ def test_scratch_holds_text_of_filter_survivors_only(tmp_path):
     shard = write_shard(tmp_path / "d.parquet", [contaminated, short, kept], "d")
     evals = EvalNgrams(ngram_hashes(tokenize([prose(23)]), 13, short_docs=False)[0], 13)
     np.save(tmp_path / "evals.npy", evals.hashes)
-    job = ShardJob(shard, 0, CleanConfig(), tmp_path / "evals.npy", tmp_path / "part")
+    job = ShardJob(shard, CleanConfig(), tmp_path / "evals.npy", tmp_path / "part")
     prepare_shard(job)
     rows = pq.read_table(job.output("docs"), columns=["text", "filter_reason", "words"]).to_pylist()
     assert [(r["text"], r["filter_reason"]) for r in rows] == [(None, "decontaminated"), (None, "quality:min_words"), (kept, None)]

@@ -89,7 +89,7 @@ def _corpus(root: Path) -> tuple[list[Path], list[Path], list]:
     shards, evals, quarantined = [], [], []
     for kind, folder in (("domain", dirs["domain"]), ("general", dirs["general"]), ("eval", dirs["eval"])):
         inputs, _ = discover_inputs(SourceConfig(name=kind, paths=[str(folder)]), kind)
-        for i, batch in enumerate(plan_batches(inputs, cfg.batch_bytes, cfg.batch_max_files)):
+        for i, batch in enumerate(plan_batches(inputs, cfg.batch_bytes, cfg.batch_files)):
             out = run_batch(BatchJob(batch, [f"k{j}" for j in range(len(batch))], cfg, str(root / "store"), f"{kind}/{i}.parquet", []))
             (evals if kind == "eval" else shards).append(Path(out.shard.uri))
             quarantined += [q for r in out.files for q in r.quarantined]

@@ -9,6 +9,7 @@ ends with exactly one decision, so input_docs == kept_docs + sum(dropped) per so
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +28,12 @@ from dapt_core.clean.identity import document_uid
 from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import tokenize
 from dapt_core.clean.normalize import normalize_text
+from dapt_core.clean.parts import PART_NAMES, PartCache
 from dapt_core.clean.quality import quality_reasons
 from dapt_core.clean.stats import corpus_stats, source_stats, stats_markdown
 from dapt_core.config import CleanConfig
 from dapt_core.engine import Engine, LocalEngine
+from dapt_core.hashing import stable_hash
 from dapt_core.manifest import QuarantineRecord, SourceStats
 
 _BATCH_DOCS = 512
@@ -74,6 +77,7 @@ def clean_corpus(
     cfg: CleanConfig,
     workdir: Path,
     engine: Engine | None = None,
+    cache: PartCache | None = None,
 ) -> CleanOutput:
     """Clean the ingested `shards` into kept domain/general Parquet files in `workdir`.
 
@@ -81,28 +85,19 @@ def clean_corpus(
     training documents. Each of `quarantined` counts as a dropped input document (eval ones aside).
     Of duplicates the first by priority is kept: domain before general, then source, file, and
     position in the file (read order). The per-document pass runs one task per shard on `engine`
-    (default: this process); on Ray, `workdir` must be on storage every node reaches.
+    (default: this process; on Ray, `workdir` must be on storage every node reaches), skipping the
+    shards whose parts `cache` holds.
     """
     workdir = Path(workdir)
     scratch = workdir / "clean-scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    evals = scratch / "eval_ngrams.npy"
-    np.save(evals, EvalNgrams.from_parquet(eval_shards, cfg.decontamination.ngram, cfg.normalize).hashes)
-    first_seqs = np.cumsum([0] + [pq.ParquetFile(s).metadata.num_rows for s in shards])
-    jobs = [ShardJob(Path(s), int(first), cfg, evals, scratch / f"{i:06d}") for i, (s, first) in enumerate(zip(shards, first_seqs))]
-    if not jobs:  # no training shard: one empty part keeps the SQL below the same
-        jobs = [ShardJob(None, 0, cfg, evals, scratch / "000000")]
-    (engine or LocalEngine()).map(prepare_shard, jobs)
-    docs, signatures, bands = ([job.output(name) for job in jobs] for name in ("docs", "signatures", "bands"))
+    parts = _per_document_pass(shards, eval_shards, cfg, scratch, engine or LocalEngine(), cache)
 
     con = connect(scratch / "clean.duckdb", cfg.duckdb_memory_limit)
     try:
-        con.execute(f"""
-            CREATE TABLE docs AS
-            SELECT * EXCLUDE (text), row_number() OVER (ORDER BY kind = 'general', source, file, seq) AS rank
-            FROM {parquet_source(docs)}""")
-        find_duplicates(con, cfg.dedup, signatures, bands)
+        _load_parts(con, parts)
+        find_duplicates(con, cfg.dedup)
         training_quarantined = [q for q in quarantined if q.kind in _TRAINING_KINDS]
         _decide(con, training_quarantined)
         decisions = workdir / "decisions.parquet"
@@ -110,7 +105,7 @@ def clean_corpus(
             COPY (SELECT doc_uid, doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id, detail
                   FROM decided ORDER BY kind = 'general', source, file, seq NULLS LAST, position)
             TO {literal(decisions)} (FORMAT parquet, COMPRESSION zstd)""")
-        kept = _write_kept(con, docs, scratch / "kept_flags.parquet", workdir)
+        kept = _write_kept(con, [p.docs for p in parts], scratch / "kept_flags.parquet", workdir)
         stats = corpus_stats(con)
     finally:
         con.close()
@@ -132,12 +127,66 @@ def clean_corpus(
 
 
 @dataclass(frozen=True)
+class _Part:
+    """The per-document pass of one shard: its three Parquet files and its first document's number in the corpus."""
+
+    docs: Path
+    signatures: Path
+    bands: Path
+    first_seq: int
+
+
+def _per_document_pass(
+    shards: list[Path], eval_shards: list[Path], cfg: CleanConfig, scratch: Path, engine: Engine, cache: PartCache | None
+) -> list[_Part]:
+    """The parts of every shard, in order: reused from `cache` when it has them, else computed on `engine`."""
+    eval_hashes = EvalNgrams.from_parquet(eval_shards, cfg.decontamination.ngram, cfg.normalize).hashes
+    evals = scratch / "eval_ngrams.npy"
+    np.save(evals, eval_hashes)
+    recipe = stable_hash(cfg.model_dump(exclude={"duckdb_memory_limit"}), hashlib.sha256(eval_hashes.tobytes()).hexdigest())
+    jobs = [ShardJob(Path(s), cfg, evals, scratch / f"{i:06d}") for i, s in enumerate(shards)] or [
+        ShardJob(None, cfg, evals, scratch / "000000")  # no training shard: one empty part keeps the SQL the same
+    ]
+    found = [cache.fetch(job.shard, recipe) if cache and job.shard else None for job in jobs]
+    todo = [job for job, got in zip(jobs, found) if got is None]
+    engine.map(prepare_shard, todo)
+    parts, first_seq = [], 0
+    for job, got in zip(jobs, found):
+        files = got or {name: job.output(name) for name in PART_NAMES}
+        if got is None and cache and job.shard:
+            cache.keep(job.shard, recipe, files)
+        parts.append(_Part(files["docs"], files["signatures"], files["bands"], first_seq))
+        first_seq += pq.ParquetFile(files["docs"]).metadata.num_rows
+    return parts
+
+
+def _load_parts(con: duckdb.DuckDBPyConnection, parts: list[_Part]) -> None:
+    """Table `docs` (each document's verdict, numbered across the corpus, and its `rank`: priority order) and views
+    `signatures` and `bands` (see `dedup`) over the parts."""
+    con.register("parts_in", pa.table({
+        "docs": [str(p.docs) for p in parts], "signatures": [str(p.signatures) for p in parts],
+        "bands": [str(p.bands) for p in parts], "first_seq": [p.first_seq for p in parts],
+    }))
+    con.execute("CREATE TABLE parts AS SELECT * FROM parts_in")
+    con.unregister("parts_in")
+    source = lambda name: f"read_parquet([{', '.join(literal(str(getattr(p, name))) for p in parts)}], filename = true)"  # noqa: E731
+    con.execute(f"""
+        CREATE TABLE docs AS
+        SELECT d.* EXCLUDE (text, filename, seq), d.seq + p.first_seq AS seq,
+            row_number() OVER (ORDER BY d.kind = 'general', d.source, d.file, d.seq + p.first_seq) AS rank
+        FROM {source("docs")} d JOIN parts p ON p.docs = d.filename""")
+    for name, columns in (("signatures", "s.sig"), ("bands", "s.band, s.key")):
+        con.execute(f"""
+            CREATE VIEW {name} AS
+            SELECT s.seq + p.first_seq AS seq, {columns} FROM {source(name)} s JOIN parts p ON p.{name} = s.filename""")
+
+
+@dataclass(frozen=True)
 class ShardJob:
-    """The per-document pass over one ingested shard: its documents are numbered from `first_seq` (so the numbers
-    run on across shards in order) and its three Parquet parts are written beside `out`."""
+    """The per-document pass over one ingested shard: its documents are numbered from 0 in shard order, and its
+    three Parquet parts (PART_NAMES) are written beside `out`."""
 
     shard: Path | None  # None: no documents (empty parts)
-    first_seq: int
     cfg: CleanConfig
     eval_ngrams: Path  # .npy of the eval n-gram hashes
     out: Path
@@ -169,7 +218,7 @@ def prepare_shard(job: ShardJob) -> None:
         pq.ParquetWriter(job.output("signatures"), sig_schema) as sigs_out,
         pq.ParquetWriter(job.output("bands"), _BANDS) as bands_out,
     ):
-        seq = job.first_seq
+        seq = 0
         for batch in _input_batches(job.shard):
             texts = [normalize_text(t, cfg.normalize) for t in batch.column("text").to_pylist()]
             reasons = quality_reasons(texts, cfg.quality)
