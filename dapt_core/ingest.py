@@ -524,20 +524,23 @@ def _check_unchanged(inp: InputFile) -> None:
 
 def ingest_file(inp: InputFile, cfg: IngestConfig, shard: ShardWriter) -> tuple[int, list[QuarantineRecord]]:
     """Read one input file into `shard`. Returns (documents written, quarantine records)."""
+    if inp.uri.startswith("s3://"):
+        with leftovers.temp_dir("ingest") as tmp:  # only a download needs one: making it costs ~20 ms a file
+            return _read_into(shard, _download(inp, Path(tmp)), inp, cfg)
+    found = _read_into(shard, Path(inp.uri), inp, cfg)
+    _check_unchanged(inp)
+    return found
+
+
+def _read_into(shard: ShardWriter, path: Path, inp: InputFile, cfg: IngestConfig) -> tuple[int, list[QuarantineRecord]]:
     quarantined: list[QuarantineRecord] = []
     written = 0
-    with leftovers.temp_dir("ingest") as tmp:
-        path = _download(inp, Path(tmp)) if inp.uri.startswith("s3://") else Path(inp.uri)
-        items = read_documents(
-            path, uri=inp.uri, source=inp.source, kind=inp.kind, text_field=inp.text_field, max_doc_bytes=cfg.max_doc_bytes
-        )
-        fmt = _format(path.name) or ""
-        for item in items:
-            if isinstance(item, QuarantineRecord):
-                quarantined.append(item)
-            else:
-                shard.add(item, inp, fmt)
-                written += 1
-    if not inp.uri.startswith("s3://"):
-        _check_unchanged(inp)
+    items = read_documents(path, uri=inp.uri, source=inp.source, kind=inp.kind, text_field=inp.text_field, max_doc_bytes=cfg.max_doc_bytes)
+    fmt = _format(path.name) or ""
+    for item in items:
+        if isinstance(item, QuarantineRecord):
+            quarantined.append(item)
+        else:
+            shard.add(item, inp, fmt)
+            written += 1
     return written, quarantined

@@ -67,9 +67,9 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     publish_data_report(clean_manifest, config.store)
 
     # A file is computed when this run read it; a file of a cached batch, or copied from an earlier shard, is cached.
-    ran = [(f"ingest:{file.input.uri}", file.read and not was_cached(f)) for f in futures["inputs"] + futures["evals"] for file in f.result().files]
-    ran.append(("clean", not was_cached(clean_future)))
-    read_now = {name.removeprefix("ingest:") for name, computed in ran[:-1] if computed}
+    read = {name: [(file.input.uri, file.read and not was_cached(f)) for f in fs for file in f.result().files] for name, fs in futures.items()}
+    ran = [(f"ingest:{uri}", now) for uri, now in read["inputs"] + read["evals"]] + [("clean", not was_cached(clean_future))]
+    read_now = {uri for uri, now in read["inputs"] if now}  # training files only: eval files have no decisions
     store = open_store(config.store)
     new = new_documents(store.local_path(clean_manifest.decisions), read_now) if read_now else None
     if new:
