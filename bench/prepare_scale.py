@@ -259,6 +259,7 @@ def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
                for name, c in (("1x", one_x), ("4x", four_x))}
     finally:
         stop_ray_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     throughput = local["wall_s"] / on_ray["wall_s"]
     rss_ratio = rss["4x"]["peak_rss_kb"] / rss["1x"]["peak_rss_kb"]
     return [
