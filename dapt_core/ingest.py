@@ -19,7 +19,6 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import takewhile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +40,9 @@ from dapt_core.hashing import sha256_file
 from dapt_core.manifest import InputFile, Kind, QuarantineRecord
 from dapt_core.faults import StoreError, store_errors
 from dapt_core.store import s3_client
+
+if TYPE_CHECKING:
+    from dapt_core.ingest_batches import ShardWriter
 
 _CHUNK = 1 << 20
 _SNIFF_BYTES = 8192
@@ -532,62 +534,25 @@ def _check_unchanged(inp: InputFile) -> None:
         raise StoreError(f"{inp.uri}: changed since it was discovered; re-run so the new version is fingerprinted.", "changed")
 
 
-_ROW_GROUP_BYTES = 64 << 20
+def ingest_file(inp: InputFile, cfg: IngestConfig, shard: ShardWriter) -> tuple[int, list[QuarantineRecord]]:
+    """Read one input file into `shard`. Returns (documents written, quarantine records)."""
+    if inp.uri.startswith("s3://"):
+        with leftovers.temp_dir("ingest") as tmp:  # only a download needs one: making it costs ~20 ms a file
+            return _read_into(shard, _download(inp, Path(tmp)), inp, cfg)
+    found = _read_into(shard, Path(inp.uri), inp, cfg)
+    _check_unchanged(inp)
+    return found
 
 
-def ingest_file(inp: InputFile, cfg: IngestConfig, out_path: Path) -> tuple[int, list[QuarantineRecord]]:
-    """Read one input file into a Parquet of documents at `out_path` (INGEST_SCHEMA, row groups of at most
-    cfg.shard_docs documents and ~64 MiB).
-
-    Returns (documents written, quarantine records). The Parquet is written, with the same schema, even with no
-    documents.
-    """
+def _read_into(shard: ShardWriter, path: Path, inp: InputFile, cfg: IngestConfig) -> tuple[int, list[QuarantineRecord]]:
     quarantined: list[QuarantineRecord] = []
     written = 0
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with leftovers.temp_dir("ingest") as tmp:
-        path = _download(inp, Path(tmp)) if inp.uri.startswith("s3://") else Path(inp.uri)
-        items = read_documents(
-            path, uri=inp.uri, source=inp.source, kind=inp.kind, text_field=inp.text_field, max_doc_bytes=cfg.max_doc_bytes
-        )
-        fmt = _format(path.name) or ""
-        with pq.ParquetWriter(out_path, INGEST_SCHEMA, compression="zstd") as writer:
-            batch: list[Document] = []
-            batch_bytes = 0
-            for item in items:
-                if isinstance(item, QuarantineRecord):
-                    quarantined.append(item)
-                    continue
-                batch.append(item)
-                batch_bytes += len(item.text)
-                # Bounded by count and by size, so a file of large documents streams too.
-                if len(batch) == cfg.shard_docs or batch_bytes >= _ROW_GROUP_BYTES:
-                    writer.write_table(_table(batch, inp, fmt), row_group_size=cfg.shard_docs)
-                    written += len(batch)
-                    batch, batch_bytes = [], 0
-            if batch:
-                writer.write_table(_table(batch, inp, fmt), row_group_size=cfg.shard_docs)
-                written += len(batch)
-    if not inp.uri.startswith("s3://"):
-        _check_unchanged(inp)
+    items = read_documents(path, uri=inp.uri, source=inp.source, kind=inp.kind, text_field=inp.text_field, max_doc_bytes=cfg.max_doc_bytes)
+    fmt = _format(path.name) or ""
+    for item in items:
+        if isinstance(item, QuarantineRecord):
+            quarantined.append(item)
+        else:
+            shard.add(item, inp, fmt)
+            written += 1
     return written, quarantined
-
-
-def _doc_id(text: str) -> str:
-    """Stable content hash of a document's text: the same text gets the same id in every run and on every machine."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
-
-
-def _table(docs: list[Document], inp: InputFile, fmt: str) -> pa.Table:
-    """One row group of documents with their lineage."""
-    n = len(docs)
-    columns = {
-        "doc_id": [_doc_id(d.text) for d in docs],
-        "text": [d.text for d in docs],
-        "source": [inp.source] * n,
-        "kind": [inp.kind] * n,
-        "file": [inp.uri] * n,
-        "position": [d.position for d in docs],
-        "format": [fmt] * n,
-    }
-    return pa.table(columns, schema=INGEST_SCHEMA)

@@ -5,9 +5,10 @@ content key (`<stage>-<sha256>` hashes of its inputs, config and code), so a cha
 finished stage is never overwritten; `runs/<project>/` holds the small run manifests that point into them.
 
     <store>/
-    ├── ingest/<kind>/<source>/<ingest key>.parquet    ingest_shard_key: one input file's documents
+    ├── ingest/<kind>/<source>/<batch key>.parquet     ingest_shard_key: one ingest batch's documents
     ├── clean/<clean key>/                             clean_prefix: the cleaned corpus
     │   └── domain.parquet, general.parquet, decisions.parquet, stats.json, stats.md
+    ├── clean/parts/<part hash>/                       clean_part_prefix: a shard's signatures + band keys
     ├── tokenizer/<tokenizer key>/                     tokenizer_prefix
     │   ├── model/                                     tokenizer_model_key: extended tokenizer (+ resized model)
     │   └── report.json, report.md                     tokenizer_report_key
@@ -45,6 +46,11 @@ def ingest_shard_key(kind: str, source: str, key: str) -> str:
 
 def clean_prefix(key: str) -> str:
     return f"clean/{key}"
+
+
+def clean_part_prefix(part_hash: str) -> str:
+    """One shard's per-document clean pass (docs, MinHash signatures, LSH band keys), reused by a refresh."""
+    return f"clean/parts/{part_hash}"
 
 
 def tokenizer_prefix(key: str) -> str:

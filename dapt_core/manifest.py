@@ -41,7 +41,16 @@ NOT_HANDED_ON = {"handed_on": False}
 
 
 def artifacts(value: object) -> Iterator[ArtifactRef]:
-    """Every stored file a manifest hands on to later stages (a directory by its files), in field order."""
+    """Every stored file a manifest hands on to later stages (a directory by its files), in field order, each once
+    (the files of an ingest batch share one shard)."""
+    seen: set[str] = set()
+    for ref in _all_artifacts(value):
+        if ref.uri not in seen:
+            seen.add(ref.uri)
+            yield ref
+
+
+def _all_artifacts(value: object) -> Iterator[ArtifactRef]:
     if isinstance(value, ArtifactRef):
         yield value
     elif isinstance(value, DirRef):
@@ -49,13 +58,13 @@ def artifacts(value: object) -> Iterator[ArtifactRef]:
     elif isinstance(value, BaseModel):
         for name, field in type(value).model_fields.items():
             if field.json_schema_extra != NOT_HANDED_ON:
-                yield from artifacts(getattr(value, name))
+                yield from _all_artifacts(getattr(value, name))
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from artifacts(item)
+            yield from _all_artifacts(item)
     elif isinstance(value, dict):
         for item in value.values():
-            yield from artifacts(item)
+            yield from _all_artifacts(item)
 
 
 class InputFile(BaseModel):
@@ -87,6 +96,34 @@ class IngestManifest(BaseModel):
     docs: int
     quarantined: list[QuarantineRecord] = Field(default_factory=list)
     code_version: str
+    cache_key: str = Field("", description="Per-file cache key (content, settings, code): a later batch reuses the rows.")
+
+
+class FileIngest(BaseModel):
+    """One input file of an ingest batch: its documents are the rows of the batch shard whose `file` is its uri."""
+
+    input: InputFile
+    docs: int
+    quarantined: list[QuarantineRecord] = Field(default_factory=list)
+    cache_key: str
+    read: bool = Field(description="Read from the input in this batch's run (False: copied from an earlier shard).")
+
+
+class IngestBatchManifest(BaseModel):
+    stage: Literal["ingest-batch"] = "ingest-batch"
+    shard: ArtifactRef | None = Field(None, description="Parquet of the documents of all files; None when none were read.")
+    files: list[FileIngest]
+    code_version: str
+
+    def per_file(self) -> list[IngestManifest]:
+        """The lineage of each file, as later stages read it (files share the batch shard)."""
+        return [
+            IngestManifest(
+                input=f.input, shard=self.shard if f.docs else None, docs=f.docs, quarantined=f.quarantined,
+                code_version=self.code_version, cache_key=f.cache_key,
+            )
+            for f in self.files
+        ]
 
 
 class SourceStats(BaseModel):
@@ -117,6 +154,15 @@ class CleanManifest(BaseModel):
     code_version: str
 
 
+class NewDocuments(BaseModel):
+    """The input files a prepare run read (new or changed since the cache was filled) and what came of them."""
+
+    files: int
+    docs: int = Field(description="Input documents of those files.")
+    near_duplicates_of_earlier: int = Field(description="Of them, dropped as near duplicates of an earlier file's document.")
+    exact_duplicates_of_earlier: int = Field(description="Of them, dropped as exact copies of an earlier file's document.")
+
+
 class PrepareManifest(BaseModel):
     """What `dapt prepare` returns: the clean manifest and what ran vs came from cache."""
 
@@ -125,6 +171,7 @@ class PrepareManifest(BaseModel):
     ingested: list[IngestManifest]
     evals: list[IngestManifest] = Field(default_factory=list, description="The eval sets, ingested for decontamination.")
     clean: CleanManifest
+    new: NewDocuments | None = Field(None, description="What this run read (None when it read no file).")
     computed: list[str] = Field(description="Task runs that did work in this run.")
     cached: list[str] = Field(description="Task runs answered from cache.")
 

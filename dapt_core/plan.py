@@ -204,12 +204,13 @@ def corpus_texts(cfg: DaptConfig) -> CorpusTexts:
 
 def _raw_texts(cfg: DaptConfig, kind: str, sources: list) -> Iterator[str]:
     """Read raw inputs through the ingest readers (same formats, same quarantine), one file at a time."""
-    from dapt_core.ingest import discover_inputs, ingest_file
+    from dapt_core.ingest import discover_inputs
+    from dapt_core.ingest_batches import ingest_files
 
     for source in sources:
         files, _ = discover_inputs(source, kind)
         for f in files:
             with leftovers.temp_dir("plan") as tmp:
                 out = Path(tmp) / "docs.parquet"
-                ingest_file(f, cfg.ingest, out)
+                ingest_files([f], cfg.ingest, out)
                 yield from parquet_texts(out)

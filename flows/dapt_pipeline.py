@@ -124,6 +124,11 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
         config, tokenizer=state.tokenizer if state else None, refresh=state.refresh_basis if state else None
     )
     prepared, tokenizer, pack = data.prepare, data.tokenizer, data.pack
+    if state and prepared.new:
+        log.info(
+            "refresh: %d documents in %d new or changed files; %d near and %d exact duplicates of earlier documents dropped",
+            prepared.new.docs, prepared.new.files, prepared.new.near_duplicates_of_earlier, prepared.new.exact_duplicates_of_earlier,
+        )
     if pack.refresh is not None and pack.refresh.new_documents == 0:
         log.info(
             "no new domain document was kept since the last success of lineage %r (dropped by the filters, duplicates "

@@ -1,4 +1,4 @@
-"""`dapt prepare`: discover → ingest (per file, cached) → clean/dedup/stats (cached) → report."""
+"""`dapt prepare`: discover → ingest (batches of files, cached) → clean/dedup/stats (cached) → report."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ from prefect import flow, unmapped
 from prefect.futures import as_completed
 
 from dapt_core.benchmarks import with_benchmark_texts
+from dapt_core.clean.stats import new_documents
 from dapt_core.config import DaptConfig
-from dapt_core.manifest import PrepareManifest
 from dapt_core import layout
+from dapt_core.clean.decontam import require_complete_eval_sets
+from dapt_core.ingest_batches import plan_batches
+from dapt_core.manifest import IngestManifest, PrepareManifest
 from dapt_core.store import open_store
 from tasks import progress
 from tasks.caching import result_storage_for, was_cached
-from dapt_core.clean.decontam import require_complete_eval_sets
 from tasks.credentials import use_store_credentials
-from tasks.data import clean_task, discover_task, ingest_task, publish_data_report
+from tasks.data import clean_task, discover_task, ingest_batch_task, publish_data_report
 
 
 @flow(name="dapt-prepare", log_prints=True, persist_result=False)
@@ -27,35 +29,73 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     """
     use_store_credentials(config)
     storage = result_storage_for(config.store)
-    ingest = ingest_task.with_options(result_storage=storage)
+    ingest = ingest_batch_task.with_options(result_storage=storage)
     clean = clean_task.with_options(result_storage=storage)
 
     # Benchmark items are eval texts too: no training document may share a 13-gram with them.
     inputs, evals, refused = discover_task(with_benchmark_texts(config.data, config.eval))
-    ingest_futures = ingest.map(inputs, cfg=unmapped(config.ingest), store_uri=unmapped(config.store))
-    eval_futures = ingest.map(evals, cfg=unmapped(config.ingest), store_uri=unmapped(config.store))
+    earlier = _earlier_ingests(config)
+    batches = {
+        name: plan_batches(files, config.ingest.batch_bytes, config.ingest.batch_files)
+        for name, files in (("inputs", inputs), ("evals", evals))
+    }
+    futures = {
+        name: ingest.map(
+            found,
+            cfg=unmapped(config.ingest),
+            store_uri=unmapped(config.store),
+            earlier=[[earlier[f.uri] for f in batch if f.uri in earlier] for batch in found],
+            engine=unmapped(config.prepare),
+        )
+        for name, found in batches.items()
+    }
     progress.stage("ingest files", total=len(inputs) + len(evals))
-    for _ in as_completed(ingest_futures + eval_futures):
-        progress.advance("ingest files")
-    ingested = [f.result() for f in ingest_futures]
-    eval_manifests = [f.result() for f in eval_futures]
+    for done in as_completed(futures["inputs"] + futures["evals"]):
+        progress.advance("ingest files", len(done.result().files))
+    batch_results = {name: [f.result() for f in fs] for name, fs in futures.items()}
+    ingested = [m for b in batch_results["inputs"] for m in b.per_file()]
+    eval_manifests = [m for b in batch_results["evals"] for m in b.per_file()]
     require_complete_eval_sets([], eval_manifests)
 
     progress.stage("clean, dedup, stats", total=1)
-    clean_future = clean.submit(ingested, eval_manifests, refused, config.clean, config.store)
+    clean_future = clean.submit(ingested, eval_manifests, refused, config.clean, config.store, config.prepare)
     clean_manifest = clean_future.result()
     progress.advance("clean, dedup, stats")
     publish_data_report(clean_manifest, config.store)
 
-    runs = [(f"ingest:{m.input.uri}", f) for m, f in zip(ingested + eval_manifests, ingest_futures + eval_futures)]
-    runs.append(("clean", clean_future))
+    # A file is computed when this run read it; a file of a cached batch, or copied from an earlier shard, is cached.
+    read = {name: [(file.input.uri, file.read and not was_cached(f)) for f in fs for file in f.result().files] for name, fs in futures.items()}
+    ran = [(f"ingest:{uri}", now) for uri, now in read["inputs"] + read["evals"]] + [("clean", not was_cached(clean_future))]
+    read_now = {uri for uri, now in read["inputs"] if now}  # training files only: eval files have no decisions
+    store = open_store(config.store)
+    new = new_documents(store.local_path(clean_manifest.decisions), read_now) if read_now else None
+    if new:
+        print(
+            f"{new.docs} documents in {new.files} files read now: {new.near_duplicates_of_earlier} near and "
+            f"{new.exact_duplicates_of_earlier} exact duplicates of earlier documents dropped"
+        )
     result = PrepareManifest(
         store=config.store,
         ingested=ingested,
         evals=eval_manifests,
         clean=clean_manifest,
-        computed=[name for name, f in runs if not was_cached(f)],
-        cached=[name for name, f in runs if was_cached(f)],
+        new=new,
+        computed=[name for name, computed in ran if computed],
+        cached=[name for name, computed in ran if not computed],
     )
-    open_store(config.store).put_text(result.model_dump_json(indent=2), layout.latest_manifest_key(config.project, "prepare"))
+    store.put_text(result.model_dump_json(indent=2), layout.latest_manifest_key(config.project, "prepare"))
     return result
+
+
+def _earlier_ingests(config: DaptConfig) -> dict[str, IngestManifest]:
+    """The per-file ingest records of the project's last prepare (data only: validated as a manifest), so that a
+    batch recomputed for one new or changed file copies the other files' rows; none when there is no readable one."""
+    store = open_store(config.store)
+    key = layout.latest_manifest_key(config.project, "prepare")
+    if not store.exists(key):
+        return {}
+    try:
+        last = PrepareManifest.model_validate_json(store.read_key(key))
+    except ValueError:
+        return {}
+    return {m.input.uri: m for m in last.ingested + last.evals}

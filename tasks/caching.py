@@ -36,6 +36,7 @@ from dapt_core.manifest import (
     ArtifactRef,
     CleanManifest,
     CptManifest,
+    IngestBatchManifest,
     IngestManifest,
     PackManifest,
     SftManifest,
@@ -48,6 +49,7 @@ from dapt_core.store import ArtifactStore, open_store
 # What the result record of each cached task may hold, by the stage name its cache key starts with ("ingest-<sha256>").
 RESULT_TYPES: dict[str, Any] = {
     "ingest": IngestManifest,
+    "ingest-batch": IngestBatchManifest,
     "clean": CleanManifest,
     "tokenizer": TokenizerManifest,
     "pack": PackManifest,
@@ -264,7 +266,7 @@ def worker_result_storage(store_uri: str, aws_credentials_block: str | None, nam
     return f"{block.get_block_type_slug()}/{name}"
 
 
-def _refresh_requested() -> bool:
+def refresh_requested() -> bool:
     """The user asked to recompute cached stages (`dapt prepare --refresh`, PREFECT_TASKS_REFRESH_CACHE)."""
     from prefect.context import TaskRunContext
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
@@ -284,7 +286,7 @@ def check_result_record(store_uri: str, key: str) -> None:
     """First call of every cached task body, which runs only on a cache miss. Prefect takes a record it cannot read for
     a miss, so an untrusted record would silently be recomputed and overwritten: refuse it instead (before any work),
     unless the user asked to recompute."""
-    if _refresh_requested():
+    if refresh_requested():
         return
     store, path = open_store(store_uri), result_record_key(key)
     if store.exists(path):

@@ -1,4 +1,4 @@
-"""Prefect tasks of the data stages: discover → ingest (one task per file) → clean/dedup/stats."""
+"""Prefect tasks of the data stages: discover → ingest (one task per batch of files) → clean/dedup/stats."""
 
 from __future__ import annotations
 
@@ -11,22 +11,38 @@ from prefect.cache_policies import NO_CACHE
 
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
+import dapt_core.ingest_batches as ingest_batches
 from dapt_core import layout, leftovers
 from dapt_core.clean.decontam import require_complete_eval_sets
-from dapt_core.config import CleanConfig, DataConfig, IngestConfig
+from dapt_core.clean.parts import StorePartCache
+from dapt_core.config import CleanConfig, DataConfig, IngestConfig, PrepareConfig
+from dapt_core.engine import open_engine
 from dapt_core.hashing import code_version, stable_hash
-from dapt_core.manifest import CleanManifest, IngestManifest, InputFile, QuarantineRecord
+from dapt_core.manifest import (
+    ArtifactRef,
+    CleanManifest,
+    FileIngest,
+    IngestBatchManifest,
+    IngestManifest,
+    InputFile,
+    QuarantineRecord,
+)
 from dapt_core.store import open_store
-from tasks.caching import check_result_record
+from tasks.caching import check_result_record, refresh_requested
 from tasks.retries import retry_if_worthwhile
 
 # The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
-INGEST_CODE = code_version(ingest.ingest_file, task_module=sys.modules[__name__])
+INGEST_CODE = code_version(ingest_batches.run_batch, task_module=sys.modules[__name__])
 CLEAN_CODE = code_version(clean.clean_corpus, task_module=sys.modules[__name__])
 
 
 def ingest_key(inp: InputFile, cfg: IngestConfig) -> str:
-    return "ingest-" + stable_hash(inp, cfg, INGEST_CODE)
+    """One file's cache key: a later batch holding the file with this key reuses its rows."""
+    return "ingest-" + stable_hash(inp, cfg.model_dump(exclude={"batch_bytes", "batch_files"}), INGEST_CODE)
+
+
+def ingest_batch_key(batch: list[InputFile], cfg: IngestConfig) -> str:
+    return "ingest-batch-" + stable_hash(batch, cfg, INGEST_CODE)
 
 
 def clean_key(ingested: list[IngestManifest], evals: list[IngestManifest], quarantined: list[QuarantineRecord], cfg: CleanConfig) -> str:
@@ -53,25 +69,37 @@ def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], l
 
 
 @task(
-    name="ingest-file",
-    task_run_name="ingest {inp.source}: {inp.uri}",
-    cache_key_fn=lambda ctx, p: ingest_key(p["inp"], p["cfg"]),
+    name="ingest-batch",
+    task_run_name="ingest {batch[0].source}: batch from {batch[0].uri}",
+    cache_key_fn=lambda ctx, p: ingest_batch_key(p["batch"], p["cfg"]),
     persist_result=True,
     result_serializer="json",
     retries=2,
     retry_delay_seconds=5,
     retry_condition_fn=retry_if_worthwhile,
 )
-def ingest_task(inp: InputFile, cfg: IngestConfig, store_uri: str) -> IngestManifest:
-    """Read one file into a Parquet shard; cached on the file's content hash, so only new or changed files run."""
-    key = ingest_key(inp, cfg)
+def ingest_batch_task(
+    batch: list[InputFile], cfg: IngestConfig, store_uri: str, earlier: list[IngestManifest], engine: PrepareConfig
+) -> IngestBatchManifest:
+    """Read a batch of files into one Parquet shard (on `engine`); cached on the files' content hashes, so only
+    batches with a new or changed file run, and in those only that file is read (`earlier`: per-file records of
+    earlier runs; neither it nor the engine is part of the cache key)."""
+    key = ingest_batch_key(batch, cfg)
     check_result_record(store_uri, key)
-    store = open_store(store_uri)
-    with leftovers.temp_dir("ingest") as tmp:
-        out = Path(tmp) / "docs.parquet"
-        docs, quarantined = ingest.ingest_file(inp, cfg, out)
-        shard = store.put_file(out, layout.ingest_shard_key(inp.kind, inp.source, key)) if docs else None
-    return IngestManifest(input=inp, shard=shard, docs=docs, quarantined=quarantined, code_version=INGEST_CODE)
+    job = ingest_batches.BatchJob(
+        inputs=batch,
+        keys=[ingest_key(inp, cfg) for inp in batch],
+        cfg=cfg,
+        store_uri=store_uri,
+        shard_key=layout.ingest_shard_key(batch[0].kind, batch[0].source, key),
+        earlier=[] if refresh_requested() else earlier,  # --refresh reads every file
+    )
+    [out] = open_engine(engine).map(ingest_batches.run_batch, [job])
+    files = [
+        FileIngest(input=inp, docs=r.docs, quarantined=r.quarantined, cache_key=k, read=not r.reused)
+        for inp, k, r in zip(batch, job.keys, out.files)
+    ]
+    return IngestBatchManifest(shard=out.shard, files=files, code_version=INGEST_CODE)
 
 
 @task(
@@ -88,16 +116,21 @@ def clean_task(
     quarantined: list[QuarantineRecord],
     cfg: CleanConfig,
     store_uri: str,
+    engine: PrepareConfig,
 ) -> CleanManifest:
     """Normalise, filter, decontaminate and deduplicate the whole corpus in DuckDB; write kept docs, decisions and stats."""
     key = clean_key(ingested, evals, quarantined, cfg)
     check_result_record(store_uri, key)
     store = open_store(store_uri)
-    shards = [store.local_path(m.shard) for m in ingested if m.shard]
-    eval_shards = [store.local_path(m.shard) for m in evals if m.shard]
+    shard_refs = _distinct_shards(ingested)
+    shards = [store.local_path(ref) for ref in shard_refs]
+    eval_shards = [store.local_path(ref) for ref in _distinct_shards(evals)]
+    # Each shard's per-document pass is kept in the store: a refresh runs it for new shards only.
+    parts = StorePartCache(store, {path: ref.sha256 for path, ref in zip(shards, shard_refs)}, CLEAN_CODE)
     all_quarantined = quarantined + [q for m in ingested for q in m.quarantined]
     with leftovers.temp_dir("clean") as tmp:
-        out = clean.clean_corpus(shards, eval_shards, all_quarantined, cfg, Path(tmp))
+        # On Ray the per-shard parts go to this folder: on a multi-node cluster, TMPDIR must be shared storage.
+        out = clean.clean_corpus(shards, eval_shards, all_quarantined, cfg, Path(tmp), open_engine(engine), parts)
         prefix = layout.clean_prefix(key)
         put = lambda p, name: store.put_file(p, f"{prefix}/{name}") if p else None  # noqa: E731
         stats_json = Path(tmp) / "stats.json"
@@ -117,6 +150,11 @@ def clean_task(
             quarantined=out.quarantined,
             code_version=CLEAN_CODE,
         )
+
+
+def _distinct_shards(ingested: list[IngestManifest]) -> list[ArtifactRef]:
+    """The shards holding these files' documents, each once, in order (the files of a batch share one)."""
+    return list({m.shard.uri: m.shard for m in ingested if m.shard}.values())
 
 
 def _json(obj: object) -> str:

@@ -17,12 +17,14 @@ import pytest
 
 from dapt_core.clean import clean_corpus, quality
 from dapt_core.clean.decontam import EvalNgrams, require_complete_eval_sets
+from dapt_core.clean.identity import document_uid
 from dapt_core.clean.minhash import EMPTY, jaccard, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import ngram_hashes, tokenize, words
 from dapt_core.clean.normalize import normalize_text
-from dapt_core.clean.pipeline import _prepare
+from dapt_core.clean.pipeline import ShardJob, prepare_shard
 from dapt_core.clean.quality import quality_failures, quality_reasons
-from dapt_core.config import CleanConfig, NormalizeConfig, QualityConfig
+from dapt_core.config import CleanConfig, NormalizeConfig, PrepareConfig, QualityConfig
+from dapt_core.engine import open_engine
 from dapt_core.manifest import IngestManifest, InputFile, QuarantineRecord
 
 _SYLLABLES = "ka lo mi ter san vo ru pel dis an ko tri mon se la fu ber gal ni os".split()
@@ -170,9 +172,10 @@ def test_scratch_holds_text_of_filter_survivors_only(tmp_path):
     contaminated, short, kept = f"{prose(22)} {prose(23)}", prose(24, 20), prose(25)
     shard = write_shard(tmp_path / "d.parquet", [contaminated, short, kept], "d")
     evals = EvalNgrams(ngram_hashes(tokenize([prose(23)]), 13, short_docs=False)[0], 13)
-    docs = tmp_path / "docs.parquet"
-    _prepare([shard], CleanConfig(), evals, docs, tmp_path / "signatures.parquet", tmp_path / "bands.parquet")
-    rows = pq.read_table(docs, columns=["text", "filter_reason", "words"]).to_pylist()
+    np.save(tmp_path / "evals.npy", evals.hashes)
+    job = ShardJob(shard, CleanConfig(), tmp_path / "evals.npy", tmp_path / "part")
+    prepare_shard(job)
+    rows = pq.read_table(job.output("docs"), columns=["text", "filter_reason", "words"]).to_pylist()
     assert [(r["text"], r["filter_reason"]) for r in rows] == [(None, "decontaminated"), (None, "quality:min_words"), (kept, None)]
     assert [r["words"] for r in rows] == [None, None, len(kept.split())]
 
@@ -184,7 +187,7 @@ def test_exact_duplicates_across_sources_keep_domain(tmp_path):
     out = clean_corpus([general, domain], [], [], CleanConfig(), tmp_path / "work")  # general listed first
     kept, dup = by_text_id(out, text), by_text_id(out, text + "   ")
     assert (kept["status"], kept["source"]) == ("kept", "papers")
-    assert (dup["status"], dup["reason"], dup["duplicate_of"]) == ("dropped", "exact_duplicate", kept["doc_id"])
+    assert (dup["status"], dup["reason"], dup["duplicate_of"]) == ("dropped", "exact_duplicate", kept["doc_uid"])
     assert dup["cluster_id"] == kept["cluster_id"] is not None
     assert out.dropped == {"exact_duplicate": 1}
     assert pq.read_table(out.general_path).num_rows == 1
@@ -200,11 +203,37 @@ def test_near_duplicates_dropped_and_unrelated_kept(tmp_path):
     out = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "work")
     original, near, copy_of_near, unrelated = (by_text_id(out, t) for t in (original, near, copy_of_near, unrelated))
     assert original["status"] == "kept" and unrelated["status"] == "kept"
-    assert (near["reason"], near["duplicate_of"]) == ("near_duplicate", original["doc_id"])
-    assert (copy_of_near["reason"], copy_of_near["duplicate_of"]) == ("exact_duplicate", near["doc_id"])
+    assert (near["reason"], near["duplicate_of"]) == ("near_duplicate", original["doc_uid"])
+    assert (copy_of_near["reason"], copy_of_near["duplicate_of"]) == ("exact_duplicate", near["doc_uid"])
     assert near["cluster_id"] == copy_of_near["cluster_id"] == original["cluster_id"] is not None  # one cluster
     assert unrelated["cluster_id"] is None
     assert (out.stats["total"]["duplicate_clusters"], out.stats["total"]["docs_in_duplicate_clusters"]) == (1, 3)
+
+
+def test_every_input_document_has_its_own_id_and_duplicates_name_the_kept_copy(tmp_path):
+    """Exact copies share a content hash (doc_id) but not a doc_uid: the decisions say which copy was kept."""
+    texts = [prose(60), prose(61), prose(62)]
+    first = write_shard(tmp_path / "a.parquet", [texts[0], texts[1], texts[0]], "papers")
+    second = write_shard(tmp_path / "b.parquet", [texts[0], texts[2], texts[1]], "papers")
+    web = write_shard(tmp_path / "w.parquet", [texts[2]], "web", kind="general")
+    bad = QuarantineRecord(file="c.txt", source="papers", position="file", reason="empty_file")
+    out = clean_corpus([first, second, web], [], [bad], CleanConfig(), tmp_path / "work")
+    rows = decisions(out)
+    uids = [r["doc_uid"] for r in rows]
+    assert len(set(uids)) == len(rows) == 8
+    by_uid = {r["doc_uid"]: r for r in rows}
+    dropped = [r for r in rows if r["reason"] == "exact_duplicate"]
+    assert len(dropped) == 4
+    for dup in dropped:
+        kept = by_uid[dup["duplicate_of"]]
+        assert kept["status"] == "kept" and kept["doc_id"] == dup["doc_id"] and kept["doc_uid"] != dup["doc_uid"]
+        assert (kept["kind"], kept["source"], kept["file"]) <= (dup["kind"], dup["source"], dup["file"])  # first by priority
+    assert by_uid[document_uid("domain", "papers", "a.txt", "line 3")]["duplicate_of"] == document_uid("domain", "papers", "a.txt", "line 1")
+    assert by_uid[document_uid("domain", "papers", "c.txt", "file")]["reason"] == "quarantine:empty_file"
+    for source in ("papers", "web"):
+        mine = [r for r in rows if r["source"] == source]
+        [stats] = [s for s in out.sources if s.source == source]
+        assert stats.input_docs == len(mine) == stats.kept_docs + sum(stats.dropped.values())
 
 
 def test_dedup_can_be_switched_off(tmp_path):
@@ -405,3 +434,15 @@ def test_eval_sets_must_read_completely_at_discovery_and_after_ingest(tmp_path):
         require_complete_eval_sets([], [complete, empty, partial])
     assert "e.jsonl: 0 documents read" in str(e.value) and "missing_field at line 3" in str(e.value)
     assert "a.jsonl" not in str(e.value)
+
+
+def test_local_engine_imports_no_ray(monkeypatch):
+    """The default engine runs without Ray installed; the Ray engine says what is missing when it has no cluster."""
+    code = (
+        "import sys; import flows.prepare, dapt_core.clean; from dapt_core.engine import open_engine; "
+        "from dapt_core.config import PrepareConfig; open_engine(PrepareConfig()); assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="prepare.ray_address"):
+        open_engine(PrepareConfig(engine="ray"))

@@ -22,7 +22,13 @@ from dapt_core import ingest
 from dapt_core.config import IngestConfig, SourceConfig
 from dapt_core.faults import StoreError
 from dapt_core.hashing import sha256_file
-from dapt_core.ingest import INGEST_SCHEMA, Document, discover_inputs, ingest_file, read_documents
+from dapt_core.ingest import INGEST_SCHEMA, Document, discover_inputs, read_documents
+from dapt_core.ingest_batches import (
+    EarlierFile,
+    ingest_batch,
+    ingest_files,
+    plan_batches,
+)
 from dapt_core.manifest import InputFile, QuarantineRecord
 
 MB = 1 << 20
@@ -340,7 +346,7 @@ def test_ingest_file_writes_lineage_and_stable_ids(tmp_path):
     p.write_bytes(jsonl({"text": "alpha"}, {"text": "beta"}, b"not json", {"text": "gamma"}, {"text": "delta"}, {"text": "alpha"}))
     inp = InputFile(uri=str(p), source="med", kind="domain", fingerprint=sha256_file(p), bytes=p.stat().st_size)
     out = tmp_path / "out" / "a.parquet"
-    n, quarantined = ingest_file(inp, IngestConfig(shard_docs=2), out)
+    [(n, quarantined)] = ingest_files([inp], IngestConfig(shard_docs=2), out)
     assert n == 5 and [(q.position, q.reason) for q in quarantined] == [("line 3", "malformed_json")]
     f = pq.ParquetFile(out)
     assert f.schema_arrow == INGEST_SCHEMA and [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)] == [2, 2, 1]
@@ -356,7 +362,7 @@ def test_ingest_file_writes_lineage_and_stable_ids(tmp_path):
     }
     assert [r["position"] for r in rows] == ["line 1", "line 2", "line 4", "line 5", "line 6"]
     assert rows[0]["doc_id"] == rows[4]["doc_id"] != rows[1]["doc_id"]  # a content hash: same text, same id
-    ingest_file(inp, IngestConfig(shard_docs=2), tmp_path / "again.parquet")
+    ingest_files([inp], IngestConfig(shard_docs=2), tmp_path / "again.parquet")
     assert read_parquet(tmp_path / "again.parquet") == rows
 
 
@@ -364,7 +370,7 @@ def test_ingest_file_with_no_documents_writes_an_empty_parquet(tmp_path):
     p = tmp_path / "empty.txt"
     p.write_bytes(b"")
     inp = InputFile(uri=str(p), source="s", kind="eval", fingerprint=sha256_file(p), bytes=0)
-    n, quarantined = ingest_file(inp, IngestConfig(), tmp_path / "empty.parquet")
+    [(n, quarantined)] = ingest_files([inp], IngestConfig(), tmp_path / "empty.parquet")
     assert n == 0 and [q.reason for q in quarantined] == ["empty_file"]
     table = pq.read_table(tmp_path / "empty.parquet")
     assert table.num_rows == 0 and table.schema == INGEST_SCHEMA
@@ -398,7 +404,7 @@ def test_every_input_unit_is_accounted_for(tmp_path):
     inputs, refused = discover_inputs(SourceConfig(name="s", paths=[str(root)]), "domain")
     docs, quarantined = 0, list(refused)
     for inp in inputs:
-        n, q = ingest_file(inp, IngestConfig(), tmp_path / "out" / (Path(inp.uri).name + ".parquet"))
+        [(n, q)] = ingest_files([inp], IngestConfig(), tmp_path / "out" / (Path(inp.uri).name + ".parquet"))
         docs += n
         quarantined += q
     gz_kept = pq.read_table(tmp_path / "out" / "k.jsonl.gz.parquet").num_rows
@@ -424,7 +430,7 @@ def test_s3_prefix_is_discovered_and_ingested(s3_bucket, tmp_path):
     assert inputs[0].fingerprint == f"etag:{head['ETag'].strip(chr(34))}:14" and inputs[0].bytes == 14
     assert [(q.file, q.reason) for q in refused] == [(f"s3://{s3_bucket}/corpus/table.csv", "unsupported_format")]
 
-    n, q = ingest_file(inputs[1], IngestConfig(), tmp_path / "b.parquet")
+    [(n, q)] = ingest_files([inputs[1]], IngestConfig(), tmp_path / "b.parquet")
     assert n == 2 and [(r.position, r.reason) for r in q] == [("line 2", "malformed_json")]
     rows = read_parquet(tmp_path / "b.parquet")
     assert [(r["text"], r["file"], r["position"], r["kind"]) for r in rows] == [
@@ -434,7 +440,7 @@ def test_s3_prefix_is_discovered_and_ingested(s3_bucket, tmp_path):
 
     s3.put_object(Bucket=s3_bucket, Key="corpus/a.txt", Body=b"changed after discovery")
     with pytest.raises(RuntimeError, match="changed since it was discovered"):
-        ingest_file(inputs[0], IngestConfig(), tmp_path / "a.parquet")
+        ingest_files([inputs[0]], IngestConfig(), tmp_path / "a.parquet")
 
     single, _ = discover_inputs(SourceConfig(name="one", paths=[f"s3://{s3_bucket}/corpus/a.txt"]), "domain")
     assert [i.uri for i in single] == [f"s3://{s3_bucket}/corpus/a.txt"]
@@ -443,3 +449,60 @@ def test_s3_prefix_is_discovered_and_ingested(s3_bucket, tmp_path):
     with pytest.raises(StoreError, match=f"bucket '{s3_bucket}-absent' does not exist") as missing_bucket:
         discover_inputs(SourceConfig(name="web", paths=[f"s3://{s3_bucket}-absent/x"]), "general")
     assert missing_bucket.value.kind == "no_bucket"
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _inputs(tmp_path: Path, sizes: list[int], source: str = "s") -> list[InputFile]:
+    made = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / source / f"f{i:05d}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"document {i} " + "w" * size)
+        made.append(InputFile(uri=str(p), source=source, kind="domain", fingerprint=sha256_file(p), bytes=p.stat().st_size))
+    return made
+
+
+def test_batches_hold_about_the_target_and_one_new_file_changes_one_batch(tmp_path):
+    files = [InputFile(uri=f"/in/s/{i:05d}.txt", source="s", kind="domain", fingerprint=str(i), bytes=1000) for i in range(3000)]
+    others = [InputFile(uri=f"/in/t/{i}.txt", source="t", kind="domain", fingerprint=str(i), bytes=1000) for i in range(5)]
+    batches = plan_batches(files + others, target_bytes=50_000, target_files=200)
+    assert [f for b in batches for f in b] == files + others  # every file once, in order
+    assert all(len({(f.kind, f.source) for f in b}) == 1 for b in batches)  # a batch never mixes sources
+    sizes = [len(b) for b in batches if b[0].source == "s"]
+    assert max(sizes) <= 800 and 30 <= sum(sizes) / len(sizes) <= 70  # ~50 files of 1000 bytes
+
+    added = InputFile(uri="/in/s/01234x.txt", source="s", kind="domain", fingerprint="new", bytes=1000)
+    after = plan_batches(sorted(files + [added], key=lambda f: f.uri) + others, target_bytes=50_000, target_files=200)
+    tiny = plan_batches(files, target_bytes=10**12, target_files=100)  # small files: cut by count, still by content
+    assert 50 <= sum(map(len, tiny)) / len(tiny) <= 150
+    changed = [b for b in after if b not in batches]
+    assert added in changed[0] and len(changed) <= 2  # its batch (split in two if the new file ends a batch)
+    assert len(after) - len(changed) >= len(batches) - 1
+
+
+def test_a_batch_reads_only_files_without_earlier_rows(tmp_path, monkeypatch):
+    import dapt_core.ingest as ingest
+
+    inputs = _inputs(tmp_path, [10, 20, 30])
+    keys = [f"key-{i}" for i in range(3)]
+    cfg = IngestConfig(shard_docs=2)
+    first = ingest_batch(inputs, keys, cfg, tmp_path / "first.parquet", {})
+    assert [(r.docs, r.reused) for r in first] == [(1, False)] * 3
+
+    read = []
+    real = ingest.ingest_file
+    monkeypatch.setattr(ingest, "ingest_file", lambda inp, *a: read.append(inp.uri) or real(inp, *a))
+    earlier = {inp.uri: EarlierFile(k, 1, [], tmp_path / "first.parquet") for inp, k in zip(inputs, keys)}
+    earlier[inputs[1].uri] = EarlierFile("key-of-older-content", 1, [], tmp_path / "first.parquet")
+    second = ingest_batch(inputs, keys, cfg, tmp_path / "second.parquet", earlier)
+    assert read == [inputs[1].uri] and [r.reused for r in second] == [True, False, True]
+    assert read_parquet(tmp_path / "second.parquet") == read_parquet(tmp_path / "first.parquet")
+    f = pq.ParquetFile(tmp_path / "second.parquet")
+    assert [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)] == [2, 1]  # small files share row groups
+
+    (tmp_path / "first.parquet").unlink()  # an earlier shard gone: its files are read again
+    read.clear()
+    ingest_batch(inputs, keys, cfg, tmp_path / "third.parquet", earlier)
+    assert read == [inp.uri for inp in inputs]

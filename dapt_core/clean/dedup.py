@@ -11,12 +11,10 @@ whole group collapsed onto (itself when nothing collapsed onto it).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-from dapt_core.clean.duck import literal
 from dapt_core.clean.minhash import jaccard
 from dapt_core.config import DedupConfig
 
@@ -47,14 +45,14 @@ class UnionFind:
         return {x: self.find(x) for x in self.parent}
 
 
-def find_duplicates(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, signatures: Path, bands: Path) -> None:
-    """Create `duplicates`; `signatures` (seq, sig) and `bands` (seq, band, key) are Parquet files
-    written for the filter survivors that have words (only read when cfg.near)."""
+def find_duplicates(con: duckdb.DuckDBPyConnection, cfg: DedupConfig) -> None:
+    """Create `duplicates`; the views `signatures` (seq, sig) and `bands` (seq, band, key) hold the
+    filter survivors that have words (only read when cfg.near)."""
     first = "first_value(seq) OVER (PARTITION BY text_hash ORDER BY rank)" if cfg.exact else "seq"
     con.execute(f"CREATE TABLE exact AS SELECT seq, rank, {first} AS first_seq FROM docs WHERE filter_reason IS NULL")
     con.execute("CREATE TABLE near (seq BIGINT, root_seq BIGINT)")
     if cfg.near:
-        roots = _near_duplicate_roots(con, cfg, signatures, bands)
+        roots = _near_duplicate_roots(con, cfg)
         con.register("near_roots", pa.table({"rank": list(roots), "root_rank": list(roots.values())}, schema=_ROOTS))
         con.execute("""
             INSERT INTO near
@@ -73,7 +71,7 @@ def find_duplicates(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, signatures
         LEFT JOIN near first_near ON first_near.seq = e.first_seq""")
 
 
-def _near_duplicate_roots(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, signatures: Path, bands: Path) -> dict[int, int]:
+def _near_duplicate_roots(con: duckdb.DuckDBPyConnection, cfg: DedupConfig) -> dict[int, int]:
     """rank -> rank of its cluster's root, for exact-unique survivors with a verified near duplicate.
 
     Candidates come from LSH buckets (same key in some band). Each bucket member is paired with
@@ -81,11 +79,11 @@ def _near_duplicate_roots(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, sign
     not k^2; the union of those stars over all bands rebuilds the clusters. A pair counts only if
     its estimated Jaccard similarity reaches the threshold.
     """
-    con.execute(f"""
+    con.execute("""
         CREATE TABLE candidates AS
         WITH banded AS (
             SELECT b.band, b.key, b.seq, e.rank
-            FROM read_parquet({literal(bands)}) b JOIN exact e ON e.seq = b.seq
+            FROM bands b JOIN exact e ON e.seq = b.seq
             WHERE e.first_seq = e.seq),
         heads AS (
             SELECT band, key, arg_min(seq, rank) AS head, min(rank) AS head_rank
@@ -93,11 +91,11 @@ def _near_duplicate_roots(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, sign
         SELECT DISTINCT h.head, h.head_rank, b.seq, b.rank
         FROM heads h JOIN banded b USING (band, key)
         WHERE b.seq <> h.head""")
-    reader = con.sql(f"""
+    reader = con.sql("""
         SELECT c.head_rank, c.rank, hs.sig AS head_sig, ms.sig AS sig
         FROM candidates c
-        JOIN read_parquet({literal(signatures)}) hs ON hs.seq = c.head
-        JOIN read_parquet({literal(signatures)}) ms ON ms.seq = c.seq""").to_arrow_reader(_VERIFY_BATCH_ROWS)
+        JOIN signatures hs ON hs.seq = c.head
+        JOIN signatures ms ON ms.seq = c.seq""").to_arrow_reader(_VERIFY_BATCH_ROWS)
     clusters = UnionFind()
     for head_rank, rank in _verified_pairs(reader, cfg):
         clusters.union(head_rank, rank)

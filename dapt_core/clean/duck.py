@@ -21,3 +21,8 @@ def connect(database: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
 def literal(value: str | Path) -> str:
     """A SQL string literal, for the paths and settings that cannot be bound as parameters."""
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def parquet_source(paths: list[Path]) -> str:
+    """A DuckDB table function reading Parquet files as one table, rows in list order."""
+    return "read_parquet([" + ", ".join(literal(p) for p in paths) + "])"

@@ -9,6 +9,7 @@ ends with exactly one decision, so input_docs == kept_docs + sum(dropped) per so
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,25 +23,29 @@ import xxhash
 
 from dapt_core.clean.decontam import EvalNgrams
 from dapt_core.clean.dedup import find_duplicates
-from dapt_core.clean.duck import connect, literal
+from dapt_core.clean.duck import connect, literal, parquet_source
+from dapt_core.clean.identity import document_uid
 from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import tokenize
 from dapt_core.clean.normalize import normalize_text
+from dapt_core.clean.parts import PART_NAMES, PartCache
 from dapt_core.clean.quality import quality_reasons
 from dapt_core.clean.stats import corpus_stats, source_stats, stats_markdown
 from dapt_core.config import CleanConfig
+from dapt_core.engine import Engine, LocalEngine
+from dapt_core.hashing import stable_hash
 from dapt_core.manifest import QuarantineRecord, SourceStats
 
 _BATCH_DOCS = 512
 _INPUT_COLUMNS = ["doc_id", "text", "source", "kind", "file", "position"]
 _TRAINING_KINDS = ("domain", "general")
 _DOCS = pa.schema(
-    [("seq", pa.int64())]
+    [("seq", pa.int64()), ("doc_uid", pa.string())]
     + [(c, pa.string()) for c in _INPUT_COLUMNS]
     + [("words", pa.int64()), ("bytes", pa.int64()), ("text_hash", pa.binary(16)), ("filter_reason", pa.string())]
 )
 _BANDS = pa.schema([("seq", pa.int64()), ("band", pa.int32()), ("key", pa.uint64())])
-_QUARANTINE = pa.schema([(c, pa.string()) for c in ("source", "kind", "file", "position", "reason", "detail")])
+_QUARANTINE = pa.schema([(c, pa.string()) for c in ("doc_uid", "source", "kind", "file", "position", "reason", "detail")])
 _ROW_GROUP_BYTES = 32 << 20  # output row groups of ~32 MiB of text bound the writer's buffers
 
 
@@ -51,8 +56,9 @@ class CleanOutput:
     general_path: Path | None
     """Kept general documents, same schema; None if none."""
     decisions_path: Path
-    """One row per input document: doc_id, source, kind, file, position, status ('kept'|'dropped'),
-    reason (null when kept), duplicate_of (doc_id or null), cluster_id (int or null), detail (what was wrong with a
+    """One row per input document: doc_uid (unique: `identity.document_uid`), doc_id (content hash; null when
+    quarantined), source, kind, file, position, status ('kept'|'dropped'), reason (null when kept), duplicate_of (the
+    doc_uid of the document kept in its place, or null), cluster_id (int or null), detail (what was wrong with a
     quarantined input, e.g. a symlink's target or the JSON error; null otherwise)."""
     stats: dict
     stats_markdown: str
@@ -65,38 +71,41 @@ class CleanOutput:
 
 
 def clean_corpus(
-    shards: list[Path], eval_shards: list[Path], quarantined: list[QuarantineRecord], cfg: CleanConfig, workdir: Path
+    shards: list[Path],
+    eval_shards: list[Path],
+    quarantined: list[QuarantineRecord],
+    cfg: CleanConfig,
+    workdir: Path,
+    engine: Engine | None = None,
+    cache: PartCache | None = None,
 ) -> CleanOutput:
     """Clean the ingested `shards` into kept domain/general Parquet files in `workdir`.
 
     `eval_shards` (Parquet with a `text` column) are only decontaminated against; they are not
     training documents. Each of `quarantined` counts as a dropped input document (eval ones aside).
     Of duplicates the first by priority is kept: domain before general, then source, file, and
-    position in the file (read order).
+    position in the file (read order). The per-document pass runs one task per shard on `engine`
+    (default: this process; on Ray, `workdir` must be on storage every node reaches), skipping the
+    shards whose parts `cache` holds.
     """
     workdir = Path(workdir)
     scratch = workdir / "clean-scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    docs, signatures, bands = scratch / "docs.parquet", scratch / "signatures.parquet", scratch / "bands.parquet"
-    evals = EvalNgrams.from_parquet(eval_shards, cfg.decontamination.ngram, cfg.normalize)
-    _prepare(shards, cfg, evals, docs, signatures, bands)
+    parts = _per_document_pass(shards, eval_shards, cfg, scratch, engine or LocalEngine(), cache)
 
     con = connect(scratch / "clean.duckdb", cfg.duckdb_memory_limit)
     try:
-        con.execute(f"""
-            CREATE TABLE docs AS
-            SELECT * EXCLUDE (text), row_number() OVER (ORDER BY kind = 'general', source, file, seq) AS rank
-            FROM read_parquet({literal(docs)})""")
-        find_duplicates(con, cfg.dedup, signatures, bands)
+        _load_parts(con, parts)
+        find_duplicates(con, cfg.dedup)
         training_quarantined = [q for q in quarantined if q.kind in _TRAINING_KINDS]
         _decide(con, training_quarantined)
         decisions = workdir / "decisions.parquet"
         con.execute(f"""
-            COPY (SELECT doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id, detail
+            COPY (SELECT doc_uid, doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id, detail
                   FROM decided ORDER BY kind = 'general', source, file, seq NULLS LAST, position)
             TO {literal(decisions)} (FORMAT parquet, COMPRESSION zstd)""")
-        kept = _write_kept(con, docs, scratch / "kept_flags.parquet", workdir)
+        kept = _write_kept(con, [p.docs for p in parts], scratch / "kept_flags.parquet", workdir)
         stats = corpus_stats(con)
     finally:
         con.close()
@@ -117,28 +126,100 @@ def clean_corpus(
     )
 
 
-def _input_batches(shards: list[Path]) -> Iterator[pa.RecordBatch]:
-    for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=_BATCH_DOCS, columns=_INPUT_COLUMNS):
-            kinds = set(batch.column("kind").to_pylist())
-            if not kinds <= set(_TRAINING_KINDS):
-                raise ValueError(f"{shard}: training shards hold domain/general documents, found kinds {sorted(kinds)}")
-            yield batch
+@dataclass(frozen=True)
+class _Part:
+    """The per-document pass of one shard: its three Parquet files and its first document's number in the corpus."""
+
+    docs: Path
+    signatures: Path
+    bands: Path
+    first_seq: int
 
 
-def _prepare(shards: list[Path], cfg: CleanConfig, evals: EvalNgrams, docs: Path, signatures: Path, bands: Path) -> None:
-    """The per-document pass: each document's filter verdict to `docs`, with its normalised text
-    only if it passed the filters (only those can be written out); MinHash signatures and LSH band
-    keys of the filter survivors to `signatures` and `bands`."""
-    dedup = cfg.dedup
+def _per_document_pass(
+    shards: list[Path], eval_shards: list[Path], cfg: CleanConfig, scratch: Path, engine: Engine, cache: PartCache | None
+) -> list[_Part]:
+    """The parts of every shard, in order: reused from `cache` when it has them, else computed on `engine`."""
+    eval_hashes = EvalNgrams.from_parquet(eval_shards, cfg.decontamination.ngram, cfg.normalize).hashes
+    evals = scratch / "eval_ngrams.npy"
+    np.save(evals, eval_hashes)
+    recipe = stable_hash(cfg.model_dump(exclude={"duckdb_memory_limit"}), hashlib.sha256(eval_hashes.tobytes()).hexdigest())
+    jobs = [ShardJob(Path(s), cfg, evals, scratch / f"{i:06d}") for i, s in enumerate(shards)] or [
+        ShardJob(None, cfg, evals, scratch / "000000")  # no training shard: one empty part keeps the SQL the same
+    ]
+    found = [cache.fetch(job.shard, recipe) if cache and job.shard else None for job in jobs]
+    todo = [job for job, got in zip(jobs, found) if got is None]
+    engine.map(prepare_shard, todo)
+    parts, first_seq = [], 0
+    for job, got in zip(jobs, found):
+        files = got or {name: job.output(name) for name in PART_NAMES}
+        if got is None and cache and job.shard:
+            cache.keep(job.shard, recipe, files)
+        parts.append(_Part(files["docs"], files["signatures"], files["bands"], first_seq))
+        first_seq += pq.ParquetFile(files["docs"]).metadata.num_rows
+    return parts
+
+
+def _load_parts(con: duckdb.DuckDBPyConnection, parts: list[_Part]) -> None:
+    """Table `docs` (each document's verdict, numbered across the corpus, and its `rank`: priority order) and views
+    `signatures` and `bands` (see `dedup`) over the parts."""
+    con.register("parts_in", pa.table({
+        "docs": [str(p.docs) for p in parts], "signatures": [str(p.signatures) for p in parts],
+        "bands": [str(p.bands) for p in parts], "first_seq": [p.first_seq for p in parts],
+    }))
+    con.execute("CREATE TABLE parts AS SELECT * FROM parts_in")
+    con.unregister("parts_in")
+    source = lambda name: f"read_parquet([{', '.join(literal(str(getattr(p, name))) for p in parts)}], filename = true)"  # noqa: E731
+    con.execute(f"""
+        CREATE TABLE docs AS
+        SELECT d.* EXCLUDE (text, filename, seq), d.seq + p.first_seq AS seq,
+            row_number() OVER (ORDER BY d.kind = 'general', d.source, d.file, d.seq + p.first_seq) AS rank
+        FROM {source("docs")} d JOIN parts p ON p.docs = d.filename""")
+    for name, columns in (("signatures", "s.sig"), ("bands", "s.band, s.key")):
+        con.execute(f"""
+            CREATE VIEW {name} AS
+            SELECT s.seq + p.first_seq AS seq, {columns} FROM {source(name)} s JOIN parts p ON p.{name} = s.filename""")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """The per-document pass over one ingested shard: its documents are numbered from 0 in shard order, and its
+    three Parquet parts (PART_NAMES) are written beside `out`."""
+
+    shard: Path | None  # None: no documents (empty parts)
+    cfg: CleanConfig
+    eval_ngrams: Path  # .npy of the eval n-gram hashes
+    out: Path
+
+    def output(self, name: str) -> Path:
+        return self.out.with_name(f"{self.out.name}.{name}.parquet")
+
+
+def _input_batches(shard: Path | None) -> Iterator[pa.RecordBatch]:
+    if shard is None:
+        return
+    for batch in pq.ParquetFile(shard).iter_batches(batch_size=_BATCH_DOCS, columns=_INPUT_COLUMNS):
+        kinds = set(batch.column("kind").to_pylist())
+        if not kinds <= set(_TRAINING_KINDS):
+            raise ValueError(f"{shard}: training shards hold domain/general documents, found kinds {sorted(kinds)}")
+        yield batch
+
+
+def prepare_shard(job: ShardJob) -> None:
+    """The per-document pass of one shard: each document's filter verdict to the docs part, with its normalised
+    text only if it passed the filters (only those can be written out); MinHash signatures and LSH band keys of
+    the filter survivors to the signatures and bands parts. It depends on the job alone, so any worker can run
+    it, or run it again after a crash, with the same result."""
+    cfg, dedup = job.cfg, job.cfg.dedup
+    evals = EvalNgrams(np.load(job.eval_ngrams), cfg.decontamination.ngram)
     sig_schema = pa.schema([("seq", pa.int64()), ("sig", pa.list_(pa.uint32(), dedup.num_perm))])
     with (
-        pq.ParquetWriter(docs, _DOCS) as docs_out,
-        pq.ParquetWriter(signatures, sig_schema) as sigs_out,
-        pq.ParquetWriter(bands, _BANDS) as bands_out,
+        pq.ParquetWriter(job.output("docs"), _DOCS) as docs_out,
+        pq.ParquetWriter(job.output("signatures"), sig_schema) as sigs_out,
+        pq.ParquetWriter(job.output("bands"), _BANDS) as bands_out,
     ):
         seq = 0
-        for batch in _input_batches(shards):
+        for batch in _input_batches(job.shard):
             texts = [normalize_text(t, cfg.normalize) for t in batch.column("text").to_pylist()]
             reasons = quality_reasons(texts, cfg.quality)
             passed = [i for i, r in enumerate(reasons) if r is None]
@@ -151,8 +232,10 @@ def _prepare(shards: list[Path], cfg: CleanConfig, evals: EvalNgrams, docs: Path
             seq += len(texts)
             encoded = [t.encode() for t in texts]
             columns = {c: batch.column(c) for c in _INPUT_COLUMNS}
+            lineage = (batch.column(c).to_pylist() for c in ("kind", "source", "file", "position"))
             columns |= {
                 "seq": seqs,
+                "doc_uid": [document_uid(*where) for where in zip(*lineage)],
                 "text": [t if r is None else None for t, r in zip(texts, reasons)],
                 # Stats report the lengths of kept documents only, and only filter survivors can be kept.
                 "words": [len(t.split()) if r is None else None for t, r in zip(texts, reasons)],
@@ -187,17 +270,23 @@ def _decide(con: duckdb.DuckDBPyConnection, quarantined: list[QuarantineRecord])
     """Table `decided`: one row per input document with its status, reason, duplicate and cluster."""
     con.register(
         "quarantine_in",
-        pa.table({c: [getattr(q, c) for q in quarantined] for c in _QUARANTINE.names}, schema=_QUARANTINE),
+        pa.table(
+            {
+                "doc_uid": [document_uid(q.kind, q.source, q.file, q.position) for q in quarantined],
+                **{c: [getattr(q, c) for q in quarantined] for c in _QUARANTINE.names[1:]},
+            },
+            schema=_QUARANTINE,
+        ),
     )
     con.execute("""
         CREATE TABLE decided AS
         WITH clusters AS (
             SELECT representative, row_number() OVER (ORDER BY min(rank)) - 1 AS cluster_id
             FROM duplicates GROUP BY representative HAVING count(*) > 1)
-        SELECT d.seq, d.doc_id, d.source, d.kind, d.file, d.position, d.words, d.bytes,
+        SELECT d.seq, d.doc_uid, d.doc_id, d.source, d.kind, d.file, d.position, d.words, d.bytes,
             CASE WHEN coalesce(d.filter_reason, x.reason) IS NULL THEN 'kept' ELSE 'dropped' END AS status,
             coalesce(d.filter_reason, x.reason) AS reason,
-            original.doc_id AS duplicate_of,
+            original.doc_uid AS duplicate_of,
             c.cluster_id,
             NULL::VARCHAR AS detail
         FROM docs d
@@ -205,12 +294,12 @@ def _decide(con: duckdb.DuckDBPyConnection, quarantined: list[QuarantineRecord])
         LEFT JOIN docs original ON original.seq = x.duplicate_of
         LEFT JOIN clusters c ON c.representative = x.representative
         UNION ALL BY NAME
-        SELECT source, kind, file, position, 'dropped' AS status, 'quarantine:' || reason AS reason, detail
+        SELECT doc_uid, source, kind, file, position, 'dropped' AS status, 'quarantine:' || reason AS reason, detail
         FROM quarantine_in""")
     con.unregister("quarantine_in")
 
 
-def _write_kept(con: duckdb.DuckDBPyConnection, docs: Path, flags: Path, workdir: Path) -> dict[str, Path | None]:
+def _write_kept(con: duckdb.DuckDBPyConnection, docs: list[Path], flags: Path, workdir: Path) -> dict[str, Path | None]:
     """Write the kept documents of each kind, in input order, from the normalised text in `docs`.
 
     A POSITIONAL JOIN against per-document keep flags (written in `docs` row order) streams the
@@ -231,7 +320,7 @@ def _write_kept(con: duckdb.DuckDBPyConnection, docs: Path, flags: Path, workdir
         row_group = int(min(122_880, max(64, _ROW_GROUP_BYTES // max(mean_bytes, 1))))
         con.execute(f"""
             COPY (SELECT d.doc_id, d.text, d.source, d.kind, d.file, d.position
-                  FROM read_parquet({literal(docs)}) d POSITIONAL JOIN read_parquet({literal(flags)}) f
+                  FROM {parquet_source(docs)} d POSITIONAL JOIN read_parquet({literal(flags)}) f
                   WHERE f.{kind})
             TO {literal(path)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group})""")
         paths[kind] = path

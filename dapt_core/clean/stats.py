@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import duckdb
+from pathlib import Path
 
-from dapt_core.manifest import SourceStats
+import duckdb
+import pyarrow as pa
+
+from dapt_core.clean.duck import literal
+from dapt_core.manifest import NewDocuments, SourceStats
 
 TOKEN_ESTIMATE = "kept UTF-8 bytes / 4 (no tokenizer involved)"
 _WORD_STATS = ("min", "p10", "p50", "p90", "max", "mean")
@@ -122,3 +126,21 @@ def _table(header: list[str], rows: list[list], text_columns: int = 1) -> list[s
     align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+def new_documents(decisions: Path, new_files: set[str]) -> NewDocuments:
+    """What the input documents of `new_files` (those a refresh read) brought: how many there were, and how many of
+    them were dropped as duplicates of a document of an earlier file."""
+    con = duckdb.connect()
+    try:
+        con.register("new_files", pa.table({"file": sorted(new_files)}, schema=pa.schema([("file", pa.string())])))
+        docs, near, exact = con.execute(f"""
+            WITH d AS (SELECT * FROM read_parquet({literal(decisions)}))
+            SELECT count(*),
+                count(*) FILTER (WHERE d.reason = 'near_duplicate' AND o.file NOT IN (SELECT file FROM new_files)),
+                count(*) FILTER (WHERE d.reason = 'exact_duplicate' AND o.file NOT IN (SELECT file FROM new_files))
+            FROM d LEFT JOIN d o ON o.doc_uid = d.duplicate_of
+            WHERE d.file IN (SELECT file FROM new_files)""").fetchone()
+    finally:
+        con.close()
+    return NewDocuments(files=len(new_files), docs=docs, near_duplicates_of_earlier=near, exact_duplicates_of_earlier=exact)

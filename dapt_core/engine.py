@@ -1,0 +1,69 @@
+"""Where the data stages' independent pieces of work run: in this process (`local`) or on a Ray cluster (`ray`).
+
+A stage is written once, as a function applied to independent work items (a batch of input files, a shard of
+documents, a partition of LSH band keys) whose results are small (manifests, counts) and whose data goes to files
+that every node can reach (the artifact store, or a scratch folder on storage they share). `LocalEngine` applies it
+in a loop; `RayEngine` runs each item as a Ray task, which Ray retries on another worker when a worker process or
+node dies (`max_retries`), so both engines give the same results. Ray is imported only by `RayEngine`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+from dapt_core.config import PrepareConfig
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Engine(Protocol):
+    def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
+        """fn applied to every item, results in item order."""
+        ...
+
+
+class LocalEngine:
+    """Every item in this process, in order."""
+
+    def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
+        return [fn(item) for item in items]
+
+
+class RayEngine:
+    """Every item a Ray task (one CPU each) on the cluster at `address`, retried when its worker dies."""
+
+    def __init__(self, address: str, max_retries: int):
+        import ray
+
+        if not ray.is_initialized():
+            # Workers import dapt_core from their own environment (the image of a KubeRay cluster, or the same
+            # Python as a `ray start` node); only the driver's PYTHONPATH is passed on, for a source checkout.
+            env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
+        self._ray = ray
+        self.max_retries = max_retries
+
+    def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
+        remote = self._ray.remote(num_cpus=1, max_retries=self.max_retries)(_apply)
+        return self._ray.get([remote.remote(fn, item) for item in items])
+
+
+def _apply(fn: Callable[[Item], Result], item: Item) -> Result:
+    """One Ray task: any callable (a function, a functools.partial) applied to one item."""
+    return fn(item)
+
+
+def open_engine(cfg: PrepareConfig) -> Engine:
+    """The engine `prepare.engine` names; a Ray cluster's address comes from `prepare.ray_address` or RAY_ADDRESS."""
+    if cfg.engine == "local":
+        return LocalEngine()
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ValueError(
+            "prepare.engine is 'ray' but no cluster address is set: set prepare.ray_address (e.g. 'ray://head:10001' "
+            "or '127.0.0.1:6379') or the RAY_ADDRESS environment variable, or use prepare.engine: local."
+        )
+    return RayEngine(address, cfg.ray_max_retries)

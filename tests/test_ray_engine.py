@@ -1,0 +1,163 @@
+"""The data stages on a real two-node Ray cluster (`ray start --head` + a second node on 127.0.0.1) give the same
+decisions and kept corpora as the local engine, also when a worker process is killed mid-stage."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from dapt_core.clean import clean_corpus
+from dapt_core.config import CleanConfig, IngestConfig, SourceConfig, load_config
+from dapt_core.engine import LocalEngine, RayEngine
+from dapt_core.ingest import discover_inputs
+from dapt_core.ingest_batches import BatchJob, plan_batches, run_batch
+from dapt_core.store import open_store
+from tests.corpus import prose, write_config, write_corpus
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).parent / "ray"
+NODE_LIMITS = ["--num-cpus", "1", "--object-store-memory", "80000000", "--disable-usage-stats"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Kill the processes of this cluster only (their command lines name its temp dir) and their children; `ray stop`
+    would stop every Ray cluster of this user on the machine."""
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    roots = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in me and any(temp_dir in a for a in (p.info["cmdline"] or []))]
+    procs: dict[int, psutil.Process] = {}
+    for root in roots:
+        try:
+            procs.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs.values():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=20)
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A head node and a second node joining it, one CPU and an 80 MB object store each."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    head = [
+        str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", temp_dir,
+        "--include-dashboard=false", "--ray-client-server-port", str(_free_port()), *NODE_LIMITS,
+    ]
+    second = [str(RAY), "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *NODE_LIMITS]
+    try:
+        for command in (head, second):
+            subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+        yield f"127.0.0.1:{port}"
+    finally:
+        ray.shutdown()
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _corpus(root: Path) -> tuple[list[Path], list[Path], list]:
+    """Ingested shards of a corpus with exact and near duplicates across files, and an eval set."""
+    dirs = write_corpus(root, n_domain=16, n_general=8)
+    (dirs["domain"] / "copy.txt").write_text((dirs["domain"] / "note0.txt").read_text())
+    words = prose(1, "domain").split()
+    words[10] = "quartz"
+    (dirs["domain"] / "near.txt").write_text(" ".join(words))
+    (dirs["general"] / "more.jsonl").write_text("".join(f'{{"text": "{prose(i, "general")}"}}\n' for i in range(3)) + "{oops\n")
+    cfg = IngestConfig(batch_bytes=2_000)  # several batches, hence several shards
+    shards, evals, quarantined = [], [], []
+    for kind, folder in (("domain", dirs["domain"]), ("general", dirs["general"]), ("eval", dirs["eval"])):
+        inputs, _ = discover_inputs(SourceConfig(name=kind, paths=[str(folder)]), kind)
+        for i, batch in enumerate(plan_batches(inputs, cfg.batch_bytes, cfg.batch_files)):
+            out = run_batch(BatchJob(batch, [f"k{j}" for j in range(len(batch))], cfg, str(root / "store"), f"{kind}/{i}.parquet", []))
+            (evals if kind == "eval" else shards).append(Path(out.shard.uri))
+            quarantined += [q for r in out.files for q in r.quarantined]
+    assert len(shards) > 3
+    return shards, evals, quarantined
+
+
+def _same_outputs(a, b) -> None:
+    for x, y in [(a.decisions_path, b.decisions_path), (a.domain_path, b.domain_path), (a.general_path, b.general_path)]:
+        assert x.read_bytes() == y.read_bytes()
+    assert a.stats == b.stats
+
+
+def test_clean_on_ray_matches_local(ray_address, tmp_path):
+    shards, evals, quarantined = _corpus(tmp_path)
+    local = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "local", LocalEngine())
+    on_ray = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "ray", RayEngine(ray_address, max_retries=3))
+    _same_outputs(local, on_ray)
+    assert local.dropped["exact_duplicate"] >= 1 and local.dropped["near_duplicate"] >= 1
+
+
+def _kill_own_worker_once(fn, marker: str, item):
+    """Run fn(item), but first SIGKILL this worker process the first time any item gets here."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return fn(item)
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillOnceEngine(RayEngine):
+    """Ray, where the first task of a stage kills its worker process mid-stage."""
+
+    def __init__(self, address: str, marker: Path):
+        super().__init__(address, max_retries=2)
+        self.marker = str(marker)
+
+    def map(self, fn, items):
+        return super().map(functools.partial(_kill_own_worker_once, fn, self.marker), items)
+
+
+def test_a_killed_worker_is_retried_and_the_result_is_the_same(ray_address, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not import the test module
+    shards, evals, quarantined = _corpus(tmp_path)
+    marker = tmp_path / "killed-once"
+    local = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "local", LocalEngine())
+    on_ray = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "ray", KillOnceEngine(ray_address, marker))
+    assert marker.exists()  # a worker did die
+    _same_outputs(local, on_ray)
+
+
+def test_prepare_flow_on_ray_gives_the_same_decisions_and_hashes(ray_address, prefect_harness, tmp_path):
+    from flows.prepare import prepare_flow
+
+    dirs = write_corpus(tmp_path, n_domain=16, n_general=8)
+    (dirs["domain"] / "copy.txt").write_text((dirs["domain"] / "note0.txt").read_text())
+    results = {}
+    for engine in ("local", "ray"):
+        extra = f"ingest: {{batch_bytes: 3000}}\nprepare: {{engine: {engine}, ray_address: '{ray_address}'}}\n"
+        (tmp_path / engine).mkdir()
+        results[engine] = prepare_flow(load_config(write_config(tmp_path / engine, dirs, extra=extra)))
+    local, on_ray = results["local"].clean, results["ray"].clean
+    assert (local.decisions.sha256, local.domain.sha256, local.general.sha256) == (on_ray.decisions.sha256, on_ray.domain.sha256, on_ray.general.sha256)
+    assert local.dropped == on_ray.dropped and local.dropped["exact_duplicate"] == 1
+    decisions = pq.read_table(open_store(str(tmp_path / "ray" / "store")).local_path(on_ray.decisions)).to_pylist()
+    assert len({d["doc_uid"] for d in decisions}) == len(decisions) == on_ray.input_docs
