@@ -302,10 +302,9 @@ def _print_benchmarks(cpt, sft, cfg: DaptConfig) -> None:
     if not cfg.eval.benchmarks:
         return
     m = cfg.eval.benchmark_metric
-    best = next((d for d in cpt.decisions if d["step"] == cpt.best_step), None) if cpt.promoted else None
     columns = [("original base", cpt.reference_metrics, {})]
-    if best is not None:
-        columns.append((f"CPT step {best['step']}", best["metrics"], best["numbers"]))
+    if cpt.best is not None:
+        columns.append((f"CPT step {cpt.best.step}", cpt.best.metrics, cpt.best.numbers))
     if sft is not None:
         columns.append(("SFT", sft.eval_metrics, sft.numbers))
     table = Table(title=f"Benchmarks ({m} ± 95% interval; * gated: p = exact McNemar vs the base)", title_justify="left")

@@ -266,8 +266,8 @@ def test_cli_benchmark_table_shows_accuracy_interval_and_p_value():
         {"name": "g", "kind": "general", "task": "piqa"}, {"name": "d", "kind": "domain", "task": "medqa"}]})
     base = {"bench/g/acc_norm": 0.6, "bench/g/n": 100.0, "bench/d/acc_norm": 0.3, "bench/d/n": 40.0}
     ckpt = {**base, "bench/g/acc_norm": 0.55}
-    cpt = SimpleNamespace(promoted=object(), best_step=12, reference_metrics=base,
-                          decisions=[{"step": 12, "metrics": ckpt, "numbers": {"p_value bench/g": 0.0413}}])
+    best = SimpleNamespace(step=12, metrics=ckpt, numbers={"p_value bench/g": 0.0413})
+    cpt = SimpleNamespace(promoted=object(), best_step=12, reference_metrics=base, best=best, decisions=[best])
     sft = SimpleNamespace(eval_metrics=ckpt, numbers={})
     with cli.console.capture() as out:
         cli._print_benchmarks(cpt, sft, cfg)

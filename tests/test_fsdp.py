@@ -212,10 +212,10 @@ def test_fsdp_attempt_judges_and_promotes_like_one_process(prefect_harness, corp
     cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train_cfg)
     single = run_attempt(_spec(cfg, data, reference, "cpt/single"), tmp_path / "work-single")
     fsdp = _torchrun(_spec(cfg, data, reference, "cpt/fsdp", batch_size=4, nproc_per_node=2, strategy="fsdp"), tmp_path)
-    assert [d["step"] for d in fsdp.decisions] == [d["step"] for d in single.decisions] == [2, 4]
+    assert [d.step for d in fsdp.decisions] == [d.step for d in single.decisions] == [2, 4]
     a, b = _promoted_weights(cfg.store, single), _promoted_weights(cfg.store, fsdp)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     for x, y in zip(single.decisions, fsdp.decisions, strict=True):
-        assert x["metrics"]["domain/bits_per_byte"] == pytest.approx(y["metrics"]["domain/bits_per_byte"], rel=1e-4)
+        assert x.metrics["domain/bits_per_byte"] == pytest.approx(y.metrics["domain/bits_per_byte"], rel=1e-4)
