@@ -233,3 +233,33 @@ def test_no_gain_retries_without_the_extension_and_never_promotes_a_worse_model(
     # Without the extension's cost, a few steps on the domain beat the original base: that model is promoted.
     assert result.promoted is not None and result.gain.verdict == "gain" and result.gain.promoted < result.gain.original
     assert result.best.metrics["domain/bits_per_byte"] < result.reference_metrics["domain/bits_per_byte"]
+
+
+def test_rollback_in_the_flow_continues_from_the_best_accepted_checkpoint(prefect_harness, corpus, monkeypatch):
+    """The flow's rollback, end to end: attempt 0 is accepted at step 4 and (told to be) rejected at step 8; attempt 1
+    continues from attempt 0's step 4 at half the LR and twice the replay, judged at steps 8 and 12 (the same budget),
+    and its best checkpoint, which beats the original base, is promoted."""
+    from dapt_core.evaluate import Decision, ForgettingPolicy
+
+    root, dirs, base = corpus
+    cfg = _config(root, dirs, base, "continue", lr=TrainConfig().lr, general_fraction=0.05, max_steps=12, save_every=4,
+                  tokenizer="enabled: false")
+    real_judge, judged = ForgettingPolicy.judge, []
+
+    def judge(self, reference, result, step=None):
+        decision = real_judge(self, reference, result, step=step)
+        judged.append(step)
+        rejected = judged == [4, 8]  # attempt 0's second checkpoint only
+        return Decision(not rejected, ["told to reject"] if rejected else [], decision.numbers)
+
+    monkeypatch.setattr(ForgettingPolicy, "judge", judge)
+    result = cpt_flow(cfg)
+    _print_attempts(result)
+    first, second = result.attempts
+    assert [d.step for d in first.decisions] == [4, 8] and first.stopped_at == 8
+    assert second.continued_from == "attempt 0 step 4" and second.start_model == first.start_model
+    assert second.lr == pytest.approx(cfg.train.lr / 2) and second.general_fraction == pytest.approx(0.1)
+    assert [d.step for d in second.decisions] == [8, 12]
+    assert result.attempt == 1 and result.continuation.resume_step == 4 and result.continuation.total_steps == 12
+    assert result.continuation.replay_sequences == round(result.continuation.unseen_sequences * 0.05 / 0.9)
+    assert result.promoted is not None and result.gain.verdict == "gain"
