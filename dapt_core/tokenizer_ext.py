@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from dapt_core.config import TokenizerConfig
+from dapt_core.manifest import ExtensionCost
 
 _WORD_PUNCT = set("-_'’")
 _BYTE_LEVEL, _METASPACE, _PLAIN = "byte-level", "metaspace", "plain"
@@ -90,6 +91,7 @@ class ExtensionResult:
     report: dict
     report_markdown: str
     new_tokens: list[str] = field(default_factory=list)  # every vocabulary entry added (candidates + intermediates)
+    initial_cost: ExtensionCost | None = None  # held-out bpb, original vs extended-untrained
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,17 +411,19 @@ def extend(
     batch_size: int = 8,
     eval_max_bytes: int | None = 2_000_000,
     pad_to_multiple_of: int | None = 64,
+    general_heldout_texts: Iterable[str] = (),
 ) -> ExtensionResult:
-    """Extend `base_tokenizer` with domain terms and resize/initialise `model` IN PLACE (mean of pieces).
+    """Extend `base_tokenizer` with domain terms and resize/initialise `model` IN PLACE (`cfg.init`).
 
     train_texts: the kept, NOT held-out domain texts (a re-iterable, or a zero-argument callable returning a fresh
     iterable; a one-shot iterator is materialised because it is read twice). heldout_texts: held-out domain texts
     for the report (bits per byte on the first `eval_max_bytes` bytes of them; None: all). The base model's bpb
     and a default-init copy's bpb are measured before the model is changed; the copy is freed afterwards.
+    general_heldout_texts: held-out general texts; with them the initial cost also covers general bpb.
     Returns the base tokenizer and model unchanged, with the reason in the report, when `cfg.enabled` is false, the
     tokenizer cannot be extended, or no candidate passes.
     """
-    from dapt_core.embedding import add_tokens_with_mean_init, default_resize
+    from dapt_core.embedding import add_tokens_with_mean_init, default_resize, refine_new_rows
     from dapt_core.metrics import nll_stats, tokens_per_word
 
     report: dict = {"enabled": cfg.enabled, "config": cfg.model_dump()}
@@ -450,7 +454,8 @@ def extend(
     report["added_vocab_entries"] = len(added)
     report["estimated_tokens_saved_on_train"] = sum(c.saving for c in chosen)
 
-    heldout = list(heldout_texts)
+    heldout, general = list(heldout_texts), _cap_bytes(list(general_heldout_texts), eval_max_bytes)
+    kw = {"max_length": max_length, "batch_size": batch_size}
     if heldout:
         same, exact = _lossless(tokenizer, base_tokenizer, heldout)
         base_exact = _lossless(base_tokenizer, base_tokenizer, heldout)[1]
@@ -458,32 +463,48 @@ def extend(
         before, after = tokens_per_word(base_tokenizer, heldout), tokens_per_word(tokenizer, heldout)
         report["tokens_per_word_heldout"] = {"before": before, "after": after, "reduction": 1 - after / before}
         evald = _cap_bytes(heldout, eval_max_bytes)
-        kw = {"max_length": max_length, "batch_size": batch_size}
         base_stats = nll_stats(model, base_tokenizer, evald, **kw)
+        base_general = nll_stats(model, base_tokenizer, general, **kw) if general else None
         clone = copy.deepcopy(model)
         default_resize(clone, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
         default_stats = nll_stats(clone, tokenizer, evald, **kw)
         del clone
     emb = add_tokens_with_mean_init(model, base_tokenizer, tokenizer, added, pad_to_multiple_of=pad_to_multiple_of)
     report["embedding"] = {k: v for k, v in emb.items() if k not in ("pieces", "new_ids")}
+    mean_stats = nll_stats(model, tokenizer, evald, **kw) if heldout and cfg.init != "mean" else None
+    report["init"] = refine_new_rows(model, base_tokenizer, tokenizer, emb, texts(), cfg.init, layer=cfg.init_layer)
+    cost = None
     if heldout:
-        mean_stats = nll_stats(model, tokenizer, evald, **kw)
+        ext_stats = nll_stats(model, tokenizer, evald, **kw)
+        ext_general = nll_stats(model, tokenizer, general, **kw) if general else None
         bpb = {
             "eval_docs": len(evald),
             "eval_bytes": base_stats.bytes,
             "base": base_stats.bits_per_byte,
-            "mean_init": mean_stats.bits_per_byte,
+            "extended": ext_stats.bits_per_byte,
+            "init": cfg.init,
+            "mean_init": (mean_stats or ext_stats).bits_per_byte,
             "default_init": default_stats.bits_per_byte,
             "tokens_base": base_stats.tokens,
-            "tokens_extended": mean_stats.tokens,
+            "tokens_extended": ext_stats.tokens,
         }
         bpb["better_init"] = "mean_init" if bpb["mean_init"] < bpb["default_init"] else "default_init"
         report["bits_per_byte_heldout"] = bpb
+        cost = ExtensionCost(
+            init=cfg.init,
+            domain_docs=len(evald),
+            domain_bpb_original=base_stats.bits_per_byte,
+            domain_bpb_extended=ext_stats.bits_per_byte,
+            general_docs=len(general),
+            general_bpb_original=base_general.bits_per_byte if base_general else None,
+            general_bpb_extended=ext_general.bits_per_byte if ext_general else None,
+        )
+        report["initial_cost"] = cost.model_dump()
     else:
         report["bits_per_byte_heldout"] = None
         report["note"] = "no held-out texts: tokens per word, round trip and bits per byte were not measured"
     report.update(changed=True, reason=f"added {len(chosen)} domain tokens ({len(added)} vocabulary entries)")
-    return ExtensionResult(tokenizer, model, report, render_markdown(report), new_tokens=added)
+    return ExtensionResult(tokenizer, model, report, render_markdown(report), new_tokens=added, initial_cost=cost)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -529,9 +550,23 @@ def render_markdown(report: dict, top: int = 40) -> str:
             f"| base model, base tokenizer | {_fmt(bpb['base'])} |",
             f"| extended, mean-of-pieces init | {_fmt(bpb['mean_init'])} |",
             f"| extended, library default init | {_fmt(bpb['default_init'])} |",
-            "",
-            f"Better init: **{bpb['better_init'].replace('_', ' ')}**.",
         ]
+        if bpb["init"] != "mean":
+            lines.append(f"| extended, {bpb['init']} init (used) | {_fmt(bpb['extended'])} |")
+        lines += ["", f"Of mean-of-pieces and library default, better: **{bpb['better_init'].replace('_', ' ')}**."]
+    cost = report.get("initial_cost")
+    if cost:
+        lines.append(
+            f"Initial cost of the extension ({cost['init']} init, before training): domain bpb "
+            f"{_fmt(cost['domain_bpb_original'])} -> {_fmt(cost['domain_bpb_extended'])} "
+            f"({cost['domain_bpb_extended'] / cost['domain_bpb_original'] - 1:+.1%})"
+            + (
+                f", general bpb {_fmt(cost['general_bpb_original'])} -> {_fmt(cost['general_bpb_extended'])} "
+                f"({cost['general_bpb_extended'] / cost['general_bpb_original'] - 1:+.1%}) on {cost['general_docs']} docs."
+                if cost["general_bpb_original"]
+                else "."
+            )
+        )
     emb = report.get("embedding") or {}
     if emb.get("repaired"):
         lines.append("Embedding guard repaired: " + "; ".join(emb["repaired"]) + ".")
