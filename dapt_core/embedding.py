@@ -3,7 +3,7 @@
 Kept apart from the tokenizer logic (in the spirit of LLaMA-Factory's `model/model_utils/embedding.py`) so that
 every change to a weight matrix happens here, documented and checked.
 
-Initialisation (`add_tokens_with_mean_init`). Every new token's row is the mean of the rows of the pieces the
+Initialisation (`add_tokens_with_mean_init`, then `refine_new_rows` for `tokenizer.init`). Every new token's row is the mean of the rows of the pieces the
 ORIGINAL tokenizer splits the token's text into (" tacrolimus" -> "Ġtac" "rol" "imus": the new input row is the
 mean of those three input rows). The same is done for the output matrix (lm_head) when it is untied; tied weights
 are one tensor and are initialised once. A mean of piece rows keeps the new token near what the model already
@@ -39,9 +39,22 @@ forward pass of the base over a few thousand tokens): ridge regression anchored 
     w = w_mean + H^T (H H^T + λ I)^{-1} (t - H w_mean),   λ = ridge * mean ||h||^2,
 the smallest change of the mean row that reaches the targets (λ keeps it small where contexts are few or alike).
 Old tokens' logits do not change; each keeps its probability relative to the other old tokens, and all of them
-give up together the share the new tokens take. Tokens that never occur (intermediate merge tokens, terms not met
-within the budget) keep the mean row. With tied embeddings the fitted row is also the new token's input row; the
-measured comparison of both initialisations is in bench/extension.py (bench/README.md).
+give up together the share the new tokens take.
+
+Input rows from the last piece (`set_input_rows_from_last_piece`, `tokenizer.init: last_piece`). What the model
+must do after reading the new token is what the base does after reading the term's LAST piece: that position is
+where the base has assembled the word (Kaplan et al. 2024, "From Tokens to Words: On the Inner Lexicon of LLMs",
+use the last piece's hidden state as a new word's input embedding). The input row is the base's residual stream at
+the last piece after `tokenizer.init_layer` layers (0, the default: the last piece's own input row), averaged over
+the contexts and scaled to the mean row's norm. Measured on the tests' tiny models, the position right after a new
+token costs ~10x the base's bits with the mean row and ~2x with this one (bench/README.md).
+
+Unmet tokens (`quiet_unmet_output_rows`). Intermediate merge tokens (" tacrol" on the way to " tacrolimus") are
+emitted only for rare words, yet a mean output row gives them a share of every position's probability. Every init
+but "mean" gives the new tokens not met in the contexts the output row of the old token the base finds least
+likely on those contexts. With tied embeddings a token has one row: "seqprob" then also moves the input row,
+and "last_piece_seqprob" keeps the last-piece row. `refine_new_rows` applies a `tokenizer.init`; the measured
+comparison is bench/extension.py.
 
 `default_resize` is the library's own initialisation (`resize_token_embeddings` with its defaults, which in
 transformers >= 4.46 samples new rows around the mean of all old rows), kept for the comparison in the tokenizer
@@ -309,8 +322,8 @@ def collect_piece_contexts(
     old_rows: int,
     texts: Iterable[str],
     *,
-    max_contexts: int = 32,
-    max_tokens: int = 32_768,
+    max_contexts: int = 16,
+    max_tokens: int = 16_384,
     max_length: int = 256,
 ) -> _Contexts:
     """What the base model does around each new token's occurrences in `texts` (training texts, never held-out
@@ -371,6 +384,28 @@ def set_input_rows_from_last_piece(model, contexts: _Contexts, layer: int) -> di
     return {"input_rows_set": len(contexts.last_piece_states), "layer": layer}
 
 
+def quiet_unmet_output_rows(model, contexts: _Contexts, new_ids: list[int]) -> dict:
+    """Output rows of new tokens never met in `contexts` (intermediate merge tokens, which the extended tokenizer
+    emits only for rare words) = the output row of the old token with the lowest mean logit over the collected
+    hidden states: they start as unlikely as the base's least likely token instead of taking the mean of their
+    pieces' probability at every position. Returns a JSON-able report."""
+    unmet = [i for i in new_ids if i not in contexts.hidden]
+    if not unmet or not contexts.hidden:
+        return {"unmet_rows_quieted": 0}
+    head = model.get_output_embeddings()
+    old_rows = min(new_ids)
+    with torch.no_grad():
+        h = torch.cat([torch.stack(v) for v in contexts.hidden.values()])
+        logits = h @ head.weight[:old_rows].float().T
+        if head.bias is not None:
+            logits = logits + head.bias[:old_rows].float()
+        quiet = int(logits.mean(0).argmin())
+        head.weight[unmet] = head.weight[quiet].clone()
+        if head.bias is not None:
+            head.bias[unmet] = head.bias[quiet].clone()
+    return {"unmet_rows_quieted": len(unmet), "quiet_row_of": quiet}
+
+
 NEW_ROW_INITS = ("mean", "seqprob", "last_piece", "last_piece_seqprob")
 
 
@@ -384,23 +419,24 @@ def refine_new_rows(
     *,
     layer: int = 0,
     ridge: float = 1.0,
-    max_contexts: int = 32,
-    max_tokens: int = 32_768,
+    contexts: _Contexts | None = None,
 ) -> dict:
     """Apply `init` to the new rows of a model that `add_tokens_with_mean_init` extended (`added` is its report):
     "mean" keeps the mean rows; "seqprob" fits the output rows to the base's piece-sequence probability;
     "last_piece" sets the input rows from the base's residual stream at the term's last piece; "last_piece_seqprob"
     does both. With tied embeddings a token has one row: "last_piece_seqprob" then keeps the input init (the output
-    fit would overwrite it). `texts`: training texts, where the contexts come from. Returns a JSON-able report."""
+    fit would overwrite it). Every init but "mean" also quiets the output rows of tokens never met (see
+    `quiet_unmet_output_rows`). `texts`: training texts, where the contexts come from (`contexts`: already
+    collected by `collect_piece_contexts` on this model). Returns a JSON-able report."""
     if init not in NEW_ROW_INITS:
         raise ValueError(f"tokenizer.init: {init!r} is not one of {', '.join(NEW_ROW_INITS)}")
     report: dict = {"init": init}
     if init == "mean":
         return report
-    contexts = collect_piece_contexts(
-        model, old_tokenizer, new_tokenizer, added["new_ids"], added["pieces"], added["old_rows"], texts,
-        max_contexts=max_contexts, max_tokens=max_tokens,
-    )
+    if contexts is None:
+        contexts = collect_piece_contexts(
+            model, old_tokenizer, new_tokenizer, added["new_ids"], added["pieces"], added["old_rows"], texts
+        )
     report.update(tokens_read=contexts.tokens_read, tokens_met=len(contexts.hidden), new_tokens=len(added["new_ids"]))
     if init.startswith("last_piece"):
         report["input"] = set_input_rows_from_last_piece(model, contexts, layer)
@@ -409,4 +445,5 @@ def refine_new_rows(
             report["output"] = "tied embeddings: one row per token, the last-piece input row is kept"
         else:
             report["output"] = fit_output_rows(model, contexts, ridge)
+    report["unmet"] = quiet_unmet_output_rows(model, contexts, list(added["new_ids"].values()))
     return report

@@ -486,6 +486,10 @@ def test_new_row_inits_leave_old_rows_and_old_logits_alone(base_tok, init, tied)
     input_changed, output_changed = not torch.equal(inp[ids], mean_in[ids]), not torch.equal(out[ids], mean_out[ids])
     assert input_changed == (init.startswith("last_piece") or (tied and init == "seqprob"))
     assert output_changed == (init.endswith("seqprob") or tied)
+    # Intermediate merge tokens never occur: their output rows are the least likely old token's.
+    unmet = [i for i in info["new_ids"].values() if i not in ids]
+    assert report["unmet"]["unmet_rows_quieted"] == len(unmet) > 0
+    assert all(torch.equal(out[i], out[report["unmet"]["quiet_row_of"]]) for i in unmet)
     # Old tokens keep their logits exactly on base-tokenised text (their relative probabilities are the base's).
     text = base_tok(GENERAL[170], return_tensors="pt")["input_ids"][:, :64]
     with torch.no_grad():
