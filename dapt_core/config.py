@@ -149,7 +149,7 @@ class TokenizerConfig(_Section):
         "last_piece_seqprob",
         description="New rows: mean of the pieces' rows; seqprob: output rows fitted to the base's probability of the "
         "piece sequence; last_piece: input rows from the base's state at the term's last piece; last_piece_seqprob: "
-        "both (with tied embeddings: last_piece). Measured in bench/extension.py (bench/README.md).",
+        "both. Measured in bench/extension.py (bench/README.md).",
     )
     init_layer: int = Field(0, ge=0, description="last_piece init: residual-stream layer (0: the last piece's own input row).")
 

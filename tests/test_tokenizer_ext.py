@@ -558,7 +558,7 @@ def test_smollm2_tacrolimus_becomes_one_mean_initialised_token(tmp_path):
 
     texts = [prose(20_000 + i, "domain") for i in range(140)]
     assert sum(t.count(" tacrolimus") for t in texts[:120]) >= 50
-    res = extend(model, tok, texts[:120], texts[120:], TokenizerConfig(domain_vocab_size=3000, min_frequency=10, max_new_tokens=100))
+    res = extend(model, tok, texts[:120], texts[120:], TokenizerConfig(domain_vocab_size=3000, min_frequency=10, max_new_tokens=100, init="mean"))
     new = res.tokenizer
     ids = new(" tacrolimus", add_special_tokens=False)["input_ids"]
     assert len(ids) == 1
