@@ -114,10 +114,11 @@ def run(name: str, base, tok, train: list[str], domain: list[str], general: list
     print(f"contexts: {len(contexts.hidden)} of {len(added)} new tokens met, {contexts.tokens_read} tokens read ({collect_s:.0f}s)", flush=True)
     rows = [{"model": name, "init": "original", "domain": orig_dom.bpb, "general": orig_gen.bpb}]
     new_ids = set(info["new_ids"].values())
+    intermediates = [t for t in added if t not in {c.token for c in chosen}]
     for init in inits:
         model = copy.deepcopy(mean_model)
         t0 = time.time()
-        embedding.refine_new_rows(model, tok, new_tok, info, train, init, contexts=contexts)
+        embedding.refine_new_rows(model, tok, new_tok, info, train, init, contexts=contexts, intermediates=intermediates)
         init_s = time.time() - t0 + (collect_s if init != "mean" else 0.0)  # the stage collects per run
         dom, gen = score(model, new_tok, domain), score(model, new_tok, general)
         rows.append({"model": name, "init": init, "domain": dom.bpb, "general": gen.bpb, "init_s": init_s,

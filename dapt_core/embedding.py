@@ -51,8 +51,8 @@ token costs ~10x the base's bits with the mean row and ~2x with this one (bench/
 
 Unmet tokens (`quiet_unmet_output_rows`). Intermediate merge tokens (" tacrol" on the way to " tacrolimus") are
 emitted only for rare words, yet a mean output row gives them a share of every position's probability. Every init
-but "mean" gives the new tokens not met in the contexts the output row of the old token the base finds least
-likely on those contexts. With tied embeddings a token has one row: the output fit then also moves the input
+but "mean" gives the intermediate tokens not met in the contexts the output row of the old token the base finds
+least likely on those contexts (terms not met within the context budget keep their mean rows). With tied embeddings a token has one row: the output fit then also moves the input
 row (for "last_piece_seqprob", by the smallest change of the last-piece row that reaches the targets: measured on
 the tied tiny model it beats the last-piece row alone). `refine_new_rows` applies a `tokenizer.init`; the measured
 comparison is bench/extension.py.
@@ -385,16 +385,15 @@ def set_input_rows_from_last_piece(model, contexts: _Contexts, layer: int) -> di
     return {"input_rows_set": len(contexts.last_piece_states), "layer": layer}
 
 
-def quiet_unmet_output_rows(model, contexts: _Contexts, new_ids: list[int]) -> dict:
-    """Output rows of new tokens never met in `contexts` (intermediate merge tokens, which the extended tokenizer
-    emits only for rare words) = the output row of the old token with the lowest mean logit over the collected
+def quiet_unmet_output_rows(model, contexts: _Contexts, new_ids: list[int], old_rows: int) -> dict:
+    """Output rows of `new_ids` (intermediate merge tokens, which the extended tokenizer emits only for rare
+    words) never met in `contexts` = the output row of the old token with the lowest mean logit over the collected
     hidden states: they start as unlikely as the base's least likely token instead of taking the mean of their
     pieces' probability at every position. Returns a JSON-able report."""
     unmet = [i for i in new_ids if i not in contexts.hidden]
     if not unmet or not contexts.hidden:
         return {"unmet_rows_quieted": 0}
     head = model.get_output_embeddings()
-    old_rows = min(new_ids)
     with torch.no_grad():
         h = torch.cat([torch.stack(v) for v in contexts.hidden.values()])
         logits = h @ head.weight[:old_rows].float().T
@@ -422,12 +421,13 @@ def refine_new_rows(
     ridge: float = 1.0,
     contexts: _Contexts | None = None,
     max_context_tokens: int = 16_384,
+    intermediates: Iterable[str] = (),
 ) -> dict:
     """Apply `init` to the new rows of a model that `add_tokens_with_mean_init` extended (`added` is its report):
     "mean" keeps the mean rows; "seqprob" fits the output rows to the base's piece-sequence probability;
     "last_piece" sets the input rows from the base's residual stream at the term's last piece; "last_piece_seqprob"
-    does both (with tied embeddings: the fit's smallest change of the last-piece row). Every init but "mean" also quiets the output rows of tokens never met (see
-    `quiet_unmet_output_rows`). `texts`: training texts, where the contexts come from (`contexts`: already
+    does both (tied: the fit's smallest change of the last-piece row). Every init but "mean" also quiets the output
+    rows of the `intermediates` (merge tokens that are no term) never met (`quiet_unmet_output_rows`). `texts`: training texts, where the contexts come from (`contexts`: already
     collected by `collect_piece_contexts` on this model). Returns a JSON-able report."""
     if init not in NEW_ROW_INITS:
         raise ValueError(f"tokenizer.init: {init!r} is not one of {', '.join(NEW_ROW_INITS)}")
@@ -444,5 +444,5 @@ def refine_new_rows(
         report["input"] = set_input_rows_from_last_piece(model, contexts, layer)
     if init.endswith("seqprob"):
         report["output"] = fit_output_rows(model, contexts, ridge)
-    report["unmet"] = quiet_unmet_output_rows(model, contexts, list(added["new_ids"].values()))
+    report["unmet"] = quiet_unmet_output_rows(model, contexts, [added["new_ids"][t] for t in intermediates], added["old_rows"])
     return report

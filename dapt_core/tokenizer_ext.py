@@ -400,6 +400,46 @@ def _unchanged(model, base_tokenizer, report: dict, reason: str) -> ExtensionRes
     return ExtensionResult(base_tokenizer, model, report, render_markdown(report))
 
 
+def _tokenization_report(tokenizer, base_tokenizer, heldout: list[str]) -> dict:
+    from dapt_core.metrics import tokens_per_word
+
+    same, exact = _lossless(tokenizer, base_tokenizer, heldout)
+    base_exact = _lossless(base_tokenizer, base_tokenizer, heldout)[1]
+    before, after = tokens_per_word(base_tokenizer, heldout), tokens_per_word(tokenizer, heldout)
+    return {
+        "roundtrip": {"texts": len(heldout), "same_as_base": same, "exact_extended": exact, "exact_base": base_exact},
+        "tokens_per_word_heldout": {"before": before, "after": after, "reduction": 1 - after / before},
+    }
+
+
+def _bpb_report(
+    init: str, docs: int, base, extended, mean, default, general_docs: int, base_general, extended_general
+) -> tuple[dict, ExtensionCost]:
+    """The held-out domain bpb table of the report, and the extension's initial cost (general: when measured)."""
+    bpb = {
+        "eval_docs": docs,
+        "eval_bytes": base.bytes,
+        "base": base.bits_per_byte,
+        "extended": extended.bits_per_byte,
+        "init": init,
+        "mean_init": mean.bits_per_byte,
+        "default_init": default.bits_per_byte,
+        "tokens_base": base.tokens,
+        "tokens_extended": extended.tokens,
+    }
+    bpb["better_init"] = "mean_init" if bpb["mean_init"] < bpb["default_init"] else "default_init"
+    cost = ExtensionCost(
+        init=init,
+        domain_docs=docs,
+        domain_bpb_original=base.bits_per_byte,
+        domain_bpb_extended=extended.bits_per_byte,
+        general_docs=general_docs,
+        general_bpb_original=base_general.bits_per_byte if base_general else None,
+        general_bpb_extended=extended_general.bits_per_byte if extended_general else None,
+    )
+    return bpb, cost
+
+
 def extend(
     model,
     base_tokenizer,
@@ -417,14 +457,12 @@ def extend(
 
     train_texts: the kept, NOT held-out domain texts (a re-iterable, or a zero-argument callable returning a fresh
     iterable; a one-shot iterator is materialised because it is read twice). heldout_texts: held-out domain texts
-    for the report (bits per byte on the first `eval_max_bytes` bytes of them; None: all). The base model's bpb
-    and a default-init copy's bpb are measured before the model is changed; the copy is freed afterwards.
-    general_heldout_texts: held-out general texts; with them the initial cost also covers general bpb.
-    Returns the base tokenizer and model unchanged, with the reason in the report, when `cfg.enabled` is false, the
-    tokenizer cannot be extended, or no candidate passes.
-    """
+    for the report (bits per byte on the first `eval_max_bytes` bytes of them; None: all); general_heldout_texts:
+    held-out general texts, for the general part of the initial cost. The base and a default-init copy are scored
+    before the model changes. Returns the base tokenizer and model unchanged, with the reason in the report, when
+    `cfg.enabled` is false, the tokenizer cannot be extended, or no candidate passes."""
     from dapt_core.embedding import add_tokens_with_mean_init, default_resize, refine_new_rows
-    from dapt_core.metrics import nll_stats, tokens_per_word
+    from dapt_core.metrics import nll_stats
 
     report: dict = {"enabled": cfg.enabled, "config": cfg.model_dump()}
     if not cfg.enabled:
@@ -457,11 +495,7 @@ def extend(
     heldout, general = list(heldout_texts), _cap_bytes(list(general_heldout_texts), eval_max_bytes)
     kw = {"max_length": max_length, "batch_size": batch_size}
     if heldout:
-        same, exact = _lossless(tokenizer, base_tokenizer, heldout)
-        base_exact = _lossless(base_tokenizer, base_tokenizer, heldout)[1]
-        report["roundtrip"] = {"texts": len(heldout), "same_as_base": same, "exact_extended": exact, "exact_base": base_exact}
-        before, after = tokens_per_word(base_tokenizer, heldout), tokens_per_word(tokenizer, heldout)
-        report["tokens_per_word_heldout"] = {"before": before, "after": after, "reduction": 1 - after / before}
+        report.update(_tokenization_report(tokenizer, base_tokenizer, heldout))
         evald = _cap_bytes(heldout, eval_max_bytes)
         base_stats = nll_stats(model, base_tokenizer, evald, **kw)
         base_general = nll_stats(model, base_tokenizer, general, **kw) if general else None
@@ -472,32 +506,15 @@ def extend(
     emb = add_tokens_with_mean_init(model, base_tokenizer, tokenizer, added, pad_to_multiple_of=pad_to_multiple_of)
     report["embedding"] = {k: v for k, v in emb.items() if k not in ("pieces", "new_ids")}
     mean_stats = nll_stats(model, tokenizer, evald, **kw) if heldout and cfg.init != "mean" else None
-    report["init"] = refine_new_rows(model, base_tokenizer, tokenizer, emb, texts(), cfg.init, layer=cfg.init_layer)
+    report["init"] = refine_new_rows(
+        model, base_tokenizer, tokenizer, emb, texts(), cfg.init, layer=cfg.init_layer, intermediates=report["intermediate_tokens"]
+    )
     cost = None
     if heldout:
         ext_stats = nll_stats(model, tokenizer, evald, **kw)
         ext_general = nll_stats(model, tokenizer, general, **kw) if general else None
-        bpb = {
-            "eval_docs": len(evald),
-            "eval_bytes": base_stats.bytes,
-            "base": base_stats.bits_per_byte,
-            "extended": ext_stats.bits_per_byte,
-            "init": cfg.init,
-            "mean_init": (mean_stats or ext_stats).bits_per_byte,
-            "default_init": default_stats.bits_per_byte,
-            "tokens_base": base_stats.tokens,
-            "tokens_extended": ext_stats.tokens,
-        }
-        bpb["better_init"] = "mean_init" if bpb["mean_init"] < bpb["default_init"] else "default_init"
-        report["bits_per_byte_heldout"] = bpb
-        cost = ExtensionCost(
-            init=cfg.init,
-            domain_docs=len(evald),
-            domain_bpb_original=base_stats.bits_per_byte,
-            domain_bpb_extended=ext_stats.bits_per_byte,
-            general_docs=len(general),
-            general_bpb_original=base_general.bits_per_byte if base_general else None,
-            general_bpb_extended=ext_general.bits_per_byte if ext_general else None,
+        report["bits_per_byte_heldout"], cost = _bpb_report(
+            cfg.init, len(evald), base_stats, ext_stats, mean_stats or ext_stats, default_stats, len(general), base_general, ext_general
         )
         report["initial_cost"] = cost.model_dump()
     else:
