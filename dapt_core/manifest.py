@@ -176,6 +176,24 @@ class PrepareManifest(BaseModel):
     cached: list[str] = Field(description="Task runs answered from cache.")
 
 
+class ExtensionCost(BaseModel):
+    """What the tokenizer extension costs before any training: bits per byte of the original base (base tokenizer)
+    and of the extended, untrained model on the same held-out texts (bpb does not depend on the tokenizer)."""
+
+    init: str = Field(description="How the new rows were initialised (tokenizer.init).")
+    domain_docs: int
+    domain_bpb_original: float
+    domain_bpb_extended: float
+    general_docs: int = 0
+    general_bpb_original: float | None = Field(None, description="None when there is no general held-out text.")
+    general_bpb_extended: float | None = None
+
+    @property
+    def domain_ratio(self) -> float:
+        """Extended / original domain bpb: 1.0 means the extension costs nothing before training."""
+        return self.domain_bpb_extended / self.domain_bpb_original
+
+
 class TokenizerManifest(BaseModel):
     """The (possibly extended) tokenizer and the resized, initialised model, saved together as one HF directory."""
 
@@ -186,6 +204,9 @@ class TokenizerManifest(BaseModel):
     new_token_ids: list[int] = Field(
         default_factory=list,
         description="Ids of every vocabulary entry the extension added (intermediate merge tokens included): the rows LoRA trains.",
+    )
+    initial_cost: ExtensionCost | None = Field(
+        None, description="Held-out bpb of the original vs the extended-untrained model; None when nothing was added or no held-out text."
     )
     report_json: ArtifactRef
     report_md: ArtifactRef

@@ -70,6 +70,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from dapt_core.config import TokenizerConfig
+from dapt_core.manifest import ExtensionCost
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,6 +99,7 @@ class ExtensionResult:
     report: dict
     report_markdown: str
     new_tokens: list[str] = field(default_factory=list)  # every vocabulary entry added (candidates + intermediates)
+    initial_cost: ExtensionCost | None = None  # held-out bpb, original vs extended-untrained
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,6 +414,57 @@ def _unchanged(model: PreTrainedModel, base_tokenizer: PreTrainedTokenizerBase, 
     return ExtensionResult(base_tokenizer, model, report, render_markdown(report))
 
 
+def _tokenization_report(
+    tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase, heldout: list[str]
+) -> dict:
+    """Round trip and tokens per word of the held-out texts, extended vs base tokenizer."""
+    from dapt_core.metrics import tokens_per_word
+
+    same, exact = _lossless(tokenizer, base_tokenizer, heldout)
+    base_exact = _lossless(base_tokenizer, base_tokenizer, heldout)[1]
+    before, after = tokens_per_word(base_tokenizer, heldout), tokens_per_word(tokenizer, heldout)
+    return {
+        "roundtrip": {"texts": len(heldout), "same_as_base": same, "exact_extended": exact, "exact_base": base_exact},
+        "tokens_per_word_heldout": {"before": before, "after": after, "reduction": 1 - after / before},
+    }
+
+
+def _bpb_report(
+    init: str,
+    docs: int,
+    base: NLLStats,
+    extended: NLLStats,
+    mean: NLLStats,
+    default: NLLStats,
+    general_docs: int,
+    base_general: NLLStats | None,
+    extended_general: NLLStats | None,
+) -> tuple[dict, ExtensionCost]:
+    """The held-out domain bpb table of the report, and the extension's initial cost (general: when measured)."""
+    bpb = {
+        "eval_docs": docs,
+        "eval_bytes": base.bytes,
+        "base": base.bits_per_byte,
+        "extended": extended.bits_per_byte,
+        "init": init,
+        "mean_init": mean.bits_per_byte,
+        "default_init": default.bits_per_byte,
+        "tokens_base": base.tokens,
+        "tokens_extended": extended.tokens,
+    }
+    bpb["better_init"] = "mean_init" if bpb["mean_init"] < bpb["default_init"] else "default_init"
+    cost = ExtensionCost(
+        init=init,
+        domain_docs=docs,
+        domain_bpb_original=base.bits_per_byte,
+        domain_bpb_extended=extended.bits_per_byte,
+        general_docs=general_docs,
+        general_bpb_original=base_general.bits_per_byte if base_general else None,
+        general_bpb_extended=extended_general.bits_per_byte if extended_general else None,
+    )
+    return bpb, cost
+
+
 def extend(
     model: PreTrainedModel,
     base_tokenizer: PreTrainedTokenizerBase,
@@ -423,17 +476,18 @@ def extend(
     batch_size: int = 8,
     eval_max_bytes: int | None = 2_000_000,
     pad_to_multiple_of: int | None = 64,
+    general_heldout_texts: Iterable[str] = (),
 ) -> ExtensionResult:
-    """Extend `base_tokenizer` with domain terms and resize/initialise `model` IN PLACE (mean of pieces).
+    """Extend `base_tokenizer` with domain terms and resize/initialise `model` IN PLACE (`cfg.init`).
 
     train_texts: the kept, NOT held-out domain texts (a re-iterable, or a zero-argument callable returning a fresh
     iterable; a one-shot iterator is materialised because it is read twice). heldout_texts: held-out domain texts
-    for the report (bits per byte on the first `eval_max_bytes` bytes of them; None: all). The base model's bpb
-    and a default-init copy's bpb are measured before the model is changed; the copy is freed afterwards.
-    Returns the base tokenizer and model unchanged, with the reason in the report, when `cfg.enabled` is false, the
-    tokenizer cannot be extended, or no candidate passes.
-    """
-    from dapt_core.embedding import add_tokens_with_mean_init
+    for the report (bits per byte on the first `eval_max_bytes` bytes of them; None: all); general_heldout_texts:
+    held-out general texts, for the general part of the initial cost. The base and a default-init copy are scored
+    before the model changes. Returns the base tokenizer and model unchanged, with the reason in the report, when
+    `cfg.enabled` is false, the tokenizer cannot be extended, or no candidate passes."""
+    from dapt_core.embedding import add_tokens_with_mean_init, default_resize, refine_new_rows
+    from dapt_core.metrics import nll_stats
 
     report: dict = {"enabled": cfg.enabled, "config": cfg.model_dump()}
     if not cfg.enabled:
@@ -463,81 +517,36 @@ def extend(
     report["added_vocab_entries"] = len(added)
     report["estimated_tokens_saved_on_train"] = sum(c.saving for c in chosen)
 
-    heldout = list(heldout_texts)
+    heldout, general = list(heldout_texts), _cap_bytes(list(general_heldout_texts), eval_max_bytes)
     kw = {"max_length": max_length, "batch_size": batch_size}
-    before = None
-    if heldout:  # measured before the surgery below changes `model` in place
-        report.update(_tokenization_report(base_tokenizer, tokenizer, heldout))
-        before = _bits_before(model, base_tokenizer, tokenizer, _cap_bytes(heldout, eval_max_bytes), pad_to_multiple_of, kw)
+    if heldout:
+        report.update(_tokenization_report(tokenizer, base_tokenizer, heldout))
+        evald = _cap_bytes(heldout, eval_max_bytes)
+        base_stats = nll_stats(model, base_tokenizer, evald, **kw)
+        base_general = nll_stats(model, base_tokenizer, general, **kw) if general else None
+        clone = copy.deepcopy(model)
+        default_resize(clone, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+        default_stats = nll_stats(clone, tokenizer, evald, **kw)
+        del clone
     emb = add_tokens_with_mean_init(model, base_tokenizer, tokenizer, added, pad_to_multiple_of=pad_to_multiple_of)
     report["embedding"] = {k: v for k, v in emb.items() if k not in ("pieces", "new_ids")}
-    if before is not None:
-        report["bits_per_byte_heldout"] = _bits_per_byte_report(model, tokenizer, before, kw)
+    mean_stats = nll_stats(model, tokenizer, evald, **kw) if heldout and cfg.init != "mean" else None
+    report["init"] = refine_new_rows(
+        model, base_tokenizer, tokenizer, emb, texts(), cfg.init, layer=cfg.init_layer, intermediates=report["intermediate_tokens"]
+    )
+    cost = None
+    if heldout:
+        ext_stats = nll_stats(model, tokenizer, evald, **kw)
+        ext_general = nll_stats(model, tokenizer, general, **kw) if general else None
+        report["bits_per_byte_heldout"], cost = _bpb_report(
+            cfg.init, len(evald), base_stats, ext_stats, mean_stats or ext_stats, default_stats, len(general), base_general, ext_general
+        )
+        report["initial_cost"] = cost.model_dump()
     else:
         report["bits_per_byte_heldout"] = None
         report["note"] = "no held-out texts: tokens per word, round trip and bits per byte were not measured"
     report.update(changed=True, reason=f"added {len(chosen)} domain tokens ({len(added)} vocabulary entries)")
-    return ExtensionResult(tokenizer, model, report, render_markdown(report), new_tokens=added)
-
-
-def _tokenization_report(
-    base_tokenizer: PreTrainedTokenizerBase, tokenizer: PreTrainedTokenizerBase, heldout: list[str]
-) -> dict:
-    """Round trip and tokens per word of the held-out texts, base vs extended tokenizer."""
-    from dapt_core.metrics import tokens_per_word
-
-    same, exact = _lossless(tokenizer, base_tokenizer, heldout)
-    base_exact = _lossless(base_tokenizer, base_tokenizer, heldout)[1]
-    before, after = tokens_per_word(base_tokenizer, heldout), tokens_per_word(tokenizer, heldout)
-    return {
-        "roundtrip": {"texts": len(heldout), "same_as_base": same, "exact_extended": exact, "exact_base": base_exact},
-        "tokens_per_word_heldout": {"before": before, "after": after, "reduction": 1 - after / before},
-    }
-
-
-@dataclass
-class _BitsBefore:
-    """What is measured before the model is resized: the base model, and a default-init copy of the resized one."""
-
-    texts: list[str]
-    base: NLLStats
-    default_init: NLLStats
-
-
-def _bits_before(
-    model: PreTrainedModel,
-    base_tokenizer: PreTrainedTokenizerBase,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: list[str],
-    pad_to_multiple_of: int | None,
-    kw: dict,
-) -> _BitsBefore:
-    from dapt_core.embedding import default_resize
-    from dapt_core.metrics import nll_stats
-
-    base_stats = nll_stats(model, base_tokenizer, texts, **kw)
-    clone = copy.deepcopy(model)  # freed on return
-    default_resize(clone, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-    return _BitsBefore(texts, base_stats, nll_stats(clone, tokenizer, texts, **kw))
-
-
-def _bits_per_byte_report(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, before: _BitsBefore, kw: dict
-) -> dict:
-    from dapt_core.metrics import nll_stats
-
-    mean_stats = nll_stats(model, tokenizer, before.texts, **kw)
-    bpb = {
-        "eval_docs": len(before.texts),
-        "eval_bytes": before.base.bytes,
-        "base": before.base.bits_per_byte,
-        "mean_init": mean_stats.bits_per_byte,
-        "default_init": before.default_init.bits_per_byte,
-        "tokens_base": before.base.tokens,
-        "tokens_extended": mean_stats.tokens,
-    }
-    bpb["better_init"] = "mean_init" if bpb["mean_init"] < bpb["default_init"] else "default_init"
-    return bpb
+    return ExtensionResult(tokenizer, model, report, render_markdown(report), new_tokens=added, initial_cost=cost)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,9 +595,23 @@ def render_markdown(report: dict, top: int = 40) -> str:
             f"| base model, base tokenizer | {_fmt(bpb['base'])} |",
             f"| extended, mean-of-pieces init | {_fmt(bpb['mean_init'])} |",
             f"| extended, library default init | {_fmt(bpb['default_init'])} |",
-            "",
-            f"Better init: **{bpb['better_init'].replace('_', ' ')}**.",
         ]
+        if bpb["init"] != "mean":
+            lines.append(f"| extended, {bpb['init']} init (used) | {_fmt(bpb['extended'])} |")
+        lines += ["", f"Of mean-of-pieces and library default, better: **{bpb['better_init'].replace('_', ' ')}**."]
+    cost = report.get("initial_cost")
+    if cost:
+        lines.append(
+            f"Initial cost of the extension ({cost['init']} init, before training): domain bpb "
+            f"{_fmt(cost['domain_bpb_original'])} -> {_fmt(cost['domain_bpb_extended'])} "
+            f"({cost['domain_bpb_extended'] / cost['domain_bpb_original'] - 1:+.1%})"
+            + (
+                f", general bpb {_fmt(cost['general_bpb_original'])} -> {_fmt(cost['general_bpb_extended'])} "
+                f"({cost['general_bpb_extended'] / cost['general_bpb_original'] - 1:+.1%}) on {cost['general_docs']} docs."
+                if cost["general_bpb_original"]
+                else "."
+            )
+        )
     emb = report.get("embedding") or {}
     if emb.get("repaired"):
         lines.append("Embedding guard repaired: " + "; ".join(emb["repaired"]) + ".")

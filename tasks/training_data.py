@@ -45,7 +45,8 @@ def tokenizer_key(clean: CleanManifest, fingerprint: str, model: ModelConfig, cf
 def extend_tokenizer_task(
     clean: CleanManifest, fingerprint: str, model_cfg: ModelConfig, cfg: TokenizerConfig, mix: MixConfig, store_uri: str
 ) -> TokenizerManifest:
-    """Add frequent domain terms to the tokenizer, resize the model with mean-of-pieces init, report the effect."""
+    """Add frequent domain terms to the tokenizer, resize and initialise the model (tokenizer.init), report the
+    effect and the extension's initial cost on held-out domain and general text."""
     key = tokenizer_key(clean, fingerprint, model_cfg, cfg, mix)
     check_result_record(store_uri, key)
     store = open_store(store_uri)
@@ -54,7 +55,14 @@ def extend_tokenizer_task(
         if clean.domain
         else ([], [])
     )
-    result = tokenizer_ext.extend(load_model(model_cfg), load_tokenizer(model_cfg), train, heldout, cfg)
+    general_heldout = (
+        split.split_texts(store.local_path(clean.general), mix.heldout_fraction, mix.max_heldout_docs, mix.seed)[1]
+        if clean.general
+        else []
+    )
+    result = tokenizer_ext.extend(
+        load_model(model_cfg), load_tokenizer(model_cfg), train, heldout, cfg, general_heldout_texts=general_heldout
+    )
     with leftovers.temp_dir("tokenizer") as tmp:
         out = Path(tmp) / "model"
         result.model.save_pretrained(out, safe_serialization=True)
@@ -67,6 +75,7 @@ def extend_tokenizer_task(
         base_fingerprint=fingerprint,
         new_tokens=len(result.report.get("new_tokens", [])),
         new_token_ids=sorted(result.tokenizer.convert_tokens_to_ids(result.new_tokens)),
+        initial_cost=result.initial_cost,
         report_json=report_json,
         report_md=report_md,
         code_version=TOKENIZER_CODE,

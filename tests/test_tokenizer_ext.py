@@ -389,7 +389,7 @@ def test_sentencepiece_style_metaspace_tokenizer():
 @pytest.mark.parametrize("tied", [False, True])
 def test_extend_mean_init_beats_default_init(base_tok, tied):
     model = trained_model(base_tok, tied)
-    cfg = TokenizerConfig(domain_vocab_size=2000, min_frequency=10, max_new_tokens=64)
+    cfg = TokenizerConfig(domain_vocab_size=2000, min_frequency=10, max_new_tokens=64, init="mean")
     res = extend(model, base_tok, TRAIN, HELDOUT, cfg)
     r = res.report
     assert r["changed"] and res.model is model and res.tokenizer is not base_tok
@@ -405,6 +405,106 @@ def test_extend_mean_init_beats_default_init(base_tok, tied):
     assert f"{bpb['mean_init']:.4f}" in res.report_markdown and f"{bpb['default_init']:.4f}" in res.report_markdown
     json.dumps(r)  # JSON-able
     print(res.report_markdown)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_default_init_is_never_worse_than_mean_and_its_cost_is_reported(base_tok, tied):
+    """The configured default init, measured against mean-of-pieces on the same held-out texts, in the same run."""
+    default = TokenizerConfig.model_fields["init"].default
+    assert default != "mean"
+    cfg = TokenizerConfig(domain_vocab_size=2000, min_frequency=10, max_new_tokens=64)
+    general = GENERAL[150:170]
+    res = extend(trained_model(base_tok, tied), base_tok, TRAIN, HELDOUT, cfg, general_heldout_texts=general)
+    bpb, cost = res.report["bits_per_byte_heldout"], res.initial_cost
+    assert bpb["init"] == cost.init == default
+    assert bpb["extended"] <= bpb["mean_init"], (bpb["extended"], bpb["mean_init"])
+    assert bits_per_byte(res.model, res.tokenizer, HELDOUT) == pytest.approx(bpb["extended"], rel=1e-6)
+    assert cost.domain_bpb_original == bpb["base"] and cost.domain_bpb_extended == bpb["extended"]
+    assert cost.general_docs == len(general)
+    assert cost.general_bpb_original == pytest.approx(bits_per_byte(trained_model(base_tok, tied), base_tok, general), rel=1e-6)
+    assert cost.general_bpb_extended == pytest.approx(bits_per_byte(res.model, res.tokenizer, general), rel=1e-6)
+    assert embeddings_tied(res.model) == tied
+    assert "Initial cost of the extension" in res.report_markdown
+    json.dumps(res.report)
+
+
+def _term_log_probs(model, tok, texts: list[str], term_ids: set[int] | None, pieces_of: dict[int, list[int]]) -> list[float]:
+    """Natural log-probability of each term occurrence in `texts`: of the new token (term_ids given, extended
+    tokenizer) or of its piece sequence (term_ids None, base tokenizer: `pieces_of` values searched as runs)."""
+    out = []
+    for text in texts:
+        ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        for i in range(1, len(ids)):
+            if term_ids is not None and ids[i] in term_ids:
+                out.append(float(logp[i - 1, ids[i]]))
+            for p in pieces_of.values() if term_ids is None else ():
+                if ids[i : i + len(p)] == p and (i + len(p) == len(ids) or tok.convert_ids_to_tokens(ids[i + len(p)])[0] == "Ġ"):
+                    out.append(sum(float(logp[i - 1 + k, p[k]]) for k in range(len(p))))
+    return out
+
+
+@pytest.mark.parametrize("init", ["seqprob", "last_piece", "last_piece_seqprob"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_new_row_inits_leave_old_rows_and_old_logits_alone(base_tok, init, tied):
+    from dapt_core.embedding import refine_new_rows
+
+    base = trained_model(base_tok, tied)
+    new_tok, added = extended_with(base_tok, WORDS)
+    model = copy.deepcopy(base)
+    info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
+    mean_in = model.get_input_embeddings().weight.detach().clone()
+    mean_out = model.get_output_embeddings().weight.detach().clone()
+    words = {vocab_string(base_tok, w) for w in WORDS}
+    report = refine_new_rows(model, base_tok, new_tok, info, TRAIN, init, intermediates=[t for t in added if t not in words])
+    old = info["old_rows"]
+    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert torch.equal(inp[:old], base.get_input_embeddings().weight) and torch.equal(out[:old], base.get_output_embeddings().weight)
+    assert embeddings_tied(model) == tied and model.config.tie_word_embeddings == tied
+    assert report["tokens_met"] == len(WORDS)  # the four terms occur in TRAIN; intermediate merge tokens do not
+    ids = [info["new_ids"][vocab_string(base_tok, w)] for w in WORDS]
+    input_changed, output_changed = not torch.equal(inp[ids], mean_in[ids]), not torch.equal(out[ids], mean_out[ids])
+    assert input_changed == (init.startswith("last_piece") or (tied and init == "seqprob"))
+    assert output_changed == (init.endswith("seqprob") or tied)
+    # Intermediate merge tokens never occur: their output rows are the least likely old token's.
+    unmet = [i for i in info["new_ids"].values() if i not in ids]
+    assert report["unmet"]["unmet_rows_quieted"] == len(unmet) > 0
+    assert all(torch.equal(out[i], out[report["unmet"]["quiet_row_of"]]) for i in unmet)
+    # Old tokens keep their logits exactly on base-tokenised text (their relative probabilities are the base's).
+    text = base_tok(GENERAL[170], return_tensors="pt")["input_ids"][:, :64]
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=text).logits[..., :old], base(input_ids=text).logits, atol=1e-5)
+
+
+def test_seqprob_gives_terms_the_base_probability_of_their_pieces(base_tok):
+    """On held-out occurrences the fitted output rows give each term about the probability the base gave its
+    piece sequence; mean-of-pieces rows are further off (measured on the untied tiny model)."""
+    from dapt_core.embedding import refine_new_rows
+
+    base = trained_model(base_tok, tied=False)
+    new_tok, added = extended_with(base_tok, WORDS)
+    mean_model = copy.deepcopy(base)
+    info = add_tokens_with_mean_init(mean_model, base_tok, new_tok, added)
+    fitted = copy.deepcopy(mean_model)
+    report = refine_new_rows(fitted, base_tok, new_tok, info, TRAIN, "seqprob")
+    assert report["output"]["mean_abs_logit_error_fitted"] < report["output"]["mean_abs_logit_error_mean_row"]
+    terms = {info["new_ids"][vocab_string(base_tok, w)] for w in WORDS}
+    pieces = {t: info["pieces"][s] for s, t in info["new_ids"].items() if t in terms}
+    target = sum(_term_log_probs(base, base_tok, HELDOUT, None, pieces))
+    with_mean = sum(_term_log_probs(mean_model, new_tok, HELDOUT, terms, pieces))
+    with_fit = sum(_term_log_probs(fitted, new_tok, HELDOUT, terms, pieces))
+    assert abs(with_fit - target) < abs(with_mean - target), (target, with_mean, with_fit)
+
+
+def test_init_layer_past_the_last_layer_is_refused(base_tok):
+    from dapt_core.embedding import refine_new_rows
+
+    model = trained_model(base_tok, tied=False)
+    new_tok, added = extended_with(base_tok, WORDS)
+    info = add_tokens_with_mean_init(model, base_tok, new_tok, added)
+    with pytest.raises(ValueError, match="tokenizer.init_layer"):
+        refine_new_rows(model, base_tok, new_tok, info, TRAIN, "last_piece", layer=9)
 
 
 def test_extend_disabled_or_nothing_to_add(base_tok):
@@ -439,7 +539,7 @@ def test_smollm2_tacrolimus_becomes_one_mean_initialised_token(tmp_path):
 
     texts = [prose(20_000 + i, "domain") for i in range(140)]
     assert sum(t.count(" tacrolimus") for t in texts[:120]) >= 50
-    res = extend(model, tok, texts[:120], texts[120:], TokenizerConfig(domain_vocab_size=3000, min_frequency=10, max_new_tokens=100))
+    res = extend(model, tok, texts[:120], texts[120:], TokenizerConfig(domain_vocab_size=3000, min_frequency=10, max_new_tokens=100, init="mean"))
     new = res.tokenizer
     ids = new(" tacrolimus", add_special_tokens=False)["input_ids"]
     assert len(ids) == 1
