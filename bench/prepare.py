@@ -62,12 +62,7 @@ TASKS_DIR = "/bigbench/benchmark_tasks/"
 # Tasks whose examples are natural text (articles, dialogues, instructions, stories, Q&A, a Hindi and a Persian one).
 # Left out: synthetic or non-text tasks (intersect_geometry, formal_fallacies, cifar10, mnist, matrixshapes,
 # arithmetic, chess, ...), multiemo and real_or_fake_text.
-TEXT_TASKS = (
-    "natural_instructions paragraph_segmentation gem topical_chat movie_dialog_same_or_different hindi_question_answering "
-    "vitaminc_fact_verification contextual_parametric_knowledge_conflicts disfl_qa which_wiki_edit minute_mysteries_qa "
-    "authorship_verification timedial play_dialog_same_or_different bridging_anaphora_resolution_barqa question_selection "
-    "parsinlu_reading_comprehension squad_shifts abstract_narrative_understanding"
-).split()
+TEXT_TASKS = ["natural_instructions", "paragraph_segmentation", "gem", "topical_chat", "movie_dialog_same_or_different", "hindi_question_answering", "vitaminc_fact_verification", "contextual_parametric_knowledge_conflicts", "disfl_qa", "which_wiki_edit", "minute_mysteries_qa", "authorship_verification", "timedial", "play_dialog_same_or_different", "bridging_anaphora_resolution_barqa", "question_selection", "parsinlu_reading_comprehension", "squad_shifts", "abstract_narrative_understanding"]
 EVAL_TASKS = ("strategyqa", "causal_judgment")  # held out of the corpus; the decontamination targets
 LEAK_EVERY = 1000  # the last LEAK_WORDS words of every n-th corpus document are put in the eval set (a simulated leak)
 LEAK_WORDS = 50
@@ -100,7 +95,11 @@ def fetch_sdist(dl: Path) -> Path:
         if not python:
             continue
         log(f"downloading {BIGBENCH} (358 MB) with {python} -m pip download --no-deps")
-        r = subprocess.run([python, "-m", "pip", "download", "--no-deps", "-q", BIGBENCH, "-d", str(dl)], capture_output=True, text=True)
+        r = subprocess.run(
+            [python, "-m", "pip", "download", "--no-deps", "-q", BIGBENCH, "-d", str(dl)],
+            capture_output=True,
+            text=True,
+        )
         if sdist.exists():
             return sdist
         tried.append(f"{python}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -221,7 +220,10 @@ def derive_corpus(src: Path, dst: Path, fraction: float = 1.0, copies: int = 1) 
         lines = lines[: max(1, round(len(lines) * fraction))]
         texts = [json.loads(line)["text"] for line in lines]
         for k in range(copies):
-            rot = str.maketrans(string.ascii_lowercase + string.ascii_uppercase, _rotate(string.ascii_lowercase, k) + _rotate(string.ascii_uppercase, k))
+            rot = str.maketrans(
+                string.ascii_lowercase + string.ascii_uppercase,
+                _rotate(string.ascii_lowercase, k) + _rotate(string.ascii_uppercase, k),
+            )
             path = dst / (f"c{k}_" * (copies > 1) + entry["file"])
             if k == 0 and fraction == 1.0:
                 os.link(src / entry["file"], path)  # unchanged: a hard link, no disk
@@ -229,7 +231,14 @@ def derive_corpus(src: Path, dst: Path, fraction: float = 1.0, copies: int = 1) 
             else:
                 shown = [t.translate(rot) for t in texts] if k else texts
                 write_jsonl(path, shown)
-            files.append({"file": path.name, "docs": len(shown), "text_bytes": text_bytes(shown), "file_bytes": path.stat().st_size})
+            files.append(
+                {
+                    "file": path.name,
+                    "docs": len(shown),
+                    "text_bytes": text_bytes(shown),
+                    "file_bytes": path.stat().st_size,
+                }
+            )
     manifest.write_text(json.dumps({"files": files}, indent=1))
     return dst
 
@@ -411,10 +420,14 @@ def worker_minhash(args: dict) -> dict:
         return m.hashvalues
 
     def ours(part: list[str]) -> np.ndarray:
-        return np.concatenate([minhash_signatures(tokenize(part[i : i + batch]), k, num_perm, seed) for i in range(0, len(part), batch)])
+        return np.concatenate(
+            [minhash_signatures(tokenize(part[i : i + batch]), k, num_perm, seed) for i in range(0, len(part), batch)]
+        )
 
-    methods = {"ours": ours} | {name: lambda part, fn=fn: np.stack([fn(t) for t in part]) for name, fn in
-                                (("update_batch", ds_batch), ("update", ds_update), ("shared", ds_shared))}
+    methods = {"ours": ours} | {
+        name: lambda part, fn=fn: np.stack([fn(t) for t in part])
+        for name, fn in (("update_batch", ds_batch), ("update", ds_update), ("shared", ds_shared))
+    }
     # Side by side: the methods take turns over ~8 slices of the sample (whole batches; order rotated per slice), so a
     # change in the machine's load during the run hits all of them alike.
     seconds, parts = dict.fromkeys(methods, 0.0), {name: [] for name in methods}
@@ -435,7 +448,10 @@ def worker_minhash(args: dict) -> dict:
     pairs = np.concatenate([near[rng.choice(len(near), 1000, replace=False)], rng.integers(0, len(texts), (1000, 2))])
     sets = {int(i): shingles(texts[i]) for i in np.unique(pairs)}
     exact = np.array([len(sets[a] & sets[b]) / max(1, len(sets[a] | sets[b])) for a, b in pairs])
-    error = {name: float(np.abs((sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1) - exact).mean()) for name, sig in sigs.items()}
+    error = {
+        name: float(np.abs((sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1) - exact).mean())
+        for name, sig in sigs.items()
+    }
     return {
         "docs": len(texts),
         "bytes": text_bytes(texts),
@@ -460,8 +476,8 @@ def worker_prefect(args: dict) -> dict:
     )
     from prefect import flow  # only now: Prefect reads its settings at import
 
+    from dapt.flows.prepare import prepare_flow
     from dapt_core.config import DaptConfig
-    from flows.prepare import prepare_flow
 
     @flow(name="bench-warmup")
     def warmup() -> int:
@@ -474,7 +490,10 @@ def worker_prefect(args: dict) -> dict:
         {
             "project": "bench",
             "store": str(Path(args["work"]) / "store"),
-            "data": {"domain": [{"name": "bigbench", "paths": [args["corpus"]]}], "eval": [{"name": "eval", "paths": [args["eval"]]}]},
+            "data": {
+                "domain": [{"name": "bigbench", "paths": [args["corpus"]]}],
+                "eval": [{"name": "eval", "paths": [args["eval"]]}],
+            },
         }
     )
     t0 = time.perf_counter()
@@ -505,9 +524,17 @@ def spawn(kind: str, log_path: Path, **args) -> dict:
     log(f"{kind}: {json.dumps({k: v for k, v in args.items() if k != 'work'})} (log: {log_path})")
     t0 = time.perf_counter()
     with open(log_path, "a") as out:
-        code = subprocess.call([sys.executable, __file__, "--worker", kind, json.dumps(args), str(result)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        code = subprocess.call(
+            [sys.executable, __file__, "--worker", kind, json.dumps(args), str(result)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
     if code:
-        raise SystemExit(f"worker {kind} failed (exit {code}); see {log_path}:\n" + "".join(log_path.read_text().splitlines(True)[-30:]))
+        raise SystemExit(
+            f"worker {kind} failed (exit {code}); see {log_path}:\n"
+            + "".join(log_path.read_text().splitlines(True)[-30:])
+        )
     data = json.loads(result.read_text())
     result.unlink()
     log(f"{kind}: done in {time.perf_counter() - t0:.0f} s")
@@ -538,7 +565,11 @@ def stage_table(res: dict, info: dict) -> list[str]:
         ("decontam (eval n-grams + probe)", g("decontam: eval n-grams") + g("decontam: probe"), nb.get("tokenise", 0)),
         ("exact dedup (xxh3 + DuckDB window)", g("exact dedup: hash") + exact_duck, nb.get("exact dedup: hash", 0)),
         ("MinHash signatures", g("MinHash") + g("MinHash: has_shingles"), nb.get("tokenise", 0)),
-        ("LSH (band keys + DuckDB buckets + verify)", g("LSH: band keys") + g("LSH: buckets + verify (DuckDB)"), nb.get("tokenise", 0)),
+        (
+            "LSH (band keys + DuckDB buckets + verify)",
+            g("LSH: band keys") + g("LSH: buckets + verify (DuckDB)"),
+            nb.get("tokenise", 0),
+        ),
     ]
     named = sum(s for label, s, _ in steps if not label.startswith("  "))
     steps.append(("rest (Parquet I/O, DuckDB load, decide, write kept, stats)", res["clean_s"] - named, total))
@@ -552,13 +583,17 @@ def stage_table(res: dict, info: dict) -> list[str]:
     ]
     for label, s, b in steps:
         lines.append(f"{'  ' + label:<60s} {b / MB:8.1f} {s:8.1f} {mbps(b, s)} {100 * s / res['clean_s']:7.0f}%")
-    lines.append(f"{'INGEST + CLEAN':<60s} {total / MB:8.1f} {ingest_s + res['clean_s']:8.1f} {mbps(total, ingest_s + res['clean_s'])}")
+    lines.append(
+        f"{'INGEST + CLEAN':<60s} {total / MB:8.1f} {ingest_s + res['clean_s']:8.1f} {mbps(total, ingest_s + res['clean_s'])}"
+    )
     return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=ROOT / "bench" / ".data", help="data and scratch folder (default bench/.data)")
+    p.add_argument(
+        "--data", type=Path, default=ROOT / "bench" / ".data", help="data and scratch folder (default bench/.data)"
+    )
     p.add_argument("--quick", action="store_true", help=f"~{QUICK_MB} MB smoke run")
     p.add_argument("--skip-rss", action="store_true", help="skip the 1x/4x peak RSS measurement")
     p.add_argument("--scale", action="store_true", help="only the scale arms (bench/prepare_scale.py), offline")
@@ -580,17 +615,29 @@ def main() -> None:
     worker_log = logs / f"workers-{stamp}.log"
     started = time.perf_counter()
     if a.scale:
-        out = [f"dapt bench/prepare.py --scale  {time.strftime('%Y-%m-%d %H:%M')}  python {sys.version.split()[0]}, {os.cpu_count()} cores"]
-        arms = {"small-files": prepare_scale.small_files_arm, "incremental": prepare_scale.incremental_arm, "ray": prepare_scale.ray_arm}
+        out = [
+            f"dapt bench/prepare.py --scale  {time.strftime('%Y-%m-%d %H:%M')}  python {sys.version.split()[0]}, {os.cpu_count()} cores"
+        ]
+        arms = {
+            "small-files": prepare_scale.small_files_arm,
+            "incremental": prepare_scale.incremental_arm,
+            "ray": prepare_scale.ray_arm,
+        }
         for arm in a.arms.split(","):
             out += arms[arm](data, a.files, spawn, worker_log)
-        print("\n".join(out + [f"total bench time {(time.perf_counter() - started) / 60:.1f} min; worker logs: {worker_log}"]))
+        print(
+            "\n".join(
+                out + [f"total bench time {(time.perf_counter() - started) / 60:.1f} min; worker logs: {worker_log}"]
+            )
+        )
         return
 
     full = build_corpus(data, FULL_MB)
     evals = data / "eval"
     if a.quick:
-        corpus = derive_corpus(full, data / f"corpus-{QUICK_MB}mb", fraction=QUICK_MB * MB / corpus_info(full)["text_bytes"])
+        corpus = derive_corpus(
+            full, data / f"corpus-{QUICK_MB}mb", fraction=QUICK_MB * MB / corpus_info(full)["text_bytes"]
+        )
     else:
         corpus = full
     info = corpus_info(corpus)
@@ -605,7 +652,9 @@ def main() -> None:
     ]
 
     # 1. Per-stage MB/s (also the 1x RSS when the whole corpus is used for RSS).
-    stages = spawn("pipeline", worker_log, corpus=str(corpus), eval=str(evals), work=str(work / "pipeline"), instrument=True)
+    stages = spawn(
+        "pipeline", worker_log, corpus=str(corpus), eval=str(evals), work=str(work / "pipeline"), instrument=True
+    )
     out += ["== 1. stage throughput (MB of document text; each clean step on the text it saw) =="]
     out += stage_table(stages, info)
     out += [
@@ -660,11 +709,15 @@ def main() -> None:
                 f"'the corpus' here is a {RSS_SLICE_MB} MB proportional slice: the 4x run of the full corpus "
                 f"would take ~{4 * one_x_s / 60:.0f} min (> {MAX_4X_MINUTES})"
             )
-            one = spawn("pipeline", worker_log, corpus=str(base), eval=str(evals), work=str(work / "rss1"), instrument=False)
+            one = spawn(
+                "pipeline", worker_log, corpus=str(base), eval=str(evals), work=str(work / "rss1"), instrument=False
+            )
         else:
             base, one = corpus, stages
         four_dir = derive_corpus(base, data / f"{base.name}-x4", copies=4)
-        four = spawn("pipeline", worker_log, corpus=str(four_dir), eval=str(evals), work=str(work / "rss4"), instrument=False)
+        four = spawn(
+            "pipeline", worker_log, corpus=str(four_dir), eval=str(evals), work=str(work / "rss4"), instrument=False
+        )
         rss_ratio = four["peak_rss_kb"] / one["peak_rss_kb"]
         for name, r, d in (("1x", one, base), ("4x", four, four_dir)):
             i = corpus_info(d)
@@ -680,7 +733,9 @@ def main() -> None:
             f"{four['kept_docs'] / (4 * one['kept_docs']):.3f} (docs with few ASCII letters, e.g. Hindi, stay duplicates "
             "across copies; the leaked passages only match copy 1)"
         )
-        out.append(f"clean.duckdb_memory_limit = {CleanConfig().duckdb_memory_limit} (DuckDB may use up to it before spilling)")
+        out.append(
+            f"clean.duckdb_memory_limit = {CleanConfig().duckdb_memory_limit} (DuckDB may use up to it before spilling)"
+        )
         out.append(goal("peak RSS 4x / 1x", rss_ratio, "<= 1.5", rss_ratio <= 1.5))
         out.append("")
     out.append(f"total bench time {(time.perf_counter() - started) / 60:.1f} min; worker logs: {worker_log}")

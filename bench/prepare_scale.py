@@ -31,7 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-SOURCES = [("PubMedQA/pqaa/test.jsonl", "passage"), ("XSum/test.jsonl", "document"), ("BoolQ/combined.jsonl", "passage")]
+SOURCES = [
+    ("PubMedQA/pqaa/test.jsonl", "passage"),
+    ("XSum/test.jsonl", "document"),
+    ("BoolQ/combined.jsonl", "passage"),
+]
 FEW_FILES = 10
 
 
@@ -102,12 +106,11 @@ def worker_prepare(args: dict) -> dict:
     work = Path(args["work"])
     shutil.rmtree(work, ignore_errors=True)
     prefect_env(work)
+    import pyarrow.parquet as pq
     from prefect import flow
 
-    import pyarrow.parquet as pq
-
+    from dapt.flows.prepare import prepare_flow
     from dapt_core.config import DaptConfig
-    from flows.prepare import prepare_flow
 
     @flow(name="bench-warmup")
     def warmup() -> int:
@@ -115,8 +118,12 @@ def worker_prepare(args: dict) -> dict:
 
     warmup()
     cfg = DaptConfig.model_validate(
-        {"project": "bench", "store": str(work / "store"), "data": {"domain": [{"name": "notes", "paths": [args["corpus"]]}]},
-         "prepare": {"engine": args.get("engine", "local"), "ray_address": args.get("ray_address")}}
+        {
+            "project": "bench",
+            "store": str(work / "store"),
+            "data": {"domain": [{"name": "notes", "paths": [args["corpus"]]}]},
+            "prepare": {"engine": args.get("engine", "local"), "ray_address": args.get("ray_address")},
+        }
     )
     t0 = time.perf_counter()
     result = prepare_flow(cfg)
@@ -178,7 +185,9 @@ def incremental_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     shutil.rmtree(union, ignore_errors=True)
     shutil.copytree(many, union)
     shutil.copytree(fresh, union / fresh.name)
-    refresh = spawn("scale-prepare", log_path, corpus=str(many), refresh=str(fresh), work=str(data / "work" / "refresh"))
+    refresh = spawn(
+        "scale-prepare", log_path, corpus=str(many), refresh=str(fresh), work=str(data / "work" / "refresh")
+    )
     full = spawn("scale-prepare", log_path, corpus=str(union), work=str(data / "work" / "union"))
     ratio = refresh["refresh_s"] / full["wall_s"]
     same = refresh["decisions"] == full["decisions"]
@@ -216,10 +225,23 @@ def start_ray_cluster(temp_dir: str) -> str:
     port = _free_port()
     limits = ["--num-cpus", "1", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = [ray, "start", "--head", "--port", str(port), "--temp-dir", temp_dir, "--include-dashboard=false",
-            "--ray-client-server-port", str(_free_port()), *limits]
+    head = [
+        ray,
+        "start",
+        "--head",
+        "--port",
+        str(port),
+        "--temp-dir",
+        temp_dir,
+        "--include-dashboard=false",
+        "--ray-client-server-port",
+        str(_free_port()),
+        *limits,
+    ]
     subprocess.run(head, env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *limits], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [ray, "start", "--address", f"127.0.0.1:{port}", *limits], env=env, check=True, capture_output=True, timeout=300
+    )
     return f"127.0.0.1:{port}"
 
 
@@ -254,9 +276,25 @@ def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     try:
         address = start_ray_cluster(temp_dir)
         local = spawn("scale-prepare", log_path, corpus=str(corpus), work=str(data / "work" / "local"))
-        on_ray = spawn("scale-prepare", log_path, corpus=str(corpus), work=str(data / "work" / "ray"), engine="ray", ray_address=address)
-        rss = {name: spawn("scale-prepare", log_path, corpus=str(c), work=str(data / "work" / name), engine="ray", ray_address=address)
-               for name, c in (("1x", one_x), ("4x", four_x))}
+        on_ray = spawn(
+            "scale-prepare",
+            log_path,
+            corpus=str(corpus),
+            work=str(data / "work" / "ray"),
+            engine="ray",
+            ray_address=address,
+        )
+        rss = {
+            name: spawn(
+                "scale-prepare",
+                log_path,
+                corpus=str(c),
+                work=str(data / "work" / name),
+                engine="ray",
+                ray_address=address,
+            )
+            for name, c in (("1x", one_x), ("4x", four_x))
+        }
     finally:
         stop_ray_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

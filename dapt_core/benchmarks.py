@@ -71,7 +71,9 @@ def _records(path: Path) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise BenchmarkError(f"{path}: line {n} is not JSON ({e.msg}); one JSON object per line is expected") from None
+                    raise BenchmarkError(
+                        f"{path}: line {n} is not JSON ({e.msg}); one JSON object per line is expected"
+                    ) from None
     return rows
 
 
@@ -86,7 +88,9 @@ def _label(answer: Any, choices: list[str], fmt: str) -> int:
             raise ValueError(f"index {answer} is outside the {len(choices)} choices")
         return answer
     if not isinstance(answer, str):
-        raise ValueError(f"expected a {'string' if fmt != 'index' else 'number'}, got {type(answer).__name__} {answer!r:.60}")
+        raise ValueError(
+            f"expected a {'string' if fmt != 'index' else 'number'}, got {type(answer).__name__} {answer!r:.60}"
+        )
     stripped = [_squash(c) for c in choices]
     if fmt in ("text", "auto") and _squash(answer) in stripped:
         return stripped.index(_squash(answer))
@@ -100,7 +104,9 @@ def _label(answer: Any, choices: list[str], fmt: str) -> int:
         if m.group(2) and _squash(m.group(2)) != stripped[i]:  # "B. text": the text must be choice B's
             raise ValueError(f"{answer!r:.80} names letter {m.group(1)}, whose choice is {stripped[i]!r:.80}")
         return i
-    raise ValueError(f"{answer!r:.80} is not a choice's text" + (", a letter or an index" if fmt == "auto" else f" ({fmt})"))
+    raise ValueError(
+        f"{answer!r:.80} is not a choice's text" + (", a letter or an index" if fmt == "auto" else f" ({fmt})")
+    )
 
 
 # Real benchmark files hold a few broken items (CommonsenseQA's validation split has one whose options leaked into the
@@ -127,7 +133,9 @@ def load_benchmark(b: BenchmarkConfig) -> list[BenchmarkItem]:
         except BenchmarkError as e:
             errors.append(str(e))
     if len(errors) > MAX_SKIPPED_SHARE * len(rows):
-        raise BenchmarkError(f"{errors[0]}" + (f" ({len(errors)} of {len(rows)} items fail)" if len(errors) > 1 else ""))
+        raise BenchmarkError(
+            f"{errors[0]}" + (f" ({len(errors)} of {len(rows)} items fail)" if len(errors) > 1 else "")
+        )
     for e in errors:
         log.warning("benchmark %s: item skipped: %s", b.name, e)
     return items
@@ -139,7 +147,9 @@ def _item(b: BenchmarkConfig, path: Path, i: int, row: Any) -> BenchmarkItem:
     def field(name: str | None, what: str) -> Any:
         if not isinstance(row, dict) or name not in row or row[name] is None:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise BenchmarkError(f"{where}: no {what} field {name!r} (fields: {keys}); set eval.benchmarks[{b.name}].{what}_field")
+            raise BenchmarkError(
+                f"{where}: no {what} field {name!r} (fields: {keys}); set eval.benchmarks[{b.name}].{what}_field"
+            )
         return row[name]
 
     question = field(b.question_field, "question")
@@ -150,16 +160,22 @@ def _item(b: BenchmarkConfig, path: Path, i: int, row: Any) -> BenchmarkItem:
         raw = field(b.choices_field, "choices")
         choices = parse_options(raw) if isinstance(raw, str) else raw
         if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-            raise BenchmarkError(f"{where}: choices field {b.choices_field!r} must be a list of strings or one string of lettered options")
+            raise BenchmarkError(
+                f"{where}: choices field {b.choices_field!r} must be a list of strings or one string of lettered options"
+            )
         if len(choices) < 2:
-            raise BenchmarkError(f"{where}: choices field {b.choices_field!r} holds {len(choices)} choice(s) ({raw!r:.80}); at least 2 are needed")
+            raise BenchmarkError(
+                f"{where}: choices field {b.choices_field!r} holds {len(choices)} choice(s) ({raw!r:.80}); at least 2 are needed"
+            )
     if not isinstance(question, str) or (passage is not None and not isinstance(passage, str)):
         raise BenchmarkError(f"{where}: question/passage fields must be strings")
     answer = field(b.answer_field, "answer")
     try:
         label = _label(answer, choices, b.answer_format)
     except ValueError as e:
-        raise BenchmarkError(f"{where}: answer field {b.answer_field!r}: {e} (eval.benchmarks[{b.name}].answer_format: {b.answer_format})") from None
+        raise BenchmarkError(
+            f"{where}: answer field {b.answer_field!r}: {e} (eval.benchmarks[{b.name}].answer_format: {b.answer_format})"
+        ) from None
     return BenchmarkItem(id=i, passage=passage, question=question, choices=choices, label=label, prompt=b.prompt)
 
 
@@ -185,7 +201,9 @@ def decontamination_sources(benchmarks: list[BenchmarkConfig]) -> list[SourceCon
         fields = [("question", b.question_field), ("passage", b.passage_field)]
         if b.choices is None and _is_string_field(Path(b.path), b.choices_field):
             fields.append(("choices", b.choices_field))
-        sources += [SourceConfig(name=f"benchmark-{b.name}-{what}", paths=[b.path], text_field=f) for what, f in fields if f]
+        sources += [
+            SourceConfig(name=f"benchmark-{b.name}-{what}", paths=[b.path], text_field=f) for what, f in fields if f
+        ]
     return sources
 
 
@@ -209,7 +227,10 @@ def binom_cdf(k: int, n: int, p: float = 0.5) -> float:
         return 0.0
     if k >= n:
         return 1.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+        for i in range(k + 1)
+    ]
     top = max(logs)
     return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
 
@@ -273,6 +294,10 @@ def compare_paired(reference: dict[int, int], candidate: dict[int, int]) -> Pair
     only_cand = sum(1 for i in common if candidate[i] and not reference[i])
     n = len(common)
     return PairedComparison(
-        n=n, reference_acc=sum(reference[i] for i in common) / n, candidate_acc=sum(candidate[i] for i in common) / n,
-        only_reference=only_ref, only_candidate=only_cand, p_value=mcnemar_exact(only_ref, only_cand),
+        n=n,
+        reference_acc=sum(reference[i] for i in common) / n,
+        candidate_acc=sum(candidate[i] for i in common) / n,
+        only_reference=only_ref,
+        only_candidate=only_cand,
+        p_value=mcnemar_exact(only_ref, only_cand),
     )

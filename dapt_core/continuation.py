@@ -50,7 +50,9 @@ class RollbackPoint:
         """Continue from this checkpoint with the replay share raised to `general_fraction` (never lowered)."""
         checkpoint = next(c for c in self.attempt.checkpoints if c.uri == self.decision.checkpoint)
         return Continuation(
-            checkpoint=checkpoint, data=self.attempt.trained_on, data_general_fraction=self.attempt.general_fraction,
+            checkpoint=checkpoint,
+            data=self.attempt.trained_on,
+            data_general_fraction=self.attempt.general_fraction,
             general_fraction=max(general_fraction, self.attempt.general_fraction),
             source=f"attempt {self.attempt.attempt} step {self.decision.step}",
         )
@@ -84,7 +86,13 @@ def replay_sequences_needed(unseen: int, from_fraction: float, to_fraction: floa
 
 
 def write_continuation_data(
-    data: list[Path], general_sample: Path | None, state: dict, seed: int, from_fraction: float, to_fraction: float, out: Path
+    data: list[Path],
+    general_sample: Path | None,
+    state: dict,
+    seed: int,
+    from_fraction: float,
+    to_fraction: float,
+    out: Path,
 ) -> ContinuationData:
     """The sequences of `data` not visited before the checkpoint's data position (`state`: its trainer_state), plus
     general-only sequences from `general_sample` for the raised replay share, as one Parquet shard at `out`."""
@@ -106,7 +114,9 @@ def write_continuation_data(
             )
         pool = train_mod.PackedSequences([general_sample])
         if pool.seq_len != seen.seq_len:
-            raise ValueError(f"{general_sample}: general sample sequences of {pool.seq_len} tokens, training data of {seen.seq_len}")
+            raise ValueError(
+                f"{general_sample}: general sample sequences of {pool.seq_len} tokens, training data of {seen.seq_len}"
+            )
         rng = np.random.default_rng([seed, state["step"]])
         picks = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-m // len(pool)))])[:m]
         items += [pool[int(i)] for i in picks]
@@ -114,12 +124,17 @@ def write_continuation_data(
         raise ValueError(f"nothing left to train after step {state['step']}: the checkpoint saw all of its data")
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("doc_lengths", pa.list_(pa.int32()))])
     table = pa.Table.from_pylist(
-        [{"input_ids": ids.astype(np.int32).tolist(), "doc_lengths": docs.astype(np.int32).tolist()} for ids, docs, _ in items],
+        [
+            {"input_ids": ids.astype(np.int32).tolist(), "doc_lengths": docs.astype(np.int32).tolist()}
+            for ids, docs, _ in items
+        ],
         schema=schema,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out, compression="zstd")
-    return ContinuationData(unseen_sequences=len(unseen), replay_sequences=m, resume_step=state["step"], total_steps=state["total_steps"])
+    return ContinuationData(
+        unseen_sequences=len(unseen), replay_sequences=m, resume_step=state["step"], total_steps=state["total_steps"]
+    )
 
 
 def place_resume_point(checkpoint_dir: Path, train_dir: Path) -> None:

@@ -97,7 +97,11 @@ class AttemptSpec(BaseModel):
 
 
 def eval_files(store: ArtifactStore, pack: PackManifest) -> dict[str, Path]:
-    files = {k: store.local_path(r) for k, r in (("domain", pack.eval_domain), ("general", pack.eval_general)) if r is not None}
+    files = {
+        k: store.local_path(r)
+        for k, r in (("domain", pack.eval_domain), ("general", pack.eval_general))
+        if r is not None
+    }
     if not files:
         raise ValueError("the pack stage held out no eval documents (mix.heldout_fraction is 0): nothing to evaluate")
     return files
@@ -143,13 +147,22 @@ class JournalEntry(BaseModel):
     @model_validator(mode="after")
     def _judged_or_interrupted(self) -> JournalEntry:
         if self.interrupted == (self.accepted is not None):
-            raise ValueError(f"step {self.step}: an entry is either judged (accepted) or interrupted, not both or neither")
+            raise ValueError(
+                f"step {self.step}: an entry is either judged (accepted) or interrupted, not both or neither"
+            )
         return self
 
     def decision(self, attempt: int) -> CheckpointDecision:
         return CheckpointDecision(
-            attempt=attempt, step=self.step, accepted=bool(self.accepted), reasons=self.reasons, numbers=self.numbers,
-            metrics=self.metrics, backend=self.backend or "", checkpoint=self.checkpoint.uri, trails_original=self.trails_original,
+            attempt=attempt,
+            step=self.step,
+            accepted=bool(self.accepted),
+            reasons=self.reasons,
+            numbers=self.numbers,
+            metrics=self.metrics,
+            backend=self.backend or "",
+            checkpoint=self.checkpoint.uri,
+            trails_original=self.trails_original,
         )
 
 
@@ -235,14 +248,21 @@ def resume_from_journal(store: ArtifactStore, entries: list[JournalEntry], train
 def journal_interrupted(store: ArtifactStore, prefix: str, entries: list[JournalEntry], stopped: Stopped) -> Stopped:
     """Upload the checkpoint a stopped training loop wrote and append it to `<prefix>/journal.json` as interrupted (not
     judged, never promoted): the next run resumes from it. Returns `stopped` pointing at the store's copy."""
-    if stopped.checkpoint is None or (entries and entries[-1].step >= stopped.step):  # no step since the last journaled one
+    if stopped.checkpoint is None or (
+        entries and entries[-1].step >= stopped.step
+    ):  # no step since the last journaled one
         stopped = stopped.model_copy(update={"checkpoint": entries[-1].checkpoint.uri if entries else None})
     else:
         local = Path(stopped.checkpoint)
         ref = store.put_dir(local, layout.checkpoint_key(prefix, local.name))
         entries.append(JournalEntry(step=stopped.step, interrupted=True, reason=stopped.reason, checkpoint=ref))
         store.put_text(journal_text(entries, prefix), layout.journal_key(prefix))
-        log.warning("stopped (%s) at step %d: checkpoint %s journaled; a re-run resumes from it", stopped.reason, stopped.step, ref.uri)
+        log.warning(
+            "stopped (%s) at step %d: checkpoint %s journaled; a re-run resumes from it",
+            stopped.reason,
+            stopped.step,
+            ref.uri,
+        )
         stopped = stopped.model_copy(update={"checkpoint": ref.uri})
     stop.saved(stopped)
     return stopped
@@ -316,13 +336,25 @@ def _training_data(spec: AttemptSpec, store: ArtifactStore, workdir: Path, dist:
         state = trainer_state(store.local_dir(c.checkpoint))
         general = store.local_path(spec.pack.general_sample) if spec.pack.general_sample else None
         counts = write_continuation_data(
-            [store.local_path(r) for r in c.data], general, state, state["seed"], c.data_general_fraction, c.general_fraction, shard
+            [store.local_path(r) for r in c.data],
+            general,
+            state,
+            state["seed"],
+            c.data_general_fraction,
+            c.general_fraction,
+            shard,
         )
         counts_file.write_text(counts.model_dump_json())
         refs = [store.put_file(shard, layout.continuation_shard_key(spec.prefix, shard.name))]
         log.info(
             "attempt %d continues from %s (step %d of %d): %d sequences it had not seen + %d replay sequences, lr %.3g",
-            spec.attempt, c.source, counts.resume_step, counts.total_steps, counts.unseen_sequences, counts.replay_sequences, spec.train.lr,
+            spec.attempt,
+            c.source,
+            counts.resume_step,
+            counts.total_steps,
+            counts.unseen_sequences,
+            counts.replay_sequences,
+            spec.train.lr,
         )
         store.put_text(counts.model_dump_json(), layout.continuation_shard_key(spec.prefix, counts_file.name))
     dist.barrier()
@@ -334,13 +366,20 @@ def _training_data(spec: AttemptSpec, store: ArtifactStore, workdir: Path, dist:
     return AttemptData([shard], refs, ContinuationData.model_validate_json(counts_file.read_text()))
 
 
-def _recover(spec: AttemptSpec, store: ArtifactStore, train_dir: Path, journal: list[JournalEntry], dist: train_mod.Distributed) -> None:
+def _recover(
+    spec: AttemptSpec, store: ArtifactStore, train_dir: Path, journal: list[JournalEntry], dist: train_mod.Distributed
+) -> None:
     """On each node's first process (its ranks resume from their local train_dir), put the journal's newest checkpoint
     (or, for a rollback not started yet, the checkpoint it continues from) where the training loop resumes from."""
     if dist.local_rank == 0:
         resume_step = resume_from_journal(store, journal, train_dir)
         if journal and dist.main:
-            log.info("attempt %d: resuming after step %d (%d checkpoint(s) already judged)", spec.attempt, resume_step, len(_judged(journal)))
+            log.info(
+                "attempt %d: resuming after step %d (%d checkpoint(s) already judged)",
+                spec.attempt,
+                resume_step,
+                len(_judged(journal)),
+            )
         elif spec.continue_from is not None:
             place_resume_point(store.local_dir(spec.continue_from.checkpoint), train_dir)
     dist.barrier()
@@ -351,7 +390,14 @@ class CheckpointJudge:
     the reference, upload the checkpoint and journal the decision (last: an entry means the checkpoint is safe).
     Returns whether training may go on."""
 
-    def __init__(self, spec: AttemptSpec, store: ArtifactStore, workdir: Path, journal: list[JournalEntry], observer: AttemptObserver | None):
+    def __init__(
+        self,
+        spec: AttemptSpec,
+        store: ArtifactStore,
+        workdir: Path,
+        journal: list[JournalEntry],
+        observer: AttemptObserver | None,
+    ):
         self.spec, self.store, self.workdir, self.journal, self.observer = spec, store, workdir, journal, observer
         self.policy = ForgettingPolicy.from_config(spec.eval)
         self.files = eval_files(store, spec.pack)
@@ -367,19 +413,37 @@ class CheckpointJudge:
         # get_peft_model injects adapters into `model` in place: `model` is the model being trained, for either method.
         if self.observer is not None:
             self.observer.evaluating(step)
-        result = evaluate(_judged_model(self.spec, self.store, self.model, path), self.tokenizer, self.files, self.workdir / f"eval-{step}", self.spec.eval)
+        result = evaluate(
+            _judged_model(self.spec, self.store, self.model, path),
+            self.tokenizer,
+            self.files,
+            self.workdir / f"eval-{step}",
+            self.spec.eval,
+        )
         decision = self.policy.judge(self.spec.reference, result, step=step)  # logs the decision
         trails, domain_numbers = trails_original(self.spec.reference, result, self.spec.eval)
         if trails:
-            log.info("attempt %d step %d does not beat the original base on the domain: %s", self.spec.attempt, step, "; ".join(trails))
+            log.info(
+                "attempt %d step %d does not beat the original base on the domain: %s",
+                self.spec.attempt,
+                step,
+                "; ".join(trails),
+            )
         if self.observer is not None:
             self.observer.judged(step, decision.accepted, decision.reasons, result.metrics)
         ref = self.store.put_dir(path, layout.checkpoint_key(self.spec.prefix, path.name))
-        self.journal.append(JournalEntry(
-            step=step, checkpoint=ref, accepted=decision.accepted, reasons=list(decision.reasons),
-            numbers={k: float(v) for k, v in {**decision.numbers, **domain_numbers}.items()}, metrics=dict(result.metrics),
-            backend=result.backend, trails_original=trails,
-        ))
+        self.journal.append(
+            JournalEntry(
+                step=step,
+                checkpoint=ref,
+                accepted=decision.accepted,
+                reasons=list(decision.reasons),
+                numbers={k: float(v) for k, v in {**decision.numbers, **domain_numbers}.items()},
+                metrics=dict(result.metrics),
+                backend=result.backend,
+                trails_original=trails,
+            )
+        )
         self._tensorboard(step, result.metrics, decision.accepted)
         self.store.put_text(journal_text(self.journal, self.spec.prefix), layout.journal_key(self.spec.prefix))
         return decision.accepted
@@ -391,23 +455,48 @@ class CheckpointJudge:
             self.tensorboard.add_scalar(f"eval/{name}", value, step)
         self.tensorboard.add_scalar("eval/accepted", float(accepted), step)
         self.tensorboard.flush()
-        self.tensorboard_ref = self.store.put_dir(self.workdir / "train" / "tensorboard", layout.tensorboard_key(self.spec.prefix))
+        self.tensorboard_ref = self.store.put_dir(
+            self.workdir / "train" / "tensorboard", layout.tensorboard_key(self.spec.prefix)
+        )
 
 
-def _train(spec: AttemptSpec, store: ArtifactStore, workdir: Path, judge: CheckpointJudge, data: AttemptData, dist: train_mod.Distributed) -> None:
+def _train(
+    spec: AttemptSpec,
+    store: ArtifactStore,
+    workdir: Path,
+    judge: CheckpointJudge,
+    data: AttemptData,
+    dist: train_mod.Distributed,
+) -> None:
     """Train from the start model (or the checkpoint `_recover` placed) until the end or the first rejection. A
     rollback keeps the step budget of the plan it continues (module docstring of dapt_core/continuation.py)."""
     train_dir = workdir / "train"
-    cfg = spec.train if data.continuation is None else spec.train.model_copy(update={"max_steps": data.continuation.total_steps})
+    cfg = (
+        spec.train
+        if data.continuation is None
+        else spec.train.model_copy(update={"max_steps": data.continuation.total_steps})
+    )
     model, tokenizer = load_from_dir(store.local_dir(spec.start))
-    if spec.train.method == "lora" and spec.new_token_ids and not (spec.train.train_new_tokens or spec.train.train_embeddings):
-        log.warning("train.method lora with an extended tokenizer and train.train_new_tokens off: the new token rows will not learn")
+    if (
+        spec.train.method == "lora"
+        and spec.new_token_ids
+        and not (spec.train.train_new_tokens or spec.train.train_embeddings)
+    ):
+        log.warning(
+            "train.method lora with an extended tokenizer and train.train_new_tokens off: the new token rows will not learn"
+        )
     judge.model, judge.tokenizer = model, tokenizer
     judge.tensorboard = train_mod.tensorboard_writer(spec.train, train_dir, dist)
     try:
         train_mod.train(
-            model, data.shards, cfg, train_dir, resume=True,
-            on_checkpoint=judge, general_samples=_general_samples(store, spec), new_token_ids=spec.new_token_ids,
+            model,
+            data.shards,
+            cfg,
+            train_dir,
+            resume=True,
+            on_checkpoint=judge,
+            general_samples=_general_samples(store, spec),
+            new_token_ids=spec.new_token_ids,
             on_progress=judge.observer.step if judge.observer is not None else None,
         )
     except StopRequested as e:
@@ -420,12 +509,19 @@ def _train(spec: AttemptSpec, store: ArtifactStore, workdir: Path, judge: Checkp
         judge.model = None
 
 
-def _promote(spec: AttemptSpec, store: ArtifactStore, workdir: Path, judge: CheckpointJudge, data: AttemptData) -> CptManifest:
+def _promote(
+    spec: AttemptSpec, store: ArtifactStore, workdir: Path, judge: CheckpointJudge, data: AttemptData
+) -> CptManifest:
     """Promote the best checkpoint that passed the forgetting policy AND beats the original base on the domain (if
     any: else "no gain", dapt_core/gain.py), write the attempt's report, return its manifest."""
     judged = _judged(judge.journal)
     evaluated = [
-        (e.step, EvalResult(metrics=e.metrics, backend=e.backend or ""), Decision(bool(e.accepted), e.reasons, e.numbers)) for e in judged
+        (
+            e.step,
+            EvalResult(metrics=e.metrics, backend=e.backend or ""),
+            Decision(bool(e.accepted), e.reasons, e.numbers),
+        )
+        for e in judged
     ]
     promotable = [(e.step, r) for e, (_, r, _) in zip(judged, evaluated) if e.accepted and not e.trails_original]
     best_step = judge.policy.choose_best(promotable) if promotable else None
@@ -433,24 +529,44 @@ def _promote(spec: AttemptSpec, store: ArtifactStore, workdir: Path, judge: Chec
     promoted = adapter = None
     if best_step is not None:
         promoted, adapter = _write_promoted(spec, store, workdir, next(e for e in judged if e.step == best_step))
-    gain = domain_gain(spec.eval, spec.reference.metrics, decisions, next((d for d in decisions if d.step == best_step), None))
+    gain = domain_gain(
+        spec.eval, spec.reference.metrics, decisions, next((d for d in decisions if d.step == best_step), None)
+    )
     if promoted is None:
         log.warning("attempt %d: nothing promoted (%s): %s", spec.attempt, gain.verdict, "; ".join(gain.reasons))
     report = write_report(spec.reference, evaluated, workdir / "report", best_step=best_step, policy=judge.policy)
     refs = {k: store.put_file(p, layout.attempt_report_key(spec.prefix, p.name)) for k, p in report.items()}
     rejected = [e.step for e in judged if e.accepted is False]
     return CptManifest(
-        accepted=any(d.accepted for d in decisions), promoted=promoted, adapter=adapter, best_step=best_step, gain=gain,
-        stopped_at=rejected[0] if rejected else None, decisions=decisions,
-        checkpoints=[e.checkpoint for e in judged], reference_metrics=dict(spec.reference.metrics),
-        report_json=refs["json"], report_md=refs["md"], report_png=refs["png"], tensorboard=judge.tensorboard_ref,
-        start_model=spec.start.uri, attempt=spec.attempt, lr=spec.train.lr, trained_on=data.refs, continuation=data.continuation,
-        general_fraction=spec.continue_from.general_fraction if spec.continue_from else spec.pack.general_fraction_target,
-        continued_from=spec.continue_from.source if spec.continue_from else None, code_version=spec.code_version,
+        accepted=any(d.accepted for d in decisions),
+        promoted=promoted,
+        adapter=adapter,
+        best_step=best_step,
+        gain=gain,
+        stopped_at=rejected[0] if rejected else None,
+        decisions=decisions,
+        checkpoints=[e.checkpoint for e in judged],
+        reference_metrics=dict(spec.reference.metrics),
+        report_json=refs["json"],
+        report_md=refs["md"],
+        report_png=refs["png"],
+        tensorboard=judge.tensorboard_ref,
+        start_model=spec.start.uri,
+        attempt=spec.attempt,
+        lr=spec.train.lr,
+        trained_on=data.refs,
+        continuation=data.continuation,
+        general_fraction=spec.continue_from.general_fraction
+        if spec.continue_from
+        else spec.pack.general_fraction_target,
+        continued_from=spec.continue_from.source if spec.continue_from else None,
+        code_version=spec.code_version,
     )
 
 
-def _write_promoted(spec: AttemptSpec, store: ArtifactStore, workdir: Path, best: JournalEntry) -> tuple[DirRef, DirRef | None]:
+def _write_promoted(
+    spec: AttemptSpec, store: ArtifactStore, workdir: Path, best: JournalEntry
+) -> tuple[DirRef, DirRef | None]:
     """The checkpoint's model (LoRA merged) with the tokenizer and a model card, and the adapter alone (save_adapter)."""
     final = _model_at(spec, store, store.local_dir(best.checkpoint)).to("cpu")
     _, tokenizer = load_from_dir(store.local_dir(spec.start))
@@ -464,7 +580,11 @@ def _write_promoted(spec: AttemptSpec, store: ArtifactStore, workdir: Path, best
     tokenizer.save_pretrained(out)
     if spec.provenance is not None:
         write_model_card(
-            out, spec.provenance, "continual pretraining", best.metrics, spec.reference.metrics,
+            out,
+            spec.provenance,
+            "continual pretraining",
+            best.metrics,
+            spec.reference.metrics,
             f"accepted at step {best.step} of attempt {spec.attempt} (lr {spec.train.lr:g}).",
         )
     promoted = store.put_dir(out, layout.promoted_key(spec.prefix))

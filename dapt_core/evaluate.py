@@ -72,7 +72,14 @@ def evaluate(model, tokenizer, eval_files: dict[str, Path], workdir: Path, cfg: 
     model_max = getattr(model.config, "max_position_embeddings", None)
     max_length = min(cfg.max_length, model_max) if model_max else cfg.max_length  # never past the model's positions
     task_dir = workdir / "lm_eval_tasks"
-    names = write_tasks(eval_files, task_dir, probes=cfg.max_probes > 0, max_probes=cfg.max_probes, n_choices=cfg.probe_choices, seed=_SEED)
+    names = write_tasks(
+        eval_files,
+        task_dir,
+        probes=cfg.max_probes > 0,
+        max_probes=cfg.max_probes,
+        n_choices=cfg.probe_choices,
+        seed=_SEED,
+    )
     bench_tasks = write_benchmark_tasks(cfg.benchmarks, task_dir)
     backend, notes = _resolve_backend(cfg.backend)
     with torch.no_grad():
@@ -85,7 +92,9 @@ def evaluate(model, tokenizer, eval_files: dict[str, Path], workdir: Path, cfg: 
                     f"eval.extra_tasks and lm-eval task benchmarks ({named}) need eval.backend lm-eval (or auto with lm-eval installed)"
                 )
             metrics = _run_native(model, tokenizer, task_dir, names, cfg, max_length)
-            samples = {name: _native_benchmark(model, tokenizer, task_dir / f"bench_{name}.jsonl") for name in bench_tasks}
+            samples = {
+                name: _native_benchmark(model, tokenizer, task_dir / f"bench_{name}.jsonl") for name in bench_tasks
+            }
     for name, smp in samples.items():
         n = len(smp.ids)
         metrics[f"bench/{name}/acc"] = sum(smp.acc) / n if n else float("nan")
@@ -106,7 +115,13 @@ def _resolve_backend(backend: str) -> tuple[str, list[str]]:
 
 
 def _run_lm_eval(
-    model, tokenizer, names: dict[str, dict[str, str]], task_dir: Path, cfg: EvalConfig, max_length: int, bench_tasks: dict[str, str]
+    model,
+    tokenizer,
+    names: dict[str, dict[str, str]],
+    task_dir: Path,
+    cfg: EvalConfig,
+    max_length: int,
+    bench_tasks: dict[str, str],
 ) -> tuple[dict[str, float], dict[str, BenchmarkSamples]]:
     import lm_eval
     import lm_eval.evaluator
@@ -127,10 +142,19 @@ def _run_lm_eval(
         )
         # A second run for the benchmarks: they carry their own subsamples (`limit` is per run in lm-eval), and their
         # per-item results (log_samples) feed the paired test.
-        bench_out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(bench_tasks.values()), task_manager=tm, samples=_named_subsamples(named, tm) or None,
-            bootstrap_iters=0, log_samples=True, **seeds,
-        ) if bench_tasks else None
+        bench_out = (
+            lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(bench_tasks.values()),
+                task_manager=tm,
+                samples=_named_subsamples(named, tm) or None,
+                bootstrap_iters=0,
+                log_samples=True,
+                **seeds,
+            )
+            if bench_tasks
+            else None
+        )
     finally:
         model.train(was_training)
     metrics = _lm_eval_metrics(out, names, cfg.extra_tasks)
@@ -165,10 +189,14 @@ def bounded_hflm(model, tokenizer, batch_size: int, max_length: int):
             try:
                 while start < len(order):
                     _, context, continuation = requests[order[start]]
-                    rows = min(batch_size, rows_within_budget(model, min(len(context) + len(continuation), self.max_length)))
+                    rows = min(
+                        batch_size, rows_within_budget(model, min(len(context) + len(continuation), self.max_length))
+                    )
                     group = order[start : start + rows]
                     self.batch_size_per_gpu = len(group)  # what HFLM batches by
-                    scored = super()._loglikelihood_tokens([requests[i] for i in group], disable_tqdm=True, override_bs=len(group))
+                    scored = super()._loglikelihood_tokens(
+                        [requests[i] for i in group], disable_tqdm=True, override_bs=len(group)
+                    )
                     for i, score in zip(group, scored):
                         results[i] = score
                     start += len(group)
@@ -177,7 +205,11 @@ def bounded_hflm(model, tokenizer, batch_size: int, max_length: int):
             return results
 
     return BoundedHFLM(
-        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=str(next(model.parameters()).device),
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=str(next(model.parameters()).device),
         add_bos_token=False,  # text tokens as dapt_core.metrics sees them; the rolling prefix token supplies BOS/EOS
     )
 
@@ -192,7 +224,9 @@ def _lm_eval_metrics(out: dict, names: dict[str, dict[str, str]], extra_tasks: S
         if "probe" in d:
             for m in PROBE_METRICS:
                 metrics[f"{split}/probe_{m}"] = float(results[d["probe"]][f"{m},none"])
-            metrics[f"{split}/probe_n"] = float(out.get("n-samples", {}).get(d["probe"], {}).get("effective", float("nan")))
+            metrics[f"{split}/probe_n"] = float(
+                out.get("n-samples", {}).get(d["probe"], {}).get("effective", float("nan"))
+            )
     for t in extra_tasks:
         for k, v in results.get(t, {}).items():
             if isinstance(v, (int, float)) and "_stderr" not in k and k != "alias":
@@ -204,10 +238,13 @@ def _lm_eval_samples(bench_out: dict, name: str, task: str, is_lm_eval_task: boo
     """Per-item results of one benchmark, by item id (local files) or lm-eval doc id (`task:` benchmarks)."""
     logged = sorted(bench_out["samples"][task], key=lambda x: x["doc_id"])
     if logged and not {"acc", "acc_norm"} <= set(logged[0]):
-        raise ValueError(f"benchmark {name}: lm-eval task {task} reports no per-item acc / acc_norm (not multiple choice?)")
+        raise ValueError(
+            f"benchmark {name}: lm-eval task {task} reports no per-item acc / acc_norm (not multiple choice?)"
+        )
     return BenchmarkSamples(
         ids=[int(x["doc_id"]) if is_lm_eval_task else int(x["doc"]["id"]) for x in logged],
-        acc=[int(x["acc"]) for x in logged], acc_norm=[int(x["acc_norm"]) for x in logged],
+        acc=[int(x["acc"]) for x in logged],
+        acc_norm=[int(x["acc_norm"]) for x in logged],
     )
 
 
@@ -229,7 +266,9 @@ def _native_benchmark(model, tokenizer, data: Path) -> BenchmarkSamples:
     return BenchmarkSamples(ids=[r["id"] for r in rows], acc=acc, acc_norm=acc_norm)
 
 
-def _run_native(model, tokenizer, task_dir: Path, names: dict[str, dict[str, str]], cfg: EvalConfig, max_length: int) -> dict[str, float]:
+def _run_native(
+    model, tokenizer, task_dir: Path, names: dict[str, dict[str, str]], cfg: EvalConfig, max_length: int
+) -> dict[str, float]:
     from dapt_core.metrics import nll_stats
 
     metrics: dict[str, float] = {}

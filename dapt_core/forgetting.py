@@ -69,18 +69,29 @@ class ForgettingPolicy:
         """The settings the gate applied, for a report."""
         c = self.config
         return {
-            "max_general_ppl_increase": c.max_general_ppl_increase, "max_general_probe_drop": c.max_general_probe_drop,
-            "primary_metric": c.primary_metric, "primary_higher_is_better": c.primary_higher_is_better,
-            "general_ppl_metric": c.general_ppl_metric, "general_probe_metrics": list(self.general_probe_metrics),
-            "general_benchmarks": list(self.general_benchmarks), "max_general_benchmark_drop": c.max_general_benchmark_drop,
-            "alpha": c.alpha, "benchmark_metric": c.benchmark_metric,
+            "max_general_ppl_increase": c.max_general_ppl_increase,
+            "max_general_probe_drop": c.max_general_probe_drop,
+            "primary_metric": c.primary_metric,
+            "primary_higher_is_better": c.primary_higher_is_better,
+            "general_ppl_metric": c.general_ppl_metric,
+            "general_probe_metrics": list(self.general_probe_metrics),
+            "general_benchmarks": list(self.general_benchmarks),
+            "max_general_benchmark_drop": c.max_general_benchmark_drop,
+            "alpha": c.alpha,
+            "benchmark_metric": c.benchmark_metric,
         }
 
     def judge(self, base: EvalResult, ckpt: EvalResult, step: int | None = None) -> Decision:
         numbers: dict[str, float] = {}
         pm = self.config.primary_metric
         if pm in base.metrics and pm in ckpt.metrics:
-            numbers.update({f"base {pm}": base.metrics[pm], pm: ckpt.metrics[pm], f"delta {pm}": ckpt.metrics[pm] - base.metrics[pm]})
+            numbers.update(
+                {
+                    f"base {pm}": base.metrics[pm],
+                    pm: ckpt.metrics[pm],
+                    f"delta {pm}": ckpt.metrics[pm] - base.metrics[pm],
+                }
+            )
         reasons = self._judge_perplexity(base.metrics, ckpt.metrics, numbers)
         for m in self.general_probe_metrics:
             reasons += self._judge_probe(m, base.metrics, ckpt.metrics, numbers)
@@ -88,8 +99,11 @@ class ForgettingPolicy:
             reasons += self._judge_benchmark(name, base, ckpt, numbers)
         d = Decision(accepted=not reasons, reasons=reasons, numbers=numbers)
         log.info(
-            "checkpoint%s %s: %s %s", "" if step is None else f" step {step}", "ACCEPTED" if d.accepted else "REJECTED",
-            "; ".join(reasons) or "within limits", json.dumps(numbers, sort_keys=True),
+            "checkpoint%s %s: %s %s",
+            "" if step is None else f" step {step}",
+            "ACCEPTED" if d.accepted else "REJECTED",
+            "; ".join(reasons) or "within limits",
+            json.dumps(numbers, sort_keys=True),
         )
         return d
 
@@ -117,7 +131,9 @@ class ForgettingPolicy:
         n = c.get(m.rsplit("/", 1)[0] + "/probe_n", float("nan"))
         one_probe = 100.0 / n if n and math.isfinite(n) else 0.0
         if not math.isfinite(drop) or drop > max(limit, one_probe + 1e-9):
-            return [f"{m} down {drop:.1f} points ({b[m]:.3f} -> {c[m]:.3f}), limit {limit:.1f}: diagnose before shipping"]
+            return [
+                f"{m} down {drop:.1f} points ({b[m]:.3f} -> {c[m]:.3f}), limit {limit:.1f}: diagnose before shipping"
+            ]
         return []
 
     def _judge_benchmark(self, name: str, base: EvalResult, ckpt: EvalResult, numbers: dict[str, float]) -> list[str]:
@@ -131,11 +147,16 @@ class ForgettingPolicy:
         except ValueError as e:
             return [f"benchmark {name}: {e}"]
         key = f"bench/{name}"
-        numbers.update({
-            f"base {key}/{m}": cmp.reference_acc, f"{key}/{m}": cmp.candidate_acc, f"drop_points {key}": cmp.drop_points,
-            f"p_value {key}": cmp.p_value, f"n {key}": float(cmp.n),
-            f"discordant {key}": float(cmp.only_reference + cmp.only_candidate),
-        })
+        numbers.update(
+            {
+                f"base {key}/{m}": cmp.reference_acc,
+                f"{key}/{m}": cmp.candidate_acc,
+                f"drop_points {key}": cmp.drop_points,
+                f"p_value {key}": cmp.p_value,
+                f"n {key}": float(cmp.n),
+                f"discordant {key}": float(cmp.only_reference + cmp.only_candidate),
+            }
+        )
         if cmp.drop_points > limit and cmp.p_value < alpha:
             return [
                 f"benchmark {name} {m} down {cmp.drop_points:.1f} points ({cmp.reference_acc:.3f} -> {cmp.candidate_acc:.3f} on "

@@ -36,7 +36,9 @@ def trails_original(original: EvalResult, candidate: EvalResult, cfg: EvalConfig
     m = cfg.primary_metric
     o, c = original.metrics.get(m), candidate.metrics.get(m)
     if o is None or c is None:
-        reasons.append(f"{m} missing for the {'original base' if o is None else 'checkpoint'}: cannot tell a domain gain")
+        reasons.append(
+            f"{m} missing for the {'original base' if o is None else 'checkpoint'}: cannot tell a domain gain"
+        )
     elif not _better(c, o, cfg.primary_higher_is_better):
         reasons.append(f"{m} {c:.4f} does not beat the original base's {o:.4f} ({(c - o) / abs(o):+.1%})")
     metric = cfg.benchmark_metric
@@ -45,10 +47,14 @@ def trails_original(original: EvalResult, candidate: EvalResult, cfg: EvalConfig
             continue  # reported only: evaluate() records why a benchmark has no per-item results
         cmp = compare_paired(original.samples[b.name].correct(metric), candidate.samples[b.name].correct(metric))
         key = f"bench/{b.name}"
-        numbers.update({
-            f"drop_points {key}": cmp.drop_points, f"p_value {key}": cmp.p_value, f"n {key}": float(cmp.n),
-            f"discordant {key}": float(cmp.only_reference + cmp.only_candidate),
-        })
+        numbers.update(
+            {
+                f"drop_points {key}": cmp.drop_points,
+                f"p_value {key}": cmp.p_value,
+                f"n {key}": float(cmp.n),
+                f"discordant {key}": float(cmp.only_reference + cmp.only_candidate),
+            }
+        )
         if cmp.drop_points > 0 and cmp.p_value < cfg.alpha:
             reasons.append(
                 f"domain benchmark {b.name} {metric} down {cmp.drop_points:.1f} points ({cmp.reference_acc:.3f} -> "
@@ -86,8 +92,14 @@ def domain_gain(
             "without it (tokenizer.on_no_gain: retry_without_extension, or tokenizer.enabled: false)"
         )
     return DomainGain(
-        metric=m, original=o, extended_base=e, extension_cost=None if e is None or o is None else e - o,
-        best_accepted=best.metrics[m] if best else None, promoted=promoted.metrics.get(m) if promoted else None,
-        break_even_attempt=even.attempt if even else None, break_even_step=even.step if even else None,
-        verdict=verdict, reasons=reasons,
+        metric=m,
+        original=o,
+        extended_base=e,
+        extension_cost=None if e is None or o is None else e - o,
+        best_accepted=best.metrics[m] if best else None,
+        promoted=promoted.metrics.get(m) if promoted else None,
+        break_even_attempt=even.attempt if even else None,
+        break_even_step=even.step if even else None,
+        verdict=verdict,
+        reasons=reasons,
     )

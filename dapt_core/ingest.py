@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 
 from dapt_core import leftovers
 from dapt_core.config import IngestConfig, SourceConfig
+from dapt_core.faults import StoreError, store_errors
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import InputFile, Kind, QuarantineRecord
-from dapt_core.faults import StoreError, store_errors
 from dapt_core.store import s3_client
 
 if TYPE_CHECKING:
@@ -104,7 +104,11 @@ def discover_inputs(source: SourceConfig, kind: Kind) -> tuple[list[InputFile], 
     inputs: dict[str, InputFile] = {}
     refused: dict[str, QuarantineRecord] = {}
     for spec in source.paths:
-        found = _s3_inputs(spec, make_input, quarantine) if spec.startswith("s3://") else _local_inputs(spec, make_input, quarantine)
+        found = (
+            _s3_inputs(spec, make_input, quarantine)
+            if spec.startswith("s3://")
+            else _local_inputs(spec, make_input, quarantine)
+        )
         matched = False
         for item in found:
             matched = True
@@ -162,9 +166,17 @@ def _walk(top: Path, root: Path, make_input: Callable, quarantine: Callable) -> 
             if name.startswith("."):
                 continue
             path = here / name
-            yield _local_file(path, make_input, quarantine) if _inside(path, root) else _outside_root(path, root, quarantine)
+            yield (
+                _local_file(path, make_input, quarantine)
+                if _inside(path, root)
+                else _outside_root(path, root, quarantine)
+            )
     for e in errors:
-        yield quarantine(file=os.path.abspath(e.filename), reason="unreadable", detail=f"cannot list folder: {e}; check its permissions")
+        yield quarantine(
+            file=os.path.abspath(e.filename),
+            reason="unreadable",
+            detail=f"cannot list folder: {e}; check its permissions",
+        )
 
 
 def _outside_root(path: Path, root: Path, quarantine: Callable) -> QuarantineRecord:
@@ -232,16 +244,20 @@ class _Ctx:
             position=position,
             reason="doc_too_large",
             detail=f"{what} is over ingest.max_doc_bytes={self.max_doc_bytes}; skipped without loading. Raise "
-                "the limit to keep it.",
+            "the limit to keep it.",
         )
 
     def document(self, text: str, position: str) -> Document | QuarantineRecord:
         if not text.strip():
-            return self.quarantine(position=position, reason="empty_text", detail="the text is empty or only whitespace")
+            return self.quarantine(
+                position=position, reason="empty_text", detail="the text is empty or only whitespace"
+            )
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError as e:  # lone surrogates, e.g. a JSON "\ud800" escape
-            return self.quarantine(position=position, reason="invalid_utf8", detail=f"not encodable as UTF-8: {e.reason} at char {e.start}")
+            return self.quarantine(
+                position=position, reason="invalid_utf8", detail=f"not encodable as UTF-8: {e.reason} at char {e.start}"
+            )
         if size > self.max_doc_bytes:
             return self.too_large(position, f"the text ({size} bytes)")
         return Document(text, position)
@@ -255,7 +271,7 @@ class _Ctx:
             position=position,
             reason="missing_text_field",
             detail=f"expected an object with a string {self.text_field!r} field, got {got}; set text_field in "
-                "the source config",
+            "the source config",
         )
 
 
@@ -279,7 +295,9 @@ def _decode_whole(ctx: _Ctx) -> str | QuarantineRecord:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        return ctx.quarantine(position=f"byte {e.start}", reason="invalid_utf8", detail=f"{e.reason}; re-encode the file as UTF-8")
+        return ctx.quarantine(
+            position=f"byte {e.start}", reason="invalid_utf8", detail=f"{e.reason}; re-encode the file as UTF-8"
+        )
 
 
 def _read_text(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
@@ -332,7 +350,9 @@ def _read_jsonl(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield ctx.quarantine(position=position, reason="invalid_utf8", detail=f"{e.reason} at byte {e.start} of the line")
+                    yield ctx.quarantine(
+                        position=position, reason="invalid_utf8", detail=f"{e.reason} at byte {e.start} of the line"
+                    )
                     continue
                 try:
                     obj = json.loads(text)
@@ -345,12 +365,16 @@ def _read_jsonl(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
             position=f"line {lineno + 1}",
             reason="truncated_gzip",
             detail=f"the compressed stream ends early; the {lineno} lines before it were kept. Re-create or "
-                "re-download the file.",
+            "re-download the file.",
         )
     except (gzip.BadGzipFile, zlib.error) as e:
-        yield ctx.quarantine(position=f"line {lineno + 1}", reason="corrupt_gzip", detail=f"{e}; the {lineno} lines before it were kept")
+        yield ctx.quarantine(
+            position=f"line {lineno + 1}", reason="corrupt_gzip", detail=f"{e}; the {lineno} lines before it were kept"
+        )
     except OSError as e:
-        yield ctx.quarantine(position=f"line {lineno + 1}", reason="unreadable", detail=f"{e}; the {lineno} lines before it were kept")
+        yield ctx.quarantine(
+            position=f"line {lineno + 1}", reason="unreadable", detail=f"{e}; the {lineno} lines before it were kept"
+        )
 
 
 def _read_json(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
@@ -388,7 +412,9 @@ def _read_parquet(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
             index = schema.get_field_index(ctx.text_field)
             column_type = schema.field(index).type if index >= 0 else None
             if column_type is None or not (
-                pa.types.is_string(column_type) or pa.types.is_large_string(column_type) or pa.types.is_string_view(column_type)
+                pa.types.is_string(column_type)
+                or pa.types.is_large_string(column_type)
+                or pa.types.is_string_view(column_type)
             ):
                 got = f"it is {column_type}" if column_type is not None else f"columns are {schema.names[:12]}"
                 yield ctx.quarantine(
@@ -401,7 +427,9 @@ def _read_parquet(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
             for batch in pf.iter_batches(batch_size=1024, columns=[ctx.text_field]):
                 for text in batch.column(0).to_pylist():
                     if text is None:
-                        yield ctx.quarantine(position=f"row {row}", reason="missing_text_field", detail=f"{ctx.text_field!r} is null")
+                        yield ctx.quarantine(
+                            position=f"row {row}", reason="missing_text_field", detail=f"{ctx.text_field!r} is null"
+                        )
                     else:
                         yield ctx.document(text, f"row {row}")
                     row += 1
@@ -455,7 +483,9 @@ def _read_pdf(ctx: _Ctx) -> Iterator[Document | QuarantineRecord]:
     if size > ctx.max_doc_bytes:
         yield ctx.too_large(position, f"the text of pages 1-{len(pages)}")
     elif not "".join(pages).strip():
-        yield ctx.quarantine(position=position, reason="no_text_extracted", detail="no text layer (a scanned PDF needs OCR first)")
+        yield ctx.quarantine(
+            position=position, reason="no_text_extracted", detail="no text layer (a scanned PDF needs OCR first)"
+        )
     else:
         yield ctx.document("\n\n".join(pages), position)
 
@@ -529,9 +559,13 @@ def _check_unchanged(inp: InputFile) -> None:
     try:
         same = sha256_file(inp.uri) == inp.fingerprint
     except FileNotFoundError:
-        raise StoreError(f"{inp.uri}: deleted after it was discovered; re-run to discover the current inputs.", "vanished") from None
+        raise StoreError(
+            f"{inp.uri}: deleted after it was discovered; re-run to discover the current inputs.", "vanished"
+        ) from None
     if not same:
-        raise StoreError(f"{inp.uri}: changed since it was discovered; re-run so the new version is fingerprinted.", "changed")
+        raise StoreError(
+            f"{inp.uri}: changed since it was discovered; re-run so the new version is fingerprinted.", "changed"
+        )
 
 
 def ingest_file(inp: InputFile, cfg: IngestConfig, shard: ShardWriter) -> tuple[int, list[QuarantineRecord]]:
@@ -547,7 +581,9 @@ def ingest_file(inp: InputFile, cfg: IngestConfig, shard: ShardWriter) -> tuple[
 def _read_into(shard: ShardWriter, path: Path, inp: InputFile, cfg: IngestConfig) -> tuple[int, list[QuarantineRecord]]:
     quarantined: list[QuarantineRecord] = []
     written = 0
-    items = read_documents(path, uri=inp.uri, source=inp.source, kind=inp.kind, text_field=inp.text_field, max_doc_bytes=cfg.max_doc_bytes)
+    items = read_documents(
+        path, uri=inp.uri, source=inp.source, kind=inp.kind, text_field=inp.text_field, max_doc_bytes=cfg.max_doc_bytes
+    )
     fmt = _format(path.name) or ""
     for item in items:
         if isinstance(item, QuarantineRecord):

@@ -209,7 +209,9 @@ class ShardWriter:
         self._writer.close()
 
 
-def ingest_files(inputs: list[InputFile], cfg: IngestConfig, out_path: Path) -> list[tuple[int, list[QuarantineRecord]]]:
+def ingest_files(
+    inputs: list[InputFile], cfg: IngestConfig, out_path: Path
+) -> list[tuple[int, list[QuarantineRecord]]]:
     """Read input files into one Parquet at `out_path` (written, with the schema, even with no documents):
     (documents written, quarantine records) per file, in order."""
     with ShardWriter(out_path, cfg.shard_docs) as shard:

@@ -96,7 +96,9 @@ class IngestManifest(BaseModel):
     docs: int
     quarantined: list[QuarantineRecord] = Field(default_factory=list)
     code_version: str
-    cache_key: str = Field("", description="Per-file cache key (content, settings, code): a later batch reuses the rows.")
+    cache_key: str = Field(
+        "", description="Per-file cache key (content, settings, code): a later batch reuses the rows."
+    )
 
 
 class FileIngest(BaseModel):
@@ -111,7 +113,9 @@ class FileIngest(BaseModel):
 
 class IngestBatchManifest(BaseModel):
     stage: Literal["ingest-batch"] = "ingest-batch"
-    shard: ArtifactRef | None = Field(None, description="Parquet of the documents of all files; None when none were read.")
+    shard: ArtifactRef | None = Field(
+        None, description="Parquet of the documents of all files; None when none were read."
+    )
     files: list[FileIngest]
     code_version: str
 
@@ -119,8 +123,12 @@ class IngestBatchManifest(BaseModel):
         """The lineage of each file, as later stages read it (files share the batch shard)."""
         return [
             IngestManifest(
-                input=f.input, shard=self.shard if f.docs else None, docs=f.docs, quarantined=f.quarantined,
-                code_version=self.code_version, cache_key=f.cache_key,
+                input=f.input,
+                shard=self.shard if f.docs else None,
+                docs=f.docs,
+                quarantined=f.quarantined,
+                code_version=self.code_version,
+                cache_key=f.cache_key,
             )
             for f in self.files
         ]
@@ -159,8 +167,12 @@ class NewDocuments(BaseModel):
 
     files: int
     docs: int = Field(description="Input documents of those files.")
-    near_duplicates_of_earlier: int = Field(description="Of them, dropped as near duplicates of an earlier file's document.")
-    exact_duplicates_of_earlier: int = Field(description="Of them, dropped as exact copies of an earlier file's document.")
+    near_duplicates_of_earlier: int = Field(
+        description="Of them, dropped as near duplicates of an earlier file's document."
+    )
+    exact_duplicates_of_earlier: int = Field(
+        description="Of them, dropped as exact copies of an earlier file's document."
+    )
 
 
 class PrepareManifest(BaseModel):
@@ -169,7 +181,9 @@ class PrepareManifest(BaseModel):
     stage: Literal["prepare"] = "prepare"
     store: str
     ingested: list[IngestManifest]
-    evals: list[IngestManifest] = Field(default_factory=list, description="The eval sets, ingested for decontamination.")
+    evals: list[IngestManifest] = Field(
+        default_factory=list, description="The eval sets, ingested for decontamination."
+    )
     clean: CleanManifest
     new: NewDocuments | None = Field(None, description="What this run read (None when it read no file).")
     computed: list[str] = Field(description="Task runs that did work in this run.")
@@ -206,7 +220,8 @@ class TokenizerManifest(BaseModel):
         description="Ids of every vocabulary entry the extension added (intermediate merge tokens included): the rows LoRA trains.",
     )
     initial_cost: ExtensionCost | None = Field(
-        None, description="Held-out bpb of the original vs the extended-untrained model; None when nothing was added or no held-out text."
+        None,
+        description="Held-out bpb of the original vs the extended-untrained model; None when nothing was added or no held-out text.",
     )
     report_json: ArtifactRef
     report_md: ArtifactRef
@@ -231,10 +246,14 @@ class RefreshBasis(BaseModel):
 
 class PackManifest(BaseModel):
     stage: Literal["pack"] = "pack"
-    train_shards: list[ArtifactRef] = Field(description="Parquet shards: input_ids and document boundaries per sequence.")
+    train_shards: list[ArtifactRef] = Field(
+        description="Parquet shards: input_ids and document boundaries per sequence."
+    )
     eval_domain: ArtifactRef | None = Field(None, description="Held-out domain documents, JSONL {'text': ...}.")
     eval_general: ArtifactRef | None = Field(None, description="Held-out general documents, JSONL {'text': ...}.")
-    general_sample: ArtifactRef | None = Field(None, description="General training sequences (Parquet) for the EWC Fisher.")
+    general_sample: ArtifactRef | None = Field(
+        None, description="General training sequences (Parquet) for the EWC Fisher."
+    )
     seq_len: int
     sequences: int
     tokens: dict[str, int] = Field(description="Training tokens per source (after upsampling/subsetting).")
@@ -242,7 +261,9 @@ class PackManifest(BaseModel):
     general_fraction_realised: float
     heldout_fractions: dict[str, float] = Field(default_factory=dict, description="Held-out threshold used per kind.")
     refresh: RefreshCounts | None = Field(None, description="A refresh: new vs replayed domain documents and tokens.")
-    warnings: list[str] = Field(default_factory=list, description="What the user should know about the data (e.g. self-replay eval).")
+    warnings: list[str] = Field(
+        default_factory=list, description="What the user should know about the data (e.g. self-replay eval)."
+    )
     report_json: ArtifactRef
     code_version: str
 
@@ -254,7 +275,9 @@ class TrainingDataManifest(BaseModel):
     prepare: PrepareManifest
     tokenizer: TokenizerManifest
     pack: PackManifest
-    refresh_basis: RefreshBasis | None = Field(None, description="A refresh packed against this (a rollback re-packs the same way).")
+    refresh_basis: RefreshBasis | None = Field(
+        None, description="A refresh packed against this (a rollback re-packs the same way)."
+    )
     computed: list[str]
     cached: list[str]
 
@@ -267,9 +290,12 @@ class CheckpointDecision(BaseModel):
     accepted: bool
     reasons: list[str] = Field(default_factory=list, description="Why it was rejected (empty when accepted).")
     numbers: dict[str, float] = Field(
-        default_factory=dict, description="The policy's numbers: reference and checkpoint values, increases, benchmark drops, p-values."
+        default_factory=dict,
+        description="The policy's numbers: reference and checkpoint values, increases, benchmark drops, p-values.",
     )
-    metrics: dict[str, float] = Field(description="The checkpoint's evaluation (dapt_core.evaluate.EvalResult.metrics).")
+    metrics: dict[str, float] = Field(
+        description="The checkpoint's evaluation (dapt_core.evaluate.EvalResult.metrics)."
+    )
     backend: str = Field(description="Evaluation backend: lm-eval or native.")
     checkpoint: str = Field(description="Store uri of the checkpoint (weights, optimizer, scheduler, data position).")
     trails_original: list[str] = Field(
@@ -303,8 +329,12 @@ class AttemptSummary(BaseModel):
 class Continuation(BaseModel):
     """Where a rollback attempt continues from: the best accepted checkpoint so far (dapt_core/continuation.py)."""
 
-    checkpoint: DirRef = Field(description="The best accepted checkpoint: weights, optimizer, scheduler, RNG, data position.")
-    data: list[ArtifactRef] = Field(description="The shards the checkpoint's data position indexes (what it trained on).")
+    checkpoint: DirRef = Field(
+        description="The best accepted checkpoint: weights, optimizer, scheduler, RNG, data position."
+    )
+    data: list[ArtifactRef] = Field(
+        description="The shards the checkpoint's data position indexes (what it trained on)."
+    )
     data_general_fraction: float = Field(ge=0, lt=1, description="Replay share of `data`.")
     general_fraction: float = Field(ge=0, lt=1, description="The raised replay share of the data not yet seen.")
     source: str = Field(description="'attempt <a> step <s>', for logs and the report.")
@@ -326,11 +356,15 @@ class DomainGain(BaseModel):
     metric: str = Field(description="eval.primary_metric (domain bits per byte by default).")
     original: float | None = Field(description="The original base model, before tokenizer extension.")
     extended_base: float | None = Field(None, description="The extended model before training (None: no extension).")
-    extension_cost: float | None = Field(None, description="extended_base - original: what the extension costs before any training.")
+    extension_cost: float | None = Field(
+        None, description="extended_base - original: what the extension costs before any training."
+    )
     best_accepted: float | None = Field(None, description="The best checkpoint that passed the forgetting policy.")
     promoted: float | None = Field(None, description="The promoted checkpoint (None: nothing promoted).")
     break_even_attempt: int | None = None
-    break_even_step: int | None = Field(None, description="First checkpoint (oldest first) whose metric beats the original base.")
+    break_even_step: int | None = Field(
+        None, description="First checkpoint (oldest first) whose metric beats the original base."
+    )
     verdict: Literal["gain", "no gain", "nothing accepted"]
     reasons: list[str] = Field(default_factory=list, description="Why nothing was promoted, with the numbers.")
 
@@ -348,30 +382,45 @@ class CptManifest(BaseModel):
     decisions: list[CheckpointDecision] = Field(description="Every judged checkpoint of this attempt, oldest first.")
     checkpoints: list[DirRef] = Field(default_factory=list, json_schema_extra=NOT_HANDED_ON)
     base_metrics: dict[str, float] = Field(
-        default_factory=dict, description="The model CPT starts from (the extended base) on the same evaluation: reported."
+        default_factory=dict,
+        description="The model CPT starts from (the extended base) on the same evaluation: reported.",
     )
     reference_metrics: dict[str, float] = Field(
-        default_factory=dict, description="The forgetting policy's reference: the original base model before tokenizer extension."
+        default_factory=dict,
+        description="The forgetting policy's reference: the original base model before tokenizer extension.",
     )
     report_json: ArtifactRef
     report_md: ArtifactRef
     report_png: ArtifactRef
     tensorboard: DirRef | None = Field(
-        None, description="TensorBoard event files (train loss/LR, eval metrics per checkpoint).", json_schema_extra=NOT_HANDED_ON
+        None,
+        description="TensorBoard event files (train loss/LR, eval metrics per checkpoint).",
+        json_schema_extra=NOT_HANDED_ON,
     )
-    start_model: str = Field("", description="The model this attempt started from: the extended base or a rolled-back-to checkpoint.")
+    start_model: str = Field(
+        "", description="The model this attempt started from: the extended base or a rolled-back-to checkpoint."
+    )
     attempt: int
     lr: float
     general_fraction: float
-    attempts: list[AttemptSummary] = Field(default_factory=list, description="Every attempt of the flow run, oldest first.")
-    gain: DomainGain | None = Field(None, description="Against the original base on the domain: promoted only on a gain.")
+    attempts: list[AttemptSummary] = Field(
+        default_factory=list, description="Every attempt of the flow run, oldest first."
+    )
+    gain: DomainGain | None = Field(
+        None, description="Against the original base on the domain: promoted only on a gain."
+    )
     trained_on: list[ArtifactRef] = Field(
-        default_factory=list, description="The shards this attempt trained on (the pack's, or a rollback's continuation data).",
+        default_factory=list,
+        description="The shards this attempt trained on (the pack's, or a rollback's continuation data).",
         json_schema_extra=NOT_HANDED_ON,
     )
-    continued_from: str | None = Field(None, description="A rollback: 'attempt <a> step <s>', the checkpoint it continued from.")
+    continued_from: str | None = Field(
+        None, description="A rollback: 'attempt <a> step <s>', the checkpoint it continued from."
+    )
     continuation: ContinuationData | None = Field(None, description="A rollback: what it trained on, counted.")
-    warnings: list[str] = Field(default_factory=list, description="What to know before trusting the verdict (e.g. a self-replay run).")
+    warnings: list[str] = Field(
+        default_factory=list, description="What to know before trusting the verdict (e.g. a self-replay run)."
+    )
     without_extension: TrainingDataManifest | None = Field(
         None,
         description="tokenizer.on_no_gain retry_without_extension ran: the training data (base tokenizer) this result was "
@@ -401,7 +450,9 @@ class SftManifest(BaseModel):
     eval_metrics: dict[str, float] = Field(description="Forgetting evaluation of the SFT model (same tasks as CPT).")
     accepted: bool = Field(description="The SFT model passes the forgetting policy against the original base.")
     reasons: list[str] = Field(default_factory=list)
-    numbers: dict[str, float] = Field(default_factory=dict, description="The policy's numbers (benchmark drops and p-values).")
+    numbers: dict[str, float] = Field(
+        default_factory=dict, description="The policy's numbers (benchmark drops and p-values)."
+    )
     code_version: str
 
 
@@ -413,7 +464,9 @@ class PipelineManifest(BaseModel):
     data: TrainingDataManifest
     cpt: CptManifest
     sft: SftManifest | None = None
-    final_model: DirRef | None = Field(None, description="SFT model when SFT ran and passed, else the promoted CPT model.")
+    final_model: DirRef | None = Field(
+        None, description="SFT model when SFT ran and passed, else the promoted CPT model."
+    )
     report_md: ArtifactRef
     report_json: ArtifactRef
     plots: dict[str, ArtifactRef] = Field(default_factory=dict)
@@ -426,9 +479,13 @@ class RunState(BaseModel):
 
     lineage: str
     generation: int = Field(0, description="0 for a full run from the base; each refresh that trained adds 1.")
-    inputs: dict[str, str] = Field(description="Input uri -> content fingerprint (domain, general, eval) of the last successful run.")
+    inputs: dict[str, str] = Field(
+        description="Input uri -> content fingerprint (domain, general, eval) of the last successful run."
+    )
     config_hash: str = Field(description="Hash of the config sections that change results; a change means a full run.")
     tokenizer: TokenizerManifest = Field(description="The tokenizer (and extended base) every refresh keeps.")
     promoted: DirRef = Field(description="The last promoted CPT model: the next refresh continues from it.")
-    refresh_basis: RefreshBasis | None = Field(None, description="The corpus and held-out thresholds the next refresh packs against.")
+    refresh_basis: RefreshBasis | None = Field(
+        None, description="The corpus and held-out thresholds the next refresh packs against."
+    )
     report_md: ArtifactRef

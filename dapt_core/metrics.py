@@ -39,7 +39,12 @@ def _prefix_id(tokenizer, prefix_token_id: int | None = None) -> int | None:
 
 
 def nll_stats(
-    model, tokenizer, texts: Iterable[str], max_length: int = 1024, batch_size: int = 8, prefix_token_id: int | None = None
+    model,
+    tokenizer,
+    texts: Iterable[str],
+    max_length: int = 1024,
+    batch_size: int = 8,
+    prefix_token_id: int | None = None,
 ) -> NLLStats:
     """Summed next-token NLL of `texts` under `model` (see the module docstring for windows and the prefix;
     `prefix_token_id` overrides the BOS/EOS choice, e.g. a pretraining document separator)."""
@@ -110,19 +115,29 @@ def _summed_nll(model, input_ids, mask, labels) -> float:
     rows = rows_within_budget(model, input_ids.shape[1])
     total = 0.0
     for r in range(0, len(input_ids), rows):
-        logits = model(input_ids=input_ids[r : r + rows], attention_mask=mask[r : r + rows], use_cache=False).logits[:, :-1]
+        logits = model(input_ids=input_ids[r : r + rows], attention_mask=mask[r : r + rows], use_cache=False).logits[
+            :, :-1
+        ]
         targets = labels[r : r + rows]
         for s in range(0, logits.shape[1], _NLL_CHUNK):
             chunk = logits[:, s : s + _NLL_CHUNK].float()
             total += F.cross_entropy(
-                chunk.reshape(-1, chunk.shape[-1]), targets[:, s : s + _NLL_CHUNK].reshape(-1), ignore_index=-100, reduction="sum"
+                chunk.reshape(-1, chunk.shape[-1]),
+                targets[:, s : s + _NLL_CHUNK].reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
             ).item()
         del logits
     return total
 
 
 def bits_per_byte(
-    model, tokenizer, texts: Iterable[str], max_length: int = 1024, batch_size: int = 8, prefix_token_id: int | None = None
+    model,
+    tokenizer,
+    texts: Iterable[str],
+    max_length: int = 1024,
+    batch_size: int = 8,
+    prefix_token_id: int | None = None,
 ) -> float:
     """Total next-token NLL in nats / ln 2 / total UTF-8 bytes of `texts`."""
     return nll_stats(model, tokenizer, texts, max_length, batch_size, prefix_token_id).bits_per_byte

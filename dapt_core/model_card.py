@@ -31,8 +31,11 @@ class ModelProvenance(BaseModel):
 def provenance_of(config: DaptConfig, data: TrainingDataManifest) -> ModelProvenance:
     base = config.model.base or "unknown"
     return ModelProvenance(
-        project=config.project, base_model=f"{base}/{config.model.gguf_file}" if config.model.gguf_file else base,
-        config_hash=config.result_hash(), dapt_version=dapt_version(), sources=data.prepare.clean.sources,
+        project=config.project,
+        base_model=f"{base}/{config.model.gguf_file}" if config.model.gguf_file else base,
+        config_hash=config.result_hash(),
+        dapt_version=dapt_version(),
+        sources=data.prepare.clean.sources,
         new_tokens=data.tokenizer.new_tokens,
     )
 
@@ -64,18 +67,32 @@ def write_model_card(
         "tags": ["dapt", "domain-adaptation", stage.replace(" ", "-")],
     }
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {provenance.project}: {stage}", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {provenance.project}: {stage}",
+        "",
         f"Domain-adapted with [dapt](https://pypi.org/project/dapt/) {provenance.dapt_version} from `{provenance.base_model}` "
-        f"(config hash `{provenance.config_hash[:16]}`); the tokenizer extension added {provenance.new_tokens} tokens.", "",
-        f"Forgetting policy: {decision}", "",
-        "## Evaluation (held-out text and benchmarks)", "",
-        "| metric | original base | this model |", "| --- | --- | --- |",
+        f"(config hash `{provenance.config_hash[:16]}`); the tokenizer extension added {provenance.new_tokens} tokens.",
+        "",
+        f"Forgetting policy: {decision}",
+        "",
+        "## Evaluation (held-out text and benchmarks)",
+        "",
+        "| metric | original base | this model |",
+        "| --- | --- | --- |",
     ]
     for name in sorted(set(metrics) | set(reference)):
         if not name.endswith("/n"):
             lines.append(f"| {name} | {_fmt(reference.get(name))} | {_fmt(metrics.get(name))} |")
-    lines += ["", "## Training data", "", "| source | kind | documents in | kept | est. tokens kept |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Training data",
+        "",
+        "| source | kind | documents in | kept | est. tokens kept |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for s in provenance.sources:
         lines.append(f"| {s.source} | {s.kind} | {s.input_docs:,} | {s.kept_docs:,} | {s.kept_est_tokens:,} |")
     path = Path(out_dir) / "README.md"

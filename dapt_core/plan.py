@@ -22,7 +22,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, without sparsity).
-GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L4": 121.0, "A10G": 125.0, "RTX4090": 165.0, "L40S": 362.0}
+GPU_PEAK_TFLOPS = {
+    "A100": 312.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "L4": 121.0,
+    "A10G": 125.0,
+    "RTX4090": 165.0,
+    "L40S": 362.0,
+}
 BYTES_PER_TOKEN_ESTIMATE = 4.0  # English prose with a ~32k-50k BPE vocabulary; used only without a tokenizer.
 
 
@@ -71,22 +79,34 @@ def warnings_for(domain_tokens: int, general_tokens: int, general_fraction: floa
             "change; add domain text."
         )
     elif domain_tokens < 100_000_000:
-        out.append(f"{domain_tokens:,} domain tokens (< ~100M): expect small domain gains; 100M-1B tokens gives 8-15 points.")
+        out.append(
+            f"{domain_tokens:,} domain tokens (< ~100M): expect small domain gains; 100M-1B tokens gives 8-15 points."
+        )
     elif domain_tokens > 10_000_000_000:
-        out.append(f"{domain_tokens:,} domain tokens (> 10B): consider pretraining from scratch instead of "
-            "continual pretraining.")
+        out.append(
+            f"{domain_tokens:,} domain tokens (> 10B): consider pretraining from scratch instead of "
+            "continual pretraining."
+        )
     elif domain_tokens > 1_000_000_000:
-        out.append("1B-10B domain tokens: strong gains are likely but forgetting needs care (replay; EWC for sensitive uses).")
+        out.append(
+            "1B-10B domain tokens: strong gains are likely but forgetting needs care (replay; EWC for sensitive uses)."
+        )
     if general_fraction == 0:
-        out.append("mix.general_fraction is 0: no replay typically costs 5-15 points on general benchmarks; use "
-            "0.05 (0.15 for distant domains).")
+        out.append(
+            "mix.general_fraction is 0: no replay typically costs 5-15 points on general benchmarks; use "
+            "0.05 (0.15 for distant domains)."
+        )
     elif general_fraction < 0.05:
-        out.append(f"mix.general_fraction {general_fraction:.1%} is below 5%: forgetting risk; 5% is near the Pareto frontier.")
+        out.append(
+            f"mix.general_fraction {general_fraction:.1%} is below 5%: forgetting risk; 5% is near the Pareto frontier."
+        )
     if general_fraction > 0:
         needed = domain_tokens * general_fraction / (1 - general_fraction)
         if general_tokens == 0:
-            out.append("No general corpus: add data.general sources, or the replay must come from self-replay of "
-                "the base model.")
+            out.append(
+                "No general corpus: add data.general sources, or the replay must come from self-replay of "
+                "the base model."
+            )
         elif general_tokens < needed:
             out.append(
                 f"General text ({general_tokens:,} tokens) is short of the {needed:,.0f} replay tokens needed: "
@@ -108,7 +128,9 @@ def estimate_compute(params: float, domain_tokens: int, cfg: DaptConfig) -> Comp
         gpu = f"{peak:g} TFLOP/s GPU"
     except ValueError:
         if plan.gpu.upper() not in GPU_PEAK_TFLOPS:
-            raise ValueError(f"plan.gpu: unknown GPU {plan.gpu!r}; use one of {sorted(GPU_PEAK_TFLOPS)} or its bf16 TFLOP/s") from None
+            raise ValueError(
+                f"plan.gpu: unknown GPU {plan.gpu!r}; use one of {sorted(GPU_PEAK_TFLOPS)} or its bf16 TFLOP/s"
+            ) from None
         gpu, peak = plan.gpu.upper(), GPU_PEAK_TFLOPS[plan.gpu.upper()]
     gpu_hours = flops / (peak * 1e12 * plan.mfu) / 3600
     return ComputeEstimate(
@@ -164,7 +186,9 @@ def build_plan(
         warnings.append("No model.base or model.params: the GPU-hours estimate is skipped.")
     return PlanReport(
         counted_on=counted_on,
-        token_counter=f"tokenizer of {cfg.model.tokenizer or cfg.model.base}" if tokenizer else "estimate: UTF-8 bytes / 4",
+        token_counter=f"tokenizer of {cfg.model.tokenizer or cfg.model.base}"
+        if tokenizer
+        else "estimate: UTF-8 bytes / 4",
         domain_tokens=domain_tokens,
         general_tokens=general_tokens,
         general_fraction=fraction,

@@ -20,7 +20,9 @@ def lora_target_problems(field: str, train: TrainConfig, model_class: str, names
     missing = [t for t in train.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if not missing:
         return []
-    leaves = sorted(s for s in suffixes if s.endswith("proj") or s in ("fc1", "fc2", "c_attn", "c_proj", "query_key_value", "dense"))
+    leaves = sorted(
+        s for s in suffixes if s.endswith("proj") or s in ("fc1", "fc2", "c_attn", "c_proj", "query_key_value", "dense")
+    )
     return [
         f"{field}.lora.target_modules: {missing} match no module of {model_class}; "
         f"its projection layers are named {leaves or sorted(suffixes)[:20]}"
@@ -37,7 +39,9 @@ def check_before_data_stages(config: DaptConfig) -> None:
                 load_benchmark(b)
             except BenchmarkError as e:
                 problems.append(f"eval.benchmarks[{b.name}]: {e}")
-    lora_sections = [(f, t) for f, t in (("train", config.train), ("sft.train", config.sft.train)) if t.method == "lora"]
+    lora_sections = [
+        (f, t) for f, t in (("train", config.train), ("sft.train", config.sft.train)) if t.method == "lora"
+    ]
     if lora_sections and config.model.base:
         try:
             model_class, names = module_names(config.model)
@@ -49,4 +53,6 @@ def check_before_data_stages(config: DaptConfig) -> None:
             for field, train in lora_sections:
                 problems += lora_target_problems(field, train, model_class, names)
     if problems:
-        raise ConfigError("invalid settings, found before any data stage ran:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(
+            "invalid settings, found before any data stage ran:\n" + "\n".join(f"  - {p}" for p in problems)
+        )

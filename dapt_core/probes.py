@@ -18,7 +18,12 @@ def _clean_word(w: str) -> str:
 
 
 def build_probes(
-    texts: Sequence[str], max_probes: int = 200, n_choices: int = 4, seed: int = 0, context_words: int = 48, min_words: int = 5
+    texts: Sequence[str],
+    max_probes: int = 200,
+    n_choices: int = 4,
+    seed: int = 0,
+    context_words: int = 48,
+    min_words: int = 5,
 ) -> list[dict[str, Any]]:
     """Cloze probes `{"context", "choices", "label"}`: context = the text before a sentence's last word (at most
     `context_words` words, crossing sentence borders within the document), choices = that word plus `n_choices - 1`

@@ -47,14 +47,24 @@ def gain_lines(gain: DomainGain | None) -> list[str]:
             f"training): {gain.extension_cost:+.4f} ({_delta(o, gain.extended_base)})."
         )
     if gain.break_even_step is not None:
-        lines.append(f"Break-even: attempt {gain.break_even_attempt}, step {gain.break_even_step} is the first checkpoint whose {m} beats the original base.")
+        lines.append(
+            f"Break-even: attempt {gain.break_even_attempt}, step {gain.break_even_step} is the first checkpoint whose {m} beats the original base."
+        )
     else:
         lines.append(f"Break-even: no checkpoint's {m} beats the original base's {o:.4f} within the training budget.")
     if gain.verdict == "gain":
-        lines.append(f"Domain gain: promoted {gain.promoted:.4f} vs original base {o:.4f} ({_delta(o, gain.promoted)}).")
+        lines.append(
+            f"Domain gain: promoted {gain.promoted:.4f} vs original base {o:.4f} ({_delta(o, gain.promoted)})."
+        )
     else:
-        best = f"; best accepted {gain.best_accepted:.4f} ({_delta(o, gain.best_accepted)})" if gain.best_accepted is not None else ""
-        lines.append(f"No gain: nothing promoted ({gain.verdict}{best} vs original base {o:.4f}): " + "; ".join(gain.reasons))
+        best = (
+            f"; best accepted {gain.best_accepted:.4f} ({_delta(o, gain.best_accepted)})"
+            if gain.best_accepted is not None
+            else ""
+        )
+        lines.append(
+            f"No gain: nothing promoted ({gain.verdict}{best} vs original base {o:.4f}): " + "; ".join(gain.reasons)
+        )
     return lines
 
 
@@ -87,8 +97,12 @@ def write_pipeline_report(
     policy = policy or ForgettingPolicy()
     original = original_base or cpt.reference_metrics
     best = cpt.best.metrics if cpt.best else None
-    paths = {"md": out_dir / "report.md", "json": out_dir / "report.json", "funnel": out_dir / "funnel.png",
-             "checkpoints": out_dir / "checkpoints.png"}
+    paths = {
+        "md": out_dir / "report.md",
+        "json": out_dir / "report.json",
+        "funnel": out_dir / "funnel.png",
+        "checkpoints": out_dir / "checkpoints.png",
+    }
     verdict = _verdict(cpt, original)
     lines = [f"# dapt report: {project}", "", verdict, ""] + [f"- {line}" for line in gain_lines(cpt.gain)] + [""]
     lines += [f"> Warning: {w}" for w in cpt.warnings] + ([""] if cpt.warnings else [])
@@ -100,12 +114,19 @@ def write_pipeline_report(
     paths["md"].write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     doc = {
-        "project": project, "verdict": verdict, "original_base": original or None, "base": cpt.base_metrics,
-        "reference": "original_base", "cpt_promoted": best, "sft": sft.eval_metrics if sft else None,
+        "project": project,
+        "verdict": verdict,
+        "original_base": original or None,
+        "base": cpt.base_metrics,
+        "reference": "original_base",
+        "cpt_promoted": best,
+        "sft": sft.eval_metrics if sft else None,
         "sft_response": {"before": sft.response_before, "after": sft.response_after} if sft else None,
         "funnel": {"input_docs": clean.input_docs, "kept_docs": clean.kept_docs, "dropped": clean.dropped},
-        "attempts": [a.model_dump(mode="json") for a in cpt.attempts], "gain": cpt.gain.model_dump(mode="json") if cpt.gain else None,
-        "warnings": cpt.warnings, "promoted": cpt.promoted.uri if cpt.promoted else None,
+        "attempts": [a.model_dump(mode="json") for a in cpt.attempts],
+        "gain": cpt.gain.model_dump(mode="json") if cpt.gain else None,
+        "warnings": cpt.warnings,
+        "promoted": cpt.promoted.uri if cpt.promoted else None,
     }
     paths["json"].write_text(json.dumps(doc, indent=2, sort_keys=True, default=float), encoding="utf-8")
     _plot_funnel(clean, paths["funnel"])
@@ -135,38 +156,62 @@ def _verdict(cpt: CptManifest, original: dict[str, float]) -> str:
     return verdict
 
 
-def _comparison_lines(original: dict[str, float], cpt: CptManifest, sft: SftManifest | None, policy: ForgettingPolicy) -> list[str]:
+def _comparison_lines(
+    original: dict[str, float], cpt: CptManifest, sft: SftManifest | None, policy: ForgettingPolicy
+) -> list[str]:
     """Original → extended base → CPT → SFT: bits per byte, perplexity, probes, benchmarks with intervals and p-values."""
     base, best = cpt.base_metrics, (cpt.best.metrics if cpt.best else {})
     after_sft = sft.eval_metrics if sft else {}
     lines = [
-        "## Base → CPT → SFT", "",
+        "## Base → CPT → SFT",
+        "",
         "Original: the configured base model before tokenizer extension, the reference of the forgetting policy (bits per "
         "byte, word perplexity and benchmark accuracy do not depend on the tokenizer): every checkpoint and the SFT model "
         "are compared with it. Base: the base model with the extended tokenizer, new rows initialised as the mean of "
-        "their pieces, before any training (the extension's cost is original → base).", "",
-        "| metric | original | base | CPT (promoted) | Δ vs original | SFT | Δ vs original |", "| --- | --- | --- | --- | --- | --- | --- |",
+        "their pieces, before any training (the extension's cost is original → base).",
+        "",
+        "| metric | original | base | CPT (promoted) | Δ vs original | SFT | Δ vs original |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     metric = policy.config.benchmark_metric
-    bench_keys = sorted({k for m in (original, base, best) for k in m if k.startswith("bench/") and k.endswith(f"/{metric}")})
+    bench_keys = sorted(
+        {k for m in (original, base, best) for k in m if k.startswith("bench/") and k.endswith(f"/{metric}")}
+    )
     for k, label, better in HEADLINE + [(k, f"{k.split('/')[1]} {metric}", "higher") for k in bench_keys]:
         o, b, c, s = original.get(k), base.get(k), best.get(k), after_sft.get(k)
         if o is b is c is s is None:
             continue
-        lines.append(f"| {label} ({better} is better) | {_fmt(o)} | {_fmt(b)} | {_fmt(c)} | {_delta(o, c)} | {_fmt(s)} | {_delta(o, s)} |")
+        lines.append(
+            f"| {label} ({better} is better) | {_fmt(o)} | {_fmt(b)} | {_fmt(c)} | {_delta(o, c)} | {_fmt(s)} | {_delta(o, s)} |"
+        )
     if sft:
         for k in sorted(set(sft.response_before) | set(sft.response_after)):
-            lines.append(f"| {k} (held-out instructions) | | – | {_fmt(sft.response_before.get(k))} | | {_fmt(sft.response_after.get(k))} | |")
-        lines += ["", f"SFT: {sft.examples} instruction pairs, {sft.heldout_examples} held out; "
-                  + ("passes the forgetting policy." if sft.accepted else "REJECTED by the forgetting policy: " + "; ".join(sft.reasons))]
+            lines.append(
+                f"| {k} (held-out instructions) | | – | {_fmt(sft.response_before.get(k))} | | {_fmt(sft.response_after.get(k))} | |"
+            )
+        lines += [
+            "",
+            f"SFT: {sft.examples} instruction pairs, {sft.heldout_examples} held out; "
+            + (
+                "passes the forgetting policy."
+                if sft.accepted
+                else "REJECTED by the forgetting policy: " + "; ".join(sft.reasons)
+            ),
+        ]
     rows = [("base", base, None), ("CPT (promoted)", best, cpt.best.numbers if cpt.best else None)]
     rows += [("SFT", after_sft, sft.numbers)] if sft else []
     return [*lines, "", *benchmark_section(original, rows, policy), "![checkpoints](checkpoints.png)", ""]
 
 
 def _funnel_lines(clean: CleanManifest) -> list[str]:
-    lines = ["## Data funnel", "", f"{clean.input_docs:,} documents in, {clean.kept_docs:,} kept.", "",
-             "| source | kind | input | kept | dropped |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "## Data funnel",
+        "",
+        f"{clean.input_docs:,} documents in, {clean.kept_docs:,} kept.",
+        "",
+        "| source | kind | input | kept | dropped |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for s in clean.sources:
         lines.append(f"| {s.source} | {s.kind} | {s.input_docs:,} | {s.kept_docs:,} | {sum(s.dropped.values()):,} |")
     lines += ["", "| dropped because | documents |", "| --- | --- |"]
@@ -175,12 +220,20 @@ def _funnel_lines(clean: CleanManifest) -> list[str]:
 
 
 def _training_data_lines(tokenizer: TokenizerManifest, pack: PackManifest) -> list[str]:
-    lines = ["## Training data", "", f"Tokenizer: +{tokenizer.new_tokens} domain tokens. Packed {pack.sequences:,} sequences of "
-             f"{pack.seq_len} tokens; general replay {pack.general_fraction_realised:.2%} of tokens (attempt 0).", ""]
+    lines = [
+        "## Training data",
+        "",
+        f"Tokenizer: +{tokenizer.new_tokens} domain tokens. Packed {pack.sequences:,} sequences of "
+        f"{pack.seq_len} tokens; general replay {pack.general_fraction_realised:.2%} of tokens (attempt 0).",
+        "",
+    ]
     if pack.refresh is not None:
         r = pack.refresh
-        lines += [f"Refresh: {r.new_documents:,} new domain documents ({r.new_tokens:,} tokens) and {r.replayed_documents:,} "
-                  f"earlier ones replayed ({r.replayed_tokens:,} tokens); held-out split fixed by the lineage.", ""]
+        lines += [
+            f"Refresh: {r.new_documents:,} new domain documents ({r.new_tokens:,} tokens) and {r.replayed_documents:,} "
+            f"earlier ones replayed ({r.replayed_tokens:,} tokens); held-out split fixed by the lineage.",
+            "",
+        ]
     return lines
 
 
@@ -192,7 +245,8 @@ def _attempt_lines(cpt: CptManifest) -> list[str]:
         origin = f"continuing from {a.continued_from}" if a.continued_from else f"from `{a.start_model}`"
         lines.append(
             f"- attempt {a.attempt}{' (base tokenizer)' if a.without_extension else ''}: lr {a.lr:.3g}, replay {a.general_fraction:.3g}, "
-            f"{origin}; " + (f"stopped at step {a.stopped_at}" if a.stopped_at is not None else "ran to the end")
+            f"{origin}; "
+            + (f"stopped at step {a.stopped_at}" if a.stopped_at is not None else "ran to the end")
             + (f"; best accepted step {a.best_step}" if a.best_step is not None else "; nothing promoted")
         )
         for d in a.decisions:
@@ -219,7 +273,17 @@ def _plot_funnel(clean: CleanManifest, path: Path) -> None:
     plt = _pyplot()
     kinds = sorted({s.kind for s in clean.sources})
     reasons = sorted({r for s in clean.sources for r in s.dropped}, key=lambda r: -clean.dropped.get(r, 0))
-    palette = ["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+    palette = [
+        "tab:blue",
+        "tab:orange",
+        "tab:red",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:gray",
+        "tab:olive",
+        "tab:cyan",
+    ]
     colours = {r: palette[j % len(palette)] for j, r in enumerate(reasons)}  # green is "kept" only
     fig, ax = plt.subplots(figsize=(8, 1.4 + 0.6 * len(kinds)), dpi=100)
     for i, kind in enumerate(kinds):
@@ -252,19 +316,28 @@ def _plot_checkpoints(cpt: CptManifest, path: Path) -> None:
     labels = [f"a{att}:{d.step}" for att, d in points]
     xs = list(range(len(points)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
-    panels = ((left, ("domain/bits_per_byte", "general/bits_per_byte"), "bits per byte"), (right, ("general/word_perplexity",), "general word perplexity"))
+    panels = (
+        (left, ("domain/bits_per_byte", "general/bits_per_byte"), "bits per byte"),
+        (right, ("general/word_perplexity",), "general word perplexity"),
+    )
     for ax, keys, ylabel in panels:
         for key, color in zip(keys, ("tab:blue", "tab:orange")):
             ys = [d.metrics.get(key, float("nan")) for _, d in points]
             ax.plot(xs, ys, "o-", color=color, label=key)
             if key in cpt.reference_metrics:
-                ax.axhline(cpt.reference_metrics[key], color=color, linestyle="--", alpha=0.7, label=f"original base {key}")
+                ax.axhline(
+                    cpt.reference_metrics[key], color=color, linestyle="--", alpha=0.7, label=f"original base {key}"
+                )
             if key in cpt.base_metrics:
                 ax.axhline(cpt.base_metrics[key], color=color, linestyle=":", alpha=0.7, label=f"extended base {key}")
             rejected = [(x, y) for x, y, (_, d) in zip(xs, ys, points) if not d.accepted]
             if rejected:
                 ax.scatter(*zip(*rejected), marker="x", s=110, color="red", zorder=5)
-            best = [(x, y) for x, y, (att, d) in zip(xs, ys, points) if att == cpt.attempt and d.step == cpt.best_step and cpt.promoted]
+            best = [
+                (x, y)
+                for x, y, (att, d) in zip(xs, ys, points)
+                if att == cpt.attempt and d.step == cpt.best_step and cpt.promoted
+            ]
             if best:
                 ax.scatter(*zip(*best), marker="*", s=220, color="gold", edgecolor="k", zorder=6)
         ax.set_xticks(xs, labels, rotation=45, fontsize=7)

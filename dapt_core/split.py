@@ -16,7 +16,7 @@ from dapt_core.readers import parquet_rows
 
 def heldout_bucket(doc_id: str, seed: int) -> float:
     """A uniform number in [0, 1) fixed by the document id and the seed."""
-    return xxhash.xxh64_intdigest(f"{seed}:{doc_id}".encode("utf-8")) / float(1 << 64)
+    return xxhash.xxh64_intdigest(f"{seed}:{doc_id}".encode()) / float(1 << 64)
 
 
 def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:

@@ -126,7 +126,9 @@ class ArtifactStore(ABC):
         root = self.root.rstrip("/") + "/"
         key = uri[len(root) :] if uri.startswith(root) else ""
         if not key or self.uri(check_key(key)) != uri:
-            raise UnsafeKeyError(f"{uri!r} refused: not an object of the store {self.root}; a manifest names only its store's objects")
+            raise UnsafeKeyError(
+                f"{uri!r} refused: not an object of the store {self.root}; a manifest names only its store's objects"
+            )
         return key
 
     def checked_files(self, ref: DirRef) -> dict[str, ArtifactRef]:
@@ -206,7 +208,9 @@ class LocalStore(ArtifactStore):
         path = Path(self.root) / check_key(key)
         # A symlink inside the store must not lead out of it either.
         if os.path.commonpath([self.root, os.path.realpath(path)]) != self.root:
-            raise UnsafeKeyError(f"store key {key!r} refused: it resolves outside the store root {self.root} (a symlink)")
+            raise UnsafeKeyError(
+                f"store key {key!r} refused: it resolves outside the store root {self.root} (a symlink)"
+            )
         return str(path)
 
     def put_file(self, local_path: str | Path, key: str) -> ArtifactRef:
@@ -279,7 +283,9 @@ class S3Store(ArtifactStore):
         digest = sha256_file(local_path)
         # upload_file switches to multipart for large files; either way the object appears only when complete.
         with self._errors(self.uri(key)):
-            self.client.upload_file(str(local_path), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}})
+            self.client.upload_file(
+                str(local_path), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}}
+            )
         return ArtifactRef(uri=self.uri(key), sha256=digest, bytes=Path(local_path).stat().st_size)
 
     def exists(self, key: str) -> bool:
@@ -335,7 +341,9 @@ class S3Store(ArtifactStore):
             target = dest / name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=leftovers.partial_prefix(target.name), suffix=".partial")
+                fd, tmp = tempfile.mkstemp(
+                    dir=target.parent, prefix=leftovers.partial_prefix(target.name), suffix=".partial"
+                )
                 os.close(fd)
                 try:
                     shutil.copyfile(self.local_path(f), tmp)
@@ -395,8 +403,11 @@ class S3Credentials(BaseModel):
     def environment(self) -> dict[str, str]:
         """The same credentials as AWS_* variables, for subprocesses (torchrun ranks) that open the store themselves."""
         names = {
-            "aws_access_key_id": "AWS_ACCESS_KEY_ID", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
-            "aws_session_token": "AWS_SESSION_TOKEN", "region_name": "AWS_DEFAULT_REGION", "endpoint_url": "AWS_ENDPOINT_URL",
+            "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+            "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+            "aws_session_token": "AWS_SESSION_TOKEN",
+            "region_name": "AWS_DEFAULT_REGION",
+            "endpoint_url": "AWS_ENDPOINT_URL",
         }
         return {names[k]: v for k, v in self.client_arguments().items()}
 

@@ -66,7 +66,7 @@ import math
 import unicodedata
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING
 
 from dapt_core.config import TokenizerConfig
@@ -295,7 +295,7 @@ def _merge_plan(pieces: list[str], known: Collection[str]) -> list[tuple[str, st
     """Merges (left, right, result) that build "".join(pieces) from `pieces`, children before parents, adding the
     fewest strings not in `known` (ties: the left-to-right chain)."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def best(i: int, j: int) -> tuple[int, int]:
         if j - i == 1:
             return 0, -1
@@ -386,12 +386,18 @@ def _texts_factory(texts: Iterable[str] | Callable[[], Iterable[str]]) -> Callab
     return lambda: texts
 
 
-def _lossless(tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[int, int]:
+def _lossless(
+    tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase, texts: list[str]
+) -> tuple[int, int]:
     """(texts whose encode->decode equals the base tokenizer's encode->decode, texts equal to the input)."""
     same_as_base = exact = 0
     for t in texts:
-        dec = tokenizer.backend_tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"], skip_special_tokens=False)
-        base = base_tokenizer.backend_tokenizer.decode(base_tokenizer(t, add_special_tokens=False)["input_ids"], skip_special_tokens=False)
+        dec = tokenizer.backend_tokenizer.decode(
+            tokenizer(t, add_special_tokens=False)["input_ids"], skip_special_tokens=False
+        )
+        base = base_tokenizer.backend_tokenizer.decode(
+            base_tokenizer(t, add_special_tokens=False)["input_ids"], skip_special_tokens=False
+        )
         same_as_base += dec == base
         exact += dec == t
     return same_as_base, exact
@@ -409,7 +415,9 @@ def _cap_bytes(texts: list[str], max_bytes: int | None) -> list[str]:
     return out
 
 
-def _unchanged(model: PreTrainedModel, base_tokenizer: PreTrainedTokenizerBase, report: dict, reason: str) -> ExtensionResult:
+def _unchanged(
+    model: PreTrainedModel, base_tokenizer: PreTrainedTokenizerBase, report: dict, reason: str
+) -> ExtensionResult:
     report.update(changed=False, reason=reason)
     return ExtensionResult(base_tokenizer, model, report, render_markdown(report))
 
@@ -532,14 +540,29 @@ def extend(
     report["embedding"] = {k: v for k, v in emb.items() if k not in ("pieces", "new_ids")}
     mean_stats = nll_stats(model, tokenizer, evald, **kw) if heldout and cfg.init != "mean" else None
     report["init"] = refine_new_rows(
-        model, base_tokenizer, tokenizer, emb, texts(), cfg.init, layer=cfg.init_layer, intermediates=report["intermediate_tokens"]
+        model,
+        base_tokenizer,
+        tokenizer,
+        emb,
+        texts(),
+        cfg.init,
+        layer=cfg.init_layer,
+        intermediates=report["intermediate_tokens"],
     )
     cost = None
     if heldout:
         ext_stats = nll_stats(model, tokenizer, evald, **kw)
         ext_general = nll_stats(model, tokenizer, general, **kw) if general else None
         report["bits_per_byte_heldout"], cost = _bpb_report(
-            cfg.init, len(evald), base_stats, ext_stats, mean_stats or ext_stats, default_stats, len(general), base_general, ext_general
+            cfg.init,
+            len(evald),
+            base_stats,
+            ext_stats,
+            mean_stats or ext_stats,
+            default_stats,
+            len(general),
+            base_general,
+            ext_general,
         )
         report["initial_cost"] = cost.model_dump()
     else:
@@ -562,7 +585,10 @@ def render_markdown(report: dict, top: int = 40) -> str:
     if not report.get("changed"):
         lines.append(f"Base tokenizer kept unchanged: {report.get('reason')}.")
         if report.get("rejected"):
-            lines += ["", "Rejected domain tokens: " + ", ".join(f"{k}: {v}" for k, v in sorted(report["rejected"].items()))]
+            lines += [
+                "",
+                "Rejected domain tokens: " + ", ".join(f"{k}: {v}" for k, v in sorted(report["rejected"].items())),
+            ]
         return "\n".join(lines) + "\n"
     lines.append(
         f"Added {len(report['new_tokens'])} domain tokens ({report['added_vocab_entries']} vocabulary entries, "

@@ -23,18 +23,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dapt.flows import interrupt
+from dapt.tasks import progress
 from dapt_core.config import ConfigError, DaptConfig, load_config
 from dapt_core.faults import classify
 from dapt_core.manifest import CptManifest
 from dapt_core.report import gain_lines
-from flows import interrupt
-from tasks import progress
 
 # Prefect's temporary server gets 20 s to start by default; on a loaded 2-core machine it once needed more, and the
 # command then failed with nothing wrong. The user's own setting wins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-app = typer.Typer(help="dapt: domain-adaptive continual pretraining without forgetting.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="dapt: domain-adaptive continual pretraining without forgetting.", no_args_is_help=True, add_completion=False
+)
 console = Console(stderr=True)
 log = logging.getLogger("dapt")
 KEEP_LOGS = 100  # log files kept in the log folder; older ones are removed
@@ -53,7 +55,9 @@ class _Invocation:
 @app.callback()
 def main(
     ctx: typer.Context,
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's logs and tracebacks on the terminal."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show Prefect's logs and tracebacks on the terminal."
+    ),
 ) -> None:
     _Invocation.command, _Invocation.verbose = ctx.invoked_subcommand or "dapt", verbose
 
@@ -119,9 +123,15 @@ def _logging_to(path: Path | None, verbose: bool) -> Iterator[None]:
     file_handler = logging.FileHandler(path, encoding="utf-8") if path else logging.NullHandler()
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(threadName)s %(name)s - %(message)s"))
     names = [None, *logging.root.manager.loggerDict]
-    loggers = [logging.getLogger(n) for n in names if n is None or isinstance(logging.root.manager.loggerDict[n], logging.Logger)]
+    loggers = [
+        logging.getLogger(n)
+        for n in names
+        if n is None or isinstance(logging.root.manager.loggerDict[n], logging.Logger)
+    ]
     consoles = [
-        (logger, h) for logger in loggers for h in logger.handlers
+        (logger, h)
+        for logger in loggers
+        for h in logger.handlers
         if type(h).__module__.startswith("prefect.logging") and isinstance(h, logging.StreamHandler)
     ]
     extra = list({logger for logger, _ in consoles if not logger.propagate})  # prefect._internal, uvicorn: the file too
@@ -150,8 +160,8 @@ def _logging_to(path: Path | None, verbose: bool) -> Iterator[None]:
 def _load(path: Path) -> DaptConfig:
     """The validated config, after checking that its store can be used with the configured credentials (an
     unreachable or refusing S3 store fails here, in seconds, rather than after Prefect has started)."""
+    from dapt.tasks.credentials import use_store_credentials
     from dapt_core.store import open_store
-    from tasks.credentials import use_store_credentials
 
     cfg = load_config(path)
     use_store_credentials(cfg)
@@ -180,12 +190,14 @@ def prepare(
 def _run_prepare(cfg: DaptConfig, refresh: bool):
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
-    from flows.prepare import prepare_flow
+    from dapt.flows.prepare import prepare_flow
 
     with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: refresh}), progress.bars(console):
         result = prepare_flow(cfg)
     _print_funnel(result.clean)
-    console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache; stats: {result.clean.stats_md.uri}")
+    console.print(
+        f"computed {len(result.computed)} task(s), {len(result.cached)} from cache; stats: {result.clean.stats_md.uri}"
+    )
     return result
 
 
@@ -194,7 +206,14 @@ def _print_funnel(cm) -> None:
     for col in ("source", "kind", "input", "kept", "dropped", "est. tokens kept"):
         table.add_column(col, justify="left" if col in ("source", "kind") else "right")
     for s in cm.sources:
-        table.add_row(s.source, s.kind, f"{s.input_docs:,}", f"{s.kept_docs:,}", f"{sum(s.dropped.values()):,}", f"{s.kept_est_tokens:,}")
+        table.add_row(
+            s.source,
+            s.kind,
+            f"{s.input_docs:,}",
+            f"{s.kept_docs:,}",
+            f"{sum(s.dropped.values()):,}",
+            f"{s.kept_est_tokens:,}",
+        )
     console.print(table)
     reasons = Table(title="Dropped, by reason", title_justify="left")
     reasons.add_column("reason")
@@ -213,7 +232,7 @@ def pack(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
 
 
 def _run_training_data(cfg: DaptConfig):
-    from flows.training_data import training_data_flow
+    from dapt.flows.training_data import training_data_flow
 
     with progress.bars(console):
         result = training_data_flow(cfg)
@@ -224,7 +243,9 @@ def _run_training_data(cfg: DaptConfig):
         f"packed {p.sequences:,} sequences of {p.seq_len} tokens in {len(p.train_shards)} shard(s); "
         f"general share {p.general_fraction_realised:.2%} (target {p.general_fraction_target:.2%})"
     )
-    console.print(f"held-out eval sets: {p.eval_domain.uri if p.eval_domain else '-'}, {p.eval_general.uri if p.eval_general else '-'}")
+    console.print(
+        f"held-out eval sets: {p.eval_domain.uri if p.eval_domain else '-'}, {p.eval_general.uri if p.eval_general else '-'}"
+    )
     for w in p.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache")
@@ -245,7 +266,9 @@ def _run_plan(cfg: DaptConfig):
     texts = planning.corpus_texts(cfg)
     report = planning.build_plan(cfg, texts.domain, texts.general, texts.counted_on)
     console.print(f"Counted on the {report.counted_on} with the {report.token_counter}.")
-    console.print(f"domain tokens: {report.domain_tokens:,}   general tokens: {report.general_tokens:,}   replay fraction: {report.general_fraction:.1%}")
+    console.print(
+        f"domain tokens: {report.domain_tokens:,}   general tokens: {report.general_tokens:,}   replay fraction: {report.general_fraction:.1%}"
+    )
     if report.compute:
         c = report.compute
         console.print(f"[bold]~{c.gpu_hours:.3g} GPU-hours[/bold] on {c.gpu} ({c.flops:.3g} FLOPs). Assumptions:")
@@ -260,7 +283,7 @@ def _run_plan(cfg: DaptConfig):
 def cpt(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """Training data (cached), base evaluation, then CPT with checkpoint-by-checkpoint forgetting checks and rollback."""
     with _user_errors(as_json), interrupt.stoppable_command():
-        from flows.cpt import cpt_flow
+        from dapt.flows.cpt import cpt_flow
 
         with progress.bars(console):
             result = cpt_flow(_load(config))
@@ -274,15 +297,28 @@ def _print_cpt(result: CptManifest) -> None:
     for col in ("attempt", "lr", "replay", "step", "domain bpb", "general word ppl", "decision"):
         table.add_column(col)
     base = result.reference_metrics
-    table.add_row("original base", "", "", "", f"{base.get('domain/bits_per_byte', float('nan')):.4f}", f"{base.get('general/word_perplexity', float('nan')):.4g}", "reference")
+    table.add_row(
+        "original base",
+        "",
+        "",
+        "",
+        f"{base.get('domain/bits_per_byte', float('nan')):.4f}",
+        f"{base.get('general/word_perplexity', float('nan')):.4g}",
+        "reference",
+    )
     for a in result.attempts:
         for d in a.decisions:
             m = d.metrics
             table.add_row(
-                str(a.attempt), f"{a.lr:.3g}", f"{a.general_fraction:.3g}", str(d.step),
-                f"{m.get('domain/bits_per_byte', float('nan')):.4f}", f"{m.get('general/word_perplexity', float('nan')):.4g}",
+                str(a.attempt),
+                f"{a.lr:.3g}",
+                f"{a.general_fraction:.3g}",
+                str(d.step),
+                f"{m.get('domain/bits_per_byte', float('nan')):.4f}",
+                f"{m.get('general/word_perplexity', float('nan')):.4g}",
                 ("accepted" + (" (does not beat the original base on the domain)" if d.trails_original else ""))
-                if d.accepted else "[red]REJECTED[/red]: " + escape("; ".join(d.reasons)),
+                if d.accepted
+                else "[red]REJECTED[/red]: " + escape("; ".join(d.reasons)),
             )
     console.print(table)
     for line in gain_lines(result.gain):
@@ -291,7 +327,10 @@ def _print_cpt(result: CptManifest) -> None:
         console.print(f"promoted: attempt {result.attempt}, step {result.best_step} -> {result.promoted.uri}")
     else:
         verdict = result.gain.verdict if result.gain else "nothing accepted"
-        console.print(f"[yellow]nothing promoted ({verdict}):[/yellow] " + escape("; ".join(result.gain.reasons if result.gain else [])))
+        console.print(
+            f"[yellow]nothing promoted ({verdict}):[/yellow] "
+            + escape("; ".join(result.gain.reasons if result.gain else []))
+        )
 
 
 def _print_benchmarks(cpt, sft, cfg: DaptConfig) -> None:
@@ -307,7 +346,9 @@ def _print_benchmarks(cpt, sft, cfg: DaptConfig) -> None:
         columns.append((f"CPT step {cpt.best.step}", cpt.best.metrics, cpt.best.numbers))
     if sft is not None:
         columns.append(("SFT", sft.eval_metrics, sft.numbers))
-    table = Table(title=f"Benchmarks ({m} ± 95% interval; * gated: p = exact McNemar vs the base)", title_justify="left")
+    table = Table(
+        title=f"Benchmarks ({m} ± 95% interval; * gated: p = exact McNemar vs the base)", title_justify="left"
+    )
     for col in ("benchmark", "n", *(label for label, _, _ in columns)):
         table.add_column(col, justify="left" if col == "benchmark" else "right", no_wrap=True)
     for b in cfg.eval.benchmarks:
@@ -336,7 +377,7 @@ def run(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
 
 
 def _run_pipeline(cfg: DaptConfig):
-    from flows.dapt_pipeline import dapt_pipeline
+    from dapt.flows.dapt_pipeline import dapt_pipeline
 
     with progress.bars(console):
         result = dapt_pipeline(cfg)
@@ -359,7 +400,9 @@ def _run_pipeline(cfg: DaptConfig):
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("dapt-demo"), help="Where the demo writes its config and artifact store."),
-    config_only: bool = typer.Option(False, "--config-only", help="Write the demo's config (e.g. for `dapt serve`) and stop."),
+    config_only: bool = typer.Option(
+        False, "--config-only", help="Write the demo's config (e.g. for `dapt serve`) and stop."
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """The whole pipeline offline on bundled real medical text with SmolLM2-135M (about 15-20 min on 2 CPU cores)."""
@@ -391,15 +434,22 @@ def verify(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
 
 
 def _run_verify(cfg: DaptConfig):
+    from dapt.tasks.caching import result_kind, verify_store
     from dapt_core import layout
     from dapt_core.manifest import CptManifest, PipelineManifest, PrepareManifest, RunState, TrainingDataManifest
     from dapt_core.store import open_store
-    from tasks.caching import result_kind, verify_store
 
     store = open_store(cfg.store)
-    latest = {"prepare": PrepareManifest, "training-data": TrainingDataManifest, "cpt": CptManifest, "pipeline": PipelineManifest}
+    latest = {
+        "prepare": PrepareManifest,
+        "training-data": TrainingDataManifest,
+        "cpt": CptManifest,
+        "pipeline": PipelineManifest,
+    }
     runs = {layout.latest_manifest_key(cfg.project, stage): model for stage, model in latest.items()}
-    runs |= {key: RunState for key in store.list(layout.lineages_prefix(cfg.project)) if key.endswith("/last-success.json")}
+    runs |= {
+        key: RunState for key in store.list(layout.lineages_prefix(cfg.project)) if key.endswith("/last-success.json")
+    }
     runs |= {key: CptManifest for key in store.list(layout.cpt_results_prefix(cfg.project))}
     report = verify_store(cfg.store, cfg.project, runs)
     action = {
@@ -408,7 +458,11 @@ def _run_verify(cfg: DaptConfig):
         "untrusted": "not written by dapt, never loaded: inspect it, then delete it or recompute with --refresh",
     }
     intact = collections.Counter(result_kind(c.name) or c.name for c in report.checks if c.status == "ok")
-    console.print("ok: " + (", ".join(f"{name} ×{n}" for name, n in sorted(intact.items())) or "nothing"), soft_wrap=True, highlight=False)
+    console.print(
+        "ok: " + (", ".join(f"{name} ×{n}" for name, n in sorted(intact.items())) or "nothing"),
+        soft_wrap=True,
+        highlight=False,
+    )
     for c in report.checks:
         if c.status != "ok":
             console.print(f"[red]{c.status}[/red]: {c.uri}: {action[c.status]}", soft_wrap=True, highlight=False)
@@ -420,7 +474,8 @@ def _run_verify(cfg: DaptConfig):
     console.print(
         f"{len(report.checks)} manifest(s), {report.artifacts} artifact(s) in {report.store}: "
         + (f"[red]{broken} broken[/red]" if broken else "all intact"),
-        soft_wrap=True, highlight=False,
+        soft_wrap=True,
+        highlight=False,
     )
     return report
 
@@ -431,7 +486,7 @@ def serve(config: Path = ConfigArg) -> None:
 
     Blocks, running the deployments' flow runs, until interrupted; needs a real server (`prefect server start`).
     """
-    from flows.serve import serve as serve_deployments
+    from dapt.flows.serve import serve as serve_deployments
 
     with _user_errors(False, terminal_logs=True):  # a server's output is its log
         serve_deployments(_load(config), str(config))
@@ -441,22 +496,27 @@ def serve(config: Path = ConfigArg) -> None:
 def deploy(
     config: Path = ConfigArg,
     pool: str = typer.Option("cpu", help="Work pool of dapt-pipeline and nightly-refresh."),
-    gpu_pool: str = typer.Option("gpu", help="Work pool of dapt-cpt (the CPT stage; docker/start-worker.sh's default)."),
+    gpu_pool: str = typer.Option(
+        "gpu", help="Work pool of dapt-cpt (the CPT stage; docker/start-worker.sh's default)."
+    ),
 ) -> None:
     """Register dapt-pipeline, nightly-refresh and dapt-cpt on work pools of the Prefect server at PREFECT_API_URL.
 
     Names, tags, schedule and concurrency come from the config, as with `dapt serve`; workers run the flow runs
     (`prefect worker start --pool cpu`; on the GPU machine docker/start-worker.sh). Also saves a standard result
     storage block on the store that a worker may take as its default (for its other flows' persisted results)."""
-    from flows.serve import deploy_to_pools
-    from tasks.caching import worker_result_storage
+    from dapt.flows.serve import deploy_to_pools
+    from dapt.tasks.caching import worker_result_storage
 
     with _user_errors(False):
         cfg = _load(config)
         for line in deploy_to_pools(cfg, pool, gpu_pool, str(config)):
             console.print(f"deployed {line}")
         default = worker_result_storage(cfg.store, cfg.aws_credentials_block, f"dapt-flow-results-{cfg.project}")
-        console.print(f"workers' default result storage (optional): PREFECT_DEFAULT_RESULT_STORAGE_BLOCK={default}", soft_wrap=True)
+        console.print(
+            f"workers' default result storage (optional): PREFECT_DEFAULT_RESULT_STORAGE_BLOCK={default}",
+            soft_wrap=True,
+        )
         expected = f"dapt-cpt/{cfg.project}"
         if cfg.deploy.cpt_deployment != expected:
             console.print(

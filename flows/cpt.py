@@ -5,6 +5,13 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from dapt.flows.interrupt import handle_signals
+from dapt.flows.preflight import check_before_first_stage
+from dapt.flows.training_data import training_data_flow
+from dapt.tasks.caching import result_storage_for
+from dapt.tasks.cpt import base_eval_task, cpt_task, original_base_eval_task
+from dapt.tasks.credentials import use_store_credentials
+from dapt.tasks.training_data import pack_task
 from dapt_core import layout
 from dapt_core.config import DaptConfig, EvalConfig
 from dapt_core.continuation import RollbackPoint, better_rollback_point
@@ -15,21 +22,21 @@ from dapt_core.model import base_fingerprint
 from dapt_core.model_card import provenance_of
 from dapt_core.pack import SELF_REPLAY_EVAL_WARNING
 from dapt_core.store import open_store
-from flows.interrupt import handle_signals
-from flows.preflight import check_before_first_stage
-from flows.training_data import training_data_flow
-from tasks.caching import result_storage_for
-from tasks.cpt import base_eval_task, cpt_task, original_base_eval_task
-from tasks.credentials import use_store_credentials
-from tasks.training_data import pack_task
 
 
 def _summary(m: CptManifest) -> AttemptSummary:
     return AttemptSummary(
-        attempt=m.attempt, lr=m.lr, general_fraction=m.general_fraction, accepted=m.accepted, best_step=m.best_step,
-        stopped_at=m.stopped_at, start_model=m.start_model, continued_from=m.continued_from,
+        attempt=m.attempt,
+        lr=m.lr,
+        general_fraction=m.general_fraction,
+        accepted=m.accepted,
+        best_step=m.best_step,
+        stopped_at=m.stopped_at,
+        start_model=m.start_model,
+        continued_from=m.continued_from,
         promoted=m.promoted.uri if m.promoted else None,
-        decisions=m.decisions, report_md=m.report_md.uri,
+        decisions=m.decisions,
+        report_md=m.report_md.uri,
     )
 
 
@@ -90,7 +97,9 @@ def cpt_flow(
         return final
 
 
-def _cpt_attempts(config: DaptConfig, data: TrainingDataManifest, start: DirRef | None, reference: DirRef | None) -> CptManifest:
+def _cpt_attempts(
+    config: DaptConfig, data: TrainingDataManifest, start: DirRef | None, reference: DirRef | None
+) -> CptManifest:
     """Attempt 0, then rollbacks until an attempt runs to its end or eval.max_attempts are used; the promoting attempt's
     manifest (else the last one) with every attempt and the domain verdict over all of them."""
     log = get_run_logger()
@@ -98,10 +107,16 @@ def _cpt_attempts(config: DaptConfig, data: TrainingDataManifest, start: DirRef 
     reference = reference or data.tokenizer.model
     storage = result_storage_for(config.store)
     policy = ForgettingPolicy.from_config(config.eval)
-    original = original_base_eval_task.with_options(result_storage=storage).submit(
-        config.model, base_fingerprint(config.model), data.pack, config.eval, config.store
-    ).result()
-    base = base_eval_task.with_options(result_storage=storage).submit(reference, data.pack, config.eval, config.store).result()
+    original = (
+        original_base_eval_task.with_options(result_storage=storage)
+        .submit(config.model, base_fingerprint(config.model), data.pack, config.eval, config.store)
+        .result()
+    )
+    base = (
+        base_eval_task.with_options(result_storage=storage)
+        .submit(reference, data.pack, config.eval, config.store)
+        .result()
+    )
     warnings = judgement_warnings(data.pack, config.eval)
     for warning in warnings:
         log.warning("%s", warning)
@@ -111,31 +126,56 @@ def _cpt_attempts(config: DaptConfig, data: TrainingDataManifest, start: DirRef 
     best: CptManifest | None = None  # the attempt with the best promoted checkpoint
     anchor: RollbackPoint | None = None  # the best accepted checkpoint: where a rollback continues from
     while True:
-        result = cpt_task.with_options(result_storage=storage).submit(
-            start, pack, train_cfg, config.eval, original, config.store, attempt, data.tokenizer.new_token_ids,
-            provenance_of(config, data), continue_from,
-        ).result()
+        result = (
+            cpt_task.with_options(result_storage=storage)
+            .submit(
+                start,
+                pack,
+                train_cfg,
+                config.eval,
+                original,
+                config.store,
+                attempt,
+                data.tokenizer.new_token_ids,
+                provenance_of(config, data),
+                continue_from,
+            )
+            .result()
+        )
         history.append(_summary(result))
         if result.promoted is not None and (best is None or _best_metric(result, policy) < _best_metric(best, policy)):
             best = result
-        anchor = better_rollback_point(anchor, result, start, policy.config.primary_metric, policy.config.primary_higher_is_better)
+        anchor = better_rollback_point(
+            anchor, result, start, policy.config.primary_metric, policy.config.primary_higher_is_better
+        )
         if result.stopped_at is None:
             log.info("attempt %d ran to the end within the forgetting limits", attempt)
             break
         plan = rollback_plan(attempt, config)
         if plan is None:
-            log.warning("attempt %d rejected at step %d and no attempts are left (eval.max_attempts)", attempt, result.stopped_at)
+            log.warning(
+                "attempt %d rejected at step %d and no attempts are left (eval.max_attempts)",
+                attempt,
+                result.stopped_at,
+            )
             break
         if anchor is None:  # nothing accepted yet: start over from the start model, re-packed with more replay
             mix = config.mix.model_copy(update={"general_fraction": plan.general_fraction})
-            pack = pack_task.with_options(result_storage=storage).submit(
-                data.prepare.clean, data.tokenizer, mix, config.model, config.store, data.refresh_basis
-            ).result()
+            pack = (
+                pack_task.with_options(result_storage=storage)
+                .submit(data.prepare.clean, data.tokenizer, mix, config.model, config.store, data.refresh_basis)
+                .result()
+            )
         else:
             start, continue_from = anchor.start, anchor.continuation(plan.general_fraction)
         log.warning(
             "attempt %d rejected at step %d: rolling back to %s, lr=%.3g, general_fraction=%.3g (attempt %d)",
-            attempt, result.stopped_at, continue_from.source if anchor else start.uri, plan.lr, plan.general_fraction, plan.attempt,
+            attempt,
+            result.stopped_at,
+            continue_from.source if anchor else start.uri,
+            plan.lr,
+            plan.general_fraction,
+            plan.attempt,
         )
         train_cfg = config.train.model_copy(update={"lr": plan.lr})
         attempt = plan.attempt
@@ -144,19 +184,27 @@ def _cpt_attempts(config: DaptConfig, data: TrainingDataManifest, start: DirRef 
     decisions = [d for a in history for d in a.decisions]
     gain = domain_gain(config.eval, original.metrics, decisions, final.best, extended_base=extended)
     if best is None:
-        log.warning("nothing promoted after %d attempt(s) (%s): %s", len(history), gain.verdict, "; ".join(gain.reasons))
+        log.warning(
+            "nothing promoted after %d attempt(s) (%s): %s", len(history), gain.verdict, "; ".join(gain.reasons)
+        )
     else:
         log.info("promoted: attempt %d step %d -> %s", best.attempt, best.best_step, best.promoted.uri)
-    return final.model_copy(update={"attempts": history, "base_metrics": dict(base.metrics), "gain": gain, "warnings": warnings})
+    return final.model_copy(
+        update={"attempts": history, "base_metrics": dict(base.metrics), "gain": gain, "warnings": warnings}
+    )
 
 
-def _retry_without_extension(config: DaptConfig, data: TrainingDataManifest, start: DirRef | None, result: CptManifest) -> bool:
+def _retry_without_extension(
+    config: DaptConfig, data: TrainingDataManifest, start: DirRef | None, result: CptManifest
+) -> bool:
     """tokenizer.on_no_gain retry_without_extension, nothing promoted (no gain, or nothing accepted: the extension's
     cost counts against the forgetting limits too), and the vocabulary was extended in this run (a refresh keeps its
     lineage's vocabulary)."""
     return (
-        result.promoted is None and config.tokenizer.on_no_gain == "retry_without_extension"
-        and data.tokenizer.new_tokens > 0 and start is None
+        result.promoted is None
+        and config.tokenizer.on_no_gain == "retry_without_extension"
+        and data.tokenizer.new_tokens > 0
+        and start is None
     )
 
 
@@ -165,7 +213,9 @@ def _without_extension(config: DaptConfig, extended: CptManifest) -> CptManifest
     log = get_run_logger()
     log.warning(
         "nothing of the extended model was promoted (%s: %s); tokenizer.on_no_gain: retrying packing and CPT with the "
-        "base tokenizer", extended.gain.verdict, "; ".join(extended.gain.reasons),
+        "base tokenizer",
+        extended.gain.verdict,
+        "; ".join(extended.gain.reasons),
     )
     plain_config = config.model_copy(update={"tokenizer": config.tokenizer.model_copy(update={"enabled": False})})
     plain_data = training_data_flow(plain_config)
@@ -177,7 +227,9 @@ def _without_extension(config: DaptConfig, extended: CptManifest) -> CptManifest
 def _publish(config: DaptConfig, final: CptManifest, output_key: str | None) -> None:
     store = open_store(config.store)
     create_markdown_artifact(
-        key="dapt-cpt-report", markdown=store.read_text(final.report_md), description=f"CPT forgetting evaluation of {config.project}"
+        key="dapt-cpt-report",
+        markdown=store.read_text(final.report_md),
+        description=f"CPT forgetting evaluation of {config.project}",
     )
     store.put_text(final.model_dump_json(indent=1), layout.latest_manifest_key(config.project, "cpt"))
     if output_key:

@@ -21,6 +21,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
+from dapt.flows.cpt import cpt_flow
+from dapt.flows.interrupt import handle_signals
+from dapt.flows.preflight import check_before_first_stage
+from dapt.flows.training_data import training_data_flow
+from dapt.tasks.caching import result_storage_for
+from dapt.tasks.cpt import original_base_eval_task
+from dapt.tasks.credentials import use_store_credentials
+from dapt.tasks.data import discover_task
+from dapt.tasks.sft import sft_task
 from dapt_core import layout, leftovers
 from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.config import DaptConfig
@@ -39,15 +48,6 @@ from dapt_core.model import base_fingerprint
 from dapt_core.model_card import provenance_of
 from dapt_core.report import inline_images, write_pipeline_report
 from dapt_core.store import ArtifactStore, open_store
-from flows.cpt import cpt_flow
-from flows.interrupt import handle_signals
-from flows.preflight import check_before_first_stage
-from flows.training_data import training_data_flow
-from tasks.caching import result_storage_for
-from tasks.cpt import original_base_eval_task
-from tasks.credentials import use_store_credentials
-from tasks.data import discover_task
-from tasks.sft import sft_task
 
 
 def lineage_of(config: DaptConfig) -> str:
@@ -79,7 +79,9 @@ def dapt_pipeline(config: DaptConfig) -> PipelineManifest:
 
 class RefreshManifest(BaseModel):
     changed: bool = Field(description="False: the inputs are those of the last successful run; nothing was run.")
-    new_or_changed: list[str] = Field(default_factory=list, description="Input uris new or changed since the last success.")
+    new_or_changed: list[str] = Field(
+        default_factory=list, description="Input uris new or changed since the last success."
+    )
     removed: list[str] = Field(default_factory=list, description="Input uris of the last success that are gone.")
     pipeline: PipelineManifest | None = None
     lineage: str = ""
@@ -95,20 +97,33 @@ def nightly_refresh(config: DaptConfig) -> RefreshManifest:
     inputs, evals, _ = discover_task(with_benchmark_texts(config.data, config.eval))
     current = {i.uri: i.fingerprint for i in inputs + evals}
     if state is None or state.config_hash != config.result_hash():
-        why = "no successful run of lineage %r yet" if state is None else "the config changed since the last success of lineage %r"
+        why = (
+            "no successful run of lineage %r yet"
+            if state is None
+            else "the config changed since the last success of lineage %r"
+        )
         log.info(why + ": running the full pipeline from the base model", lineage)
-        return RefreshManifest(changed=True, new_or_changed=sorted(current), pipeline=run_stages(config, lineage), lineage=lineage)
+        return RefreshManifest(
+            changed=True, new_or_changed=sorted(current), pipeline=run_stages(config, lineage), lineage=lineage
+        )
     new_or_changed = sorted(u for u, f in current.items() if state.inputs.get(u) != f)
     removed = sorted(set(state.inputs) - set(current))
     if not new_or_changed and not removed:
-        log.info("nothing changed since the last success of lineage %r (%d inputs): nothing to do", lineage, len(current))
+        log.info(
+            "nothing changed since the last success of lineage %r (%d inputs): nothing to do", lineage, len(current)
+        )
         return RefreshManifest(changed=False, lineage=lineage)
     log.info(
         "%d new or changed input(s), %d removed: lineage %r continues CPT from %s",
-        len(new_or_changed), len(removed), lineage, state.promoted.uri,
+        len(new_or_changed),
+        len(removed),
+        lineage,
+        state.promoted.uri,
     )
     pipeline = run_stages(config, lineage, state)
-    return RefreshManifest(changed=True, new_or_changed=new_or_changed, removed=removed, pipeline=pipeline, lineage=lineage)
+    return RefreshManifest(
+        changed=True, new_or_changed=new_or_changed, removed=removed, pipeline=pipeline, lineage=lineage
+    )
 
 
 def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) -> PipelineManifest | None:
@@ -127,20 +142,27 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     if state and prepared.new:
         log.info(
             "refresh: %d documents in %d new or changed files; %d near and %d exact duplicates of earlier documents dropped",
-            prepared.new.docs, prepared.new.files, prepared.new.near_duplicates_of_earlier, prepared.new.exact_duplicates_of_earlier,
+            prepared.new.docs,
+            prepared.new.files,
+            prepared.new.near_duplicates_of_earlier,
+            prepared.new.exact_duplicates_of_earlier,
         )
     if pack.refresh is not None and pack.refresh.new_documents == 0:
         log.info(
             "no new domain document was kept since the last success of lineage %r (dropped by the filters, duplicates "
-            "or held out): nothing to train, the lineage stays at %s", lineage, state.promoted.uri,
+            "or held out): nothing to train, the lineage stays at %s",
+            lineage,
+            state.promoted.uri,
         )
         _save_state(store, state.model_copy(update={"inputs": _ingested(prepared)}), config.project)
         return None
     # The reference of the forgetting policy (cpt_flow reads it back from the cache). Before CPT, not beside it: two
     # models in memory at once doubled the demo's peak RSS.
-    original = original_base_eval_task.with_options(result_storage=storage).submit(
-        config.model, base_fingerprint(config.model), pack, config.eval, config.store
-    ).result()
+    original = (
+        original_base_eval_task.with_options(result_storage=storage)
+        .submit(config.model, base_fingerprint(config.model), pack, config.eval, config.store)
+        .result()
+    )
     cpt = _cpt_stage(config, data, start)  # step-level bars and UI artifacts: tasks/progress.py
     if cpt.without_extension is not None:  # tokenizer.on_no_gain: CPT ran again with the base tokenizer
         data = cpt.without_extension
@@ -149,32 +171,57 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     sft = None
     if config.sft.data and cpt.promoted is not None:
         with handle_signals():  # SIGTERM (a cancel) stops SFT with a checkpoint; Prefect's handler would not
-            sft = sft_task.with_options(result_storage=storage).submit(
-                cpt.promoted, pack, config.sft, config.eval, original, config.store, provenance_of(config, data)
-            ).result()
+            sft = (
+                sft_task.with_options(result_storage=storage)
+                .submit(
+                    cpt.promoted, pack, config.sft, config.eval, original, config.store, provenance_of(config, data)
+                )
+                .result()
+            )
     elif config.sft.data:
         log.warning("SFT skipped: no CPT model was promoted (%s)", cpt.gain.verdict if cpt.gain else "nothing accepted")
 
     run_key = stable_hash(data.pack.train_shards, cpt.promoted, sft.model if sft else None)[:16]
     with leftovers.temp_dir("report") as tmp:
         paths = write_pipeline_report(
-            Path(tmp), project=config.project, clean=prepared.clean, tokenizer=tokenizer, pack=pack, cpt=cpt, sft=sft,
-            original_base=original.metrics, policy=ForgettingPolicy.from_config(config.eval),
+            Path(tmp),
+            project=config.project,
+            clean=prepared.clean,
+            tokenizer=tokenizer,
+            pack=pack,
+            cpt=cpt,
+            sft=sft,
+            original_base=original.metrics,
+            policy=ForgettingPolicy.from_config(config.eval),
         )
         refs = {k: store.put_file(p, layout.run_report_key(config.project, run_key, p.name)) for k, p in paths.items()}
-        markdown = inline_images(paths["md"].read_text(encoding="utf-8"), {k: paths[k] for k in ("funnel", "checkpoints")})
+        markdown = inline_images(
+            paths["md"].read_text(encoding="utf-8"), {k: paths[k] for k in ("funnel", "checkpoints")}
+        )
     create_markdown_artifact(key="dapt-report", markdown=markdown, description=f"dapt report of {config.project}")
 
     final_model = sft.model if sft is not None and sft.accepted else cpt.promoted
     result = PipelineManifest(
-        project=config.project, data=data, cpt=cpt, sft=sft, final_model=final_model, report_md=refs["md"],
-        report_json=refs["json"], plots={k: refs[k] for k in ("funnel", "checkpoints")}, refresh_of=start.uri if start else None,
+        project=config.project,
+        data=data,
+        cpt=cpt,
+        sft=sft,
+        final_model=final_model,
+        report_md=refs["md"],
+        report_json=refs["json"],
+        plots={k: refs[k] for k in ("funnel", "checkpoints")},
+        refresh_of=start.uri if start else None,
     )
     store.put_text(result.model_dump_json(indent=1), layout.latest_manifest_key(config.project, "pipeline"))
     if cpt.promoted is not None:
         success = RunState(
-            lineage=lineage, generation=state.generation + 1 if state else 0, inputs=_ingested(prepared),
-            config_hash=config.result_hash(), tokenizer=tokenizer, promoted=cpt.promoted, report_md=refs["md"],
+            lineage=lineage,
+            generation=state.generation + 1 if state else 0,
+            inputs=_ingested(prepared),
+            config_hash=config.result_hash(),
+            tokenizer=tokenizer,
+            promoted=cpt.promoted,
+            report_md=refs["md"],
             refresh_basis=RefreshBasis(seen_domain=prepared.clean.domain, heldout_fractions=pack.heldout_fractions)
             if prepared.clean.domain
             else None,
@@ -208,11 +255,13 @@ def _advance(store: ArtifactStore, project: str, success: RunState, started_from
     if moves_back:
         log.warning(
             "lineage %r is at generation %d (%s); this run started from %s and does not replace it",
-            success.lineage, current.generation, current.promoted.uri, started_from.uri if started_from else "the base model",
+            success.lineage,
+            current.generation,
+            current.promoted.uri,
+            started_from.uri if started_from else "the base model",
         )
         return
     _save_state(store, success, project)
-
 
 
 def _cpt_stage(config: DaptConfig, data: TrainingDataManifest, start: DirRef | None) -> CptManifest:
@@ -227,11 +276,15 @@ def _cpt_stage(config: DaptConfig, data: TrainingDataManifest, start: DirRef | N
     run = run_deployment(
         config.deploy.cpt_deployment,
         parameters={
-            "config": config.model_dump(mode="json", by_alias=True), "data": data.model_dump(mode="json"),
-            "start": start.model_dump(mode="json") if start else None, "reference": reference.model_dump(mode="json"),
+            "config": config.model_dump(mode="json", by_alias=True),
+            "data": data.model_dump(mode="json"),
+            "start": start.model_dump(mode="json") if start else None,
+            "reference": reference.model_dump(mode="json"),
             "output_key": key,
         },
     )
     if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"CPT deployment {config.deploy.cpt_deployment} run {run.id} ended {run.state.name if run.state else 'without a state'}")
+        raise RuntimeError(
+            f"CPT deployment {config.deploy.cpt_deployment} run {run.id} ended {run.state.name if run.state else 'without a state'}"
+        )
     return CptManifest.model_validate_json(open_store(config.store).read_key(key))

@@ -54,7 +54,11 @@ def _say_final(line: str) -> None:
 
 
 def _stopped_line(s: Stopped) -> str:
-    where = f"checkpoint of step {s.step} saved to {s.checkpoint}" if s.checkpoint else f"stopped at step {s.step}, nothing new to save"
+    where = (
+        f"checkpoint of step {s.step} saved to {s.checkpoint}"
+        if s.checkpoint
+        else f"stopped at step {s.step}, nothing new to save"
+    )
     return f"interrupted ({s.reason}): {where}; {_state['resume']}"
 
 
@@ -86,7 +90,10 @@ def _exit_when_saved(signum: int, grace: float) -> None:
     deadline = time.monotonic() + grace
     stopped = stop.wait_saved(grace)
     if stopped is None:
-        _exit_now(signum, f"interrupted ({name}): no checkpoint within train.stop_grace_s ({grace:g} s); {_state['resume']} from the last one")
+        _exit_now(
+            signum,
+            f"interrupted ({name}): no checkpoint within train.stop_grace_s ({grace:g} s); {_state['resume']} from the last one",
+        )
     time.sleep(max(0.0, min(REPORT_SLACK_S, deadline - time.monotonic())))
     _exit_now(signum, _stopped_line(stopped))
 
@@ -99,7 +106,9 @@ def _on_signal(signum: int, _frame) -> None:
     if _state["signals"] > 1 or grace is None:
         _exit_now(signum, f"interrupted ({name}): finished stages are in the store; {_state['resume']}")
     stop.request(name)
-    _say(f"{name}: stopping at the next training step with a checkpoint (up to {grace:g} s); press Ctrl-C again to exit at once")
+    _say(
+        f"{name}: stopping at the next training step with a checkpoint (up to {grace:g} s); press Ctrl-C again to exit at once"
+    )
     threading.Thread(target=_exit_when_saved, args=(signum, grace), name="dapt-stop-grace", daemon=True).start()
 
 
@@ -129,7 +138,10 @@ def stoppable_command():
         _state["watchdog"] = True
         subprocess.Popen(
             [sys.executable, "-m", "dapt_core.reaper", str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
     with handle_signals():
         try:

@@ -22,7 +22,9 @@ def check_cpt_deployment(name: str, project: str) -> None:
         "(`prefect work-pool create gpu --type process` first)"
     )
     if name.count("/") != 1:
-        raise ConfigError(f"deploy.cpt_deployment: {name!r} is not '<flow>/<deployment>' (e.g. dapt-cpt/{project}); {create}")
+        raise ConfigError(
+            f"deploy.cpt_deployment: {name!r} is not '<flow>/<deployment>' (e.g. dapt-cpt/{project}); {create}"
+        )
     server = PREFECT_API_URL.value() or "the ephemeral Prefect server (PREFECT_API_URL is not set)"
     with get_client(sync_client=True) as client:
         try:

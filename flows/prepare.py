@@ -5,18 +5,18 @@ from __future__ import annotations
 from prefect import flow, unmapped
 from prefect.futures import as_completed
 
+from dapt.tasks import progress
+from dapt.tasks.caching import result_storage_for, was_cached
+from dapt.tasks.credentials import use_store_credentials
+from dapt.tasks.data import clean_task, discover_task, ingest_batch_task, publish_data_report
+from dapt_core import layout
 from dapt_core.benchmarks import with_benchmark_texts
+from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.clean.stats import new_documents
 from dapt_core.config import DaptConfig
-from dapt_core import layout
-from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.ingest_batches import plan_batches
 from dapt_core.manifest import IngestManifest, PrepareManifest
 from dapt_core.store import open_store
-from tasks import progress
-from tasks.caching import result_storage_for, was_cached
-from tasks.credentials import use_store_credentials
-from tasks.data import clean_task, discover_task, ingest_batch_task, publish_data_report
 
 
 @flow(name="dapt-prepare", log_prints=True, persist_result=False)
@@ -64,8 +64,13 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     publish_data_report(clean_manifest, config.store)
 
     # A file is computed when this run read it; a file of a cached batch, or copied from an earlier shard, is cached.
-    read = {name: [(file.input.uri, file.read and not was_cached(f)) for f in fs for file in f.result().files] for name, fs in futures.items()}
-    ran = [(f"ingest:{uri}", now) for uri, now in read["inputs"] + read["evals"]] + [("clean", not was_cached(clean_future))]
+    read = {
+        name: [(file.input.uri, file.read and not was_cached(f)) for f in fs for file in f.result().files]
+        for name, fs in futures.items()
+    }
+    ran = [(f"ingest:{uri}", now) for uri, now in read["inputs"] + read["evals"]] + [
+        ("clean", not was_cached(clean_future))
+    ]
     read_now = {uri for uri, now in read["inputs"] if now}  # training files only: eval files have no decisions
     store = open_store(config.store)
     new = new_documents(store.local_path(clean_manifest.decisions), read_now) if read_now else None

@@ -65,8 +65,8 @@ def build_deployments(cfg: DaptConfig, config_path: str | None = None) -> list[R
     whatever directory `dapt serve` was started from. Overlapping refreshes are cancelled rather than queued: the
     next refresh ingests whatever the skipped one would have.
     """
-    from flows.cpt import cpt_flow  # on use: they import every stage's tasks
-    from flows.dapt_pipeline import dapt_pipeline, nightly_refresh
+    from dapt.flows.cpt import cpt_flow  # on use: they import every stage's tasks
+    from dapt.flows.dapt_pipeline import dapt_pipeline, nightly_refresh
 
     parameters = {"config": cfg.model_dump(mode="json", by_alias=True)}
     source = f" Parameters from {config_path}." if config_path else ""

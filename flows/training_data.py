@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dapt_core.config import DaptConfig
+from dapt.flows.prepare import prepare_flow
+from dapt.tasks import progress
+from dapt.tasks.caching import result_storage_for, was_cached
+from dapt.tasks.credentials import use_store_credentials
+from dapt.tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
 from dapt_core import layout
+from dapt_core.config import DaptConfig
 from dapt_core.manifest import RefreshBasis, TokenizerManifest, TrainingDataManifest
 from dapt_core.model import base_fingerprint
 from dapt_core.store import open_store
-from tasks import progress
-from flows.prepare import prepare_flow
-from tasks.caching import result_storage_for, was_cached
-from tasks.credentials import use_store_credentials
-from tasks.training_data import extend_tokenizer_task, pack_task, publish_tokenizer_report
 
 
 @flow(name="dapt-training-data", log_prints=True, persist_result=False)
@@ -55,5 +55,7 @@ def training_data_flow(
         computed=prepared.computed + [n for n, f in runs if not was_cached(f)],
         cached=prepared.cached + [n for n, f in runs if was_cached(f)],
     )
-    open_store(config.store).put_text(result.model_dump_json(indent=1), layout.latest_manifest_key(config.project, "training-data"))
+    open_store(config.store).put_text(
+        result.model_dump_json(indent=1), layout.latest_manifest_key(config.project, "training-data")
+    )
     return result

@@ -45,7 +45,6 @@ from dapt_core.manifest import (
 )
 from dapt_core.store import ArtifactStore, open_store
 
-
 # What the result record of each cached task may hold, by the stage name its cache key starts with ("ingest-<sha256>").
 RESULT_TYPES: dict[str, Any] = {
     "ingest": IngestManifest,
@@ -60,7 +59,9 @@ RESULT_TYPES: dict[str, Any] = {
 }
 _ADAPTERS = {kind: TypeAdapter(t) for kind, t in RESULT_TYPES.items()}
 # The fields of Prefect's JSON serializer that change how a record is decoded, as dapt's tasks write them.
-_JSON_DECODING = {k: v for k, v in JSONSerializer().model_dump().items() if k in ("jsonlib", "object_decoder", "loads_kwargs")}
+_JSON_DECODING = {
+    k: v for k, v in JSONSerializer().model_dump().items() if k in ("jsonlib", "object_decoder", "loads_kwargs")
+}
 # Optional: a secret shared by the workers of a team; records are then signed, and unsigned ones refused.
 STORE_KEY_ENV = "DAPT_STORE_KEY"
 MAC_FIELD = "dapt_hmac"
@@ -124,7 +125,9 @@ def decode_record(key: str, content: bytes, uri: str) -> Any:
     if secret and isinstance(record, dict):
         mac = record.pop(MAC_FIELD, None)
         if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(secret, key, record)):
-            raise refuse(f"it is not signed with the key in {STORE_KEY_ENV} (records written without that key never are)")
+            raise refuse(
+                f"it is not signed with the key in {STORE_KEY_ENV} (records written without that key never are)"
+            )
     metadata = record.get("metadata") if isinstance(record, dict) else None
     serializer = metadata.get("serializer") if isinstance(metadata, dict) else None
     if not isinstance(serializer, dict) or serializer.get("type") != "json":
@@ -216,7 +219,9 @@ class StoreResultStorage(WritableFileSystem):
             _log().warning("cached result %s is not reused (%s%s): running the stage again", path, problems[0], more)
             raise StaleResultRecord(f"{store.uri(key)}: {problems[0]}{more}")
         result = _encode(result_kind(path), value).decode()
-        return json.dumps({"metadata": {"storage_key": path, "serializer": ManifestSerializer().model_dump()}, "result": result}).encode()
+        return json.dumps(
+            {"metadata": {"storage_key": path, "serializer": ManifestSerializer().model_dump()}, "result": result}
+        ).encode()
 
     def write_path(self, path: str, content: bytes, _sync: bool = True) -> str:
         return self._store().put_bytes(sign_record(path, content), result_record_key(path)).uri
@@ -328,7 +333,9 @@ def verify_store(store_uri: str, project: str, run_manifests: dict[str, type[Bas
     results those artifacts come from, and every result record of the store that a run would refuse. Results of older
     code versions or other projects are not hashed: no run of this project reads them."""
     store = open_store(store_uri)
-    verdicts: dict[str, tuple[str, str] | None] = {}  # uri -> (status, problem); an artifact shared by manifests is hashed once
+    verdicts: dict[
+        str, tuple[str, str] | None
+    ] = {}  # uri -> (status, problem); an artifact shared by manifests is hashed once
 
     def verdict(ref: ArtifactRef) -> tuple[str, str] | None:
         if ref.uri not in verdicts:
@@ -353,7 +360,9 @@ def verify_store(store_uri: str, project: str, run_manifests: dict[str, type[Bas
             try:
                 refs = list(artifacts(model.model_validate_json(store.read_key(key))))
             except ValidationError as e:
-                checks.append(untrusted(key, store.uri(key), f"not a valid {model.__name__} ({e.error_count()} problem(s))"))
+                checks.append(
+                    untrusted(key, store.uri(key), f"not a valid {model.__name__} ({e.error_count()} problem(s))")
+                )
                 continue
             checks.append(check(key, store.uri(key), refs))
     last_run = set(verdicts)
@@ -371,7 +380,9 @@ def verify_store(store_uri: str, project: str, run_manifests: dict[str, type[Bas
         if any(ref.uri in last_run for ref in refs):
             checks.append(check(name, uri, refs))
     ok = all(c.status == "ok" for c in checks)
-    return VerifyReport(store=store.root, project=project, ok=ok, artifacts=len(verdicts), checks=checks, not_results=not_results)
+    return VerifyReport(
+        store=store.root, project=project, ok=ok, artifacts=len(verdicts), checks=checks, not_results=not_results
+    )
 
 
 def was_cached(future) -> bool:

@@ -26,6 +26,8 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
+from dapt.tasks import progress
+from dapt.tasks.caching import check_result_record, eval_set_hashes
 from dapt_core import layout, leftovers, stop
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
 from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, stopped_path
@@ -37,8 +39,6 @@ from dapt_core.model_card import ModelProvenance
 from dapt_core.stop import Stopped, StopRequested
 from dapt_core.store import open_store, s3_environment
 from dapt_core.train.distributed import torchrun_command
-from tasks import progress
-from tasks.caching import check_result_record, eval_set_hashes
 
 CPT_CODE = code_version(run_attempt, evaluate, load_model, task_module=sys.modules[__name__])
 
@@ -79,11 +79,15 @@ def original_eval_key(fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig
     persist_result=True,
     result_serializer="json",
 )
-def original_base_eval_task(model_cfg: ModelConfig, fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig, store_uri: str) -> EvalResult:
+def original_base_eval_task(
+    model_cfg: ModelConfig, fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig, store_uri: str
+) -> EvalResult:
     """Metrics of the base model as configured, before tokenizer extension, with per-item benchmark results: the
     reference every CPT checkpoint and the SFT model are judged against (a nightly refresh too)."""
     check_result_record(store_uri, original_eval_key(fingerprint, pack, eval_cfg))
-    return _metrics(load_model(model_cfg), load_tokenizer(model_cfg), open_store(store_uri), pack, eval_cfg, "original base model")
+    return _metrics(
+        load_model(model_cfg), load_tokenizer(model_cfg), open_store(store_uri), pack, eval_cfg, "original base model"
+    )
 
 
 def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what: str) -> EvalResult:
@@ -95,7 +99,12 @@ def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what
 
 # ------------------------------------------------------------------------------------------------------------- cpt
 def cpt_key(
-    start: DirRef, pack: PackManifest, train_cfg: TrainConfig, eval_cfg: EvalConfig, reference: EvalResult, attempt: int,
+    start: DirRef,
+    pack: PackManifest,
+    train_cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    reference: EvalResult,
+    attempt: int,
     new_token_ids: list[int] | None = None,
     continue_from: Continuation | None = None,
 ) -> str:
@@ -104,9 +113,19 @@ def cpt_key(
     # batch); stop_grace_s, where the nodes meet and how many loader processes prepare the data do not change what is
     # trained (and every node of a launch must compute the same key).
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
-    train = train_cfg.model_dump(mode="json", exclude={"stop_grace_s", "node_rank", "rdzv_endpoint", "rdzv_id", "data_workers"})
+    train = train_cfg.model_dump(
+        mode="json", exclude={"stop_grace_s", "node_rank", "rdzv_endpoint", "rdzv_id", "data_workers"}
+    )
     return "cpt-" + stable_hash(
-        start.sha256, shards, eval_set_hashes(pack), fisher, train, eval_cfg, reference, attempt, CPT_CODE,
+        start.sha256,
+        shards,
+        eval_set_hashes(pack),
+        fisher,
+        train,
+        eval_cfg,
+        reference,
+        attempt,
+        CPT_CODE,
         *([sorted(new_token_ids)] if new_token_ids else []),  # the rows LoRA trains (absent: the key stays as it was)
         *([continue_from] if continue_from else []),  # a rollback: the checkpoint and data it continues from
     )
@@ -114,7 +133,16 @@ def cpt_key(
 
 @task(
     name="cpt-attempt",
-    cache_key_fn=lambda ctx, p: cpt_key(p["start"], p["pack"], p["train_cfg"], p["eval_cfg"], p["reference"], p["attempt"], p["new_token_ids"], p["continue_from"]),
+    cache_key_fn=lambda ctx, p: cpt_key(
+        p["start"],
+        p["pack"],
+        p["train_cfg"],
+        p["eval_cfg"],
+        p["reference"],
+        p["attempt"],
+        p["new_token_ids"],
+        p["continue_from"],
+    ),
     persist_result=True,
     result_serializer="json",
 )
@@ -136,14 +164,27 @@ def cpt_task(
     key = cpt_key(start, pack, train_cfg, eval_cfg, reference, attempt, new_token_ids, continue_from)
     check_result_record(store_uri, key)
     spec = AttemptSpec(
-        start=start, pack=pack, train=train_cfg, eval=eval_cfg, reference=reference, store=store_uri,
-        prefix=layout.cpt_attempt_prefix(key), attempt=attempt, new_token_ids=new_token_ids or [], code_version=CPT_CODE,
-        provenance=provenance, continue_from=continue_from,
+        start=start,
+        pack=pack,
+        train=train_cfg,
+        eval=eval_cfg,
+        reference=reference,
+        store=store_uri,
+        prefix=layout.cpt_attempt_prefix(key),
+        attempt=attempt,
+        new_token_ids=new_token_ids or [],
+        code_version=CPT_CODE,
+        provenance=provenance,
+        continue_from=continue_from,
     )
     log.info(
         "CPT attempt %d from %s: lr=%.3g, general_fraction=%.3g, %d sequences of %d tokens, %d process(es)",
-        attempt, continue_from.source if continue_from else start.uri, train_cfg.lr,
-        continue_from.general_fraction if continue_from else pack.general_fraction_target, pack.sequences, pack.seq_len,
+        attempt,
+        continue_from.source if continue_from else start.uri,
+        train_cfg.lr,
+        continue_from.general_fraction if continue_from else pack.general_fraction_target,
+        pack.sequences,
+        pack.seq_len,
         train_cfg.nproc_per_node,
     )
     with leftovers.temp_dir("cpt") as tmp:
@@ -185,10 +226,18 @@ def _torchrun(spec: AttemptSpec, tmp: Path) -> CptManifest:
     log = _log()
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    with stop.training(spec.train.stop_grace_s), subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
-        env={**os.environ, **s3_environment()},  # the ranks open the store: the credentials this process was given
-    ) as proc:
+    with (
+        stop.training(spec.train.stop_grace_s),
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            env={**os.environ, **s3_environment()},  # the ranks open the store: the credentials this process was given
+        ) as proc,
+    ):
         threading.Thread(target=_forward_stop, args=(proc,), name="dapt-forward-stop", daemon=True).start()
         for line in proc.stdout:  # streamed: a long run shows its progress in the flow run's logs
             line = line.rstrip()

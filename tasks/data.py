@@ -12,6 +12,8 @@ from prefect.cache_policies import NO_CACHE
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
 import dapt_core.ingest_batches as ingest_batches
+from dapt.tasks.caching import check_result_record, refresh_requested
+from dapt.tasks.retries import retry_if_worthwhile
 from dapt_core import layout, leftovers
 from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.clean.parts import StorePartCache
@@ -28,8 +30,6 @@ from dapt_core.manifest import (
     QuarantineRecord,
 )
 from dapt_core.store import open_store
-from tasks.caching import check_result_record, refresh_requested
-from tasks.retries import retry_if_worthwhile
 
 # The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
 INGEST_CODE = code_version(ingest_batches.run_batch, task_module=sys.modules[__name__])
@@ -45,11 +45,17 @@ def ingest_batch_key(batch: list[InputFile], cfg: IngestConfig) -> str:
     return "ingest-batch-" + stable_hash(batch, cfg, INGEST_CODE)
 
 
-def clean_key(ingested: list[IngestManifest], evals: list[IngestManifest], quarantined: list[QuarantineRecord], cfg: CleanConfig) -> str:
+def clean_key(
+    ingested: list[IngestManifest], evals: list[IngestManifest], quarantined: list[QuarantineRecord], cfg: CleanConfig
+) -> str:
     shards = lambda ms: sorted((m.shard.sha256 if m.shard else "", m.input.uri, m.quarantined) for m in ms)  # noqa: E731
     output_settings = cfg.model_dump(exclude={"duckdb_memory_limit"})  # memory limits change speed, not results
     return "clean-" + stable_hash(
-        shards(ingested), shards(evals), sorted(quarantined, key=lambda q: (q.file, q.position)), output_settings, CLEAN_CODE
+        shards(ingested),
+        shards(evals),
+        sorted(quarantined, key=lambda q: (q.file, q.position)),
+        output_settings,
+        CLEAN_CODE,
     )
 
 
@@ -168,7 +174,14 @@ def publish_data_report(cm: CleanManifest, store_uri: str) -> None:
     create_table_artifact(
         key="dapt-data-funnel",
         table=[
-            {"source": s.source, "kind": s.kind, "input": s.input_docs, "kept": s.kept_docs, "est_tokens": s.kept_est_tokens, **s.dropped}
+            {
+                "source": s.source,
+                "kind": s.kind,
+                "input": s.input_docs,
+                "kept": s.kept_docs,
+                "est_tokens": s.kept_est_tokens,
+                **s.dropped,
+            }
             for s in cm.sources
         ],
         description=f"Kept / dropped documents per source ({cm.input_docs} in, {cm.kept_docs} kept).",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -29,8 +28,13 @@ _tasks: dict[str, int] = {}
 def bars(console: Console) -> Iterator[None]:
     global _active
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         _active = progress
         try:
@@ -78,7 +82,9 @@ class TrainingProgress:
             return
         try:
             if self.artifact_id is None:
-                self.artifact_id = create_progress_artifact(percent, key=f"{self.key}-progress", description=description)
+                self.artifact_id = create_progress_artifact(
+                    percent, key=f"{self.key}-progress", description=description
+                )
             else:
                 update_progress_artifact(self.artifact_id, percent, description=description)
         except Exception as e:  # the UI is a view: training goes on without it
@@ -104,7 +110,9 @@ class TrainingProgress:
         if FlowRunContext.get() is None and TaskRunContext.get() is None:
             return
         try:
-            create_table_artifact(self.decisions, key=f"{self.key}-decisions", description=f"{self.name}: checkpoint decisions")
+            create_table_artifact(
+                self.decisions, key=f"{self.key}-decisions", description=f"{self.name}: checkpoint decisions"
+            )
         except Exception as e:
             log.warning("decision table %s not updated: %s", self.key, e)
 

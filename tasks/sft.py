@@ -9,6 +9,8 @@ from pathlib import Path
 
 from prefect import task
 
+from dapt.tasks import progress
+from dapt.tasks.caching import check_result_record, eval_set_hashes
 from dapt_core import layout, leftovers
 from dapt_core.config import EvalConfig, SftConfig
 from dapt_core.evaluate import EvalResult
@@ -16,8 +18,6 @@ from dapt_core.hashing import code_version, sha256_file, stable_hash
 from dapt_core.manifest import DirRef, PackManifest, SftManifest
 from dapt_core.model_card import ModelProvenance
 from dapt_core.sft import SftAttemptSpec, run_sft_attempt
-from tasks import progress
-from tasks.caching import check_result_record, eval_set_hashes
 
 SFT_CODE = code_version(run_sft_attempt, task_module=sys.modules[__name__])
 

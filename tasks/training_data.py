@@ -12,13 +12,13 @@ from prefect.artifacts import create_markdown_artifact
 import dapt_core.pack as pack
 import dapt_core.replay as replay
 import dapt_core.tokenizer_ext as tokenizer_ext
+from dapt.tasks.caching import check_result_record
 from dapt_core import layout, leftovers, split
 from dapt_core.config import MixConfig, ModelConfig, TokenizerConfig
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import CleanManifest, PackManifest, RefreshBasis, TokenizerManifest
 from dapt_core.model import load_model, load_tokenizer
 from dapt_core.store import open_store
-from tasks.caching import check_result_record
 
 # The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
 TOKENIZER_CODE = code_version(split.split_texts, tokenizer_ext.extend, load_model, task_module=sys.modules[__name__])
@@ -29,10 +29,17 @@ def _split_params(mix: MixConfig) -> tuple:
     return (mix.heldout_fraction, mix.max_heldout_docs, mix.seed)
 
 
-def tokenizer_key(clean: CleanManifest, fingerprint: str, model: ModelConfig, cfg: TokenizerConfig, mix: MixConfig) -> str:
+def tokenizer_key(
+    clean: CleanManifest, fingerprint: str, model: ModelConfig, cfg: TokenizerConfig, mix: MixConfig
+) -> str:
     domain = clean.domain.sha256 if clean.domain else None
     return "tokenizer-" + stable_hash(
-        domain, fingerprint, model.trust_remote_code, cfg.model_dump(mode="json", exclude={"on_no_gain"}), _split_params(mix), TOKENIZER_CODE
+        domain,
+        fingerprint,
+        model.trust_remote_code,
+        cfg.model_dump(mode="json", exclude={"on_no_gain"}),
+        _split_params(mix),
+        TOKENIZER_CODE,
     )
 
 
@@ -68,7 +75,9 @@ def extend_tokenizer_task(
         result.model.save_pretrained(out, safe_serialization=True)
         result.tokenizer.save_pretrained(out)
         model_ref = store.put_dir(out, layout.tokenizer_model_key(key))
-    report_json = store.put_text(json.dumps(result.report, indent=2, default=str), layout.tokenizer_report_key(key, "json"))
+    report_json = store.put_text(
+        json.dumps(result.report, indent=2, default=str), layout.tokenizer_report_key(key, "json")
+    )
     report_md = store.put_text(result.report_markdown, layout.tokenizer_report_key(key, "md"))
     return TokenizerManifest(
         model=model_ref,
@@ -112,7 +121,9 @@ def pack_task(
     replay_texts = None
     if clean.general is None and mix.self_replay is not None and mix.general_fraction > 0:
         # Replay preserves the BASE model's distribution: sample before any tokenizer or weight change.
-        replay_texts = replay.sample_self_replay(load_model(model_cfg), load_tokenizer(model_cfg), mix.self_replay, mix.seed)
+        replay_texts = replay.sample_self_replay(
+            load_model(model_cfg), load_tokenizer(model_cfg), mix.self_replay, mix.seed
+        )
     with leftovers.temp_dir("pack") as tmp:
         result = pack.pack_corpus(
             store.local_path(clean.domain) if clean.domain else None,
@@ -122,15 +133,23 @@ def pack_task(
             Path(tmp),
             replay_texts=replay_texts,
             refresh=pack.RefreshSpec(
-                seen=store.local_path(refresh.seen_domain), heldout_fractions=refresh.heldout_fractions,
+                seen=store.local_path(refresh.seen_domain),
+                heldout_fractions=refresh.heldout_fractions,
                 domain_replay=mix.refresh_domain_replay,
             )
             if refresh
             else None,
         )
         shards = [store.put_file(p, layout.pack_train_shard_key(key, p.name)) for p in result.train_shards]
-        evals = {kind: store.put_file(p, layout.pack_eval_file_key(key, kind)) if p else None for kind, p in result.eval_files.items()}
-        sample = store.put_file(result.general_sample, layout.pack_general_sample_key(key)) if result.general_sample else None
+        evals = {
+            kind: store.put_file(p, layout.pack_eval_file_key(key, kind)) if p else None
+            for kind, p in result.eval_files.items()
+        }
+        sample = (
+            store.put_file(result.general_sample, layout.pack_general_sample_key(key))
+            if result.general_sample
+            else None
+        )
     report_json = store.put_text(json.dumps(result.report, indent=2, default=str), layout.pack_report_key(key))
     for w in result.warnings:
         get_run_logger().warning("%s", w)

@@ -42,9 +42,15 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     os.environ.update(
-        AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+        AWS_ENDPOINT_URL=url,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
     )
     yield url
     server.stop()
@@ -123,16 +129,19 @@ def one_torch_thread():
 @pytest.fixture
 def stage_calls(monkeypatch):
     """How often each stage's library function really ran (cache hits do not call them)."""
+    import dapt.tasks.cpt
     import dapt_core.clean as clean_pkg
     import dapt_core.ingest as ingest
     import dapt_core.pack as pack
     import dapt_core.tokenizer_ext as tokenizer_ext
-    import tasks.cpt
 
     calls = {"ingest": 0, "clean": 0, "tokenizer": 0, "pack": 0, "cpt": 0}
     targets = [
-        ("ingest", ingest, "ingest_file"), ("clean", clean_pkg, "clean_corpus"), ("tokenizer", tokenizer_ext, "extend"),
-        ("pack", pack, "pack_corpus"), ("cpt", tasks.cpt, "run_attempt"),
+        ("ingest", ingest, "ingest_file"),
+        ("clean", clean_pkg, "clean_corpus"),
+        ("tokenizer", tokenizer_ext, "extend"),
+        ("pack", pack, "pack_corpus"),
+        ("cpt", dapt.tasks.cpt, "run_attempt"),
     ]
     for name, module, attr in targets:
         real = getattr(module, attr)

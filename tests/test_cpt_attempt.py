@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import dapt_core.cpt as cpt
+from dapt.flows.training_data import training_data_flow
+from dapt.tasks.cpt import CPT_CODE, _torchrun, base_eval_task
 from dapt_core.config import load_config
 from dapt_core.cpt import (
     AttemptSpec,
@@ -22,8 +24,6 @@ from dapt_core.cpt import (
     run_attempt,
 )
 from dapt_core.store import open_store
-from flows.training_data import training_data_flow
-from tasks.cpt import CPT_CODE, _torchrun, base_eval_task
 from tests.corpus import write_config, write_corpus
 from tests.tiny_model import pretrained_general_base
 
@@ -53,9 +53,16 @@ eval: {{max_probes: 20, batch_size: 8}}
 
 def _spec(cfg, data, reference, prefix: str, **train_update) -> AttemptSpec:
     return AttemptSpec(
-        start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update=train_update),
-        eval=cfg.eval.model_copy(update={"backend": "native"}), reference=reference, store=cfg.store, prefix=prefix, attempt=0,
-        new_token_ids=data.tokenizer.new_token_ids, code_version=CPT_CODE,
+        start=data.tokenizer.model,
+        pack=data.pack,
+        train=cfg.train.model_copy(update=train_update),
+        eval=cfg.eval.model_copy(update={"backend": "native"}),
+        reference=reference,
+        store=cfg.store,
+        prefix=prefix,
+        attempt=0,
+        new_token_ids=data.tokenizer.new_token_ids,
+        code_version=CPT_CODE,
     )
 
 
@@ -152,7 +159,13 @@ def test_ewc_attempt_estimates_its_fisher_on_the_general_sample(prefect_harness,
     assert data.pack.general_sample is not None
     seen, histories = [], []
     real_from_model, real_train = ewc_mod.EWC.from_model, train_mod.train
-    monkeypatch.setattr(ewc_mod.EWC, "from_model", classmethod(lambda cls, m, samples, *a, **kw: seen.append(list(samples)) or real_from_model(m, samples, *a, **kw)))
+    monkeypatch.setattr(
+        ewc_mod.EWC,
+        "from_model",
+        classmethod(
+            lambda cls, m, samples, *a, **kw: seen.append(list(samples)) or real_from_model(m, samples, *a, **kw)
+        ),
+    )
     monkeypatch.setattr(train_mod, "train", lambda *a, **kw: histories.append(res := real_train(*a, **kw)) or res)
     result = run_attempt(_spec(cfg, data, reference, "cpt/ewc"), tmp_path / "work")
     assert result.decisions and len(seen) == 1 and seen[0]
@@ -164,11 +177,10 @@ def test_rollback_continues_from_the_best_accepted_checkpoint(prefect_harness, c
     """Attempt 0 is accepted at step 4 and rejected at step 8; attempt 1 continues from step 4 with its optimizer,
     schedule (at half the peak LR) and data position, on the sequences step 4 had not seen plus general replay for a
     raised share: no sequence trained before the best step is trained again, and the step budget stays 12."""
-    from dapt_core.forgetting import Decision
     import dapt_core.train as train_mod
-    from dapt_core.continuation import better_rollback_point
     import dapt_core.train.data as train_data
-    from dapt_core.forgetting import ForgettingPolicy
+    from dapt_core.continuation import better_rollback_point
+    from dapt_core.forgetting import Decision, ForgettingPolicy
     from dapt_core.manifest import DirRef
 
     root, dirs, base = corpus
@@ -179,7 +191,10 @@ def test_rollback_continues_from_the_best_accepted_checkpoint(prefect_harness, c
 
     reject_at = {8}
     real_judge, real_make_batch, real_load_state, real_train = (
-        ForgettingPolicy.judge, train_mod.make_batch, train_mod.load_state, train_mod.train,
+        ForgettingPolicy.judge,
+        train_mod.make_batch,
+        train_mod.load_state,
+        train_mod.train,
     )
 
     def judge(self, base_result, result, step=None):
@@ -188,8 +203,14 @@ def test_rollback_continues_from_the_best_accepted_checkpoint(prefect_harness, c
 
     batches, loaded, results = [], [], []
     monkeypatch.setattr(ForgettingPolicy, "judge", judge)
-    monkeypatch.setattr(train_data, "make_batch", lambda items, block: batches.append([i[0].tobytes() for i in items]) or real_make_batch(items, block))
-    monkeypatch.setattr(train_mod, "load_state", lambda path, **kw: loaded.append(Path(path)) or real_load_state(path, **kw))
+    monkeypatch.setattr(
+        train_data,
+        "make_batch",
+        lambda items, block: batches.append([i[0].tobytes() for i in items]) or real_make_batch(items, block),
+    )
+    monkeypatch.setattr(
+        train_mod, "load_state", lambda path, **kw: loaded.append(Path(path)) or real_load_state(path, **kw)
+    )
     monkeypatch.setattr(train_mod, "train", lambda *a, **kw: results.append(res := real_train(*a, **kw)) or res)
 
     first = run_attempt(_spec(cfg, data, reference, "cpt/first"), tmp_path / "work-first")
@@ -198,15 +219,21 @@ def test_rollback_continues_from_the_best_accepted_checkpoint(prefect_harness, c
     reject_at.clear()
 
     policy = ForgettingPolicy.from_config(cfg.eval)
-    point = better_rollback_point(None, first, data.tokenizer.model, policy.config.primary_metric, policy.config.primary_higher_is_better)
+    point = better_rollback_point(
+        None, first, data.tokenizer.model, policy.config.primary_metric, policy.config.primary_higher_is_better
+    )
     continuation = point.continuation(general_fraction=0.2)
     assert continuation.source == "attempt 0 step 4" and continuation.data_general_fraction == 0.05
-    spec = _spec(cfg, data, reference, "cpt/second", lr=5e-5).model_copy(update={"attempt": 1, "continue_from": continuation})
+    spec = _spec(cfg, data, reference, "cpt/second", lr=5e-5).model_copy(
+        update={"attempt": 1, "continue_from": continuation}
+    )
     second = run_attempt(spec, tmp_path / "work-second")
 
     counts = second.continuation
-    print(f"attempt 0: {len(first_batches)} steps trained; attempt 1: {len(batches)} steps trained, continuing at step "
-          f"{counts.resume_step} on {counts.unseen_sequences} unseen + {counts.replay_sequences} replay sequences")
+    print(
+        f"attempt 0: {len(first_batches)} steps trained; attempt 1: {len(batches)} steps trained, continuing at step "
+        f"{counts.resume_step} on {counts.unseen_sequences} unseen + {counts.replay_sequences} replay sequences"
+    )
     assert (counts.resume_step, counts.total_steps) == (4, 12) and [d.step for d in second.decisions] == [8, 12]
     assert counts.unseen_sequences == n - 4 * 4
     assert counts.replay_sequences == round(counts.unseen_sequences * (0.2 - 0.05) / 0.8) > 0
@@ -222,7 +249,9 @@ def test_rollback_continues_from_the_best_accepted_checkpoint(prefect_harness, c
     trained_before_best = {s for b in first_batches[:4] for s in b}
     assert not trained_before_best & {s for b in batches for s in b}
     # The continuation data is stored with the attempt: a later rollback can continue from its checkpoints.
-    assert [r.uri for r in second.trained_on] == [open_store(cfg.store).uri("cpt/second/continuation/train-00000.parquet")]
+    assert [r.uri for r in second.trained_on] == [
+        open_store(cfg.store).uri("cpt/second/continuation/train-00000.parquet")
+    ]
     assert isinstance(second.checkpoints[0], DirRef)
 
 
@@ -258,7 +287,13 @@ def test_poisoned_journal_and_rng_file_are_refused_and_run_no_code(prefect_harne
     checkpoint = Path(store.uri(f"{spec.prefix}/checkpoints/checkpoint-2"))
     torch.save({"torch": _Payload(marker)}, checkpoint / "rng.pt")
     rng = store.put_file(checkpoint / "rng.pt", f"{spec.prefix}/checkpoints/checkpoint-2/rng.pt")
-    first = entries[0].model_copy(update={"checkpoint": entries[0].checkpoint.model_copy(update={"files": {**entries[0].checkpoint.files, "rng.pt": rng}})})
+    first = entries[0].model_copy(
+        update={
+            "checkpoint": entries[0].checkpoint.model_copy(
+                update={"files": {**entries[0].checkpoint.files, "rng.pt": rng}}
+            )
+        }
+    )
     journal_key = f"{spec.prefix}/journal.json"
 
     # 1. The journal edited by hand (the crash after step 2, the new rng.pt hash): the chain breaks.
@@ -272,7 +307,11 @@ def test_poisoned_journal_and_rng_file_are_refused_and_run_no_code(prefect_harne
     assert f"Delete {store.uri(spec.prefix)}" in message
 
     # 2. Re-chained, but its checkpoint is another attempt's (or any path on the worker): not this attempt's.
-    elsewhere = first.model_copy(update={"checkpoint": first.checkpoint.model_copy(update={"uri": store.uri("cpt/other/checkpoints/checkpoint-2")})})
+    elsewhere = first.model_copy(
+        update={
+            "checkpoint": first.checkpoint.model_copy(update={"uri": store.uri("cpt/other/checkpoints/checkpoint-2")})
+        }
+    )
     store.put_text(journal_text([elsewhere], spec.prefix), journal_key)
     with pytest.raises(JournalError, match="not this attempt's"):
         run_attempt(spec, tmp_path / "work-2")
@@ -294,10 +333,17 @@ def _checkpoint_entries(store, prefix: str, tmp_path: Path) -> list[JournalEntry
         local.mkdir()
         (local / "model.safetensors").write_bytes(b"weights %d" % step)
         ref = store.put_dir(local, f"{prefix}/checkpoints/checkpoint-{step}")
-        entries.append(JournalEntry(
-            step=step, accepted=step == 2, reasons=[] if step == 2 else ["general ppl +20%"], numbers={"x": 0.1},
-            metrics={"general/word_perplexity": 10.0 + step}, backend="native", checkpoint=ref,
-        ))
+        entries.append(
+            JournalEntry(
+                step=step,
+                accepted=step == 2,
+                reasons=[] if step == 2 else ["general ppl +20%"],
+                numbers={"x": 0.1},
+                metrics={"general/word_perplexity": 10.0 + step},
+                backend="native",
+                checkpoint=ref,
+            )
+        )
     return entries
 
 
@@ -322,7 +368,9 @@ def test_journal_round_trip_and_tampering(tmp_path):
     refused({**good, "entries": good["entries"][::-1]}, "hash chain breaks at step 4")  # reordered
     refused({**good, "entries": good["entries"][1:]}, "hash chain breaks at step 4")  # first entry dropped
     refused(journal_text([rows[1], rows[0]], prefix), "step 2 follows step 4")
-    refused(journal_text([rows[0].model_copy(update={"accepted": False}), rows[1]], prefix), "follows the rejected step 2")
+    refused(
+        journal_text([rows[0].model_copy(update={"accepted": False}), rows[1]], prefix), "follows the rejected step 2"
+    )
     refused([r.model_dump(mode="json") for r in rows], "not a dapt-cpt-journal/1 document")  # the old, unchained format
     refused("{not json", "not a dapt-cpt-journal/1 document")
     files = {"../../../etc/passwd": rows[0].checkpoint.files["model.safetensors"]}

@@ -11,12 +11,12 @@ import json
 
 import pytest
 
+from dapt.flows.cpt import cpt_flow
+from dapt.flows.training_data import training_data_flow
 from dapt_core.config import EvalConfig, MixConfig, TrainConfig, load_config
 from dapt_core.evaluate import evaluate
 from dapt_core.model import load_from_dir
 from dapt_core.store import open_store
-from flows.cpt import cpt_flow
-from flows.training_data import training_data_flow
 from tests.corpus import general_multiple_choice, write_config, write_corpus
 from tests.tiny_model import pretrained_general_base
 
@@ -38,8 +38,18 @@ def corpus(tmp_path_factory):
 
 
 def _config(
-    root, dirs, base, name: str, *, lr: float, general_fraction: float, max_steps: int, save_every: int, max_attempts: int = 2,
-    eval_extra: str = "", tokenizer: str = "min_frequency: 5, domain_vocab_size: 600",
+    root,
+    dirs,
+    base,
+    name: str,
+    *,
+    lr: float,
+    general_fraction: float,
+    max_steps: int,
+    save_every: int,
+    max_attempts: int = 2,
+    eval_extra: str = "",
+    tokenizer: str = "min_frequency: 5, domain_vocab_size: 600",
 ):
     run = root / name
     run.mkdir()
@@ -101,8 +111,17 @@ def test_default_lr_and_replay_are_accepted_and_improve_the_domain(prefect_harne
     root, dirs, base = corpus
     # Without tokenizer extension: checkpoints are judged against the original base, and on this tiny tokenizer the
     # extension alone (mean-initialised rows taking probability mass) costs the +15% the limit allows.
-    cfg = _config(root, dirs, base, "low-lr", lr=TrainConfig().lr, general_fraction=MixConfig().general_fraction, max_steps=20,
-                  save_every=10, tokenizer="enabled: false")
+    cfg = _config(
+        root,
+        dirs,
+        base,
+        "low-lr",
+        lr=TrainConfig().lr,
+        general_fraction=MixConfig().general_fraction,
+        max_steps=20,
+        save_every=10,
+        tokenizer="enabled: false",
+    )
     result = cpt_flow(cfg)
     _print_attempts(result)
 
@@ -130,8 +149,10 @@ def test_default_lr_and_replay_are_accepted_and_improve_the_domain(prefect_harne
 
 def _general_benchmark(path) -> str:
     general_multiple_choice(path)
-    return (f', benchmarks: [{{name: general_prose, kind: general, path: "{path}", prompt: completion, limit: 150}}], '
-            "max_general_ppl_increase: 100.0")
+    return (
+        f', benchmarks: [{{name: general_prose, kind: general, path: "{path}", prompt: completion, limit: 150}}], '
+        "max_general_ppl_increase: 100.0"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,17 +170,43 @@ def test_benchmark_gate_rejects_aggressive_cpt_and_accepts_mild(prefect_harness,
     root, dirs, _ = corpus
     base = well_trained_base
     bench = _general_benchmark(root / "general-mc.jsonl")
-    aggressive = cpt_flow(_config(root, dirs, base, "gate-aggressive", lr=1e-3, general_fraction=0.0, max_steps=30, save_every=30,
-                                  max_attempts=1, eval_extra=bench, tokenizer="enabled: false"))
-    mild_cfg = _config(root, dirs, base, "gate-mild", lr=TrainConfig().lr, general_fraction=MixConfig().general_fraction,
-                       max_steps=10, save_every=10, max_attempts=1, eval_extra=bench, tokenizer="enabled: false")
+    aggressive = cpt_flow(
+        _config(
+            root,
+            dirs,
+            base,
+            "gate-aggressive",
+            lr=1e-3,
+            general_fraction=0.0,
+            max_steps=30,
+            save_every=30,
+            max_attempts=1,
+            eval_extra=bench,
+            tokenizer="enabled: false",
+        )
+    )
+    mild_cfg = _config(
+        root,
+        dirs,
+        base,
+        "gate-mild",
+        lr=TrainConfig().lr,
+        general_fraction=MixConfig().general_fraction,
+        max_steps=10,
+        save_every=10,
+        max_attempts=1,
+        eval_extra=bench,
+        tokenizer="enabled: false",
+    )
     mild = cpt_flow(mild_cfg)
     (a,), (m,) = aggressive.decisions, mild.decisions
     for name, d in (("aggressive", a), ("mild", m)):
         n = d.numbers
-        print(f"{name}: acc_norm {n['base bench/general_prose/acc_norm']:.3f} -> {n['bench/general_prose/acc_norm']:.3f}, "
-              f"drop {n['drop_points bench/general_prose']:.1f} points, p={n['p_value bench/general_prose']:.3g}, "
-              f"general ppl {n['general_ppl_increase']:+.1%}")
+        print(
+            f"{name}: acc_norm {n['base bench/general_prose/acc_norm']:.3f} -> {n['bench/general_prose/acc_norm']:.3f}, "
+            f"drop {n['drop_points bench/general_prose']:.1f} points, p={n['p_value bench/general_prose']:.3g}, "
+            f"general ppl {n['general_ppl_increase']:+.1%}"
+        )
     assert not a.accepted and not aggressive.accepted
     assert len(a.reasons) == 1 and a.reasons[0].startswith("benchmark general_prose acc_norm down")
     assert a.numbers["drop_points bench/general_prose"] > 3.0 and a.numbers["p_value bench/general_prose"] < 0.05
@@ -168,7 +215,11 @@ def test_benchmark_gate_rejects_aggressive_cpt_and_accepts_mild(prefect_harness,
     # the reference is the original base, with its per-item results; the report shows the gate with its p-value
     assert mild.reference_metrics["bench/general_prose/n"] == 150
     report = open_store(mild_cfg.store).read_text(mild.report_md)
-    assert "### Benchmarks (acc_norm, 95% Wilson interval)" in report and "p=" in report and "smallest detectable drop" in report
+    assert (
+        "### Benchmarks (acc_norm, 95% Wilson interval)" in report
+        and "p=" in report
+        and "smallest detectable drop" in report
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +233,15 @@ def _no_gain_config(root, dirs, base, name: str, on_no_gain: str):
     """Many new tokens (every domain word seen twice), a few steps at a low LR: the extension's cost is not paid back.
     The perplexity limit is out of reach, so the domain rule alone decides."""
     return _config(
-        root, dirs, base, name, lr=2e-5, general_fraction=0.05, max_steps=4, save_every=2, max_attempts=1,
+        root,
+        dirs,
+        base,
+        name,
+        lr=2e-5,
+        general_fraction=0.05,
+        max_steps=4,
+        save_every=2,
+        max_attempts=1,
         eval_extra=", max_general_ppl_increase: 100.0",
         tokenizer=f"min_frequency: 2, domain_vocab_size: 2000, max_new_tokens: 1000, on_no_gain: {on_no_gain}",
     )
@@ -191,7 +250,7 @@ def _no_gain_config(root, dirs, base, name: str, on_no_gain: str):
 def test_extension_that_cannot_pay_for_itself_ends_no_gain(prefect_harness, corpus, domain_literate_base):
     """Accepted checkpoints that trail the original base on the domain are never promoted: the run ends "no gain" with
     the numbers (the extension's cost, no break-even), and the CLI and the report say so."""
-    from flows.cli import _print_cpt
+    from dapt.flows.cli import _print_cpt
 
     root, dirs, _ = corpus
     cfg = _no_gain_config(root, dirs, domain_literate_base, "no-gain", "report")
@@ -201,25 +260,35 @@ def test_extension_that_cannot_pay_for_itself_ends_no_gain(prefect_harness, corp
     print(gain.model_dump_json())
     assert result.accepted and result.promoted is None and result.best_step is None
     assert gain.verdict == "no gain" and gain.promoted is None
-    assert gain.extended_base > gain.original and gain.extension_cost == pytest.approx(gain.extended_base - gain.original)
+    assert gain.extended_base > gain.original and gain.extension_cost == pytest.approx(
+        gain.extended_base - gain.original
+    )
     assert gain.best_accepted >= gain.original and gain.break_even_step is None
-    assert all(d.trails_original and "does not beat the original base" in d.trails_original[0] for d in result.decisions)
+    assert all(
+        d.trails_original and "does not beat the original base" in d.trails_original[0] for d in result.decisions
+    )
     assert "no gain" in gain.reasons[0] or "does not beat" in gain.reasons[0]
     from rich.console import Console
 
-    import flows.cli
+    import dapt.flows.cli
 
     console = Console(record=True, width=200)
-    flows.cli.console, saved = console, flows.cli.console
+    dapt.flows.cli.console, saved = console, dapt.flows.cli.console
     try:
         _print_cpt(result)
     finally:
-        flows.cli.console = saved
+        dapt.flows.cli.console = saved
     printed = console.export_text()
-    assert "nothing promoted (no gain)" in printed and "Tokenizer extension cost" in printed and f"{gain.original:.4f}" in printed
+    assert (
+        "nothing promoted (no gain)" in printed
+        and "Tokenizer extension cost" in printed
+        and f"{gain.original:.4f}" in printed
+    )
 
 
-def test_no_gain_retries_without_the_extension_and_never_promotes_a_worse_model(prefect_harness, corpus, domain_literate_base):
+def test_no_gain_retries_without_the_extension_and_never_promotes_a_worse_model(
+    prefect_harness, corpus, domain_literate_base
+):
     """tokenizer.on_no_gain retry_without_extension: packing and CPT run again with the base tokenizer, and that model,
     which beats the original base on the domain, is promoted; the result says which data it was trained on."""
     root, dirs, _ = corpus
@@ -242,8 +311,17 @@ def test_rollback_in_the_flow_continues_from_the_best_accepted_checkpoint(prefec
     from dapt_core.evaluate import Decision, ForgettingPolicy
 
     root, dirs, base = corpus
-    cfg = _config(root, dirs, base, "continue", lr=TrainConfig().lr, general_fraction=0.05, max_steps=12, save_every=4,
-                  tokenizer="enabled: false")
+    cfg = _config(
+        root,
+        dirs,
+        base,
+        "continue",
+        lr=TrainConfig().lr,
+        general_fraction=0.05,
+        max_steps=12,
+        save_every=4,
+        tokenizer="enabled: false",
+    )
     real_judge, judged = ForgettingPolicy.judge, []
 
     def judge(self, reference, result, step=None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from dapt.flows.cpt import judgement_warnings
 from dapt_core.benchmarks import wilson_interval
 from dapt_core.config import BenchmarkConfig, EvalConfig
 from dapt_core.evaluate import BenchmarkSamples, EvalResult
@@ -24,7 +25,6 @@ from dapt_core.manifest import (
 )
 from dapt_core.pack import SELF_REPLAY_EVAL_WARNING
 from dapt_core.report import write_pipeline_report
-from flows.cpt import judgement_warnings
 
 BPB = "domain/bits_per_byte"
 
@@ -35,15 +35,29 @@ def _ref(name: str) -> ArtifactRef:
 
 def _pack(warnings: list[str] = ()) -> PackManifest:
     return PackManifest(
-        train_shards=[_ref("train")], seq_len=64, sequences=10, tokens={"domain": 640}, general_fraction_target=0.05,
-        general_fraction_realised=0.05, warnings=list(warnings), report_json=_ref("pack.json"), code_version="test",
+        train_shards=[_ref("train")],
+        seq_len=64,
+        sequences=10,
+        tokens={"domain": 640},
+        general_fraction_target=0.05,
+        general_fraction_realised=0.05,
+        warnings=list(warnings),
+        report_json=_ref("pack.json"),
+        code_version="test",
     )
 
 
-def _decision(step: int, bpb: float, accepted: bool = True, trails: list[str] = (), attempt: int = 0) -> CheckpointDecision:
+def _decision(
+    step: int, bpb: float, accepted: bool = True, trails: list[str] = (), attempt: int = 0
+) -> CheckpointDecision:
     return CheckpointDecision(
-        attempt=attempt, step=step, accepted=accepted, reasons=[] if accepted else ["general ppl +20%"],
-        numbers={"p_value bench/piqa": 0.375, "discordant bench/piqa": 12.0}, backend="native", checkpoint=f"/store/c{step}",
+        attempt=attempt,
+        step=step,
+        accepted=accepted,
+        reasons=[] if accepted else ["general ppl +20%"],
+        numbers={"p_value bench/piqa": 0.375, "discordant bench/piqa": 12.0},
+        backend="native",
+        checkpoint=f"/store/c{step}",
         metrics={BPB: bpb, "general/bits_per_byte": 1.0, "bench/piqa/acc_norm": 0.6, "bench/piqa/n": 150.0},
         trails_original=list(trails),
     )
@@ -63,7 +77,10 @@ def test_a_checkpoint_beats_the_original_only_with_lower_domain_bpb_and_no_signi
     assert "0.9300 does not beat the original base's 0.9000 (+3.3%)" in reason
     lost = EvalResult(metrics={BPB: 0.85}, samples={"medmcqa": _samples([1] * 25 + [0] * 15)})
     [reason], numbers = trails_original(original, lost, cfg)
-    assert reason.startswith("domain benchmark medmcqa acc_norm down 37.5 points") and numbers["p_value bench/medmcqa"] < 0.05
+    assert (
+        reason.startswith("domain benchmark medmcqa acc_norm down 37.5 points")
+        and numbers["p_value bench/medmcqa"] < 0.05
+    )
 
 
 def test_domain_gain_reports_the_extension_cost_the_break_even_step_and_no_gain():
@@ -75,24 +92,47 @@ def test_domain_gain_reports_the_extension_cost_the_break_even_step_and_no_gain(
     trailing = [_decision(4, 0.97, trails=["domain/bits_per_byte 0.9700 does not beat the original base's 0.9000"])]
     gain = domain_gain(cfg, {BPB: 0.90}, trailing, None, extended_base={BPB: 1.05})
     assert gain.verdict == "no gain" and gain.break_even_step is None and gain.best_accepted == 0.97
-    assert gain.reasons[0] == "attempt 0 step 4 (the best accepted): domain/bits_per_byte 0.9700 does not beat the original base's 0.9000"
-    assert gain.reasons[1].startswith("the tokenizer extension costs +0.1500 domain/bits_per_byte before training and the budget did not pay")
+    assert (
+        gain.reasons[0]
+        == "attempt 0 step 4 (the best accepted): domain/bits_per_byte 0.9700 does not beat the original base's 0.9000"
+    )
+    assert gain.reasons[1].startswith(
+        "the tokenizer extension costs +0.1500 domain/bits_per_byte before training and the budget did not pay"
+    )
     assert "tokenizer.on_no_gain: retry_without_extension" in gain.reasons[1]
     assert domain_gain(cfg, {BPB: 0.90}, [_decision(4, 0.8, accepted=False)], None).verdict == "nothing accepted"
 
 
 def _report(tmp_path, cpt: CptManifest, sft: SftManifest | None = None) -> str:
     clean = CleanManifest(
-        decisions=_ref("d"), stats_json=_ref("s.json"), stats_md=_ref("s.md"), input_docs=10, kept_docs=9,
-        dropped={"duplicate": 1}, sources=[], code_version="test",
+        decisions=_ref("d"),
+        stats_json=_ref("s.json"),
+        stats_md=_ref("s.md"),
+        input_docs=10,
+        kept_docs=9,
+        dropped={"duplicate": 1},
+        sources=[],
+        code_version="test",
     )
     tokenizer = TokenizerManifest(
-        model=DirRef(uri="/store/ext", files={}), base_fingerprint="f", new_tokens=3, report_json=_ref("t.json"),
-        report_md=_ref("t.md"), code_version="test",
+        model=DirRef(uri="/store/ext", files={}),
+        base_fingerprint="f",
+        new_tokens=3,
+        report_json=_ref("t.json"),
+        report_md=_ref("t.md"),
+        code_version="test",
     )
     paths = write_pipeline_report(
-        tmp_path, project="demo", clean=clean, tokenizer=tokenizer, pack=_pack(), cpt=cpt, sft=sft,
-        policy=ForgettingPolicy.from_config(EvalConfig(benchmarks=[BenchmarkConfig(name="piqa", kind="general", path="/nowhere.jsonl")])),
+        tmp_path,
+        project="demo",
+        clean=clean,
+        tokenizer=tokenizer,
+        pack=_pack(),
+        cpt=cpt,
+        sft=sft,
+        policy=ForgettingPolicy.from_config(
+            EvalConfig(benchmarks=[BenchmarkConfig(name="piqa", kind="general", path="/nowhere.jsonl")])
+        ),
     )
     return paths["md"].read_text()
 
@@ -101,23 +141,48 @@ def _cpt(decisions: list[CheckpointDecision], promoted_step: int | None, warning
     promoted = next((d for d in decisions if d.step == promoted_step), None)
     original = {BPB: 0.9568, "general/bits_per_byte": 1.017, "bench/piqa/acc_norm": 0.587, "bench/piqa/n": 150.0}
     return CptManifest(
-        accepted=any(d.accepted for d in decisions), promoted=DirRef(uri="/store/promoted", files={}) if promoted else None,
-        best_step=promoted_step, decisions=decisions, reference_metrics=original,
+        accepted=any(d.accepted for d in decisions),
+        promoted=DirRef(uri="/store/promoted", files={}) if promoted else None,
+        best_step=promoted_step,
+        decisions=decisions,
+        reference_metrics=original,
         base_metrics={BPB: 0.9797, "general/bits_per_byte": 1.017, "bench/piqa/acc_norm": 0.587, "bench/piqa/n": 150.0},
-        report_json=_ref("r.json"), report_md=_ref("r.md"), report_png=_ref("r.png"), attempt=0, lr=2e-5, general_fraction=0.05,
-        attempts=[AttemptSummary(attempt=0, lr=2e-5, general_fraction=0.05, accepted=True, best_step=promoted_step,
-                                 start_model="/store/ext", decisions=decisions, report_md="/store/r.md")],
+        report_json=_ref("r.json"),
+        report_md=_ref("r.md"),
+        report_png=_ref("r.png"),
+        attempt=0,
+        lr=2e-5,
+        general_fraction=0.05,
+        attempts=[
+            AttemptSummary(
+                attempt=0,
+                lr=2e-5,
+                general_fraction=0.05,
+                accepted=True,
+                best_step=promoted_step,
+                start_model="/store/ext",
+                decisions=decisions,
+                report_md="/store/r.md",
+            )
+        ],
         gain=domain_gain(EvalConfig(), original, decisions, promoted, extended_base={BPB: 0.9797}),
-        warnings=list(warnings), code_version="test",
+        warnings=list(warnings),
+        code_version="test",
     )
 
 
 def test_report_shows_base_cpt_sft_bpb_benchmark_intervals_and_the_gates_p_values(tmp_path):
     decisions = [_decision(6, 0.93), _decision(12, 0.9166)]
     sft = SftManifest(
-        model=DirRef(uri="/store/sft", files={}), examples=100, heldout_examples=10, response_before={}, response_after={},
+        model=DirRef(uri="/store/sft", files={}),
+        examples=100,
+        heldout_examples=10,
+        response_before={},
+        response_after={},
         eval_metrics={BPB: 0.9185, "general/bits_per_byte": 1.0, "bench/piqa/acc_norm": 0.62, "bench/piqa/n": 150.0},
-        accepted=True, numbers={"p_value bench/piqa": 0.125, "discordant bench/piqa": 10.0}, code_version="test",
+        accepted=True,
+        numbers={"p_value bench/piqa": 0.125, "discordant bench/piqa": 10.0},
+        code_version="test",
     )
     report = _report(tmp_path, _cpt(decisions, 12), sft)
     print(report)
@@ -128,7 +193,10 @@ def test_report_shows_base_cpt_sft_bpb_benchmark_intervals_and_the_gates_p_value
     assert f"0.587 [{lo:.3f}, {hi:.3f}]" in report and "p=0.375" in report and "p=0.125" in report
     assert "step 12: accepted (benchmark gate: piqa p=0.375)" in report
     assert "Tokenizer extension cost: domain/bits_per_byte 0.9568 (original base) -> 0.9797" in report
-    assert "Break-even: attempt 0, step 6" in report and "Domain gain: promoted 0.9166 vs original base 0.9568 (-4.2%)" in report
+    assert (
+        "Break-even: attempt 0, step 6" in report
+        and "Domain gain: promoted 0.9166 vs original base 0.9568 (-4.2%)" in report
+    )
 
 
 def test_report_of_a_no_gain_run_says_so_with_the_numbers(tmp_path):

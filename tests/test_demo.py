@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from dapt.flows.cli import app
 from dapt_core.config import load_config
 from dapt_core.demo import demo_config
-from flows.cli import app
 
 
 def test_demo_config_points_at_installed_real_text(tmp_path):

@@ -34,7 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 REPORT_KEY = "dapt-report"
 CRON, TIMEZONE = "30 3 * * 1-5", "Europe/Berlin"
-STAGES = ("ingest ", "clean-dedup-stats", "extend-tokenizer", "pack-mixed-corpus", "base-eval", "cpt-attempt")  # task run names
+STAGES = (
+    "ingest ",
+    "clean-dedup-stats",
+    "extend-tokenizer",
+    "pack-mixed-corpus",
+    "base-eval",
+    "cpt-attempt",
+)  # task run names
 
 TINY = f"""tokenizer: {{min_frequency: 5, domain_vocab_size: 600}}
 mix: {{seq_len: 64, heldout_fraction: 0.1, workers: 1}}
@@ -61,11 +68,11 @@ def test_dockerfile_matches_the_torch_pin_and_the_gpu_pool():
     cuda = re.search(r"^ARG TORCH_CUDA=cu12(\d)$", dockerfile, re.M)
     assert cuda and "https://download.pytorch.org/whl/${TORCH_CUDA}" in dockerfile
     assert re.search(rf"^ARG CUDA_IMAGE=nvidia/cuda:12\.{cuda[1]}\.\d+-\S*runtime", dockerfile, re.M)
-    from flows.cli import deploy
+    from dapt.flows.cli import deploy
 
     pool = inspect.signature(deploy).parameters["gpu_pool"].default.default  # `dapt deploy`'s GPU pool
     start = ROOT / "docker" / "start-worker.sh"
-    assert f'DAPT_WORK_POOL:-{pool}}}' in start.read_text() and "prefect worker start" in start.read_text()
+    assert f"DAPT_WORK_POOL:-{pool}}}" in start.read_text() and "prefect worker start" in start.read_text()
     assert re.search(r"^USER (?!root\b|0\b)\S+", dockerfile, re.M), "the worker must not run as root"
     # Without a server address the entrypoint stops at once and says what to set.
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -80,11 +87,16 @@ def test_deployments_carry_the_config_schedule_and_concurrency(tmp_path):
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
     from prefect.utilities.schema_tools import validate
 
-    from flows.serve import build_deployments
+    from dapt.flows.serve import build_deployments
 
     cfg = load_config(write_config(tmp_path, write_corpus(tmp_path), extra=TINY))
     pipeline, refresh, cpt = build_deployments(cfg, "cfg.yaml")
-    assert (pipeline.flow_name, pipeline.name, refresh.flow_name, refresh.name) == ("dapt-pipeline", "test", "nightly-refresh", "test")
+    assert (pipeline.flow_name, pipeline.name, refresh.flow_name, refresh.name) == (
+        "dapt-pipeline",
+        "test",
+        "nightly-refresh",
+        "test",
+    )
     assert (cpt.flow_name, cpt.name, cpt.schedules) == ("dapt-cpt", "test", [])
     assert not pipeline.schedules
     (schedule,) = refresh.schedules
@@ -99,8 +111,8 @@ def test_deployments_carry_the_config_schedule_and_concurrency(tmp_path):
 
 
 def test_bad_schedule_is_a_config_error(tmp_path):
+    from dapt.flows.serve import build_deployments
     from dapt_core.config import ConfigError
-    from flows.serve import build_deployments
 
     cfg = load_config(write_config(tmp_path, write_corpus(tmp_path), extra="deploy: {timezone: Mars/Olympus}\n"))
     with pytest.raises(ConfigError, match="deploy.*Mars/Olympus.*IANA"):
@@ -116,7 +128,12 @@ def test_serve_refuses_without_a_real_server(tmp_path, api_url):
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{_free_port()}/api"
     config = write_config(tmp_path, write_corpus(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "serve", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "dapt.flows.cli", "serve", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     err = " ".join(proc.stderr.split())
@@ -188,14 +205,22 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
-        PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        PREFECT_HOME=str(root / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),  # `prefect` for start-worker.sh
-        PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_WORKER_QUERY_SECONDS="2",  # pick runs up in 2 s, not 10
+        PREFECT_RUNNER_POLL_FREQUENCY="2",
+        PREFECT_WORKER_QUERY_SECONDS="2",  # pick runs up in 2 s, not 10
     )
     services = Services(root, env)
     try:
-        services.start("prefect server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+        services.start(
+            "prefect server",
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        )
 
         def healthy():
             try:
@@ -205,7 +230,7 @@ def server(tmp_path_factory):
 
         services.wait_for(healthy, "the Prefect server's /api/health", 120)
         services.env["PREFECT_API_URL"] = url
-        services.start("dapt serve", [sys.executable, "-m", "flows.cli", "serve", str(config)])
+        services.start("dapt serve", [sys.executable, "-m", "dapt.flows.cli", "serve", str(config)])
         yield services, config
     finally:
         services.stop()
@@ -251,10 +276,14 @@ async def _run(services: Services, deployment: str, parameters: dict, timeout: f
             run = await client.read_flow_run(run.id)
         ids, frontier = [run.id], [run.id]
         while frontier:
-            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+            )
             frontier = [c.id for c in children]
             ids += frontier
-        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
+        )
         task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
         return run, {a.key: a for a in artifacts if a.key}, {t.name: t.state.name for t in task_runs}, logs
@@ -319,7 +348,11 @@ def test_training_is_visible_in_the_ui(served_run):
     """The run's logs carry dapt_core's own lines (training steps with loss and tokens/s, each checkpoint's decision);
     a progress artifact reaches 100% and a table artifact lists the decisions."""
     names = sorted({log.name for log in SERVED_LOGS})
-    steps = [log.message for log in SERVED_LOGS if log.name == "dapt.train" and re.match(r"step \d+/\d+ loss \d", log.message)]
+    steps = [
+        log.message
+        for log in SERVED_LOGS
+        if log.name == "dapt.train" and re.match(r"step \d+/\d+ loss \d", log.message)
+    ]
     assert "step 4/4 loss" in " ".join(steps) and "tokens/s eta" in " ".join(steps), names
     decisions = [log for log in SERVED_LOGS if log.name == "dapt.cpt" and "checkpoint step 4" in log.message]
     assert decisions, names
@@ -355,10 +388,12 @@ def test_a_killed_cpt_run_retried_from_the_ui_resumes_and_says_so(server, served
     services, config = server
     cfg = load_config(config)
     steps, every = 40, 10  # a checkpoint journaled every 10 steps, each judged: training outlasts the kill
-    cfg = cfg.model_copy(update={
-        "train": cfg.train.model_copy(update={"max_steps": steps, "save_every": every, "log_every": 5}),
-        "eval": cfg.eval.model_copy(update={"max_general_ppl_increase": 1000.0, "max_general_probe_drop": 100.0}),
-    })
+    cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"max_steps": steps, "save_every": every, "log_every": 5}),
+            "eval": cfg.eval.model_copy(update={"max_general_ppl_increase": 1000.0, "max_general_probe_drop": 100.0}),
+        }
+    )
     store = Path(cfg.store)
     journals = set(store.glob("cpt/*/journal.json"))
 
@@ -367,7 +402,10 @@ def test_a_killed_cpt_run_retried_from_the_ui_resumes_and_says_so(server, served
 
         async with _client(services) as client:
             return await arun_deployment(
-                "dapt-pipeline/test", client=client, parameters={"config": cfg.model_dump(mode="json", by_alias=True)}, timeout=0
+                "dapt-pipeline/test",
+                client=client,
+                parameters={"config": cfg.model_dump(mode="json", by_alias=True)},
+                timeout=0,
             )
 
     run = asyncio.run(trigger())
@@ -386,7 +424,9 @@ def test_a_killed_cpt_run_retried_from_the_ui_resumes_and_says_so(server, served
 
     async def retry():  # what the UI's Retry button sends
         async with _client(services) as client:
-            await client.set_flow_run_state(run.id, Scheduled(name="AwaitingRetry", message="Retry from the UI"), force=True)
+            await client.set_flow_run_state(
+                run.id, Scheduled(name="AwaitingRetry", message="Retry from the UI"), force=True
+            )
 
     asyncio.run(retry())
     services.wait_for(lambda: asyncio.run(state_of(run.id)).is_final(), "the retried run to finish", 420)
@@ -395,13 +435,17 @@ def test_a_killed_cpt_run_retried_from_the_ui_resumes_and_says_so(server, served
     ids, logs = asyncio.run(_run_logs(services, run.id))
     messages = [log.message for log in logs if log.name.startswith("dapt.")]
     resumed = [m for m in messages if re.search(r"attempt 0: resuming after step \d+", m)]
-    assert resumed == [f"attempt 0: resuming after step {journaled[-1]} ({len(journaled)} checkpoint(s) already judged)"], resumed
+    assert resumed == [
+        f"attempt 0: resuming after step {journaled[-1]} ({len(journaled)} checkpoint(s) already judged)"
+    ], resumed
     losses = [m for m in messages if re.match(rf"step \d+/{steps} loss \d", m)]
     assert f"step {steps}/{steps} loss" in " ".join(losses), messages[-20:]
 
     async def progress_versions():
         async with _client(services) as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dapt-cpt-attempt-0-progress"])))
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dapt-cpt-attempt-0-progress"]))
+            )
 
     ours = [a for a in asyncio.run(progress_versions()) if a.flow_run_id in ids]
     latest = max(ours, key=lambda a: a.updated)
@@ -410,12 +454,19 @@ def test_a_killed_cpt_run_retried_from_the_ui_resumes_and_says_so(server, served
 
 async def _run_logs(services: Services, run_id) -> tuple[list, list]:
     """The ids of a flow run and its subflows, and their logs."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     async with _client(services) as client:
         ids, frontier = [run_id], [run_id]
         while frontier:
-            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+            )
             frontier = [c.id for c in children]
             ids += frontier
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
@@ -429,7 +480,9 @@ def test_the_pipeline_checks_its_cpt_deployment_before_the_data_stages(server, s
     services, config = server
     cfg = load_config(config)
     cfg = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"cpt_deployment": "dapt-cpt/gpu-missing"})})
-    run, _, tasks, logs = asyncio.run(_run(services, "dapt-pipeline/test", {"config": cfg.model_dump(mode="json", by_alias=True)}, 180))
+    run, _, tasks, logs = asyncio.run(
+        _run(services, "dapt-pipeline/test", {"config": cfg.model_dump(mode="json", by_alias=True)}, 180)
+    )
     assert run.state.is_failed(), run.state
     assert not tasks, tasks  # not even discovery ran
     error = " ".join([run.state.message or "", *(log.message for log in logs if log.level >= 40)])
@@ -462,14 +515,21 @@ def test_pipeline_runs_its_cpt_stage_as_a_deployment(server, served_run):
     services, config = server
     cfg = load_config(config)
     cfg = cfg.model_copy(
-        update={"deploy": cfg.deploy.model_copy(update={"cpt_deployment": "dapt-cpt/test"}), "train": cfg.train.model_copy(update={"seed": 1})}
+        update={
+            "deploy": cfg.deploy.model_copy(update={"cpt_deployment": "dapt-cpt/test"}),
+            "train": cfg.train.model_copy(update={"seed": 1}),
+        }
     )
-    artifacts, _ = _run_to_completion(services, "dapt-pipeline/test", {"config": cfg.model_dump(mode="json", by_alias=True)})
+    artifacts, _ = _run_to_completion(
+        services, "dapt-pipeline/test", {"config": cfg.model_dump(mode="json", by_alias=True)}
+    )
     assert "Domain bits per byte" in artifacts[REPORT_KEY].data or "nothing was promoted" in artifacts[REPORT_KEY].data
 
     async def cpt_runs():
         async with _client(services) as client:
-            return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["test"])), limit=50)
+            return await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["test"])), limit=50
+            )
 
     runs = [r for r in asyncio.run(cpt_runs()) if r.parameters.get("output_key")]
     assert len(runs) == 1 and runs[0].state.is_completed(), runs
@@ -494,21 +554,30 @@ def test_dapt_deploy_places_the_deployments_on_pools_and_a_worker_runs_them(serv
     pooled.write_text(config.read_text().replace("project: test", "project: pooled"))
     assert load_config(pooled).project == "pooled"
     missing = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "deploy", str(pooled)], cwd=ROOT, env=services.env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "dapt.flows.cli", "deploy", str(pooled)],
+        cwd=ROOT,
+        env=services.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert missing.returncode == 2 and "prefect work-pool create cpu --type process" in " ".join(missing.stderr.split())
     for pool in ("cpu", "gpu"):
         services.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"])
-    services.run([sys.executable, "-m", "flows.cli", "deploy", str(pooled)])
+    services.run([sys.executable, "-m", "dapt.flows.cli", "deploy", str(pooled)])
 
     refresh = asyncio.run(_deployment(services, "nightly-refresh/pooled"))
     cfg = DaptConfig.model_validate(refresh.parameters["config"])
     (schedule,) = refresh.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone) == (CRON, TIMEZONE) == (cfg.deploy.cron, cfg.deploy.timezone)
+    assert (
+        (schedule.schedule.cron, schedule.schedule.timezone)
+        == (CRON, TIMEZONE)
+        == (cfg.deploy.cron, cfg.deploy.timezone)
+    )
     assert refresh.global_concurrency_limit.limit == cfg.deploy.concurrency_limit and refresh.work_pool_name == "cpu"
     assert refresh.tags == ["dapt", "pooled"]
     cpt = asyncio.run(_deployment(services, "dapt-cpt/pooled"))
-    assert cpt.work_pool_name == "gpu" and cpt.entrypoint == "flows.cpt.cpt_flow" and cpt.pull_steps == []
+    assert cpt.work_pool_name == "gpu" and cpt.entrypoint == "dapt.flows.cpt.cpt_flow" and cpt.pull_steps == []
 
     services.start("cpu worker", ["sh", "docker/start-worker.sh"], DAPT_WORK_POOL="cpu")
     tasks = _run_pipeline(services, "dapt-pipeline/pooled", pooled, project="pooled")

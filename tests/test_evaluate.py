@@ -68,8 +68,16 @@ def test_write_tasks_generates_local_yaml(tmp_path):
     names = write_tasks(files, tmp_path / "tasks", max_probes=3)
     assert names == {"domain": {"ppl": "dapt_ppl_domain", "probe": "dapt_probe_domain"}}
     ppl = (tmp_path / "tasks" / "dapt_ppl_domain.yaml").read_text()
-    for needle in ("output_type: loglikelihood_rolling", "dataset_path: json", "test_split: test", "data_files:",
-                   'doc_to_target: "{{text}}"', "metric: bits_per_byte", "metric: word_perplexity", "metric: byte_perplexity"):
+    for needle in (
+        "output_type: loglikelihood_rolling",
+        "dataset_path: json",
+        "test_split: test",
+        "data_files:",
+        'doc_to_target: "{{text}}"',
+        "metric: bits_per_byte",
+        "metric: word_perplexity",
+        "metric: byte_perplexity",
+    ):
         assert needle in ppl
     probe = (tmp_path / "tasks" / "dapt_probe_domain.yaml").read_text()
     assert "output_type: multiple_choice" in probe and "metric: acc" in probe
@@ -99,7 +107,7 @@ def test_lm_eval_bpb_matches_dapt_metrics(setup, random_model, random_result):
     for split, texts in (("domain", DOMAIN), ("general", GENERAL)):
         ref = bits_per_byte(random_model, tok, texts)
         assert r.metrics[f"{split}/bits_per_byte"] == pytest.approx(ref, rel=1e-4)
-        assert r.metrics[f"{split}/byte_perplexity"] == pytest.approx(2 ** ref, rel=1e-4)
+        assert r.metrics[f"{split}/byte_perplexity"] == pytest.approx(2**ref, rel=1e-4)
         assert r.metrics[f"{split}/word_perplexity"] > r.metrics[f"{split}/byte_perplexity"]
         assert 0.0 <= r.metrics[f"{split}/probe_acc"] <= 1.0
         assert 0.0 <= r.metrics[f"{split}/probe_acc_norm"] <= 1.0
@@ -184,8 +192,12 @@ def test_choose_best():
 
 
 def test_rollback_plan_halves_lr_doubles_replay_capped():
-    cfg = DaptConfig(data={"domain": [{"name": "a", "paths": ["x"]}]}, train={"lr": 4e-5}, mix={"general_fraction": 0.1},
-                     eval={"max_attempts": 4, "max_general_fraction": 0.3})
+    cfg = DaptConfig(
+        data={"domain": [{"name": "a", "paths": ["x"]}]},
+        train={"lr": 4e-5},
+        mix={"general_fraction": 0.1},
+        eval={"max_attempts": 4, "max_general_fraction": 0.3},
+    )
     p1, p2, p3 = (rollback_plan(a, cfg) for a in range(3))
     assert (p1.attempt, p1.lr, p1.general_fraction) == (1, pytest.approx(2e-5), pytest.approx(0.2))
     assert (p2.attempt, p2.lr, p2.general_fraction) == (2, pytest.approx(1e-5), pytest.approx(0.3))  # capped
@@ -223,7 +235,9 @@ def test_report_files_and_png(tmp_path):
 def test_decision_is_plain_data():
     d = Decision(accepted=True, reasons=[], numbers={"x": 1.0})
     assert d.accepted and not math.isnan(d.numbers["x"])
-    r = EvalResult(metrics={"a": 1.0}, notes=["n"], samples={"b": BenchmarkSamples(ids=[3, 7], acc=[1, 0], acc_norm=[0, 0])})
+    r = EvalResult(
+        metrics={"a": 1.0}, notes=["n"], samples={"b": BenchmarkSamples(ids=[3, 7], acc=[1, 0], acc_norm=[0, 0])}
+    )
     assert EvalResult.model_validate_json(r.model_dump_json()) == r
 
 
@@ -247,8 +261,15 @@ def _postprocessing_model(kind: str, vocab: int):
     from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=256)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
     if kind == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=1.5))
     else:
@@ -268,7 +289,9 @@ def test_native_bpb_uses_the_models_own_logit_postprocessing(setup, kind):
 
     d, files, tok = setup
     model = _postprocessing_model(kind, len(tok))
-    lm_eval_bpb = evaluate(model, tok, files, d / f"w-{kind}", EvalConfig(batch_size=4, max_probes=0, backend="lm-eval"))
+    lm_eval_bpb = evaluate(
+        model, tok, files, d / f"w-{kind}", EvalConfig(batch_size=4, max_probes=0, backend="lm-eval")
+    )
     for split, texts in (("domain", DOMAIN), ("general", GENERAL)):
         native = bits_per_byte(model, tok, texts, batch_size=3)
         assert native == pytest.approx(lm_eval_bpb.metrics[f"{split}/bits_per_byte"], rel=1e-4), split
@@ -312,12 +335,23 @@ def test_local_benchmark_accuracy_matches_a_hand_computation(setup, random_model
     for i, w in enumerate(words):  # the sentence's last three words against three other sentences' endings
         endings = [" ".join(words[(i + k) % len(words)][-3:]) for k in (1, 2, 3)]
         endings.insert(i % 4, " ".join(w[-3:]))
-        rows.append({"question": " ".join(w[:-3]), "options": "\n".join(f"{'ABCD'[j]}. {e}" for j, e in enumerate(endings)),
-                     "answer": "ABCD"[i % 4]})
+        rows.append(
+            {
+                "question": " ".join(w[:-3]),
+                "options": "\n".join(f"{'ABCD'[j]}. {e}" for j, e in enumerate(endings)),
+                "answer": "ABCD"[i % 4],
+            }
+        )
     path = d / "mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     b = BenchmarkConfig(name="mc", kind="general", path=str(path), choices_field="options", limit=6, seed=3)
-    result = evaluate(random_model, tok, {"general": files["general"]}, d / "w-mc", EvalConfig(max_probes=0, batch_size=4, benchmarks=[b]))
+    result = evaluate(
+        random_model,
+        tok,
+        {"general": files["general"]},
+        d / "w-mc",
+        EvalConfig(max_probes=0, batch_size=4, benchmarks=[b]),
+    )
     items = subsample(load_benchmark(b), 6, 3)
     hand_acc, hand_norm = [], []
     for it in items:
@@ -330,7 +364,13 @@ def test_local_benchmark_accuracy_matches_a_hand_computation(setup, random_model
     assert result.metrics["bench/mc/acc"] == pytest.approx(sum(hand_acc) / 6)
     assert result.metrics["bench/mc/acc_norm"] == pytest.approx(sum(hand_norm) / 6)
     assert result.metrics["bench/mc/n"] == 6
-    native = evaluate(random_model, tok, {"general": files["general"]}, d / "w-mc-native", EvalConfig(max_probes=0, benchmarks=[b], backend="native"))
+    native = evaluate(
+        random_model,
+        tok,
+        {"general": files["general"]},
+        d / "w-mc-native",
+        EvalConfig(max_probes=0, benchmarks=[b], backend="native"),
+    )
     assert native.samples["mc"] == smp
 
 
@@ -343,14 +383,19 @@ def test_lm_eval_task_benchmark_is_subsampled_by_doc_id(setup, random_model):
     from dapt_core.eval_tasks import _mc_task_yaml
 
     d, files, tok = setup
-    rows = [{"context": f"The {w} sat on the", "choices": ["mat", "sky", "idea"], "label": i % 3} for i, w in enumerate("cat dog hen fox owl cow pig ram".split())]
+    rows = [
+        {"context": f"The {w} sat on the", "choices": ["mat", "sky", "idea"], "label": i % 3}
+        for i, w in enumerate(["cat", "dog", "hen", "fox", "owl", "cow", "pig", "ram"])
+    ]
     work = d / "w-named"
     (work / "lm_eval_tasks").mkdir(parents=True)
     data = d / "named.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (work / "lm_eval_tasks" / "my_mc.yaml").write_text(_mc_task_yaml("my_mc", data, d / "hf-cache"), encoding="utf-8")
     b = BenchmarkConfig(name="named", kind="general", task="my_mc", limit=5, seed=1)
-    result = evaluate(random_model, tok, {"general": files["general"]}, work, EvalConfig(max_probes=0, batch_size=4, benchmarks=[b]))
+    result = evaluate(
+        random_model, tok, {"general": files["general"]}, work, EvalConfig(max_probes=0, batch_size=4, benchmarks=[b])
+    )
     smp = result.samples["named"]
     assert smp.ids == sorted(random.Random(1).sample(range(8), 5))
     for i, ok in zip(smp.ids, smp.acc):
@@ -384,7 +429,9 @@ def test_chunked_nll_equals_one_unchunked_pass(setup, random_model, monkeypatch)
     labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     with torch.no_grad():
         logits = random_model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-        whole = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        whole = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
     monkeypatch.setattr(metrics, "LOGITS_BUDGET", 4 * len(tok) * width * 3)  # three rows per forward call
     monkeypatch.setattr(metrics, "_NLL_CHUNK", 5)
     shapes, hook = _forward_rows(random_model)
@@ -412,7 +459,9 @@ def test_lm_eval_batches_are_bounded_by_memory_and_score_the_same(setup, random_
         context = tok(" ".join(words[:-2]), add_special_tokens=False)["input_ids"]
         requests.append((None, context, tok(" " + " ".join(words[-2:]), add_special_tokens=False)["input_ids"]))
     longest = max(len(c) + len(x) for _, c, x in requests)
-    plain = HFLM(pretrained=random_model, tokenizer=tok, batch_size=8, max_length=256, device="cpu", add_bos_token=False)
+    plain = HFLM(
+        pretrained=random_model, tokenizer=tok, batch_size=8, max_length=256, device="cpu", add_bos_token=False
+    )
     expected = plain._loglikelihood_tokens(requests, disable_tqdm=True)
     monkeypatch.setattr(metrics, "LOGITS_BUDGET", 4 * len(tok) * longest * 2)  # two of the longest rows per call
     bounded = bounded_hflm(random_model, tok, batch_size=8, max_length=256)

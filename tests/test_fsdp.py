@@ -204,7 +204,7 @@ def test_two_nodes_on_localhost_match_one_node_with_two_processes(tmp_path, stra
 def test_fsdp_attempt_judges_and_promotes_like_one_process(prefect_harness, corpus, tmp_path):  # noqa: F811
     """The CPT attempt under torchrun with train.strategy fsdp: rank 0 judges each checkpoint on its consolidated
     weights and promotes a plain HF directory, with the decisions and weights of one process."""
-    from tasks.cpt import _torchrun
+    from dapt.tasks.cpt import _torchrun
     from tests.test_cpt_attempt import _data, _promoted_weights, _spec
 
     root, dirs, base = corpus

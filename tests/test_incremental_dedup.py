@@ -18,8 +18,14 @@ from tests.corpus import prose
 
 def write_shard(path, texts: list[str]) -> object:
     n = len(texts)
-    columns = {"doc_id": [f"id{i}" for i in range(n)], "text": texts, "source": ["notes"] * n, "kind": ["domain"] * n,
-               "file": [path.stem + ".txt"] * n, "position": [f"line {i + 1}" for i in range(n)]}
+    columns = {
+        "doc_id": [f"id{i}" for i in range(n)],
+        "text": texts,
+        "source": ["notes"] * n,
+        "kind": ["domain"] * n,
+        "file": [path.stem + ".txt"] * n,
+        "position": [f"line {i + 1}" for i in range(n)],
+    }
     pq.write_table(pa.table(columns), path)
     return path
 
@@ -34,7 +40,13 @@ def near_copy(text: str, k: int) -> str:
 def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkeypatch):
     old_texts = [prose(100 * s + i, "domain") for s in range(3) for i in range(4)]
     old = [write_shard(tmp_path / f"old{s}.parquet", old_texts[4 * s : 4 * s + 4]) for s in range(3)]
-    new_texts = [near_copy(old_texts[1], 1), near_copy(old_texts[6], 2), old_texts[9], prose(9001, "domain"), prose(9002, "domain")]
+    new_texts = [
+        near_copy(old_texts[1], 1),
+        near_copy(old_texts[6], 2),
+        old_texts[9],
+        prose(9001, "domain"),
+        prose(9002, "domain"),
+    ]
     new_texts.append(near_copy(new_texts[3], 3))  # a near duplicate of another new document
     new = [write_shard(tmp_path / "refresh0.parquet", new_texts)]  # sorts after old*: the old documents keep priority
 
@@ -42,7 +54,9 @@ def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkey
     cache = lambda shards: StorePartCache(store, {s: sha256_file(s) for s in shards}, "code-v1")  # noqa: E731
     signed: list[int] = []
     real = pipeline.minhash_signatures
-    monkeypatch.setattr(pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a))
+    monkeypatch.setattr(
+        pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a)
+    )
 
     clean_corpus(old, [], [], CleanConfig(), tmp_path / "first", cache=cache(old))
     assert sum(signed) == 12
@@ -50,13 +64,23 @@ def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkey
     refresh = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "refresh", cache=cache(old + new))
     assert sum(signed) == len(new_texts)  # signatures of the new documents only
     report = new_documents(refresh.decisions_path, {"refresh0.txt"})
-    assert (report.files, report.docs, report.near_duplicates_of_earlier, report.exact_duplicates_of_earlier) == (1, 6, 2, 1)
+    assert (report.files, report.docs, report.near_duplicates_of_earlier, report.exact_duplicates_of_earlier) == (
+        1,
+        6,
+        2,
+        1,
+    )
 
     rows = {(r["file"], r["position"]): r for r in pq.read_table(refresh.decisions_path).to_pylist()}
     old_uid = lambda s, i: document_uid("domain", "notes", f"old{s}.txt", f"line {i + 1}")  # noqa: E731
-    assert rows["refresh0.txt", "line 1"]["reason"] == "near_duplicate" and rows["refresh0.txt", "line 1"]["duplicate_of"] == old_uid(0, 1)
+    assert rows["refresh0.txt", "line 1"]["reason"] == "near_duplicate" and rows["refresh0.txt", "line 1"][
+        "duplicate_of"
+    ] == old_uid(0, 1)
     assert rows["refresh0.txt", "line 2"]["duplicate_of"] == old_uid(1, 2)
-    assert (rows["refresh0.txt", "line 3"]["reason"], rows["refresh0.txt", "line 3"]["duplicate_of"]) == ("exact_duplicate", old_uid(2, 1))
+    assert (rows["refresh0.txt", "line 3"]["reason"], rows["refresh0.txt", "line 3"]["duplicate_of"]) == (
+        "exact_duplicate",
+        old_uid(2, 1),
+    )
     assert rows["refresh0.txt", "line 6"]["duplicate_of"] == document_uid("domain", "notes", "refresh0.txt", "line 4")
 
     signed.clear()
@@ -76,6 +100,8 @@ def test_a_damaged_stored_part_is_computed_again(tmp_path, monkeypatch):
     sigs.write_bytes(b"damaged")
     signed: list[int] = []
     real = pipeline.minhash_signatures
-    monkeypatch.setattr(pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a))
+    monkeypatch.setattr(
+        pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a)
+    )
     again = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "two", cache=cache)
     assert sum(signed) == 3 and again.kept_docs == 3

@@ -35,7 +35,11 @@ MB = 1 << 20
 
 
 def read(path: Path, *, text_field: str = "text", max_doc_bytes: int = 8_000_000) -> list[Document | QuarantineRecord]:
-    return list(read_documents(path, uri=str(path), source="src", kind="domain", text_field=text_field, max_doc_bytes=max_doc_bytes))
+    return list(
+        read_documents(
+            path, uri=str(path), source="src", kind="domain", text_field=text_field, max_doc_bytes=max_doc_bytes
+        )
+    )
 
 
 def docs_of(items) -> list[Document]:
@@ -52,11 +56,16 @@ def jsonl(*objs) -> bytes:
 
 def make_pdf(pages: list[str], password: str | None = None) -> bytes:
     """A small PDF with one Helvetica text line per page (pypdf writes it; no fonts or tools needed)."""
+
     def name(n: str) -> NameObject:
         return NameObject("/" + n)
 
     writer = PdfWriter()
-    font = writer._add_object(DictionaryObject({name("Type"): name("Font"), name("Subtype"): name("Type1"), name("BaseFont"): name("Helvetica")}))
+    font = writer._add_object(
+        DictionaryObject(
+            {name("Type"): name("Font"), name("Subtype"): name("Type1"), name("BaseFont"): name("Helvetica")}
+        )
+    )
     for text in pages:
         page = writer.add_blank_page(612, 792)
         page[name("Resources")] = DictionaryObject({name("Font"): DictionaryObject({name("F1"): font})})
@@ -87,10 +96,16 @@ def test_text_files_are_one_document(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["a.jsonl", "a.ndjson", "a.jsonl.gz", "a.json.gz", "a.ndjson.gz"])
 def test_json_lines_give_one_document_per_line(tmp_path, name):
-    data = jsonl({"body": "one"}, {"body": "two", "id": 7}) + b"\n  \n" + b'{"body": "three"}'  # blank lines, no final newline
+    data = (
+        jsonl({"body": "one"}, {"body": "two", "id": 7}) + b"\n  \n" + b'{"body": "three"}'
+    )  # blank lines, no final newline
     p = tmp_path / name
     p.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
-    assert read(p, text_field="body") == [Document("one", "line 1"), Document("two", "line 2"), Document("three", "line 5")]
+    assert read(p, text_field="body") == [
+        Document("one", "line 1"),
+        Document("two", "line 2"),
+        Document("three", "line 5"),
+    ]
 
 
 def test_json_file_array_object_or_lines(tmp_path):
@@ -116,7 +131,9 @@ def test_parquet_rows_are_streamed_in_batches(tmp_path):
     assert reasons(items) == [("row 1800", "missing_text_field")]
     missing = read(tmp_path / "a.parquet", text_field="text")
     assert reasons(missing) == [("file", "missing_text_field")] and "2500 rows" in missing[0].detail
-    assert reasons(read(tmp_path / "a.parquet", text_field="n")) == [("file", "missing_text_field")]  # not a string column
+    assert reasons(read(tmp_path / "a.parquet", text_field="n")) == [
+        ("file", "missing_text_field")
+    ]  # not a string column
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
     assert reasons(read(tmp_path / "broken.parquet")) == [("file", "unreadable_parquet")]
 
@@ -180,7 +197,11 @@ def test_bad_json_lines_are_quarantined_and_neighbours_kept(tmp_path):
         ("line 8", "missing_text_field"),
         ("line 9", "malformed_json"),
     ]
-    assert all(q.file == str(p) and q.source == "src" and q.kind == "domain" and q.detail for q in items if isinstance(q, QuarantineRecord))
+    assert all(
+        q.file == str(p) and q.source == "src" and q.kind == "domain" and q.detail
+        for q in items
+        if isinstance(q, QuarantineRecord)
+    )
 
 
 def test_invalid_utf8_text_file_names_the_byte(tmp_path):
@@ -203,7 +224,8 @@ def test_truncated_gzip_keeps_the_lines_before(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, content", [("e.txt", b""), ("e.jsonl", b""), ("e.jsonl.gz", gzip.compress(b"\n\n")), ("e.json", b"[]"), ("e.pdf", b"")]
+    "name, content",
+    [("e.txt", b""), ("e.jsonl", b""), ("e.jsonl.gz", gzip.compress(b"\n\n")), ("e.json", b"[]"), ("e.pdf", b"")],
 )
 def test_empty_files_are_quarantined(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
@@ -258,7 +280,9 @@ def test_memory_does_not_grow_with_jsonl_size(tmp_path):
     n = 0
     tracemalloc.start()
     try:
-        for item in read_documents(p, uri=str(p), source="s", kind="domain", text_field="text", max_doc_bytes=8_000_000):
+        for item in read_documents(
+            p, uri=str(p), source="s", kind="domain", text_field="text", max_doc_bytes=8_000_000
+        ):
             n += isinstance(item, Document)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -308,7 +332,13 @@ def test_discover_directories_globs_and_refusals(tmp_path):
     inputs, refused = discover_inputs(SourceConfig(name="med", paths=[str(root)], text_field="body"), "general")
     assert [i.uri for i in inputs] == [str(root / p) for p in ("a.txt", "alias.txt", "sub/b.jsonl", "sub/deeper/c.md")]
     a = inputs[0]
-    assert (a.source, a.kind, a.text_field, a.bytes, a.fingerprint) == ("med", "general", "body", 1, sha256_file(root / "a.txt"))
+    assert (a.source, a.kind, a.text_field, a.bytes, a.fingerprint) == (
+        "med",
+        "general",
+        "body",
+        1,
+        sha256_file(root / "a.txt"),
+    )
     assert [(q.file, q.reason) for q in refused] == [
         (str(root / "escape.txt"), "symlink_outside_root"),
         (str(root / "escape_dir"), "symlink_outside_root"),
@@ -343,13 +373,19 @@ def read_parquet(path: Path) -> list[dict]:
 
 def test_ingest_file_writes_lineage_and_stable_ids(tmp_path):
     p = tmp_path / "a.jsonl"
-    p.write_bytes(jsonl({"text": "alpha"}, {"text": "beta"}, b"not json", {"text": "gamma"}, {"text": "delta"}, {"text": "alpha"}))
+    p.write_bytes(
+        jsonl({"text": "alpha"}, {"text": "beta"}, b"not json", {"text": "gamma"}, {"text": "delta"}, {"text": "alpha"})
+    )
     inp = InputFile(uri=str(p), source="med", kind="domain", fingerprint=sha256_file(p), bytes=p.stat().st_size)
     out = tmp_path / "out" / "a.parquet"
     [(n, quarantined)] = ingest_files([inp], IngestConfig(shard_docs=2), out)
     assert n == 5 and [(q.position, q.reason) for q in quarantined] == [("line 3", "malformed_json")]
     f = pq.ParquetFile(out)
-    assert f.schema_arrow == INGEST_SCHEMA and [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)] == [2, 2, 1]
+    assert f.schema_arrow == INGEST_SCHEMA and [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)] == [
+        2,
+        2,
+        1,
+    ]
     rows = read_parquet(out)
     assert rows[0] == {
         "doc_id": hashlib.blake2b(b"alpha", digest_size=16).hexdigest(),
@@ -419,7 +455,11 @@ def test_every_input_unit_is_accounted_for(tmp_path):
 def test_s3_prefix_is_discovered_and_ingested(s3_bucket, tmp_path):
     s3 = boto3.client("s3")
     s3.put_object(Bucket=s3_bucket, Key="corpus/a.txt", Body=b"first document")
-    s3.put_object(Bucket=s3_bucket, Key="corpus/sub/b.jsonl.gz", Body=gzip.compress(jsonl({"text": "b1"}, b"oops", {"text": "b2"})))
+    s3.put_object(
+        Bucket=s3_bucket,
+        Key="corpus/sub/b.jsonl.gz",
+        Body=gzip.compress(jsonl({"text": "b1"}, b"oops", {"text": "b2"})),
+    )
     s3.put_object(Bucket=s3_bucket, Key="corpus/.hidden.txt", Body=b"skipped")
     s3.put_object(Bucket=s3_bucket, Key="corpus/table.csv", Body=b"a,b")
     s3.put_object(Bucket=s3_bucket, Key="corpus-other/c.txt", Body=b"not under the corpus/ folder")
@@ -460,13 +500,20 @@ def _inputs(tmp_path: Path, sizes: list[int], source: str = "s") -> list[InputFi
         p = tmp_path / source / f"f{i:05d}.txt"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(f"document {i} " + "w" * size)
-        made.append(InputFile(uri=str(p), source=source, kind="domain", fingerprint=sha256_file(p), bytes=p.stat().st_size))
+        made.append(
+            InputFile(uri=str(p), source=source, kind="domain", fingerprint=sha256_file(p), bytes=p.stat().st_size)
+        )
     return made
 
 
 def test_batches_hold_about_the_target_and_one_new_file_changes_one_batch(tmp_path):
-    files = [InputFile(uri=f"/in/s/{i:05d}.txt", source="s", kind="domain", fingerprint=str(i), bytes=1000) for i in range(3000)]
-    others = [InputFile(uri=f"/in/t/{i}.txt", source="t", kind="domain", fingerprint=str(i), bytes=1000) for i in range(5)]
+    files = [
+        InputFile(uri=f"/in/s/{i:05d}.txt", source="s", kind="domain", fingerprint=str(i), bytes=1000)
+        for i in range(3000)
+    ]
+    others = [
+        InputFile(uri=f"/in/t/{i}.txt", source="t", kind="domain", fingerprint=str(i), bytes=1000) for i in range(5)
+    ]
     batches = plan_batches(files + others, target_bytes=50_000, target_files=200)
     assert [f for b in batches for f in b] == files + others  # every file once, in order
     assert all(len({(f.kind, f.source) for f in b}) == 1 for b in batches)  # a batch never mixes sources

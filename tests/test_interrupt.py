@@ -31,7 +31,9 @@ from dapt_core.store import LocalStore, open_store
 from tests.corpus import write_config, write_corpus
 from tests.tiny_model import pretrained_general_base
 
-pytestmark = pytest.mark.integration  # `dapt cpt` subprocesses stopped by signals, and signal handlers in child processes
+pytestmark = (
+    pytest.mark.integration
+)  # `dapt cpt` subprocesses stopped by signals, and signal handlers in child processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -47,13 +49,25 @@ class Dapt:
         tmpdir.mkdir(exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
         env.update(
-            PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmpdir), PREFECT_HOME=str(home),
-            PREFECT_LOGGING_SETTINGS_PATH=str(home / "logging.yml"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+            PYTHONPATH=str(ROOT),
+            OMP_NUM_THREADS="1",
+            TMPDIR=str(tmpdir),
+            PREFECT_HOME=str(home),
+            PREFECT_LOGGING_SETTINGS_PATH=str(home / "logging.yml"),
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
         )
         self.config = config
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "cpt", str(config), "--json"], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,  # a process group, as in a shell
+            [sys.executable, "-m", "dapt.flows.cli", "cpt", str(config), "--json"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a process group, as in a shell
         )
         self.stderr: list[str] = []
         self._stdout: list[str] = []
@@ -137,7 +151,9 @@ def _final_weights(manifest: dict) -> dict[str, torch.Tensor]:
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
-    assert a["checkpoints"][-1]["uri"].endswith(f"checkpoint-{STEPS}") and b["checkpoints"][-1]["uri"].endswith(f"checkpoint-{STEPS}")
+    assert a["checkpoints"][-1]["uri"].endswith(f"checkpoint-{STEPS}") and b["checkpoints"][-1]["uri"].endswith(
+        f"checkpoint-{STEPS}"
+    )
     wa, wb = _final_weights(a), _final_weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -238,7 +254,7 @@ HANDLER = textwrap.dedent(
     """
     import sys, time
     from dapt_core import stop
-    from flows import interrupt
+    from dapt.flows import interrupt
     with interrupt.stoppable_command():
         if sys.argv[1] == "train":
             with stop.training(float(sys.argv[2])):
@@ -253,8 +269,12 @@ HANDLER = textwrap.dedent(
 
 def _handler_process(*args: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-c", HANDLER, *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", HANDLER, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout.readline() == "ready\n"
     return proc
@@ -269,7 +289,9 @@ def test_a_second_ctrl_c_exits_at_once():
     proc.send_signal(signal.SIGINT)
     assert proc.wait(5) == 130 and time.monotonic() - sent < 5
     err = proc.stderr.read().splitlines()
-    assert err[0].startswith("SIGINT: stopping at the next training step") and err[-1].startswith("interrupted (SIGINT)")
+    assert err[0].startswith("SIGINT: stopping at the next training step") and err[-1].startswith(
+        "interrupted (SIGINT)"
+    )
 
 
 def test_no_checkpoint_within_the_grace_exits_anyway():
@@ -289,7 +311,9 @@ def test_without_training_a_signal_exits_at_once():
 
 # --- leftovers ----------------------------------------------------------------------------------------------------
 def _dead_pid() -> int:
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(done.stdout)
 
 
@@ -319,7 +343,9 @@ def test_leftovers_of_dead_processes_are_swept_and_live_ones_kept(tmp_path, monk
         p.write_bytes(b"half")
     src = tmp_path / "a.parquet"
     src.write_bytes(b"whole")
-    LocalStore(store_root).put_file(src, "ingest/a.parquet")  # a successful write of the same file sweeps its dead partials
+    LocalStore(store_root).put_file(
+        src, "ingest/a.parquet"
+    )  # a successful write of the same file sweeps its dead partials
     assert not dead_partial.exists() and other_dead.exists() and live_partial.exists()
     open_store(str(store_root))  # the first open in a process sweeps the whole store
     assert not other_dead.exists() and live_partial.exists() and live_odd_name.exists()
@@ -341,10 +367,21 @@ def _sft_inputs(tmp_path: Path, store_root: Path):
     tok.save_pretrained(model_dir)
     store = LocalStore(store_root)
     model = store.put_dir(model_dir, "cpt/x/promoted")
-    heldout = store.put_file(write_jsonl(tmp_path / "heldout.jsonl", [{"text": f"{r['prompt']} {r['response']}"} for r in rows[:20]]), "pack/eval.jsonl")
+    heldout = store.put_file(
+        write_jsonl(tmp_path / "heldout.jsonl", [{"text": f"{r['prompt']} {r['response']}"} for r in rows[:20]]),
+        "pack/eval.jsonl",
+    )
     pack = PackManifest(
-        train_shards=[], eval_domain=heldout, eval_general=heldout, seq_len=32, sequences=0, tokens={},
-        general_fraction_target=0.0, general_fraction_realised=0.0, report_json=heldout, code_version="test",
+        train_shards=[],
+        eval_domain=heldout,
+        eval_general=heldout,
+        seq_len=32,
+        sequences=0,
+        tokens={},
+        general_fraction_target=0.0,
+        general_fraction_realised=0.0,
+        report_json=heldout,
+        code_version="test",
     )
     cfg = _sft_cfg(write_jsonl(tmp_path / "sft.jsonl", rows), max_steps=300)
     return model, pack, cfg, EvalConfig(max_probes=0, batch_size=8)
@@ -352,10 +389,10 @@ def _sft_inputs(tmp_path: Path, store_root: Path):
 
 def test_sft_stopped_mid_training_resumes_from_its_journaled_checkpoint(tmp_path, monkeypatch):
     import dapt_core.train as train_mod
+    from dapt.tasks.sft import sft_key, sft_task
     from dapt_core import stop
-    from dapt_core.stop import StopRequested
     from dapt_core.evaluate import EvalResult
-    from tasks.sft import sft_key, sft_task
+    from dapt_core.stop import StopRequested
 
     def stop_once_training() -> None:  # what the signal handler does, from another thread
         while stop.active_grace() is None:
@@ -395,19 +432,25 @@ def test_sft_stopped_mid_training_resumes_from_its_journaled_checkpoint(tmp_path
 def test_torchrun_attempt_stops_on_request_with_a_checkpoint(prefect_harness, tiny, reference, tmp_path):
     """nproc_per_node=2: the stop request reaches torchrun as SIGTERM, the ranks agree on a step, rank 0 uploads and
     journals its checkpoint, and the task raises StopRequested."""
+    from dapt.flows.training_data import training_data_flow
+    from dapt.tasks.cpt import CPT_CODE, _torchrun, base_eval_task
     from dapt_core import stop
     from dapt_core.cpt import AttemptSpec
     from dapt_core.stop import StopRequested
-    from flows.training_data import training_data_flow
-    from tasks.cpt import CPT_CODE, _torchrun, base_eval_task
 
     cfg = load_config(tiny(tmp_path / "run", log_every=99))
     data = training_data_flow(cfg)
     reference = base_eval_task.fn(data.tokenizer.model, data.pack, cfg.eval, cfg.store)
     spec = AttemptSpec(
-        start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update={"batch_size": 4, "nproc_per_node": 2}),
-        eval=cfg.eval.model_copy(update={"backend": "native"}), reference=reference, store=cfg.store, prefix="cpt/ddp-stop",
-        attempt=0, code_version=CPT_CODE,
+        start=data.tokenizer.model,
+        pack=data.pack,
+        train=cfg.train.model_copy(update={"batch_size": 4, "nproc_per_node": 2}),
+        eval=cfg.eval.model_copy(update={"backend": "native"}),
+        reference=reference,
+        store=cfg.store,
+        prefix="cpt/ddp-stop",
+        attempt=0,
+        code_version=CPT_CODE,
     )
 
     class StopOnceTraining(logging.Handler):  # the task logs every line of torchrun's output

@@ -94,7 +94,13 @@ def corpus(tmp_path_factory):
 def _cfg(**kw) -> MixConfig:
     # general_sample_sequences=0: the tokenised-share assertions below measure what the replay share alone needs.
     base = dict(
-        seq_len=SEQ, shard_sequences=100, heldout_fraction=0.05, max_heldout_docs=15, workers=1, seed=0, general_sample_sequences=0
+        seq_len=SEQ,
+        shard_sequences=100,
+        heldout_fraction=0.05,
+        max_heldout_docs=15,
+        workers=1,
+        seed=0,
+        general_sample_sequences=0,
     )
     base.update(kw)
     return MixConfig(**base)
@@ -120,12 +126,24 @@ def _kinds(ids: np.ndarray, id2word: dict, eos: int) -> np.ndarray:
 def test_general_sample_for_ewc_is_general_text_only(corpus, tmp_path, fraction):
     """EWC's Fisher needs general text; the mixed shards do not mark it, so packing writes a general-only sample,
     also when there is no replay (EWC instead of replay)."""
-    r = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=fraction, general_sample_sequences=7), tmp_path)
+    r = pack_corpus(
+        corpus["domain"],
+        corpus["general"],
+        corpus["tok_dir"],
+        _cfg(general_fraction=fraction, general_sample_sequences=7),
+        tmp_path,
+    )
     rows = pq.read_table(r.general_sample).to_pylist()
     ids = np.array([row["input_ids"] for row in rows], dtype=np.int64)
     assert ids.shape == (7, SEQ)
     assert _kinds(ids, corpus["id2word"], corpus["vocab"]["<eos>"]).all()
-    again = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=fraction, general_sample_sequences=7), tmp_path / "again")
+    again = pack_corpus(
+        corpus["domain"],
+        corpus["general"],
+        corpus["tok_dir"],
+        _cfg(general_fraction=fraction, general_sample_sequences=7),
+        tmp_path / "again",
+    )
     assert again.general_sample.read_bytes() == r.general_sample.read_bytes()
 
 
@@ -253,14 +271,18 @@ def test_bos_only_when_the_tokenizer_convention_adds_it(corpus, tmp_path):
     after = flat[marks[marks > 1] - 2]  # ... right after the previous document's EOS, except after the (at most 2)
     assert (after != eos).sum() <= 2  # documents cut by the domain and general token budgets
     assert (flat == bos).sum() == len(marks)
-    no_bos = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path / "n")
+    no_bos = pack_corpus(
+        corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path / "n"
+    )
     assert no_bos.report["tokenizer"]["bos"].startswith("none") and not (_stream(no_bos)[0] == bos).any()
 
 
 def test_shards_load_with_datasets(corpus, tmp_path):
     import datasets
 
-    r = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path / "out")
+    r = pack_corpus(
+        corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path / "out"
+    )
     ds = datasets.load_dataset(
         "parquet", data_files=[str(p) for p in r.train_shards], split="train", cache_dir=str(tmp_path / "hf-cache")
     )
@@ -288,9 +310,16 @@ def test_self_replay_amount_determinism_and_packing(corpus, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(corpus["tok_dir"])
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
     cfg = SelfReplayConfig(tokens=240, max_new_tokens=24, batch_size=5, temperature=1.0, top_p=0.95)
@@ -307,24 +336,37 @@ def test_self_replay_amount_determinism_and_packing(corpus, tmp_path):
     assert count(a) == cfg.tokens and count(c) == cfg.tokens
     assert all(t.strip() for t in a)
 
-    r = pack_corpus(corpus["domain"], None, corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path, replay_texts=iter(a))
+    r = pack_corpus(
+        corpus["domain"], None, corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path, replay_texts=iter(a)
+    )
     assert set(r.tokens) == {"domain-src0", "domain-src1", pack.REPLAY_SOURCE}
     assert abs(r.general_fraction - 0.05) <= 0.005 * 0.05
     assert r.report["general"]["self_replay_documents"] == len(a)
     # general held-out documents that are the base model's own samples: the report says so
-    held = pack_corpus(corpus["domain"], None, corpus["tok_dir"], _cfg(general_fraction=0.05, heldout_fraction=0.4), tmp_path / "h", replay_texts=iter(a))
+    held = pack_corpus(
+        corpus["domain"],
+        None,
+        corpus["tok_dir"],
+        _cfg(general_fraction=0.05, heldout_fraction=0.4),
+        tmp_path / "h",
+        replay_texts=iter(a),
+    )
     assert held.eval_files["general"] is not None and pack.SELF_REPLAY_EVAL_WARNING in held.warnings
     assert held.warnings == held.report["warnings"]
 
 
 def test_document_separator_overrides_eos(corpus, tmp_path):
     sep = "[PAD]"  # any token of the vocabulary can separate documents
-    result = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(document_separator=sep), tmp_path / "out")
+    result = pack_corpus(
+        corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(document_separator=sep), tmp_path / "out"
+    )
     ids, _ = _stream(result)
     assert (ids == corpus["vocab"][sep]).sum() >= result.report["domain"]["training_documents"] - 1
     assert not (ids == corpus["vocab"]["<eos>"]).any()
     with pytest.raises(PackError, match="mix.document_separator"):
-        pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(document_separator="<nope>"), tmp_path / "x")
+        pack_corpus(
+            corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(document_separator="<nope>"), tmp_path / "x"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ refresh
@@ -369,7 +411,18 @@ def test_refresh_packs_the_new_documents_plus_the_replay_share(corpus, tmp_path)
 
 
 def test_refresh_with_nothing_new_packs_nothing(corpus, tmp_path):
-    first = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path / "a")
+    first = pack_corpus(
+        corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path / "a"
+    )
     spec = pack.RefreshSpec(seen=corpus["domain"], heldout_fractions=first.heldout_fractions, domain_replay=0.25)
-    r = pack_corpus(corpus["domain"], corpus["general"], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path / "b", refresh=spec)
-    assert r.sequences == 0 and r.train_shards == [] and r.refresh.model_dump() == dict.fromkeys(r.refresh.model_dump(), 0)
+    r = pack_corpus(
+        corpus["domain"],
+        corpus["general"],
+        corpus["tok_dir"],
+        _cfg(general_fraction=0.05),
+        tmp_path / "b",
+        refresh=spec,
+    )
+    assert (
+        r.sequences == 0 and r.train_shards == [] and r.refresh.model_dump() == dict.fromkeys(r.refresh.model_dump(), 0)
+    )

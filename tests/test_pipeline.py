@@ -8,10 +8,10 @@ import json
 import pytest
 import yaml
 
-import tasks.cpt
+import dapt.tasks.cpt
+from dapt.flows.dapt_pipeline import dapt_pipeline, load_state, nightly_refresh
 from dapt_core.config import load_config
 from dapt_core.store import open_store
-from flows.dapt_pipeline import dapt_pipeline, load_state, nightly_refresh
 from tests.corpus import general_multiple_choice, prose, write_config, write_corpus
 from tests.tiny_model import pretrained_general_base
 
@@ -22,7 +22,10 @@ def _sft_pairs(path, n=40):
     with open(path, "w") as f:
         for i in range(n):
             words = prose(2000 + i, "domain").split()
-            f.write(json.dumps({"prompt": "Continue the note: " + " ".join(words[:8]), "response": " ".join(words[8:20])}) + "\n")
+            f.write(
+                json.dumps({"prompt": "Continue the note: " + " ".join(words[:8]), "response": " ".join(words[8:20])})
+                + "\n"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ tokenizer: {{min_frequency: 5, domain_vocab_size: 600}}
 mix: {{general_fraction: 0.05, seq_len: {SEQ}, heldout_fraction: 0.1}}
 train: {{lr: 1e-4, max_steps: 10, save_every: 5, batch_size: 8, report_to: []}}
 eval: {{max_probes: 20, batch_size: 8, max_general_ppl_increase: 0.5, benchmarks: [{{name: prose, kind: general, path: "{bench}", prompt: completion, limit: 40}}]}}
-sft: {{data: ["{root / 'sft.jsonl'}"], seq_len: {SEQ}, heldout_fraction: 0.2, train: {{lr: 1e-4, max_steps: 6, batch_size: 4, report_to: []}}}}
+sft: {{data: ["{root / "sft.jsonl"}"], seq_len: {SEQ}, heldout_fraction: 0.2, train: {{lr: 1e-4, max_steps: 6, batch_size: 4, report_to: []}}}}
 """
     return root, dirs, write_config(root, dirs, extra=extra)
 
@@ -49,19 +52,22 @@ def test_retry_after_cpt_failure_recomputes_only_cpt_onward(prefect_harness, pro
     root, dirs, config_path = project
     cfg = load_config(config_path)
 
-    counted_cpt = tasks.cpt.run_attempt
+    counted_cpt = dapt.tasks.cpt.run_attempt
 
     def gpu_lost(*a, **kw):
         stage_calls["cpt"] += 1
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(tasks.cpt, "run_attempt", gpu_lost)
+    monkeypatch.setattr(dapt.tasks.cpt, "run_attempt", gpu_lost)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         dapt_pipeline(cfg)
-    assert stage_calls["ingest"] >= 2 and stage_calls["clean"] == stage_calls["tokenizer"] == stage_calls["pack"] == stage_calls["cpt"] == 1
+    assert (
+        stage_calls["ingest"] >= 2
+        and stage_calls["clean"] == stage_calls["tokenizer"] == stage_calls["pack"] == stage_calls["cpt"] == 1
+    )
     assert load_state(cfg) is None  # a failed run is not the "last success"
 
-    monkeypatch.setattr(tasks.cpt, "run_attempt", counted_cpt)  # the GPU is back
+    monkeypatch.setattr(dapt.tasks.cpt, "run_attempt", counted_cpt)  # the GPU is back
     for k in stage_calls:
         stage_calls[k] = 0
     result = dapt_pipeline(cfg)  # what `dapt run` again, or a retry of the flow run, does
@@ -164,7 +170,10 @@ def test_refresh_lineage_is_its_own_and_never_moves_back(prefect_harness, projec
     cfg = load_config(config_path)
     nightly = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"lineage": "nightly"})})
     custom = nightly.model_copy(
-        update={"deploy": cfg.deploy.model_copy(update={"lineage": "custom"}), "train": cfg.train.model_copy(update={"lr": 3e-5})}
+        update={
+            "deploy": cfg.deploy.model_copy(update={"lineage": "custom"}),
+            "train": cfg.train.model_copy(update={"lr": 3e-5}),
+        }
     )
     first = nightly_refresh(nightly).pipeline  # no state yet in this lineage: a full run
     dapt_pipeline(custom)  # another lineage, another config: the nightly lineage does not see it

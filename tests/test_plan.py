@@ -71,7 +71,9 @@ def test_count_tokens_with_a_real_tokenizer_and_without():
 def test_model_params_from_config_without_weights(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
     real = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     assert model_params(_cfg(model={"base": str(tmp_path / "m")})) == real

@@ -15,7 +15,9 @@ def tiny_base(tmp_path_factory):
 
 
 def _config(base, **sections) -> DaptConfig:
-    return DaptConfig.model_validate({"data": {"domain": [{"name": "d", "paths": ["x"]}]}, "model": {"base": str(base)}, **sections})
+    return DaptConfig.model_validate(
+        {"data": {"domain": [{"name": "d", "paths": ["x"]}]}, "model": {"base": str(base)}, **sections}
+    )
 
 
 def test_lora_typo_among_good_targets_is_refused_with_the_real_names(tiny_base):
@@ -30,7 +32,10 @@ def test_lora_typo_among_good_targets_is_refused_with_the_real_names(tiny_base):
 def test_sft_lora_targets_and_missing_sft_files_are_all_reported(tiny_base, tmp_path):
     cfg = _config(
         tiny_base,
-        sft={"data": [str(tmp_path / "missing.jsonl")], "train": {"method": "lora", "lora": {"target_modules": ["c_attn"]}}},
+        sft={
+            "data": [str(tmp_path / "missing.jsonl")],
+            "train": {"method": "lora", "lora": {"target_modules": ["c_attn"]}},
+        },
     )
     with pytest.raises(ConfigError) as err:
         check_before_data_stages(cfg)
@@ -45,8 +50,8 @@ def test_default_targets_and_full_training_pass(tiny_base):
 
 
 def test_an_s3_store_without_its_bucket_fails_before_the_data_stages(tiny_base, s3_endpoint, monkeypatch):
+    from dapt.flows.preflight import check_before_first_stage
     from dapt_core.faults import StoreError
-    from flows.preflight import check_before_first_stage
 
     monkeypatch.setenv("DAPT_STORE_RETRY_SECONDS", "2")
     cfg = _config(tiny_base).model_copy(update={"store": "s3://no-such-bucket/project"})
@@ -56,7 +61,7 @@ def test_an_s3_store_without_its_bucket_fails_before_the_data_stages(tiny_base, 
 
 
 def test_a_cpt_deployment_name_without_its_flow_is_refused(tiny_base):
-    from flows.preflight import check_before_first_stage
+    from dapt.flows.preflight import check_before_first_stage
 
     with pytest.raises(ConfigError) as err:
         check_before_first_stage(_config(tiny_base), cpt_deployment="gpu")

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 import dapt_core.clean as clean
 import dapt_core.ingest as ingest
+from dapt.flows.cli import app
+from dapt.flows.prepare import prepare_flow
 from dapt_core.config import load_config
 from dapt_core.faults import StoreError
 from dapt_core.store import open_store
-from flows.cli import app
-from flows.prepare import prepare_flow
 from tests.corpus import EVAL_QUESTION, prose, write_config, write_corpus
 
 
@@ -57,7 +57,10 @@ def test_prepare_accounts_for_every_document(prefect_harness, tmp_path, counters
     assert cm.input_docs == cm.kept_docs + sum(cm.dropped.values())
     assert cm.input_docs == 12 + 2 + 6 + 2 + 1  # generated docs + dup + short + malformed + contaminated + symlink
     assert cm.dropped == {
-        "exact_duplicate": 1, "quality:min_words": 1, "quarantine:malformed_json": 1, "decontaminated": 1,
+        "exact_duplicate": 1,
+        "quality:min_words": 1,
+        "quarantine:malformed_json": 1,
+        "decontaminated": 1,
         "quarantine:symlink_outside_root": 1,
     }
     # Each quarantined input's details, not only its reason, are in the manifest and the stats report.
@@ -166,7 +169,9 @@ def test_cli_prepare_json_and_plan(prefect_harness, tmp_path):
     assert "ingest files" in res.stderr and "9/9" in res.stderr  # the progress bar counted every file
     manifest = json.loads(res.stdout.strip().splitlines()[-1])
     assert manifest["stage"] == "prepare"
-    assert manifest["clean"]["input_docs"] == manifest["clean"]["kept_docs"] + sum(manifest["clean"]["dropped"].values())
+    assert manifest["clean"]["input_docs"] == manifest["clean"]["kept_docs"] + sum(
+        manifest["clean"]["dropped"].values()
+    )
 
     after = json.loads(runner.invoke(app, ["plan", str(cfg_path), "--json"]).stdout.strip().splitlines()[-1])
     assert after["counted_on"].startswith("cleaned corpus")
@@ -190,8 +195,12 @@ def test_stats_are_published_as_prefect_artifacts(prefect_harness, tmp_path):
     dirs = write_corpus(tmp_path)
     result = prepare_flow(load_config(write_config(tmp_path, dirs)))
     with get_client(sync_client=True) as client:
-        table = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dapt-data-funnel"])))
-        markdown = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dapt-data-stats"])))
+        table = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dapt-data-funnel"]))
+        )
+        markdown = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dapt-data-stats"]))
+        )
     assert table and markdown
     rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
     assert {r["source"] for r in rows} == {"notes", "general"}
@@ -202,7 +211,9 @@ def test_stats_are_published_as_prefect_artifacts(prefect_harness, tmp_path):
 def test_eval_set_with_wrong_text_field_is_refused(prefect_harness, tmp_path):
     dirs = write_corpus(tmp_path)
     cfg_path = write_config(tmp_path, dirs)
-    cfg_path.write_text(cfg_path.read_text().replace("eval: [{name: evalset,", "eval: [{name: evalset, text_field: question,"))
+    cfg_path.write_text(
+        cfg_path.read_text().replace("eval: [{name: evalset,", "eval: [{name: evalset, text_field: question,")
+    )
     res = CliRunner().invoke(app, ["prepare", str(cfg_path), "--json"])
     assert res.exit_code == 2
     assert "data.eval" in res.output and "text_field" in res.output and "eval.jsonl" in res.output
@@ -264,7 +275,9 @@ def test_cli_disk_full_is_one_error_line(prefect_harness, tmp_path, monkeypatch)
     assert "OSError: [Errno 28]" in Path(error["log"]).read_text()  # the details are in the log file
 
 
-def test_refresh_signs_only_new_files_and_reports_duplicates_of_earlier_documents(prefect_harness, tmp_path, counters, monkeypatch):
+def test_refresh_signs_only_new_files_and_reports_duplicates_of_earlier_documents(
+    prefect_harness, tmp_path, counters, monkeypatch
+):
     from dapt_core.clean import pipeline
 
     dirs = write_corpus(tmp_path)
@@ -274,7 +287,9 @@ def test_refresh_signs_only_new_files_and_reports_duplicates_of_earlier_document
 
     signed: list[int] = []
     real = pipeline.minhash_signatures
-    monkeypatch.setattr(pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a))
+    monkeypatch.setattr(
+        pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a)
+    )
     words = (dirs["domain"] / "note0.txt").read_text().split()
     words[len(words) // 2] = "quartz"
     (dirs["domain"] / "zz-near.txt").write_text(" ".join(words))

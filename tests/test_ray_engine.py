@@ -41,7 +41,11 @@ def _stop_cluster(temp_dir: str) -> None:
     """Kill the processes of this cluster only (their command lines name its temp dir) and their children; `ray stop`
     would stop every Ray cluster of this user on the machine."""
     me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    roots = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in me and any(temp_dir in a for a in (p.info["cmdline"] or []))]
+    roots = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in me and any(temp_dir in a for a in (p.info["cmdline"] or []))
+    ]
     procs: dict[int, psutil.Process] = {}
     for root in roots:
         try:
@@ -65,8 +69,19 @@ def ray_address():
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     head = [
-        str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", temp_dir,
-        "--include-dashboard=false", "--ray-client-server-port", str(_free_port()), *NODE_LIMITS,
+        str(RAY),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--temp-dir",
+        temp_dir,
+        "--include-dashboard=false",
+        "--ray-client-server-port",
+        str(_free_port()),
+        *NODE_LIMITS,
     ]
     second = [str(RAY), "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *NODE_LIMITS]
     try:
@@ -86,13 +101,19 @@ def _corpus(root: Path) -> tuple[list[Path], list[Path], list]:
     words = prose(1, "domain").split()
     words[10] = "quartz"
     (dirs["domain"] / "near.txt").write_text(" ".join(words))
-    (dirs["general"] / "more.jsonl").write_text("".join(f'{{"text": "{prose(i, "general")}"}}\n' for i in range(3)) + "{oops\n")
+    (dirs["general"] / "more.jsonl").write_text(
+        "".join(f'{{"text": "{prose(i, "general")}"}}\n' for i in range(3)) + "{oops\n"
+    )
     cfg = IngestConfig(batch_bytes=2_000)  # several batches, hence several shards
     shards, evals, quarantined = [], [], []
     for kind, folder in (("domain", dirs["domain"]), ("general", dirs["general"]), ("eval", dirs["eval"])):
         inputs, _ = discover_inputs(SourceConfig(name=kind, paths=[str(folder)]), kind)
         for i, batch in enumerate(plan_batches(inputs, cfg.batch_bytes, cfg.batch_files)):
-            out = run_batch(BatchJob(batch, [f"k{j}" for j in range(len(batch))], cfg, str(root / "store"), f"{kind}/{i}.parquet", []))
+            out = run_batch(
+                BatchJob(
+                    batch, [f"k{j}" for j in range(len(batch))], cfg, str(root / "store"), f"{kind}/{i}.parquet", []
+                )
+            )
             (evals if kind == "eval" else shards).append(Path(out.shard.uri))
             quarantined += [q for r in out.files for q in r.quarantined]
     assert len(shards) > 3
@@ -100,7 +121,11 @@ def _corpus(root: Path) -> tuple[list[Path], list[Path], list]:
 
 
 def _same_outputs(a, b) -> None:
-    for x, y in [(a.decisions_path, b.decisions_path), (a.domain_path, b.domain_path), (a.general_path, b.general_path)]:
+    for x, y in [
+        (a.decisions_path, b.decisions_path),
+        (a.domain_path, b.domain_path),
+        (a.general_path, b.general_path),
+    ]:
         assert x.read_bytes() == y.read_bytes()
     assert a.stats == b.stats
 
@@ -108,7 +133,9 @@ def _same_outputs(a, b) -> None:
 def test_clean_on_ray_matches_local(ray_address, tmp_path):
     shards, evals, quarantined = _corpus(tmp_path)
     local = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "local", LocalEngine())
-    on_ray = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "ray", RayEngine(ray_address, max_retries=3))
+    on_ray = clean_corpus(
+        shards, evals, quarantined, CleanConfig(), tmp_path / "ray", RayEngine(ray_address, max_retries=3)
+    )
     _same_outputs(local, on_ray)
     assert local.dropped["exact_duplicate"] >= 1 and local.dropped["near_duplicate"] >= 1
 
@@ -141,13 +168,15 @@ def test_a_killed_worker_is_retried_and_the_result_is_the_same(ray_address, tmp_
     shards, evals, quarantined = _corpus(tmp_path)
     marker = tmp_path / "killed-once"
     local = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "local", LocalEngine())
-    on_ray = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "ray", KillOnceEngine(ray_address, marker))
+    on_ray = clean_corpus(
+        shards, evals, quarantined, CleanConfig(), tmp_path / "ray", KillOnceEngine(ray_address, marker)
+    )
     assert marker.exists()  # a worker did die
     _same_outputs(local, on_ray)
 
 
 def test_prepare_flow_on_ray_gives_the_same_decisions_and_hashes(ray_address, prefect_harness, tmp_path):
-    from flows.prepare import prepare_flow
+    from dapt.flows.prepare import prepare_flow
 
     dirs = write_corpus(tmp_path, n_domain=16, n_general=8)
     (dirs["domain"] / "copy.txt").write_text((dirs["domain"] / "note0.txt").read_text())
@@ -157,7 +186,11 @@ def test_prepare_flow_on_ray_gives_the_same_decisions_and_hashes(ray_address, pr
         (tmp_path / engine).mkdir()
         results[engine] = prepare_flow(load_config(write_config(tmp_path / engine, dirs, extra=extra)))
     local, on_ray = results["local"].clean, results["ray"].clean
-    assert (local.decisions.sha256, local.domain.sha256, local.general.sha256) == (on_ray.decisions.sha256, on_ray.domain.sha256, on_ray.general.sha256)
+    assert (local.decisions.sha256, local.domain.sha256, local.general.sha256) == (
+        on_ray.decisions.sha256,
+        on_ray.domain.sha256,
+        on_ray.general.sha256,
+    )
     assert local.dropped == on_ray.dropped and local.dropped["exact_duplicate"] == 1
     decisions = pq.read_table(open_store(str(tmp_path / "ray" / "store")).local_path(on_ray.decisions)).to_pylist()
     assert len({d["doc_uid"] for d in decisions}) == len(decisions) == on_ray.input_docs

@@ -48,11 +48,16 @@ def test_report_plots_render_in_the_prefect_ui(tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=f"{url}/api")
+    env.update(
+        PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=f"{url}/api"
+    )
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -65,7 +70,9 @@ def test_report_plots_render_in_the_prefect_ui(tmp_path):
 
         async def create() -> str:
             async with PrefectClient(f"{url}/api") as client:
-                return str((await client.create_artifact(ArtifactCreate(key="dapt-report", type="markdown", data=markdown))).id)
+                return str(
+                    (await client.create_artifact(ArtifactCreate(key="dapt-report", type="markdown", data=markdown))).id
+                )
 
         page = f"{url}/artifacts/artifact/{asyncio.run(create())}"
         dom = _chromium("--dump-dom", page)

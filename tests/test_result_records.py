@@ -15,12 +15,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from dapt.flows.cli import app
+from dapt.flows.prepare import prepare_flow
+from dapt.tasks.caching import (
+    RESULTS_PREFIX,
+    ManifestSerializer,
+    StoreResultStorage,
+    UntrustedResultRecord,
+    decode_record,
+)
 from dapt_core.config import load_config
 from dapt_core.evaluate import EvalResult
 from dapt_core.store import IntegrityError, open_store
-from flows.cli import app
-from flows.prepare import prepare_flow
-from tasks.caching import RESULTS_PREFIX, ManifestSerializer, StoreResultStorage, UntrustedResultRecord, decode_record
 from tests.corpus import write_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +47,14 @@ def _records(store_dir: Path, kind: str) -> list[Path]:
 
 
 def _plant_pickle(record: Path, marker: Path) -> None:
-    record.write_text(json.dumps({
-        "metadata": {"storage_key": record.name, "serializer": {"type": "pickle", "picklelib": "pickle"}},
-        "result": base64.encodebytes(pickle.dumps(_TouchMarker(marker))).decode(),
-    }))
+    record.write_text(
+        json.dumps(
+            {
+                "metadata": {"storage_key": record.name, "serializer": {"type": "pickle", "picklelib": "pickle"}},
+                "result": base64.encodebytes(pickle.dumps(_TouchMarker(marker))).decode(),
+            }
+        )
+    )
 
 
 def _plant_class(record: Path, qualified_name: str) -> None:
@@ -57,7 +67,7 @@ def _plant_class(record: Path, qualified_name: str) -> None:
 def _dapt(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """The CLI as a user runs it, in its own process, against the test session's Prefect server."""
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "dapt.flows.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
 
 
@@ -80,7 +90,8 @@ def test_poisoned_result_records_are_refused_and_never_run(prefect_harness, tmp_
     evil_dir.mkdir()
     (evil_dir / "dapt_evil_probe.py").write_text(f"open({str(import_marker)!r}, 'w').close()\nclass Probe:\n    pass\n")
     env = {
-        **os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
         "PYTHONPATH": os.pathsep.join([str(REPO), str(evil_dir)]),
     }
 
@@ -102,7 +113,9 @@ def test_poisoned_result_records_are_refused_and_never_run(prefect_harness, tmp_
     res = _dapt("prepare", str(cfg_path), "--json", env=env)
     assert res.returncode == 2, res.stderr[-3000:]
     error = _last_json(res.stdout)["error"]
-    assert error.startswith(f"untrusted result record {clean_record}: a clean result must be a CleanManifest, this one is 'dapt_evil_probe.Probe'")
+    assert error.startswith(
+        f"untrusted result record {clean_record}: a clean result must be a CleanManifest, this one is 'dapt_evil_probe.Probe'"
+    )
     assert not import_marker.exists()
 
     _plant_pickle(ingest_record, pickle_marker)  # both at once: --refresh recomputes and overwrites them
@@ -122,8 +135,16 @@ def test_poisoned_result_records_are_refused_and_never_run(prefect_harness, tmp_
         (lambda d: d["metadata"]["serializer"].update(type="compressed"), "its serializer is 'compressed'"),
         (lambda d: d["metadata"]["serializer"].update(object_decoder="os.system"), "object_decoder='os.system'"),
         (lambda d: d["metadata"]["serializer"].update(jsonlib="pickle"), "jsonlib='pickle'"),
-        (lambda d: d.update(result=json.dumps({"__class__": "dapt_core.manifest.CptManifest", "data": {}})), "this one is 'dapt_core.manifest.CptManifest'"),
-        (lambda d: d.update(result=json.dumps({"__class__": "dapt_core.manifest.IngestManifest", "data": {"docs": "many"}})), "not a valid ingest result"),
+        (
+            lambda d: d.update(result=json.dumps({"__class__": "dapt_core.manifest.CptManifest", "data": {}})),
+            "this one is 'dapt_core.manifest.CptManifest'",
+        ),
+        (
+            lambda d: d.update(
+                result=json.dumps({"__class__": "dapt_core.manifest.IngestManifest", "data": {"docs": "many"}})
+            ),
+            "not a valid ingest result",
+        ),
         (lambda d: d.update(result="not json"), "its result is not JSON text"),
     ],
 )
@@ -142,7 +163,10 @@ def test_decode_record_accepts_only_the_stage_manifest_as_json(change, why):
     }
     assert decode_record(key, json.dumps(record).encode(), "uri") == manifest  # what Prefect writes for dapt
     change(record)
-    with pytest.raises(UntrustedResultRecord, match="untrusted result record uri: " + ".*" + why.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        UntrustedResultRecord,
+        match="untrusted result record uri: " + ".*" + why.replace("(", r"\(").replace(")", r"\)"),
+    ):
         decode_record(key, json.dumps(record).encode(), "uri")
     with pytest.raises(UntrustedResultRecord, match="not the cache key of a dapt stage"):
         decode_record("0123abcd", json.dumps(record).encode(), "uri")
@@ -158,7 +182,10 @@ def test_prefect_reads_the_validated_manifest_back(tmp_path):
     from dapt_core.manifest import IngestManifest, InputFile
 
     manifest = IngestManifest(
-        input=InputFile(uri="/in/a.txt", source="s", kind="domain", fingerprint="f", bytes=1), shard=ref, docs=3, code_version="v"
+        input=InputFile(uri="/in/a.txt", source="s", kind="domain", fingerprint="f", bytes=1),
+        shard=ref,
+        docs=3,
+        code_version="v",
     )
     key = "ingest-" + "cd" * 32
     written = ResultRecord(metadata={"storage_key": key, "serializer": JSONSerializer()}, result=manifest).serialize()
@@ -169,13 +196,18 @@ def test_prefect_reads_the_validated_manifest_back(tmp_path):
     # The Prefect server keeps only a serializer's type: task-run states read back from the API must still validate.
     from prefect._internal.result_records import ResultRecordMetadata
 
-    assert ResultRecordMetadata.model_validate({"serializer": {"type": "dapt-manifest"}}).serializer.loads(
-        ManifestSerializer().dumps(manifest)
-    ) == manifest
+    assert (
+        ResultRecordMetadata.model_validate({"serializer": {"type": "dapt-manifest"}}).serializer.loads(
+            ManifestSerializer().dumps(manifest)
+        )
+        == manifest
+    )
 
     metrics_key = "base-eval-" + "ef" * 32  # metrics may be NaN: they must survive the re-encoding
     nan_metrics = EvalResult(metrics={"bpb": float("nan")})
-    storage.write_path(metrics_key, ResultRecord(metadata={"serializer": JSONSerializer()}, result=nan_metrics).serialize())
+    storage.write_path(
+        metrics_key, ResultRecord(metadata={"serializer": JSONSerializer()}, result=nan_metrics).serialize()
+    )
     assert math.isnan(ResultRecord.deserialize(storage.read_path(metrics_key)).result.metrics["bpb"])
 
     Path(ref.uri).unlink()  # an artifact it hands on is gone: not reused (Prefect takes the error for a cache miss)
@@ -190,7 +222,11 @@ def test_damaged_artifacts_of_cached_stages_are_recomputed_and_verify_says_so(pr
     calls = {"ingest": 0, "clean": 0}
     for name, module, attr in (("ingest", ingest, "ingest_file"), ("clean", clean, "clean_corpus")):
         real = getattr(module, attr)
-        monkeypatch.setattr(module, attr, lambda *a, _real=real, _name=name, **kw: calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **kw))
+        monkeypatch.setattr(
+            module,
+            attr,
+            lambda *a, _real=real, _name=name, **kw: calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **kw),
+        )
     dirs = write_corpus(tmp_path)
     cfg_path = write_config(tmp_path, dirs)
     cfg = load_config(cfg_path)
@@ -266,11 +302,18 @@ def test_checkpoints_are_not_what_a_cpt_result_hands_on():
 
     ref = lambda name: ArtifactRef(uri=f"/s/{name}", sha256="0" * 64, bytes=1)  # noqa: E731
     m = CptManifest(
-        accepted=True, promoted=DirRef(uri="/s/promoted", files={"model.safetensors": ref("promoted")}),
+        accepted=True,
+        promoted=DirRef(uri="/s/promoted", files={"model.safetensors": ref("promoted")}),
         checkpoints=[DirRef(uri="/s/ckpt", files={"optimizer.pt": ref("ckpt")})],
         tensorboard=DirRef(uri="/s/tb", files={"events": ref("tb")}),
-        decisions=[], report_json=ref("r.json"), report_md=ref("r.md"), report_png=ref("r.png"),
-        attempt=0, lr=1e-5, general_fraction=0.05, code_version="v",
+        decisions=[],
+        report_json=ref("r.json"),
+        report_md=ref("r.md"),
+        report_png=ref("r.png"),
+        attempt=0,
+        lr=1e-5,
+        general_fraction=0.05,
+        code_version="v",
     )
     assert [r.uri for r in artifacts(m)] == ["/s/promoted", "/s/r.json", "/s/r.md", "/s/r.png"]
 
@@ -281,7 +324,9 @@ def test_with_a_store_key_records_are_signed_and_unsigned_or_altered_ones_refuse
 
     from dapt_core.manifest import IngestManifest, InputFile
 
-    manifest = IngestManifest(input=InputFile(uri="/in/a.txt", source="s", kind="domain", fingerprint="f", bytes=1), docs=3, code_version="v")
+    manifest = IngestManifest(
+        input=InputFile(uri="/in/a.txt", source="s", kind="domain", fingerprint="f", bytes=1), docs=3, code_version="v"
+    )
     written = ResultRecord(metadata={"serializer": JSONSerializer()}, result=manifest).serialize()
     storage = StoreResultStorage(store_uri=str(tmp_path / "store"))
     key, other_key = "ingest-" + "12" * 32, "ingest-" + "34" * 32
@@ -314,15 +359,17 @@ def test_every_persisted_task_returns_a_registered_result_type():
 
     from prefect import Task
 
-    import tasks.cpt
-    import tasks.data
-    import tasks.sft
-    import tasks.training_data
-    from tasks.caching import RESULT_TYPES
+    import dapt.tasks.cpt
+    import dapt.tasks.data
+    import dapt.tasks.sft
+    import dapt.tasks.training_data
+    from dapt.tasks.caching import RESULT_TYPES
 
     persisted = [
-        t for module in (tasks.data, tasks.training_data, tasks.cpt, tasks.sft)
-        for t in vars(module).values() if isinstance(t, Task) and t.persist_result
+        t
+        for module in (dapt.tasks.data, dapt.tasks.training_data, dapt.tasks.cpt, dapt.tasks.sft)
+        for t in vars(module).values()
+        if isinstance(t, Task) and t.persist_result
     ]
     assert len(persisted) == 8
     registered = [typing.get_origin(t) or t for t in RESULT_TYPES.values()]

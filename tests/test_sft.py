@@ -100,7 +100,10 @@ def test_read_instructions_trl_prompt_completion(tmp_path):
     user, answer = {"role": "user", "content": "repeat: abc"}, {"role": "assistant", "content": "abc"}
     path = write_jsonl(
         tmp_path / "trl.jsonl",
-        [{"prompt": "repeat: abc", "completion": "abc"}, {"prompt": [{"role": "system", "content": "be brief"}, user], "completion": [answer]}],
+        [
+            {"prompt": "repeat: abc", "completion": "abc"},
+            {"prompt": [{"role": "system", "content": "be brief"}, user], "completion": [answer]},
+        ],
     )
     plain, chat = read_instructions([path])
     assert plain == Example(context=(("user", "repeat: abc"),), response="abc")
@@ -115,11 +118,17 @@ def test_read_instructions_trl_prompt_completion(tmp_path):
         ({"text": "x"}, "{'prompt': ..., 'completion': ...} or {'messages': [...]}, got keys ['text']"),
         ({"prompt": "p", "completion": ""}, "'completion' must be a non-empty string"),
         ({"prompt": [{"role": "user", "content": "p"}], "completion": "r"}, "'completion' must be a list of"),
-        ({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "user", "content": "r"}]}, "the last message must be"),
+        (
+            {"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "user", "content": "r"}]},
+            "the last message must be",
+        ),
         ({"prompt": "p", "response": ""}, "'response' must be a non-empty string"),
         ({"prompt": 3, "response": "r"}, "'prompt' must be a non-empty string"),
         ({"messages": [{"role": "assistant", "content": "r"}]}, "'messages' must be a list of at least 2 messages"),
-        ({"messages": [{"role": "bot", "content": "p"}, ANSWER]}, "messages[0].role must be one of system, user, assistant"),
+        (
+            {"messages": [{"role": "bot", "content": "p"}, ANSWER]},
+            "messages[0].role must be one of system, user, assistant",
+        ),
         ({"messages": [{"role": "user", "content": None}, ANSWER]}, "messages[0].content must be a string"),
         ({"messages": [ANSWER, {"role": "user", "content": "p"}]}, "the last message must be the assistant's response"),
         (
@@ -165,7 +174,9 @@ def test_mask_with_chat_template_token_prefix(chat_tok):
 def test_mask_with_chat_template_falls_back_to_character_offsets(chat_tok):
     ex = Example(context=(("user", "repeat: abc"),), response="abc")
     # The generation prompt ends in a space that the response's first token (" a") absorbs: not a token prefix.
-    chat_tok.chat_template = TEMPLATE.replace("'assistant:\\n'", "'assistant: '").replace("':\\n' + m['content']", "': ' + m['content']")
+    chat_tok.chat_template = TEMPLATE.replace("'assistant:\\n'", "'assistant: '").replace(
+        "':\\n' + m['content']", "': ' + m['content']"
+    )
     prompt = chat_tok.apply_chat_template(ex.messages(with_response=False), tokenize=False, add_generation_prompt=True)
     prompt_ids = chat_tok(prompt, add_special_tokens=False)["input_ids"]
     ids, mask = tokenize_example(ex, chat_tok)
@@ -299,7 +310,10 @@ class Oracle(torch.nn.Module):
 
 
 def test_response_metrics_score_exactly_the_response_tokens(tok):
-    examples = [Example(context=(("user", "repeat: abc"),), response="abc"), Example(context=(("user", "repeat: xyz"),), response="xyz")]
+    examples = [
+        Example(context=(("user", "repeat: abc"),), response="abc"),
+        Example(context=(("user", "repeat: xyz"),), response="xyz"),
+    ]
     oracle = Oracle(len(tok)).train()
     perfect = response_metrics(oracle, tok, examples, seq_len=64, batch_size=1)
     assert perfect["sft/response_token_acc"] == 1.0 and perfect["sft/exact_match"] == 1.0
@@ -321,7 +335,11 @@ def _sft_cfg(path: Path, **train) -> SftConfig:
     base.update(save_every=10**6, report_to=[])
     base.update(train)
     return SftConfig(
-        data=[str(path)], seq_len=32, packing=True, heldout_fraction=0.1, max_heldout=32,
+        data=[str(path)],
+        seq_len=32,
+        packing=True,
+        heldout_fraction=0.1,
+        max_heldout=32,
         train=TrainConfig(block_cross_document_attention=True, **base),
     )
 
@@ -353,10 +371,18 @@ def test_sft_run_lora_merges_and_resumes(tmp_path, tok, one_thread):
     data = write_jsonl(tmp_path / "sft.jsonl", repeat_task(40))
     cfg = _sft_cfg(data, method="lora", max_steps=2, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     seen = []
-    first = run_sft(tiny_llama(len(tok)), tok, cfg, tmp_path / "out", on_checkpoint=lambda step, path: seen.append((step, path.name)))
+    first = run_sft(
+        tiny_llama(len(tok)),
+        tok,
+        cfg,
+        tmp_path / "out",
+        on_checkpoint=lambda step, path: seen.append((step, path.name)),
+    )
     assert not isinstance(first.model, PeftModel) and seen == [(2, "checkpoint-2")]
     assert first.after != first.before  # the merged adapters changed the model
-    assert first.after.keys() == first.before.keys() == {"sft/response_loss", "sft/response_token_acc", "sft/exact_match"}
+    assert (
+        first.after.keys() == first.before.keys() == {"sft/response_loss", "sft/response_token_acc", "sft/exact_match"}
+    )
     again = run_sft(tiny_llama(len(tok)), tok, cfg, tmp_path / "out")  # same shards rebuilt: resumes at the end
     assert again.train.resumed_from.name == "checkpoint-2" and again.train.history == first.train.history
     assert again.after == pytest.approx(first.after)

@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import errno
 import http.client
+import os
 import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import os
-
 import boto3
 import pytest
 
 from dapt_core.faults import StoreError
 from dapt_core.hashing import sha256_file
-from dapt_core.manifest import ArtifactRef, DirRef
 from dapt_core.layout import latest_manifest_key
+from dapt_core.manifest import ArtifactRef, DirRef
 from dapt_core.store import IntegrityError, LocalStore, S3Store, UnsafeKeyError, open_store
 
-UNSAFE_KEYS = ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "a\\..\\b", "a\0b", latest_manifest_key("../../x", "prepare")]
+UNSAFE_KEYS = [
+    "../x",
+    "a/../../x",
+    "/etc/passwd",
+    "a//b",
+    "./a",
+    "a/.",
+    "a\\..\\b",
+    "a\0b",
+    latest_manifest_key("../../x", "prepare"),
+]
 
 
 def test_local_roundtrip_and_listing(tmp_path):
@@ -55,7 +64,12 @@ def test_local_crashed_write_leaves_nothing_visible(tmp_path, monkeypatch):
 def test_local_store_refuses_keys_outside_its_root(tmp_path, key):
     root = tmp_path / "team" / "store"
     store = LocalStore(root)
-    for op in (lambda: store.put_text("pwned", key), lambda: store.exists(key), lambda: store.read_key(key), lambda: store.list(key)):
+    for op in (
+        lambda: store.put_text("pwned", key),
+        lambda: store.exists(key),
+        lambda: store.read_key(key),
+        lambda: store.list(key),
+    ):
         with pytest.raises(UnsafeKeyError, match="refused") as err:
             op()
         assert repr(key) in str(err.value)
@@ -152,7 +166,12 @@ def test_s3_roundtrip_verify_and_cache(s3_bucket, tmp_path):
 def test_s3_store_refuses_unsafe_keys(s3_bucket, tmp_path):
     store = S3Store(f"s3://{s3_bucket}/runs", cache_dir=tmp_path / "cache")
     for key in UNSAFE_KEYS:
-        for op in (lambda: store.put_text("pwned", key), lambda: store.exists(key), lambda: store.read_key(key), lambda: store.list(key)):
+        for op in (
+            lambda: store.put_text("pwned", key),
+            lambda: store.exists(key),
+            lambda: store.read_key(key),
+            lambda: store.list(key),
+        ):
             with pytest.raises(UnsafeKeyError, match="refused"):
                 op()
     with pytest.raises(UnsafeKeyError, match="empty"):
@@ -163,7 +182,9 @@ def test_s3_store_refuses_unsafe_keys(s3_bucket, tmp_path):
 def test_s3_refs_outside_the_store_are_refused_and_write_nothing_outside_the_cache(s3_bucket, tmp_path):
     store = S3Store(f"s3://{s3_bucket}/runs", cache_dir=tmp_path / "home" / ".cache" / "dapt")
     ref = store.put_dir(_dir(tmp_path / "m", {"model.safetensors": b"w"}), "models/m")
-    other_bucket = ArtifactRef(uri="s3://elsewhere/runs/models/m/model.safetensors", sha256=ref.files["model.safetensors"].sha256, bytes=1)
+    other_bucket = ArtifactRef(
+        uri="s3://elsewhere/runs/models/m/model.safetensors", sha256=ref.files["model.safetensors"].sha256, bytes=1
+    )
     with pytest.raises(UnsafeKeyError, match="not an object of the store"):
         store.local_path(other_bucket)
     # A file name that would place the download at ~/.bashrc instead of inside the cached directory.

@@ -15,7 +15,14 @@ from dapt_core.store import (
 )
 from tests.corpus import write_config, write_corpus
 
-AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+)
 
 
 @pytest.fixture
@@ -32,15 +39,23 @@ def no_aws_environment(monkeypatch, tmp_path):
 
 
 def test_credentials_become_client_arguments_and_subprocess_environment():
-    creds = S3Credentials(access_key_id="AK", secret_access_key="SK", region="eu-west-1", endpoint_url="http://s3.local")
+    creds = S3Credentials(
+        access_key_id="AK", secret_access_key="SK", region="eu-west-1", endpoint_url="http://s3.local"
+    )
     assert "SK" not in repr(creds)  # a logged config or manifest never shows the secret
     assert creds.client_arguments() == {
-        "aws_access_key_id": "AK", "aws_secret_access_key": "SK", "region_name": "eu-west-1", "endpoint_url": "http://s3.local",
+        "aws_access_key_id": "AK",
+        "aws_secret_access_key": "SK",
+        "region_name": "eu-west-1",
+        "endpoint_url": "http://s3.local",
     }
     use_s3_credentials(creds)
     try:
         assert s3_environment() == {
-            "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK", "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://s3.local",
+            "AWS_ACCESS_KEY_ID": "AK",
+            "AWS_SECRET_ACCESS_KEY": "SK",
+            "AWS_DEFAULT_REGION": "eu-west-1",
+            "AWS_ENDPOINT_URL": "http://s3.local",
         }
     finally:
         use_s3_credentials(None)
@@ -57,11 +72,13 @@ def test_store_reaches_s3_with_the_block_alone(prefect_harness, s3_endpoint, s3_
     from prefect_aws import AwsCredentials
     from prefect_aws.client_parameters import AwsClientParameters
 
-    from flows.cli import _load
-    from tasks.credentials import use_store_credentials
+    from dapt.flows.cli import _load
+    from dapt.tasks.credentials import use_store_credentials
 
     AwsCredentials(
-        aws_access_key_id="block-key", aws_secret_access_key="block-secret", region_name="us-east-1",
+        aws_access_key_id="block-key",
+        aws_secret_access_key="block-secret",
+        region_name="us-east-1",
         aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint),
     ).save("dapt-test-s3", overwrite=True)
     config = write_config(tmp_path, write_corpus(tmp_path), store=f"s3://{s3_bucket}/project")
@@ -87,7 +104,7 @@ def test_store_reaches_s3_with_the_block_alone(prefect_harness, s3_endpoint, s3_
 
 @pytest.mark.integration
 def test_an_unknown_block_is_one_error_naming_the_field(prefect_harness, no_aws_environment, tmp_path):
-    from flows.cli import _load
+    from dapt.flows.cli import _load
 
     config = write_config(tmp_path, write_corpus(tmp_path), store="s3://bucket/p")
     config.write_text(config.read_text() + "aws_credentials_block: no-such-block\n")

@@ -55,7 +55,9 @@ class MotoProcess:
         env = {**os.environ, "MOTO_ENABLE_RECORDING": "1", "MOTO_RECORDER_FILEPATH": str(self.recording)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -74,7 +76,9 @@ class MotoProcess:
         whole = [line for line in lines if _is_json(line)]
         if len(whole) != len(lines):
             self.recording.write_text("".join(line + "\n" for line in whole), encoding="utf-8")
-        urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/recorder/replay-recording", method="POST"), timeout=120)
+        urllib.request.urlopen(
+            urllib.request.Request(f"{self.url}/moto-api/recorder/replay-recording", method="POST"), timeout=120
+        )
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGCONT)  # a paused process must be able to die
@@ -116,7 +120,11 @@ def corpus(tmp_path_factory):
 
 def _client(url: str):
     return boto3.client(
-        "s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1",
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
         config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
     )
 
@@ -140,11 +148,20 @@ def _env(tmp_path: Path, url: str, prefect_harness, **extra: str) -> dict[str, s
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DAPT_", "PREFECT_"))}
     env.update(
-        PYTHONPATH=str(REPO), AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
-        AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"),
-        DAPT_STORE_RETRY_SECONDS=str(BUDGET_S), DAPT_LOG_DIR=str(tmp_path / "logs"), DAPT_CACHE_DIR=str(tmp_path / "cache"),
-        PREFECT_HOME=str(prefect_harness), PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_LOGGING_TO_API_ENABLED="false",
+        PYTHONPATH=str(REPO),
+        AWS_ENDPOINT_URL=url,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"),
+        DAPT_STORE_RETRY_SECONDS=str(BUDGET_S),
+        DAPT_LOG_DIR=str(tmp_path / "logs"),
+        DAPT_CACHE_DIR=str(tmp_path / "cache"),
+        PREFECT_HOME=str(prefect_harness),
+        PREFECT_API_URL=PREFECT_API_URL.value(),
+        PREFECT_LOGGING_TO_API_ENABLED="false",
     )
     env.update(extra)
     return env
@@ -152,8 +169,12 @@ def _env(tmp_path: Path, url: str, prefect_harness, **extra: str) -> dict[str, s
 
 def _start(config: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "prepare", str(config), "--json"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "dapt.flows.cli", "prepare", str(config), "--json"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -191,8 +212,13 @@ def _manifest_hashes(manifest: dict) -> dict:
     """The content of a prepare run: every shard's and every clean output's sha256 (not which ran or was cached)."""
     clean = manifest["clean"]
     return {
-        "ingested": sorted((m["input"]["uri"], m["shard"]["sha256"] if m["shard"] else None) for m in manifest["ingested"] + manifest["evals"]),
-        "clean": {k: clean[k]["sha256"] for k in ("domain", "general", "decisions", "stats_json", "stats_md") if clean[k]},
+        "ingested": sorted(
+            (m["input"]["uri"], m["shard"]["sha256"] if m["shard"] else None)
+            for m in manifest["ingested"] + manifest["evals"]
+        ),
+        "clean": {
+            k: clean[k]["sha256"] for k in ("domain", "general", "decisions", "stats_json", "stats_md") if clean[k]
+        },
         "counts": (clean["input_docs"], clean["kept_docs"], clean["dropped"]),
     }
 
@@ -201,7 +227,11 @@ def _assert_no_partial_objects(url: str, prefix: str) -> list[str]:
     """Every object the store wrote carries the sha256 of the file it uploaded: the bytes under that key must match.
     Returns the keys checked."""
     s3 = _client(url)
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix) for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
     for key in keys:
         obj = s3.get_object(Bucket=BUCKET, Key=key)
         assert hashlib.sha256(obj["Body"].read()).hexdigest() == obj["Metadata"]["sha256"], key
@@ -245,7 +275,9 @@ def test_no_credentials(moto, corpus, tmp_path, prefect_harness):
 
 def test_missing_bucket(moto, corpus, tmp_path, prefect_harness):
     _seed(moto.url, corpus)
-    missing = write_config(tmp_path, {k: f"s3://{BUCKET}/raw/{k}/" for k in ("domain", "general", "eval")}, store="s3://no-such-bucket/art")
+    missing = write_config(
+        tmp_path, {k: f"s3://{BUCKET}/raw/{k}/" for k in ("domain", "general", "eval")}, store="s3://no-such-bucket/art"
+    )
     run = _prepare(missing, _env(tmp_path, moto.url, prefect_harness))
     _assert_one_clear_error(run, "bucket 'no-such-bucket' does not exist", moto.url)
 

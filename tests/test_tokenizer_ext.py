@@ -75,7 +75,7 @@ def trained_model(tok, tied: bool):
 
 def vocab_string(tok, text: str) -> str:
     """The byte-level vocabulary string of a one-word `text` (" tacrolimus" -> "Ġtacrolimus")."""
-    (piece, _), = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+    ((piece, _),) = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
     return piece
 
 
@@ -262,7 +262,9 @@ def test_bits_per_byte_matches_hand_computation(base_tok):
         assert stats.tokens == n == sum(len(base_tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
         assert stats.bytes == n_bytes
         assert stats.bits_per_byte == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
-        assert bits_per_byte(model, base_tok, texts, max_length=max_length, batch_size=1) == pytest.approx(stats.bits_per_byte, rel=1e-5)
+        assert bits_per_byte(model, base_tok, texts, max_length=max_length, batch_size=1) == pytest.approx(
+            stats.bits_per_byte, rel=1e-5
+        )
     assert model.training is False
 
 
@@ -320,7 +322,9 @@ def _reference_tokens(base_tok, new_tok, text: str) -> list[str]:
     for word, _ in base_tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text):
         toks = [p.value for p in base_tok.backend_tokenizer.model.tokenize(word)]
         while True:
-            best = min(((rank[(a, b)], i) for i, (a, b) in enumerate(zip(toks, toks[1:])) if (a, b) in rank), default=None)
+            best = min(
+                ((rank[(a, b)], i) for i, (a, b) in enumerate(zip(toks, toks[1:])) if (a, b) in rank), default=None
+            )
             if best is None:
                 break
             i = best[1]
@@ -367,7 +371,9 @@ def test_sentencepiece_style_metaspace_tokenizer():
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    t.train_from_iterator(GENERAL, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>"], show_progress=False))
+    t.train_from_iterator(
+        GENERAL, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>"], show_progress=False)
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", unk_token="<unk>")
     cfg = TokenizerConfig(domain_vocab_size=2000, min_frequency=10, max_new_tokens=64)
     cands, _ = find_candidates(tok, train_domain_bpe(tok, TRAIN, 2000, 10), TRAIN, cfg)
@@ -421,14 +427,18 @@ def test_default_init_is_never_worse_than_mean_and_its_cost_is_reported(base_tok
     assert bits_per_byte(res.model, res.tokenizer, HELDOUT) == pytest.approx(bpb["extended"], rel=1e-6)
     assert cost.domain_bpb_original == bpb["base"] and cost.domain_bpb_extended == bpb["extended"]
     assert cost.general_docs == len(general)
-    assert cost.general_bpb_original == pytest.approx(bits_per_byte(trained_model(base_tok, tied), base_tok, general), rel=1e-6)
+    assert cost.general_bpb_original == pytest.approx(
+        bits_per_byte(trained_model(base_tok, tied), base_tok, general), rel=1e-6
+    )
     assert cost.general_bpb_extended == pytest.approx(bits_per_byte(res.model, res.tokenizer, general), rel=1e-6)
     assert embeddings_tied(res.model) == tied
     assert "Initial cost of the extension" in res.report_markdown
     json.dumps(res.report)
 
 
-def _term_log_probs(model, tok, texts: list[str], term_ids: set[int] | None, pieces_of: dict[int, list[int]]) -> list[float]:
+def _term_log_probs(
+    model, tok, texts: list[str], term_ids: set[int] | None, pieces_of: dict[int, list[int]]
+) -> list[float]:
     """Natural log-probability of each term occurrence in `texts`: of the new token (term_ids given, extended
     tokenizer) or of its piece sequence (term_ids None, base tokenizer: `pieces_of` values searched as runs)."""
     out = []
@@ -440,7 +450,9 @@ def _term_log_probs(model, tok, texts: list[str], term_ids: set[int] | None, pie
             if term_ids is not None and ids[i] in term_ids:
                 out.append(float(logp[i - 1, ids[i]]))
             for p in pieces_of.values() if term_ids is None else ():
-                if ids[i : i + len(p)] == p and (i + len(p) == len(ids) or tok.convert_ids_to_tokens(ids[i + len(p)])[0] == "Ġ"):
+                if ids[i : i + len(p)] == p and (
+                    i + len(p) == len(ids) or tok.convert_ids_to_tokens(ids[i + len(p)])[0] == "Ġ"
+                ):
                     out.append(sum(float(logp[i - 1 + k, p[k]]) for k in range(len(p))))
     return out
 
@@ -457,10 +469,14 @@ def test_new_row_inits_leave_old_rows_and_old_logits_alone(base_tok, init, tied)
     mean_in = model.get_input_embeddings().weight.detach().clone()
     mean_out = model.get_output_embeddings().weight.detach().clone()
     words = {vocab_string(base_tok, w) for w in WORDS}
-    report = refine_new_rows(model, base_tok, new_tok, info, TRAIN, init, intermediates=[t for t in added if t not in words])
+    report = refine_new_rows(
+        model, base_tok, new_tok, info, TRAIN, init, intermediates=[t for t in added if t not in words]
+    )
     old = info["old_rows"]
     inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    assert torch.equal(inp[:old], base.get_input_embeddings().weight) and torch.equal(out[:old], base.get_output_embeddings().weight)
+    assert torch.equal(inp[:old], base.get_input_embeddings().weight) and torch.equal(
+        out[:old], base.get_output_embeddings().weight
+    )
     assert embeddings_tied(model) == tied and model.config.tie_word_embeddings == tied
     assert report["tokens_met"] == len(WORDS)  # the four terms occur in TRAIN; intermediate merge tokens do not
     ids = [info["new_ids"][vocab_string(base_tok, w)] for w in WORDS]
@@ -539,7 +555,13 @@ def test_smollm2_tacrolimus_becomes_one_mean_initialised_token(tmp_path):
 
     texts = [prose(20_000 + i, "domain") for i in range(140)]
     assert sum(t.count(" tacrolimus") for t in texts[:120]) >= 50
-    res = extend(model, tok, texts[:120], texts[120:], TokenizerConfig(domain_vocab_size=3000, min_frequency=10, max_new_tokens=100, init="mean"))
+    res = extend(
+        model,
+        tok,
+        texts[:120],
+        texts[120:],
+        TokenizerConfig(domain_vocab_size=3000, min_frequency=10, max_new_tokens=100, init="mean"),
+    )
     new = res.tokenizer
     ids = new(" tacrolimus", add_special_tokens=False)["input_ids"]
     assert len(ids) == 1

@@ -39,13 +39,18 @@ def domain_seq(rng, length=SEQ):  # tokens 32..63, a different rule
     return out
 
 
-def write_shards(path: Path, seqs: list[list[int]], doc_lengths: list[list[int]] | None = None, per_shard: int = 16) -> list[Path]:
+def write_shards(
+    path: Path, seqs: list[list[int]], doc_lengths: list[list[int]] | None = None, per_shard: int = 16
+) -> list[Path]:
     path.mkdir(parents=True, exist_ok=True)
     doc_lengths = doc_lengths or [[len(s)] for s in seqs]
     out = []
     for k in range(0, len(seqs), per_shard):
         table = pa.table(
-            {"input_ids": pa.array(seqs[k : k + per_shard], pa.list_(pa.int32())), "doc_lengths": pa.array(doc_lengths[k : k + per_shard], pa.list_(pa.int32()))}
+            {
+                "input_ids": pa.array(seqs[k : k + per_shard], pa.list_(pa.int32())),
+                "doc_lengths": pa.array(doc_lengths[k : k + per_shard], pa.list_(pa.int32())),
+            }
         )
         p = path / f"train-{k // per_shard:05d}.parquet"
         pq.write_table(table, p)
@@ -102,7 +107,9 @@ def test_lr_schedule_warmup_peak_cosine_floor(tmp_path):
     # the loop really uses it
     shards = write_shards(tmp_path / "d", [general_seq(np.random.default_rng(i)) for i in range(16)])
     res = train(tiny_llama(VOCAB), shards, _cfg(lr=1e-4, max_steps=10), tmp_path / "out", resume=False)
-    assert [h["lr"] for h in res.history] == pytest.approx([lr_at(s, _cfg(lr=1e-4, max_steps=10), 10) for s in range(10)])
+    assert [h["lr"] for h in res.history] == pytest.approx(
+        [lr_at(s, _cfg(lr=1e-4, max_steps=10), 10) for s in range(10)]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ grad clip
@@ -130,7 +137,9 @@ def test_grad_clip_applied(tmp_path, monkeypatch):
 def test_loss_decreases_with_grad_accum(tmp_path):
     rng = np.random.default_rng(0)
     shards = write_shards(tmp_path / "d", [general_seq(rng) for _ in range(32)])
-    res = train(tiny_llama(VOCAB), shards, _cfg(max_steps=20, grad_accum=2, batch_size=2, save_every=10), tmp_path / "out")
+    res = train(
+        tiny_llama(VOCAB), shards, _cfg(max_steps=20, grad_accum=2, batch_size=2, save_every=10), tmp_path / "out"
+    )
     losses = [h["loss"] for h in res.history]
     assert losses[-1] < 0.8 * losses[0]
     assert [p.name for p in res.checkpoints] == ["checkpoint-10", "checkpoint-20"]
@@ -147,7 +156,9 @@ def test_loss_decreases_with_grad_accum(tmp_path):
     for (n, a), b in zip(res.model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), n
     # a second call with resume=True finds the run finished and does nothing
-    again = train(tiny_llama(VOCAB), shards, _cfg(max_steps=20, grad_accum=2, batch_size=2, save_every=10), tmp_path / "out")
+    again = train(
+        tiny_llama(VOCAB), shards, _cfg(max_steps=20, grad_accum=2, batch_size=2, save_every=10), tmp_path / "out"
+    )
     assert again.resumed_from == ckpt and again.checkpoints == [] and again.step == 20
 
 
@@ -181,14 +192,24 @@ def test_exact_resume_after_sigkill(tmp_path):
     torch.set_num_threads(1)
     try:
         shards = mixed_shards(tmp_path / "d", n=20)
-        cfg = _cfg(max_steps=9, save_every=3, grad_accum=2, batch_size=3, block_cross_document_attention=True)  # 54 > 20: 3 epochs
+        cfg = _cfg(
+            max_steps=9, save_every=3, grad_accum=2, batch_size=3, block_cross_document_attention=True
+        )  # 54 > 20: 3 epochs
         marker = tmp_path / "hanging"
         script = tmp_path / "run.py"
         script.write_text(
-            SCRIPT.format(repo=str(REPO), marker=str(marker), shards=[str(s) for s in shards], cfg=cfg.model_dump(by_alias=True), vocab=VOCAB)
+            SCRIPT.format(
+                repo=str(REPO),
+                marker=str(marker),
+                shards=[str(s) for s in shards],
+                cfg=cfg.model_dump(by_alias=True),
+                vocab=VOCAB,
+            )
         )
         killed = tmp_path / "killed"
-        proc = subprocess.Popen([sys.executable, str(script), str(killed)], env={**os.environ, "HANG_AFTER": "5"}, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(killed)], env={**os.environ, "HANG_AFTER": "5"}, cwd=REPO
+        )
         try:
             deadline = time.time() + 120
             while not marker.exists():
@@ -213,7 +234,10 @@ def test_exact_resume_after_sigkill(tmp_path):
     for n in a:
         assert torch.allclose(a[n], b[n], rtol=1e-6, atol=1e-7), n
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in reference.history], rel=1e-6)
-    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], tiny_llama(VOCAB).state_dict()["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        a["model.layers.0.self_attn.q_proj.weight"],
+        tiny_llama(VOCAB).state_dict()["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 class _Payload:
@@ -233,7 +257,9 @@ def test_resume_refuses_a_pickle_payload_in_checkpoint_state(tmp_path, planted):
     train(tiny_llama(VOCAB), shards, cfg.model_copy(update={"max_steps": 2}), tmp_path / "out")
     marker = tmp_path / "code-ran"
     torch.save({"torch": _Payload(marker)}, tmp_path / "out" / "checkpoint-2" / planted)
-    with pytest.raises(ValueError, match=f"checkpoint-2/{planted}: refused to load: it holds more than plain data") as err:
+    with pytest.raises(
+        ValueError, match=f"checkpoint-2/{planted}: refused to load: it holds more than plain data"
+    ) as err:
         train(tiny_llama(VOCAB), shards, cfg, tmp_path / "out")
     assert "Delete" in str(err.value)
     assert not marker.exists()  # the payload never ran
@@ -278,7 +304,11 @@ def test_lora_trains_adapters_only_and_merges(tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     assert any("q_proj" in n for n in trainable) and any("down_proj" in n for n in trainable)
     assert any(float(p.abs().sum()) > 0 for n, p in res.model.named_parameters() if "lora_B" in n)  # adapters moved
-    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in res.model.named_parameters() if not p.requires_grad}
+    frozen = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in res.model.named_parameters()
+        if not p.requires_grad
+    }
     for n, t in before.items():
         assert torch.equal(frozen[n], t), n
     x = torch.tensor([general_seq(np.random.default_rng(99))])
@@ -291,7 +321,12 @@ def test_lora_trains_adapters_only_and_merges(tmp_path):
         assert torch.allclose(merged(input_ids=x).logits, expected, atol=1e-5)
 
     # with train_embeddings, embed_tokens and lm_head are trained in full as well
-    res2 = train(tiny_llama(VOCAB, tied=False), shards, _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=2, train_embeddings=True), tmp_path / "out2")
+    res2 = train(
+        tiny_llama(VOCAB, tied=False),
+        shards,
+        _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=2, train_embeddings=True),
+        tmp_path / "out2",
+    )
     trainable = [n for n, p in res2.model.named_parameters() if p.requires_grad]
     assert any("embed_tokens" in n and "modules_to_save" in n for n in trainable)
     assert any("lm_head" in n and "modules_to_save" in n for n in trainable)
@@ -339,21 +374,34 @@ def test_ewc_limits_drift_and_forgetting(tmp_path):
     general = [general_seq(rng) for _ in range(32)]
     general_eval = [general_seq(rng) for _ in range(8)]
     domain = [[t - 32 for t in domain_seq(rng)] for _ in range(32)]  # same tokens, a conflicting rule: real forgetting
-    pre = train(tiny_llama(VOCAB), write_shards(tmp_path / "g", general), _cfg(max_steps=100, lr=1e-3, batch_size=8), tmp_path / "pre", resume=False)
+    pre = train(
+        tiny_llama(VOCAB),
+        write_shards(tmp_path / "g", general),
+        _cfg(max_steps=100, lr=1e-3, batch_size=8),
+        tmp_path / "pre",
+        resume=False,
+    )
     base = pre.model
     base_loss = mean_loss(base, general_eval)
     fisher_ref = EWC.from_model(copy.deepcopy(base), general[:16], 1.0)
     fisher_ref.save(tmp_path / "f.safetensors")
     loaded = EWC.load(tmp_path / "f.safetensors")
-    assert set(loaded.fisher) == set(fisher_ref.fisher) and all(torch.equal(loaded.fisher[n], fisher_ref.fisher[n]) for n in loaded.fisher)
-    assert all((f >= 0).all() for f in loaded.fisher.values()) and sum(float(f.sum()) for f in loaded.fisher.values()) > 0
+    assert set(loaded.fisher) == set(fisher_ref.fisher) and all(
+        torch.equal(loaded.fisher[n], fisher_ref.fisher[n]) for n in loaded.fisher
+    )
+    assert (
+        all((f >= 0).all() for f in loaded.fisher.values()) and sum(float(f.sum()) for f in loaded.fisher.values()) > 0
+    )
 
     dom = write_shards(tmp_path / "dom", domain)
     cpt = _cfg(max_steps=30, lr=1e-3, warmup_ratio=0.0)
     plain = train(copy.deepcopy(base), dom, cpt, tmp_path / "plain", resume=False).model
     with_ewc = train(
-        copy.deepcopy(base), dom, TrainConfig(**{**cpt.model_dump(), "ewc": {"enabled": True, "lambda": 1e3, "fisher_samples": 16}}),
-        tmp_path / "ewc", general_samples=general,
+        copy.deepcopy(base),
+        dom,
+        TrainConfig(**{**cpt.model_dump(), "ewc": {"enabled": True, "lambda": 1e3, "fisher_samples": 16}}),
+        tmp_path / "ewc",
+        general_samples=general,
     )
     assert (tmp_path / "ewc" / "ewc.safetensors").is_file()
     ewc_model = with_ewc.model
@@ -381,10 +429,13 @@ def response_masked_shards(path: Path) -> list[Path]:
     path.mkdir(parents=True, exist_ok=True)
     shard = path / "train-00000.parquet"
     pq.write_table(
-        pa.table({
-            "input_ids": pa.array(seqs, pa.list_(pa.int32())), "doc_lengths": pa.array([[SEQ]] * len(seqs), pa.list_(pa.int32())),
-            "loss_mask": pa.array(masks, pa.list_(pa.int8())),
-        }),
+        pa.table(
+            {
+                "input_ids": pa.array(seqs, pa.list_(pa.int32())),
+                "doc_lengths": pa.array([[SEQ]] * len(seqs), pa.list_(pa.int32())),
+                "loss_mask": pa.array(masks, pa.list_(pa.int8())),
+            }
+        ),
         shard,
     )
     return [shard]
@@ -438,7 +489,9 @@ def test_loss_is_token_weighted_across_accumulation(tmp_path, monkeypatch):
 
     seen = step_gradients(monkeypatch)
     one = train(tiny_llama(VOCAB), shards, _cfg(batch_size=8, max_steps=1), tmp_path / "b8", resume=False)
-    accumulated = train(tiny_llama(VOCAB), shards, _cfg(batch_size=4, grad_accum=2, max_steps=1), tmp_path / "b4x2", resume=False)
+    accumulated = train(
+        tiny_llama(VOCAB), shards, _cfg(batch_size=4, grad_accum=2, max_steps=1), tmp_path / "b4x2", resume=False
+    )
     assert len(seen) == 2
     assert_same_gradients(seen[0], reference)
     assert_same_gradients(seen[1], reference)
@@ -480,8 +533,21 @@ def test_loss_is_token_weighted_across_ranks(tmp_path, monkeypatch):
     out = tmp_path / "ddp.pt"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "ddp"), str(out)],
-        cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path / "ddp"),
+            str(out),
+        ],
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = torch.load(out, weights_only=True)
@@ -504,7 +570,9 @@ def new_token_shards(path: Path) -> list[Path]:
     seqs = []
     for _ in range(16):
         s = general_seq(rng)
-        s[::4] = [NEW_IDS[int(j)] for j in rng.integers(0, len(NEW_IDS), len(s[::4]))]  # the new tokens occur in the text
+        s[::4] = [
+            NEW_IDS[int(j)] for j in rng.integers(0, len(NEW_IDS), len(s[::4]))
+        ]  # the new tokens occur in the text
         seqs.append(s)
     return write_shards(path, seqs)
 
@@ -517,12 +585,17 @@ def test_lora_trains_new_token_rows_only(tmp_path, tied):
     pytest.importorskip("peft")
     shards = new_token_shards(tmp_path / "d")
     start = extended_model(tied)
-    emb0, head0 = start.get_input_embeddings().weight.detach().clone(), start.get_output_embeddings().weight.detach().clone()
+    emb0, head0 = (
+        start.get_input_embeddings().weight.detach().clone(),
+        start.get_output_embeddings().weight.detach().clone(),
+    )
     cfg = _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=4, save_every=2, lr=1e-3)
     res = train(copy.deepcopy(start), shards, cfg, tmp_path / "out", resume=False, new_token_ids=NEW_IDS)
     trainable = {n: p for n, p in res.model.named_parameters() if p.requires_grad}
     rows = [p for n, p in trainable.items() if "trainable_tokens_delta" in n]
-    assert len(rows) == (1 if tied else 2) and all(p.shape == (len(NEW_IDS), 64) for p in rows)  # new rows, not matrices
+    assert len(rows) == (1 if tied else 2) and all(
+        p.shape == (len(NEW_IDS), 64) for p in rows
+    )  # new rows, not matrices
     assert all("lora_" in n or "trainable_tokens_delta" in n for n in trainable)
 
     merged = merge_lora(copy.deepcopy(res.model))
@@ -549,8 +622,14 @@ def test_lora_trains_new_token_rows_only(tmp_path, tied):
         assert torch.allclose(a[n], p, rtol=1e-6, atol=1e-7), n
 
     # without the new ids (or with train_new_tokens off) the rows stay at their initialisation
-    off = train(copy.deepcopy(start), shards, _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=2, train_new_tokens=False),
-                tmp_path / "off", resume=False, new_token_ids=NEW_IDS)
+    off = train(
+        copy.deepcopy(start),
+        shards,
+        _cfg(method="lora", lora={"r": 4, "alpha": 8}, max_steps=2, train_new_tokens=False),
+        tmp_path / "off",
+        resume=False,
+        new_token_ids=NEW_IDS,
+    )
     assert torch.equal(merge_lora(off.model).get_input_embeddings().weight, emb0)
 
 

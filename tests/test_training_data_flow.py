@@ -6,9 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 
+from dapt.flows.training_data import training_data_flow
 from dapt_core.config import load_config
 from dapt_core.store import open_store
-from flows.training_data import training_data_flow
 from tests.corpus import FILL, prose, write_config, write_corpus
 from tests.tiny_model import save_tiny_model_dir
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from dapt_core.config import load_config
-from tasks.caching import (
+from dapt.tasks.caching import (
     FLOW_RESULTS_PREFIX,
     RESULTS_PREFIX,
     result_storage_for,
     worker_result_storage,
 )
+from dapt_core.config import load_config
 from tests.corpus import write_config, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +52,16 @@ def _plain_flow_with_default(block: str, home: Path) -> subprocess.CompletedProc
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
-        PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(home), PREFECT_DEFAULT_RESULT_STORAGE_BLOCK=block,
-        PREFECT_RESULTS_PERSIST_BY_DEFAULT="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=PREFECT_API_URL.value(),
+        PREFECT_HOME=str(home),
+        PREFECT_DEFAULT_RESULT_STORAGE_BLOCK=block,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
     env.pop("PYTHONPATH", None)  # nothing of dapt on the path: a user's own project
-    return subprocess.run([sys.executable, "-c", PLAIN_FLOW], check=False, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", PLAIN_FLOW], check=False, cwd=home, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.integration
@@ -67,7 +72,7 @@ def test_the_default_serves_a_plain_flow_and_dapt_keeps_its_records_out_of_it(pr
         temporary_settings,
     )
 
-    from flows.prepare import prepare_flow
+    from dapt.flows.prepare import prepare_flow
 
     home = tmp_path / "user-project"
     home.mkdir()
@@ -78,7 +83,10 @@ def test_the_default_serves_a_plain_flow_and_dapt_keeps_its_records_out_of_it(pr
     done = _plain_flow_with_default(default, home)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out == {"results": [50, 50], "task_states": ["Completed", "Cached"]}  # the second run read the first's record
+    assert out == {
+        "results": [50, 50],
+        "task_states": ["Completed", "Cached"],
+    }  # the second run read the first's record
     flow_results = Path(config.store) / FLOW_RESULTS_PREFIX
     records = sorted(p.name for p in flow_results.iterdir())
     assert records, "the plain flow persisted nothing in the default storage"
@@ -93,7 +101,9 @@ def test_the_default_serves_a_plain_flow_and_dapt_keeps_its_records_out_of_it(pr
         prepared = prepare_flow(config)
     assert prepared.clean.kept_docs > 0
     stage_records = [p.name for p in (Path(config.store) / RESULTS_PREFIX).iterdir()]
-    assert any(name.startswith("clean-") for name in stage_records) and any(name.startswith("ingest-") for name in stage_records)
+    assert any(name.startswith("clean-") for name in stage_records) and any(
+        name.startswith("ingest-") for name in stage_records
+    )
     assert sorted(p.name for p in flow_results.iterdir()) == records
 
 
@@ -110,7 +120,9 @@ def test_an_s3_store_gets_an_s3_bucket_block_with_the_configured_credentials(pre
     from prefect_aws.client_parameters import AwsClientParameters
 
     AwsCredentials(
-        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
         aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint),
     ).save("dapt-test-worker-s3", overwrite=True)
     default = worker_result_storage(f"s3://{s3_bucket}/team", "dapt-test-worker-s3", "dapt-flow-results-s3")

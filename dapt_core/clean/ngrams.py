@@ -16,7 +16,9 @@ import xxhash
 
 _WORD = re.compile(r"\w+")
 # ASCII fast path: lowercase word bytes, every other byte becomes a space (same tokens as _WORD).
-_ASCII_WORDS = bytes(ord(c.lower()) if c.isalnum() or c == "_" else ord(" ") for c in map(chr, range(128))) + bytes(range(128, 256))
+_ASCII_WORDS = bytes(ord(c.lower()) if c.isalnum() or c == "_" else ord(" ") for c in map(chr, range(128))) + bytes(
+    range(128, 256)
+)
 # One odd multiplier per position in the n-gram, so word order matters ("a b" != "b a").
 POSITION_MULT = np.random.default_rng(0x6E6772616D).integers(0, 2**64, size=64, dtype=np.uint64) | np.uint64(1)
 MAX_NGRAM = len(POSITION_MULT)

@@ -45,7 +45,9 @@ _DOCS = pa.schema(
     + [("words", pa.int64()), ("bytes", pa.int64()), ("text_hash", pa.binary(16)), ("filter_reason", pa.string())]
 )
 _BANDS = pa.schema([("seq", pa.int64()), ("band", pa.int32()), ("key", pa.uint64())])
-_QUARANTINE = pa.schema([(c, pa.string()) for c in ("doc_uid", "source", "kind", "file", "position", "reason", "detail")])
+_QUARANTINE = pa.schema(
+    [(c, pa.string()) for c in ("doc_uid", "source", "kind", "file", "position", "reason", "detail")]
+)
 _ROW_GROUP_BYTES = 32 << 20  # output row groups of ~32 MiB of text bound the writer's buffers
 
 
@@ -137,13 +139,20 @@ class _Part:
 
 
 def _per_document_pass(
-    shards: list[Path], eval_shards: list[Path], cfg: CleanConfig, scratch: Path, engine: Engine, cache: PartCache | None
+    shards: list[Path],
+    eval_shards: list[Path],
+    cfg: CleanConfig,
+    scratch: Path,
+    engine: Engine,
+    cache: PartCache | None,
 ) -> list[_Part]:
     """The parts of every shard, in order: reused from `cache` when it has them, else computed on `engine`."""
     eval_hashes = EvalNgrams.from_parquet(eval_shards, cfg.decontamination.ngram, cfg.normalize).hashes
     evals = scratch / "eval_ngrams.npy"
     np.save(evals, eval_hashes)
-    recipe = stable_hash(cfg.model_dump(exclude={"duckdb_memory_limit"}), hashlib.sha256(eval_hashes.tobytes()).hexdigest())
+    recipe = stable_hash(
+        cfg.model_dump(exclude={"duckdb_memory_limit"}), hashlib.sha256(eval_hashes.tobytes()).hexdigest()
+    )
     jobs = [ShardJob(Path(s), cfg, evals, scratch / f"{i:06d}") for i, s in enumerate(shards)] or [
         ShardJob(None, cfg, evals, scratch / "000000")  # no training shard: one empty part keeps the SQL the same
     ]
@@ -163,10 +172,17 @@ def _per_document_pass(
 def _load_parts(con: duckdb.DuckDBPyConnection, parts: list[_Part]) -> None:
     """Table `docs` (each document's verdict, numbered across the corpus, and its `rank`: priority order) and views
     `signatures` and `bands` (see `dedup`) over the parts."""
-    con.register("parts_in", pa.table({
-        "docs": [str(p.docs) for p in parts], "signatures": [str(p.signatures) for p in parts],
-        "bands": [str(p.bands) for p in parts], "first_seq": [p.first_seq for p in parts],
-    }))
+    con.register(
+        "parts_in",
+        pa.table(
+            {
+                "docs": [str(p.docs) for p in parts],
+                "signatures": [str(p.signatures) for p in parts],
+                "bands": [str(p.bands) for p in parts],
+                "first_seq": [p.first_seq for p in parts],
+            }
+        ),
+    )
     con.execute("CREATE TABLE parts AS SELECT * FROM parts_in")
     con.unregister("parts_in")
     source = lambda name: f"read_parquet([{', '.join(literal(str(getattr(p, name))) for p in parts)}], filename = true)"  # noqa: E731
@@ -313,7 +329,9 @@ def _write_kept(con: duckdb.DuckDBPyConnection, docs: list[Path], flags: Path, w
     for kind in _TRAINING_KINDS:
         path = workdir / f"{kind}.parquet"
         path.unlink(missing_ok=True)
-        count, mean_bytes = con.execute("SELECT count(*), avg(bytes) FROM decided WHERE status = 'kept' AND kind = ?", [kind]).fetchone()
+        count, mean_bytes = con.execute(
+            "SELECT count(*), avg(bytes) FROM decided WHERE status = 'kept' AND kind = ?", [kind]
+        ).fetchone()
         if count == 0:
             paths[kind] = None
             continue

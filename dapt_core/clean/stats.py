@@ -41,18 +41,22 @@ def corpus_stats(con: duckdb.DuckDBPyConnection) -> dict:
         dropped.setdefault((source, kind), {})[reason] = n
     entries = []
     for source, kind, input_docs, kept_docs, kept_bytes, w_min, w_q, w_max, w_mean, clusters, clustered in rows:
-        entries.append({
-            "source": source,
-            "kind": kind,
-            "input_docs": input_docs,
-            "kept_docs": kept_docs,
-            "kept_bytes": int(kept_bytes),
-            "kept_est_tokens": int(kept_bytes) // 4,
-            "kept_words": dict(zip(_WORD_STATS, [w_min, *(w_q or [None] * 3), w_max, None if w_mean is None else round(w_mean, 1)])),
-            "dropped": dropped.get((source, kind), {}),
-            "duplicate_clusters": clusters,
-            "docs_in_duplicate_clusters": clustered,
-        })
+        entries.append(
+            {
+                "source": source,
+                "kind": kind,
+                "input_docs": input_docs,
+                "kept_docs": kept_docs,
+                "kept_bytes": int(kept_bytes),
+                "kept_est_tokens": int(kept_bytes) // 4,
+                "kept_words": dict(
+                    zip(_WORD_STATS, [w_min, *(w_q or [None] * 3), w_max, None if w_mean is None else round(w_mean, 1)])
+                ),
+                "dropped": dropped.get((source, kind), {}),
+                "duplicate_clusters": clusters,
+                "docs_in_duplicate_clusters": clustered,
+            }
+        )
     total = entries.pop()
     del total["source"], total["kind"]
     quarantined = con.execute("""
@@ -61,7 +65,9 @@ def corpus_stats(con: duckdb.DuckDBPyConnection) -> dict:
         ORDER BY kind = 'general', source, file, length(position), position""").fetchall()
     columns = ("source", "kind", "file", "position", "reason", "detail")
     return {
-        "token_estimate": TOKEN_ESTIMATE, "total": total, "sources": entries,
+        "token_estimate": TOKEN_ESTIMATE,
+        "total": total,
+        "sources": entries,
         "quarantined": [dict(zip(columns, row)) for row in quarantined],
     }
 
@@ -77,7 +83,18 @@ def stats_markdown(stats: dict) -> str:
     out = ["# Clean stage report", "", f"Estimated tokens: {stats['token_estimate']}. Words: whitespace-separated.", ""]
     out += _table(
         ["source", "kind", "input docs", "kept docs", "kept %", "kept bytes", "est. tokens"],
-        [[r["source"], r["kind"], r["input_docs"], r["kept_docs"], _percent(r["kept_docs"], r["input_docs"]), r["kept_bytes"], r["kept_est_tokens"]] for r in rows],
+        [
+            [
+                r["source"],
+                r["kind"],
+                r["input_docs"],
+                r["kept_docs"],
+                _percent(r["kept_docs"], r["input_docs"]),
+                r["kept_bytes"],
+                r["kept_est_tokens"],
+            ]
+            for r in rows
+        ],
         text_columns=2,
     )
     out += ["", "## Kept document length (words)", ""]
@@ -85,7 +102,10 @@ def stats_markdown(stats: dict) -> str:
     out += ["", "## Dropped documents", ""]
     reasons = sorted(total["dropped"])
     if reasons:
-        out += _table(["reason", *(r["source"] for r in rows)], [[why, *(r["dropped"].get(why, 0) for r in rows)] for why in reasons])
+        out += _table(
+            ["reason", *(r["source"] for r in rows)],
+            [[why, *(r["dropped"].get(why, 0) for r in rows)] for why in reasons],
+        )
     else:
         out.append("Nothing was dropped.")
     out += ["", "## Quarantined inputs", ""]
@@ -98,11 +118,23 @@ def stats_markdown(stats: dict) -> str:
             text_columns=5,
         )
         if len(quarantined) > len(shown):
-            out += ["", f"… and {len(quarantined) - len(shown):,} more: all are listed in stats.json and decisions.parquet."]
+            out += [
+                "",
+                f"… and {len(quarantined) - len(shown):,} more: all are listed in stats.json and decisions.parquet.",
+            ]
     else:
         out.append("No input was quarantined.")
-    out += ["", "## Duplicate clusters", "", "A cluster is a kept document with the exact and near duplicates dropped in its favour.", ""]
-    out += _table(["source", "clusters", "docs in clusters"], [[r["source"], r["duplicate_clusters"], r["docs_in_duplicate_clusters"]] for r in rows])
+    out += [
+        "",
+        "## Duplicate clusters",
+        "",
+        "A cluster is a kept document with the exact and near duplicates dropped in its favour.",
+        "",
+    ]
+    out += _table(
+        ["source", "clusters", "docs in clusters"],
+        [[r["source"], r["duplicate_clusters"], r["docs_in_duplicate_clusters"]] for r in rows],
+    )
     return "\n".join(out) + "\n"
 
 
@@ -143,4 +175,6 @@ def new_documents(decisions: Path, new_files: set[str]) -> NewDocuments:
             WHERE d.file IN (SELECT file FROM new_files)""").fetchone()
     finally:
         con.close()
-    return NewDocuments(files=len(new_files), docs=docs, near_duplicates_of_earlier=near, exact_duplicates_of_earlier=exact)
+    return NewDocuments(
+        files=len(new_files), docs=docs, near_duplicates_of_earlier=near, exact_duplicates_of_earlier=exact
+    )
