@@ -161,11 +161,13 @@ def _item(b: BenchmarkConfig, path: Path, i: int, row: Any) -> BenchmarkItem:
         choices = parse_options(raw) if isinstance(raw, str) else raw
         if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
             raise BenchmarkError(
-                f"{where}: choices field {b.choices_field!r} must be a list of strings or one string of lettered options"
+                f"{where}: choices field {b.choices_field!r} must be a list of strings or one string of lettered "
+                "options"
             )
         if len(choices) < 2:
             raise BenchmarkError(
-                f"{where}: choices field {b.choices_field!r} holds {len(choices)} choice(s) ({raw!r:.80}); at least 2 are needed"
+                f"{where}: choices field {b.choices_field!r} holds {len(choices)} choice(s) ({raw!r:.80}); at least "
+                "2 are needed"
             )
     if not isinstance(question, str) or (passage is not None and not isinstance(passage, str)):
         raise BenchmarkError(f"{where}: question/passage fields must be strings")
@@ -174,7 +176,8 @@ def _item(b: BenchmarkConfig, path: Path, i: int, row: Any) -> BenchmarkItem:
         label = _label(answer, choices, b.answer_format)
     except ValueError as e:
         raise BenchmarkError(
-            f"{where}: answer field {b.answer_field!r}: {e} (eval.benchmarks[{b.name}].answer_format: {b.answer_format})"
+            f"{where}: answer field {b.answer_field!r}: {e} (eval.benchmarks[{b.name}].answer_format: "
+            f"{b.answer_format})"
         ) from None
     return BenchmarkItem(id=i, passage=passage, question=question, choices=choices, label=label, prompt=b.prompt)
 

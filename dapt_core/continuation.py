@@ -109,7 +109,8 @@ def write_continuation_data(
     if m:
         if general_sample is None:
             raise ValueError(
-                f"a rollback raises the replay share to {to_fraction:g} but the pack holds no general sample to replay: add "
+                f"a rollback raises the replay share to {to_fraction:g} but the pack holds no general sample to "
+                "replay: add "
                 "data.general sources or mix.self_replay, and keep mix.general_sample_sequences above 0"
             )
         pool = train_mod.PackedSequences([general_sample])

@@ -165,6 +165,9 @@ def _mts_dialog_pairs(csv_path: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, newline="", encoding="utf-8") as f, open(out, "w", encoding="utf-8") as w:
         for row in csv.DictReader(f):
-            prompt = f"Write the {row['section_header']} section of the clinical note for this dialogue.\n\n{row['dialogue']}"
+            prompt = (
+                f"Write the {row['section_header']} section of the clinical note for this dialogue.\n\n"
+                f"{row['dialogue']}"
+            )
             w.write(json.dumps({"prompt": prompt, "response": row["section_text"]}) + "\n")
     return out

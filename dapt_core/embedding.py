@@ -4,8 +4,9 @@ Kept apart from the tokenizer logic (in the spirit of LLaMA-Factory's `model/mod
 every change to a weight matrix happens here, documented and checked.
 
 Initialisation (`add_tokens_with_mean_init`; then `refine_new_rows` applies `tokenizer.init`, below). Every new
-token's row is the mean of the rows of the pieces the ORIGINAL tokenizer splits the token's text into (" tacrolimus" -> "Ġtac" "rol" "imus": the new input row is the
-mean of those three input rows). The same is done for the output matrix (lm_head) when it is untied; tied weights
+token's row is the mean of the rows of the pieces the ORIGINAL tokenizer splits the token's text into
+(" tacrolimus" -> "Ġtac" "rol" "imus": the new input row is the mean of those three input rows). The same is done for
+the output matrix (lm_head) when it is untied; tied weights
 are one tensor and are initialised once. A mean of piece rows keeps the new token near what the model already
 "means" by that text (Hewitt 2021; Gee et al. 2022, "Fast Vocabulary Transfer"). On the output side its logit is
 the mean of the pieces' logits, which by Jensen is at most their log-mean-exp, so a new token never starts out
@@ -52,8 +53,9 @@ token costs ~10x the base's bits with the mean row and ~2x with this one (bench/
 Unmet tokens (`quiet_unmet_output_rows`). Intermediate merge tokens (" tacrol" on the way to " tacrolimus") are
 emitted only for rare words, yet a mean output row gives them a share of every position's probability. Every init
 but "mean" gives the intermediate tokens not met in the contexts the output row of the old token the base finds
-least likely on those contexts (terms not met within the context budget keep their mean rows). With tied embeddings a token has one row: the output fit then also moves the input
-row (for "last_piece_seqprob", by the smallest change of the last-piece row that reaches the targets: measured on
+least likely on those contexts (terms not met within the context budget keep their mean rows). With tied
+embeddings a token has one row: the output fit then also moves the input row (for "last_piece_seqprob", by the smallest
+change of the last-piece row that reaches the targets: measured on
 the tied tiny model it beats the last-piece row alone). `refine_new_rows` applies a `tokenizer.init`; the measured
 comparison is bench/extension.py.
 
@@ -448,8 +450,9 @@ def refine_new_rows(
     "mean" keeps the mean rows; "seqprob" fits the output rows to the base's piece-sequence probability;
     "last_piece" sets the input rows from the base's residual stream at the term's last piece; "last_piece_seqprob"
     does both (tied: the fit's smallest change of the last-piece row). Every init but "mean" also quiets the output
-    rows of the `intermediates` (merge tokens that are no term) never met (`quiet_unmet_output_rows`). `texts`: training texts, where the contexts come from (`contexts`: already
-    collected by `collect_piece_contexts` on this model). Returns a JSON-able report."""
+    rows of the `intermediates` (merge tokens that are no term) never met (`quiet_unmet_output_rows`). `texts`:
+    training texts, where the contexts come from (`contexts`: already collected by `collect_piece_contexts` on this
+    model). Returns a JSON-able report."""
     if init not in NEW_ROW_INITS:
         raise ValueError(f"tokenizer.init: {init!r} is not one of {', '.join(NEW_ROW_INITS)}")
     report: dict = {"init": init}

@@ -67,15 +67,19 @@ def write_report(
     lines = [
         "# Forgetting evaluation",
         "",
-        f"Policy: general perplexity ({policy.config.general_ppl_metric}) at most +{policy.config.max_general_ppl_increase:.0%} over the reference (the original base); "
+        f"Policy: general perplexity ({policy.config.general_ppl_metric}) at most "
+        f"+{policy.config.max_general_ppl_increase:.0%} over the reference (the original base); "
         + (
-            f"general probes ({', '.join(policy.general_probe_metrics)}) at most {policy.config.max_general_probe_drop:g} points down; "
+            f"general probes ({', '.join(policy.general_probe_metrics)}) at most "
+            f"{policy.config.max_general_probe_drop:g} points down; "
             if policy.general_probe_metrics
             else ""
         )
         + (
-            f"general benchmarks ({', '.join(policy.general_benchmarks)}) rejected when {policy.config.benchmark_metric} is down more than "
-            f"{policy.config.max_general_benchmark_drop:g} points AND the drop is significant (exact McNemar on the same items, p < {policy.config.alpha:g}); "
+            f"general benchmarks ({', '.join(policy.general_benchmarks)}) rejected when "
+            f"{policy.config.benchmark_metric} is down more than "
+            f"{policy.config.max_general_benchmark_drop:g} points AND the drop is significant (exact McNemar on the "
+            f"same items, p < {policy.config.alpha:g}); "
             if policy.general_benchmarks
             else ""
         )
@@ -157,9 +161,12 @@ def benchmark_section(
         )
     lines += [
         "",
-        f"Smallest detectable drop: (z_(1-α/2) + z_0.8) · sqrt(d / n) at α = {policy.config.alpha:g} and power 0.8, with d the share of "
-        "items that flip between the reference and the last judged checkpoint (2·acc·(1−acc), the share for independent "
-        f"answers, before any checkpoint). A gate limit of {policy.config.max_general_benchmark_drop:g} points below it cannot be "
+        f"Smallest detectable drop: (z_(1-α/2) + z_0.8) · sqrt(d / n) at α = {policy.config.alpha:g} and power 0.8, "
+        "with d the share of "
+        "items that flip between the reference and the last judged checkpoint (2·acc·(1−acc), the share for "
+        "independent "
+        f"answers, before any checkpoint). A gate limit of {policy.config.max_general_benchmark_drop:g} points below "
+        "it cannot be "
         "told from noise at this sample size: raise the benchmark's `limit`.",
         "",
     ]

@@ -79,7 +79,8 @@ def write_tasks(
             'doc_to_target: "{{text}}"\n'
             "metric_list:\n"
             + "".join(
-                f"  - metric: {m}\n    aggregation: {'bits_per_byte' if m == 'bits_per_byte' else 'weighted_perplexity'}\n"
+                f"  - metric: {m}\n    aggregation: "
+                f"{'bits_per_byte' if m == 'bits_per_byte' else 'weighted_perplexity'}\n"
                 "    higher_is_better: false\n"
                 for m in PPL_METRICS
             )
@@ -130,8 +131,9 @@ def _mc_task_yaml(name: str, data: Path, cache: Path) -> str:
 
 
 def write_benchmark_tasks(benchmarks: Sequence[BenchmarkConfig], task_dir: Path) -> dict[str, str]:
-    """Write each local benchmark's seeded subsample as JSONL (rows {"id", "context", "choices", "label"}) and an lm-eval
-    multiple_choice task; returns {benchmark name: lm-eval task name} (lm-eval tasks of `task:` benchmarks as named)."""
+    """Write each local benchmark's seeded subsample as JSONL (rows {"id", "context", "choices", "label"}) and an
+    lm-eval multiple_choice task; returns {benchmark name: lm-eval task name} (lm-eval tasks of `task:` benchmarks as
+    named)."""
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     cache = (task_dir / "hf-datasets-cache").resolve()

@@ -89,7 +89,8 @@ def evaluate(model, tokenizer, eval_files: dict[str, Path], workdir: Path, cfg: 
             named = [b.name for b in cfg.benchmarks if b.task is not None]
             if cfg.extra_tasks or named:
                 raise ValueError(
-                    f"eval.extra_tasks and lm-eval task benchmarks ({named}) need eval.backend lm-eval (or auto with lm-eval installed)"
+                    f"eval.extra_tasks and lm-eval task benchmarks ({named}) need eval.backend lm-eval (or auto with "
+                    "lm-eval installed)"
                 )
             metrics = _run_native(model, tokenizer, task_dir, names, cfg, max_length)
             samples = {

@@ -194,7 +194,8 @@ def _classify_one(exc: BaseException, where: str | None, endpoint: str) -> Store
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
         return StoreError(
             f"{at}no usable S3 credentials for {endpoint} ({exc}). Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or AWS_PROFILE), or name a Prefect AwsCredentials block in the config's aws_credentials_block, and re-run.",
+            "(or AWS_PROFILE), or name a Prefect AwsCredentials block in the config's aws_credentials_block, and "
+            "re-run.",
             "credentials",
         )
     if isinstance(exc, bx.ClientError):
@@ -262,7 +263,8 @@ def _classify_client_error(exc: BaseException, at: str, bucket: str, endpoint: s
     if status >= 500:
         return StoreError(
             f"{at}{endpoint} kept failing ({code or status}) for longer than the retry budget "
-            f"({RETRY_SECONDS_ENV}={retry_seconds():g}). Check the S3 service, then re-run: finished stages are cached.",
+            f"({RETRY_SECONDS_ENV}={retry_seconds():g}). Check the S3 service, then re-run: finished stages are "
+            "cached.",
             "server_error",
         )
     return StoreError(f"{at}{endpoint} refused the request: {exc}", "refused")

@@ -159,8 +159,10 @@ class ForgettingPolicy:
         )
         if cmp.drop_points > limit and cmp.p_value < alpha:
             return [
-                f"benchmark {name} {m} down {cmp.drop_points:.1f} points ({cmp.reference_acc:.3f} -> {cmp.candidate_acc:.3f} on "
-                f"{cmp.n} items, {cmp.only_reference} lost / {cmp.only_candidate} gained, exact McNemar p={cmp.p_value:.3g} < "
+                f"benchmark {name} {m} down {cmp.drop_points:.1f} points ({cmp.reference_acc:.3f} -> "
+                f"{cmp.candidate_acc:.3f} on "
+                f"{cmp.n} items, {cmp.only_reference} lost / {cmp.only_candidate} gained, exact McNemar "
+                f"p={cmp.p_value:.3g} < "
                 f"{alpha:g}), limit {limit:g}: roll back, lower the LR or raise the replay fraction"
             ]
         return []

@@ -88,7 +88,8 @@ def domain_gain(
         reasons = [f"attempt {best.attempt} step {best.step} (the best accepted): " + "; ".join(best.trails_original)]
     if promoted is None and e is not None and o is not None and _better(o, e, higher) and even is None:
         reasons.append(
-            f"the tokenizer extension costs {e - o:+.4f} {m} before training and the budget did not pay it back: run CPT "
+            f"the tokenizer extension costs {e - o:+.4f} {m} before training and the budget did not pay it back: run "
+            "CPT "
             "without it (tokenizer.on_no_gain: retry_without_extension, or tokenizer.enabled: false)"
         )
     return DomainGain(

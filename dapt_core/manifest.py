@@ -157,7 +157,8 @@ class CleanManifest(BaseModel):
     sources: list[SourceStats]
     quarantined: list[QuarantineRecord] = Field(
         default_factory=list,
-        description="Every quarantined training input (a file refused at discovery, a line, a record) with where and why.",
+        description="Every quarantined training input (a file refused at discovery, a line, a record) with where "
+        "and why.",
     )
     code_version: str
 
@@ -217,11 +218,13 @@ class TokenizerManifest(BaseModel):
     new_tokens: int
     new_token_ids: list[int] = Field(
         default_factory=list,
-        description="Ids of every vocabulary entry the extension added (intermediate merge tokens included): the rows LoRA trains.",
+        description="Ids of every vocabulary entry the extension added (intermediate merge tokens included): the "
+        "rows LoRA trains.",
     )
     initial_cost: ExtensionCost | None = Field(
         None,
-        description="Held-out bpb of the original vs the extended-untrained model; None when nothing was added or no held-out text.",
+        description="Held-out bpb of the original vs the extended-untrained model; None when nothing was added or "
+        "no held-out text.",
     )
     report_json: ArtifactRef
     report_md: ArtifactRef
@@ -423,8 +426,8 @@ class CptManifest(BaseModel):
     )
     without_extension: TrainingDataManifest | None = Field(
         None,
-        description="tokenizer.on_no_gain retry_without_extension ran: the training data (base tokenizer) this result was "
-        "trained on, which later stages (SFT, the lineage's state) use instead of the extended one.",
+        description="tokenizer.on_no_gain retry_without_extension ran: the training data (base tokenizer) this "
+        "result was trained on, which later stages (SFT, the lineage's state) use instead of the extended one.",
     )
     code_version: str
 

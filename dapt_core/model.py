@@ -32,7 +32,8 @@ def _kwargs(cfg: ModelConfig) -> dict:
 def _require_base(cfg: ModelConfig) -> str:
     if not cfg.base:
         raise ModelConfigError(
-            "model.base is required for this stage: a local model directory, a hub id, or a folder holding model.gguf_file"
+            "model.base is required for this stage: a local model directory, a hub id, or a folder holding "
+            "model.gguf_file"
         )
     return cfg.base
 

@@ -73,7 +73,8 @@ def write_model_card(
         "",
         f"# {provenance.project}: {stage}",
         "",
-        f"Domain-adapted with [dapt](https://pypi.org/project/dapt/) {provenance.dapt_version} from `{provenance.base_model}` "
+        f"Domain-adapted with [dapt](https://pypi.org/project/dapt/) {provenance.dapt_version} from "
+        f"`{provenance.base_model}` "
         f"(config hash `{provenance.config_hash[:16]}`); the tokenizer extension added {provenance.new_tokens} tokens.",
         "",
         f"Forgetting policy: {decision}",

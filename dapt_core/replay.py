@@ -93,7 +93,8 @@ def sample_self_replay(
             empty = empty + 1 if batch_tokens == 0 else 0
             if empty >= MAX_EMPTY_BATCHES:
                 raise RuntimeError(
-                    f"self-replay: {MAX_EMPTY_BATCHES} batches in a row produced no text (the model ends every sample at once); "
+                    f"self-replay: {MAX_EMPTY_BATCHES} batches in a row produced no text (the model ends every "
+                    "sample at once); "
                     "check the model and tokenizer, or add data.general text"
                 )
     finally:

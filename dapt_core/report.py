@@ -48,7 +48,8 @@ def gain_lines(gain: DomainGain | None) -> list[str]:
         )
     if gain.break_even_step is not None:
         lines.append(
-            f"Break-even: attempt {gain.break_even_attempt}, step {gain.break_even_step} is the first checkpoint whose {m} beats the original base."
+            f"Break-even: attempt {gain.break_even_attempt}, step {gain.break_even_step} is the first checkpoint "
+            f"whose {m} beats the original base."
         )
     else:
         lines.append(f"Break-even: no checkpoint's {m} beats the original base's {o:.4f} within the training budget.")
@@ -143,9 +144,15 @@ def _verdict(cpt: CptManifest, original: dict[str, float]) -> str:
             f"({_delta(base[key], best[key])}); attempt {cpt.attempt}, step {cpt.best_step}."
         )
         if key in original:
-            verdict += f" The base before tokenizer extension: {original[key]:.4f} ({_delta(original[key], best[key])} after CPT)."
+            verdict += (
+                f" The base before tokenizer extension: {original[key]:.4f} "
+                f"({_delta(original[key], best[key])} after CPT)."
+            )
     elif cpt.gain is not None and cpt.gain.verdict == "no gain":
-        verdict = "No gain: checkpoints passed the forgetting policy but none beats the original base on the domain; nothing was promoted."
+        verdict = (
+            "No gain: checkpoints passed the forgetting policy but none beats the original base on the domain; "
+            "nothing was promoted."
+        )
     else:
         verdict = "No CPT checkpoint passed the forgetting policy: nothing was promoted (see the decisions below)."
     if cpt.without_extension is not None:
@@ -159,14 +166,16 @@ def _verdict(cpt: CptManifest, original: dict[str, float]) -> str:
 def _comparison_lines(
     original: dict[str, float], cpt: CptManifest, sft: SftManifest | None, policy: ForgettingPolicy
 ) -> list[str]:
-    """Original → extended base → CPT → SFT: bits per byte, perplexity, probes, benchmarks with intervals and p-values."""
+    """Original → extended base → CPT → SFT: bits per byte, perplexity, probes, benchmarks with intervals and
+    p-values."""
     base, best = cpt.base_metrics, (cpt.best.metrics if cpt.best else {})
     after_sft = sft.eval_metrics if sft else {}
     lines = [
         "## Base → CPT → SFT",
         "",
-        "Original: the configured base model before tokenizer extension, the reference of the forgetting policy (bits per "
-        "byte, word perplexity and benchmark accuracy do not depend on the tokenizer): every checkpoint and the SFT model "
+        "Original: the configured base model before tokenizer extension, the reference of the forgetting policy "
+        "(bits per byte, word perplexity and benchmark accuracy do not depend on the tokenizer): every checkpoint "
+        "and the SFT model "
         "are compared with it. Base: the base model with the extended tokenizer, new rows initialised as the mean of "
         "their pieces, before any training (the extension's cost is original → base).",
         "",
@@ -182,12 +191,14 @@ def _comparison_lines(
         if o is b is c is s is None:
             continue
         lines.append(
-            f"| {label} ({better} is better) | {_fmt(o)} | {_fmt(b)} | {_fmt(c)} | {_delta(o, c)} | {_fmt(s)} | {_delta(o, s)} |"
+            f"| {label} ({better} is better) | {_fmt(o)} | {_fmt(b)} | {_fmt(c)} | {_delta(o, c)} | {_fmt(s)} | "
+            f"{_delta(o, s)} |"
         )
     if sft:
         for k in sorted(set(sft.response_before) | set(sft.response_after)):
             lines.append(
-                f"| {k} (held-out instructions) | | – | {_fmt(sft.response_before.get(k))} | | {_fmt(sft.response_after.get(k))} | |"
+                f"| {k} (held-out instructions) | | – | {_fmt(sft.response_before.get(k))} | | "
+                f"{_fmt(sft.response_after.get(k))} | |"
             )
         lines += [
             "",
@@ -244,7 +255,8 @@ def _attempt_lines(cpt: CptManifest) -> list[str]:
     for a in cpt.attempts:
         origin = f"continuing from {a.continued_from}" if a.continued_from else f"from `{a.start_model}`"
         lines.append(
-            f"- attempt {a.attempt}{' (base tokenizer)' if a.without_extension else ''}: lr {a.lr:.3g}, replay {a.general_fraction:.3g}, "
+            f"- attempt {a.attempt}{' (base tokenizer)' if a.without_extension else ''}: lr {a.lr:.3g}, replay "
+            f"{a.general_fraction:.3g}, "
             f"{origin}; "
             + (f"stopped at step {a.stopped_at}" if a.stopped_at is not None else "ran to the end")
             + (f"; best accepted step {a.best_step}" if a.best_step is not None else "; nothing promoted")

@@ -5,8 +5,9 @@ place locally, a single PUT or completed multipart upload on S3) and returns an 
 object's sha256, which every read verifies. Keys are checked before use (`check_key`): a key that is absolute or
 has empty, '.' or '..' segments, a backslash or a NUL is refused with `UnsafeKeyError`, so no name from a config or a
 manifest can address anything outside the store's root. Local files get the mode the umask allows (0666 & ~umask),
-so a team's store directory shared through a group stays readable by the group. S3 endpoint and credentials come from the standard AWS
-environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) unless the caller hands this process `S3Credentials`
+so a team's store directory shared through a group stays readable by the group. S3 endpoint and credentials come
+from the standard AWS environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) unless the caller hands this
+process `S3Credentials`
 (`use_s3_credentials`; the flows resolve a Prefect AwsCredentials block into them), and are never logged; transient S3
 errors are retried with exponential backoff within a time budget (dapt_core.faults), and every S3 failure is
 raised as a StoreError naming the object and what to do.
@@ -99,7 +100,8 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def read_key(self, key: str) -> bytes:
-        """Read an object by key, unverified: only for index files (such as a run's latest manifest) that no ref points to."""
+        """Read an object by key, unverified: only for index files (such as a run's latest manifest) that no ref
+        points to."""
 
     def put_bytes(self, data: bytes, key: str) -> ArtifactRef:
         with tempfile.TemporaryDirectory(prefix=f"{leftovers.TEMP_PREFIX}put-{leftovers.owner_tag()}-") as tmp:
@@ -132,8 +134,8 @@ class ArtifactStore(ABC):
         return key
 
     def checked_files(self, ref: DirRef) -> dict[str, ArtifactRef]:
-        """The files of `ref` after checking that each one is `<ref's key>/<name>` in this store (UnsafeKeyError if not),
-        so no name can place a file outside the directory."""
+        """The files of `ref` after checking that each one is `<ref's key>/<name>` in this store (UnsafeKeyError if
+        not), so no name can place a file outside the directory."""
         key = self.key_of(ref.uri)
         for name, f in ref.files.items():
             if f.uri != self.uri(f"{key}/{check_key(name)}"):

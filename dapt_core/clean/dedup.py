@@ -56,7 +56,8 @@ def find_duplicates(con: duckdb.DuckDBPyConnection, cfg: DedupConfig) -> None:
         con.register("near_roots", pa.table({"rank": list(roots), "root_rank": list(roots.values())}, schema=_ROOTS))
         con.execute("""
             INSERT INTO near
-            SELECT m.seq, r.seq FROM near_roots n JOIN exact m ON m.rank = n.rank JOIN exact r ON r.rank = n.root_rank""")
+            SELECT m.seq, r.seq FROM near_roots n
+            JOIN exact m ON m.rank = n.rank JOIN exact r ON r.rank = n.root_rank""")
         con.unregister("near_roots")
     con.execute("""
         CREATE TABLE duplicates AS

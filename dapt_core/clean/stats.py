@@ -17,7 +17,8 @@ MAX_QUARANTINE_ROWS = 200  # the Markdown report lists this many quarantined inp
 
 def corpus_stats(con: duckdb.DuckDBPyConnection) -> dict:
     """Stats per (source, kind) and in total, and every quarantined input with its details, from the table
-    `decided(source, kind, file, position, status, reason, detail, words, bytes, cluster_id)` of every input document."""
+    `decided(source, kind, file, position, status, reason, detail, words, bytes, cluster_id)` of every input
+    document."""
     rows = con.execute("""
         SELECT source, kind,
             count(*) AS input_docs,
@@ -60,7 +61,8 @@ def corpus_stats(con: duckdb.DuckDBPyConnection) -> dict:
     total = entries.pop()
     del total["source"], total["kind"]
     quarantined = con.execute("""
-        SELECT source, kind, file, position, substr(reason, length('quarantine:') + 1) AS reason, coalesce(detail, '') AS detail
+        SELECT source, kind, file, position, substr(reason, length('quarantine:') + 1) AS reason,
+            coalesce(detail, '') AS detail
         FROM decided WHERE reason LIKE 'quarantine:%'
         ORDER BY kind = 'general', source, file, length(position), position""").fetchall()
     columns = ("source", "kind", "file", "position", "reason", "detail")
