@@ -8,6 +8,7 @@ time: never a process that merely reused a pid), kills what is left after 5 s, a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -38,16 +39,12 @@ def watch(pid: int, interval_s: float = 1.0, kill_after_s: float = 5.0) -> list[
         time.sleep(interval_s)
     left = [p for p in seen.values() if _alive(p)]  # Process objects check the start time: no reused pid
     for p in left:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, still = psutil.wait_procs(left, timeout=kill_after_s)
     for p in still:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     return [p.pid for p in left]
 
 

@@ -78,12 +78,16 @@ def _text_failures(text: str, words: list[str], cfg: QualityConfig) -> Iterator[
         if symbols / n_words > cfg.max_symbol_word_ratio:
             yield "quality:max_symbol_word_ratio"
     lines = [line for line in map(str.strip, text.split("\n")) if line]
-    if cfg.max_ellipsis_line_fraction is not None:
-        if sum(map(str.endswith, lines, repeat(_ELLIPSES))) / len(lines) > cfg.max_ellipsis_line_fraction:
-            yield "quality:max_ellipsis_line_fraction"
-    if cfg.max_bullet_line_fraction is not None:
-        if sum(map(str.startswith, lines, repeat(_BULLETS))) / len(lines) > cfg.max_bullet_line_fraction:
-            yield "quality:max_bullet_line_fraction"
+    if (
+        cfg.max_ellipsis_line_fraction is not None
+        and sum(map(str.endswith, lines, repeat(_ELLIPSES))) / len(lines) > cfg.max_ellipsis_line_fraction
+    ):
+        yield "quality:max_ellipsis_line_fraction"
+    if (
+        cfg.max_bullet_line_fraction is not None
+        and sum(map(str.startswith, lines, repeat(_BULLETS))) / len(lines) > cfg.max_bullet_line_fraction
+    ):
+        yield "quality:max_bullet_line_fraction"
     if cfg.min_alpha_word_fraction is not None:
         others = list(filterfalse(str.isalpha, words))  # most words are all letters; only the others need the regex
         with_letter = n_words - len(others) + sum(map(bool, map(_has_letter, others)))
