@@ -68,23 +68,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def embeddings_tied(model) -> bool:
+
+def embeddings_tied(model: PreTrainedModel) -> bool:
     """Whether the output embeddings are the very same tensor as the input embeddings."""
     out = model.get_output_embeddings()
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
-def vocab_rows_needed(tokenizer) -> int:
+def vocab_rows_needed(tokenizer: PreTrainedTokenizerBase) -> int:
     """Rows a model needs for `tokenizer`: its largest id + 1 (equal to len(tokenizer) unless ids have holes)."""
     return max(tokenizer.get_vocab().values()) + 1
 
 
-def token_pieces(old_tokenizer, token: str) -> list[int]:
+def token_pieces(old_tokenizer: PreTrainedTokenizerBase, token: str) -> list[int]:
     """Ids of the pieces the ORIGINAL tokenizer splits `token` into.
 
     `token` is a vocabulary string of the new tokenizer ("Ġtacrolimus" for byte-level BPE, "▁tacrolimus" for
@@ -109,7 +113,7 @@ def token_pieces(old_tokenizer, token: str) -> list[int]:
     return ids
 
 
-def _snapshot(model) -> dict:
+def _snapshot(model: PreTrainedModel) -> dict:
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = embeddings_tied(model)
     snap = {"tied": tied, "rows": inp.weight.shape[0], "input": inp.weight.detach().clone()}
@@ -120,14 +124,14 @@ def _snapshot(model) -> dict:
     return snap
 
 
-def _set_untied_config(model) -> None:
+def _set_untied_config(model: PreTrainedModel) -> None:
     model.config.tie_word_embeddings = False
     text_config = model.config.get_text_config()
     if text_config is not model.config:
         text_config.tie_word_embeddings = False
 
 
-def _resize(model, rows_needed: int, pad_to_multiple_of: int | None, mean_resizing: bool) -> dict:
+def _resize(model: PreTrainedModel, rows_needed: int, pad_to_multiple_of: int | None, mean_resizing: bool) -> dict:
     """Grow (never shrink) the embedding matrices to `rows_needed`; repair old rows and ties afterwards."""
     snap = _snapshot(model)
     old_rows = snap["rows"]
@@ -165,9 +169,9 @@ def _resize(model, rows_needed: int, pad_to_multiple_of: int | None, mean_resizi
 
 
 def add_tokens_with_mean_init(
-    model,
-    old_tokenizer,
-    new_tokenizer,
+    model: PreTrainedModel,
+    old_tokenizer: PreTrainedTokenizerBase,
+    new_tokenizer: PreTrainedTokenizerBase,
     new_tokens: list[str] | None = None,
     pad_to_multiple_of: int | None = 64,
 ) -> dict:
@@ -233,7 +237,9 @@ def add_tokens_with_mean_init(
     return info
 
 
-def default_resize(model, new_tokenizer, pad_to_multiple_of: int | None = 64) -> dict:
+def default_resize(
+    model: PreTrainedModel, new_tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = 64
+) -> dict:
     """The library's default initialisation, for comparison: `resize_token_embeddings` with its default init.
 
     New ids that fit in an already padded matrix keep whatever those rows held (the library does nothing there).
@@ -256,7 +262,10 @@ class _Contexts:
 
 
 def _occurrences(
-    old_tokenizer, new_tokenizer, text: str, wanted: dict[int, list[int]]
+    old_tokenizer: PreTrainedTokenizerBase,
+    new_tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    wanted: dict[int, list[int]],
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """The base ids of `text` and (new token id, index of its first piece in them) for each occurrence of a wanted
     new token. An occurrence counts when the base encodes the same characters as exactly the token's pieces."""
@@ -275,9 +284,9 @@ def _occurrences(
 
 
 def _collect_contexts(
-    model,
-    old_tokenizer,
-    new_tokenizer,
+    model: PreTrainedModel,
+    old_tokenizer: PreTrainedTokenizerBase,
+    new_tokenizer: PreTrainedTokenizerBase,
     pieces_by_id: dict[int, list[int]],
     texts: Iterable[str],
     old_rows: int,
@@ -332,9 +341,9 @@ def _collect_contexts(
 
 
 def collect_piece_contexts(
-    model,
-    old_tokenizer,
-    new_tokenizer,
+    model: PreTrainedModel,
+    old_tokenizer: PreTrainedTokenizerBase,
+    new_tokenizer: PreTrainedTokenizerBase,
     new_ids: dict[str, int],
     pieces: dict[str, list[int]],
     old_rows: int,
@@ -358,7 +367,7 @@ def collect_piece_contexts(
         model.train(was_training)
 
 
-def fit_output_rows(model, contexts: _Contexts, ridge: float = 0.1) -> dict:
+def fit_output_rows(model: PreTrainedModel, contexts: _Contexts, ridge: float = 0.1) -> dict:
     """Refit the output rows of the new tokens met in `contexts` so that each new token's logit approximates the
     base's log-probability of its piece sequence (module docstring). Returns a JSON-able report: tokens fitted,
     contexts used, mean absolute logit error on those contexts before (mean row) and after the fit."""
@@ -391,7 +400,7 @@ def fit_output_rows(model, contexts: _Contexts, ridge: float = 0.1) -> dict:
     }
 
 
-def set_input_rows_from_last_piece(model, contexts: _Contexts, layer: int) -> dict:
+def set_input_rows_from_last_piece(model: PreTrainedModel, contexts: _Contexts, layer: int) -> dict:
     """Input row of each new token met in `contexts` = the base's residual stream at the term's last piece after
     `layer` layers (0: that piece's own input row), averaged over the contexts and scaled to the norm of the
     mean-of-pieces row (module docstring). Returns a JSON-able report."""
@@ -408,7 +417,7 @@ def set_input_rows_from_last_piece(model, contexts: _Contexts, layer: int) -> di
     return {"input_rows_set": len(contexts.last_piece_states), "layer": layer}
 
 
-def quiet_unmet_output_rows(model, contexts: _Contexts, new_ids: list[int], old_rows: int) -> dict:
+def quiet_unmet_output_rows(model: PreTrainedModel, contexts: _Contexts, new_ids: list[int], old_rows: int) -> dict:
     """Output rows of `new_ids` (intermediate merge tokens, which the extended tokenizer emits only for rare
     words) never met in `contexts` = the output row of the old token with the lowest mean logit over the collected
     hidden states: they start as unlikely as the base's least likely token instead of taking the mean of their
@@ -433,9 +442,9 @@ NEW_ROW_INITS = ("mean", "seqprob", "last_piece", "last_piece_seqprob")
 
 
 def refine_new_rows(
-    model,
-    old_tokenizer,
-    new_tokenizer,
+    model: PreTrainedModel,
+    old_tokenizer: PreTrainedTokenizerBase,
+    new_tokenizer: PreTrainedTokenizerBase,
     added: dict,
     texts: Iterable[str],
     init: str,

@@ -173,7 +173,9 @@ def benchmark_section(
     return lines
 
 
-def _plot(base: EvalResult, checkpoints, path: Path, best_step: int | None) -> None:
+def _plot(
+    base: EvalResult, checkpoints: Sequence[tuple[int, EvalResult, Decision]], path: Path, best_step: int | None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

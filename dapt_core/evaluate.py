@@ -20,6 +20,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +28,12 @@ from dapt_core.benchmarks import subsample_indices
 from dapt_core.config import BenchmarkConfig, EvalConfig
 from dapt_core.eval_tasks import PPL_METRICS, read_texts, write_benchmark_tasks, write_tasks
 from dapt_core.probes import score_choices, score_probes
+
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PROBE_METRICS = ("acc", "acc_norm")
 _SEED = 0  # probes' distractors and lm-eval's seeds: fixed, so every checkpoint sees the same items
@@ -60,7 +67,13 @@ class EvalResult(BaseModel):
     samples: dict[str, BenchmarkSamples] = Field(default_factory=dict)
 
 
-def evaluate(model, tokenizer, eval_files: dict[str, Path], workdir: Path, cfg: EvalConfig) -> EvalResult:
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_files: dict[str, Path],
+    workdir: Path,
+    cfg: EvalConfig,
+) -> EvalResult:
     """Evaluate a loaded causal LM (under `no_grad`) on the perplexity tasks and cloze probes built from `eval_files`
     ({split: jsonl}, e.g. {"domain": .../eval/domain.jsonl, "general": .../eval/general.jsonl}) and on
     `cfg.benchmarks` (each with its own seeded subsample, scored per item: `samples`). `cfg.extra_tasks` are lm-eval
@@ -116,8 +129,8 @@ def _resolve_backend(backend: str) -> tuple[str, list[str]]:
 
 
 def _run_lm_eval(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     names: dict[str, dict[str, str]],
     task_dir: Path,
     cfg: EvalConfig,
@@ -163,7 +176,7 @@ def _run_lm_eval(
     return metrics, samples
 
 
-def bounded_hflm(model, tokenizer, batch_size: int, max_length: int):
+def bounded_hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int, max_length: int) -> HFLM:
     """lm-eval's HFLM on the loaded model, with log-likelihood batches sized by memory as well as by count.
 
     HFLM log-softmaxes the logits of a whole batch at once: [rows, length, vocab] in fp32 beside the logits themselves,
@@ -177,13 +190,18 @@ def bounded_hflm(model, tokenizer, batch_size: int, max_length: int):
     from dapt_core.metrics import rows_within_budget
 
     class BoundedHFLM(HFLM):
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
+        def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=True)
 
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False):
             return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        def _loglikelihood_tokens(
+            self,
+            requests: list[tuple[tuple[str, str], list[int], list[int]]],
+            disable_tqdm: bool = False,
+            override_bs: int | None = None,
+        ):
             order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
             results: list = [None] * len(requests)
             start = 0
@@ -249,7 +267,7 @@ def _lm_eval_samples(bench_out: dict, name: str, task: str, is_lm_eval_task: boo
     )
 
 
-def _named_subsamples(named: dict[str, BenchmarkConfig], tm) -> dict[str, list[int]]:
+def _named_subsamples(named: dict[str, BenchmarkConfig], tm: TaskManager) -> dict[str, list[int]]:
     """Seeded doc indices of each lm-eval task benchmark with a `limit` (the same rule as local files)."""
     from lm_eval.tasks import get_task_dict
 
@@ -261,14 +279,19 @@ def _named_subsamples(named: dict[str, BenchmarkConfig], tm) -> dict[str, list[i
     return out
 
 
-def _native_benchmark(model, tokenizer, data: Path) -> BenchmarkSamples:
+def _native_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: Path) -> BenchmarkSamples:
     rows = [json.loads(x) for x in data.read_text(encoding="utf-8").splitlines()]
     acc, acc_norm = score_choices(model, tokenizer, rows)
     return BenchmarkSamples(ids=[r["id"] for r in rows], acc=acc, acc_norm=acc_norm)
 
 
 def _run_native(
-    model, tokenizer, task_dir: Path, names: dict[str, dict[str, str]], cfg: EvalConfig, max_length: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task_dir: Path,
+    names: dict[str, dict[str, str]],
+    cfg: EvalConfig,
+    max_length: int,
 ) -> dict[str, float]:
     from dapt_core.metrics import nll_stats
 

@@ -17,6 +17,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -31,7 +36,7 @@ class NLLStats:
         return self.nll_nats / math.log(2) / self.bytes if self.bytes else float("nan")
 
 
-def _prefix_id(tokenizer, prefix_token_id: int | None = None) -> int | None:
+def _prefix_id(tokenizer: PreTrainedTokenizerBase, prefix_token_id: int | None = None) -> int | None:
     for tid in (prefix_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return tid
@@ -39,8 +44,8 @@ def _prefix_id(tokenizer, prefix_token_id: int | None = None) -> int | None:
 
 
 def nll_stats(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     texts: Iterable[str],
     max_length: int = 1024,
     batch_size: int = 8,
@@ -94,7 +99,7 @@ LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits one forward call may produce
 _NLL_CHUNK = 256  # positions per fp32 cross-entropy
 
 
-def rows_within_budget(model, length: int) -> int:
+def rows_within_budget(model: PreTrainedModel, length: int) -> int:
     """How many rows of `length` tokens one forward call may score so that their fp32 logits (rows x length x vocab)
     stay within LOGITS_BUDGET bytes; at least one. With a 49k vocabulary one 1024-token row is
     already 200 MB: a whole batch of them would be gigabytes."""
@@ -102,7 +107,7 @@ def rows_within_budget(model, length: int) -> int:
     return max(1, LOGITS_BUDGET // (4 * vocab * max(1, length)))
 
 
-def _summed_nll(model, input_ids, mask, labels) -> float:
+def _summed_nll(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> float:
     """Summed next-token NLL from the model's own forward logits, a few rows per call.
 
     The logits must come from the model's forward, not `lm_head(decoder(x))`: several architectures post-process
@@ -132,8 +137,8 @@ def _summed_nll(model, input_ids, mask, labels) -> float:
 
 
 def bits_per_byte(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     texts: Iterable[str],
     max_length: int = 1024,
     batch_size: int = 8,
@@ -143,7 +148,7 @@ def bits_per_byte(
     return nll_stats(model, tokenizer, texts, max_length, batch_size, prefix_token_id).bits_per_byte
 
 
-def tokens_per_word(tokenizer, texts: Iterable[str]) -> float:
+def tokens_per_word(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> float:
     """Tokens (no special tokens) per whitespace-separated word, over all `texts`."""
     tokens = words = 0
     for text in texts:

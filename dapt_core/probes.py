@@ -7,7 +7,10 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"^[A-Za-z][A-Za-z-]*[A-Za-z]$")
@@ -70,13 +73,17 @@ def build_probes(
     return probes
 
 
-def score_probes(model, tokenizer, probes: Iterable[dict[str, Any]]) -> tuple[float, float]:
+def score_probes(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probes: Iterable[dict[str, Any]]
+) -> tuple[float, float]:
     """(acc, acc_norm) of cloze probes (see `score_choices`)."""
     acc, acc_norm = score_choices(model, tokenizer, probes)
     return (sum(acc) / len(acc), sum(acc_norm) / len(acc_norm)) if acc else (float("nan"), float("nan"))
 
 
-def score_choices(model, tokenizer, items: Iterable[dict[str, Any]]) -> tuple[list[int], list[int]]:
+def score_choices(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Iterable[dict[str, Any]]
+) -> tuple[list[int], list[int]]:
     """Per item 1/0 (acc, acc_norm) of {"context", "choices", "label"}: summed log-likelihood of " " + choice after
     the context (acc), and the same divided by the choice's UTF-8 bytes (acc_norm), as lm-eval's multiple_choice."""
     import torch

@@ -24,11 +24,11 @@ HEADLINE = [
 ]
 
 
-def _fmt(v) -> str:
+def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.4g}"
 
 
-def _delta(base, new) -> str:
+def _delta(base: float | None, new: float | None) -> str:
     if base is None or new is None or base == 0:
         return "–"
     return f"{(new - base) / abs(base):+.1%}"
