@@ -67,6 +67,27 @@ def write_report(
     lines = [
         "# Forgetting evaluation",
         "",
+        _policy_line(policy),
+        "",
+        "| checkpoint | " + " | ".join(cols) + " | decision |",
+        "| --- | " + " | ".join("---" for _ in cols) + " | --- |",
+        "| reference (original base) | " + " | ".join(f(base.metrics, c) for c in cols) + " | reference |",
+    ]
+    for s, r, d in checkpoints:
+        verdict = "accepted" if d.accepted else "REJECTED: " + "; ".join(d.reasons)
+        star = " (best)" if s == best_step else ""
+        lines.append(f"| step {s}{star} | " + " | ".join(f(r.metrics, c) for c in cols) + f" | {verdict} |")
+    lines += ["", f"Best checkpoint: {'step ' + str(best_step) if best_step is not None else 'none accepted'}", ""]
+    lines += benchmark_section(base.metrics, [(f"step {s}", r.metrics, d.numbers) for s, r, d in checkpoints], policy)
+    lines += ["![bpb](eval_report.png)", ""]
+    paths["md"].write_text("\n".join(lines), encoding="utf-8")
+    _plot(base, checkpoints, paths["png"], best_step)
+    return paths
+
+
+def _policy_line(policy: ForgettingPolicy) -> str:
+    """The forgetting policy in one sentence: the general perplexity, probe and benchmark limits, and the best rule."""
+    return (
         f"Policy: general perplexity ({policy.config.general_ppl_metric}) at most "
         f"+{policy.config.max_general_ppl_increase:.0%} over the reference (the original base); "
         + (
@@ -84,22 +105,8 @@ def write_report(
             else ""
         )
         + "best = "
-        f"{'max' if policy.config.primary_higher_is_better else 'min'} {policy.config.primary_metric} among accepted.",
-        "",
-        "| checkpoint | " + " | ".join(cols) + " | decision |",
-        "| --- | " + " | ".join("---" for _ in cols) + " | --- |",
-        "| reference (original base) | " + " | ".join(f(base.metrics, c) for c in cols) + " | reference |",
-    ]
-    for s, r, d in checkpoints:
-        verdict = "accepted" if d.accepted else "REJECTED: " + "; ".join(d.reasons)
-        star = " (best)" if s == best_step else ""
-        lines.append(f"| step {s}{star} | " + " | ".join(f(r.metrics, c) for c in cols) + f" | {verdict} |")
-    lines += ["", f"Best checkpoint: {'step ' + str(best_step) if best_step is not None else 'none accepted'}", ""]
-    lines += benchmark_section(base.metrics, [(f"step {s}", r.metrics, d.numbers) for s, r, d in checkpoints], policy)
-    lines += ["![bpb](eval_report.png)", ""]
-    paths["md"].write_text("\n".join(lines), encoding="utf-8")
-    _plot(base, checkpoints, paths["png"], best_step)
-    return paths
+        f"{'max' if policy.config.primary_higher_is_better else 'min'} {policy.config.primary_metric} among accepted."
+    )
 
 
 def benchmark_section(
