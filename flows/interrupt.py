@@ -20,6 +20,7 @@ train.stop_grace_s below that there. Signals can only be handled in the main thr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -66,16 +67,12 @@ def _end_children() -> None:
     """Terminate this process's descendants (SIGKILL after 3 s)."""
     children = psutil.Process().children(recursive=True)
     for child in children:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(children, timeout=3)
     for child in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def _exit_now(signum: int, line: str) -> None:
@@ -85,14 +82,16 @@ def _exit_now(signum: int, line: str) -> None:
 
 
 def _exit_when_saved(signum: int, grace: float) -> None:
-    """Exit once the stop checkpoint is journaled and the command had REPORT_SLACK_S to end by itself, or at the grace."""
+    """Exit once the stop checkpoint is journaled and the command had REPORT_SLACK_S to end by itself, or at
+    the grace."""
     name = signal.Signals(signum).name
     deadline = time.monotonic() + grace
     stopped = stop.wait_saved(grace)
     if stopped is None:
         _exit_now(
             signum,
-            f"interrupted ({name}): no checkpoint within train.stop_grace_s ({grace:g} s); {_state['resume']} from the last one",
+            f"interrupted ({name}): no checkpoint within train.stop_grace_s "
+            f"({grace:g} s); {_state['resume']} from the last one",
         )
     time.sleep(max(0.0, min(REPORT_SLACK_S, deadline - time.monotonic())))
     _exit_now(signum, _stopped_line(stopped))
@@ -107,7 +106,8 @@ def _on_signal(signum: int, _frame) -> None:
         _exit_now(signum, f"interrupted ({name}): finished stages are in the store; {_state['resume']}")
     stop.request(name)
     _say(
-        f"{name}: stopping at the next training step with a checkpoint (up to {grace:g} s); press Ctrl-C again to exit at once"
+        f"{name}: stopping at the next training step with a checkpoint "
+        f"(up to {grace:g} s); press Ctrl-C again to exit at once"
     )
     threading.Thread(target=_exit_when_saved, args=(signum, grace), name="dapt-stop-grace", daemon=True).start()
 

@@ -304,9 +304,9 @@ class ManifestCheck(BaseModel):
     name: str = Field(description="Cache key of a stage result, or store key of a run manifest.")
     uri: str
     status: Literal["ok", "stale", "damaged", "untrusted"] = Field(
-        description="stale: an artifact is missing or resized (the next run recomputes the stage); damaged: an artifact "
-        "has its size but another sha256 (delete it, then the next run recomputes the stage); untrusted: not a record "
-        "dapt wrote."
+        description="stale: an artifact is missing or resized (the next run recomputes the stage); damaged: an "
+        "artifact has its size but another sha256 (delete it, then the next "
+        "run recomputes the stage); untrusted: not a record dapt wrote."
     )
     artifacts: int
     problems: list[str] = Field(default_factory=list)

@@ -124,7 +124,10 @@ def clean_task(
     store_uri: str,
     engine: PrepareConfig,
 ) -> CleanManifest:
-    """Normalise, filter, decontaminate and deduplicate the whole corpus in DuckDB; write kept docs, decisions and stats."""
+    """Normalise, filter, decontaminate and deduplicate the whole corpus in DuckDB.
+
+    Write kept docs, decisions and stats.
+    """
     key = clean_key(ingested, evals, quarantined, cfg)
     check_result_record(store_uri, key)
     store = open_store(store_uri)

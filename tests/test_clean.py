@@ -27,7 +27,28 @@ from dapt_core.config import CleanConfig, NormalizeConfig, PrepareConfig, Qualit
 from dapt_core.engine import open_engine
 from dapt_core.manifest import IngestManifest, InputFile, QuarantineRecord
 
-_SYLLABLES = ["ka", "lo", "mi", "ter", "san", "vo", "ru", "pel", "dis", "an", "ko", "tri", "mon", "se", "la", "fu", "ber", "gal", "ni", "os"]
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ter",
+    "san",
+    "vo",
+    "ru",
+    "pel",
+    "dis",
+    "an",
+    "ko",
+    "tri",
+    "mon",
+    "se",
+    "la",
+    "fu",
+    "ber",
+    "gal",
+    "ni",
+    "os",
+]
 
 
 def prose_words(seed: int, n: int) -> list[str]:
@@ -483,8 +504,9 @@ def test_eval_sets_must_read_completely_at_discovery_and_after_ingest(tmp_path):
 def test_local_engine_imports_no_ray(monkeypatch):
     """The default engine runs without Ray installed; the Ray engine says what is missing when it has no cluster."""
     code = (
-        "import sys; import dapt.flows.prepare, dapt_core.clean; from dapt_core.engine import open_engine; "
-        "from dapt_core.config import PrepareConfig; open_engine(PrepareConfig()); assert 'ray' not in sys.modules, 'ray imported'"
+        "import sys; import dapt.flows.prepare, dapt_core.clean; from dapt_core.engine "
+        "import open_engine; from dapt_core.config import PrepareConfig; "
+        "open_engine(PrepareConfig()); assert 'ray' not in sys.modules, 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

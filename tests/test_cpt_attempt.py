@@ -154,7 +154,10 @@ def test_ewc_attempt_estimates_its_fisher_on_the_general_sample(prefect_harness,
     import dapt_core.train as train_mod
 
     root, dirs, base = corpus
-    train = "{lr: 1e-4, max_steps: 4, save_every: 4, batch_size: 8, report_to: [], ewc: {enabled: true, lambda: 100.0, fisher_samples: 16}}"
+    train = (
+        "{lr: 1e-4, max_steps: 4, save_every: 4, batch_size: 8, report_to: [], ewc: "
+        "{enabled: true, lambda: 100.0, fisher_samples: 16}}"
+    )
     cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train)
     assert data.pack.general_sample is not None
     seen, histories = [], []

@@ -203,9 +203,9 @@ def test_benchmark_gate_rejects_aggressive_cpt_and_accepts_mild(prefect_harness,
     for name, d in (("aggressive", a), ("mild", m)):
         n = d.numbers
         print(
-            f"{name}: acc_norm {n['base bench/general_prose/acc_norm']:.3f} -> {n['bench/general_prose/acc_norm']:.3f}, "
-            f"drop {n['drop_points bench/general_prose']:.1f} points, p={n['p_value bench/general_prose']:.3g}, "
-            f"general ppl {n['general_ppl_increase']:+.1%}"
+            f"{name}: acc_norm {n['base bench/general_prose/acc_norm']:.3f} -> "
+            f"{n['bench/general_prose/acc_norm']:.3f}, drop {n['drop_points bench/general_prose']:.1f} "
+            f"points, p={n['p_value bench/general_prose']:.3g}, general ppl {n['general_ppl_increase']:+.1%}"
         )
     assert not a.accepted and not aggressive.accepted
     assert len(a.reasons) == 1 and a.reasons[0].startswith("benchmark general_prose acc_norm down")

@@ -81,7 +81,8 @@ def make_pdf(pages: list[str], password: str | None = None) -> bytes:
 
 ARTICLE = b"""<html><head><title>Cardiology notes</title><script>var x = 1;</script></head><body>
 <nav><a href="/">Home</a></nav><article><h1>Heart failure</h1>
-<p>Beta blockers reduce mortality in chronic heart failure with reduced ejection fraction.</p></article></body></html>"""
+<p>Beta blockers reduce mortality in chronic heart failure with reduced ejection fraction.</p>\
+</article></body></html>"""
 
 
 # --------------------------------------------------------------------------- formats

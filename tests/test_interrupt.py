@@ -126,7 +126,8 @@ def tiny(tmp_path_factory):
         extra = f"""model: {{base: "{base}"}}
 tokenizer: {{min_frequency: 5, domain_vocab_size: 600}}
 mix: {{general_fraction: 0.05, seq_len: {SEQ}, heldout_fraction: 0.1}}
-train: {{lr: 1e-4, max_steps: {STEPS}, save_every: {STEPS}, batch_size: 8, report_to: [], log_every: {log_every}, stop_grace_s: 25}}
+train: {{lr: 1e-4, max_steps: {STEPS}, save_every: {STEPS}, batch_size: 8, report_to: [], log_every: {log_every},
+  stop_grace_s: 25}}
 eval: {{max_probes: 20, batch_size: 8, max_attempts: 1}}
 """
         return write_config(run, dirs, store=str(store), extra=extra)
@@ -203,7 +204,8 @@ def test_signal_stops_cpt_with_a_checkpoint_and_the_rerun_resumes_it_exactly(tin
     assert 0 < step < STEPS
     checkpoint = Path(last["checkpoint"]["uri"])
     assert resume[0] == (
-        f"interrupted ({sig.name}): checkpoint of step {step} saved to {checkpoint}; run `dapt cpt {config} --json` again to resume"
+        f"interrupted ({sig.name}): checkpoint of step {step} saved to "
+        f"{checkpoint}; run `dapt cpt {config} --json` again to resume"
     )
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
     _assert_gone(children)  # the Prefect server and the watchdog: no orphan

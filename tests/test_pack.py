@@ -229,7 +229,7 @@ def test_eos_after_every_document_and_boundaries(corpus, tmp_path):
     flat = ids.reshape(-1)
     # every packed domain document appears once, exactly as its tokens followed by one EOS (no BOS: none configured)
     complete = 0
-    for doc_id, text in corpus["domain_docs"].items():
+    for text in corpus["domain_docs"].values():
         doc = [vocab[w] for w in text.split()]
         where = np.flatnonzero(flat == doc[0])
         assert len(where) <= 1

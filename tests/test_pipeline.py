@@ -42,8 +42,10 @@ def project(tmp_path_factory):
 tokenizer: {{min_frequency: 5, domain_vocab_size: 600}}
 mix: {{general_fraction: 0.05, seq_len: {SEQ}, heldout_fraction: 0.1}}
 train: {{lr: 1e-4, max_steps: 10, save_every: 5, batch_size: 8, report_to: []}}
-eval: {{max_probes: 20, batch_size: 8, max_general_ppl_increase: 0.5, benchmarks: [{{name: prose, kind: general, path: "{bench}", prompt: completion, limit: 40}}]}}
-sft: {{data: ["{root / "sft.jsonl"}"], seq_len: {SEQ}, heldout_fraction: 0.2, train: {{lr: 1e-4, max_steps: 6, batch_size: 4, report_to: []}}}}
+eval: {{max_probes: 20, batch_size: 8, max_general_ppl_increase: 0.5,
+  benchmarks: [{{name: prose, kind: general, path: "{bench}", prompt: completion, limit: 40}}]}}
+sft: {{data: ["{root / "sft.jsonl"}"], seq_len: {SEQ}, heldout_fraction: 0.2,
+  train: {{lr: 1e-4, max_steps: 6, batch_size: 4, report_to: []}}}}
 """
     return root, dirs, write_config(root, dirs, extra=extra)
 

@@ -3,6 +3,7 @@ decisions and kept corpora as the local engine, also when a worker process is ki
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -53,10 +54,8 @@ def _stop_cluster(temp_dir: str) -> None:
         except psutil.NoSuchProcess:
             continue
     for p in procs.values():
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(list(procs.values()), timeout=20)
 
 

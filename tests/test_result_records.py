@@ -114,7 +114,8 @@ def test_poisoned_result_records_are_refused_and_never_run(prefect_harness, tmp_
     assert res.returncode == 2, res.stderr[-3000:]
     error = _last_json(res.stdout)["error"]
     assert error.startswith(
-        f"untrusted result record {clean_record}: a clean result must be a CleanManifest, this one is 'dapt_evil_probe.Probe'"
+        f"untrusted result record {clean_record}: a clean result "
+        "must be a CleanManifest, this one is 'dapt_evil_probe.Probe'"
     )
     assert not import_marker.exists()
 

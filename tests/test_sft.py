@@ -27,7 +27,8 @@ from tests.tiny_model import byte_level_tokenizer, tiny_llama
 EOS = "<|endoftext|>"
 # Trim-blocks (transformers' Jinja setting) eats newlines after tags, hence the {{ '\n' }}.
 TEMPLATE = (
-    r"{% for m in messages %}{{ m['role'] + ':\n' + m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    r"{% for m in messages %}{{ m['role'] + ':\n' + m['content'] }}"
+    r"{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     r"{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}"
 )
 

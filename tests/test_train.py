@@ -516,7 +516,10 @@ def spy(params, *a, **k):
     seen.append([p.grad.detach().clone() for p in params])
     return original(params, *a, **k)
 torch.nn.utils.clip_grad_norm_ = spy
-res = train(tiny_llama({vocab}), [Path(p) for p in {shards!r}], TrainConfig.model_validate({cfg!r}), Path(sys.argv[1]), resume=False)
+res = train(
+    tiny_llama({vocab}), [Path(p) for p in {shards!r}], TrainConfig.model_validate({cfg!r}), Path(sys.argv[1]),
+    resume=False,
+)
 if torch.distributed.get_rank() == 0:
     torch.save({{"grads": seen[0], "loss": res.history[0]["loss"]}}, sys.argv[2])
 """
