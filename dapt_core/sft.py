@@ -44,9 +44,10 @@ from pydantic import BaseModel
 
 from dapt_core import layout
 from dapt_core.config import EvalConfig, SftConfig
-from dapt_core.cpt import AttemptObserver, eval_files, journal_interrupted, read_journal, resume_from_journal
+from dapt_core.cpt import AttemptObserver, eval_files
 from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.forgetting import Decision, ForgettingPolicy
+from dapt_core.journal import journal_interrupted, read_journal, resume_from_journal
 from dapt_core.manifest import DirRef, PackManifest, SftManifest
 from dapt_core.model import adds_bos, load_from_dir
 from dapt_core.model_card import ModelProvenance, write_model_card

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import unicodedata
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
@@ -71,6 +70,7 @@ from typing import TYPE_CHECKING
 
 from dapt_core.config import TokenizerConfig
 from dapt_core.manifest import ExtensionCost
+from dapt_core.tokenizer_report import render_markdown
 
 if TYPE_CHECKING:
     import numpy as np
@@ -570,81 +570,3 @@ def extend(
         report["note"] = "no held-out texts: tokens per word, round trip and bits per byte were not measured"
     report.update(changed=True, reason=f"added {len(chosen)} domain tokens ({len(added)} vocabulary entries)")
     return ExtensionResult(tokenizer, model, report, render_markdown(report), new_tokens=added, initial_cost=cost)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# report
-
-
-def _fmt(x: float | None, spec: str = ".4f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def render_markdown(report: dict, top: int = 40) -> str:
-    lines = ["## Tokenizer extension", ""]
-    if not report.get("changed"):
-        lines.append(f"Base tokenizer kept unchanged: {report.get('reason')}.")
-        if report.get("rejected"):
-            lines += [
-                "",
-                "Rejected domain tokens: " + ", ".join(f"{k}: {v}" for k, v in sorted(report["rejected"].items())),
-            ]
-        return "\n".join(lines) + "\n"
-    lines.append(
-        f"Added {len(report['new_tokens'])} domain tokens ({report['added_vocab_entries']} vocabulary entries, "
-        f"{len(report['intermediate_tokens'])} of them intermediate merge tokens) out of {report['candidates']} "
-        "candidates; "
-        f"estimated saving on the training corpus: {report['estimated_tokens_saved_on_train']:,} tokens."
-    )
-    tpw = report.get("tokens_per_word_heldout")
-    if tpw:
-        lines.append(
-            f"Tokens per word on held-out domain text: {_fmt(tpw['before'], '.3f')} -> {_fmt(tpw['after'], '.3f')} "
-            f"({tpw['reduction']:.1%} fewer)."
-        )
-    rt = report.get("roundtrip")
-    if rt:
-        lines.append(
-            f"Round trip on {rt['texts']} held-out texts: {rt['same_as_base']} decode exactly as with the base "
-            "tokenizer "
-            f"({rt['exact_extended']} reproduce the input byte for byte; base: {rt['exact_base']})."
-        )
-    bpb = report.get("bits_per_byte_heldout")
-    if bpb:
-        lines += [
-            "",
-            f"Bits per byte on {bpb['eval_docs']} held-out domain docs ({bpb['eval_bytes']:,} bytes), before any "
-            "training:",
-            "",
-            "| model | bits/byte |",
-            "| --- | --- |",
-            f"| base model, base tokenizer | {_fmt(bpb['base'])} |",
-            f"| extended, mean-of-pieces init | {_fmt(bpb['mean_init'])} |",
-            f"| extended, library default init | {_fmt(bpb['default_init'])} |",
-        ]
-        if bpb["init"] != "mean":
-            lines.append(f"| extended, {bpb['init']} init (used) | {_fmt(bpb['extended'])} |")
-        lines += ["", f"Of mean-of-pieces and library default, better: **{bpb['better_init'].replace('_', ' ')}**."]
-    cost = report.get("initial_cost")
-    if cost:
-        lines.append(
-            f"Initial cost of the extension ({cost['init']} init, before training): domain bpb "
-            f"{_fmt(cost['domain_bpb_original'])} -> {_fmt(cost['domain_bpb_extended'])} "
-            f"({cost['domain_bpb_extended'] / cost['domain_bpb_original'] - 1:+.1%})"
-            + (
-                f", general bpb {_fmt(cost['general_bpb_original'])} -> {_fmt(cost['general_bpb_extended'])} "
-                f"({cost['general_bpb_extended'] / cost['general_bpb_original'] - 1:+.1%}) on {cost['general_docs']} docs."
-                if cost["general_bpb_original"]
-                else "."
-            )
-        )
-    emb = report.get("embedding") or {}
-    if emb.get("repaired"):
-        lines.append("Embedding guard repaired: " + "; ".join(emb["repaired"]) + ".")
-    lines += ["", "| token | frequency | base pieces | saving |", "| --- | --- | --- | --- |"]
-    for c in report["new_tokens"][:top]:
-        pieces = " ".join(f"`{p}`" for p in c["pieces"])
-        lines.append(f"| `{c['text']}` | {c['frequency']:,} | {pieces} | {c['saving']:,} |")
-    if len(report["new_tokens"]) > top:
-        lines.append(f"| ... {len(report['new_tokens']) - top} more | | | |")
-    return "\n".join(lines) + "\n"

@@ -15,14 +15,8 @@ import dapt_core.cpt as cpt
 from dapt.flows.training_data import training_data_flow
 from dapt.tasks.cpt import CPT_CODE, _torchrun, base_eval_task
 from dapt_core.config import load_config
-from dapt_core.cpt import (
-    AttemptSpec,
-    JournalEntry,
-    JournalError,
-    journal_text,
-    read_journal,
-    run_attempt,
-)
+from dapt_core.cpt import AttemptSpec, run_attempt
+from dapt_core.journal import JournalEntry, JournalError, journal_text, read_journal
 from dapt_core.store import open_store
 from tests.corpus import write_config, write_corpus
 from tests.tiny_model import pretrained_general_base

@@ -199,7 +199,7 @@ def test_signal_stops_cpt_with_a_checkpoint_and_the_rerun_resumes_it_exactly(tin
     resume = [line for line in dapt.stderr if "again to resume" in line]
     assert len(resume) == 1
     last = _newest_journal(store)[-1]
-    assert last["interrupted"] is True and last["reason"] == sig.name and "accepted" not in last
+    assert last["interrupted"] is True and last["reason"] == sig.name and last.get("accepted") is None
     step = last["step"]
     assert 0 < step < STEPS
     checkpoint = Path(last["checkpoint"]["uri"])

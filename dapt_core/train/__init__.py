@@ -4,7 +4,8 @@
 which reads top to bottom: stop? → one optimizer step → log → checkpoint and judge. The pieces live beside it:
 data order and micro-batches (dapt_core/train/data.py), checkpoints (dapt_core/train/checkpoint.py), DDP / FSDP2 and the
 torchrun launch (dapt_core/train/distributed.py), LoRA (dapt_core/train/lora.py), attention kernels and packing
-(dapt_core/train/attention.py), tokens/s and MFU (dapt_core/train/throughput.py).
+(dapt_core/train/attention.py), tokens/s and MFU (dapt_core/train/throughput.py), AdamW and the LR schedule
+(dapt_core/train/optim.py), the EWC anchor (dapt_core/train/anchor.py).
 
 * **Method.** `full` trains every parameter; `lora` wraps the model with peft (`cfg.lora`), new tokenizer rows train
   per `cfg.train_new_tokens` / `cfg.train_embeddings`.
@@ -39,8 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +60,7 @@ from dapt_core import stop
 from dapt_core.config import TrainConfig
 from dapt_core.stop import Stopped, StopRequested
 from dapt_core.train import checkpoint as ckpt
+from dapt_core.train.anchor import setup_ewc
 from dapt_core.train.attention import (
     check_attention,
     flatten_for_varlen,
@@ -94,6 +94,7 @@ from dapt_core.train.distributed import (
     wrap_model,
 )
 from dapt_core.train.lora import apply_lora, is_peft, merge_lora
+from dapt_core.train.optim import build_optimizer, lr_at, set_peak_lr, total_steps_for
 from dapt_core.train.throughput import (
     flops_per_token,
     mfu,
@@ -127,31 +128,6 @@ __all__ = [  # the training API other modules use (re-exported from the modules 
 ]
 
 log = logging.getLogger("dapt.train")
-
-EWC_FILE = "ewc.safetensors"
-
-
-# -------------------------------------------------------------------------------------------------- LR schedule
-def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
-    return round(cfg.warmup_ratio * total_steps)
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """LR of optimizer step `step` (0-based): linear warmup to cfg.lr (reached at the last warmup step), then
-    cosine from cfg.lr (first step after warmup) to min_lr_ratio * cfg.lr (last step, total_steps - 1)."""
-    warmup = warmup_steps_for(cfg, total_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    decay_steps = max(1, total_steps - warmup - 1)
-    progress = min(1.0, (step - warmup) / decay_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def total_steps_for(cfg: TrainConfig, num_sequences: int, world: int = 1) -> int:
-    """Optimizer steps: cfg.max_steps, or cfg.epochs passes at batch_size * world * grad_accum sequences per step."""
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * num_sequences / (cfg.batch_size * world * cfg.grad_accum)))
 
 
 # -------------------------------------------------------------------------------------------------- results
@@ -267,37 +243,6 @@ def check_strategy(cfg: TrainConfig, dist: Distributed) -> None:
         )
 
 
-def setup_ewc(
-    model: torch.nn.Module,
-    cfg: TrainConfig,
-    out_dir: Path,
-    resume: bool,
-    general_samples: Sequence[Sequence[int]] | None,
-    dist: Distributed,
-    device: torch.device,
-) -> EWC | None:
-    """The EWC anchor and Fisher, on the model as given (before any adapter or update); a resumed run reloads them."""
-    if not cfg.ewc.enabled:
-        return None
-    from dapt_core.ewc import EWC
-
-    path = out_dir / EWC_FILE
-    if resume and path.is_file():
-        ewc = EWC.load(path, cfg.ewc.lambda_)
-    else:
-        if not general_samples:
-            raise ValueError("train.ewc.enabled needs general_samples (token id sequences of general text)")
-        if cfg.method == "lora":
-            raise ValueError("train.ewc: EWC applies to full training (LoRA adapters start at zero: nothing to anchor)")
-        ewc = EWC.from_model(model, general_samples, cfg.ewc.lambda_, max_samples=cfg.ewc.fisher_samples)
-        if dist.main:
-            tmp = out_dir / f".tmp-{EWC_FILE}"
-            ewc.save(tmp)
-            os.replace(tmp, path)
-    ewc.to(device)
-    return ewc
-
-
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig, new_token_ids: Sequence[int]):
     """Model surgery before training: LoRA adapters, the attention kernel, activation checkpointing, compilation."""
     if cfg.method == "lora" and not is_peft(model):
@@ -332,24 +277,6 @@ def read_resume_point(checkpoint: Path, cfg: TrainConfig, dist: Distributed) -> 
     return state
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device):
-    """AdamW (fused kernels on CUDA) and the warmup + cosine schedule."""
-    fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **fused
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
-    return optimizer, scheduler
-
-
 def restore_optimizer(run: Run, checkpoint: Path) -> None:
     """Optimizer (whole or this rank's shard), schedule and RNG states of `checkpoint`."""
     if run.strategy == "fsdp":
@@ -359,16 +286,6 @@ def restore_optimizer(run: Run, checkpoint: Path) -> None:
     run.scheduler.load_state_dict(load_state(checkpoint / "scheduler.pt"))
     set_peak_lr(run.optimizer, run.scheduler, run.cfg.lr)
     ckpt.set_rng_state(load_state(checkpoint / "rng.pt"))
-
-
-def set_peak_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, peak: float) -> None:
-    """After loading a checkpoint's scheduler: the schedule's peak is this run's cfg.lr, at the loaded position. A plain
-    resume keeps the same LR; a rollback continuing from an accepted checkpoint (dapt_core/continuation.py) lowers it
-    on the same schedule (the loaded state carries the old peak as base_lrs)."""
-    scheduler.base_lrs = [peak for _ in optimizer.param_groups]
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"] = peak
-        group["lr"] = peak * factor(scheduler.last_epoch)
 
 
 def data_workers(cfg: TrainConfig, device: torch.device) -> int:
