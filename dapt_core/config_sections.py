@@ -180,7 +180,7 @@ class TokenizerConfig(Section):
     max_new_tokens: int = Field(1_000, ge=0, description="Cap on tokens added to the base tokenizer.")
     min_frequency: int = Field(20, ge=1, description="Minimum occurrences of a candidate in the domain corpus.")
     min_chars: int = Field(4, ge=2, description="Minimum length of a candidate (without the leading-space marker).")
-    init: Literal["mean", "mean", "last_piece", "last_piece_seqprob"] = Field(
+    init: Literal["mean", "seqprob", "last_piece", "last_piece_seqprob"] = Field(
         "mean",
         description="New rows: mean of the pieces' rows; seqprob: output rows fitted to the base's probability of the "
         "piece sequence; last_piece: input rows from the base's state at the term's last piece; last_piece_seqprob: "

@@ -70,14 +70,13 @@ from typing import TYPE_CHECKING
 
 from dapt_core.config import TokenizerConfig
 from dapt_core.manifest import ExtensionCost
-from dapt_core.tokenizer_report import render_markdown
+from dapt_core.tokenizer_report import bpb_report, render_markdown
 
 if TYPE_CHECKING:
     import numpy as np
     from tokenizers import Tokenizer
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from dapt_core.metrics import NLLStats
 
 _WORD_PUNCT = set("-_'’")
 _BYTE_LEVEL, _METASPACE, _PLAIN = "byte-level", "metaspace", "plain"
@@ -386,6 +385,21 @@ def _texts_factory(texts: Iterable[str] | Callable[[], Iterable[str]]) -> Callab
     return lambda: texts
 
 
+def _tokenization_report(
+    tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase, heldout: list[str]
+) -> dict:
+    """Round trip and tokens per word of the held-out texts, extended vs base tokenizer."""
+    from dapt_core.metrics import tokens_per_word
+
+    same, exact = _lossless(tokenizer, base_tokenizer, heldout)
+    base_exact = _lossless(base_tokenizer, base_tokenizer, heldout)[1]
+    before, after = tokens_per_word(base_tokenizer, heldout), tokens_per_word(tokenizer, heldout)
+    return {
+        "roundtrip": {"texts": len(heldout), "same_as_base": same, "exact_extended": exact, "exact_base": base_exact},
+        "tokens_per_word_heldout": {"before": before, "after": after, "reduction": 1 - after / before},
+    }
+
+
 def _lossless(
     tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase, texts: list[str]
 ) -> tuple[int, int]:
@@ -422,55 +436,78 @@ def _unchanged(
     return ExtensionResult(base_tokenizer, model, report, render_markdown(report))
 
 
-def _tokenization_report(
-    tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase, heldout: list[str]
-) -> dict:
-    """Round trip and tokens per word of the held-out texts, extended vs base tokenizer."""
-    from dapt_core.metrics import tokens_per_word
+@dataclass
+class _Surgery:
+    """What the resize-and-initialise step needs besides the model: the extended tokenizer, its added entries, the
+    training texts (for the context-fitted inits), the config and the scoring settings."""
 
-    same, exact = _lossless(tokenizer, base_tokenizer, heldout)
-    base_exact = _lossless(base_tokenizer, base_tokenizer, heldout)[1]
-    before, after = tokens_per_word(base_tokenizer, heldout), tokens_per_word(tokenizer, heldout)
-    return {
-        "roundtrip": {"texts": len(heldout), "same_as_base": same, "exact_extended": exact, "exact_base": base_exact},
-        "tokens_per_word_heldout": {"before": before, "after": after, "reduction": 1 - after / before},
-    }
+    tokenizer: PreTrainedTokenizerBase
+    added: list[str]
+    texts: Callable[[], Iterable[str]]
+    cfg: TokenizerConfig
+    kw: dict
 
 
-def _bpb_report(
-    init: str,
-    docs: int,
-    base: NLLStats,
-    extended: NLLStats,
-    mean: NLLStats,
-    default: NLLStats,
-    general_docs: int,
-    base_general: NLLStats | None,
-    extended_general: NLLStats | None,
-) -> tuple[dict, ExtensionCost]:
-    """The held-out domain bpb table of the report, and the extension's initial cost (general: when measured)."""
-    bpb = {
-        "eval_docs": docs,
-        "eval_bytes": base.bytes,
-        "base": base.bits_per_byte,
-        "extended": extended.bits_per_byte,
-        "init": init,
-        "mean_init": mean.bits_per_byte,
-        "default_init": default.bits_per_byte,
-        "tokens_base": base.tokens,
-        "tokens_extended": extended.tokens,
-    }
-    bpb["better_init"] = "mean_init" if bpb["mean_init"] < bpb["default_init"] else "default_init"
-    cost = ExtensionCost(
-        init=init,
-        domain_docs=docs,
-        domain_bpb_original=base.bits_per_byte,
-        domain_bpb_extended=extended.bits_per_byte,
-        general_docs=general_docs,
-        general_bpb_original=base_general.bits_per_byte if base_general else None,
-        general_bpb_extended=extended_general.bits_per_byte if extended_general else None,
+def _resize_and_measure(
+    model: PreTrainedModel,
+    base_tokenizer: PreTrainedTokenizerBase,
+    surgery: _Surgery,
+    heldout: list[str],
+    general: list[str],
+    report: dict,
+    eval_max_bytes: int | None,
+    pad_to_multiple_of: int | None,
+) -> ExtensionCost | None:
+    """Resize and initialise `model` in place (mean of pieces, then `cfg.init`), scoring the held-out texts with the
+    base model and a default-init copy before the change and with the extended model after it: the report's bits per
+    byte and the extension's initial cost (None without held-out texts)."""
+    from dapt_core.embedding import add_tokens_with_mean_init, default_resize, refine_new_rows
+    from dapt_core.metrics import nll_stats
+
+    tokenizer, added, texts, cfg, kw = surgery.tokenizer, surgery.added, surgery.texts, surgery.cfg, surgery.kw
+    general = _cap_bytes(general, eval_max_bytes)
+    if heldout:
+        report.update(_tokenization_report(tokenizer, base_tokenizer, heldout))
+        evald = _cap_bytes(heldout, eval_max_bytes)
+        base_stats = nll_stats(model, base_tokenizer, evald, **kw)
+        base_general = nll_stats(model, base_tokenizer, general, **kw) if general else None
+        clone = copy.deepcopy(model)
+        default_resize(clone, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+        default_stats = nll_stats(clone, tokenizer, evald, **kw)
+        del clone
+    emb = add_tokens_with_mean_init(model, base_tokenizer, tokenizer, added, pad_to_multiple_of=pad_to_multiple_of)
+    report["embedding"] = {k: v for k, v in emb.items() if k not in ("pieces", "new_ids")}
+    mean_stats = nll_stats(model, tokenizer, evald, **kw) if heldout and cfg.init != "mean" else None
+    report["init"] = refine_new_rows(
+        model,
+        base_tokenizer,
+        tokenizer,
+        emb,
+        texts(),
+        cfg.init,
+        layer=cfg.init_layer,
+        intermediates=report["intermediate_tokens"],
     )
-    return bpb, cost
+    cost = None
+    if heldout:
+        ext_stats = nll_stats(model, tokenizer, evald, **kw)
+        ext_general = nll_stats(model, tokenizer, general, **kw) if general else None
+        report["bits_per_byte_heldout"], cost = bpb_report(
+            cfg.init,
+            len(evald),
+            base_stats,
+            ext_stats,
+            mean_stats or ext_stats,
+            default_stats,
+            len(general),
+            base_general,
+            ext_general,
+        )
+        report["initial_cost"] = cost.model_dump()
+    else:
+        report["bits_per_byte_heldout"] = None
+        report["note"] = "no held-out texts: tokens per word, round trip and bits per byte were not measured"
+    return cost
 
 
 def extend(
@@ -494,9 +531,6 @@ def extend(
     held-out general texts, for the general part of the initial cost. The base and a default-init copy are scored
     before the model changes. Returns the base tokenizer and model unchanged, with the reason in the report, when
     `cfg.enabled` is false, the tokenizer cannot be extended, or no candidate passes."""
-    from dapt_core.embedding import add_tokens_with_mean_init, default_resize, refine_new_rows
-    from dapt_core.metrics import nll_stats
-
     report: dict = {"enabled": cfg.enabled, "config": cfg.model_dump()}
     if not cfg.enabled:
         return _unchanged(model, base_tokenizer, report, "tokenizer.enabled is false")
@@ -525,48 +559,16 @@ def extend(
     report["added_vocab_entries"] = len(added)
     report["estimated_tokens_saved_on_train"] = sum(c.saving for c in chosen)
 
-    heldout, general = list(heldout_texts), _cap_bytes(list(general_heldout_texts), eval_max_bytes)
-    kw = {"max_length": max_length, "batch_size": batch_size}
-    if heldout:
-        report.update(_tokenization_report(tokenizer, base_tokenizer, heldout))
-        evald = _cap_bytes(heldout, eval_max_bytes)
-        base_stats = nll_stats(model, base_tokenizer, evald, **kw)
-        base_general = nll_stats(model, base_tokenizer, general, **kw) if general else None
-        clone = copy.deepcopy(model)
-        default_resize(clone, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-        default_stats = nll_stats(clone, tokenizer, evald, **kw)
-        del clone
-    emb = add_tokens_with_mean_init(model, base_tokenizer, tokenizer, added, pad_to_multiple_of=pad_to_multiple_of)
-    report["embedding"] = {k: v for k, v in emb.items() if k not in ("pieces", "new_ids")}
-    mean_stats = nll_stats(model, tokenizer, evald, **kw) if heldout and cfg.init != "mean" else None
-    report["init"] = refine_new_rows(
+    surgery = _Surgery(tokenizer, added, texts, cfg, {"max_length": max_length, "batch_size": batch_size})
+    cost = _resize_and_measure(
         model,
         base_tokenizer,
-        tokenizer,
-        emb,
-        texts(),
-        cfg.init,
-        layer=cfg.init_layer,
-        intermediates=report["intermediate_tokens"],
+        surgery,
+        list(heldout_texts),
+        list(general_heldout_texts),
+        report,
+        eval_max_bytes,
+        pad_to_multiple_of,
     )
-    cost = None
-    if heldout:
-        ext_stats = nll_stats(model, tokenizer, evald, **kw)
-        ext_general = nll_stats(model, tokenizer, general, **kw) if general else None
-        report["bits_per_byte_heldout"], cost = _bpb_report(
-            cfg.init,
-            len(evald),
-            base_stats,
-            ext_stats,
-            mean_stats or ext_stats,
-            default_stats,
-            len(general),
-            base_general,
-            ext_general,
-        )
-        report["initial_cost"] = cost.model_dump()
-    else:
-        report["bits_per_byte_heldout"] = None
-        report["note"] = "no held-out texts: tokens per word, round trip and bits per byte were not measured"
     report.update(changed=True, reason=f"added {len(chosen)} domain tokens ({len(added)} vocabulary entries)")
     return ExtensionResult(tokenizer, model, report, render_markdown(report), new_tokens=added, initial_cost=cost)

@@ -4,6 +4,12 @@ per word, round trips, bits per byte before training and the initial cost, from 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+from dapt_core.manifest import ExtensionCost
+
+if TYPE_CHECKING:
+    from dapt_core.metrics import NLLStats
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -79,3 +85,39 @@ def render_markdown(report: dict, top: int = 40) -> str:
     if len(report["new_tokens"]) > top:
         lines.append(f"| ... {len(report['new_tokens']) - top} more | | | |")
     return "\n".join(lines) + "\n"
+
+
+def bpb_report(
+    init: str,
+    docs: int,
+    base: NLLStats,
+    extended: NLLStats,
+    mean: NLLStats,
+    default: NLLStats,
+    general_docs: int,
+    base_general: NLLStats | None,
+    extended_general: NLLStats | None,
+) -> tuple[dict, ExtensionCost]:
+    """The held-out domain bpb table of the report, and the extension's initial cost (general: when measured)."""
+    bpb = {
+        "eval_docs": docs,
+        "eval_bytes": base.bytes,
+        "base": base.bits_per_byte,
+        "extended": extended.bits_per_byte,
+        "init": init,
+        "mean_init": mean.bits_per_byte,
+        "default_init": default.bits_per_byte,
+        "tokens_base": base.tokens,
+        "tokens_extended": extended.tokens,
+    }
+    bpb["better_init"] = "mean_init" if bpb["mean_init"] < bpb["default_init"] else "default_init"
+    cost = ExtensionCost(
+        init=init,
+        domain_docs=docs,
+        domain_bpb_original=base.bits_per_byte,
+        domain_bpb_extended=extended.bits_per_byte,
+        general_docs=general_docs,
+        general_bpb_original=base_general.bits_per_byte if base_general else None,
+        general_bpb_extended=extended_general.bits_per_byte if extended_general else None,
+    )
+    return bpb, cost
