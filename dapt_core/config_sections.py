@@ -335,6 +335,12 @@ class TrainConfig(Section):
         ge=1,
         description="GPUs per node: > 1 launches the CPT attempt with torchrun (train.strategy, one process per GPU).",
     )
+    isolate: bool = Field(
+        False,
+        description="Run the attempt in a fresh child process (`python -m dapt_core.cpt`; SFT: `dapt_core.sft`), so "
+        "the memory of earlier stages (libraries' heap, evaluations) is not under the training peak; it is all "
+        "returned at its end.",
+    )
     stop_grace_s: float = Field(
         60.0,
         gt=0,
