@@ -156,7 +156,7 @@ class TokenizerConfig(_Section):
     min_frequency: int = Field(20, ge=1, description="Minimum occurrences of a candidate in the domain corpus.")
     min_chars: int = Field(4, ge=2, description="Minimum length of a candidate (without the leading-space marker).")
     init: Literal["mean", "seqprob", "last_piece", "last_piece_seqprob"] = Field(
-        "seqprob",
+        "mean",
         description="New rows: mean of the pieces' rows; seqprob: output rows fitted to the base's probability of the "
         "piece sequence; last_piece: input rows from the base's state at the term's last piece; last_piece_seqprob: "
         "both. Measured in bench/extension.py (bench/README.md).",
