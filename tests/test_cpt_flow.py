@@ -239,7 +239,7 @@ def test_rollback_in_the_flow_continues_from_the_best_accepted_checkpoint(prefec
     """The flow's rollback, end to end: attempt 0 is accepted at step 4 and (told to be) rejected at step 8; attempt 1
     continues from attempt 0's step 4 at half the LR and twice the replay, judged at steps 8 and 12 (the same budget),
     and its best checkpoint, which beats the original base, is promoted."""
-    from dapt_core.evaluate import Decision, ForgettingPolicy
+    from dapt_core.forgetting import Decision, ForgettingPolicy
 
     root, dirs, base = corpus
     cfg = _config(root, dirs, base, "continue", lr=TrainConfig().lr, general_fraction=0.05, max_steps=12, save_every=4,
