@@ -540,6 +540,7 @@ def train_step(run: Run) -> dict:
                 total = total + penalty
             total.backward()
         nll_sum += float(summed.detach())
+        del out, summed, total  # the logits (and their loss) must not outlive their backward into the next forward
     grad_norm = clip_gradients(run)
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
