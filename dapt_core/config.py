@@ -275,6 +275,10 @@ class TrainConfig(_Section):
     nproc_per_node: int = Field(
         1, ge=1, description="GPUs per node: > 1 launches the CPT attempt with torchrun (train.strategy, one process per GPU)."
     )
+    isolate: bool = Field(
+        False, description="Run the attempt in a fresh child process (`python -m dapt_core.cpt`; SFT: `dapt_core.sft`), so the "
+        "memory of earlier stages (libraries' heap, evaluations) is not under the training peak; it is all returned at its end.",
+    )
     stop_grace_s: float = Field(
         60.0, gt=0, description="On SIGTERM / SIGINT / a cancel: seconds to finish the current optimizer step and save a "
         "resumable checkpoint before the process exits anyway (a spot preemption gives 30-120 s; Prefect's runner 30 s).",
@@ -491,7 +495,7 @@ class DaptConfig(_Section):
         """The config sections that change what the pipeline produces (not where it runs or how it is scheduled)."""
         from dapt_core.hashing import stable_hash
 
-        exclude = {"project": True, "store": True, "aws_credentials_block": True, "plan": True, "deploy": True, "train": {"stop_grace_s"}, "sft": {"train": {"stop_grace_s"}}}
+        exclude = {"project": True, "store": True, "aws_credentials_block": True, "plan": True, "deploy": True, "train": {"stop_grace_s", "isolate"}, "sft": {"train": {"stop_grace_s", "isolate"}}}
         return stable_hash(self.model_dump(mode="json", exclude=exclude))
 
     @field_validator("store")

@@ -41,6 +41,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -68,6 +69,7 @@ from dapt_core.manifest import (
     DirRef,
     PackManifest,
 )
+from dapt_core.memory import release_heap
 from dapt_core.model import load_from_dir
 from dapt_core.model_card import ModelProvenance, write_model_card
 from dapt_core.stop import Stopped, StopRequested
@@ -368,6 +370,7 @@ class CheckpointJudge:
         if self.observer is not None:
             self.observer.evaluating(step)
         result = evaluate(_judged_model(self.spec, self.store, self.model, path), self.tokenizer, self.files, self.workdir / f"eval-{step}", self.spec.eval)
+        release_heap()  # the evaluation's temporary logits, before training goes on (dapt_core/memory.py)
         decision = self.policy.judge(self.spec.reference, result, step=step)  # logs the decision
         trails, domain_numbers = trails_original(self.spec.reference, result, self.spec.eval)
         if trails:
@@ -489,26 +492,32 @@ def _read_spec(where: str) -> str:
     return Path(where).read_text()
 
 
-def main(argv: list[str]) -> None:
-    """torchrun entry point: `-m dapt_core.cpt SPEC_JSON RESULT_JSON [WORKDIR]` (SPEC_JSON: a file or `<store>#<key>`).
+def serve_attempt(argv: list[str], attempt: Callable[[str, Path], BaseModel | None]) -> None:
+    """A child process's entry point: `SPEC_JSON RESULT_JSON [WORKDIR]` (SPEC_JSON: a file or `<store>#<key>`);
+    `attempt(spec text, workdir)` runs it and its result is written to RESULT_JSON (rank 0).
 
-    SIGTERM / SIGINT (torchrun forwards the launcher's SIGTERM to every rank, and waits --shutdown_timeout seconds)
-    stop training at the next step with a checkpoint; rank 0 then writes RESULT_JSON.stopped and every rank exits
-    with STOPPED_EXIT_CODE."""
+    SIGTERM / SIGINT (the launching task forwards a stop request as SIGTERM; torchrun passes it on to every rank and
+    waits --shutdown_timeout seconds) stop training at the next step with a checkpoint; rank 0 then writes
+    RESULT_JSON.stopped and every rank exits with STOPPED_EXIT_CODE."""
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s rank {rank}: %(message)s")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: stop.request(signal.Signals(signum).name))
-    spec = AttemptSpec.model_validate_json(_read_spec(argv[0]))
     workdir = Path(argv[2]) if len(argv) > 2 else Path(argv[1]).parent / "work"
     try:
-        manifest = run_attempt(spec, workdir)
+        result = attempt(_read_spec(argv[0]), workdir)
     except StopRequested as e:
         if rank == "0":
             stopped_path(Path(argv[1])).write_text(e.stopped.model_dump_json())
         sys.exit(STOPPED_EXIT_CODE)
-    if manifest is not None:
-        Path(argv[1]).write_text(manifest.model_dump_json())
+    if result is not None:
+        Path(argv[1]).write_text(result.model_dump_json())
+
+
+def main(argv: list[str]) -> None:
+    """`python -m dapt_core.cpt SPEC_JSON RESULT_JSON [WORKDIR]`: one CPT attempt in this process, as torchrun's ranks
+    or a train.isolate child (tasks/child.py) run it."""
+    serve_attempt(argv, lambda text, workdir: run_attempt(AttemptSpec.model_validate_json(text), workdir))
 
 
 if __name__ == "__main__":

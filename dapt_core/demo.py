@@ -69,15 +69,16 @@ def demo_config(workdir: Path) -> Path:
         # A CPU-sized run: 12 steps of 8 x 256 tokens (~25k tokens), a checkpoint judged every 6 steps. The LR is the
         # top of the CPT range: with so few steps the lower defaults barely move the model. Micro-batches of 4 (the
         # loss is token-weighted across them, so the step is the same) and recomputed activations keep full CPT's
-        # peak memory (weights, AdamW state, gradients, activations, 49k-vocabulary logits) within 4 GB.
+        # peak memory (weights, AdamW state, gradients, activations, 49k-vocabulary logits) within 4 GB; `isolate`
+        # trains in a fresh child process, so the ~2 GB the earlier stages left in this one are not under that peak.
         "train": {"lr": 5e-5, "max_steps": 12, "save_every": 6, "batch_size": 4, "grad_accum": 2, "gradient_checkpointing": True,
-                  "warmup_ratio": 0.1},
+                  "warmup_ratio": 0.1, "isolate": True},
         "eval": {"max_probes": 0, "batch_size": 8, "benchmarks": demo_benchmarks(data)},
         "sft": {
             "data": [str(_mts_dialog_pairs(data / "MTSDialog/validation.csv", workdir / "sft-mts-dialog.jsonl"))],
             "seq_len": 256,
             "train": {"lr": 5e-5, "max_steps": 8, "batch_size": 4, "grad_accum": 2, "gradient_checkpointing": True, "warmup_ratio": 0.1,
-                      "block_cross_document_attention": True},
+                      "block_cross_document_attention": True, "isolate": True},
         },
     }
     workdir.mkdir(parents=True, exist_ok=True)

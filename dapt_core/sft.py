@@ -44,7 +44,14 @@ from pydantic import BaseModel
 
 from dapt_core import layout
 from dapt_core.config import EvalConfig, SftConfig
-from dapt_core.cpt import AttemptObserver, eval_files, journal_interrupted, read_journal, resume_from_journal
+from dapt_core.cpt import (
+    AttemptObserver,
+    eval_files,
+    journal_interrupted,
+    read_journal,
+    resume_from_journal,
+    serve_attempt,
+)
 from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.forgetting import Decision, ForgettingPolicy
 from dapt_core.manifest import DirRef, PackManifest, SftManifest
@@ -562,3 +569,15 @@ def _save_model(
             out, spec.provenance, "supervised fine-tuning", evaluated.metrics, spec.reference.metrics, verdict
         )
     return store.put_dir(out, layout.sft_model_key(spec.prefix))
+
+
+def main(argv: list[str]) -> None:
+    """`python -m dapt_core.sft SPEC_JSON RESULT_JSON [WORKDIR]`: one SFT attempt in a fresh child process
+    (sft.train.isolate, tasks/sft.py); stop handling as `dapt_core.cpt.serve_attempt`."""
+    serve_attempt(argv, lambda text, workdir: run_sft_attempt(SftAttemptSpec.model_validate_json(text), workdir))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

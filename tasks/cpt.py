@@ -5,49 +5,41 @@ perplexity and benchmark accuracy do not depend on the tokenizer, so a checkpoin
 started with, not against the extended-but-untrained model (already worse by whatever the extension cost), which is
 still evaluated (cached) and reported. Both are evaluated once on the held-out text of the pack stage and the
 benchmarks, their per-item benchmark results kept for the paired test.
-An attempt runs in this process, or under torchrun (DDP or FSDP, one process per GPU) when train.nproc_per_node > 1
-or train.nnodes > 1.
-A stop request (dapt_core/stop.py) reaches the torchrun launch as SIGTERM, forwarded by this task.
+An attempt runs in this process, in a fresh child process with train.isolate (bounded memory: tasks/child.py), or
+under torchrun (DDP or FSDP, one process per GPU) when train.nproc_per_node > 1 or train.nnodes > 1.
+A stop request (dapt_core/stop.py) reaches a child process or the torchrun launch as SIGTERM, forwarded by this task.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
-import os
-import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from prefect import task
-from prefect.logging import get_run_logger
 
-from dapt_core import layout, leftovers, stop
+from dapt_core import layout, leftovers
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
-from dapt_core.cpt import AttemptSpec, eval_files, run_attempt, stopped_path
+from dapt_core.cpt import AttemptSpec, eval_files, run_attempt
 from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import Continuation, CptManifest, DirRef, PackManifest
+from dapt_core.memory import release_heap
 from dapt_core.model import load_from_dir, load_model, load_tokenizer
 from dapt_core.model_card import ModelProvenance
-from dapt_core.stop import Stopped, StopRequested
-from dapt_core.store import open_store, s3_environment
+from dapt_core.store import open_store
 from dapt_core.train.distributed import torchrun_command
 from tasks import progress
 from tasks.caching import check_result_record, eval_set_hashes
+from tasks.child import run_child, task_log
 
 CPT_CODE = code_version(run_attempt, evaluate, load_model, task_module=sys.modules[__name__])
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except Exception:  # called outside a run (unit use)
-        return logging.getLogger("dapt.cpt")
+    return task_log("dapt.cpt")
 
 
 # ------------------------------------------------------------------------------------------------------- base eval
@@ -65,8 +57,7 @@ def base_eval_task(reference: DirRef, pack: PackManifest, eval_cfg: EvalConfig, 
     """Metrics of the model CPT starts from (the extended base) on the held-out sets and benchmarks: reported."""
     check_result_record(store_uri, base_eval_key(reference, pack, eval_cfg))
     store = open_store(store_uri)
-    m, tokenizer = load_from_dir(store.local_dir(reference))
-    return _metrics(m, tokenizer, store, pack, eval_cfg, "base model")
+    return _metrics(*load_from_dir(store.local_dir(reference)), store, pack, eval_cfg, "base model")
 
 
 def original_eval_key(fingerprint: str, pack: PackManifest, eval_cfg: EvalConfig) -> str:
@@ -87,8 +78,12 @@ def original_base_eval_task(model_cfg: ModelConfig, fingerprint: str, pack: Pack
 
 
 def _metrics(m, tokenizer, store, pack: PackManifest, eval_cfg: EvalConfig, what: str) -> EvalResult:
+    """Evaluate `m` (which only this call holds) and give its memory back: the stages after this one run in the same
+    process (dapt_core/memory.py)."""
     with leftovers.temp_dir("base-eval") as tmp:
         result = evaluate(m, tokenizer, eval_files(store, pack), Path(tmp), eval_cfg)
+    del m
+    release_heap()
     _log().info("%s metrics (%s): %s", what, result.backend, json.dumps(result.metrics, sort_keys=True))
     return result
 
@@ -101,10 +96,10 @@ def cpt_key(
 ) -> str:
     shards = [r.sha256 for r in pack.train_shards]
     # The whole train section, nproc_per_node and nnodes included (batch_size is per process, so they set the global
-    # batch); stop_grace_s, where the nodes meet and how many loader processes prepare the data do not change what is
-    # trained (and every node of a launch must compute the same key).
+    # batch); stop_grace_s, whether it runs in a child process, where the nodes meet and how many loader processes
+    # prepare the data do not change what is trained (and every node of a launch must compute the same key).
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
-    train = train_cfg.model_dump(mode="json", exclude={"stop_grace_s", "node_rank", "rdzv_endpoint", "rdzv_id", "data_workers"})
+    train = train_cfg.model_dump(mode="json", exclude={"stop_grace_s", "node_rank", "rdzv_endpoint", "rdzv_id", "data_workers", "isolate"})
     return "cpt-" + stable_hash(
         start.sha256, shards, eval_set_hashes(pack), fisher, train, eval_cfg, reference, attempt, CPT_CODE,
         *([sorted(new_token_ids)] if new_token_ids else []),  # the rows LoRA trains (absent: the key stays as it was)
@@ -148,30 +143,31 @@ def cpt_task(
     )
     with leftovers.temp_dir("cpt") as tmp:
         tmp = Path(tmp)
-        if train_cfg.nproc_per_node == 1 and train_cfg.nnodes == 1:
+        if train_cfg.nproc_per_node > 1 or train_cfg.nnodes > 1:  # the ranks' log lines (steps, decisions) stream into this task's log
+            result = _torchrun(spec, tmp)
+        elif train_cfg.isolate:
+            result = _in_child(spec, tmp)
+        else:
             watch = progress.TrainingProgress(f"CPT attempt {attempt}", f"dapt-cpt-attempt-{attempt}")
             result = run_attempt(spec, tmp / "work", observer=watch)
             watch.done(f"promoted step {result.best_step}" if result.promoted else "nothing promoted")
-        else:  # the ranks' log lines (steps, decisions) stream into this task's log
-            result = _torchrun(spec, tmp)
     return result
 
 
-def _forward_stop(proc: subprocess.Popen) -> None:
-    """Until `proc` ends: on a stop request, SIGTERM it (torchrun passes it on to every rank)."""
-    while proc.poll() is None:
-        if stop.wait(0.5):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            return
+def _in_child(spec: AttemptSpec, tmp: Path) -> CptManifest:
+    """The same attempt in a fresh child process, `python -m dapt_core.cpt` (train.isolate, one process): the memory
+    this process holds from earlier stages is not under the training peak (tasks/child.py)."""
+    spec_path, result_path = tmp / "spec.json", tmp / "result.json"
+    spec_path.write_text(spec.model_dump_json())
+    cmd = [sys.executable, "-m", "dapt_core.cpt", str(spec_path), str(result_path), str(tmp / "work")]
+    return CptManifest.model_validate_json(run_child(cmd, result_path, spec.train.stop_grace_s, _log()))
 
 
 def _torchrun(spec: AttemptSpec, tmp: Path) -> CptManifest:
     """The same attempt, one process per GPU (DDP or FSDP): `torch.distributed.run -m dapt_core.cpt`, on this node
     and, with train.nnodes > 1, the others (deployments/README.md, "Several nodes": they run the logged command).
-
-    torchrun runs in its own session, so a terminal's Ctrl-C reaches it only through this process's stop request:
-    SIGTERM, which torchrun forwards to the ranks, giving them train.stop_grace_s (--shutdown_timeout) to checkpoint."""
+    torchrun forwards the stop request's SIGTERM to the ranks, giving them train.stop_grace_s (--shutdown_timeout)
+    to checkpoint (tasks/child.py)."""
     spec_path, result_path = tmp / "spec.json", tmp / "result.json"
     spec_path.write_text(spec.model_dump_json())
     timeout = math.ceil(spec.train.stop_grace_s)
@@ -182,23 +178,4 @@ def _torchrun(spec: AttemptSpec, tmp: Path) -> CptManifest:
         # the same work dir path: with TMPDIR on a volume the nodes share, FSDP's sharded checkpoints meet there
         other = torchrun_command(spec.train, [f"{spec.store}#{key}", str(result_path), str(tmp / "work")], timeout)
         _log().info("other nodes join with: %s", " ".join(other[1:]))
-    log = _log()
-    log.info("launching: %s", " ".join(cmd))
-    tail: collections.deque[str] = collections.deque(maxlen=200)
-    with stop.training(spec.train.stop_grace_s), subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
-        env={**os.environ, **s3_environment()},  # the ranks open the store: the credentials this process was given
-    ) as proc:
-        threading.Thread(target=_forward_stop, args=(proc,), name="dapt-forward-stop", daemon=True).start()
-        for line in proc.stdout:  # streamed: a long run shows its progress in the flow run's logs
-            line = line.rstrip()
-            tail.append(line)
-            log.info("%s", line)
-    stopped = stopped_path(result_path)
-    if stopped.is_file():
-        result = Stopped.model_validate_json(stopped.read_text())
-        stop.saved(result)
-        raise StopRequested(result)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited with {proc.returncode}; its last lines:\n" + "\n".join(tail))
-    return CptManifest.model_validate_json(result_path.read_text())
+    return CptManifest.model_validate_json(run_child(cmd, result_path, spec.train.stop_grace_s, _log()))

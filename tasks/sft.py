@@ -18,13 +18,14 @@ from dapt_core.model_card import ModelProvenance
 from dapt_core.sft import SftAttemptSpec, run_sft_attempt
 from tasks import progress
 from tasks.caching import check_result_record, eval_set_hashes
+from tasks.child import run_child, task_log
 
 SFT_CODE = code_version(run_sft_attempt, task_module=sys.modules[__name__])
 
 
 def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult) -> str:
     data = [sha256_file(p) for p in sft_cfg.data]  # content, not paths: an edited file re-runs SFT
-    cfg = sft_cfg.model_dump(mode="json", exclude={"train": {"stop_grace_s"}})  # the grace changes nothing trained
+    cfg = sft_cfg.model_dump(mode="json", exclude={"train": {"stop_grace_s", "isolate"}})  # neither changes what is trained
     return "sft-" + stable_hash(model.sha256, data, cfg, eval_cfg, eval_set_hashes(pack), reference, SFT_CODE)
 
 
@@ -58,6 +59,10 @@ def sft_task(
         provenance=provenance,
         code_version=SFT_CODE,
     )
-    watch = progress.TrainingProgress("SFT", "dapt-sft")
     with leftovers.temp_dir("sft") as tmp:
-        return run_sft_attempt(spec, Path(tmp), watch)
+        if sft_cfg.train.isolate:  # a fresh child process: earlier stages' memory is not under the peak (tasks/child.py)
+            spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+            spec_path.write_text(spec.model_dump_json())
+            cmd = [sys.executable, "-m", "dapt_core.sft", str(spec_path), str(result_path), str(Path(tmp) / "work")]
+            return SftManifest.model_validate_json(run_child(cmd, result_path, sft_cfg.train.stop_grace_s, task_log("dapt.sft")))
+        return run_sft_attempt(spec, Path(tmp), progress.TrainingProgress("SFT", "dapt-sft"))

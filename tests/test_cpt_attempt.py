@@ -141,6 +141,27 @@ def test_torchrun_ddp_attempt_matches_one_process(prefect_harness, corpus, tmp_p
         assert x.metrics["domain/bits_per_byte"] == pytest.approx(y.metrics["domain/bits_per_byte"], rel=1e-4)
 
 
+@pytest.mark.integration
+def test_isolated_attempt_matches_in_process(prefect_harness, corpus, tmp_path):
+    """train.isolate runs the attempt in a fresh `python -m dapt_core.cpt` child (bounded memory): the same decisions
+    and promoted weights as in this process."""
+    from tasks.cpt import _in_child
+
+    root, dirs, base = corpus
+    train = "{lr: 1e-4, max_steps: 4, save_every: 2, batch_size: 8, report_to: []}"
+    cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train)
+    here = run_attempt(_spec(cfg, data, reference, "cpt/here"), tmp_path / "work-here")
+    (tmp_path / "child").mkdir()
+    child = _in_child(_spec(cfg, data, reference, "cpt/child", isolate=True), tmp_path / "child")
+    assert [d.step for d in child.decisions] == [d.step for d in here.decisions] == [2, 4]
+    a, b = _promoted_weights(cfg.store, here), _promoted_weights(cfg.store, child)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    for x, y in zip(here.decisions, child.decisions):
+        assert x.accepted == y.accepted and y.metrics == pytest.approx(x.metrics, rel=1e-6)
+
+
 def test_ewc_attempt_estimates_its_fisher_on_the_general_sample(prefect_harness, corpus, tmp_path, monkeypatch):
     """train.ewc through the attempt: the Fisher comes from packing's general-only sample and the penalty is logged."""
     import dapt_core.ewc as ewc_mod

@@ -392,21 +392,22 @@ def test_sft_stopped_mid_training_resumes_from_its_journaled_checkpoint(tmp_path
 
 
 @pytest.mark.slow
-def test_torchrun_attempt_stops_on_request_with_a_checkpoint(prefect_harness, tiny, reference, tmp_path):
-    """nproc_per_node=2: the stop request reaches torchrun as SIGTERM, the ranks agree on a step, rank 0 uploads and
-    journals its checkpoint, and the task raises StopRequested."""
+@pytest.mark.parametrize("launch", ["torchrun", "isolated"])
+def test_child_attempt_stops_on_request_with_a_checkpoint(prefect_harness, tiny, reference, tmp_path, launch):
+    """nproc_per_node=2 (torchrun) or train.isolate (one child process): the stop request reaches the child as
+    SIGTERM, the ranks agree on a step, rank 0 uploads and journals its checkpoint, and the task raises StopRequested."""
     from dapt_core import stop
     from dapt_core.cpt import AttemptSpec
     from dapt_core.stop import StopRequested
     from flows.training_data import training_data_flow
-    from tasks.cpt import CPT_CODE, _torchrun, base_eval_task
+    from tasks.cpt import CPT_CODE, _in_child, _torchrun, base_eval_task
 
     cfg = load_config(tiny(tmp_path / "run", log_every=99))
     data = training_data_flow(cfg)
     reference = base_eval_task.fn(data.tokenizer.model, data.pack, cfg.eval, cfg.store)
     spec = AttemptSpec(
-        start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update={"batch_size": 4, "nproc_per_node": 2}),
-        eval=cfg.eval.model_copy(update={"backend": "native"}), reference=reference, store=cfg.store, prefix="cpt/ddp-stop",
+        start=data.tokenizer.model, pack=data.pack, train=cfg.train.model_copy(update={"batch_size": 4, "nproc_per_node": 2} if launch == "torchrun" else {"isolate": True}),
+        eval=cfg.eval.model_copy(update={"backend": "native"}), reference=reference, store=cfg.store, prefix=f"cpt/{launch}-stop",
         attempt=0, code_version=CPT_CODE,
     )
 
@@ -421,11 +422,11 @@ def test_torchrun_attempt_stops_on_request_with_a_checkpoint(prefect_harness, ti
     logger.setLevel(logging.INFO)
     try:
         with pytest.raises(StopRequested) as stopped:
-            _torchrun(spec, tmp_path)
+            (_torchrun if launch == "torchrun" else _in_child)(spec, tmp_path)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
         stop.reset()
-    journal = json.loads(open_store(cfg.store).read_key("cpt/ddp-stop/journal.json"))["entries"]
+    journal = json.loads(open_store(cfg.store).read_key(f"cpt/{launch}-stop/journal.json"))["entries"]
     assert journal[-1]["interrupted"] and journal[-1]["step"] == stopped.value.stopped.step
     assert 0 < stopped.value.stopped.step < STEPS
