@@ -177,22 +177,13 @@ def tiny_rows(tied: bool, inits: list[str]) -> list[dict]:
     """The tests' tiny setup: byte-level BPE (1000) on general prose + a few domain docs, a tiny Llama trained 60
     steps on domain + general text with the base tokenizer."""
     from tests.corpus import prose
-    from tests.tiny_model import byte_level_tokenizer, tiny_llama
+    from tests.tiny_model import byte_level_tokenizer, trained_tiny_llama
 
     general = [prose(i, "general") for i in range(200)]
     domain = [prose(10_000 + i, "domain") for i in range(300)]
     train = domain[:260]
     tok = byte_level_tokenizer(general + domain[:20], 1000)
-    model = tiny_llama(len(tok), tied)
-    ids = [i for d in train + general[:100] for i in [tok.bos_token_id, *tok(d)["input_ids"]]]
-    data = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        batch = data[torch.randint(len(data), (16,), generator=g)]
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    model = trained_tiny_llama(tok, train + general[:100], tied)
     cfg = TokenizerConfig(domain_vocab_size=2000, min_frequency=10, max_new_tokens=64)
     return run(
         f"tiny {'tied' if tied else 'untied'}", model.eval(), tok, train, domain[260:], general[150:], cfg, inits

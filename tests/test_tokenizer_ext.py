@@ -27,7 +27,7 @@ from dapt_core.tokenizer_ext import (
     train_domain_bpe,
 )
 from tests.corpus import prose
-from tests.tiny_model import byte_level_tokenizer, tiny_llama
+from tests.tiny_model import byte_level_tokenizer, tiny_llama, trained_tiny_llama
 
 GENERAL = [prose(i, "general") for i in range(200)]
 DOMAIN = [prose(10_000 + i, "domain") for i in range(300)]
@@ -59,16 +59,7 @@ _TRAINED: dict = {}
 def trained_model(tok, tied: bool):
     """A tiny model trained 60 steps on domain + general text with the base tokenizer (cached per `tied`)."""
     if tied not in _TRAINED:
-        model = tiny_llama(len(tok), tied)
-        ids = [i for d in TRAIN + GENERAL[:100] for i in [tok.bos_token_id, *tok(d)["input_ids"]]]
-        data = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(60):
-            batch = data[torch.randint(len(data), (16,), generator=g)]
-            model(input_ids=batch, labels=batch).loss.backward()
-            opt.step()
-            opt.zero_grad()
+        model = trained_tiny_llama(tok, TRAIN + GENERAL[:100], tied)
         _TRAINED[tied] = model.eval()
     return copy.deepcopy(_TRAINED[tied])
 
