@@ -65,7 +65,7 @@ def main(
 @contextmanager
 def _user_errors(as_json: bool, terminal_logs: bool = False):
     """Run a command with its logs in a log file (and on the terminal with `terminal_logs` or --verbose), and end
-    any failure with one `error:` line naming that file.
+    with a `log:` line naming that file, or, on a failure, with one `error:` line and the file.
 
     Expected failures (bad config or input, a corrupted artifact, an unreachable or refusing store, a full disk)
     exit with code 2, anything else with 1; with --json the last stdout line is {"error": ..., "log": ...}.
@@ -85,6 +85,8 @@ def _user_errors(as_json: bool, terminal_logs: bool = False):
                 sys.stdout.write(json.dumps({"error": message, "log": str(log_path) if log_path else None}) + "\n")
                 sys.stdout.flush()
             raise typer.Exit(code) from None
+        if log_path:  # on stderr, like the rest of the console: --json keeps stdout to its one JSON line
+            console.print(f"[dim]log: {escape(str(log_path))}[/dim]", highlight=False, soft_wrap=True)
 
 
 def _describe(e: BaseException) -> tuple[int, str]:

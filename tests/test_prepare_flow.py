@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -226,6 +227,18 @@ def test_missing_input_path_is_one_error_line(tmp_path):
     res = CliRunner().invoke(app, ["plan", str(write_config(tmp_path, dirs))])
     assert res.exit_code == 2
     assert "error:" in res.output and str(dirs["general"]) in res.output and "Traceback" not in res.output
+
+
+def test_success_ends_with_the_log_file_path(tmp_path):
+    """A quiet terminal still says where the full log went."""
+    dirs = write_corpus(tmp_path)
+    res = CliRunner().invoke(app, ["plan", str(write_config(tmp_path, dirs))])
+    assert res.exit_code == 0, res.output
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("log: ")
+    log_file = Path(last.removeprefix("log: "))
+    assert log_file.parent == Path(os.environ["DAPT_LOG_DIR"]) and log_file.name.startswith("plan-")
+    assert log_file.is_file()
 
 
 def test_input_deleted_after_discovery_fails_once_and_is_not_cached(prefect_harness, tmp_path, counters, monkeypatch):
