@@ -43,12 +43,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from dapt_core import layout, stop
 from dapt_core import train as train_mod
+from dapt_core.attempt_events import AttemptObserver, EventPrinter
 from dapt_core.config import EvalConfig, TrainConfig
 from dapt_core.continuation import (
     place_resume_point,
@@ -140,16 +141,6 @@ def _judged_model(spec: AttemptSpec, store: ArtifactStore, model: torch.nn.Modul
     if spec.train.strategy != "fsdp" or train_mod.distributed().world == 1:
         return model
     return _model_at(spec, store, checkpoint).to(next(model.parameters()).device.type)
-
-
-class AttemptObserver(Protocol):
-    """Who watches an attempt (the CLI bar, the Prefect UI: tasks/progress.py), on rank 0."""
-
-    def step(self, progress: train_mod.StepProgress) -> None: ...
-
-    def evaluating(self, step: int) -> None: ...
-
-    def judged(self, step: int, accepted: bool, reasons: list[str], metrics: dict[str, float]) -> None: ...
 
 
 # ----------------------------------------------------------------------- the attempt: recover → train → judge → promote
@@ -464,9 +455,10 @@ def _read_spec(where: str) -> str:
     return Path(where).read_text()
 
 
-def serve_attempt(argv: list[str], attempt: Callable[[str, Path], BaseModel | None]) -> None:
+def serve_attempt(argv: list[str], attempt: Callable[[str, Path, AttemptObserver | None], BaseModel | None]) -> None:
     """A child process's entry point: `SPEC_JSON RESULT_JSON [WORKDIR]` (SPEC_JSON: a file or `<store>#<key>`);
-    `attempt(spec text, workdir)` runs it and its result is written to RESULT_JSON (rank 0).
+    `attempt(spec text, workdir, observer)` runs it and its result is written to RESULT_JSON (rank 0), whose observer
+    prints the attempt's progress as event lines for the launching task (dapt_core/attempt_events.py).
 
     SIGTERM / SIGINT (the launching task forwards a stop request as SIGTERM; torchrun passes it on to every rank and
     waits --shutdown_timeout seconds) stop training at the next step with a checkpoint; rank 0 then writes
@@ -477,7 +469,7 @@ def serve_attempt(argv: list[str], attempt: Callable[[str, Path], BaseModel | No
         signal.signal(sig, lambda signum, _: stop.request(signal.Signals(signum).name))
     workdir = Path(argv[2]) if len(argv) > 2 else Path(argv[1]).parent / "work"
     try:
-        result = attempt(_read_spec(argv[0]), workdir)
+        result = attempt(_read_spec(argv[0]), workdir, EventPrinter() if rank == "0" else None)
     except StopRequested as e:
         if rank == "0":
             stopped_path(Path(argv[1])).write_text(e.stopped.model_dump_json())
@@ -489,7 +481,7 @@ def serve_attempt(argv: list[str], attempt: Callable[[str, Path], BaseModel | No
 def main(argv: list[str]) -> None:
     """`python -m dapt_core.cpt SPEC_JSON RESULT_JSON [WORKDIR]`: one CPT attempt in this process, as torchrun's ranks
     or a train.isolate child (tasks/child.py) run it."""
-    serve_attempt(argv, lambda text, workdir: run_attempt(AttemptSpec.model_validate_json(text), workdir))
+    serve_attempt(argv, lambda text, workdir, watch: run_attempt(AttemptSpec.model_validate_json(text), workdir, watch))
 
 
 if __name__ == "__main__":

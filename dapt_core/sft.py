@@ -36,15 +36,16 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from pydantic import BaseModel
 
 from dapt_core import layout
+from dapt_core.attempt_events import AttemptObserver
 from dapt_core.config import EvalConfig, SftConfig
-from dapt_core.cpt import AttemptObserver, eval_files, serve_attempt
+from dapt_core.cpt import eval_files, serve_attempt
 from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.forgetting import Decision, ForgettingPolicy
 from dapt_core.journal import journal_interrupted, read_journal, resume_from_journal
@@ -507,11 +508,7 @@ class SftAttemptSpec(BaseModel):
     code_version: str
 
 
-class SftObserver(AttemptObserver, Protocol):
-    def done(self, description: str) -> None: ...
-
-
-def run_sft_attempt(spec: SftAttemptSpec, workdir: Path, observer: SftObserver | None = None) -> SftManifest:
+def run_sft_attempt(spec: SftAttemptSpec, workdir: Path, observer: AttemptObserver | None = None) -> SftManifest:
     """Train (resuming from the attempt's journal) → evaluate → judge → save the model; see the module docstring."""
     store = open_store(spec.store)
     rows = read_journal(store, spec.prefix)
@@ -568,7 +565,9 @@ def _save_model(
 def main(argv: list[str]) -> None:
     """`python -m dapt_core.sft SPEC_JSON RESULT_JSON [WORKDIR]`: one SFT attempt in a fresh child process
     (sft.train.isolate, tasks/sft.py); stop handling as `dapt_core.cpt.serve_attempt`."""
-    serve_attempt(argv, lambda text, workdir: run_sft_attempt(SftAttemptSpec.model_validate_json(text), workdir))
+    serve_attempt(
+        argv, lambda text, workdir, watch: run_sft_attempt(SftAttemptSpec.model_validate_json(text), workdir, watch)
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from dapt_core import stop
+from dapt_core.attempt_events import AttemptObserver, read_event
 from dapt_core.cpt import stopped_path
 from dapt_core.stop import Stopped, StopRequested
 from dapt_core.store import s3_environment
@@ -43,9 +44,17 @@ def _forward_stop(proc: subprocess.Popen) -> None:
             return
 
 
-def run_child(cmd: list[str], result_path: Path, grace_s: float, log: logging.Logger | logging.LoggerAdapter) -> str:
+def run_child(
+    cmd: list[str],
+    result_path: Path,
+    grace_s: float,
+    log: logging.Logger | logging.LoggerAdapter,
+    observer: AttemptObserver | None = None,
+) -> str:
     """Run `cmd` (which writes `result_path`, or `stopped_path(result_path)` when stopped) to its end; the result's
-    JSON text. Raises StopRequested when the child stopped on request, RuntimeError (with its last lines) on failure."""
+    JSON text. Its event lines go to `observer` (the CLI bar, the UI's artifacts: dapt_core/attempt_events.py), its
+    other lines to `log`. Raises StopRequested when the child stopped on request, RuntimeError (with its last lines)
+    on failure."""
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=200)
     with (
@@ -63,8 +72,12 @@ def run_child(cmd: list[str], result_path: Path, grace_s: float, log: logging.Lo
         threading.Thread(target=_forward_stop, args=(proc,), name="dapt-forward-stop", daemon=True).start()
         for line in proc.stdout:  # streamed: a long run shows its progress in the flow run's logs
             line = line.rstrip()
-            tail.append(line)
-            log.info("%s", line)
+            event = read_event(line)
+            if event is None:
+                tail.append(line)
+                log.info("%s", line)
+            elif observer is not None:
+                event.replay(observer)
     stopped = stopped_path(result_path)
     if stopped.is_file():
         result = Stopped.model_validate_json(stopped.read_text())

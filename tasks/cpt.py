@@ -24,6 +24,7 @@ from dapt.tasks import progress
 from dapt.tasks.caching import check_result_record, eval_set_hashes
 from dapt.tasks.child import run_child, task_log
 from dapt_core import layout, leftovers
+from dapt_core.attempt_events import AttemptObserver
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
 from dapt_core.cpt import AttemptSpec, eval_files, run_attempt
 from dapt_core.evaluate import EvalResult, evaluate
@@ -184,29 +185,27 @@ def cpt_task(
     )
     with leftovers.temp_dir("cpt") as tmp:
         tmp = Path(tmp)
-        if (
-            train_cfg.nproc_per_node > 1 or train_cfg.nnodes > 1
-        ):  # the ranks' log lines (steps, decisions) stream into this task's log
-            result = _torchrun(spec, tmp)
+        watch = progress.TrainingProgress(f"CPT attempt {attempt}", f"dapt-cpt-attempt-{attempt}")
+        if train_cfg.nproc_per_node > 1 or train_cfg.nnodes > 1:  # rank 0's log lines and events stream back
+            result = _torchrun(spec, tmp, watch)
         elif train_cfg.isolate:
-            result = _in_child(spec, tmp)
+            result = _in_child(spec, tmp, watch)
         else:
-            watch = progress.TrainingProgress(f"CPT attempt {attempt}", f"dapt-cpt-attempt-{attempt}")
             result = run_attempt(spec, tmp / "work", observer=watch)
-            watch.done(f"promoted step {result.best_step}" if result.promoted else "nothing promoted")
+        watch.done(f"promoted step {result.best_step}" if result.promoted else "nothing promoted")
     return result
 
 
-def _in_child(spec: AttemptSpec, tmp: Path) -> CptManifest:
+def _in_child(spec: AttemptSpec, tmp: Path, watch: AttemptObserver | None = None) -> CptManifest:
     """The same attempt in a fresh child process, `python -m dapt_core.cpt` (train.isolate, one process): the memory
     this process holds from earlier stages is not under the training peak (tasks/child.py)."""
     spec_path, result_path = tmp / "spec.json", tmp / "result.json"
     spec_path.write_text(spec.model_dump_json())
     cmd = [sys.executable, "-m", "dapt_core.cpt", str(spec_path), str(result_path), str(tmp / "work")]
-    return CptManifest.model_validate_json(run_child(cmd, result_path, spec.train.stop_grace_s, _log()))
+    return CptManifest.model_validate_json(run_child(cmd, result_path, spec.train.stop_grace_s, _log(), watch))
 
 
-def _torchrun(spec: AttemptSpec, tmp: Path) -> CptManifest:
+def _torchrun(spec: AttemptSpec, tmp: Path, watch: AttemptObserver | None = None) -> CptManifest:
     """The same attempt, one process per GPU (DDP or FSDP): `torch.distributed.run -m dapt_core.cpt`, on this node
     and, with train.nnodes > 1, the others (deployments/README.md, "Several nodes": they run the logged command).
     torchrun forwards the stop request's SIGTERM to the ranks, giving them train.stop_grace_s (--shutdown_timeout)
@@ -221,4 +220,4 @@ def _torchrun(spec: AttemptSpec, tmp: Path) -> CptManifest:
         # the same work dir path: with TMPDIR on a volume the nodes share, FSDP's sharded checkpoints meet there
         other = torchrun_command(spec.train, [f"{spec.store}#{key}", str(result_path), str(tmp / "work")], timeout)
         _log().info("other nodes join with: %s", " ".join(other[1:]))
-    return CptManifest.model_validate_json(run_child(cmd, result_path, spec.train.stop_grace_s, _log()))
+    return CptManifest.model_validate_json(run_child(cmd, result_path, spec.train.stop_grace_s, _log(), watch))

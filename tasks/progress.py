@@ -2,7 +2,8 @@
 
 The CLI opens `bars()` around a flow call; flows report stages with `stage()` and `advance()` (no-ops when a flow runs
 elsewhere: a worker, the UI). Training reports through `TrainingProgress`, the observer a CPT attempt or SFT run is
-given: a step-level bar in the CLI (step, loss, tokens/s, ETA), a progress artifact in the UI that also says which
+given (in this process, or replayed from a child's event lines: dapt_core/attempt_events.py): a step-level bar in the
+CLI (step, loss, tokens/s, ETA) and a line per checkpoint decision, a progress artifact in the UI that also says which
 checkpoint is being evaluated, and a table artifact of checkpoint decisions that grows as they are made.
 """
 
@@ -55,6 +56,12 @@ def advance(name: str, units: int = 1) -> None:
         _active.advance(_tasks[name], units)
 
 
+def _say(text: str) -> None:
+    """One line above the bars (a checkpoint decision), in the CLI only."""
+    if _active is not None:
+        _active.console.print(text, highlight=False, soft_wrap=True)
+
+
 def _describe(name: str, text: str, completed: int | None = None, total: int | None = None) -> None:
     if _active is not None and name in _tasks:
         _active.update(_tasks[name], description=f"{name}: {text}", completed=completed, total=total)
@@ -103,6 +110,11 @@ class TrainingProgress:
         from prefect.artifacts import create_table_artifact
         from prefect.context import FlowRunContext, TaskRunContext
 
+        domain_bpb = metrics.get("domain/bits_per_byte")
+        _say(
+            f"{self.name}, step {step}: {'accepted' if accepted else 'REJECTED: ' + '; '.join(reasons)}"
+            + (f" (domain bpb {domain_bpb:.4f})" if domain_bpb is not None else "")
+        )
         self.decisions.append(
             {"step": step, "decision": "accepted" if accepted else "REJECTED", "reasons": "; ".join(reasons)}
             | {k: round(v, 5) for k, v in sorted(metrics.items()) if not k.endswith("_n")}

@@ -61,14 +61,13 @@ def sft_task(
         provenance=provenance,
         code_version=SFT_CODE,
     )
+    watch = progress.TrainingProgress("SFT", "dapt-sft")
     with leftovers.temp_dir("sft") as tmp:
-        if (
-            sft_cfg.train.isolate
-        ):  # a fresh child process: earlier stages' memory is not under the peak (tasks/child.py)
+        if sft_cfg.train.isolate:  # a fresh child: earlier stages' memory is not under the peak (tasks/child.py)
             spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
             spec_path.write_text(spec.model_dump_json())
             cmd = [sys.executable, "-m", "dapt_core.sft", str(spec_path), str(result_path), str(Path(tmp) / "work")]
             return SftManifest.model_validate_json(
-                run_child(cmd, result_path, sft_cfg.train.stop_grace_s, task_log("dapt.sft"))
+                run_child(cmd, result_path, sft_cfg.train.stop_grace_s, task_log("dapt.sft"), watch)
             )
-        return run_sft_attempt(spec, Path(tmp), progress.TrainingProgress("SFT", "dapt-sft"))
+        return run_sft_attempt(spec, Path(tmp), watch)

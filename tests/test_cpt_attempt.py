@@ -142,6 +142,25 @@ def test_torchrun_ddp_attempt_matches_one_process(prefect_harness, corpus, tmp_p
         assert x.metrics["domain/bits_per_byte"] == pytest.approx(y.metrics["domain/bits_per_byte"], rel=1e-4)
 
 
+class RecordingObserver:
+    """What an attempt told its observer."""
+
+    def __init__(self):
+        self.steps, self.evaluating_steps, self.decisions, self.done_with = [], [], [], []
+
+    def step(self, progress):
+        self.steps.append(progress)
+
+    def evaluating(self, step):
+        self.evaluating_steps.append(step)
+
+    def judged(self, step, accepted, reasons, metrics):
+        self.decisions.append((step, accepted, metrics))
+
+    def done(self, description):
+        self.done_with.append(description)
+
+
 @pytest.mark.integration
 def test_isolated_attempt_matches_in_process(prefect_harness, corpus, tmp_path):
     """train.isolate runs the attempt in a fresh `python -m dapt_core.cpt` child (bounded memory): the same decisions
@@ -153,8 +172,14 @@ def test_isolated_attempt_matches_in_process(prefect_harness, corpus, tmp_path):
     cfg, data, reference = _data(root, dirs, base, str(tmp_path / "store"), train)
     here = run_attempt(_spec(cfg, data, reference, "cpt/here"), tmp_path / "work-here")
     (tmp_path / "child").mkdir()
-    child = _in_child(_spec(cfg, data, reference, "cpt/child", isolate=True), tmp_path / "child")
+    watch = RecordingObserver()
+    child = _in_child(_spec(cfg, data, reference, "cpt/child", isolate=True, log_every=2), tmp_path / "child", watch)
     assert [d.step for d in child.decisions] == [d.step for d in here.decisions] == [2, 4]
+    # The child's progress reached this process's observer (the CLI bar, the UI's artifacts), typed.
+    assert [p.step for p in watch.steps] == [2, 4] and all(p.total_steps == 4 for p in watch.steps)
+    assert watch.evaluating_steps == [2, 4]
+    assert [(s, ok) for s, ok, _ in watch.decisions] == [(d.step, d.accepted) for d in child.decisions]
+    assert watch.decisions[0][2] == pytest.approx(child.decisions[0].metrics, rel=1e-9)
     a, b = _promoted_weights(cfg.store, here), _promoted_weights(cfg.store, child)
     assert a.keys() == b.keys()
     for k in a:

@@ -188,6 +188,29 @@ train(tiny_llama({vocab}), shards, cfg, Path(sys.argv[1]))
 """
 
 
+def test_training_goes_on_in_training_mode_after_a_checkpoint_evaluation(tmp_path):
+    """The judge puts the model in eval mode; the steps after its checkpoint train in training mode again, with
+    activation checkpointing on (transformers skips it in eval mode)."""
+    rng = np.random.default_rng(0)
+    shards = write_shards(tmp_path / "d", [general_seq(rng) for _ in range(32)])
+    model = tiny_llama(VOCAB)
+    modes: list[tuple[bool, bool]] = []  # per training forward: (model.training, checkpointing active)
+    model.register_forward_pre_hook(lambda m, args: modes.append((m.training, m.model.gradient_checkpointing)))
+
+    def judge(step: int, path: Path) -> bool:
+        model.eval()  # as an lm-eval evaluation does
+        return True
+
+    train(
+        model,
+        shards,
+        _cfg(max_steps=4, save_every=2, gradient_checkpointing=True),
+        tmp_path / "out",
+        on_checkpoint=judge,
+    )
+    assert modes == [(True, True)] * 4
+
+
 def test_exact_resume_after_sigkill(tmp_path):
     torch.set_num_threads(1)
     try:
