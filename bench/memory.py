@@ -3,8 +3,8 @@ evaluation, and when it trains in a fresh child process (`train.isolate`)?
 
 Each mode runs in its own process, side by side in one run, on the demo's SmolLM2-135M (the GGUF, loaded as the demo
 loads it), the demo's EvalConfig (its benchmarks capped at a few items) on a few held-out documents per kind, then a
-few full-CPT optimizer steps with the demo's TrainConfig (micro-batch 4 x 2 accumulation, gradient checkpointing, its
-final checkpoint written):
+few full-CPT optimizer steps with the demo's TrainConfig (micro-batch 2 x 4 accumulation, gradient checkpointing), with
+a checkpoint halfway that is evaluated on the model being trained (as the CPT judge does), and the final one written:
 
 * in-process: evaluate, free the model (as tasks/cpt.py does: `del`, gc, malloc_trim), train in the same process;
 * isolated: evaluate and free the same way, then train in a child process, as `train.isolate` does.
@@ -14,6 +14,7 @@ the largest process); goal: every process ≤ 4 GB.
 
     python bench/memory.py                # ~5-10 min on 2 busy cores
     python bench/memory.py --docs 2 --steps 2
+    python bench/memory.py --micro-batches 4,2 --steps 4   # training alone, per micro-batch size (same step tokens)
 """
 
 from __future__ import annotations
@@ -82,21 +83,45 @@ def write_train_shard(tokenizer, work: Path, seq_len: int, sequences: int) -> Pa
     return path
 
 
-def train_steps(work: Path, steps: int) -> dict:
-    """A few optimizer steps of the demo's TrainConfig on the demo's model, in this process."""
+def train_steps(work: Path, steps: int, micro_batch: int | None = None, docs: int = 2, bench_items: int = 4) -> dict:
+    """Optimizer steps of the demo's TrainConfig on the demo's model, in this process, with a checkpoint halfway whose
+    evaluation runs on the model being trained (as the CPT judge does), so the steps after it are measured too.
+    `micro_batch` changes the micro-batch size at the same tokens per optimizer step."""
+    from dapt_core.evaluate import evaluate
     from dapt_core.memory import release_heap
     from dapt_core.model import load_model, load_tokenizer
     from dapt_core.train import train
 
-    cfg, _ = demo_setup(work, 0)
+    cfg, files = demo_setup(work, docs)
     tokenizer = load_tokenizer(cfg.model)
     shard = write_train_shard(tokenizer, work, cfg.mix.seq_len, cfg.train.batch_size * cfg.train.grad_accum * steps)
-    train_cfg = cfg.train.model_copy(update={"max_steps": steps, "save_every": steps, "report_to": []})
+    update = {"max_steps": steps, "save_every": max(1, steps // 2), "report_to": []}
+    if micro_batch:
+        per_step = cfg.train.batch_size * cfg.train.grad_accum
+        update |= {"batch_size": micro_batch, "grad_accum": per_step // micro_batch}
+    train_cfg = cfg.train.model_copy(update=update)
+    eval_cfg = cfg.eval.model_copy(
+        update={"benchmarks": [b.model_copy(update={"limit": bench_items}) for b in cfg.eval.benchmarks]}
+    )
+    model = load_model(cfg.model)
+
+    def judge(step: int, path: Path) -> bool:  # CheckpointJudge's evaluation, on the model being trained
+        evaluate(model, tokenizer, files, work / f"eval-{step}", eval_cfg)
+        release_heap()
+        return True
+
     start = rss_mb("VmRSS")
-    result = train(load_model(cfg.model), [shard], train_cfg, work / "train", resume=False)
+    result = train(model, [shard], train_cfg, work / "train", resume=False, on_checkpoint=judge)
+    seconds = sorted(h["seconds"] for h in result.history)
     del result
     release_heap()
-    return {"rss_before_training_mb": start, "final_peak_mb": rss_mb("VmHWM")}
+    return {
+        "rss_before_training_mb": start,
+        "final_peak_mb": rss_mb("VmHWM"),
+        "median_step_s": seconds[len(seconds) // 2],
+        "micro_batch": train_cfg.batch_size,
+        "grad_accum": train_cfg.grad_accum,
+    }
 
 
 def evaluate_once(work: Path, docs: int, bench_items: int) -> dict:
@@ -148,6 +173,32 @@ def run_mode(mode: str, work: Path, args) -> dict:
     return out
 
 
+def compare_micro_batches(sizes: list[int], steps: int) -> None:
+    """The training process alone (a checkpoint evaluation halfway), once per micro-batch size, side by side."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dapt-bench-memory-") as tmp:
+        for size in sizes:
+            cmd = [sys.executable, __file__, "--role", "train", "--steps", str(steps), "--micro-batch", str(size)]
+            proc = subprocess.run([*cmd, "--work", str(Path(tmp) / str(size))], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"micro-batch {size} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"{steps} demo CPT steps, a checkpoint evaluation after step {max(1, steps // 2)}; peak = VmHWM")
+    for r in rows:
+        print(
+            f"micro-batch {r['micro_batch']} x {r['grad_accum']} accumulation: peak {r['final_peak_mb']:,.0f} MB, "
+            f"median step {r['median_step_s']:.2f} s "
+            f"({'meets' if r['final_peak_mb'] <= GOAL_MB else 'MISSES'} the {GOAL_MB:,} MB goal)"
+        )
+    base = rows[0]
+    for r in rows[1:]:
+        print(
+            f"micro-batch {r['micro_batch']} / {base['micro_batch']}: "
+            f"peak x{r['final_peak_mb'] / base['final_peak_mb']:.2f}, "
+            f"step time x{r['median_step_s'] / base['median_step_s']:.2f}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--docs", type=int, default=4, help="held-out documents per kind in the evaluation")
@@ -157,9 +208,18 @@ def main() -> None:
         "--role", choices=["compare", "in-process", "isolated", "train"], default="compare", help=argparse.SUPPRESS
     )
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--micro-batches",
+        help="instead: train only, once per micro-batch size (comma-separated, e.g. 4,2), each in a fresh process, "
+        "at the demo's tokens per step; prints each one's peak RSS and median step time",
+    )
+    p.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role == "train":
-        print(json.dumps(train_steps(args.work, args.steps)))
+        print(json.dumps(train_steps(args.work, args.steps, args.micro_batch)))
+        return
+    if args.micro_batches:
+        compare_micro_batches([int(x) for x in args.micro_batches.split(",")], args.steps)
         return
     if args.role != "compare":
         print(json.dumps(run_mode(args.role, args.work, args)))

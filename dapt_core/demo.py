@@ -76,16 +76,18 @@ def demo_config(workdir: Path) -> Path:
         },
         "tokenizer": {"min_frequency": 10},
         # A CPU-sized run: 12 steps of 8 x 256 tokens (~25k tokens), a checkpoint judged every 6 steps. The LR is the
-        # top of the CPT range: with so few steps the lower defaults barely move the model. Micro-batches of 4 (the
+        # top of the CPT range: with so few steps the lower defaults barely move the model. Micro-batches of 2 (the
         # loss is token-weighted across them, so the step is the same) and recomputed activations keep full CPT's
-        # peak memory (weights, AdamW state, gradients, activations, 49k-vocabulary logits) within 4 GB; `isolate`
-        # trains in a fresh child process, so the ~2 GB the earlier stages left in this one are not under that peak.
+        # peak memory (weights, AdamW state, gradients, activations, 49k-vocabulary logits) within 4 GB: 3.5 GB
+        # against 4.1 GB with micro-batches of 4, for 6% more time a step (bench/memory.py --micro-batches 4,2);
+        # `isolate` trains in a fresh child process, so the ~2 GB the earlier stages left in this one are not under
+        # that peak.
         "train": {
             "lr": 5e-5,
             "max_steps": 12,
             "save_every": 6,
-            "batch_size": 4,
-            "grad_accum": 2,
+            "batch_size": 2,
+            "grad_accum": 4,
             "gradient_checkpointing": True,
             "warmup_ratio": 0.1,
             "isolate": True,
@@ -97,8 +99,8 @@ def demo_config(workdir: Path) -> Path:
             "train": {
                 "lr": 5e-5,
                 "max_steps": 8,
-                "batch_size": 4,
-                "grad_accum": 2,
+                "batch_size": 2,
+                "grad_accum": 4,
                 "gradient_checkpointing": True,
                 "warmup_ratio": 0.1,
                 "block_cross_document_attention": True,
