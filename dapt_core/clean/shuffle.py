@@ -21,6 +21,7 @@ the edges, never documents or signatures.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +53,10 @@ _BAND_ROWS = pa.schema(
 
 
 def partition_count(shards: int) -> int:
-    """Reduce partitions for a corpus of `shards` shards: one per shard (a reduce task then reads about what a map
-    task wrote), capped so that a reduce task's reads of every shard's file stay few."""
-    return max(1, min(shards, _MAX_PARTITIONS))
+    """Reduce partitions for a corpus of `shards` shards: about their square root. Every reduce task reads a row group
+    of every shard's files, so the reads grow as shards x partitions: the square root lets the reduce side grow with
+    the corpus (more tasks, each with more data) while that fixed cost grows as shards^1.5, not shards^2."""
+    return max(1, min(math.isqrt(max(shards - 1, 0)) + 1, _MAX_PARTITIONS))
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def _write_partitioned(path: Path, columns: dict, hashes: np.ndarray, partitions
 def reduce_partition(job: ReduceJob) -> PartitionResult:
     """Exact duplicates and verified near-duplicate edges among the rows of one partition (module docstring)."""
     with tempfile.TemporaryDirectory(prefix="dapt-reduce-") as tmp:
-        con = connect(Path(tmp) / "reduce.duckdb", job.memory_limit)
+        con = connect(Path(tmp) / "reduce.duckdb", job.memory_limit, in_memory=True)
         try:
             exact = _exact_duplicates(con, job) if job.cfg.exact else 0
             if not job.cfg.near:
