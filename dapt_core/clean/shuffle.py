@@ -38,7 +38,7 @@ from dapt_core.clean.parts import ShardParts
 from dapt_core.config import DedupConfig
 
 _MAX_PARTITIONS = 128
-_VERIFY_PAIRS = 65_536  # candidate pairs compared at once: bounds the gathered signatures' memory
+_VERIFY_PAIRS = 65_536  # candidate pairs compared at once: bounds the two gathered signature matrices
 _EXACT_ROWS = pa.schema([("part", pa.int32()), ("text_hash", pa.binary(16)), ("seq", pa.int64()), ("rank", pa.int64())])
 _BAND_ROWS = pa.schema(
     [
@@ -192,7 +192,8 @@ def _candidates(con: duckdb.DuckDBPyConnection, job: ReduceJob) -> None:
 
 
 def _verified(con: duckdb.DuckDBPyConnection, job: ReduceJob) -> tuple[np.ndarray, np.ndarray]:
-    """(head_rank, rank) of the candidate pairs whose estimated Jaccard similarity reaches the threshold."""
+    """(head_rank, rank) of the candidate pairs whose estimated Jaccard similarity reaches the threshold. The
+    signatures of the partition's candidate documents are read once and held (about 1/P of all candidates')."""
     needed = con.sql("SELECT head AS seq FROM candidates UNION SELECT seq FROM candidates ORDER BY seq")
     sig_seqs, sigs = _signatures_of(needed.fetchnumpy()["seq"].astype(np.int64), job.shards, job.cfg.num_perm)
     heads, members = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
