@@ -18,7 +18,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from dapt_core.clean import clean_corpus
+from dapt_core.clean import clean_corpus, shuffle
 from dapt_core.config import CleanConfig, IngestConfig, SourceConfig, load_config
 from dapt_core.engine import LocalEngine, RayEngine
 from dapt_core.ingest import discover_inputs
@@ -137,6 +137,7 @@ def test_clean_on_ray_matches_local(ray_address, tmp_path):
     )
     _same_outputs(local, on_ray)
     assert local.dropped["exact_duplicate"] >= 1 and local.dropped["near_duplicate"] >= 1
+    assert shuffle.partition_count(len(shards)) > 1  # the dedup shuffle ran several reduce tasks on the cluster
 
 
 def _kill_own_worker_once(fn, marker: str, item):
@@ -150,17 +151,22 @@ def _kill_own_worker_once(fn, marker: str, item):
 
 
 class KillOnceEngine(RayEngine):
-    """Ray, where the first task of a stage kills its worker process mid-stage."""
+    """Ray, where the first task of one stage (the function `stage`) kills its worker process mid-stage."""
 
-    def __init__(self, address: str, marker: Path):
+    def __init__(self, address: str, marker: Path, stage: str):
         super().__init__(address, max_retries=2)
         self.marker = str(marker)
+        self.stage = stage
 
     def map(self, fn, items):
-        return super().map(functools.partial(_kill_own_worker_once, fn, self.marker), items)
+        if fn.__name__ == self.stage:
+            fn = functools.partial(_kill_own_worker_once, fn, self.marker)
+        return super().map(fn, items)
 
 
-def test_a_killed_worker_is_retried_and_the_result_is_the_same(ray_address, tmp_path):
+@pytest.mark.parametrize("stage", ["prepare_shard", "reduce_partition"])
+def test_a_killed_worker_is_retried_and_the_result_is_the_same(ray_address, tmp_path, stage):
+    """A worker dies in the per-shard pass, or in a reduce task of the dedup shuffle."""
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not import the test module
@@ -168,7 +174,7 @@ def test_a_killed_worker_is_retried_and_the_result_is_the_same(ray_address, tmp_
     marker = tmp_path / "killed-once"
     local = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "local", LocalEngine())
     on_ray = clean_corpus(
-        shards, evals, quarantined, CleanConfig(), tmp_path / "ray", KillOnceEngine(ray_address, marker)
+        shards, evals, quarantined, CleanConfig(), tmp_path / "ray", KillOnceEngine(ray_address, marker, stage)
     )
     assert marker.exists()  # a worker did die
     _same_outputs(local, on_ray)

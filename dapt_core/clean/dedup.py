@@ -1,4 +1,4 @@
-"""Exact and MinHash-LSH near-duplicate detection in DuckDB, among the documents that passed the filters.
+"""Exact and MinHash-LSH near-duplicate detection among the documents that passed the filters.
 
 Reads the table `docs(seq, rank, text_hash, filter_reason, ...)` where `rank` is the priority of a
 document (domain before general, then source, file, position in the file): of each group of
@@ -6,20 +6,30 @@ duplicates the lowest rank is kept. Creates the table `duplicates(seq, rank, rea
 one row per filter survivor: `reason` is 'exact_duplicate', 'near_duplicate' or NULL (kept);
 `duplicate_of` is the seq it was matched to; `representative` is the seq of the kept document its
 whole group collapsed onto (itself when nothing collapsed onto it).
+
+The grouping runs as a shuffle on the engine (`shuffle`): one map task per shard splits its survivors by text hash
+and its LSH band rows by (band, key) into P partitions; one reduce task per partition finds its exact groups and LSH
+buckets, verifies the candidate pairs against the MinHash signatures and returns the verified edges. Here, on the
+driver, only those edges (a union-find over them gives the near-duplicate clusters) and the small files of exact
+duplicates meet the per-document table: the driver never reads a signature or a band key. Both engines run the same
+tasks, so they give the same decisions; so does any P, since a partition always holds whole groups and buckets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-from dapt_core.clean.minhash import jaccard
+from dapt_core.clean import shuffle
+from dapt_core.clean.duck import literal, parquet_source
+from dapt_core.clean.parts import ShardParts
 from dapt_core.config import DedupConfig
+from dapt_core.engine import Engine
 
-_VERIFY_BATCH_ROWS = 65_536
 _ROOTS = pa.schema([("rank", pa.int64()), ("root_rank", pa.int64())])
+_RANKS_ROW_GROUP = 65_536  # a map task reads its shard's slice of the ranks file by row-group statistics
 
 
 class UnionFind:
@@ -45,14 +55,26 @@ class UnionFind:
         return {x: self.find(x) for x in self.parent}
 
 
-def find_duplicates(con: duckdb.DuckDBPyConnection, cfg: DedupConfig) -> None:
-    """Create `duplicates`; the views `signatures` (seq, sig) and `bands` (seq, band, key) hold the
-    filter survivors that have words (only read when cfg.near)."""
-    first = "first_value(seq) OVER (PARTITION BY text_hash ORDER BY rank)" if cfg.exact else "seq"
-    con.execute(f"CREATE TABLE exact AS SELECT seq, rank, {first} AS first_seq FROM docs WHERE filter_reason IS NULL")
+def find_duplicates(
+    con: duckdb.DuckDBPyConnection,
+    shards: list[ShardParts],
+    cfg: DedupConfig,
+    engine: Engine,
+    scratch: Path,
+    memory_limit: str,
+) -> None:
+    """Create `duplicates` from the shards' signatures and bands parts (read only when cfg.near), shuffling them
+    through files in `scratch` (on Ray: a folder every node reaches) with tasks on `engine`."""
+    results = _shuffle(con, shards, cfg, engine, scratch, memory_limit) if cfg.exact or cfg.near else []
+    exact_files = [r.exact_out for r in results if r.exact_duplicates]
+    first = "coalesce(x.first_seq, d.seq)" if exact_files else "d.seq"
+    exact_duplicates = f"LEFT JOIN {parquet_source(exact_files)} x USING (seq)" if exact_files else ""
+    con.execute(f"""
+        CREATE TABLE exact AS
+        SELECT d.seq, d.rank, {first} AS first_seq FROM docs d {exact_duplicates} WHERE d.filter_reason IS NULL""")
     con.execute("CREATE TABLE near (seq BIGINT, root_seq BIGINT)")
-    if cfg.near:
-        roots = _near_duplicate_roots(con, cfg)
+    roots = _near_duplicate_roots(results)
+    if roots:
         con.register("near_roots", pa.table({"rank": list(roots), "root_rank": list(roots.values())}, schema=_ROOTS))
         con.execute("""
             INSERT INTO near
@@ -72,42 +94,51 @@ def find_duplicates(con: duckdb.DuckDBPyConnection, cfg: DedupConfig) -> None:
         LEFT JOIN near first_near ON first_near.seq = e.first_seq""")
 
 
-def _near_duplicate_roots(con: duckdb.DuckDBPyConnection, cfg: DedupConfig) -> dict[int, int]:
-    """rank -> rank of its cluster's root, for exact-unique survivors with a verified near duplicate.
+def _shuffle(
+    con: duckdb.DuckDBPyConnection,
+    shards: list[ShardParts],
+    cfg: DedupConfig,
+    engine: Engine,
+    scratch: Path,
+    memory_limit: str,
+) -> list[shuffle.PartitionResult]:
+    """Scatter every shard, then reduce every partition, both on `engine` (module docstring)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    ranks = scratch / "ranks.parquet"  # the only per-document file the driver writes: 3 columns of the survivors
+    con.execute(f"""
+        COPY (SELECT seq, rank, text_hash FROM docs WHERE filter_reason IS NULL ORDER BY seq)
+        TO {literal(ranks)} (FORMAT parquet, ROW_GROUP_SIZE {_RANKS_ROW_GROUP})""")
+    partitions = shuffle.partition_count(len(shards))
+    scatters = [
+        shuffle.ScatterJob(
+            shard, ranks, partitions, cfg, scratch / f"{i:06d}.exact.parquet", scratch / f"{i:06d}.bands.parquet"
+        )
+        for i, shard in enumerate(shards)
+    ]
+    engine.map(shuffle.scatter_shard, scatters)
+    reduces = [
+        shuffle.ReduceJob(
+            p,
+            tuple(s.exact_out for s in scatters) if cfg.exact else (),
+            tuple(s.bands_out for s in scatters) if cfg.near else (),
+            tuple(shards),
+            cfg,
+            memory_limit,
+            scratch / f"exact-duplicates-{p:04d}.parquet",
+        )
+        for p in range(partitions)
+    ]
+    return engine.map(shuffle.reduce_partition, reduces)
 
-    Candidates come from LSH buckets (same key in some band). Each bucket member is paired with
-    the bucket's best-ranked member only, so a bucket of k near-identical documents costs k pairs,
-    not k^2; the union of those stars over all bands rebuilds the clusters. A pair counts only if
-    its estimated Jaccard similarity reaches the threshold.
+
+def _near_duplicate_roots(results: list[shuffle.PartitionResult]) -> dict[int, int]:
+    """rank -> rank of its cluster's root (the cluster's best rank), for every document on a verified edge.
+
+    The edges of all partitions together are the star pairings of every LSH bucket, so their connected components
+    are the near-duplicate clusters, whichever partition found each edge.
     """
-    con.execute("""
-        CREATE TABLE candidates AS
-        WITH banded AS (
-            SELECT b.band, b.key, b.seq, e.rank
-            FROM bands b JOIN exact e ON e.seq = b.seq
-            WHERE e.first_seq = e.seq),
-        heads AS (
-            SELECT band, key, arg_min(seq, rank) AS head, min(rank) AS head_rank
-            FROM banded GROUP BY band, key HAVING count(*) > 1)
-        SELECT DISTINCT h.head, h.head_rank, b.seq, b.rank
-        FROM heads h JOIN banded b USING (band, key)
-        WHERE b.seq <> h.head""")
-    reader = con.sql("""
-        SELECT c.head_rank, c.rank, hs.sig AS head_sig, ms.sig AS sig
-        FROM candidates c
-        JOIN signatures hs ON hs.seq = c.head
-        JOIN signatures ms ON ms.seq = c.seq""").to_arrow_reader(_VERIFY_BATCH_ROWS)
     clusters = UnionFind()
-    for head_rank, rank in _verified_pairs(reader, cfg):
-        clusters.union(head_rank, rank)
+    for result in results:
+        for head_rank, rank in zip(result.head_ranks.tolist(), result.ranks.tolist()):
+            clusters.union(head_rank, rank)
     return clusters.roots()
-
-
-def _verified_pairs(batches: Iterable[pa.RecordBatch], cfg: DedupConfig) -> Iterable[tuple[int, int]]:
-    for batch in batches:
-        head_sig = batch.column("head_sig").flatten().to_numpy().reshape(-1, cfg.num_perm)
-        sig = batch.column("sig").flatten().to_numpy().reshape(-1, cfg.num_perm)
-        similar = jaccard(head_sig, sig) >= cfg.jaccard_threshold
-        heads = batch.column("head_rank").to_numpy()[similar]
-        members = batch.column("rank").to_numpy()[similar]
-        yield from zip(heads.tolist(), members.tolist())

@@ -10,6 +10,7 @@ decisions) then runs over all parts, so the result is the one a full run on the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,23 @@ from dapt_core.manifest import ArtifactRef
 from dapt_core.store import ArtifactStore
 
 PART_NAMES = ("docs", "signatures", "bands")
+
+
+@dataclass(frozen=True)
+class ShardParts:
+    """One shard's parts (Parquet files, `seq` numbered from 0 within the shard) and where the shard's documents sit
+    in the corpus: global seq = first_seq + the part's seq, for `documents` rows."""
+
+    docs: Path
+    signatures: Path
+    bands: Path
+    first_seq: int
+    documents: int
+
+    @property
+    def end_seq(self) -> int:
+        """One past the global seq of the shard's last document."""
+        return self.first_seq + self.documents
 
 
 class PartCache(Protocol):

@@ -2,9 +2,11 @@
 
 Two phases keep memory flat however large the corpus is. The per-document Python work (normalise,
 quality signals, eval n-gram probes, MinHash) streams over record batches and writes narrow
-Parquet intermediates; the set work (duplicate groups, LSH buckets, joins, stats) runs in DuckDB,
-which spills to disk past its memory limit. Every input document, quarantined units included,
-ends with exactly one decision, so input_docs == kept_docs + sum(dropped) per source and overall.
+Parquet intermediates, one task per shard; the set work runs as a shuffle of those intermediates
+(duplicate groups, LSH buckets and their verification: one task per partition, `dedup`) and in
+DuckDB on the driver (decisions, stats), which spills to disk past its memory limit. Every input
+document, quarantined units included, ends with exactly one decision, so input_docs == kept_docs +
+sum(dropped) per source and overall.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dapt_core.clean.identity import document_uid
 from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import tokenize
 from dapt_core.clean.normalize import normalize_text
-from dapt_core.clean.parts import PART_NAMES, PartCache
+from dapt_core.clean.parts import PART_NAMES, PartCache, ShardParts
 from dapt_core.clean.quality import quality_reasons
 from dapt_core.clean.stats import corpus_stats, source_stats, stats_markdown
 from dapt_core.config import CleanConfig
@@ -88,18 +90,19 @@ def clean_corpus(
     Of duplicates the first by priority is kept: domain before general, then source, file, and
     position in the file (read order). The per-document pass runs one task per shard on `engine`
     (default: this process; on Ray, `workdir` must be on storage every node reaches), skipping the
-    shards whose parts `cache` holds.
+    shards whose parts `cache` holds; the dedup shuffle's map and reduce tasks run there too.
     """
     workdir = Path(workdir)
     scratch = workdir / "clean-scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    parts = _per_document_pass(shards, eval_shards, cfg, scratch, engine or LocalEngine(), cache)
+    engine = engine or LocalEngine()
+    parts = _per_document_pass(shards, eval_shards, cfg, scratch, engine, cache)
 
     con = connect(scratch / "clean.duckdb", cfg.duckdb_memory_limit)
     try:
         _load_parts(con, parts)
-        find_duplicates(con, cfg.dedup)
+        find_duplicates(con, parts, cfg.dedup, engine, scratch / "shuffle", cfg.duckdb_memory_limit)
         training_quarantined = [q for q in quarantined if q.kind in _TRAINING_KINDS]
         _decide(con, training_quarantined)
         decisions = workdir / "decisions.parquet"
@@ -128,16 +131,6 @@ def clean_corpus(
     )
 
 
-@dataclass(frozen=True)
-class _Part:
-    """The per-document pass of one shard: its three Parquet files and its first document's number in the corpus."""
-
-    docs: Path
-    signatures: Path
-    bands: Path
-    first_seq: int
-
-
 def _per_document_pass(
     shards: list[Path],
     eval_shards: list[Path],
@@ -145,7 +138,7 @@ def _per_document_pass(
     scratch: Path,
     engine: Engine,
     cache: PartCache | None,
-) -> list[_Part]:
+) -> list[ShardParts]:
     """The parts of every shard, in order: reused from `cache` when it has them, else computed on `engine`."""
     eval_hashes = EvalNgrams.from_parquet(eval_shards, cfg.decontamination.ngram, cfg.normalize).hashes
     evals = scratch / "eval_ngrams.npy"
@@ -164,37 +157,24 @@ def _per_document_pass(
         files = got or {name: job.output(name) for name in PART_NAMES}
         if got is None and cache and job.shard:
             cache.keep(job.shard, recipe, files)
-        parts.append(_Part(files["docs"], files["signatures"], files["bands"], first_seq))
-        first_seq += pq.ParquetFile(files["docs"]).metadata.num_rows
+        documents = pq.ParquetFile(files["docs"]).metadata.num_rows
+        parts.append(ShardParts(files["docs"], files["signatures"], files["bands"], first_seq, documents))
+        first_seq += documents
     return parts
 
 
-def _load_parts(con: duckdb.DuckDBPyConnection, parts: list[_Part]) -> None:
-    """Table `docs` (each document's verdict, numbered across the corpus, and its `rank`: priority order) and views
-    `signatures` and `bands` (see `dedup`) over the parts."""
-    con.register(
-        "parts_in",
-        pa.table(
-            {
-                "docs": [str(p.docs) for p in parts],
-                "signatures": [str(p.signatures) for p in parts],
-                "bands": [str(p.bands) for p in parts],
-                "first_seq": [p.first_seq for p in parts],
-            }
-        ),
-    )
+def _load_parts(con: duckdb.DuckDBPyConnection, parts: list[ShardParts]) -> None:
+    """Table `docs`: each document's verdict, numbered across the corpus, and its `rank` (priority order)."""
+    parts_in = pa.table({"docs": [str(p.docs) for p in parts], "first_seq": [p.first_seq for p in parts]})
+    con.register("parts_in", parts_in)
     con.execute("CREATE TABLE parts AS SELECT * FROM parts_in")
     con.unregister("parts_in")
-    source = lambda name: f"read_parquet([{', '.join(literal(str(getattr(p, name))) for p in parts)}], filename = true)"  # noqa: E731
     con.execute(f"""
         CREATE TABLE docs AS
         SELECT d.* EXCLUDE (text, filename, seq), d.seq + p.first_seq AS seq,
             row_number() OVER (ORDER BY d.kind = 'general', d.source, d.file, d.seq + p.first_seq) AS rank
-        FROM {source("docs")} d JOIN parts p ON p.docs = d.filename""")
-    for name, columns in (("signatures", "s.sig"), ("bands", "s.band, s.key")):
-        con.execute(f"""
-            CREATE VIEW {name} AS
-            SELECT s.seq + p.first_seq AS seq, {columns} FROM {source(name)} s JOIN parts p ON p.{name} = s.filename""")
+        FROM read_parquet([{", ".join(literal(str(p.docs)) for p in parts)}], filename = true) d
+        JOIN parts p ON p.docs = d.filename""")
 
 
 @dataclass(frozen=True)
