@@ -20,6 +20,8 @@ Result = TypeVar("Result")
 
 
 class Engine(Protocol):
+    slots: int  # items that can run at once: what a stage sizes its parallel work by
+
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
         """fn applied to every item, results in item order."""
         ...
@@ -27,6 +29,8 @@ class Engine(Protocol):
 
 class LocalEngine:
     """Every item in this process, in order."""
+
+    slots = 1
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
         return [fn(item) for item in items]
@@ -45,6 +49,7 @@ class RayEngine:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
         self._ray = ray
         self.max_retries = max_retries
+        self.slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
         remote = self._ray.remote(num_cpus=1, max_retries=self.max_retries)(_apply)

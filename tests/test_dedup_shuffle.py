@@ -61,7 +61,7 @@ def _corpus(tmp_path) -> list:
 
 
 def _run(tmp_path, monkeypatch, shards, cfg: CleanConfig, partitions: int):
-    monkeypatch.setattr(shuffle, "partition_count", lambda n: partitions)
+    monkeypatch.setattr(shuffle, "partition_count", lambda n, slots: partitions)
     engine = RecordingEngine()
     out = clean_corpus(shards, [], [], cfg, tmp_path / f"p{partitions}", engine)
     return out, engine.items
@@ -108,7 +108,7 @@ def test_any_partition_count_gives_the_decisions_of_one_partition(tmp_path, monk
 def test_scattered_files_hold_one_row_group_per_partition(tmp_path, monkeypatch):
     """A reduce task reads its partition by row-group statistics: every row group holds exactly one partition."""
     shard = _write_shard(tmp_path / "a.parquet", "domain", [prose(i) for i in range(30)])
-    monkeypatch.setattr(shuffle, "partition_count", lambda n: 4)
+    monkeypatch.setattr(shuffle, "partition_count", lambda n, slots: 4)
     layouts = {}
     scatter = shuffle.scatter_shard
 

@@ -108,7 +108,7 @@ def _shuffle(
     con.execute(f"""
         COPY (SELECT seq, rank, text_hash FROM docs WHERE filter_reason IS NULL ORDER BY seq)
         TO {literal(ranks)} (FORMAT parquet, ROW_GROUP_SIZE {_RANKS_ROW_GROUP})""")
-    partitions = shuffle.partition_count(len(shards))
+    partitions = shuffle.partition_count(len(shards), engine.slots)
     scatters = [
         shuffle.ScatterJob(
             shard, ranks, partitions, cfg, scratch / f"{i:06d}.exact.parquet", scratch / f"{i:06d}.bands.parquet"

@@ -52,10 +52,14 @@ _BAND_ROWS = pa.schema(
 )
 
 
-def partition_count(shards: int) -> int:
-    """Reduce partitions for a corpus of `shards` shards: about their square root. Every reduce task reads a row group
-    of every shard's files, so the reads grow as shards x partitions: the square root lets the reduce side grow with
-    the corpus (more tasks, each with more data) while that fixed cost grows as shards^1.5, not shards^2."""
+def partition_count(shards: int, slots: int) -> int:
+    """Reduce partitions for a corpus of `shards` shards on an engine running `slots` tasks at once. One slot (the
+    local engine): one partition, so every shard file is read once. Else about the square root of the shards: every
+    reduce task reads a row group of every shard's files, so the reads grow as shards x partitions; the square root
+    lets the reduce side grow with the corpus (more tasks, each with more data) while that fixed cost grows as
+    shards^1.5, not shards^2. The decisions are the same for any count (tests/test_dedup_shuffle.py)."""
+    if slots <= 1:
+        return 1
     return max(1, min(math.isqrt(max(shards - 1, 0)) + 1, _MAX_PARTITIONS))
 
 
