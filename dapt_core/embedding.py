@@ -60,9 +60,9 @@ Unmet tokens (`quiet_unmet_output_rows`). Intermediate merge tokens (" tacrol" o
 emitted only for rare words, yet a mean output row gives them a share of every position's probability. Every init
 but "mean" gives the intermediate tokens not met in the contexts the output row of the old token whose highest
 probability at any position read while collecting the contexts is the lowest (terms not met within the context
-budget keep their mean rows). Not the token least likely where terms start: there a word-final piece can be the
-least likely one, and every copy of its row then takes its share after every word stem (measured: general bpb
-x1.12 instead of x1.04 on tests/test_pipeline.py's base). With tied
+budget keep their mean rows). Not the token least likely where terms start: on tests/test_pipeline.py's base that
+was " and", one of the commonest words of general text, and 157 copies of its row took its share wherever " and"
+is likely (general bpb x1.12 instead of x1.04). With tied
 embeddings a token has one row: the output fit then also moves the input row (for "last_piece_seqprob", by the smallest
 change of the last-piece row that reaches the targets: measured on
 the tied tiny model it beats the last-piece row alone). `refine_new_rows` applies a `tokenizer.init`; the measured
@@ -449,9 +449,8 @@ def quiet_unmet_output_rows(model: PreTrainedModel, contexts: _Contexts, new_ids
     """Output rows of `new_ids` (intermediate merge tokens, which the extended tokenizer emits only for rare
     words) never met in `contexts` = the output row of the old token whose highest probability at any position the
     contexts read is the lowest: they start as unlikely as the base's least likely token instead of taking the mean
-    of their pieces' probability at every position. (The token least likely on average, or only where terms start,
-    can be a common one elsewhere, a word-final piece for instance: every copy of its row then takes its share
-    there.) Returns a JSON-able report."""
+    of their pieces' probability at every position. (The token least likely where terms start can be a common one
+    elsewhere, " and" for instance: every copy of its row then takes its share there.) Returns a JSON-able report."""
     unmet = [i for i in new_ids if i not in contexts.hidden]
     if not unmet or contexts.peak_log_probs is None:
         return {"unmet_rows_quieted": 0}
