@@ -42,11 +42,11 @@ anchored at the mean row, on the shortfall only,
 the smallest change of the mean row that reaches the targets (λ keeps it small where contexts are few or alike),
 shortened (s < 1) where the row would grow longer than the longest old row. The fit never aims BELOW the mean row:
 a base that has not learnt a term (tests/test_pipeline.py's base, trained on general text only) finds its piece
-sequence far less likely than the mean row does (24 nats on average there), and reaching that takes rows ~50x longer
-than any old row, which give huge logits at positions unlike the fitted ones (general bpb x4.3) and, tied, are read
-back as input rows; the mean row is then the better start, and it is kept. Old tokens' logits do not change; each
-keeps its probability relative to the other old tokens, and all of them give up together the share the new tokens
-take.
+sequence far less likely than the mean row does (24 nats on average there), and reaching that takes rows up to ~50x
+longer than the average old row, which give huge logits at positions unlike the fitted ones (general bpb x4.3) and,
+tied, are read back as input rows; the mean row is then the better start, and it is kept. Old tokens' logits do not
+change; each keeps its probability relative to the other old tokens, and all of them give up together the share the
+new tokens take.
 
 Input rows from the last piece (`set_input_rows_from_last_piece`, `tokenizer.init: last_piece`). What the model
 must do after reading the new token is what the base does after reading the term's LAST piece: that position is

@@ -515,10 +515,11 @@ def general_only_base(base_tok):
 @pytest.mark.parametrize("init", ["seqprob", "last_piece", "last_piece_seqprob"])
 def test_inits_cost_a_base_that_never_read_the_domain_no_more_than_mean(base_tok, general_only_base, init):
     """The fit only raises a term's logit toward its piece sequence's probability (lowering it to a base that finds
-    the term very unlikely took rows ~50x longer than any old row: read back as tied input rows and as logits at every
-    position); the intermediate rows are quieted with a token unlikely at every position read, not one unlikely only
-    where terms start. Measured on the pipeline test's base before these fixes: general bpb x4.3 (seqprob), x1.12
-    (last_piece) of the original, against x1.04 with mean rows, so every CPT checkpoint was rejected."""
+    the term very unlikely took rows up to ~50x longer than the average old row: read back as tied input rows and as
+    logits at every position); the intermediate rows are quieted with a token unlikely at every position read, not
+    one unlikely only where terms start. Measured on the pipeline test's base before these fixes: general bpb x4.3
+    (seqprob), x1.12 (last_piece) of the original, against x1.04 with mean rows, so every CPT checkpoint was
+    rejected."""
     general = GENERAL[150:170]
 
     def extended(how: str):
