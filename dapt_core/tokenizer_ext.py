@@ -20,11 +20,12 @@ Pipeline (`extend`):
    letters, digits, combining marks, '-', '_' and apostrophes; no inner space); frequency >= `min_frequency`;
    valid UTF-8 on its own. At most `max_new_tokens` vocabulary entries are added in all (see 3 for why a
    candidate can need more than one).
-3. Add the winners to the base tokenizer as ordinary vocabulary tokens (see below), resize the model and
-   initialise the new rows with the mean of their original pieces' rows (`dapt_core.embedding`).
+3. Add the winners to the base tokenizer as ordinary vocabulary tokens (see below), resize the model,
+   initialise the new rows with the mean of their original pieces' rows and refine them per `tokenizer.init`
+   (default seqprob: output rows raised toward the base's probability of the piece sequence; `dapt_core.embedding`).
 4. Report tokens per word on held-out domain text before/after, encode->decode round trips on the held-out texts,
-   and bits per byte of the base model, of the extended-but-untrained model with mean init and of the same model
-   with the library's default resize init (measured on a copy).
+   and bits per byte of the base model, of the extended-but-untrained model with mean init and with the configured
+   init, and of the same model with the library's default resize init (measured on a copy).
 
 Why merges, not AddedToken. `tokenizer.add_tokens([" tacrolimus"])` creates AddedTokens, which the `tokenizers`
 library matches as raw substrings BEFORE pre-tokenization and BPE:
