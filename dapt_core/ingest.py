@@ -166,11 +166,18 @@ def _walk(top: Path, root: Path, make_input: Callable, quarantine: Callable) -> 
             if name.startswith("."):
                 continue
             path = here / name
-            yield (
-                _local_file(path, make_input, quarantine)
-                if _inside(path, root)
-                else _outside_root(path, root, quarantine)
-            )
+            try:
+                entry = os.lstat(path)
+            except OSError:
+                entry = None  # _local_file says why
+            if entry is not None and not stat.S_ISLNK(entry.st_mode):
+                # Not a link, in a folder walked through its real path inside the root: inside the root too, so
+                # no realpath (two per file cost more than the file's sha256 on a folder of small notes).
+                yield _local_file(path, make_input, quarantine, entry)
+            elif _inside(path, root):
+                yield _local_file(path, make_input, quarantine)
+            else:
+                yield _outside_root(path, root, quarantine)
     for e in errors:
         yield quarantine(
             file=os.path.abspath(e.filename),
@@ -188,12 +195,15 @@ def _outside_root(path: Path, root: Path, quarantine: Callable) -> QuarantineRec
     )
 
 
-def _local_file(path: Path, make_input: Callable, quarantine: Callable) -> InputFile | QuarantineRecord:
+def _local_file(
+    path: Path, make_input: Callable, quarantine: Callable, st: os.stat_result | None = None
+) -> InputFile | QuarantineRecord:
+    """`st`: the file's stat when the caller has it (not a link)."""
     uri = os.path.abspath(path)
     if _format(path.name) is None:
         return quarantine(file=uri, reason="unsupported_format", detail=_unsupported_detail(path.name))
     try:
-        st = path.stat()
+        st = st or path.stat()
         if not stat.S_ISREG(st.st_mode):
             return quarantine(file=uri, reason="unreadable", detail="not a regular file (device, FIFO or socket)")
         return make_input(uri=uri, fingerprint=sha256_file(path), bytes=st.st_size)
