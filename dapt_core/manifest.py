@@ -123,9 +123,6 @@ class IngestBatchManifest(BaseModel):
     files: ArtifactRef = Field(description="Parquet of the per-file records (FileIngest), one row per input file.")
     file_count: int
     docs: int
-    read_now: list[str] = Field(
-        default_factory=list, description="Uris of the files this batch's run read (not copied from an earlier shard)."
-    )
     quarantined: list[QuarantineRecord] = Field(
         default_factory=list, description="Every unit of the batch's files that could not be read as a document."
     )

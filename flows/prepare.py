@@ -15,9 +15,9 @@ from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.clean.stats import new_documents
 from dapt_core.config import DaptConfig
-from dapt_core.ingest_batches import file_records, plan_batches
+from dapt_core.ingest_batches import file_records, plan_batches, read_file_table
 from dapt_core.manifest import ArtifactRef, IngestBatchManifest, InputFile, PrepareManifest
-from dapt_core.store import open_store
+from dapt_core.store import ArtifactStore, open_store
 
 
 @flow(name="dapt-prepare", log_prints=True, persist_result=False)
@@ -67,7 +67,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     publish_data_report(clean_manifest, config.store)
 
     # A file is computed when this run read it; a file of a cached batch, or copied from an earlier shard, is cached.
-    read = {name: _read_now(batches[name], futures[name], batch_results[name]) for name in batches}
+    read = {name: _read_now(store, batches[name], futures[name], batch_results[name]) for name in batches}
     ran = [(f"ingest:{uri}", now) for uri, now in read["inputs"] + read["evals"]] + [
         ("clean", not was_cached(clean_future))
     ]
@@ -92,12 +92,20 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
 
 
 def _read_now(
-    batches: list[list[InputFile]], futures: list[PrefectFuture], results: list[IngestBatchManifest]
+    store: ArtifactStore,
+    batches: list[list[InputFile]],
+    futures: list[PrefectFuture],
+    results: list[IngestBatchManifest],
 ) -> list[tuple[str, bool]]:
-    """(uri, read by this run) per file, in order: a cached batch read none of its files."""
+    """(uri, read by this run) per file, in order: a cached batch read none of its files; a computed one says which
+    it read (the others were copied from an earlier shard) in its per-file records."""
     read: list[tuple[str, bool]] = []
     for batch, future, result in zip(batches, futures, results):
-        now = set() if was_cached(future) else set(result.read_now)
+        now = (
+            set()
+            if was_cached(future)
+            else {f.input.uri for f in read_file_table(store.local_path(result.files)) if f.read}
+        )
         read += [(inp.uri, inp.uri in now) for inp in batch]
     return read
 

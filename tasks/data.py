@@ -118,7 +118,6 @@ def ingest_batch_task(
         files=files_ref,
         file_count=len(files),
         docs=sum(f.docs for f in files),
-        read_now=[f.input.uri for f in files if f.read],
         quarantined=[q for f in files for q in f.quarantined],
         code_version=INGEST_CODE,
     )
