@@ -96,7 +96,7 @@ def clean_corpus(
     scratch.mkdir(parents=True)
     parts = _per_document_pass(shards, eval_shards, cfg, scratch, engine or LocalEngine(), cache)
 
-    con = connect(scratch, cfg.duckdb_memory_limit)
+    con = connect(scratch / "clean.duckdb", cfg.duckdb_memory_limit)
     try:
         _load_parts(con, parts)
         find_duplicates(con, cfg.dedup)
