@@ -142,7 +142,7 @@ def worker_prepare(args: dict) -> dict:
         "wall_s": wall,
         "refresh_s": refresh_s,
         "peak_rss_kb": peak_rss_kb(),
-        "files": len(result.ingested),
+        "files": sum(b.file_count for b in result.ingested),
         "input_docs": result.clean.input_docs,
         "kept_docs": result.clean.kept_docs,
         "new": result.new.model_dump() if result.new else None,

@@ -19,9 +19,9 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
+import hashlib
 import json
 import os
-import shutil
 import stat
 import zlib
 from collections.abc import Callable, Iterator
@@ -34,12 +34,11 @@ from typing import IO, TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dapt_core import leftovers
+from dapt_core import ingest_s3, leftovers
 from dapt_core.config import IngestConfig, SourceConfig
-from dapt_core.faults import StoreError, store_errors
+from dapt_core.faults import StoreError
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import InputFile, Kind, QuarantineRecord
-from dapt_core.store import s3_client
 
 if TYPE_CHECKING:
     from dapt_core.ingest_batches import ShardWriter
@@ -105,7 +104,7 @@ def discover_inputs(source: SourceConfig, kind: Kind) -> tuple[list[InputFile], 
     refused: dict[str, QuarantineRecord] = {}
     for spec in source.paths:
         found = (
-            _s3_inputs(spec, make_input, quarantine)
+            ingest_s3.s3_inputs(spec, make_input, quarantine, _format, _unsupported_detail)
             if spec.startswith("s3://")
             else _local_inputs(spec, make_input, quarantine)
         )
@@ -166,11 +165,18 @@ def _walk(top: Path, root: Path, make_input: Callable, quarantine: Callable) -> 
             if name.startswith("."):
                 continue
             path = here / name
-            yield (
-                _local_file(path, make_input, quarantine)
-                if _inside(path, root)
-                else _outside_root(path, root, quarantine)
-            )
+            try:
+                entry = os.lstat(path)
+            except OSError:
+                entry = None  # _local_file says why
+            if entry is not None and not stat.S_ISLNK(entry.st_mode):
+                # Not a link, in a folder walked through its real path inside the root: inside the root too, so
+                # no realpath (two per file cost more than the file's sha256 on a folder of small notes).
+                yield _local_file(path, make_input, quarantine, entry)
+            elif _inside(path, root):
+                yield _local_file(path, make_input, quarantine)
+            else:
+                yield _outside_root(path, root, quarantine)
     for e in errors:
         yield quarantine(
             file=os.path.abspath(e.filename),
@@ -188,40 +194,20 @@ def _outside_root(path: Path, root: Path, quarantine: Callable) -> QuarantineRec
     )
 
 
-def _local_file(path: Path, make_input: Callable, quarantine: Callable) -> InputFile | QuarantineRecord:
+def _local_file(
+    path: Path, make_input: Callable, quarantine: Callable, st: os.stat_result | None = None
+) -> InputFile | QuarantineRecord:
+    """`st`: the file's stat when the caller has it (not a link)."""
     uri = os.path.abspath(path)
     if _format(path.name) is None:
         return quarantine(file=uri, reason="unsupported_format", detail=_unsupported_detail(path.name))
     try:
-        st = path.stat()
+        st = st or path.stat()
         if not stat.S_ISREG(st.st_mode):
             return quarantine(file=uri, reason="unreadable", detail="not a regular file (device, FIFO or socket)")
         return make_input(uri=uri, fingerprint=sha256_file(path), bytes=st.st_size)
     except OSError as e:
         return quarantine(file=uri, reason="unreadable", detail=f"{e}; check the file exists and its permissions")
-
-
-def _s3_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iterator[InputFile | QuarantineRecord]:
-    """Objects at s3://bucket/key or under s3://bucket/prefix/ (a prefix is a folder: 'a' does not match 'ab.txt')."""
-
-    bucket, _, prefix = spec[len("s3://") :].partition("/")
-    folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    with store_errors(spec):
-        for page in pages:
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                explicit = key == prefix
-                if key.endswith("/") or not (explicit or key.startswith(folder)):
-                    continue
-                if not explicit and any(part.startswith(".") for part in key[len(folder) :].split("/")):
-                    continue
-                uri = f"s3://{bucket}/{key}"
-                if _format(key) is None:
-                    yield quarantine(file=uri, reason="unsupported_format", detail=_unsupported_detail(key))
-                else:
-                    etag = obj["ETag"].strip('"')
-                    yield make_input(uri=uri, fingerprint=f"etag:{etag}:{obj['Size']}", bytes=obj["Size"])
 
 
 # --------------------------------------------------------------------------- readers
@@ -238,6 +224,7 @@ class _Ctx:
     text_field: str
     max_doc_bytes: int
     quarantine: Callable[..., QuarantineRecord]
+    content: bytes | None = None  # the whole file, when the caller already read it
 
     def too_large(self, position: str, what: str) -> QuarantineRecord:
         return self.quarantine(
@@ -290,8 +277,10 @@ def _head(path: Path) -> bytes:
 
 def _decode_whole(ctx: _Ctx) -> str | QuarantineRecord:
     """The whole file as text (a UTF-8 BOM dropped), or why it is not UTF-8."""
-    with _open(ctx.path) as f:
-        data = f.read()
+    data = ctx.content
+    if data is None:
+        with _open(ctx.path) as f:
+            data = f.read()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -501,11 +490,12 @@ _READERS: dict[str, Callable[[_Ctx], Iterator[Document | QuarantineRecord]]] = {
 
 
 def read_documents(
-    path: Path, *, uri: str, source: str, kind: Kind, text_field: str, max_doc_bytes: int
+    path: Path, *, uri: str, source: str, kind: Kind, text_field: str, max_doc_bytes: int, content: bytes | None = None
 ) -> Iterator[Document | QuarantineRecord]:
     """The documents in one local file (format by suffix), with a quarantine record for every unit that is not one.
 
-    `uri` is the file's lineage (it may differ from `path` for a downloaded S3 object). Never raises on bad input.
+    `uri` is the file's lineage (it may differ from `path` for a downloaded S3 object); `content`: the file's bytes
+    when the caller already read them (not compressed). Never raises on bad input.
     """
     quarantine = partial(QuarantineRecord, file=uri, source=source, kind=kind)
     fmt = _format(path.name)
@@ -514,11 +504,11 @@ def read_documents(
         return
     units = 0
     try:
-        size = path.stat().st_size
+        size = path.stat().st_size if content is None else len(content)
         if size == 0:
             yield quarantine(position="file", reason="empty_file", detail="the file is empty")
             return
-        head = _head(path) if fmt in _TEXTUAL else b""
+        head = b"" if fmt not in _TEXTUAL else _head(path) if content is None else content[:_SNIFF_BYTES]
         if b"\0" in head:
             detail = (
                 f"NUL bytes in the first {_SNIFF_BYTES} bytes: binary data or UTF-16, not a {fmt} file; "
@@ -526,7 +516,7 @@ def read_documents(
             )
             yield quarantine(position="file", reason="binary_file", detail=detail)
             return
-        ctx = _Ctx(path, size, head, text_field, max_doc_bytes, quarantine)
+        ctx = _Ctx(path, size, head, text_field, max_doc_bytes, quarantine, content)
         for item in _READERS[fmt](ctx):
             units += 1
             yield item
@@ -540,24 +530,12 @@ def read_documents(
 # --------------------------------------------------------------------------- writer
 
 
-def _download(inp: InputFile, dest_dir: Path) -> Path:
-    """Fetch an S3 object, insisting on the ETag it had at discovery so the bytes match the cache key (a changed
-    or deleted object is a StoreError, never a cached result for the old fingerprint)."""
-    bucket, _, key = inp.uri[len("s3://") :].partition("/")
-    etag = inp.fingerprint.split(":")[1]  # fingerprint is "etag:{ETag}:{size}"
-    dest = dest_dir / key.rsplit("/", 1)[-1]  # keeps the suffix that selects the reader
-    with store_errors(inp.uri):
-        obj = s3_client().get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
-        with open(dest, "wb") as out:
-            shutil.copyfileobj(obj["Body"], out, _CHUNK)
-    return dest
-
-
-def _check_unchanged(inp: InputFile) -> None:
+def _check_unchanged(inp: InputFile, content: bytes | None = None) -> None:
     """A local input read after discovery must still be the file that was fingerprinted: otherwise the shard would
-    be cached under the old content's key (a deleted file would be cached as 'unreadable')."""
+    be cached under the old content's key (a deleted file would be cached as 'unreadable'). `content`: the bytes
+    parsed, when the file was read whole (they are what is hashed then)."""
     try:
-        same = sha256_file(inp.uri) == inp.fingerprint
+        same = (sha256_file(inp.uri) if content is None else hashlib.sha256(content).hexdigest()) == inp.fingerprint
     except FileNotFoundError:
         raise StoreError(
             f"{inp.uri}: deleted after it was discovered; re-run to discover the current inputs.", "vanished"
@@ -572,17 +550,37 @@ def ingest_file(inp: InputFile, cfg: IngestConfig, shard: ShardWriter) -> tuple[
     """Read one input file into `shard`. Returns (documents written, quarantine records)."""
     if inp.uri.startswith("s3://"):
         with leftovers.temp_dir("ingest") as tmp:  # only a download needs one: making it costs ~20 ms a file
-            return _read_into(shard, _download(inp, Path(tmp)), inp, cfg)
-    found = _read_into(shard, Path(inp.uri), inp, cfg)
-    _check_unchanged(inp)
+            return _read_into(shard, ingest_s3.download(inp, Path(tmp)), inp, cfg)
+    path = Path(inp.uri)
+    # A whole-file document is read once, and the bytes hashed are the bytes parsed: sniffing, parsing and hashing a
+    # small note in three opens costs more than the rest of its ingest.
+    whole = _format(path.name) == "text" and inp.bytes <= cfg.max_doc_bytes
+    content = _read_whole(path) if whole else None
+    found = _read_into(shard, path, inp, cfg, content)
+    _check_unchanged(inp, content)
     return found
 
 
-def _read_into(shard: ShardWriter, path: Path, inp: InputFile, cfg: IngestConfig) -> tuple[int, list[QuarantineRecord]]:
+def _read_whole(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None  # reported as deleted by _check_unchanged
+
+
+def _read_into(
+    shard: ShardWriter, path: Path, inp: InputFile, cfg: IngestConfig, content: bytes | None = None
+) -> tuple[int, list[QuarantineRecord]]:
     quarantined: list[QuarantineRecord] = []
     written = 0
     items = read_documents(
-        path, uri=inp.uri, source=inp.source, kind=inp.kind, text_field=inp.text_field, max_doc_bytes=cfg.max_doc_bytes
+        path,
+        uri=inp.uri,
+        source=inp.source,
+        kind=inp.kind,
+        text_field=inp.text_field,
+        max_doc_bytes=cfg.max_doc_bytes,
+        content=content,
     )
     fmt = _format(path.name) or ""
     for item in items:

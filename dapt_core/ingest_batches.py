@@ -11,6 +11,7 @@ that shard instead of being read again (`ingest_batch`), so a new or changed fil
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,21 @@ import xxhash
 from dapt_core import ingest, leftovers
 from dapt_core.config import IngestConfig
 from dapt_core.ingest import INGEST_SCHEMA, Document
-from dapt_core.manifest import ArtifactRef, IngestManifest, InputFile, QuarantineRecord
+from dapt_core.manifest import (
+    ArtifactRef,
+    FileIngest,
+    IngestBatchManifest,
+    IngestManifest,
+    InputFile,
+    QuarantineRecord,
+)
 from dapt_core.store import ArtifactStore, open_store
 
 _ROW_GROUP_BYTES = 64 << 20
+FILES_SCHEMA = pa.schema(
+    [(name, pa.string()) for name in ("uri", "source", "kind", "text_field", "fingerprint", "cache_key")]
+    + [("bytes", pa.int64()), ("docs", pa.int64()), ("read", pa.bool_()), ("quarantined", pa.string())]
+)
 
 
 def plan_batches(inputs: list[InputFile], target_bytes: int, target_files: int) -> list[list[InputFile]]:
@@ -51,14 +63,14 @@ def plan_batches(inputs: list[InputFile], target_bytes: int, target_files: int) 
 @dataclass(frozen=True)
 class BatchJob:
     """One ingest batch as a self-contained piece of work for any worker: it reads its inputs and writes its shard
-    to the artifact store at `shard_key`. `earlier`: per-file records of earlier runs for these files."""
+    to the artifact store at `shard_key`. `earlier`: the batches of the last run, whose files it may copy."""
 
     inputs: list[InputFile]
     keys: list[str]
     cfg: IngestConfig
     store_uri: str
     shard_key: str
-    earlier: list[IngestManifest]
+    earlier: list[IngestBatchManifest]
 
 
 @dataclass(frozen=True)
@@ -72,21 +84,74 @@ def run_batch(job: BatchJob) -> BatchOutput:
     store = open_store(job.store_uri)
     with leftovers.temp_dir("ingest") as tmp:
         out = Path(tmp) / "docs.parquet"
-        found = ingest_batch(job.inputs, job.keys, job.cfg, out, earlier_files(store, job.earlier))
+        earlier = earlier_files(store, job.earlier, {inp.uri for inp in job.inputs})
+        found = ingest_batch(job.inputs, job.keys, job.cfg, out, earlier)
         shard = store.put_file(out, job.shard_key) if any(r.docs for r in found) else None
     return BatchOutput(shard, found)
 
 
-def earlier_files(store: ArtifactStore, earlier: list[IngestManifest]) -> dict[str, EarlierFile]:
-    """The earlier per-file records whose shard is still intact, by uri (a file whose shard is gone is read again)."""
-    usable = [m for m in earlier if m.cache_key]
-    shards = {m.shard.uri: m.shard for m in usable if m.shard}
-    intact = {uri: store.local_path(ref) for uri, ref in shards.items() if not store.check(ref)}
-    return {
-        m.input.uri: EarlierFile(m.cache_key, m.docs, m.quarantined, intact.get(m.shard.uri) if m.shard else None)
-        for m in usable
-        if m.shard is None or m.shard.uri in intact
+def earlier_files(store: ArtifactStore, earlier: list[IngestBatchManifest], uris: set[str]) -> dict[str, EarlierFile]:
+    """The earlier per-file records of `uris` whose shard is still intact, by uri (a file whose shard is gone is read
+    again). Only the batches holding one of `uris` have their shard checked."""
+    found: dict[str, EarlierFile] = {}
+    for batch in earlier:
+        if store.check(batch.files) or (batch.shard is not None and store.check(batch.shard)):
+            continue
+        wanted = [f for f in read_file_table(store.local_path(batch.files)) if f.input.uri in uris and f.cache_key]
+        if not wanted:
+            continue
+        shard = store.local_path(batch.shard) if batch.shard is not None else None
+        for f in wanted:
+            found[f.input.uri] = EarlierFile(f.cache_key, f.docs, f.quarantined, shard if f.docs else None)
+    return found
+
+
+def write_file_table(files: list[FileIngest], path: Path) -> None:
+    """The per-file records of a batch as Parquet (FILES_SCHEMA; quarantine records as JSON)."""
+    columns = {
+        "uri": [f.input.uri for f in files],
+        "source": [f.input.source for f in files],
+        "kind": [f.input.kind for f in files],
+        "text_field": [f.input.text_field for f in files],
+        "fingerprint": [f.input.fingerprint for f in files],
+        "cache_key": [f.cache_key for f in files],
+        "bytes": [f.input.bytes for f in files],
+        "docs": [f.docs for f in files],
+        "read": [f.read for f in files],
+        "quarantined": [json.dumps([q.model_dump() for q in f.quarantined]) if f.quarantined else "[]" for f in files],
     }
+    pq.write_table(pa.table(columns, schema=FILES_SCHEMA), path, compression="zstd")
+
+
+def read_file_table(path: Path) -> list[FileIngest]:
+    input_fields = ("uri", "source", "kind", "text_field", "fingerprint", "bytes")
+    return [
+        FileIngest(
+            input=InputFile(**{k: row[k] for k in input_fields}),
+            docs=row["docs"],
+            quarantined=[QuarantineRecord(**q) for q in json.loads(row["quarantined"])],
+            cache_key=row["cache_key"],
+            read=row["read"],
+        )
+        for row in pq.read_table(path, schema=FILES_SCHEMA).to_pylist()
+    ]
+
+
+def file_records(store: ArtifactStore, batches: list[IngestBatchManifest]) -> list[IngestManifest]:
+    """The lineage of each file of `batches`, in order, as later stages read it (the files of a batch share its
+    shard)."""
+    return [
+        IngestManifest(
+            input=f.input,
+            shard=batch.shard if f.docs else None,
+            docs=f.docs,
+            quarantined=f.quarantined,
+            code_version=batch.code_version,
+            cache_key=f.cache_key,
+        )
+        for batch in batches
+        for f in read_file_table(store.local_path(batch.files))
+    ]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ finished stage is never overwritten; `runs/<project>/` holds the small run manif
 
     <store>/
     ├── ingest/<kind>/<source>/<batch key>.parquet     ingest_shard_key: one ingest batch's documents
+    ├── ingest/<kind>/<source>/<batch key>.files.parquet   ingest_files_key: its per-file records
     ├── clean/<clean key>/                             clean_prefix: the cleaned corpus
     │   └── domain.parquet, general.parquet, decisions.parquet, stats.json, stats.md
     ├── clean/parts/<part hash>/                       clean_part_prefix: a shard's signatures + band keys
@@ -42,6 +43,10 @@ RESULTS_PREFIX = "prefect-results"
 
 def ingest_shard_key(kind: str, source: str, key: str) -> str:
     return f"ingest/{kind}/{source}/{key}.parquet"
+
+
+def ingest_files_key(kind: str, source: str, key: str) -> str:
+    return f"ingest/{kind}/{source}/{key}.files.parquet"
 
 
 def clean_prefix(key: str) -> str:

@@ -112,26 +112,21 @@ class FileIngest(BaseModel):
 
 
 class IngestBatchManifest(BaseModel):
+    """One ingest batch. Its per-file records are a Parquet table in the store, not a list here: Prefect walks every
+    object a task or flow hands on (~7 us a field), and a manifest of 10,000 file records costs seconds to walk,
+    validate and copy at each step of a refresh that reads none of them (`dapt_core.ingest_batches.file_records`)."""
+
     stage: Literal["ingest-batch"] = "ingest-batch"
     shard: ArtifactRef | None = Field(
         None, description="Parquet of the documents of all files; None when none were read."
     )
-    files: list[FileIngest]
+    files: ArtifactRef = Field(description="Parquet of the per-file records (FileIngest), one row per input file.")
+    file_count: int
+    docs: int
+    quarantined: list[QuarantineRecord] = Field(
+        default_factory=list, description="Every unit of the batch's files that could not be read as a document."
+    )
     code_version: str
-
-    def per_file(self) -> list[IngestManifest]:
-        """The lineage of each file, as later stages read it (files share the batch shard)."""
-        return [
-            IngestManifest(
-                input=f.input,
-                shard=self.shard if f.docs else None,
-                docs=f.docs,
-                quarantined=f.quarantined,
-                code_version=self.code_version,
-                cache_key=f.cache_key,
-            )
-            for f in self.files
-        ]
 
 
 class SourceStats(BaseModel):
@@ -181,9 +176,11 @@ class PrepareManifest(BaseModel):
 
     stage: Literal["prepare"] = "prepare"
     store: str
-    ingested: list[IngestManifest]
-    evals: list[IngestManifest] = Field(
-        default_factory=list, description="The eval sets, ingested for decontamination."
+    ingested: list[IngestBatchManifest] = Field(
+        description="The training files' ingest batches (per-file records: `ingest_batches.file_records`)."
+    )
+    evals: list[IngestBatchManifest] = Field(
+        default_factory=list, description="The eval sets' ingest batches, ingested for decontamination."
     )
     clean: CleanManifest
     new: NewDocuments | None = Field(None, description="What this run read (None when it read no file).")

@@ -35,6 +35,7 @@ from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.config import DaptConfig
 from dapt_core.forgetting import ForgettingPolicy
 from dapt_core.hashing import stable_hash
+from dapt_core.ingest_batches import file_records
 from dapt_core.manifest import (
     CptManifest,
     DirRef,
@@ -234,7 +235,8 @@ def run_stages(config: DaptConfig, lineage: str, state: RunState | None = None) 
 
 def _ingested(prepared: PrepareManifest) -> dict[str, str]:
     """The fingerprints of exactly what a run ingested: what the next refresh compares against."""
-    return {m.input.uri: m.input.fingerprint for m in prepared.ingested + prepared.evals}
+    records = file_records(open_store(prepared.store), prepared.ingested + prepared.evals)
+    return {m.input.uri: m.input.fingerprint for m in records}
 
 
 def _save_state(store: ArtifactStore, state: RunState, project: str) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from prefect import flow, unmapped
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
+from prefect.utilities.annotations import quote
 
 from dapt.tasks import progress
 from dapt.tasks.caching import result_storage_for, was_cached
@@ -14,9 +15,9 @@ from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.clean.stats import new_documents
 from dapt_core.config import DaptConfig
-from dapt_core.ingest_batches import plan_batches
-from dapt_core.manifest import IngestManifest, PrepareManifest
-from dapt_core.store import open_store
+from dapt_core.ingest_batches import file_records, plan_batches, read_file_table
+from dapt_core.manifest import ArtifactRef, IngestBatchManifest, InputFile, PrepareManifest
+from dapt_core.store import ArtifactStore, open_store
 
 
 @flow(name="dapt-prepare", log_prints=True, persist_result=False)
@@ -34,45 +35,43 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
 
     # Benchmark items are eval texts too: no training document may share a 13-gram with them.
     inputs, evals, refused = discover_task(with_benchmark_texts(config.data, config.eval))
-    earlier = _earlier_ingests(config)
     batches = {
         name: plan_batches(files, config.ingest.batch_bytes, config.ingest.batch_files)
         for name, files in (("inputs", inputs), ("evals", evals))
     }
+    # quote: Prefect walks every parameter it is handed (~7 us a field); file lists hold no futures to look for.
+    earlier = quote(unmapped(_earlier_batches(config)))
     futures = {
         name: ingest.map(
-            found,
+            quote(found),
             cfg=unmapped(config.ingest),
             store_uri=unmapped(config.store),
-            earlier=[[earlier[f.uri] for f in batch if f.uri in earlier] for batch in found],
+            earlier=earlier,
             engine=unmapped(config.prepare),
         )
         for name, found in batches.items()
     }
     progress.stage("ingest files", total=len(inputs) + len(evals))
     for done in as_completed(futures["inputs"] + futures["evals"]):
-        progress.advance("ingest files", len(done.result().files))
+        progress.advance("ingest files", done.result().file_count)
     batch_results = {name: [f.result() for f in fs] for name, fs in futures.items()}
-    ingested = [m for b in batch_results["inputs"] for m in b.per_file()]
-    eval_manifests = [m for b in batch_results["evals"] for m in b.per_file()]
-    require_complete_eval_sets([], eval_manifests)
+    store = open_store(config.store)
+    require_complete_eval_sets([], file_records(store, batch_results["evals"]))
 
     progress.stage("clean, dedup, stats", total=1)
-    clean_future = clean.submit(ingested, eval_manifests, refused, config.clean, config.store, config.prepare)
+    shards, eval_shards = (_distinct_shards(batch_results[name]) for name in ("inputs", "evals"))
+    quarantined = refused + [q for b in batch_results["inputs"] for q in b.quarantined]
+    clean_future = clean.submit(shards, eval_shards, quarantined, config.clean, config.store, config.prepare)
     clean_manifest = clean_future.result()
     progress.advance("clean, dedup, stats")
     publish_data_report(clean_manifest, config.store)
 
     # A file is computed when this run read it; a file of a cached batch, or copied from an earlier shard, is cached.
-    read = {
-        name: [(file.input.uri, file.read and not was_cached(f)) for f in fs for file in f.result().files]
-        for name, fs in futures.items()
-    }
+    read = {name: _read_now(store, batches[name], futures[name], batch_results[name]) for name in batches}
     ran = [(f"ingest:{uri}", now) for uri, now in read["inputs"] + read["evals"]] + [
         ("clean", not was_cached(clean_future))
     ]
     read_now = {uri for uri, now in read["inputs"] if now}  # training files only: eval files have no decisions
-    store = open_store(config.store)
     new = new_documents(store.local_path(clean_manifest.decisions), read_now) if read_now else None
     if new:
         print(
@@ -81,8 +80,8 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
         )
     result = PrepareManifest(
         store=config.store,
-        ingested=ingested,
-        evals=eval_manifests,
+        ingested=batch_results["inputs"],
+        evals=batch_results["evals"],
         clean=clean_manifest,
         new=new,
         computed=[name for name, computed in ran if computed],
@@ -92,15 +91,39 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     return result
 
 
-def _earlier_ingests(config: DaptConfig) -> dict[str, IngestManifest]:
-    """The per-file ingest records of the project's last prepare (data only: validated as a manifest), so that a
-    batch recomputed for one new or changed file copies the other files' rows; none when there is no readable one."""
+def _read_now(
+    store: ArtifactStore,
+    batches: list[list[InputFile]],
+    futures: list[PrefectFuture],
+    results: list[IngestBatchManifest],
+) -> list[tuple[str, bool]]:
+    """(uri, read by this run) per file, in order: a cached batch read none of its files; a computed one says which
+    it read (the others were copied from an earlier shard) in its per-file records."""
+    read: list[tuple[str, bool]] = []
+    for batch, future, result in zip(batches, futures, results):
+        now = (
+            set()
+            if was_cached(future)
+            else {f.input.uri for f in read_file_table(store.local_path(result.files)) if f.read}
+        )
+        read += [(inp.uri, inp.uri in now) for inp in batch]
+    return read
+
+
+def _distinct_shards(batches: list[IngestBatchManifest]) -> list[ArtifactRef]:
+    """The batches' shards, each once, in order (a batch without documents has none)."""
+    return list({b.shard.uri: b.shard for b in batches if b.shard}.values())
+
+
+def _earlier_batches(config: DaptConfig) -> list[IngestBatchManifest]:
+    """The ingest batches of the project's last prepare (data only: validated as a manifest), so that a batch
+    recomputed for one new or changed file copies the other files' rows; none when there is no readable one."""
     store = open_store(config.store)
     key = layout.latest_manifest_key(config.project, "prepare")
     if not store.exists(key):
-        return {}
+        return []
     try:
         last = PrepareManifest.model_validate_json(store.read_key(key))
     except ValueError:
-        return {}
-    return {m.input.uri: m for m in last.ingested + last.evals}
+        return []
+    return last.ingested + last.evals

@@ -25,7 +25,6 @@ from dapt_core.manifest import (
     CleanManifest,
     FileIngest,
     IngestBatchManifest,
-    IngestManifest,
     InputFile,
     QuarantineRecord,
 )
@@ -46,14 +45,15 @@ def ingest_batch_key(batch: list[InputFile], cfg: IngestConfig) -> str:
 
 
 def clean_key(
-    ingested: list[IngestManifest], evals: list[IngestManifest], quarantined: list[QuarantineRecord], cfg: CleanConfig
+    shards: list[ArtifactRef], eval_shards: list[ArtifactRef], quarantined: list[QuarantineRecord], cfg: CleanConfig
 ) -> str:
-    shards = lambda ms: sorted((m.shard.sha256 if m.shard else "", m.input.uri, m.quarantined) for m in ms)  # noqa: E731
+    """The clean stage's inputs are the shards' content (in order: it is the kept corpus's order) and every quarantined
+    unit; a shard holds its files' uris and rows, so the per-file records add nothing to the key."""
     output_settings = cfg.model_dump(exclude={"duckdb_memory_limit"})  # memory limits change speed, not results
     return "clean-" + stable_hash(
-        shards(ingested),
-        shards(evals),
-        sorted(quarantined, key=lambda q: (q.file, q.position)),
+        [s.sha256 for s in shards],
+        [s.sha256 for s in eval_shards],
+        sorted(quarantined, key=lambda q: (q.kind, q.source, q.file, q.position, q.reason)),
         output_settings,
         CLEAN_CODE,
     )
@@ -85,11 +85,15 @@ def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], l
     retry_condition_fn=retry_if_worthwhile,
 )
 def ingest_batch_task(
-    batch: list[InputFile], cfg: IngestConfig, store_uri: str, earlier: list[IngestManifest], engine: PrepareConfig
+    batch: list[InputFile],
+    cfg: IngestConfig,
+    store_uri: str,
+    earlier: list[IngestBatchManifest],
+    engine: PrepareConfig,
 ) -> IngestBatchManifest:
     """Read a batch of files into one Parquet shard (on `engine`); cached on the files' content hashes, so only
-    batches with a new or changed file run, and in those only that file is read (`earlier`: per-file records of
-    earlier runs; neither it nor the engine is part of the cache key)."""
+    batches with a new or changed file run, and in those only that file is read (`earlier`: the batches of the last
+    run, whose unchanged files are copied; neither it nor the engine is part of the cache key)."""
     key = ingest_batch_key(batch, cfg)
     check_result_record(store_uri, key)
     job = ingest_batches.BatchJob(
@@ -105,20 +109,31 @@ def ingest_batch_task(
         FileIngest(input=inp, docs=r.docs, quarantined=r.quarantined, cache_key=k, read=not r.reused)
         for inp, k, r in zip(batch, job.keys, out.files)
     ]
-    return IngestBatchManifest(shard=out.shard, files=files, code_version=INGEST_CODE)
+    with leftovers.temp_dir("ingest") as tmp:
+        table = Path(tmp) / "files.parquet"
+        ingest_batches.write_file_table(files, table)
+        files_ref = open_store(store_uri).put_file(table, layout.ingest_files_key(batch[0].kind, batch[0].source, key))
+    return IngestBatchManifest(
+        shard=out.shard,
+        files=files_ref,
+        file_count=len(files),
+        docs=sum(f.docs for f in files),
+        quarantined=[q for f in files for q in f.quarantined],
+        code_version=INGEST_CODE,
+    )
 
 
 @task(
     name="clean-dedup-stats",
-    cache_key_fn=lambda ctx, p: clean_key(p["ingested"], p["evals"], p["quarantined"], p["cfg"]),
+    cache_key_fn=lambda ctx, p: clean_key(p["shards"], p["eval_shards"], p["quarantined"], p["cfg"]),
     persist_result=True,
     result_serializer="json",
     retries=1,
     retry_condition_fn=retry_if_worthwhile,
 )
 def clean_task(
-    ingested: list[IngestManifest],
-    evals: list[IngestManifest],
+    shards: list[ArtifactRef],
+    eval_shards: list[ArtifactRef],
     quarantined: list[QuarantineRecord],
     cfg: CleanConfig,
     store_uri: str,
@@ -126,20 +141,20 @@ def clean_task(
 ) -> CleanManifest:
     """Normalise, filter, decontaminate and deduplicate the whole corpus in DuckDB.
 
-    Write kept docs, decisions and stats.
+    Write kept docs, decisions and stats. `shards`: the ingest shards, each once; `quarantined`: every input unit
+    ingest could not read (files refused at discovery and units inside files). Shards, not per-file records, are the
+    parameters: Prefect walks every parameter, which costs seconds for 10,000 files.
     """
-    key = clean_key(ingested, evals, quarantined, cfg)
+    key = clean_key(shards, eval_shards, quarantined, cfg)
     check_result_record(store_uri, key)
     store = open_store(store_uri)
-    shard_refs = _distinct_shards(ingested)
-    shards = [store.local_path(ref) for ref in shard_refs]
-    eval_shards = [store.local_path(ref) for ref in _distinct_shards(evals)]
+    paths = [store.local_path(ref) for ref in shards]
+    eval_paths = [store.local_path(ref) for ref in eval_shards]
     # Each shard's per-document pass is kept in the store: a refresh runs it for new shards only.
-    parts = StorePartCache(store, {path: ref.sha256 for path, ref in zip(shards, shard_refs)}, CLEAN_CODE)
-    all_quarantined = quarantined + [q for m in ingested for q in m.quarantined]
+    parts = StorePartCache(store, {path: ref.sha256 for path, ref in zip(paths, shards)}, CLEAN_CODE)
     with leftovers.temp_dir("clean") as tmp:
         # On Ray the per-shard parts go to this folder: on a multi-node cluster, TMPDIR must be shared storage.
-        out = clean.clean_corpus(shards, eval_shards, all_quarantined, cfg, Path(tmp), open_engine(engine), parts)
+        out = clean.clean_corpus(paths, eval_paths, quarantined, cfg, Path(tmp), open_engine(engine), parts)
         prefix = layout.clean_prefix(key)
         put = lambda p, name: store.put_file(p, f"{prefix}/{name}") if p else None  # noqa: E731
         stats_json = Path(tmp) / "stats.json"
@@ -159,11 +174,6 @@ def clean_task(
             quarantined=out.quarantined,
             code_version=CLEAN_CODE,
         )
-
-
-def _distinct_shards(ingested: list[IngestManifest]) -> list[ArtifactRef]:
-    """The shards holding these files' documents, each once, in order (the files of a batch share one)."""
-    return list({m.shard.uri: m.shard for m in ingested if m.shard}.values())
 
 
 def _json(obj: object) -> str:

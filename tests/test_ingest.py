@@ -554,3 +554,38 @@ def test_a_batch_reads_only_files_without_earlier_rows(tmp_path, monkeypatch):
     read.clear()
     ingest_batch(inputs, keys, cfg, tmp_path / "third.parquet", earlier)
     assert read == [inp.uri for inp in inputs]
+
+
+def test_per_file_records_round_trip_and_earlier_files_are_those_asked_with_an_intact_shard(tmp_path):
+    from dapt_core.ingest_batches import earlier_files, file_records, write_file_table
+    from dapt_core.manifest import FileIngest, IngestBatchManifest
+    from dapt_core.store import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    inputs = _inputs(tmp_path, [10, 20, 30])
+    bad = QuarantineRecord(file=inputs[2].uri, source="notes", position="line 3", reason="malformed_json", detail="x")
+    files = [
+        FileIngest(input=inp, docs=d, quarantined=q, cache_key=f"key-{i}", read=i != 1)
+        for i, (inp, d, q) in enumerate(zip(inputs, [1, 1, 0], [[], [], [bad]]))
+    ]
+    write_file_table(files, tmp_path / "files.parquet")
+    ingest_batch(inputs[:2], ["key-0", "key-1"], IngestConfig(), tmp_path / "docs.parquet", {})
+    batch = IngestBatchManifest(
+        shard=store.put_file(tmp_path / "docs.parquet", "ingest/docs.parquet"),
+        files=store.put_file(tmp_path / "files.parquet", "ingest/files.parquet"),
+        file_count=3,
+        docs=2,
+        quarantined=[bad],
+        code_version="v1",
+    )
+    records = file_records(store, [batch])
+    assert [(m.input, m.docs, m.quarantined, m.cache_key) for m in records] == [
+        (f.input, f.docs, f.quarantined, f.cache_key) for f in files
+    ]
+    assert [m.shard for m in records] == [batch.shard, batch.shard, None]  # a file without documents has no shard
+
+    found = earlier_files(store, [batch], {inputs[0].uri, inputs[2].uri})
+    assert found.keys() == {inputs[0].uri, inputs[2].uri}
+    assert found[inputs[2].uri].quarantined == [bad] and found[inputs[2].uri].shard is None
+    Path(batch.shard.uri).unlink()  # the shard gone: none of its files can be copied
+    assert earlier_files(store, [batch], {inputs[0].uri}) == {}

@@ -17,6 +17,7 @@ from dapt.flows.cli import app
 from dapt.flows.prepare import prepare_flow
 from dapt_core.config import load_config
 from dapt_core.faults import StoreError
+from dapt_core.ingest_batches import file_records
 from dapt_core.store import open_store
 from tests.corpus import EVAL_QUESTION, prose, write_config, write_corpus
 
@@ -266,7 +267,8 @@ def test_input_deleted_after_discovery_fails_once_and_is_not_cached(prefect_harn
     counters["ingest"].clear()
     result = prepare_flow(cfg)
     assert str(victim) in counters["ingest"]
-    (restored,) = [m for m in result.ingested if m.input.uri == str(victim)]
+    records = file_records(open_store(result.store), result.ingested)
+    (restored,) = [m for m in records if m.input.uri == str(victim)]
     assert restored.docs == 1 and restored.quarantined == []
 
 

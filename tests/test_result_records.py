@@ -26,6 +26,7 @@ from dapt.tasks.caching import (
 )
 from dapt_core.config import load_config
 from dapt_core.evaluate import EvalResult
+from dapt_core.ingest_batches import file_records
 from dapt_core.store import IntegrityError, open_store
 from tests.corpus import write_config, write_corpus
 
@@ -237,11 +238,11 @@ def test_damaged_artifacts_of_cached_stages_are_recomputed_and_verify_says_so(pr
     assert res.exit_code == 0, res.output
     report = _last_json(res.stdout)
     assert report["ok"] and {c["status"] for c in report["checks"]} == {"ok"}
-    batches = {m.shard.uri for m in first.ingested + first.evals}  # the files of an ingest batch share one shard
+    batches = first.ingested + first.evals
     assert len(report["checks"]) == 1 + len(batches) + 1  # clean, ingest batches, prepare-latest
 
     shard = Path(first.ingested[0].shard.uri)
-    in_batch = [m.input.uri for m in first.ingested if m.shard == first.ingested[0].shard]
+    in_batch = [m.input.uri for m in file_records(open_store(first.store), first.ingested[:1])]
     shard.unlink()  # an ingest shard deleted
     stats = Path(first.clean.stats_json.uri)
     stats.write_text(stats.read_text()[:-10])  # a clean output truncated
