@@ -310,7 +310,7 @@ def instrument_clean() -> Timers:
 
     import xxhash
 
-    from dapt_core.clean import dedup, pipeline
+    from dapt_core.clean import pipeline, shuffle
     from dapt_core.clean.decontam import EvalNgrams
 
     t = Timers()
@@ -326,8 +326,9 @@ def instrument_clean() -> Timers:
     t.wrap(pipeline, "minhash_signatures", "MinHash")
     t.wrap(pipeline, "has_shingles", "MinHash: has_shingles")
     t.wrap(pipeline, "lsh_band_keys", "LSH: band keys")
-    t.wrap(pipeline, "find_duplicates", "dedup in DuckDB")
-    t.wrap(dedup, "_near_duplicate_roots", "LSH: buckets + verify (DuckDB)")
+    t.wrap(pipeline, "find_duplicates", "dedup (map + reduce + components)")
+    t.wrap(shuffle, "scatter_shard", "dedup: scatter (map)")
+    t.wrap(shuffle, "reduce_partition", "dedup: LSH buckets + verify, exact groups (reduce)")
     for name in ("_decide", "_write_kept", "corpus_stats"):
         t.wrap(pipeline, name, "decide, write kept, stats")
     return t
@@ -579,20 +580,22 @@ def stage_table(res: dict, info: dict) -> list[str]:
     total = info["text_bytes"]
     sec, nb = res["timers"]["seconds"], res["timers"]["bytes"]
     g = lambda k: sec.get(k, 0.0)  # noqa: E731
-    exact_duck = g("dedup in DuckDB") - g("LSH: buckets + verify (DuckDB)")
     steps = [
         ("normalise", g("normalise"), nb.get("normalise", 0)),
         ("quality", g("quality"), nb.get("quality", 0)),
         ("  normalise + quality", g("normalise") + g("quality"), nb.get("normalise", 0)),
         ("tokenise + hash words (shared by decontam, MinHash)", g("tokenise"), nb.get("tokenise", 0)),
         ("decontam (eval n-grams + probe)", g("decontam: eval n-grams") + g("decontam: probe"), nb.get("tokenise", 0)),
-        ("exact dedup (xxh3 + DuckDB window)", g("exact dedup: hash") + exact_duck, nb.get("exact dedup: hash", 0)),
+        ("exact dedup: xxh3 of each text", g("exact dedup: hash"), nb.get("exact dedup: hash", 0)),
         ("MinHash signatures", g("MinHash") + g("MinHash: has_shingles"), nb.get("tokenise", 0)),
+        ("LSH band keys", g("LSH: band keys"), nb.get("tokenise", 0)),
         (
-            "LSH (band keys + DuckDB buckets + verify)",
-            g("LSH: band keys") + g("LSH: buckets + verify (DuckDB)"),
+            "dedup shuffle: scatter, reduce (exact groups, LSH buckets, verify), components",
+            g("dedup (map + reduce + components)"),
             nb.get("tokenise", 0),
         ),
+        ("  of which scatter (map)", g("dedup: scatter (map)"), nb.get("tokenise", 0)),
+        ("  of which reduce", g("dedup: LSH buckets + verify, exact groups (reduce)"), nb.get("tokenise", 0)),
     ]
     named = sum(s for label, s, _ in steps if not label.startswith("  "))
     steps.append(("rest (Parquet I/O, DuckDB load, decide, write kept, stats)", res["clean_s"] - named, total))
