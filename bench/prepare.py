@@ -633,7 +633,7 @@ def main() -> None:
     p.add_argument(
         "--refresh-scale",
         type=int,
-        default=8,
+        default=10,
         help="the incremental arm also runs on this many times the --files documents (letter-rotated copies), "
         "where the full prepare takes long enough for the ratio to mean something; 1 for the small size only",
     )
