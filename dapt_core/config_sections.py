@@ -78,6 +78,11 @@ class PrepareConfig(Section):
         None, description="Ray cluster address (ray://host:10001 or host:6379); default RAY_ADDRESS."
     )
     ray_max_retries: int = Field(3, ge=0, description="Times Ray re-runs a task whose worker process or node died.")
+    rehash_inputs: bool = Field(
+        False,
+        description="sha256 every local input file on every run. Default: a file whose size, mtime and inode are "
+        "those of its last hashing keeps that fingerprint (trusting mtime, as rsync and make do).",
+    )
 
 
 class NormalizeConfig(Section):

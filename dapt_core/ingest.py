@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from dapt_core import ingest_s3, leftovers
 from dapt_core.config import IngestConfig, SourceConfig
 from dapt_core.faults import StoreError
+from dapt_core.fingerprints import FingerprintMemo
 from dapt_core.hashing import sha256_file
 from dapt_core.manifest import InputFile, Kind, QuarantineRecord
 
@@ -92,11 +93,14 @@ def _unsupported_detail(name: str) -> str:
 # --------------------------------------------------------------------------- discovery
 
 
-def discover_inputs(source: SourceConfig, kind: Kind) -> tuple[list[InputFile], list[QuarantineRecord]]:
+def discover_inputs(
+    source: SourceConfig, kind: Kind, memo: FingerprintMemo | None = None
+) -> tuple[list[InputFile], list[QuarantineRecord]]:
     """Expand a source's paths into fingerprinted input files (sorted by uri) and the files that cannot be ingested.
 
     A path matching nothing is a config mistake and raises FileNotFoundError before any work starts. Hidden files and
-    folders met while expanding a directory or glob are skipped; a file named explicitly is taken as named.
+    folders met while expanding a directory or glob are skipped; a file named explicitly is taken as named. With a
+    `memo`, a local file unchanged since it was last hashed keeps its fingerprint (dapt_core/fingerprints.py).
     """
     make_input = partial(InputFile, source=source.name, kind=kind, text_field=source.text_field)
     quarantine = partial(QuarantineRecord, source=source.name, kind=kind, position="file")
@@ -106,7 +110,7 @@ def discover_inputs(source: SourceConfig, kind: Kind) -> tuple[list[InputFile], 
         found = (
             ingest_s3.s3_inputs(spec, make_input, quarantine, _format, _unsupported_detail)
             if spec.startswith("s3://")
-            else _local_inputs(spec, make_input, quarantine)
+            else _local_inputs(spec, make_input, quarantine, memo)
         )
         matched = False
         for item in found:
@@ -131,7 +135,9 @@ def _inside(path: Path, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
 
 
-def _local_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iterator[InputFile | QuarantineRecord]:
+def _local_inputs(
+    spec: str, make_input: Callable, quarantine: Callable, memo: FingerprintMemo | None
+) -> Iterator[InputFile | QuarantineRecord]:
     """Files under a local path or glob. The input root of a glob is its fixed leading folder, of a directory itself."""
     if _is_glob(spec):
         root = Path(*takewhile(lambda part: not _is_glob(part), Path(spec).parts))
@@ -145,12 +151,14 @@ def _local_inputs(spec: str, make_input: Callable, quarantine: Callable) -> Iter
         if root is not None and not _inside(path, root):
             yield _outside_root(path, root, quarantine)
         elif path.is_dir():
-            yield from _walk(path, root, make_input, quarantine)
+            yield from _walk(path, root, make_input, quarantine, memo)
         else:
-            yield _local_file(path, make_input, quarantine)
+            yield _local_file(path, make_input, quarantine, memo)
 
 
-def _walk(top: Path, root: Path, make_input: Callable, quarantine: Callable) -> Iterator[InputFile | QuarantineRecord]:
+def _walk(
+    top: Path, root: Path, make_input: Callable, quarantine: Callable, memo: FingerprintMemo | None
+) -> Iterator[InputFile | QuarantineRecord]:
     errors: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append):
         here = Path(dirpath)
@@ -172,9 +180,9 @@ def _walk(top: Path, root: Path, make_input: Callable, quarantine: Callable) -> 
             if entry is not None and not stat.S_ISLNK(entry.st_mode):
                 # Not a link, in a folder walked through its real path inside the root: inside the root too, so
                 # no realpath (two per file cost more than the file's sha256 on a folder of small notes).
-                yield _local_file(path, make_input, quarantine, entry)
+                yield _local_file(path, make_input, quarantine, memo, entry)
             elif _inside(path, root):
-                yield _local_file(path, make_input, quarantine)
+                yield _local_file(path, make_input, quarantine, memo)
             else:
                 yield _outside_root(path, root, quarantine)
     for e in errors:
@@ -195,7 +203,11 @@ def _outside_root(path: Path, root: Path, quarantine: Callable) -> QuarantineRec
 
 
 def _local_file(
-    path: Path, make_input: Callable, quarantine: Callable, st: os.stat_result | None = None
+    path: Path,
+    make_input: Callable,
+    quarantine: Callable,
+    memo: FingerprintMemo | None,
+    st: os.stat_result | None = None,
 ) -> InputFile | QuarantineRecord:
     """`st`: the file's stat when the caller has it (not a link)."""
     uri = os.path.abspath(path)
@@ -205,7 +217,8 @@ def _local_file(
         st = st or path.stat()
         if not stat.S_ISREG(st.st_mode):
             return quarantine(file=uri, reason="unreadable", detail="not a regular file (device, FIFO or socket)")
-        return make_input(uri=uri, fingerprint=sha256_file(path), bytes=st.st_size)
+        fingerprint = memo.fingerprint(uri, st, lambda: sha256_file(path)) if memo else sha256_file(path)
+        return make_input(uri=uri, fingerprint=fingerprint, bytes=st.st_size)
     except OSError as e:
         return quarantine(file=uri, reason="unreadable", detail=f"{e}; check the file exists and its permissions")
 

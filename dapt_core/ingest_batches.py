@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
@@ -97,7 +98,7 @@ def earlier_files(store: ArtifactStore, earlier: list[IngestBatchManifest], uris
     for batch in earlier:
         if store.check(batch.files) or (batch.shard is not None and store.check(batch.shard)):
             continue
-        wanted = [f for f in read_file_table(store.local_path(batch.files)) if f.input.uri in uris and f.cache_key]
+        wanted = [f for f in read_file_table(store.local_path(batch.files), only=uris) if f.cache_key]
         if not wanted:
             continue
         shard = store.local_path(batch.shard) if batch.shard is not None else None
@@ -123,7 +124,12 @@ def write_file_table(files: list[FileIngest], path: Path) -> None:
     pq.write_table(pa.table(columns, schema=FILES_SCHEMA), path, compression="zstd")
 
 
-def read_file_table(path: Path) -> list[FileIngest]:
+def read_file_table(path: Path, only: set[str] | None = None) -> list[FileIngest]:
+    """A batch's per-file records; with `only`, those of these uris, the others never built (a batch re-run for new
+    files looks for its files in every earlier batch's table: building all records made that grow with the corpus)."""
+    table = pq.read_table(path, schema=FILES_SCHEMA)
+    if only is not None:
+        table = table.filter(pc.is_in(table.column("uri"), value_set=pa.array(sorted(only), pa.string())))
     input_fields = ("uri", "source", "kind", "text_field", "fingerprint", "bytes")
     return [
         FileIngest(
@@ -133,7 +139,7 @@ def read_file_table(path: Path) -> list[FileIngest]:
             cache_key=row["cache_key"],
             read=row["read"],
         )
-        for row in pq.read_table(path, schema=FILES_SCHEMA).to_pylist()
+        for row in table.to_pylist()
     ]
 
 

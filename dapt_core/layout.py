@@ -142,6 +142,11 @@ def project_prefix(project: str) -> str:
     return f"runs/{project}"
 
 
+def input_fingerprints_key(project: str) -> str:
+    """The input files' fingerprints at the project's last discovery, with their size, mtime and inode."""
+    return f"{project_prefix(project)}/input-fingerprints.parquet"
+
+
 def latest_manifest_key(project: str, stage: str) -> str:
     """The manifest of the project's last successful run of a stage's flow (what `dapt verify` checks)."""
     return f"{project_prefix(project)}/{stage}-latest.json"

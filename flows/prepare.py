@@ -34,7 +34,9 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     clean = clean_task.with_options(result_storage=storage)
 
     # Benchmark items are eval texts too: no training document may share a 13-gram with them.
-    inputs, evals, refused = discover_task(with_benchmark_texts(config.data, config.eval))
+    # A file whose size, mtime and inode are those of its last hashing is not read again (prepare.rehash_inputs).
+    memo_key = None if config.prepare.rehash_inputs else layout.input_fingerprints_key(config.project)
+    inputs, evals, refused = discover_task(with_benchmark_texts(config.data, config.eval), config.store, memo_key)
     batches = {
         name: plan_batches(files, config.ingest.batch_bytes, config.ingest.batch_files)
         for name, files in (("inputs", inputs), ("evals", evals))

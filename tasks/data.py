@@ -19,6 +19,7 @@ from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.clean.parts import StorePartCache
 from dapt_core.config import CleanConfig, DataConfig, IngestConfig, PrepareConfig
 from dapt_core.engine import open_engine
+from dapt_core.fingerprints import FingerprintMemo
 from dapt_core.hashing import code_version, stable_hash
 from dapt_core.manifest import (
     ArtifactRef,
@@ -60,15 +61,24 @@ def clean_key(
 
 
 @task(name="discover-inputs", cache_policy=NO_CACHE)
-def discover_task(data: DataConfig) -> tuple[list[InputFile], list[InputFile], list[QuarantineRecord]]:
-    """List and fingerprint every input file. Never cached: it is how new or changed files are seen."""
+def discover_task(
+    data: DataConfig, store_uri: str | None = None, memo_key: str | None = None
+) -> tuple[list[InputFile], list[InputFile], list[QuarantineRecord]]:
+    """List and fingerprint every input file. Never cached: it is how new or changed files are seen. With a store
+    and `memo_key`, a local file unchanged since its last hashing (size, mtime, inode) is not read again."""
+    store = memo = None
+    if store_uri and memo_key:
+        store = open_store(store_uri)
+        memo = FingerprintMemo.from_parquet(store.read_key(memo_key)) if store.exists(memo_key) else FingerprintMemo()
     found: dict[str, list[InputFile]] = {"domain": [], "general": [], "eval": []}
     refused: list[QuarantineRecord] = []
     for kind, sources in (("domain", data.domain), ("general", data.general), ("eval", data.eval)):
         for source in sources:
-            files, bad = ingest.discover_inputs(source, kind)
+            files, bad = ingest.discover_inputs(source, kind, memo)
             found[kind] += files
             refused += bad
+    if store and memo and memo.changed:
+        store.put_bytes(memo.to_parquet(), memo_key)
     require_complete_eval_sets(refused)
     inputs, evals = found["domain"] + found["general"], found["eval"]
     return inputs, evals, refused
