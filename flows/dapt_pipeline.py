@@ -24,14 +24,13 @@ from pydantic import BaseModel, Field
 from dapt.flows.cpt import cpt_flow
 from dapt.flows.interrupt import handle_signals
 from dapt.flows.preflight import check_before_first_stage
+from dapt.flows.prepare import discover
 from dapt.flows.training_data import training_data_flow
 from dapt.tasks.caching import result_storage_for
 from dapt.tasks.cpt import original_base_eval_task
 from dapt.tasks.credentials import use_store_credentials
-from dapt.tasks.data import discover_task
 from dapt.tasks.sft import sft_task
 from dapt_core import layout, leftovers
-from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.config import DaptConfig
 from dapt_core.forgetting import ForgettingPolicy
 from dapt_core.hashing import stable_hash
@@ -95,7 +94,7 @@ def nightly_refresh(config: DaptConfig) -> RefreshManifest:
     use_store_credentials(config)
     lineage = lineage_of(config)
     state = load_state(config, lineage)
-    inputs, evals, _ = discover_task(with_benchmark_texts(config.data, config.eval))
+    inputs, evals, _ = discover(config)
     current = {i.uri: i.fingerprint for i in inputs + evals}
     if state is None or state.config_hash != config.result_hash():
         why = (

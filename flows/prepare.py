@@ -16,8 +16,16 @@ from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.clean.stats import new_documents
 from dapt_core.config import DaptConfig
 from dapt_core.ingest_batches import file_records, plan_batches, read_file_table
-from dapt_core.manifest import ArtifactRef, IngestBatchManifest, InputFile, PrepareManifest
+from dapt_core.manifest import ArtifactRef, IngestBatchManifest, InputFile, PrepareManifest, QuarantineRecord
 from dapt_core.store import ArtifactStore, open_store
+
+
+def discover(config: DaptConfig) -> tuple[list[InputFile], list[InputFile], list[QuarantineRecord]]:
+    """The input and eval files with their fingerprints (and the refused ones), as every flow sees them. Benchmark
+    items are eval texts too: no training document may share a 13-gram with them. A file whose size, mtime and inode
+    are those of its last hashing is not read again (prepare.rehash_inputs)."""
+    memo_key = None if config.prepare.rehash_inputs else layout.input_fingerprints_key(config.project)
+    return discover_task(with_benchmark_texts(config.data, config.eval), config.store, memo_key)
 
 
 @flow(name="dapt-prepare", log_prints=True, persist_result=False)
@@ -33,10 +41,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     ingest = ingest_batch_task.with_options(result_storage=storage)
     clean = clean_task.with_options(result_storage=storage)
 
-    # Benchmark items are eval texts too: no training document may share a 13-gram with them.
-    # A file whose size, mtime and inode are those of its last hashing is not read again (prepare.rehash_inputs).
-    memo_key = None if config.prepare.rehash_inputs else layout.input_fingerprints_key(config.project)
-    inputs, evals, refused = discover_task(with_benchmark_texts(config.data, config.eval), config.store, memo_key)
+    inputs, evals, refused = discover(config)
     batches = {
         name: plan_batches(files, config.ingest.batch_bytes, config.ingest.batch_files)
         for name, files in (("inputs", inputs), ("evals", evals))
