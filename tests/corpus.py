@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 _DOMAIN = [
     "The patient was started on {drug} {dose} mg twice daily after the {organ} biopsy showed {finding}.",
@@ -118,3 +122,28 @@ def general_multiple_choice(path: Path, n: int = 300) -> Path:
             choices.insert(i % 4, " ".join(words[-4:]))
             f.write(json.dumps({"question": " ".join(words[:-4]), "choices": choices, "answer": i % 4}) + "\n")
     return path
+
+
+def write_shard(path: Path, texts: list[str], source: str = "notes", kind: str = "domain") -> Path:
+    """A shard as ingest writes it: all strings, doc_id = blake2b-128 of the raw text, one document a line."""
+    n = len(texts)
+    table = pa.table(
+        {
+            "doc_id": [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts],
+            "text": texts,
+            "source": [source] * n,
+            "kind": [kind] * n,
+            "file": [path.stem + ".txt"] * n,
+            "position": [f"line {i + 1}" for i in range(n)],
+            "format": ["txt"] * n,
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def near_copy(text: str, k: int) -> str:
+    """The text with one word in a few hundred changed: well above the near-duplicate Jaccard threshold."""
+    words = text.split()
+    words[len(words) // 2] = f"changed{k}"
+    return " ".join(words)

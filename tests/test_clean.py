@@ -26,6 +26,7 @@ from dapt_core.clean.quality import quality_failures, quality_reasons
 from dapt_core.config import CleanConfig, NormalizeConfig, PrepareConfig, QualityConfig
 from dapt_core.engine import open_engine
 from dapt_core.manifest import IngestManifest, InputFile, QuarantineRecord
+from tests.corpus import write_shard
 
 _SYLLABLES = [
     "ka",
@@ -61,24 +62,6 @@ def prose(seed: int, n: int = 120) -> str:
     ws = prose_words(seed, n)
     sentences = [" ".join(ws[i : i + 10]).capitalize() + "." for i in range(0, n, 10)]
     return " ".join(sentences)
-
-
-def write_shard(path: Path, texts: list[str], source: str, kind: str = "domain") -> Path:
-    """A shard as ingest writes it: all strings, doc_id = blake2b-128 of the raw text."""
-    n = len(texts)
-    table = pa.table(
-        {
-            "doc_id": [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts],
-            "text": texts,
-            "source": [source] * n,
-            "kind": [kind] * n,
-            "file": [path.stem + ".txt"] * n,
-            "position": [f"line {i + 1}" for i in range(n)],
-            "format": ["txt"] * n,
-        }
-    )
-    pq.write_table(table, path)
-    return path
 
 
 def decisions(out) -> list[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,7 +12,7 @@ from dapt_core.clean import clean_corpus, shuffle
 from dapt_core.clean.identity import document_uid
 from dapt_core.config import CleanConfig, DedupConfig
 from dapt_core.engine import LocalEngine
-from tests.corpus import prose
+from tests.corpus import near_copy, prose, write_shard
 
 
 class RecordingEngine(LocalEngine):
@@ -27,37 +26,17 @@ class RecordingEngine(LocalEngine):
         return super().map(fn, items)
 
 
-def _write_shard(path, kind: str, texts: list[str]):
-    n = len(texts)
-    columns = {
-        "doc_id": [f"{path.stem}-{i}" for i in range(n)],
-        "text": texts,
-        "source": [kind] * n,
-        "kind": [kind] * n,
-        "file": [f"{path.stem}.txt"] * n,
-        "position": [f"line {i + 1}" for i in range(n)],
-    }
-    pq.write_table(pa.table(columns), path)
-    return path
-
-
-def _near_copy(text: str, k: int) -> str:
-    words = text.split()
-    words[len(words) // 3] = f"edited{k}"
-    return " ".join(words)
-
-
 def _corpus(tmp_path) -> list:
     """Six shards; exact and near copies of documents of other shards (also general copies of domain text, and a
     chain of near copies), so groups and buckets span shards and partitions."""
     texts = {s: [prose(10 * s + i) for i in range(4)] for s in range(6)}
     texts[2][0] = texts[0][1]  # exact copy, later shard
-    texts[3][1] = _near_copy(texts[1][2], 1)  # near copy of another shard's document
-    texts[4][2] = _near_copy(texts[3][1], 2)  # a near copy of that near copy
+    texts[3][1] = near_copy(texts[1][2], 1)  # near copy of another shard's document
+    texts[4][2] = near_copy(texts[3][1], 2)  # a near copy of that near copy
     texts[5][0] = texts[4][3]  # exact copy in a general shard: the domain original is kept
-    texts[5][1] = _near_copy(texts[0][3], 3)
+    texts[5][1] = near_copy(texts[0][3], 3)
     kinds = ["domain"] * 5 + ["general"]
-    return [_write_shard(tmp_path / f"shard{s}.parquet", kinds[s], texts[s]) for s in range(6)]
+    return [write_shard(tmp_path / f"shard{s}.parquet", texts[s], kinds[s], kinds[s]) for s in range(6)]
 
 
 def _run(tmp_path, monkeypatch, shards, cfg: CleanConfig, partitions: int):
@@ -107,7 +86,7 @@ def test_any_partition_count_gives_the_decisions_of_one_partition(tmp_path, monk
 
 def test_scattered_files_hold_one_row_group_per_partition(tmp_path, monkeypatch):
     """A reduce task reads its partition by row-group statistics: every row group holds exactly one partition."""
-    shard = _write_shard(tmp_path / "a.parquet", "domain", [prose(i) for i in range(30)])
+    shard = write_shard(tmp_path / "a.parquet", [prose(i) for i in range(30)], "domain")
     monkeypatch.setattr(shuffle, "partition_count", lambda n, slots: 4)
     layouts = {}
     scatter = shuffle.scatter_shard

@@ -3,7 +3,6 @@ the stored signatures of the earlier ones and each other, and ends exactly where
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dapt_core.clean import clean_corpus, pipeline
@@ -13,28 +12,7 @@ from dapt_core.clean.stats import new_documents
 from dapt_core.config import CleanConfig
 from dapt_core.hashing import sha256_file
 from dapt_core.store import open_store
-from tests.corpus import prose
-
-
-def write_shard(path, texts: list[str]) -> object:
-    n = len(texts)
-    columns = {
-        "doc_id": [f"id{i}" for i in range(n)],
-        "text": texts,
-        "source": ["notes"] * n,
-        "kind": ["domain"] * n,
-        "file": [path.stem + ".txt"] * n,
-        "position": [f"line {i + 1}" for i in range(n)],
-    }
-    pq.write_table(pa.table(columns), path)
-    return path
-
-
-def near_copy(text: str, k: int) -> str:
-    """The text with one word in a few hundred changed: well above the Jaccard threshold."""
-    words = text.split()
-    words[len(words) // 2] = f"changed{k}"
-    return " ".join(words)
+from tests.corpus import near_copy, prose, write_shard
 
 
 def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkeypatch):
