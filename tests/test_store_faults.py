@@ -209,11 +209,12 @@ def _assert_one_clear_error(run: Run, *needles: str) -> str:
 
 
 def _manifest_hashes(manifest: dict) -> dict:
-    """The content of a prepare run: every shard's and every clean output's sha256 (not which ran or was cached)."""
+    """The content of a prepare run: each ingest batch's file table and shard, every clean output (sha256s; not which
+    ran or was cached)."""
     clean = manifest["clean"]
     return {
         "ingested": sorted(
-            (m["input"]["uri"], m["shard"]["sha256"] if m["shard"] else None)
+            (m["files"]["sha256"], m["shard"]["sha256"] if m["shard"] else None)
             for m in manifest["ingested"] + manifest["evals"]
         ),
         "clean": {
