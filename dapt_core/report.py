@@ -176,8 +176,8 @@ def _comparison_lines(
         "Original: the configured base model before tokenizer extension, the reference of the forgetting policy "
         "(bits per byte, word perplexity and benchmark accuracy do not depend on the tokenizer): every checkpoint "
         "and the SFT model "
-        "are compared with it. Base: the base model with the extended tokenizer, new rows initialised as the mean of "
-        "their pieces, before any training (the extension's cost is original → base).",
+        "are compared with it. Base: the base model with the extended tokenizer, its new rows initialised as "
+        "`tokenizer.init` says, before any training (the extension's cost is original → base).",
         "",
         "| metric | original | base | CPT (promoted) | Δ vs original | SFT | Δ vs original |",
         "| --- | --- | --- | --- | --- | --- | --- |",
