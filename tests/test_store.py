@@ -317,9 +317,9 @@ def test_directories_roundtrip(backend, tmp_path, request):
 
 def test_dead_endpoint_is_given_up_on_once_per_outage(monkeypatch, tmp_path):
     """The budget is the outage's, not each request's: once spent, later requests fail after one attempt."""
-    from tests.conftest import _free_port
+    from tests.local_services import free_port
 
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

@@ -23,8 +23,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from tests.conftest import _free_port
 from tests.corpus import write_config, write_corpus
+from tests.local_services import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration  # moto's S3 server and `dapt prepare` subprocesses, some killed mid-run
@@ -106,7 +106,7 @@ class Run:
 
 @pytest.fixture
 def moto(tmp_path):
-    server = MotoProcess(_free_port(), tmp_path / "moto-recording.jsonl")
+    server = MotoProcess(free_port(), tmp_path / "moto-recording.jsonl")
     server.start()
     yield server
     if server.proc.poll() is None:
@@ -254,7 +254,7 @@ def _wait_for_objects(url: str, prefix: str, proc: subprocess.Popen, timeout: fl
 def reference(corpus, tmp_path_factory, prefect_harness):
     """The manifest hashes of an undisturbed run on the same corpus (its own server, so no test disturbs it)."""
     tmp_path = tmp_path_factory.mktemp("reference")
-    server = MotoProcess(_free_port(), tmp_path / "moto-recording.jsonl")
+    server = MotoProcess(free_port(), tmp_path / "moto-recording.jsonl")
     server.start()
     try:
         _seed(server.url, corpus)
@@ -284,7 +284,7 @@ def test_missing_bucket(moto, corpus, tmp_path, prefect_harness):
 
 
 def test_server_not_running(tmp_path, prefect_harness):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     run = _prepare(_config(tmp_path, "art"), _env(tmp_path, url, prefect_harness))
     _assert_one_clear_error(run, f"s3://{BUCKET}/art", "cannot reach", url, "DAPT_STORE_RETRY_SECONDS=4")
     assert 0.75 * BUDGET_S <= run.seconds < BUDGET_S + STARTUP_S  # it retried, within the budget
