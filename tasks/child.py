@@ -15,8 +15,12 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from dapt_core import stop
 from dapt_core.attempt_events import AttemptObserver, read_event
@@ -89,3 +93,23 @@ def run_child(
             + "\n".join(tail)
         )
     return result_path.read_text()
+
+
+Manifest = TypeVar("Manifest", bound=BaseModel)
+
+
+def run_in_child(
+    module: str,
+    spec: BaseModel,
+    result_type: type[Manifest],
+    tmp: Path,
+    grace_s: float,
+    log: logging.Logger | logging.LoggerAdapter,
+    observer: AttemptObserver | None = None,
+) -> Manifest:
+    """An attempt in a fresh child process (train.isolate): `python -m <module> SPEC RESULT WORKDIR`, the entry point
+    of dapt_core.cpt and dapt_core.sft, with its spec and result as JSON files in `tmp`."""
+    spec_path, result_path = tmp / "spec.json", tmp / "result.json"
+    spec_path.write_text(spec.model_dump_json())
+    cmd = [sys.executable, "-m", module, str(spec_path), str(result_path), str(tmp / "work")]
+    return result_type.model_validate_json(run_child(cmd, result_path, grace_s, log, observer))

@@ -22,7 +22,7 @@ from prefect import task
 
 from dapt.tasks import progress
 from dapt.tasks.caching import check_result_record, eval_set_hashes
-from dapt.tasks.child import run_child, task_log
+from dapt.tasks.child import run_child, run_in_child, task_log
 from dapt_core import layout, leftovers
 from dapt_core.attempt_events import AttemptObserver
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
@@ -199,10 +199,7 @@ def cpt_task(
 def _in_child(spec: AttemptSpec, tmp: Path, watch: AttemptObserver | None = None) -> CptManifest:
     """The same attempt in a fresh child process, `python -m dapt_core.cpt` (train.isolate, one process): the memory
     this process holds from earlier stages is not under the training peak (tasks/child.py)."""
-    spec_path, result_path = tmp / "spec.json", tmp / "result.json"
-    spec_path.write_text(spec.model_dump_json())
-    cmd = [sys.executable, "-m", "dapt_core.cpt", str(spec_path), str(result_path), str(tmp / "work")]
-    return CptManifest.model_validate_json(run_child(cmd, result_path, spec.train.stop_grace_s, _log(), watch))
+    return run_in_child("dapt_core.cpt", spec, CptManifest, tmp, spec.train.stop_grace_s, _log(), watch)
 
 
 def _torchrun(spec: AttemptSpec, tmp: Path, watch: AttemptObserver | None = None) -> CptManifest:

@@ -11,7 +11,7 @@ from prefect import task
 
 from dapt.tasks import progress
 from dapt.tasks.caching import check_result_record, eval_set_hashes
-from dapt.tasks.child import run_child, task_log
+from dapt.tasks.child import run_in_child, task_log
 from dapt_core import layout, leftovers
 from dapt_core.config import EvalConfig, SftConfig
 from dapt_core.evaluate import EvalResult
@@ -64,10 +64,7 @@ def sft_task(
     watch = progress.TrainingProgress("SFT", "dapt-sft")
     with leftovers.temp_dir("sft") as tmp:
         if sft_cfg.train.isolate:  # a fresh child: earlier stages' memory is not under the peak (tasks/child.py)
-            spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-            spec_path.write_text(spec.model_dump_json())
-            cmd = [sys.executable, "-m", "dapt_core.sft", str(spec_path), str(result_path), str(Path(tmp) / "work")]
-            return SftManifest.model_validate_json(
-                run_child(cmd, result_path, sft_cfg.train.stop_grace_s, task_log("dapt.sft"), watch)
+            return run_in_child(
+                "dapt_core.sft", spec, SftManifest, Path(tmp), sft_cfg.train.stop_grace_s, task_log("dapt.sft"), watch
             )
         return run_sft_attempt(spec, Path(tmp), watch)
