@@ -9,6 +9,7 @@ node dies (`max_retries`), so both engines give the same results. Ray is importe
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
@@ -49,7 +50,11 @@ class RayEngine:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
         self._ray = ray
         self.max_retries = max_retries
-        self.slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    @functools.cached_property
+    def slots(self) -> int:
+        """The cluster's CPUs, asked once and only by a stage that sizes its work by them (the dedup shuffle)."""
+        return max(1, int(self._ray.cluster_resources().get("CPU", 1)))
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
         remote = self._ray.remote(num_cpus=1, max_retries=self.max_retries)(_apply)

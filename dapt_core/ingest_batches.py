@@ -96,10 +96,10 @@ def earlier_files(store: ArtifactStore, earlier: list[IngestBatchManifest], uris
     again). Only the batches holding one of `uris` have their shard checked."""
     found: dict[str, EarlierFile] = {}
     for batch in earlier:
-        if store.check(batch.files) or (batch.shard is not None and store.check(batch.shard)):
+        if store.check(batch.files):
             continue
         wanted = [f for f in read_file_table(store.local_path(batch.files), only=uris) if f.cache_key]
-        if not wanted:
+        if not wanted or (batch.shard is not None and store.check(batch.shard)):
             continue
         shard = store.local_path(batch.shard) if batch.shard is not None else None
         for f in wanted:
