@@ -123,16 +123,14 @@ def write_continuation_data(
         items += [pool[int(i)] for i in picks]
     if not items:
         raise ValueError(f"nothing left to train after step {state['step']}: the checkpoint saw all of its data")
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("doc_lengths", pa.list_(pa.int32()))])
-    table = pa.Table.from_pylist(
-        [
-            {"input_ids": ids.astype(np.int32).tolist(), "doc_lengths": docs.astype(np.int32).tolist()}
-            for ids, docs, _ in items
-        ],
-        schema=schema,
+    table = pa.table(
+        {
+            "input_ids": train_mod.list_column([ids for ids, _, _ in items], np.int32),
+            "doc_lengths": train_mod.list_column([docs for _, docs, _ in items], np.int32),
+        }
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out, compression="zstd")
+    pq.write_table(table, out, row_group_size=min(len(items), 1024), compression="zstd")
     return ContinuationData(
         unseen_sequences=len(unseen), replay_sequences=m, resume_step=state["step"], total_steps=state["total_steps"]
     )

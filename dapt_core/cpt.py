@@ -127,12 +127,13 @@ def _judged(entries: list[JournalEntry]) -> list[JournalEntry]:
 
 
 def _model_at(spec: AttemptSpec, store: ArtifactStore, checkpoint: Path):
-    """The start model with a checkpoint's weights loaded (a peft model for LoRA): what gets promoted."""
-    model, _ = load_from_dir(store.local_dir(spec.start))
+    """The start model with a checkpoint's weights loaded (a peft model for LoRA): what gets promoted; and its
+    tokenizer."""
+    model, tokenizer = load_from_dir(store.local_dir(spec.start))
     if spec.train.method == "lora":
         model = train_mod.apply_lora(model, spec.train, spec.new_token_ids)
     train_mod.load_weights(model, checkpoint / "model.safetensors", spec.train.method)
-    return model
+    return model, tokenizer
 
 
 def _judged_model(spec: AttemptSpec, store: ArtifactStore, model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
@@ -140,7 +141,8 @@ def _judged_model(spec: AttemptSpec, store: ArtifactStore, model: torch.nn.Modul
     where rank 0 holds only its shard: then the checkpoint's consolidated weights, loaded on rank 0's device."""
     if spec.train.strategy != "fsdp" or train_mod.distributed().world == 1:
         return model
-    return _model_at(spec, store, checkpoint).to(next(model.parameters()).device.type)
+    consolidated, _ = _model_at(spec, store, checkpoint)
+    return consolidated.to(next(model.parameters()).device.type)
 
 
 # ----------------------------------------------------------------------- the attempt: recover → train → judge → promote
@@ -216,13 +218,14 @@ def _recover(
     (or, for a rollback not started yet, the checkpoint it continues from) where the training loop resumes from."""
     if dist.local_rank == 0:
         resume_step = resume_from_journal(store, journal, train_dir)
-        if journal and dist.main:
-            log.info(
-                "attempt %d: resuming after step %d (%d checkpoint(s) already judged)",
-                spec.attempt,
-                resume_step,
-                len(_judged(journal)),
-            )
+        if journal:
+            if dist.main:
+                log.info(
+                    "attempt %d: resuming after step %d (%d checkpoint(s) already judged)",
+                    spec.attempt,
+                    resume_step,
+                    len(_judged(journal)),
+                )
         elif spec.continue_from is not None:
             place_resume_point(store.local_dir(spec.continue_from.checkpoint), train_dir)
     dist.barrier()
@@ -368,7 +371,7 @@ def _promote(
         )
         for e in judged
     ]
-    promotable = [(e.step, r) for e, (_, r, _) in zip(judged, evaluated) if e.accepted and not e.trails_original]
+    promotable = [(step, r) for e, (step, r, _) in zip(judged, evaluated) if e.accepted and not e.trails_original]
     best_step = judge.policy.choose_best(promotable) if promotable else None
     decisions = [e.decision(spec.attempt) for e in judged]
     promoted = adapter = None
@@ -414,8 +417,8 @@ def _write_promoted(
 ) -> tuple[DirRef, DirRef | None]:
     """The checkpoint's model (LoRA merged) with the tokenizer and a model card, and the adapter alone
     (save_adapter)."""
-    final = _model_at(spec, store, store.local_dir(best.checkpoint)).to("cpu")
-    _, tokenizer = load_from_dir(store.local_dir(spec.start))
+    final, tokenizer = _model_at(spec, store, store.local_dir(best.checkpoint))
+    final = final.to("cpu")
     adapter = None
     if spec.train.method == "lora" and spec.train.save_adapter:
         final.save_pretrained(workdir / "adapter")  # peft: adapter weights + adapter_config.json

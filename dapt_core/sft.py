@@ -55,7 +55,7 @@ from dapt_core.model_card import ModelProvenance, write_model_card
 from dapt_core.split import heldout_bucket, heldout_fraction
 from dapt_core.stop import StopRequested
 from dapt_core.store import ArtifactStore, open_store
-from dapt_core.train import StepProgress, TrainResult, distributed, merge_lora, train
+from dapt_core.train import StepProgress, TrainResult, distributed, list_column, merge_lora, train
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -270,27 +270,18 @@ def _rows(encoded: Sequence[tuple[list[int], list[int]]], seq_len: int, packing:
         yield _padded(row, seq_len, pad)
 
 
-def _write_shard(rows: Sequence[Row], seq_len: int, path: Path) -> None:
+def _write_shard(rows: Sequence[Row], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    n = len(rows)
-    offsets = pa.array(np.arange(0, n * seq_len + 1, seq_len, dtype=np.int32))
-    doc_offsets = pa.array(np.concatenate([[0], np.cumsum([len(d) for _, _, d in rows])]).astype(np.int32))
     table = pa.table(
         {
-            "input_ids": pa.ListArray.from_arrays(
-                offsets, pa.array(np.concatenate([r[0] for r in rows]).astype(np.int32))
-            ),
-            "doc_lengths": pa.ListArray.from_arrays(
-                doc_offsets, pa.array(np.concatenate([r[2] for r in rows]).astype(np.int32))
-            ),
-            "loss_mask": pa.ListArray.from_arrays(
-                offsets, pa.array(np.concatenate([r[1] for r in rows]).astype(np.int8))
-            ),
+            "input_ids": list_column([r[0] for r in rows], np.int32),
+            "doc_lengths": list_column([r[2] for r in rows], np.int32),
+            "loss_mask": list_column([r[1] for r in rows], np.int8),
         }
     )
-    pq.write_table(table, path, row_group_size=min(n, 1024), compression="zstd")
+    pq.write_table(table, path, row_group_size=min(len(rows), 1024), compression="zstd")
 
 
 def build_sft_shards(
@@ -330,7 +321,7 @@ def build_sft_shards(
     shards = []
     for k, start in enumerate(range(0, len(rows), shard_sequences)):
         path = out_dir / f"train-{k:05d}.parquet"
-        _write_shard(rows[start : start + shard_sequences], seq_len, path)
+        _write_shard(rows[start : start + shard_sequences], path)
         shards.append(str(path))
     counts = {
         "examples": len(encoded),

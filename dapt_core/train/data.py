@@ -23,6 +23,17 @@ if TYPE_CHECKING:
 Item = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
+def list_column(rows: Sequence[np.ndarray], dtype: type) -> pa.ListArray:
+    """A Parquet list column of `rows` (1-D arrays of any lengths), built from one flat array and its offsets: a
+    shard writer never turns tokens into Python ints."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    values = np.concatenate(rows).astype(dtype, copy=False) if len(rows) else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
 class PackedSequences:
     """The packed shards as one indexable set of (input_ids [L] int64, doc_lengths [k] int64), memory-mapped."""
 
