@@ -287,6 +287,15 @@ class PairedComparison(BaseModel):
     def drop_points(self) -> float:
         return (self.reference_acc - self.candidate_acc) * 100.0
 
+    def numbers(self, key: str) -> dict[str, float]:
+        """The test's figures under `key` (`bench/<name>`), as decisions record them and the report reads them."""
+        return {
+            f"drop_points {key}": self.drop_points,
+            f"p_value {key}": self.p_value,
+            f"n {key}": float(self.n),
+            f"discordant {key}": float(self.only_reference + self.only_candidate),
+        }
+
 
 def compare_paired(reference: dict[int, int], candidate: dict[int, int]) -> PairedComparison:
     """Pair two {item id: 1 right / 0 wrong} maps on their common items and test the difference (exact McNemar)."""

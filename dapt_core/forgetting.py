@@ -147,16 +147,7 @@ class ForgettingPolicy:
         except ValueError as e:
             return [f"benchmark {name}: {e}"]
         key = f"bench/{name}"
-        numbers.update(
-            {
-                f"base {key}/{m}": cmp.reference_acc,
-                f"{key}/{m}": cmp.candidate_acc,
-                f"drop_points {key}": cmp.drop_points,
-                f"p_value {key}": cmp.p_value,
-                f"n {key}": float(cmp.n),
-                f"discordant {key}": float(cmp.only_reference + cmp.only_candidate),
-            }
-        )
+        numbers.update({f"base {key}/{m}": cmp.reference_acc, f"{key}/{m}": cmp.candidate_acc, **cmp.numbers(key)})
         if cmp.drop_points > limit and cmp.p_value < alpha:
             return [
                 f"benchmark {name} {m} down {cmp.drop_points:.1f} points ({cmp.reference_acc:.3f} -> "

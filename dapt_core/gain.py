@@ -46,15 +46,7 @@ def trails_original(original: EvalResult, candidate: EvalResult, cfg: EvalConfig
         if b.name not in original.samples or b.name not in candidate.samples:
             continue  # reported only: evaluate() records why a benchmark has no per-item results
         cmp = compare_paired(original.samples[b.name].correct(metric), candidate.samples[b.name].correct(metric))
-        key = f"bench/{b.name}"
-        numbers.update(
-            {
-                f"drop_points {key}": cmp.drop_points,
-                f"p_value {key}": cmp.p_value,
-                f"n {key}": float(cmp.n),
-                f"discordant {key}": float(cmp.only_reference + cmp.only_candidate),
-            }
-        )
+        numbers.update(cmp.numbers(f"bench/{b.name}"))
         if cmp.drop_points > 0 and cmp.p_value < cfg.alpha:
             reasons.append(
                 f"domain benchmark {b.name} {metric} down {cmp.drop_points:.1f} points ({cmp.reference_acc:.3f} -> "
