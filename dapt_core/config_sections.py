@@ -173,6 +173,9 @@ class ModelConfig(Section):
     )
 
 
+NewRowInit = Literal["mean", "seqprob", "last_piece", "last_piece_seqprob"]  # dapt_core/embedding.py
+
+
 class TokenizerConfig(Section):
     """Extend the base tokenizer with frequent domain terms it splits into several pieces."""
 
@@ -185,7 +188,7 @@ class TokenizerConfig(Section):
     max_new_tokens: int = Field(1_000, ge=0, description="Cap on tokens added to the base tokenizer.")
     min_frequency: int = Field(20, ge=1, description="Minimum occurrences of a candidate in the domain corpus.")
     min_chars: int = Field(4, ge=2, description="Minimum length of a candidate (without the leading-space marker).")
-    init: Literal["mean", "seqprob", "last_piece", "last_piece_seqprob"] = Field(
+    init: NewRowInit = Field(
         "seqprob",
         description="New rows: mean of the pieces' rows; seqprob (the measured best on SmolLM2, never worse than mean "
         "on the tiny models): output rows raised toward the base's probability of the piece sequence; last_piece: "

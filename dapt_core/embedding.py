@@ -77,10 +77,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import torch
 from torch import nn
+
+from dapt_core.config_sections import NewRowInit
+from dapt_core.metrics import prefix_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -306,7 +309,7 @@ def _collect_contexts(
 ) -> _Contexts:
     """Run the model (old ids only, so its old-vocabulary softmax is the base's) over windows of `texts` holding
     occurrences of the new tokens, until each has `max_contexts` of them or `max_tokens` tokens were read."""
-    prefix = old_tokenizer.bos_token_id if old_tokenizer.bos_token_id is not None else old_tokenizer.eos_token_id
+    prefix = prefix_id(old_tokenizer)
     out, width = _Contexts(), max_length - 1
     head, captured = model.get_output_embeddings(), {}
     hook = head.register_forward_hook(lambda _m, args, _o: captured.__setitem__("h", args[0]))
@@ -379,7 +382,10 @@ def collect_piece_contexts(
         model.train(was_training)
 
 
-def fit_output_rows(model: PreTrainedModel, contexts: _Contexts, old_rows: int, ridge: float = 0.1) -> dict:
+RIDGE = 1.0  # λ = RIDGE * mean ||h||^2 (module docstring)
+
+
+def fit_output_rows(model: PreTrainedModel, contexts: _Contexts, old_rows: int, ridge: float = RIDGE) -> dict:
     """Raise the output rows of the new tokens met in `contexts` so that each new token's logit reaches the base's
     log-probability of its piece sequence where the mean row falls short of it (module docstring), never past the
     norm of the longest old row. Returns a JSON-able report: tokens fitted, contexts used, mean logit shortfall on
@@ -467,7 +473,7 @@ def quiet_unmet_output_rows(model: PreTrainedModel, contexts: _Contexts, new_ids
     }
 
 
-NEW_ROW_INITS = ("mean", "seqprob", "last_piece", "last_piece_seqprob")
+NEW_ROW_INITS = get_args(NewRowInit)  # the values tokenizer.init accepts
 
 
 def refine_new_rows(
@@ -479,9 +485,7 @@ def refine_new_rows(
     init: str,
     *,
     layer: int = 0,
-    ridge: float = 1.0,
     contexts: _Contexts | None = None,
-    max_context_tokens: int = 16_384,
     intermediates: Iterable[str] = (),
 ) -> dict:
     """Apply `init` to the new rows of a model that `add_tokens_with_mean_init` extended (`added` is its report):
@@ -505,12 +509,11 @@ def refine_new_rows(
             added["pieces"],
             added["old_rows"],
             texts,
-            max_tokens=max_context_tokens,
         )
     report.update(tokens_read=contexts.tokens_read, tokens_met=len(contexts.hidden), new_tokens=len(added["new_ids"]))
     if init.startswith("last_piece"):
         report["input"] = set_input_rows_from_last_piece(model, contexts, layer)
     if init.endswith("seqprob"):
-        report["output"] = fit_output_rows(model, contexts, added["old_rows"], ridge)
+        report["output"] = fit_output_rows(model, contexts, added["old_rows"])
     report["unmet"] = quiet_unmet_output_rows(model, contexts, [added["new_ids"][t] for t in intermediates])
     return report

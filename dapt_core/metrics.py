@@ -36,7 +36,8 @@ class NLLStats:
         return self.nll_nats / math.log(2) / self.bytes if self.bytes else float("nan")
 
 
-def _prefix_id(tokenizer: PreTrainedTokenizerBase, prefix_token_id: int | None = None) -> int | None:
+def prefix_id(tokenizer: PreTrainedTokenizerBase, prefix_token_id: int | None = None) -> int | None:
+    """The token a scored window starts with: `prefix_token_id` if given, else BOS, else EOS (None: neither)."""
     for tid in (prefix_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return tid
@@ -55,7 +56,7 @@ def nll_stats(
     `prefix_token_id` overrides the BOS/EOS choice, e.g. a pretraining document separator)."""
     import torch
 
-    prefix = _prefix_id(tokenizer, prefix_token_id)
+    prefix = prefix_id(tokenizer, prefix_token_id)
     width = max_length - (prefix is not None)
     if width < 1 or (prefix is None and width < 2):
         raise ValueError("max_length too small")
