@@ -44,7 +44,6 @@ import os
 import random
 import resource
 import shutil
-import string
 import subprocess
 import sys
 import tarfile
@@ -242,16 +241,12 @@ def derive_corpus(src: Path, dst: Path, fraction: float = 1.0, copies: int = 1) 
         lines = lines[: max(1, round(len(lines) * fraction))]
         texts = [json.loads(line)["text"] for line in lines]
         for k in range(copies):
-            rot = str.maketrans(
-                string.ascii_lowercase + string.ascii_uppercase,
-                _rotate(string.ascii_lowercase, k) + _rotate(string.ascii_uppercase, k),
-            )
             path = dst / (f"c{k}_" * (copies > 1) + entry["file"])
             if k == 0 and fraction == 1.0:
                 os.link(src / entry["file"], path)  # unchanged: a hard link, no disk
                 shown = texts
             else:
-                shown = [t.translate(rot) for t in texts] if k else texts
+                shown = [prepare_scale.rotated(t, k) for t in texts] if k else texts
                 write_jsonl(path, shown)
             files.append(
                 {
@@ -263,10 +258,6 @@ def derive_corpus(src: Path, dst: Path, fraction: float = 1.0, copies: int = 1) 
             )
     manifest.write_text(json.dumps({"files": files}, indent=1))
     return dst
-
-
-def _rotate(letters: str, k: int) -> str:
-    return letters[k:] + letters[:k]
 
 
 # --------------------------------------------------------------------------- workers (each in a fresh process)
@@ -572,10 +563,6 @@ def mbps(nbytes: float, seconds: float) -> str:
     return f"{nbytes / MB / seconds:8.2f}" if seconds > 0 else "     n/a"
 
 
-def goal(name: str, value: float, target: str, ok: bool) -> str:
-    return f"GOAL {name:<52s} {value:8.3f}   goal {target:<8s} {'PASS' if ok else 'FAIL'}"
-
-
 def stage_table(res: dict, info: dict) -> list[str]:
     total = info["text_bytes"]
     sec, nb = res["timers"]["seconds"], res["timers"]["bytes"]
@@ -723,7 +710,7 @@ def main() -> None:
         row("datasketch tuned: permutations shared by all docs + update_batch", "shared"),
         "(|J error|: mean |estimated - exact Jaccard| over "
         f"{mh['pairs']} pairs, {mh['pairs_over_0.5']} of them >= 0.5)",
-        goal("MinHash speedup vs datasketch update_batch loop (x)", speedup, ">= 3", speedup >= 3),
+        prepare_scale.goal("MinHash speedup vs datasketch update_batch loop (x)", speedup, ">= 3", speedup >= 3),
         f"     vs the tuned datasketch loop: {sec['shared'] / sec['ours']:.2f}x",
         "",
     ]
@@ -736,7 +723,7 @@ def main() -> None:
         f"server start (warm-up flow, not counted): {pf['server_start_s']:.1f} s",
         f"first run: {pf['first_s']:.1f} s ({pf['first_computed']} tasks computed); re-run: {pf['rerun_s']:.2f} s "
         f"({pf['rerun_cached']} cached, computed {pf['rerun_computed']}); same clean manifest: {pf['same_result']}",
-        goal("cached re-run / first run", ratio, "<= 0.1", ratio <= 0.1 and not pf["rerun_computed"]),
+        prepare_scale.goal("cached re-run / first run", ratio, "<= 0.1", ratio <= 0.1 and not pf["rerun_computed"]),
         "",
     ]
 
@@ -779,7 +766,7 @@ def main() -> None:
         out.append(
             f"clean.duckdb_memory_limit = {CleanConfig().duckdb_memory_limit} (DuckDB may use up to it before spilling)"
         )
-        out.append(goal("peak RSS 4x / 1x", rss_ratio, "<= 1.5", rss_ratio <= 1.5))
+        out.append(prepare_scale.goal("peak RSS 4x / 1x", rss_ratio, "<= 1.5", rss_ratio <= 1.5))
         out.append("")
     out.append(f"total bench time {(time.perf_counter() - started) / 60:.1f} min; worker logs: {worker_log}")
     print("\n".join(out))

