@@ -53,15 +53,16 @@ class FingerprintMemo:
     def from_parquet(cls, data: bytes) -> FingerprintMemo:
         """The memo a previous run stored; an empty one when `data` is not a readable memo (it only saves time)."""
         try:
-            rows = pq.read_table(pa.BufferReader(data), schema=SCHEMA).to_pylist()
+            columns = pq.read_table(pa.BufferReader(data), schema=SCHEMA).to_pydict()
         except (pa.ArrowException, OSError, ValueError):
             return cls()
-        return cls({r.pop("uri"): Stamp(**r) for r in rows})
+        return cls(dict(zip(columns["uri"], map(Stamp._make, zip(*(columns[f] for f in Stamp._fields))))))
 
     def to_parquet(self) -> bytes:
         """This discovery's fingerprints, every file it saw (reused or hashed)."""
         uris = sorted(self.seen)
-        columns = {"uri": uris, **{f: [getattr(self.seen[u], f) for u in uris] for f in Stamp._fields}}
+        stamps = zip(*(self.seen[u] for u in uris)) if uris else ([] for _ in Stamp._fields)
+        columns = {"uri": uris, **dict(zip(Stamp._fields, stamps))}
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table(columns, schema=SCHEMA), sink)
         return sink.getvalue().to_pybytes()

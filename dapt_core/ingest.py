@@ -79,8 +79,13 @@ class Document:
 
 
 def _format(name: str) -> str | None:
+    """The format of a file by its suffix (`.gz` ones by their last two): one dict lookup, as discovery asks it of
+    every file."""
     name = name.lower()
-    return next((fmt for suffix, fmt in _FORMATS.items() if name.endswith(suffix)), None)
+    dot = name.rfind(".")
+    if name.endswith(".gz"):
+        dot = name.rfind(".", 0, dot)
+    return _FORMATS.get(name[dot:]) if dot >= 0 else None
 
 
 def _unsupported_detail(name: str) -> str:
@@ -159,20 +164,21 @@ def _local_inputs(
 def _walk(
     top: Path, root: Path, make_input: Callable, quarantine: Callable, memo: FingerprintMemo | None
 ) -> Iterator[InputFile | QuarantineRecord]:
+    """Every file under `top`, on string paths: a refresh walks the whole corpus to find the few new files, and a
+    Path object per file cost as much as the rest of the walk."""
     errors: list[OSError] = []
-    for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append):
-        here = Path(dirpath)
+    for dirpath, dirnames, filenames in os.walk(os.path.abspath(top), onerror=errors.append):
         for name in sorted(dirnames):
             if name.startswith("."):
                 dirnames.remove(name)
-            elif (here / name).is_symlink():
+            elif os.path.islink(os.path.join(dirpath, name)):
                 dirnames.remove(name)  # never followed: a linked folder inside the root is walked through its real path
-                if not _inside(here / name, root):
-                    yield _outside_root(here / name, root, quarantine)
+                if not _inside(Path(dirpath, name), root):
+                    yield _outside_root(Path(dirpath, name), root, quarantine)
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
-            path = here / name
+            path = os.path.join(dirpath, name)
             try:
                 entry = os.lstat(path)
             except OSError:
@@ -181,10 +187,10 @@ def _walk(
                 # Not a link, in a folder walked through its real path inside the root: inside the root too, so
                 # no realpath (two per file cost more than the file's sha256 on a folder of small notes).
                 yield _local_file(path, make_input, quarantine, memo, entry)
-            elif _inside(path, root):
+            elif _inside(Path(path), root):
                 yield _local_file(path, make_input, quarantine, memo)
             else:
-                yield _outside_root(path, root, quarantine)
+                yield _outside_root(Path(path), root, quarantine)
     for e in errors:
         yield quarantine(
             file=os.path.abspath(e.filename),
@@ -203,7 +209,7 @@ def _outside_root(path: Path, root: Path, quarantine: Callable) -> QuarantineRec
 
 
 def _local_file(
-    path: Path,
+    path: str | Path,
     make_input: Callable,
     quarantine: Callable,
     memo: FingerprintMemo | None,
@@ -211,10 +217,11 @@ def _local_file(
 ) -> InputFile | QuarantineRecord:
     """`st`: the file's stat when the caller has it (not a link)."""
     uri = os.path.abspath(path)
-    if _format(path.name) is None:
-        return quarantine(file=uri, reason="unsupported_format", detail=_unsupported_detail(path.name))
+    name = os.path.basename(uri)
+    if _format(name) is None:
+        return quarantine(file=uri, reason="unsupported_format", detail=_unsupported_detail(name))
     try:
-        st = st or path.stat()
+        st = st or os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             return quarantine(file=uri, reason="unreadable", detail="not a regular file (device, FIFO or socket)")
         fingerprint = memo.fingerprint(uri, st, lambda: sha256_file(path)) if memo else sha256_file(path)

@@ -10,6 +10,7 @@ that shard instead of being read again (`ingest_batch`), so a new or changed fil
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from dataclasses import dataclass
@@ -93,10 +94,12 @@ def run_batch(job: BatchJob) -> BatchOutput:
 
 def earlier_files(store: ArtifactStore, earlier: list[IngestBatchManifest], uris: set[str]) -> dict[str, EarlierFile]:
     """The earlier per-file records of `uris` whose shard is still intact, by uri (a file whose shard is gone is read
-    again). Only the batches holding one of `uris` have their shard checked."""
+    again). Only the batches whose uri range holds one of `uris` have their table read, and only those holding one
+    have their shard checked: a batch re-run for new files reads a table or two, not one per batch of the corpus."""
+    wanted_uris = sorted(uris)
     found: dict[str, EarlierFile] = {}
     for batch in earlier:
-        if store.check(batch.files):
+        if not _may_hold(batch, wanted_uris) or store.check(batch.files):
             continue
         wanted = [f for f in read_file_table(store.local_path(batch.files), only=uris) if f.cache_key]
         if not wanted or (batch.shard is not None and store.check(batch.shard)):
@@ -105,6 +108,14 @@ def earlier_files(store: ArtifactStore, earlier: list[IngestBatchManifest], uris
         for f in wanted:
             found[f.input.uri] = EarlierFile(f.cache_key, f.docs, f.quarantined, shard if f.docs else None)
     return found
+
+
+def _may_hold(batch: IngestBatchManifest, sorted_uris: list[str]) -> bool:
+    """Whether one of `sorted_uris` lies in the batch's uri range (always, for a manifest without one)."""
+    if batch.first_uri is None or batch.last_uri is None:
+        return True
+    i = bisect.bisect_left(sorted_uris, batch.first_uri)
+    return i < len(sorted_uris) and sorted_uris[i] <= batch.last_uri
 
 
 def write_file_table(files: list[FileIngest], path: Path) -> None:

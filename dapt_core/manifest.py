@@ -122,6 +122,12 @@ class IngestBatchManifest(BaseModel):
     )
     files: ArtifactRef = Field(description="Parquet of the per-file records (FileIngest), one row per input file.")
     file_count: int
+    first_uri: str | None = Field(
+        None,
+        description="The batch's first file in uri order: a later batch looks for a file's earlier record only "
+        "in the batches whose uri range holds it. None (a manifest from before): look in this batch's table.",
+    )
+    last_uri: str | None = Field(None, description="The batch's last file in uri order.")
     docs: int
     quarantined: list[QuarantineRecord] = Field(
         default_factory=list, description="Every unit of the batch's files that could not be read as a document."

@@ -127,6 +127,8 @@ def ingest_batch_task(
         shard=out.shard,
         files=files_ref,
         file_count=len(files),
+        first_uri=min(inp.uri for inp in batch),
+        last_uri=max(inp.uri for inp in batch),
         docs=sum(f.docs for f in files),
         quarantined=[q for f in files for q in f.quarantined],
         code_version=INGEST_CODE,

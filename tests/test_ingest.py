@@ -589,3 +589,59 @@ def test_per_file_records_round_trip_and_earlier_files_are_those_asked_with_an_i
     assert found[inputs[2].uri].quarantined == [bad] and found[inputs[2].uri].shard is None
     Path(batch.shard.uri).unlink()  # the shard gone: none of its files can be copied
     assert earlier_files(store, [batch], {inputs[0].uri}) == {}
+
+
+def test_earlier_files_reads_only_the_tables_of_batches_whose_uri_range_holds_a_wanted_file(tmp_path, monkeypatch):
+    """A batch re-run for new files must not read every earlier batch's table (one per batch of the corpus)."""
+    import dapt_core.ingest_batches as ingest_batches
+    from dapt_core.manifest import FileIngest, IngestBatchManifest
+    from dapt_core.store import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    inputs = _inputs(tmp_path, [10, 20, 30, 40])
+    batches = []
+    for i, pair in enumerate((inputs[:2], inputs[2:])):
+        files = [FileIngest(input=inp, docs=0, cache_key=f"key-{inp.uri}", read=True) for inp in pair]
+        ingest_batches.write_file_table(files, tmp_path / f"files{i}.parquet")
+        ref = store.put_file(tmp_path / f"files{i}.parquet", f"ingest/files{i}.parquet")
+        uris = [inp.uri for inp in pair]
+        batches.append(
+            IngestBatchManifest(
+                files=ref, file_count=2, docs=0, code_version="v1", first_uri=min(uris), last_uri=max(uris)
+            )
+        )
+    read = []
+    real = ingest_batches.read_file_table
+    monkeypatch.setattr(
+        ingest_batches, "read_file_table", lambda path, only=None: read.append(path) or real(path, only)
+    )
+
+    assert ingest_batches.earlier_files(store, batches, {inputs[3].uri}).keys() == {inputs[3].uri}
+    assert read == [store.local_path(batches[1].files)]  # the first batch's range cannot hold it: not read
+    read.clear()
+    assert ingest_batches.earlier_files(store, batches, {inputs[0].uri + "-new"}) == {}
+    assert read == [store.local_path(batches[0].files)]  # inside the first range: looked for, not found
+    read.clear()
+    unranged = [b.model_copy(update={"first_uri": None, "last_uri": None}) for b in batches]  # an older manifest
+    assert ingest_batches.earlier_files(store, unranged, {inputs[0].uri}).keys() == {inputs[0].uri}
+    assert len(read) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("notes.TXT", "text"),
+        ("a.b.jsonl.gz", "jsonl"),
+        ("dump.JSON.GZ", "jsonl"),
+        ("x.json", "json"),
+        ("archive.tar.gz", None),
+        ("data.gz", None),
+        ("README", None),
+        ("page.htm", "html"),
+        ("table.parquet", "parquet"),
+    ],
+)
+def test_a_files_format_is_its_suffix_and_gz_files_are_known_by_their_last_two(name, fmt):
+    from dapt_core.ingest import _format
+
+    assert _format(name) == fmt
