@@ -7,9 +7,9 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.utilities.annotations import quote
 
 from dapt.tasks import progress
-from dapt.tasks.caching import result_storage_for, was_cached
+from dapt.tasks.caching import finished_result, result_storage_for, was_cached
 from dapt.tasks.credentials import use_store_credentials
-from dapt.tasks.data import clean_task, discover_task, ingest_batch_task, publish_data_report
+from dapt.tasks.data import clean_task, discover_task, ingest_batch_key, ingest_batch_task, publish_data_report
 from dapt_core import layout
 from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.clean.decontam import require_complete_eval_sets
@@ -46,11 +46,17 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
         name: plan_batches(files, config.ingest.batch_bytes, config.ingest.batch_files)
         for name, files in (("inputs", inputs), ("evals", evals))
     }
+    store = open_store(config.store)
+    # A batch finished before is read from its result record, without a task run: a refresh runs only new batches.
+    finished = {
+        name: [finished_result(store, ingest_batch_key(batch, config.ingest)) for batch in found]
+        for name, found in batches.items()
+    }
     # quote: Prefect walks every parameter it is handed (~7 us a field); file lists hold no futures to look for.
     earlier = quote(unmapped(_earlier_batches(config)))
     futures = {
         name: ingest.map(
-            quote(found),
+            quote([batch for batch, done in zip(found, finished[name]) if done is None]),
             cfg=unmapped(config.ingest),
             store_uri=unmapped(config.store),
             earlier=earlier,
@@ -59,10 +65,11 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
         for name, found in batches.items()
     }
     progress.stage("ingest files", total=len(inputs) + len(evals))
+    progress.advance("ingest files", sum(done.file_count for done in finished["inputs"] + finished["evals"] if done))
     for done in as_completed(futures["inputs"] + futures["evals"]):
         progress.advance("ingest files", done.result().file_count)
-    batch_results = {name: [f.result() for f in fs] for name, fs in futures.items()}
-    store = open_store(config.store)
+    runs = {name: _in_batch_order(finished[name], list(futures[name])) for name in batches}
+    batch_results = {name: [done or run.result() for done, run in zip(finished[name], runs[name])] for name in batches}
     require_complete_eval_sets([], file_records(store, batch_results["evals"]))
 
     progress.stage("clean, dedup, stats", total=1)
@@ -74,7 +81,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     publish_data_report(clean_manifest, config.store)
 
     # A file is computed when this run read it; a file of a cached batch, or copied from an earlier shard, is cached.
-    read = {name: _read_now(store, batches[name], futures[name], batch_results[name]) for name in batches}
+    read = {name: _read_now(store, batches[name], runs[name], batch_results[name]) for name in batches}
     ran = [(f"ingest:{uri}", now) for uri, now in read["inputs"] + read["evals"]] + [
         ("clean", not was_cached(clean_future))
     ]
@@ -98,19 +105,26 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     return result
 
 
+def _in_batch_order(finished: list[object | None], futures: list[PrefectFuture]) -> list[PrefectFuture | None]:
+    """The task run of each batch, in batch order: None for a batch finished before (no run), else the next future."""
+    pending = iter(futures)
+    return [None if done is not None else next(pending) for done in finished]
+
+
 def _read_now(
     store: ArtifactStore,
     batches: list[list[InputFile]],
-    futures: list[PrefectFuture],
+    runs: list[PrefectFuture | None],
     results: list[IngestBatchManifest],
 ) -> list[tuple[str, bool]]:
-    """(uri, read by this run) per file, in order: a cached batch read none of its files; a computed one says which
-    it read (the others were copied from an earlier shard) in its per-file records."""
+    """(uri, read by this run) per file, in order: a batch finished before (no task run, or a cached one) read none of
+    its files; a computed one says which it read (the others were copied from an earlier shard) in its per-file
+    records."""
     read: list[tuple[str, bool]] = []
-    for batch, future, result in zip(batches, futures, results):
+    for batch, run, result in zip(batches, runs, results):
         now = (
             set()
-            if was_cached(future)
+            if run is None or was_cached(run)
             else {f.input.uri for f in read_file_table(store.local_path(result.files)) if f.read}
         )
         read += [(inp.uri, inp.uri in now) for inp in batch]

@@ -298,6 +298,24 @@ def check_result_record(store_uri: str, key: str) -> None:
         decode_record(key, store.read_key(path), store.uri(path))
 
 
+def finished_result(store: ArtifactStore, key: str) -> Any | None:
+    """The manifest a cached task run would answer with for `key` (a record dapt wrote, its artifacts in place), or None
+    when the task must run: no record, a stale one, an untrusted one (the task run refuses it loudly, see
+    `check_result_record`), or a refresh asked for. A flow with many finished tasks of one stage (ingest batches) skips
+    their task runs with it: a cached task run costs ~15 ms of Prefect bookkeeping, and a refresh of a large corpus
+    would pay it for every batch it does not run."""
+    if refresh_requested():
+        return None
+    path = result_record_key(key)
+    if not store.exists(path):
+        return None
+    try:
+        value = decode_record(key, store.read_key(path), store.uri(path))
+    except UntrustedResultRecord:
+        return None
+    return None if _stale(store, value) else value
+
+
 class ManifestCheck(BaseModel):
     """One stage result (or run manifest of the project) and the state of every artifact it refers to."""
 
