@@ -45,7 +45,11 @@ def trails_original(original: EvalResult, candidate: EvalResult, cfg: EvalConfig
     for b in (b for b in cfg.benchmarks if b.kind == "domain"):
         if b.name not in original.samples or b.name not in candidate.samples:
             continue  # reported only: evaluate() records why a benchmark has no per-item results
-        cmp = compare_paired(original.samples[b.name].correct(metric), candidate.samples[b.name].correct(metric))
+        try:
+            cmp = compare_paired(original.samples[b.name].correct(metric), candidate.samples[b.name].correct(metric))
+        except ValueError as e:  # no item in common: the loss test cannot run, so the gain is not shown
+            reasons.append(f"domain benchmark {b.name}: {e}")
+            continue
         numbers.update(cmp.numbers(f"bench/{b.name}"))
         if cmp.drop_points > 0 and cmp.p_value < cfg.alpha:
             reasons.append(

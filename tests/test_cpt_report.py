@@ -83,6 +83,15 @@ def test_a_checkpoint_beats_the_original_only_with_lower_domain_bpb_and_no_signi
     )
 
 
+def test_a_domain_benchmark_with_no_item_in_common_is_a_reason_not_an_exception():
+    cfg = EvalConfig(benchmarks=[BenchmarkConfig(name="medmcqa", kind="domain", path="/nowhere.jsonl")])
+    original = EvalResult(metrics={BPB: 0.90}, samples={"medmcqa": _samples([1] * 10)})
+    elsewhere = BenchmarkSamples(ids=list(range(100, 110)), acc=[1] * 10, acc_norm=[1] * 10)
+    candidate = EvalResult(metrics={BPB: 0.85}, samples={"medmcqa": elsewhere})
+    [reason], numbers = trails_original(original, candidate, cfg)
+    assert reason.startswith("domain benchmark medmcqa: no item in common") and numbers == {}
+
+
 def test_domain_gain_reports_the_extension_cost_the_break_even_step_and_no_gain():
     cfg = EvalConfig()
     decisions = [_decision(4, 0.95, trails=["no"]), _decision(8, 0.88), _decision(12, 0.87, accepted=False)]
