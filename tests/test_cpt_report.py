@@ -211,10 +211,28 @@ def test_report_shows_base_cpt_sft_bpb_benchmark_intervals_and_the_gates_p_value
 def test_report_of_a_no_gain_run_says_so_with_the_numbers(tmp_path):
     trails = ["domain/bits_per_byte 0.9700 does not beat the original base's 0.9568 (+1.4%)"]
     report = _report(tmp_path, _cpt([_decision(6, 0.97, trails=trails)], None))
-    assert "No gain: checkpoints passed the forgetting policy but none beats the original base" in report
-    assert "No gain: nothing promoted (no gain; best accepted 0.9700 (+1.4%) vs original base 0.9568)" in report
+    headline = report.splitlines()[2]
+    assert headline.startswith(
+        "No gain: nothing promoted (no gain; best accepted 0.9700 (+1.4%) vs original base 0.9568)"
+    )
+    assert "does not beat the original base's 0.9568" in headline
+    assert report.count("No gain") == 1  # the headline says it; the gain bullets do not repeat it
+    assert "Break-even: no checkpoint's domain/bits_per_byte beats" in report
     assert "step 6: accepted (does not beat the original base on the domain)" in report
     assert "Promoted model: `none`" in report
+
+
+def test_cli_says_nothing_promoted_once(monkeypatch):
+    from rich.console import Console
+
+    import dapt.flows.cli
+
+    console = Console(record=True, width=300)
+    monkeypatch.setattr(dapt.flows.cli, "console", console)
+    trails = ["domain/bits_per_byte 0.9700 does not beat the original base's 0.9568 (+1.4%)"]
+    dapt.flows.cli._print_cpt(_cpt([_decision(6, 0.97, trails=trails)], None))
+    printed = console.export_text()
+    assert printed.count("nothing promoted") == 1 and "nothing promoted (no gain; best accepted 0.9700" in printed
 
 
 def test_self_replay_run_is_judged_on_general_benchmarks_and_warns_its_held_out_text_is_the_models_own(tmp_path):
