@@ -5,7 +5,7 @@ Defaults encode the rules of thumb of domain-adaptive pretraining (see README, "
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -298,6 +298,13 @@ class EWCConfig(Section):
 
 class TrainConfig(Section):
     """Continual pretraining (dapt_core/train/). `dapt plan` warns when lr is outside the usual CPT range 1e-5..5e-5."""
+
+    # Fields that say where and how the training runs, not what it trains: left out of the CPT and SFT cache keys and
+    # of DaptConfig.result_hash (every node of a multi-node launch must compute the same key). nproc_per_node and
+    # nnodes stay in: batch_size is per process, so they set the global batch.
+    NOT_TRAINED: ClassVar[frozenset[str]] = frozenset(
+        {"stop_grace_s", "isolate", "node_rank", "rdzv_endpoint", "rdzv_id", "data_workers"}
+    )
 
     method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
     lr: float = Field(2e-5, ge=1e-6, le=1e-3, description="Peak learning rate (CPT: 1e-5 to 5e-5).")

@@ -105,13 +105,8 @@ def cpt_key(
     continue_from: Continuation | None = None,
 ) -> str:
     shards = [r.sha256 for r in pack.train_shards]
-    # The whole train section, nproc_per_node and nnodes included (batch_size is per process, so they set the global
-    # batch); stop_grace_s, whether it runs in a child process, where the nodes meet and how many loader processes
-    # prepare the data do not change what is trained (and every node of a launch must compute the same key).
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
-    train = train_cfg.model_dump(
-        mode="json", exclude={"stop_grace_s", "node_rank", "rdzv_endpoint", "rdzv_id", "data_workers", "isolate"}
-    )
+    train = train_cfg.model_dump(mode="json", exclude=set(TrainConfig.NOT_TRAINED))
     return "cpt-" + stable_hash(
         start.sha256,
         shards,
