@@ -5,6 +5,7 @@ Defaults encode the rules of thumb of domain-adaptive pretraining (see README, "
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -522,6 +523,16 @@ class EvalConfig(Section):
     max_general_fraction: float = Field(
         0.3, gt=0, lt=1, description="Cap on the replay fraction a rollback doubles to."
     )
+
+    def primary_key(self, metrics: Mapping[str, float]) -> float:
+        """`metrics`' primary metric turned so that lower is better: the one ordering of every "best checkpoint"
+        choice (the best accepted step, attempt, rollback point and the domain gain's best accepted)."""
+        value = metrics[self.primary_metric]
+        return -value if self.primary_higher_is_better else value
+
+    def primary_beats(self, value: float, than: float) -> bool:
+        """Whether primary-metric `value` is strictly better than `than`."""
+        return value > than if self.primary_higher_is_better else value < than
 
     @model_validator(mode="after")
     def _unique_benchmarks(self) -> EvalConfig:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dapt_core import train as train_mod
+from dapt_core.config import EvalConfig
 from dapt_core.manifest import (
     CheckpointDecision,
     Continuation,
@@ -59,19 +60,17 @@ class RollbackPoint:
 
 
 def better_rollback_point(
-    current: RollbackPoint | None, result: CptManifest, start: DirRef, metric: str, higher_is_better: bool
+    current: RollbackPoint | None, result: CptManifest, start: DirRef, cfg: EvalConfig
 ) -> RollbackPoint | None:
-    """`current`, or the best accepted checkpoint of attempt `result` (started from `start`) when its `metric` is
-    better (ties: the earlier step)."""
-
-    def key(d: CheckpointDecision) -> float:
-        return -d.metrics[metric] if higher_is_better else d.metrics[metric]
-
+    """`current`, or the best accepted checkpoint of attempt `result` (started from `start`) when its primary metric
+    is better (ties: the earlier step)."""
     accepted = [d for d in result.decisions if d.accepted]
     if not accepted:
         return current
-    best = min(accepted, key=lambda d: (key(d), d.step))
-    return RollbackPoint(result, best, start) if current is None or key(best) < key(current.decision) else current
+    best = min(accepted, key=lambda d: (cfg.primary_key(d.metrics), d.step))
+    if current is None or cfg.primary_key(best.metrics) < cfg.primary_key(current.decision.metrics):
+        return RollbackPoint(result, best, start)
+    return current
 
 
 def trainer_state(checkpoint_dir: Path) -> dict:

@@ -112,6 +112,19 @@ def test_domain_gain_reports_the_extension_cost_the_break_even_step_and_no_gain(
     assert domain_gain(cfg, {BPB: 0.90}, [_decision(4, 0.8, accepted=False)], None).verdict == "nothing accepted"
 
 
+def test_every_best_checkpoint_choice_follows_the_primary_metrics_direction_and_ties_go_to_the_earlier():
+    from dapt_core.continuation import better_rollback_point
+
+    decisions = [_decision(4, 0.95), _decision(8, 0.97), _decision(12, 0.97)]
+    results = [(d.step, EvalResult(metrics=d.metrics)) for d in decisions]
+    cpt = _cpt(decisions, None)
+    start = DirRef(uri="/store/ext", files={})
+    for cfg, step in [(EvalConfig(), 4), (EvalConfig(primary_higher_is_better=True), 8)]:
+        assert ForgettingPolicy.from_config(cfg).choose_best(results) == step
+        assert better_rollback_point(None, cpt, start, cfg).decision.step == step
+        assert domain_gain(cfg, {BPB: 0.99}, decisions, None).reasons[0].startswith(f"attempt 0 step {step} ")
+
+
 def _report(tmp_path, cpt: CptManifest, sft: SftManifest | None = None) -> str:
     clean = CleanManifest(
         decisions=_ref("d"),
