@@ -21,7 +21,6 @@ a checkpoint of this attempt against it.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from dapt_core.manifest import (
     CptManifest,
     DirRef,
 )
+from dapt_core.train.checkpoint import read_trainer_state, write_trainer_state
 
 
 @dataclass
@@ -71,10 +71,6 @@ def better_rollback_point(
     if current is None or cfg.primary_key(best.metrics) < cfg.primary_key(current.decision.metrics):
         return RollbackPoint(result, best, start)
     return current
-
-
-def trainer_state(checkpoint_dir: Path) -> dict:
-    return json.loads((checkpoint_dir / "trainer_state.json").read_text())
 
 
 def replay_sequences_needed(unseen: int, from_fraction: float, to_fraction: float) -> int:
@@ -138,9 +134,9 @@ def write_continuation_data(
 def place_resume_point(checkpoint_dir: Path, train_dir: Path) -> None:
     """Copy the checkpoint where the training loop resumes from, its data position moved to the start of the
     continuation data (step, history, optimizer, scheduler and RNG states kept)."""
-    state = trainer_state(checkpoint_dir)
+    state = read_trainer_state(checkpoint_dir)
     dest = train_dir / f"{train_mod.CHECKPOINT_PREFIX}{state['step']}"
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(checkpoint_dir, dest)
-    (dest / "trainer_state.json").write_text(json.dumps({**state, "epoch": 0, "index": 0}, indent=1))
+    write_trainer_state(dest, {**state, "epoch": 0, "index": 0})
