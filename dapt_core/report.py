@@ -160,6 +160,11 @@ def _verdict(cpt: CptManifest, original: dict[str, float]) -> str:
             )
     elif cpt.best is None and (outcome := gain_outcome(cpt.gain)):
         verdict = outcome
+    elif cpt.gain is not None and cpt.gain.verdict == "no gain":  # the original base lacks the primary metric
+        verdict = (
+            "No gain: checkpoints passed the forgetting policy but none beats the original base on the domain; "
+            "nothing promoted."
+        )
     else:
         verdict = "No CPT checkpoint passed the forgetting policy: nothing promoted (see the decisions below)."
     if cpt.without_extension is not None:
