@@ -108,8 +108,8 @@ class DaptConfig(Section):
             "aws_credentials_block": True,
             "plan": True,
             "deploy": True,
-            "train": {"stop_grace_s", "isolate"},
-            "sft": {"train": {"stop_grace_s", "isolate"}},
+            "train": set(TrainConfig.NOT_TRAINED),
+            "sft": {"train": set(TrainConfig.NOT_TRAINED)},
         }
         return stable_hash(self.model_dump(mode="json", exclude=exclude))
 

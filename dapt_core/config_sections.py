@@ -5,7 +5,8 @@ Defaults encode the rules of thumb of domain-adaptive pretraining (see README, "
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -299,6 +300,13 @@ class EWCConfig(Section):
 class TrainConfig(Section):
     """Continual pretraining (dapt_core/train/). `dapt plan` warns when lr is outside the usual CPT range 1e-5..5e-5."""
 
+    # Fields that say where and how the training runs, not what it trains: left out of the CPT and SFT cache keys and
+    # of DaptConfig.result_hash (every node of a multi-node launch must compute the same key). nproc_per_node and
+    # nnodes stay in: batch_size is per process, so they set the global batch.
+    NOT_TRAINED: ClassVar[frozenset[str]] = frozenset(
+        {"stop_grace_s", "isolate", "node_rank", "rdzv_endpoint", "rdzv_id", "data_workers"}
+    )
+
     method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
     lr: float = Field(2e-5, ge=1e-6, le=1e-3, description="Peak learning rate (CPT: 1e-5 to 5e-5).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at this fraction of the peak LR.")
@@ -515,6 +523,16 @@ class EvalConfig(Section):
     max_general_fraction: float = Field(
         0.3, gt=0, lt=1, description="Cap on the replay fraction a rollback doubles to."
     )
+
+    def primary_key(self, metrics: Mapping[str, float]) -> float:
+        """`metrics`' primary metric turned so that lower is better: the one ordering of every "best checkpoint"
+        choice (the best accepted step, attempt, rollback point and the domain gain's best accepted)."""
+        value = metrics[self.primary_metric]
+        return -value if self.primary_higher_is_better else value
+
+    def primary_beats(self, value: float, than: float) -> bool:
+        """Whether primary-metric `value` is strictly better than `than`."""
+        return value > than if self.primary_higher_is_better else value < than
 
     @model_validator(mode="after")
     def _unique_benchmarks(self) -> EvalConfig:

@@ -21,7 +21,6 @@ a checkpoint of this attempt against it.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dapt_core import train as train_mod
+from dapt_core.config import EvalConfig
 from dapt_core.manifest import (
     CheckpointDecision,
     Continuation,
@@ -36,6 +36,7 @@ from dapt_core.manifest import (
     CptManifest,
     DirRef,
 )
+from dapt_core.train.checkpoint import read_trainer_state, write_trainer_state
 
 
 @dataclass
@@ -59,23 +60,17 @@ class RollbackPoint:
 
 
 def better_rollback_point(
-    current: RollbackPoint | None, result: CptManifest, start: DirRef, metric: str, higher_is_better: bool
+    current: RollbackPoint | None, result: CptManifest, start: DirRef, cfg: EvalConfig
 ) -> RollbackPoint | None:
-    """`current`, or the best accepted checkpoint of attempt `result` (started from `start`) when its `metric` is
-    better (ties: the earlier step)."""
-
-    def key(d: CheckpointDecision) -> float:
-        return -d.metrics[metric] if higher_is_better else d.metrics[metric]
-
+    """`current`, or the best accepted checkpoint of attempt `result` (started from `start`) when its primary metric
+    is better (ties: the earlier step)."""
     accepted = [d for d in result.decisions if d.accepted]
     if not accepted:
         return current
-    best = min(accepted, key=lambda d: (key(d), d.step))
-    return RollbackPoint(result, best, start) if current is None or key(best) < key(current.decision) else current
-
-
-def trainer_state(checkpoint_dir: Path) -> dict:
-    return json.loads((checkpoint_dir / "trainer_state.json").read_text())
+    best = min(accepted, key=lambda d: (cfg.primary_key(d.metrics), d.step))
+    if current is None or cfg.primary_key(best.metrics) < cfg.primary_key(current.decision.metrics):
+        return RollbackPoint(result, best, start)
+    return current
 
 
 def replay_sequences_needed(unseen: int, from_fraction: float, to_fraction: float) -> int:
@@ -139,9 +134,9 @@ def write_continuation_data(
 def place_resume_point(checkpoint_dir: Path, train_dir: Path) -> None:
     """Copy the checkpoint where the training loop resumes from, its data position moved to the start of the
     continuation data (step, history, optimizer, scheduler and RNG states kept)."""
-    state = trainer_state(checkpoint_dir)
+    state = read_trainer_state(checkpoint_dir)
     dest = train_dir / f"{train_mod.CHECKPOINT_PREFIX}{state['step']}"
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(checkpoint_dir, dest)
-    (dest / "trainer_state.json").write_text(json.dumps({**state, "epoch": 0, "index": 0}, indent=1))
+    write_trainer_state(dest, {**state, "epoch": 0, "index": 0})

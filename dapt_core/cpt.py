@@ -51,11 +51,7 @@ from dapt_core import layout, stop
 from dapt_core import train as train_mod
 from dapt_core.attempt_events import AttemptObserver, EventPrinter
 from dapt_core.config import EvalConfig, TrainConfig
-from dapt_core.continuation import (
-    place_resume_point,
-    trainer_state,
-    write_continuation_data,
-)
+from dapt_core.continuation import place_resume_point, write_continuation_data
 from dapt_core.eval_report import write_report
 from dapt_core.evaluate import EvalResult, evaluate
 from dapt_core.forgetting import Decision, ForgettingPolicy
@@ -74,6 +70,7 @@ from dapt_core.model import load_from_dir
 from dapt_core.model_card import ModelProvenance, write_model_card
 from dapt_core.stop import StopRequested
 from dapt_core.store import ArtifactStore, open_store
+from dapt_core.train.checkpoint import read_trainer_state
 
 if TYPE_CHECKING:
     import torch
@@ -178,7 +175,7 @@ def _training_data(spec: AttemptSpec, store: ArtifactStore, workdir: Path, dist:
     shard, counts_file = workdir / "continuation" / "train-00000.parquet", workdir / "continuation" / "counts.json"
     refs = []
     if dist.main:
-        state = trainer_state(store.local_dir(c.checkpoint))
+        state = read_trainer_state(store.local_dir(c.checkpoint))
         general = store.local_path(spec.pack.general_sample) if spec.pack.general_sample else None
         counts = write_continuation_data(
             [store.local_path(r) for r in c.data],

@@ -163,8 +163,7 @@ class ForgettingPolicy:
         if not accepted:
             raise ValueError("no accepted checkpoint to choose from")
         pm = self.config.primary_metric
-        sign = -1.0 if self.config.primary_higher_is_better else 1.0
-        step, _ = min(accepted, key=lambda sr: (sign * sr[1].metrics[pm], sr[0]))
+        step, _ = min(accepted, key=lambda sr: (self.config.primary_key(sr[1].metrics), sr[0]))
         log.info("best checkpoint: step %s (%s=%.6g)", step, pm, dict(accepted)[step].metrics[pm])
         return step
 

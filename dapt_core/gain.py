@@ -24,10 +24,6 @@ from dapt_core.evaluate import EvalResult
 from dapt_core.manifest import CheckpointDecision, DomainGain
 
 
-def _better(value: float, than: float, higher_is_better: bool) -> bool:
-    return value > than if higher_is_better else value < than
-
-
 def trails_original(original: EvalResult, candidate: EvalResult, cfg: EvalConfig) -> tuple[list[str], dict[str, float]]:
     """Why `candidate` does not beat the original base on the domain (empty: it does), and the numbers of the domain
     benchmarks' paired tests (the same keys the forgetting policy uses for general ones, so the report shows both)."""
@@ -39,13 +35,17 @@ def trails_original(original: EvalResult, candidate: EvalResult, cfg: EvalConfig
         reasons.append(
             f"{m} missing for the {'original base' if o is None else 'checkpoint'}: cannot tell a domain gain"
         )
-    elif not _better(c, o, cfg.primary_higher_is_better):
+    elif not cfg.primary_beats(c, o):
         reasons.append(f"{m} {c:.4f} does not beat the original base's {o:.4f} ({(c - o) / abs(o):+.1%})")
     metric = cfg.benchmark_metric
     for b in (b for b in cfg.benchmarks if b.kind == "domain"):
         if b.name not in original.samples or b.name not in candidate.samples:
             continue  # reported only: evaluate() records why a benchmark has no per-item results
-        cmp = compare_paired(original.samples[b.name].correct(metric), candidate.samples[b.name].correct(metric))
+        try:
+            cmp = compare_paired(original.samples[b.name].correct(metric), candidate.samples[b.name].correct(metric))
+        except ValueError as e:  # no item in common: the loss test cannot run, so the gain is not shown
+            reasons.append(f"domain benchmark {b.name}: {e}")
+            continue
         numbers.update(cmp.numbers(f"bench/{b.name}"))
         if cmp.drop_points > 0 and cmp.p_value < cfg.alpha:
             reasons.append(
@@ -65,12 +65,12 @@ def domain_gain(
     """The domain verdict of a CPT run over `decisions` (every judged checkpoint, all attempts, oldest first):
     the extension's cost when `extended_base` (the extended-but-untrained model's metrics) is given, the break-even
     checkpoint, and why nothing was promoted when nothing was."""
-    m, higher = cfg.primary_metric, cfg.primary_higher_is_better
+    m = cfg.primary_metric
     o = original.get(m)
     e = (extended_base or {}).get(m)
     accepted = [d for d in decisions if d.accepted and m in d.metrics]
-    best = (max if higher else min)(accepted, key=lambda d: d.metrics[m]) if accepted else None
-    even = next((d for d in decisions if o is not None and m in d.metrics and _better(d.metrics[m], o, higher)), None)
+    best = min(accepted, key=lambda d: cfg.primary_key(d.metrics)) if accepted else None  # ties: the oldest
+    even = next((d for d in decisions if o is not None and m in d.metrics and cfg.primary_beats(d.metrics[m], o)), None)
     if promoted is not None:
         verdict, reasons = "gain", []
     elif best is None:
@@ -78,7 +78,7 @@ def domain_gain(
     else:
         verdict = "no gain"
         reasons = [f"attempt {best.attempt} step {best.step} (the best accepted): " + "; ".join(best.trails_original)]
-    if promoted is None and e is not None and o is not None and _better(o, e, higher) and even is None:
+    if promoted is None and e is not None and o is not None and cfg.primary_beats(o, e) and even is None:
         reasons.append(
             f"the tokenizer extension costs {e - o:+.4f} {m} before training and the budget did not pay it back: run "
             "CPT "

@@ -224,11 +224,6 @@ class TokenizerManifest(BaseModel):
         description="Ids of every vocabulary entry the extension added (intermediate merge tokens included): the "
         "rows LoRA trains.",
     )
-    initial_cost: ExtensionCost | None = Field(
-        None,
-        description="Held-out bpb of the original vs the extended-untrained model; None when nothing was added or "
-        "no held-out text.",
-    )
     report_json: ArtifactRef
     report_md: ArtifactRef
     code_version: str

@@ -36,7 +36,28 @@ def _delta(base: float | None, new: float | None) -> str:
 
 def gain_lines(gain: DomainGain | None) -> list[str]:
     """The domain verdict in sentences: what the tokenizer extension cost, when training paid it back (break-even),
-    and the gain over the original base, or why nothing was promoted ("no gain")."""
+    then the outcome (`gain_outcome`)."""
+    outcome = gain_outcome(gain)
+    return _gain_details(gain) + ([outcome] if outcome else [])
+
+
+def gain_outcome(gain: DomainGain | None) -> str | None:
+    """The gain over the original base, or why nothing was promoted ("no gain"); None without an original base."""
+    if gain is None or gain.original is None:
+        return None
+    o = gain.original
+    if gain.verdict == "gain":
+        return f"Domain gain: promoted {gain.promoted:.4f} vs original base {o:.4f} ({_delta(o, gain.promoted)})."
+    best = (
+        f"; best accepted {gain.best_accepted:.4f} ({_delta(o, gain.best_accepted)})"
+        if gain.best_accepted is not None
+        else ""
+    )
+    return f"No gain: nothing promoted ({gain.verdict}{best} vs original base {o:.4f}): " + "; ".join(gain.reasons)
+
+
+def _gain_details(gain: DomainGain | None) -> list[str]:
+    """The extension's cost and the break-even checkpoint."""
     if gain is None or gain.original is None:
         return []
     m, o = gain.metric, gain.original
@@ -53,19 +74,6 @@ def gain_lines(gain: DomainGain | None) -> list[str]:
         )
     else:
         lines.append(f"Break-even: no checkpoint's {m} beats the original base's {o:.4f} within the training budget.")
-    if gain.verdict == "gain":
-        lines.append(
-            f"Domain gain: promoted {gain.promoted:.4f} vs original base {o:.4f} ({_delta(o, gain.promoted)})."
-        )
-    else:
-        best = (
-            f"; best accepted {gain.best_accepted:.4f} ({_delta(o, gain.best_accepted)})"
-            if gain.best_accepted is not None
-            else ""
-        )
-        lines.append(
-            f"No gain: nothing promoted ({gain.verdict}{best} vs original base {o:.4f}): " + "; ".join(gain.reasons)
-        )
     return lines
 
 
@@ -105,7 +113,9 @@ def write_pipeline_report(
         "checkpoints": out_dir / "checkpoints.png",
     }
     verdict = _verdict(cpt, original)
-    lines = [f"# dapt report: {project}", "", verdict, ""] + [f"- {line}" for line in gain_lines(cpt.gain)] + [""]
+    # A run that promoted nothing has the gain's outcome as its headline (_verdict): the bullets do not repeat it.
+    bullets = gain_lines(cpt.gain) if cpt.best is not None else _gain_details(cpt.gain)
+    lines = [f"# dapt report: {project}", "", verdict, ""] + [f"- {line}" for line in bullets] + [""]
     lines += [f"> Warning: {w}" for w in cpt.warnings] + ([""] if cpt.warnings else [])
     lines += _comparison_lines(original, cpt, sft, policy)
     lines += _funnel_lines(clean) + _training_data_lines(tokenizer, pack) + _attempt_lines(cpt)
@@ -148,13 +158,15 @@ def _verdict(cpt: CptManifest, original: dict[str, float]) -> str:
                 f" The base before tokenizer extension: {original[key]:.4f} "
                 f"({_delta(original[key], best[key])} after CPT)."
             )
-    elif cpt.gain is not None and cpt.gain.verdict == "no gain":
+    elif cpt.best is None and (outcome := gain_outcome(cpt.gain)):
+        verdict = outcome
+    elif cpt.gain is not None and cpt.gain.verdict == "no gain":  # the original base lacks the primary metric
         verdict = (
             "No gain: checkpoints passed the forgetting policy but none beats the original base on the domain; "
-            "nothing was promoted."
+            "nothing promoted."
         )
     else:
-        verdict = "No CPT checkpoint passed the forgetting policy: nothing was promoted (see the decisions below)."
+        verdict = "No CPT checkpoint passed the forgetting policy: nothing promoted (see the decisions below)."
     if cpt.without_extension is not None:
         verdict += (
             " The extended tokenizer gave no gain, so packing and CPT ran again with the base tokenizer "

@@ -326,11 +326,12 @@ def _print_cpt(result: CptManifest) -> None:
                 else "[red]REJECTED[/red]: " + escape("; ".join(d.reasons)),
             )
     console.print(table)
-    for line in gain_lines(result.gain):
+    lines = gain_lines(result.gain)  # ends with the outcome: promoted, or why not
+    for line in lines:
         console.print(escape(line))
     if result.promoted:
         console.print(f"promoted: attempt {result.attempt}, step {result.best_step} -> {result.promoted.uri}")
-    else:
+    elif not lines:  # no original base to compare with: gain_lines said nothing
         verdict = result.gain.verdict if result.gain else "nothing accepted"
         console.print(
             f"[yellow]nothing promoted ({verdict}):[/yellow] "

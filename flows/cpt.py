@@ -40,11 +40,6 @@ def _summary(m: CptManifest) -> AttemptSummary:
     )
 
 
-def _best_metric(m: CptManifest, policy: ForgettingPolicy) -> float:
-    value = m.best.metrics[policy.config.primary_metric]
-    return -value if policy.config.primary_higher_is_better else value
-
-
 def judgement_warnings(pack: PackManifest, eval_cfg: EvalConfig) -> list[str]:
     """What a user must know before trusting the forgetting verdict: the pack's warnings and, for a self-replay run
     (no data.general) without a general benchmark, that general forgetting is then judged on the model's own samples
@@ -143,11 +138,10 @@ def _cpt_attempts(
             .result()
         )
         history.append(_summary(result))
-        if result.promoted is not None and (best is None or _best_metric(result, policy) < _best_metric(best, policy)):
+        primary = policy.config.primary_key
+        if result.promoted is not None and (best is None or primary(result.best.metrics) < primary(best.best.metrics)):
             best = result
-        anchor = better_rollback_point(
-            anchor, result, start, policy.config.primary_metric, policy.config.primary_higher_is_better
-        )
+        anchor = better_rollback_point(anchor, result, start, policy.config)
         if result.stopped_at is None:
             log.info("attempt %d ran to the end within the forgetting limits", attempt)
             break

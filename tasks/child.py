@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,17 +49,42 @@ def _forward_stop(proc: subprocess.Popen) -> None:
             return
 
 
+Manifest = TypeVar("Manifest", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class EntryFiles:
+    """The files of an attempt's entry point, `python -m dapt_core.cpt|dapt_core.sft SPEC RESULT WORKDIR` (run as
+    it is, or by torchrun on every rank), in one temporary directory."""
+
+    spec: Path
+    result: Path
+    work: Path
+
+    @classmethod
+    def write(cls, spec: BaseModel, tmp: Path) -> EntryFiles:
+        """`spec` written as JSON in `tmp`, where the result and the work directory will be."""
+        files = cls(spec=tmp / "spec.json", result=tmp / "result.json", work=tmp / "work")
+        files.spec.write_text(spec.model_dump_json())
+        return files
+
+    @property
+    def args(self) -> list[str]:
+        return [str(self.spec), str(self.result), str(self.work)]
+
+
 def run_child(
     cmd: list[str],
     result_path: Path,
+    result_type: type[Manifest],
     grace_s: float,
     log: logging.Logger | logging.LoggerAdapter,
     observer: AttemptObserver | None = None,
-) -> str:
-    """Run `cmd` (which writes `result_path`, or `stopped_path(result_path)` when stopped) to its end; the result's
-    JSON text. Its event lines go to `observer` (the CLI bar, the UI's artifacts: dapt_core/attempt_events.py), its
-    other lines to `log`. Raises StopRequested when the child stopped on request, RuntimeError (with its last lines)
-    on failure."""
+) -> Manifest:
+    """Run `cmd` (which writes `result_path`, or `stopped_path(result_path)` when stopped) to its end; the result,
+    read as `result_type`. Its event lines go to `observer` (the CLI bar, the UI's artifacts:
+    dapt_core/attempt_events.py), its other lines to `log`. Raises StopRequested when the child stopped on request,
+    RuntimeError (with its last lines) on failure."""
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=200)
     with (
@@ -92,10 +118,7 @@ def run_child(
             f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} exited with {proc.returncode}; its last lines:\n"
             + "\n".join(tail)
         )
-    return result_path.read_text()
-
-
-Manifest = TypeVar("Manifest", bound=BaseModel)
+    return result_type.model_validate_json(result_path.read_text())
 
 
 def run_in_child(
@@ -109,7 +132,5 @@ def run_in_child(
 ) -> Manifest:
     """An attempt in a fresh child process (train.isolate): `python -m <module> SPEC RESULT WORKDIR`, the entry point
     of dapt_core.cpt and dapt_core.sft, with its spec and result as JSON files in `tmp`."""
-    spec_path, result_path = tmp / "spec.json", tmp / "result.json"
-    spec_path.write_text(spec.model_dump_json())
-    cmd = [sys.executable, "-m", module, str(spec_path), str(result_path), str(tmp / "work")]
-    return result_type.model_validate_json(run_child(cmd, result_path, grace_s, log, observer))
+    files = EntryFiles.write(spec, tmp)
+    return run_child([sys.executable, "-m", module, *files.args], files.result, result_type, grace_s, log, observer)

@@ -22,7 +22,7 @@ from prefect import task
 
 from dapt.tasks import progress
 from dapt.tasks.caching import check_result_record, eval_set_hashes
-from dapt.tasks.child import run_child, run_in_child, task_log
+from dapt.tasks.child import EntryFiles, run_child, run_in_child, task_log
 from dapt_core import layout, leftovers
 from dapt_core.attempt_events import AttemptObserver
 from dapt_core.config import EvalConfig, ModelConfig, TrainConfig
@@ -105,13 +105,8 @@ def cpt_key(
     continue_from: Continuation | None = None,
 ) -> str:
     shards = [r.sha256 for r in pack.train_shards]
-    # The whole train section, nproc_per_node and nnodes included (batch_size is per process, so they set the global
-    # batch); stop_grace_s, whether it runs in a child process, where the nodes meet and how many loader processes
-    # prepare the data do not change what is trained (and every node of a launch must compute the same key).
     fisher = pack.general_sample.sha256 if train_cfg.ewc.enabled and pack.general_sample else None
-    train = train_cfg.model_dump(
-        mode="json", exclude={"stop_grace_s", "node_rank", "rdzv_endpoint", "rdzv_id", "data_workers", "isolate"}
-    )
+    train = train_cfg.model_dump(mode="json", exclude=set(TrainConfig.NOT_TRAINED))
     return "cpt-" + stable_hash(
         start.sha256,
         shards,
@@ -207,14 +202,13 @@ def _torchrun(spec: AttemptSpec, tmp: Path, watch: AttemptObserver | None = None
     and, with train.nnodes > 1, the others (deployments/README.md, "Several nodes": they run the logged command).
     torchrun forwards the stop request's SIGTERM to the ranks, giving them train.stop_grace_s (--shutdown_timeout)
     to checkpoint (tasks/child.py)."""
-    spec_path, result_path = tmp / "spec.json", tmp / "result.json"
-    spec_path.write_text(spec.model_dump_json())
+    files = EntryFiles.write(spec, tmp)
     timeout = math.ceil(spec.train.stop_grace_s)
-    cmd = torchrun_command(spec.train, [str(spec_path), str(result_path), str(tmp / "work")], timeout)
+    cmd = torchrun_command(spec.train, files.args, timeout)
     if spec.train.nnodes > 1:
         key = layout.attempt_spec_key(spec.prefix)
         open_store(spec.store).put_text(spec.model_dump_json(), key)
         # the same work dir path: with TMPDIR on a volume the nodes share, FSDP's sharded checkpoints meet there
-        other = torchrun_command(spec.train, [f"{spec.store}#{key}", str(result_path), str(tmp / "work")], timeout)
+        other = torchrun_command(spec.train, [f"{spec.store}#{key}", str(files.result), str(files.work)], timeout)
         _log().info("other nodes join with: %s", " ".join(other[1:]))
-    return CptManifest.model_validate_json(run_child(cmd, result_path, spec.train.stop_grace_s, _log(), watch))
+    return run_child(cmd, files.result, CptManifest, spec.train.stop_grace_s, _log(), watch)

@@ -13,7 +13,7 @@ from dapt.tasks import progress
 from dapt.tasks.caching import check_result_record, eval_set_hashes
 from dapt.tasks.child import run_in_child, task_log
 from dapt_core import layout, leftovers
-from dapt_core.config import EvalConfig, SftConfig
+from dapt_core.config import EvalConfig, SftConfig, TrainConfig
 from dapt_core.evaluate import EvalResult
 from dapt_core.hashing import code_version, sha256_file, stable_hash
 from dapt_core.manifest import DirRef, PackManifest, SftManifest
@@ -25,9 +25,7 @@ SFT_CODE = code_version(run_sft_attempt, task_module=sys.modules[__name__])
 
 def sft_key(model: DirRef, pack: PackManifest, sft_cfg: SftConfig, eval_cfg: EvalConfig, reference: EvalResult) -> str:
     data = [sha256_file(p) for p in sft_cfg.data]  # content, not paths: an edited file re-runs SFT
-    cfg = sft_cfg.model_dump(
-        mode="json", exclude={"train": {"stop_grace_s", "isolate"}}
-    )  # neither changes what is trained
+    cfg = sft_cfg.model_dump(mode="json", exclude={"train": set(TrainConfig.NOT_TRAINED)})
     return "sft-" + stable_hash(model.sha256, data, cfg, eval_cfg, eval_set_hashes(pack), reference, SFT_CODE)
 
 

@@ -84,7 +84,6 @@ def extend_tokenizer_task(
         base_fingerprint=fingerprint,
         new_tokens=len(result.report.get("new_tokens", [])),
         new_token_ids=sorted(result.tokenizer.convert_tokens_to_ids(result.new_tokens)),
-        initial_cost=result.initial_cost,
         report_json=report_json,
         report_md=report_md,
         code_version=TOKENIZER_CODE,

@@ -104,3 +104,46 @@ def test_sft_train_merges_with_sft_defaults_field_by_field(tmp_path):
     # every other field keeps SFT's default, not CPT's (epochs 2, warmup 3%, per-document attention)
     assert cfg.sft.train.model_dump(exclude={"lr"}) == default.model_dump(exclude={"lr"})
     assert (default.epochs, default.warmup_ratio, default.block_cross_document_attention) == (2.0, 0.03, True)
+
+
+def test_settings_that_do_not_change_what_is_trained_keep_the_cpt_and_sft_cache_keys(tmp_path):
+    from dapt.tasks.cpt import cpt_key
+    from dapt.tasks.sft import sft_key
+    from dapt_core.config import DaptConfig, EvalConfig, SftConfig, TrainConfig
+    from dapt_core.evaluate import EvalResult
+    from dapt_core.manifest import ArtifactRef, DirRef, PackManifest
+
+    ref = ArtifactRef(uri="/store/train", sha256="0" * 64, bytes=1)
+    model = DirRef(uri="/store/model", files={})
+    pack = PackManifest(
+        train_shards=[ref],
+        seq_len=64,
+        sequences=1,
+        tokens={},
+        general_fraction_target=0.05,
+        general_fraction_realised=0.05,
+        report_json=ref,
+        code_version="test",
+    )
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "q", "response": "a"}\n')
+    reference = EvalResult(metrics={})
+
+    def keys(train: TrainConfig) -> tuple[str, str]:
+        sft = SftConfig(data=[str(tmp_path / "sft.jsonl")], train=train)
+        return (
+            cpt_key(model, pack, train, EvalConfig(), reference, attempt=0),
+            sft_key(model, pack, sft, EvalConfig(), reference),
+        )
+
+    base = TrainConfig()
+    cpt, sft = keys(base)
+    for field, value in {"data_workers": 4, "isolate": True, "stop_grace_s": 5.0, "rdzv_id": "other"}.items():
+        assert field in TrainConfig.NOT_TRAINED
+        assert keys(base.model_copy(update={field: value})) == (cpt, sft), field
+    changed_cpt, changed_sft = keys(base.model_copy(update={"lr": 1e-4}))
+    assert changed_cpt != cpt and changed_sft != sft
+    # The pipeline's config hash (a nightly refresh re-runs everything when it changes) ignores the same fields.
+    config = DaptConfig(data={"domain": [{"name": "a", "paths": ["x"]}]})
+    assert config.model_copy(update={"train": base.model_copy(update={"data_workers": 4})}).result_hash() == (
+        config.result_hash()
+    )

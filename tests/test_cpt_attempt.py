@@ -261,10 +261,7 @@ def test_rollback_continues_from_the_best_accepted_checkpoint(prefect_harness, c
     first_batches, batches[:] = list(batches), []
     reject_at.clear()
 
-    policy = ForgettingPolicy.from_config(cfg.eval)
-    point = better_rollback_point(
-        None, first, data.tokenizer.model, policy.config.primary_metric, policy.config.primary_higher_is_better
-    )
+    point = better_rollback_point(None, first, data.tokenizer.model, cfg.eval)
     continuation = point.continuation(general_fraction=0.2)
     assert continuation.source == "attempt 0 step 4" and continuation.data_general_fraction == 0.05
     spec = _spec(cfg, data, reference, "cpt/second", lr=5e-5).model_copy(

@@ -83,6 +83,15 @@ def test_a_checkpoint_beats_the_original_only_with_lower_domain_bpb_and_no_signi
     )
 
 
+def test_a_domain_benchmark_with_no_item_in_common_is_a_reason_not_an_exception():
+    cfg = EvalConfig(benchmarks=[BenchmarkConfig(name="medmcqa", kind="domain", path="/nowhere.jsonl")])
+    original = EvalResult(metrics={BPB: 0.90}, samples={"medmcqa": _samples([1] * 10)})
+    elsewhere = BenchmarkSamples(ids=list(range(100, 110)), acc=[1] * 10, acc_norm=[1] * 10)
+    candidate = EvalResult(metrics={BPB: 0.85}, samples={"medmcqa": elsewhere})
+    [reason], numbers = trails_original(original, candidate, cfg)
+    assert reason.startswith("domain benchmark medmcqa: no item in common") and numbers == {}
+
+
 def test_domain_gain_reports_the_extension_cost_the_break_even_step_and_no_gain():
     cfg = EvalConfig()
     decisions = [_decision(4, 0.95, trails=["no"]), _decision(8, 0.88), _decision(12, 0.87, accepted=False)]
@@ -101,6 +110,19 @@ def test_domain_gain_reports_the_extension_cost_the_break_even_step_and_no_gain(
     )
     assert "tokenizer.on_no_gain: retry_without_extension" in gain.reasons[1]
     assert domain_gain(cfg, {BPB: 0.90}, [_decision(4, 0.8, accepted=False)], None).verdict == "nothing accepted"
+
+
+def test_every_best_checkpoint_choice_follows_the_primary_metrics_direction_and_ties_go_to_the_earlier():
+    from dapt_core.continuation import better_rollback_point
+
+    decisions = [_decision(4, 0.95), _decision(8, 0.97), _decision(12, 0.97)]
+    results = [(d.step, EvalResult(metrics=d.metrics)) for d in decisions]
+    cpt = _cpt(decisions, None)
+    start = DirRef(uri="/store/ext", files={})
+    for cfg, step in [(EvalConfig(), 4), (EvalConfig(primary_higher_is_better=True), 8)]:
+        assert ForgettingPolicy.from_config(cfg).choose_best(results) == step
+        assert better_rollback_point(None, cpt, start, cfg).decision.step == step
+        assert domain_gain(cfg, {BPB: 0.99}, decisions, None).reasons[0].startswith(f"attempt 0 step {step} ")
 
 
 def _report(tmp_path, cpt: CptManifest, sft: SftManifest | None = None) -> str:
@@ -202,10 +224,28 @@ def test_report_shows_base_cpt_sft_bpb_benchmark_intervals_and_the_gates_p_value
 def test_report_of_a_no_gain_run_says_so_with_the_numbers(tmp_path):
     trails = ["domain/bits_per_byte 0.9700 does not beat the original base's 0.9568 (+1.4%)"]
     report = _report(tmp_path, _cpt([_decision(6, 0.97, trails=trails)], None))
-    assert "No gain: checkpoints passed the forgetting policy but none beats the original base" in report
-    assert "No gain: nothing promoted (no gain; best accepted 0.9700 (+1.4%) vs original base 0.9568)" in report
+    headline = report.splitlines()[2]
+    assert headline.startswith(
+        "No gain: nothing promoted (no gain; best accepted 0.9700 (+1.4%) vs original base 0.9568)"
+    )
+    assert "does not beat the original base's 0.9568" in headline
+    assert report.count("No gain") == 1  # the headline says it; the gain bullets do not repeat it
+    assert "Break-even: no checkpoint's domain/bits_per_byte beats" in report
     assert "step 6: accepted (does not beat the original base on the domain)" in report
     assert "Promoted model: `none`" in report
+
+
+def test_cli_says_nothing_promoted_once(monkeypatch):
+    from rich.console import Console
+
+    import dapt.flows.cli
+
+    console = Console(record=True, width=300)
+    monkeypatch.setattr(dapt.flows.cli, "console", console)
+    trails = ["domain/bits_per_byte 0.9700 does not beat the original base's 0.9568 (+1.4%)"]
+    dapt.flows.cli._print_cpt(_cpt([_decision(6, 0.97, trails=trails)], None))
+    printed = console.export_text()
+    assert printed.count("nothing promoted") == 1 and "nothing promoted (no gain; best accepted 0.9700" in printed
 
 
 def test_self_replay_run_is_judged_on_general_benchmarks_and_warns_its_held_out_text_is_the_models_own(tmp_path):

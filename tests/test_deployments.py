@@ -523,7 +523,7 @@ def test_pipeline_runs_its_cpt_stage_as_a_deployment(server, served_run):
     artifacts, _ = _run_to_completion(
         services, "dapt-pipeline/test", {"config": cfg.model_dump(mode="json", by_alias=True)}
     )
-    assert "Domain bits per byte" in artifacts[REPORT_KEY].data or "nothing was promoted" in artifacts[REPORT_KEY].data
+    assert "Domain bits per byte" in artifacts[REPORT_KEY].data or "nothing promoted" in artifacts[REPORT_KEY].data
 
     async def cpt_runs():
         async with _client(services) as client:

@@ -174,6 +174,37 @@ def test_decode_record_accepts_only_the_stage_manifest_as_json(change, why):
         decode_record("0123abcd", json.dumps(record).encode(), "uri")
 
 
+def test_a_tokenizer_record_written_with_the_dropped_initial_cost_field_still_reads():
+    """TokenizerManifest.initial_cost was dropped (the report's extension cost is measured by the CPT stage); a record
+    cached before that still decodes, so upgrading does not refuse or recompute it."""
+    from prefect.serializers import JSONSerializer
+
+    from dapt_core.manifest import ArtifactRef, DirRef, TokenizerManifest
+
+    ref = ArtifactRef(uri="/store/t.json", sha256="0" * 64, bytes=1)
+    manifest = TokenizerManifest(
+        model=DirRef(uri="/store/ext", files={}),
+        base_fingerprint="f",
+        new_tokens=0,
+        report_json=ref,
+        report_md=ref,
+        code_version="v",
+    )
+    old = json.loads(JSONSerializer().dumps(manifest))
+    old["data"]["initial_cost"] = {
+        "init": "mean",
+        "domain_docs": 3,
+        "domain_bpb_original": 1.0,
+        "domain_bpb_extended": 1.1,
+    }
+    key = "tokenizer-" + "ab" * 32
+    record = {
+        "metadata": {"storage_key": key, "serializer": JSONSerializer().model_dump()},
+        "result": json.dumps(old),
+    }
+    assert decode_record(key, json.dumps(record).encode(), "uri") == manifest
+
+
 def test_prefect_reads_the_validated_manifest_back(tmp_path):
     """What read_path hands Prefect decodes to the manifest itself, with no decoder or class named by the record."""
     from prefect._internal.result_records import ResultRecord

@@ -288,6 +288,20 @@ def test_resume_refuses_a_pickle_payload_in_checkpoint_state(tmp_path, planted):
     assert not marker.exists()  # the payload never ran
 
 
+def test_resume_refuses_a_checkpoint_written_by_another_number_of_processes(tmp_path):
+    from dapt_core.train.checkpoint import read_trainer_state, write_trainer_state
+
+    shards = write_shards(tmp_path / "d", [general_seq(np.random.default_rng(i)) for i in range(16)])
+    cfg = _cfg(max_steps=4, save_every=2)
+    train(tiny_llama(VOCAB), shards, cfg.model_copy(update={"max_steps": 2}), tmp_path / "out")
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    state = read_trainer_state(checkpoint)
+    assert state["step"] == 2 and state["world_size"] == 1
+    write_trainer_state(checkpoint, {**state, "world_size": 2})
+    with pytest.raises(ValueError, match="checkpoint-2 was written by 2 process.* and this run has 1"):
+        train(tiny_llama(VOCAB), shards, cfg, tmp_path / "out")
+
+
 # ------------------------------------------------------------------------------------ block-diagonal attention
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_block_cross_document_attention_isolates_documents(attn):

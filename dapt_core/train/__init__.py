@@ -38,7 +38,6 @@ torchrun launch (dapt_core/train/distributed.py), LoRA (dapt_core/train/lora.py)
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -263,7 +262,7 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, new_token_ids: Seque
 
 def read_resume_point(checkpoint: Path, cfg: TrainConfig, dist: Distributed) -> dict:
     """The checkpoint's trainer state, refused when this run could not continue it exactly."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = ckpt.read_trainer_state(checkpoint)
     if state.get("world_size", 1) != dist.world:
         raise ValueError(
             f"{checkpoint} was written by {state.get('world_size', 1)} process(es) and this run has {dist.world}: "

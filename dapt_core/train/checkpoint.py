@@ -31,6 +31,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"  # step, data position, seed, history: written last, so its presence = complete
 SHARDED_OPTIMIZER = "optimizer"  # directory of torch.distributed.checkpoint shards (FSDP)
 
 
@@ -68,12 +69,21 @@ def load_weights(model: torch.nn.Module, path: Path, method: str) -> None:
         load_model(model, str(path), strict=True)
 
 
+def read_trainer_state(checkpoint: Path) -> dict:
+    """The trainer state `write_checkpoint` stored in `checkpoint` (the training loop's `Run.trainer_state`)."""
+    return json.loads((checkpoint / TRAINER_STATE).read_text())
+
+
+def write_trainer_state(checkpoint: Path, state: dict) -> None:
+    (checkpoint / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+
+
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (those with trainer_state.json), by step."""
     found = []
     for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = p.name[len(CHECKPOINT_PREFIX) :]
-        if suffix.isdigit() and (p / "trainer_state.json").is_file():
+        if suffix.isdigit() and (p / TRAINER_STATE).is_file():
             found.append((int(suffix), p))
     return sorted(found)
 
@@ -175,7 +185,7 @@ def write_checkpoint(
         model.config.save_pretrained(tmp)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    write_trainer_state(tmp, trainer_state)
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
