@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from dapt_core.clean import clean_corpus, pipeline
+from dapt_core.clean import clean_corpus, pipeline, shuffle
 from dapt_core.clean.identity import document_uid
 from dapt_core.clean.parts import StorePartCache
 from dapt_core.clean.stats import new_documents
@@ -36,11 +36,19 @@ def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkey
         pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a)
     )
 
+    scattered: list[int] = []
+    real_scatter = shuffle.scatter_shard
+    monkeypatch.setattr(
+        shuffle, "scatter_shard", lambda job: scattered.append(job.shard.first_seq) or real_scatter(job)
+    )
+
     clean_corpus(old, [], [], CleanConfig(), tmp_path / "first", cache=cache(old))
-    assert sum(signed) == 12
+    assert sum(signed) == 12 and len(scattered) == 3
     signed.clear()
+    scattered.clear()
     refresh = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "refresh", cache=cache(old + new))
     assert sum(signed) == len(new_texts)  # signatures of the new documents only
+    assert scattered == [12]  # the old shards' map output of the dedup shuffle is reused too
     report = new_documents(refresh.decisions_path, {"refresh0.txt"})
     assert (report.files, report.docs, report.near_duplicates_of_earlier, report.exact_duplicates_of_earlier) == (
         1,
@@ -64,6 +72,10 @@ def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkey
     signed.clear()
     full = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "full")  # no cache: everything from scratch
     assert sum(signed) == 12 + len(new_texts)
+    scattered.clear()
+    ahead = clean_corpus(new + old, [], [], CleanConfig(), tmp_path / "ahead", cache=cache(old + new))
+    assert sorted(scattered) == [0, 6, 10, 14]  # new documents ahead of the old: every old shard's rows moved
+    assert ahead.kept_docs == full.kept_docs
     for a, b in [(refresh.decisions_path, full.decisions_path), (refresh.domain_path, full.domain_path)]:
         assert a.read_bytes() == b.read_bytes()
     assert refresh.stats == full.stats

@@ -24,9 +24,10 @@ import pyarrow as pa
 
 from dapt_core.clean import shuffle
 from dapt_core.clean.duck import literal, parquet_source
-from dapt_core.clean.parts import ShardParts
+from dapt_core.clean.parts import PartCache, ShardParts
 from dapt_core.config import DedupConfig
 from dapt_core.engine import Engine
+from dapt_core.hashing import stable_hash
 
 _ROOTS = pa.schema([("rank", pa.int64()), ("root_rank", pa.int64())])
 _RANKS_ROW_GROUP = 65_536  # a map task reads its shard's slice of the ranks file by row-group statistics
@@ -62,10 +63,12 @@ def find_duplicates(
     engine: Engine,
     scratch: Path,
     memory_limit: str,
+    cache: PartCache | None = None,
 ) -> None:
     """Create `duplicates` from the shards' signatures and bands parts (read only when cfg.near), shuffling them
-    through files in `scratch` (on Ray: a folder every node reaches) with tasks on `engine`."""
-    results = _shuffle(con, shards, cfg, engine, scratch, memory_limit) if cfg.exact or cfg.near else []
+    through files in `scratch` (on Ray: a folder every node reaches) with tasks on `engine`; a shard's map output
+    comes from `cache` when it holds it (`_scatter_key`)."""
+    results = _shuffle(con, shards, cfg, engine, scratch, memory_limit, cache) if cfg.exact or cfg.near else []
     exact_files = [r.exact_out for r in results if r.exact_duplicates]
     first = "coalesce(x.first_seq, d.seq)" if exact_files else "d.seq"
     exact_duplicates = f"LEFT JOIN {parquet_source(exact_files)} x USING (seq)" if exact_files else ""
@@ -101,26 +104,38 @@ def _shuffle(
     engine: Engine,
     scratch: Path,
     memory_limit: str,
+    cache: PartCache | None,
 ) -> list[shuffle.PartitionResult]:
-    """Scatter every shard, then reduce every partition, both on `engine` (module docstring)."""
+    """Scatter every shard (or take its stored scatter), then reduce every partition, both on `engine` (module
+    docstring)."""
     scratch.mkdir(parents=True, exist_ok=True)
     ranks = scratch / "ranks.parquet"  # the only per-document file the driver writes: 3 columns of the survivors
     con.execute(f"""
         COPY (SELECT seq, rank, text_hash FROM docs WHERE filter_reason IS NULL ORDER BY seq)
         TO {literal(ranks)} (FORMAT parquet, ROW_GROUP_SIZE {_RANKS_ROW_GROUP})""")
     partitions = shuffle.partition_count(len(shards), engine.slots)
-    scatters = [
-        shuffle.ScatterJob(
+    names = tuple(name for name, on in (("exact", cfg.exact), ("bands", cfg.near)) if on)
+    offsets = _rank_offsets(con) if cache else {}
+    scatters, outputs, keys = [], [], []
+    for i, shard in enumerate(shards):
+        job = shuffle.ScatterJob(
             shard, ranks, partitions, cfg, scratch / f"{i:06d}.exact.parquet", scratch / f"{i:06d}.bands.parquet"
         )
-        for i, shard in enumerate(shards)
-    ]
+        key = _scatter_key(shard, partitions, offsets, cfg) if cache else None
+        found = cache.fetch(key, names) if cache and key else None
+        outputs.append(found or {"exact": job.exact_out, "bands": job.bands_out})
+        if found is None:
+            scatters.append(job)
+            keys.append(key)
     engine.map(shuffle.scatter_shard, scatters)
+    for job, key in zip(scatters, keys):
+        if cache and key:
+            cache.keep(key, {name: {"exact": job.exact_out, "bands": job.bands_out}[name] for name in names})
     reduces = [
         shuffle.ReduceJob(
             p,
-            tuple(s.exact_out for s in scatters) if cfg.exact else (),
-            tuple(s.bands_out for s in scatters) if cfg.near else (),
+            tuple(out["exact"] for out in outputs) if cfg.exact else (),
+            tuple(out["bands"] for out in outputs) if cfg.near else (),
             tuple(shards),
             cfg,
             memory_limit,
@@ -129,6 +144,26 @@ def _shuffle(
         for p in range(partitions)
     ]
     return engine.map(shuffle.reduce_partition, reduces)
+
+
+def _rank_offsets(con: duckdb.DuckDBPyConnection) -> dict[int, int | None]:
+    """first seq of a shard with filter survivors -> rank - seq of those, when that is one number (else None): the
+    shard's scatter rows are then fixed by its parts and that pair (`_scatter_key`). A shard of the flow always has
+    one: its files are one source's, in uri order, so its documents are consecutive in priority order."""
+    rows = con.execute("""
+        SELECT shard_seq, min(rank - seq), max(rank - seq) FROM docs WHERE filter_reason IS NULL
+        GROUP BY shard_seq""").fetchall()
+    return {first_seq: low if low == high else None for first_seq, low, high in rows}
+
+
+def _scatter_key(shard: ShardParts, partitions: int, offsets: dict[int, int | None], cfg: DedupConfig) -> str | None:
+    """The key of a shard's scatter output: its parts, the partition count and where its survivors sit in the corpus
+    (seq and rank); None when its parts are not cached or its ranks are not one offset from its seqs. A refresh whose
+    new files come after the old ones in priority order (a new folder, a later date) scatters the new shards only."""
+    offset = offsets.get(shard.first_seq, 0)  # no survivor: its scatter is empty wherever it sits
+    if shard.key is None or offset is None:
+        return None
+    return stable_hash(shard.key, "scatter", partitions, shard.first_seq, offset, cfg.exact, cfg.near)
 
 
 def _near_duplicate_roots(results: list[shuffle.PartitionResult]) -> dict[int, int]:

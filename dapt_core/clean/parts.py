@@ -4,8 +4,9 @@ The per-document pass (normalise, quality, decontamination, MinHash signatures a
 clean stage's work, and each shard's result depends only on that shard, the clean settings, the eval n-grams and the
 code. Its three parts (docs, signatures, bands; `seq` numbered within the shard) are kept in the artifact store under
 a key of exactly those inputs: a nightly refresh computes them for the shards of new or changed files and reuses the
-stored signatures of everything seen before. The set work (exact groups, LSH buckets, verification, components,
-decisions) then runs over all parts, so the result is the one a full run on the union gives.
+stored signatures of everything seen before. The dedup shuffle's map output of a shard is kept the same way (`dedup`),
+keyed also on where the shard sits in the corpus. The set work (LSH buckets, verification, components, decisions) then
+runs over all parts, so the result is the one a full run on the union gives.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class ShardParts:
     bands: Path
     first_seq: int
     documents: int
+    key: str | None = None
+    """The parts' identity in the cache (shard content, clean recipe, code), or None when they are not cached."""
 
     @property
     def end_seq(self) -> int:
@@ -42,48 +45,51 @@ class ShardParts:
 
 
 class PartCache(Protocol):
-    def fetch(self, shard: Path, recipe: str) -> dict[str, Path] | None:
-        """Local paths of the stored parts of `shard` made by `recipe`, or None when there are none (intact)."""
+    """Files computed from one shard, kept by a key of everything they depend on."""
+
+    def key(self, shard: Path, recipe: str) -> str:
+        """The key of what `recipe` makes of `shard` (its content, not its path)."""
         ...
 
-    def keep(self, shard: Path, recipe: str, files: dict[str, Path]) -> None:
-        """Store the parts just computed for `shard`."""
+    def fetch(self, key: str, names: tuple[str, ...]) -> dict[str, Path] | None:
+        """Local paths of the files `names` stored under `key`, or None when they are not all there (intact)."""
+        ...
+
+    def keep(self, key: str, files: dict[str, Path]) -> None:
+        """Store the files just computed under `key`."""
         ...
 
 
 class StoredParts(BaseModel):
-    """The record of one shard's parts (written after them: a record means every part was stored)."""
+    """The record of the files kept under one key (written after them: a record means every file was stored)."""
 
-    docs: ArtifactRef
-    signatures: ArtifactRef
-    bands: ArtifactRef
+    files: dict[str, ArtifactRef]
 
 
 class StorePartCache:
-    """Parts in the artifact store at clean/parts/<hash of shard content, recipe, code>/."""
+    """Files in the artifact store at clean/parts/<key>/, keyed on the shard's content hash, the recipe and the code."""
 
     def __init__(self, store: ArtifactStore, shard_hashes: dict[Path, str], code_version: str):
         self.store = store
         self.shard_hashes = shard_hashes
         self.code_version = code_version
 
-    def _prefix(self, shard: Path, recipe: str) -> str:
-        return layout.clean_part_prefix(stable_hash(self.shard_hashes[shard], recipe, self.code_version))
+    def key(self, shard: Path, recipe: str) -> str:
+        return stable_hash(self.shard_hashes[shard], recipe, self.code_version)
 
-    def fetch(self, shard: Path, recipe: str) -> dict[str, Path] | None:
-        record = f"{self._prefix(shard, recipe)}/parts.json"
+    def fetch(self, key: str, names: tuple[str, ...]) -> dict[str, Path] | None:
+        record = f"{layout.clean_part_prefix(key)}/parts.json"
         if not self.store.exists(record):
             return None
         try:
             parts = StoredParts.model_validate_json(self.store.read_key(record))  # data only, as every manifest
         except ValueError:
             return None
-        refs = {name: getattr(parts, name) for name in PART_NAMES}
-        if any(self.store.check(ref) for ref in refs.values()):
-            return None  # a part is missing or damaged: compute the shard again
-        return {name: self.store.local_path(ref) for name, ref in refs.items()}
+        if set(parts.files) != set(names) or any(self.store.check(ref) for ref in parts.files.values()):
+            return None  # another layout, or a file missing or damaged: compute the shard again
+        return {name: self.store.local_path(parts.files[name]) for name in names}
 
-    def keep(self, shard: Path, recipe: str, files: dict[str, Path]) -> None:
-        prefix = self._prefix(shard, recipe)
-        refs = {name: self.store.put_file(files[name], f"{prefix}/{name}.parquet") for name in PART_NAMES}
-        self.store.put_text(StoredParts(**refs).model_dump_json(), f"{prefix}/parts.json")
+    def keep(self, key: str, files: dict[str, Path]) -> None:
+        prefix = layout.clean_part_prefix(key)
+        refs = {name: self.store.put_file(path, f"{prefix}/{name}.parquet") for name, path in files.items()}
+        self.store.put_text(StoredParts(files=refs).model_dump_json(), f"{prefix}/parts.json")

@@ -102,7 +102,7 @@ def clean_corpus(
     con = connect(scratch / "clean.duckdb", cfg.duckdb_memory_limit)
     try:
         _load_parts(con, parts)
-        find_duplicates(con, parts, cfg.dedup, engine, scratch / "shuffle", cfg.duckdb_memory_limit)
+        find_duplicates(con, parts, cfg.dedup, engine, scratch / "shuffle", cfg.duckdb_memory_limit, cache)
         training_quarantined = [q for q in quarantined if q.kind in _TRAINING_KINDS]
         _decide(con, training_quarantined)
         decisions = workdir / "decisions.parquet"
@@ -149,29 +149,31 @@ def _per_document_pass(
     jobs = [ShardJob(Path(s), cfg, evals, scratch / f"{i:06d}") for i, s in enumerate(shards)] or [
         ShardJob(None, cfg, evals, scratch / "000000")  # no training shard: one empty part keeps the SQL the same
     ]
-    found = [cache.fetch(job.shard, recipe) if cache and job.shard else None for job in jobs]
+    keys = [cache.key(job.shard, recipe) if cache and job.shard else None for job in jobs]
+    found = [cache.fetch(key, PART_NAMES) if cache and key else None for key in keys]
     todo = [job for job, got in zip(jobs, found) if got is None]
     engine.map(prepare_shard, todo)
     parts, first_seq = [], 0
-    for job, got in zip(jobs, found):
+    for job, key, got in zip(jobs, keys, found):
         files = got or {name: job.output(name) for name in PART_NAMES}
-        if got is None and cache and job.shard:
-            cache.keep(job.shard, recipe, files)
+        if got is None and cache and key:
+            cache.keep(key, files)
         documents = pq.ParquetFile(files["docs"]).metadata.num_rows
-        parts.append(ShardParts(files["docs"], files["signatures"], files["bands"], first_seq, documents))
+        parts.append(ShardParts(files["docs"], files["signatures"], files["bands"], first_seq, documents, key))
         first_seq += documents
     return parts
 
 
 def _load_parts(con: duckdb.DuckDBPyConnection, parts: list[ShardParts]) -> None:
-    """Table `docs`: each document's verdict, numbered across the corpus, and its `rank` (priority order)."""
+    """Table `docs`: each document's verdict, numbered across the corpus (`seq`; `shard_seq`: the first seq of its
+    shard), and its `rank` (priority order)."""
     parts_in = pa.table({"docs": [str(p.docs) for p in parts], "first_seq": [p.first_seq for p in parts]})
     con.register("parts_in", parts_in)
     con.execute("CREATE TABLE parts AS SELECT * FROM parts_in")
     con.unregister("parts_in")
     con.execute(f"""
         CREATE TABLE docs AS
-        SELECT d.* EXCLUDE (text, filename, seq), d.seq + p.first_seq AS seq,
+        SELECT d.* EXCLUDE (text, filename, seq), d.seq + p.first_seq AS seq, p.first_seq AS shard_seq,
             row_number() OVER (ORDER BY d.kind = 'general', d.source, d.file, d.seq + p.first_seq) AS rank
         FROM read_parquet([{", ".join(literal(str(p.docs)) for p in parts)}], filename = true) d
         JOIN parts p ON p.docs = d.filename""")
