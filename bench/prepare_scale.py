@@ -27,11 +27,10 @@ import json
 import os
 import shutil
 import string
-import tempfile
 import time
 from pathlib import Path
 
-from tests.local_services import start_ray_cluster, stop_ray_cluster  # bench/prepare.py puts the repository on sys.path
+from tests.local_services import ray_cluster  # bench/prepare.py puts the repository on sys.path
 
 SOURCES = [
     ("PubMedQA/pqaa/test.jsonl", "passage"),
@@ -266,10 +265,7 @@ def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     quarter = docs[: files // 4]
     one_x = write_small_files(quarter, data / "ray-1x")
     four_x = write_small_files(quarter + [rotated(t, k) for k in (3, 7, 11) for t in quarter], data / "ray-4x")
-    temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
-    try:
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        address = start_ray_cluster(temp_dir, ["--num-cpus", "1", "--disable-usage-stats"], env, timeout_s=300)
+    with ray_cluster(["--num-cpus", "1"], start_timeout_s=300) as address:
         local = spawn("scale-prepare", log_path, corpus=str(corpus), work=str(data / "work" / "local"))
         on_ray = spawn(
             "scale-prepare",
@@ -290,9 +286,6 @@ def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
             )
             for name, c in (("1x", one_x), ("4x", four_x))
         }
-    finally:
-        stop_ray_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
     throughput = local["wall_s"] / on_ray["wall_s"]
     rss_ratio = rss["4x"]["peak_rss_kb"] / rss["1x"]["peak_rss_kb"]
     return [

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,11 +19,11 @@ from dapt_core.ingest import discover_inputs
 from dapt_core.ingest_batches import BatchJob, plan_batches, run_batch
 from dapt_core.store import open_store
 from tests.corpus import prose, write_config, write_corpus
-from tests.local_services import start_ray_cluster, stop_ray_cluster
+from tests.local_services import ray_cluster
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
-NODE_LIMITS = ["--num-cpus", "1", "--object-store-memory", "80000000", "--disable-usage-stats"]
+NODE_LIMITS = ["--num-cpus", "1", "--object-store-memory", "80000000"]
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +31,12 @@ def ray_address():
     """A head node and a second node joining it, one CPU and an 80 MB object store each."""
     import ray
 
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-    try:
-        yield start_ray_cluster(temp_dir, NODE_LIMITS, env, timeout_s=180)
-    finally:
-        ray.shutdown()
-        stop_ray_cluster(temp_dir, timeout_s=20)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    workers_import_the_repo = {"PYTHONPATH": str(REPO)}
+    with ray_cluster(NODE_LIMITS, start_timeout_s=180, stop_timeout_s=20, extra_env=workers_import_the_repo) as address:
+        try:
+            yield address
+        finally:
+            ray.shutdown()  # this process's driver, before its cluster goes
 
 
 def _corpus(root: Path) -> tuple[list[Path], list[Path], list]:
