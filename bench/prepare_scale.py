@@ -25,12 +25,17 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import string
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.local_services import ray_cluster  # bench/prepare.py puts the repository on sys.path
+
+if TYPE_CHECKING:
+    from dapt_core.config import DaptConfig
 
 SOURCES = [
     ("PubMedQA/pqaa/test.jsonl", "passage"),
@@ -79,10 +84,13 @@ def write_few_files(docs: list[str], folder: Path, files: int = FEW_FILES) -> Pa
     return folder
 
 
-def prefect_env(work: Path) -> None:
-    """A private ephemeral Prefect server for this process (set before Prefect is imported)."""
+def start_private_prefect(work: Path) -> float:
+    """A private ephemeral Prefect server for this process, under `work` (emptied first), started by a warm-up flow so
+    that no timed run pays for it; returns the seconds the start took. Call it before anything imports Prefect (it
+    reads its settings at import)."""
+    shutil.rmtree(work, ignore_errors=True)
     home = work / "prefect-home"
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True)
     os.environ.pop("PREFECT_API_URL", None)
     os.environ.update(
         PREFECT_HOME=str(home),
@@ -91,14 +99,40 @@ def prefect_env(work: Path) -> None:
         PREFECT_LOGGING_TO_API_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",  # a busy 2-core machine starts it slowly
     )
+    from prefect import flow
+
+    @flow(name="bench-warmup")
+    def warmup() -> int:
+        return 1
+
+    t0 = time.perf_counter()
+    warmup()
+    return time.perf_counter() - t0
+
+
+def prepare_config(
+    work: Path, source: str, corpus: str, eval_set: str | None = None, prepare: dict | None = None
+) -> DaptConfig:
+    """A bench prepare's config: the folder `corpus` as domain source `source`, the store under `work`, optionally an
+    eval set (for decontamination) and a `prepare` section."""
+    from dapt_core.config import DaptConfig
+
+    data = {"domain": [{"name": source, "paths": [corpus]}]}
+    if eval_set:
+        data["eval"] = [{"name": "eval", "paths": [eval_set]}]
+    return DaptConfig.model_validate(
+        {"project": "bench", "store": str(work / "store"), "data": data, "prepare": prepare or {}}
+    )
 
 
 def peak_rss_kb() -> int:
-    """VmHWM of this process (ru_maxrss would carry over from the parent across fork + exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
+    """The process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss survives fork + exec, so a fresh child starts
+    with its parent's high-water mark."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def worker_prepare(args: dict) -> dict:
@@ -106,27 +140,13 @@ def worker_prepare(args: dict) -> dict:
     `args['refresh']` (a folder of new files), a re-run with nothing new is timed (the refresh's fixed cost), then a
     run after those files are moved into the corpus."""
     work = Path(args["work"])
-    shutil.rmtree(work, ignore_errors=True)
-    prefect_env(work)
+    start_private_prefect(work)
     import pyarrow.parquet as pq
-    from prefect import flow
 
     from dapt.flows.prepare import prepare_flow
-    from dapt_core.config import DaptConfig
 
-    @flow(name="bench-warmup")
-    def warmup() -> int:
-        return 1
-
-    warmup()
-    cfg = DaptConfig.model_validate(
-        {
-            "project": "bench",
-            "store": str(work / "store"),
-            "data": {"domain": [{"name": "notes", "paths": [args["corpus"]]}]},
-            "prepare": {"engine": args.get("engine", "local"), "ray_address": args.get("ray_address")},
-        }
-    )
+    prepare = {"engine": args.get("engine", "local"), "ray_address": args.get("ray_address")}
+    cfg = prepare_config(work, "notes", args["corpus"], prepare=prepare)
     t0 = time.perf_counter()
     result = prepare_flow(cfg)
     wall = time.perf_counter() - t0
