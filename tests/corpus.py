@@ -10,6 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dapt_core.ingest import INGEST_SCHEMA
+
 _DOMAIN = [
     "The patient was started on {drug} {dose} mg twice daily after the {organ} biopsy showed {finding}.",
     "Serum creatinine rose to {num}.{num2} mg/dL on day {day}, so the {drug} dose was reduced.",
@@ -125,7 +127,7 @@ def general_multiple_choice(path: Path, n: int = 300) -> Path:
 
 
 def write_shard(path: Path, texts: list[str], source: str = "notes", kind: str = "domain") -> Path:
-    """A shard as ingest writes it: all strings, doc_id = blake2b-128 of the raw text, one document a line."""
+    """A shard as ingest writes it (its schema), doc_id = blake2b-128 of the raw text, one document a line."""
     n = len(texts)
     table = pa.table(
         {
@@ -136,7 +138,8 @@ def write_shard(path: Path, texts: list[str], source: str = "notes", kind: str =
             "file": [path.stem + ".txt"] * n,
             "position": [f"line {i + 1}" for i in range(n)],
             "format": ["txt"] * n,
-        }
+        },
+        schema=INGEST_SCHEMA,
     )
     pq.write_table(table, path)
     return path
