@@ -73,8 +73,8 @@ def build_model(name: str):
 def write_shards(path: Path, vocab: int, seq_len: int, rows: int) -> list[Path]:
     """Random tokens packed as 2-4 documents per row (per-document attention exercised on every kernel)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from tests.tiny_model import write_packed_shard
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
@@ -82,18 +82,7 @@ def write_shards(path: Path, vocab: int, seq_len: int, rows: int) -> list[Path]:
     for _ in range(rows):
         cuts = np.sort(rng.choice(np.arange(16, seq_len - 16), size=int(rng.integers(1, 4)), replace=False))
         docs.append(np.diff(np.concatenate([[0], cuts, [seq_len]])).tolist())
-    path.mkdir(parents=True, exist_ok=True)
-    shard = path / "train-00000.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "input_ids": pa.array(ids.tolist(), pa.list_(pa.int32())),
-                "doc_lengths": pa.array(docs, pa.list_(pa.int32())),
-            }
-        ),
-        shard,
-    )
-    return [shard]
+    return [write_packed_shard(path / "train-00000.parquet", ids.tolist(), docs)]
 
 
 def first_sequence_losses(model, shards: list[Path], device, bf16: bool) -> tuple[float, float]:
