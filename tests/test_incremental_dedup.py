@@ -12,7 +12,7 @@ from dapt_core.clean.stats import new_documents
 from dapt_core.config import CleanConfig
 from dapt_core.hashing import sha256_file
 from dapt_core.store import open_store
-from tests.corpus import near_copy, prose, write_shard
+from tests.corpus import assert_same_clean_outputs, near_copy, prose, write_shard
 
 
 def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, signed_docs):
@@ -59,9 +59,7 @@ def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, signed
     signed_docs.clear()
     full = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "full")  # no cache: everything from scratch
     assert sum(signed_docs) == 12 + len(new_texts)
-    for a, b in [(refresh.decisions_path, full.decisions_path), (refresh.domain_path, full.domain_path)]:
-        assert a.read_bytes() == b.read_bytes()
-    assert refresh.stats == full.stats
+    assert_same_clean_outputs(refresh, full)
 
 
 def test_a_damaged_stored_part_is_computed_again(tmp_path, signed_docs):
