@@ -46,30 +46,6 @@ class SweepRow:
     domain_gain_reduction: float
 
 
-def _shard(tokenizer, texts: list[str], path: Path) -> list[list[int]]:
-    """Texts packed into SEQ_LEN-token sequences (EOS between documents), written as one training shard."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    ids: list[int] = []
-    for t in texts:
-        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n = len(ids) // SEQ_LEN
-    rows = np.asarray(ids[: n * SEQ_LEN], dtype=np.int32).reshape(n, SEQ_LEN).tolist()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table(
-            {
-                "input_ids": pa.array(rows, pa.list_(pa.int32())),
-                "doc_lengths": pa.array([[SEQ_LEN]] * n, pa.list_(pa.int32())),
-            }
-        ),
-        path,
-    )
-    return rows
-
-
 def sweep(
     lambdas=LAMBDAS,
     seed: int = 0,
@@ -86,7 +62,7 @@ def sweep(
     from dapt_core.metrics import bits_per_byte
     from dapt_core.train import train
     from tests.corpus import prose
-    from tests.tiny_model import byte_level_tokenizer, tiny_llama
+    from tests.tiny_model import byte_level_tokenizer, packed_rows, tiny_llama, write_packed_shard
 
     with tempfile.TemporaryDirectory(prefix="dapt-ewc-") as tmp_s:
         tmp = Path(workdir or tmp_s)
@@ -96,8 +72,9 @@ def sweep(
         general_eval = [prose(offset + 5000 + i, "general") for i in range(16)]
         domain_eval = [prose(offset + 5000 + i, "domain") for i in range(16)]
         tok = byte_level_tokenizer(general + domain, 1000)
-        general_rows = _shard(tok, general, tmp / "general" / "shard.parquet")
-        _shard(tok, domain, tmp / "domain" / "shard.parquet")
+        general_rows = packed_rows(tok, general, SEQ_LEN)
+        write_packed_shard(tmp / "general" / "shard.parquet", general_rows)
+        write_packed_shard(tmp / "domain" / "shard.parquet", packed_rows(tok, domain, SEQ_LEN))
 
         pre_cfg = TrainConfig(
             lr=1e-3,

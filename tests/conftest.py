@@ -147,3 +147,20 @@ def stage_calls(monkeypatch):
 
         monkeypatch.setattr(module, attr, counted)
     return calls
+
+
+@pytest.fixture
+def signed_docs(monkeypatch) -> list[int]:
+    """How many documents each call of the clean pipeline's `minhash_signatures` signed, a number a call: the
+    per-document work a refresh must do for new documents only (stored signatures are read, not computed)."""
+    from dapt_core.clean import pipeline
+
+    signed: list[int] = []
+    real = pipeline.minhash_signatures
+
+    def counted(words, *args):
+        signed.append(len(words.offsets) - 1)
+        return real(words, *args)
+
+    monkeypatch.setattr(pipeline, "minhash_signatures", counted)
+    return signed

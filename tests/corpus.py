@@ -6,9 +6,15 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from dapt_core.ingest import INGEST_SCHEMA
+
+if TYPE_CHECKING:
+    from dapt_core.clean.pipeline import CleanOutput
 
 _DOMAIN = [
     "The patient was started on {drug} {dose} mg twice daily after the {organ} biopsy showed {finding}.",
@@ -125,7 +131,7 @@ def general_multiple_choice(path: Path, n: int = 300) -> Path:
 
 
 def write_shard(path: Path, texts: list[str], source: str = "notes", kind: str = "domain") -> Path:
-    """A shard as ingest writes it: all strings, doc_id = blake2b-128 of the raw text, one document a line."""
+    """A shard as ingest writes it (its schema), doc_id = blake2b-128 of the raw text, one document a line."""
     n = len(texts)
     table = pa.table(
         {
@@ -136,7 +142,8 @@ def write_shard(path: Path, texts: list[str], source: str = "notes", kind: str =
             "file": [path.stem + ".txt"] * n,
             "position": [f"line {i + 1}" for i in range(n)],
             "format": ["txt"] * n,
-        }
+        },
+        schema=INGEST_SCHEMA,
     )
     pq.write_table(table, path)
     return path
@@ -147,3 +154,12 @@ def near_copy(text: str, k: int) -> str:
     words = text.split()
     words[len(words) // 2] = f"changed{k}"
     return " ".join(words)
+
+
+def assert_same_clean_outputs(a: CleanOutput, b: CleanOutput) -> None:
+    """Two clean runs ended in the same place: byte-identical decisions and kept corpora (or no corpus of a kind in
+    either), and the same stats."""
+    for name in ("decisions_path", "domain_path", "general_path"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x and x.read_bytes()) == (y and y.read_bytes()), f"{name}: {x} and {y} differ"
+    assert a.stats == b.stats

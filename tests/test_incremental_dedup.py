@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from dapt_core.clean import clean_corpus, pipeline, shuffle
+from dapt_core.clean import clean_corpus, shuffle
 from dapt_core.clean.identity import document_uid
 from dapt_core.clean.parts import StorePartCache
 from dapt_core.clean.stats import new_documents
 from dapt_core.config import CleanConfig
 from dapt_core.hashing import sha256_file
 from dapt_core.store import open_store
-from tests.corpus import near_copy, prose, write_shard
+from tests.corpus import assert_same_clean_outputs, near_copy, prose, write_shard
 
 
-def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkeypatch):
+def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, signed_docs, monkeypatch):
     old_texts = [prose(100 * s + i, "domain") for s in range(3) for i in range(4)]
     old = [write_shard(tmp_path / f"old{s}.parquet", old_texts[4 * s : 4 * s + 4]) for s in range(3)]
     new_texts = [
@@ -30,11 +30,6 @@ def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkey
 
     store = open_store(str(tmp_path / "store"))
     cache = lambda shards: StorePartCache(store, {s: sha256_file(s) for s in shards}, "code-v1")  # noqa: E731
-    signed: list[int] = []
-    real = pipeline.minhash_signatures
-    monkeypatch.setattr(
-        pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a)
-    )
 
     scattered: list[int] = []
     real_scatter = shuffle.scatter_shard
@@ -43,11 +38,11 @@ def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkey
     )
 
     clean_corpus(old, [], [], CleanConfig(), tmp_path / "first", cache=cache(old))
-    assert sum(signed) == 12 and len(scattered) == 3
-    signed.clear()
+    assert sum(signed_docs) == 12 and len(scattered) == 3
+    signed_docs.clear()
     scattered.clear()
     refresh = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "refresh", cache=cache(old + new))
-    assert sum(signed) == len(new_texts)  # signatures of the new documents only
+    assert sum(signed_docs) == len(new_texts)  # signatures of the new documents only
     assert scattered == [12]  # the old shards' map output of the dedup shuffle is reused too
     report = new_documents(refresh.decisions_path, {"refresh0.txt"})
     assert (report.files, report.docs, report.near_duplicates_of_earlier, report.exact_duplicates_of_earlier) == (
@@ -69,29 +64,23 @@ def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, monkey
     )
     assert rows["refresh0.txt", "line 6"]["duplicate_of"] == document_uid("domain", "notes", "refresh0.txt", "line 4")
 
-    signed.clear()
+    signed_docs.clear()
     full = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "full")  # no cache: everything from scratch
-    assert sum(signed) == 12 + len(new_texts)
+    assert sum(signed_docs) == 12 + len(new_texts)
+    assert_same_clean_outputs(refresh, full)
     scattered.clear()
     ahead = clean_corpus(new + old, [], [], CleanConfig(), tmp_path / "ahead", cache=cache(old + new))
     assert sorted(scattered) == [0, 6, 10, 14]  # new documents ahead of the old: every old shard's rows moved
     assert ahead.kept_docs == full.kept_docs
-    for a, b in [(refresh.decisions_path, full.decisions_path), (refresh.domain_path, full.domain_path)]:
-        assert a.read_bytes() == b.read_bytes()
-    assert refresh.stats == full.stats
 
 
-def test_a_damaged_stored_part_is_computed_again(tmp_path, monkeypatch):
+def test_a_damaged_stored_part_is_computed_again(tmp_path, signed_docs):
     shard = write_shard(tmp_path / "a.parquet", [prose(i, "domain") for i in range(3)])
     store = open_store(str(tmp_path / "store"))
     cache = StorePartCache(store, {shard: sha256_file(shard)}, "code-v1")
     clean_corpus([shard], [], [], CleanConfig(), tmp_path / "one", cache=cache)
     [sigs] = (tmp_path / "store").rglob("signatures.parquet")
     sigs.write_bytes(b"damaged")
-    signed: list[int] = []
-    real = pipeline.minhash_signatures
-    monkeypatch.setattr(
-        pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a)
-    )
+    signed_docs.clear()  # the first run's
     again = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "two", cache=cache)
-    assert sum(signed) == 3 and again.kept_docs == 3
+    assert sum(signed_docs) == 3 and again.kept_docs == 3

@@ -19,7 +19,7 @@ from dapt_core.config import load_config
 from dapt_core.faults import StoreError
 from dapt_core.ingest_batches import file_records
 from dapt_core.store import open_store
-from tests.corpus import EVAL_QUESTION, prose, write_config, write_corpus
+from tests.corpus import EVAL_QUESTION, near_copy, prose, write_config, write_corpus
 
 
 @pytest.fixture
@@ -294,26 +294,18 @@ def test_cli_disk_full_is_one_error_line(prefect_harness, tmp_path, monkeypatch)
 
 
 def test_refresh_signs_only_new_files_and_reports_duplicates_of_earlier_documents(
-    prefect_harness, tmp_path, counters, monkeypatch
+    prefect_harness, tmp_path, counters, signed_docs
 ):
-    from dapt_core.clean import pipeline
-
     dirs = write_corpus(tmp_path)
     cfg = load_config(write_config(tmp_path, dirs, extra="ingest: {batch_bytes: 1}"))  # a batch (and shard) per file
     first = prepare_flow(cfg)
     assert first.new is not None and first.new.near_duplicates_of_earlier == 0
 
-    signed: list[int] = []
-    real = pipeline.minhash_signatures
-    monkeypatch.setattr(
-        pipeline, "minhash_signatures", lambda words, *a: signed.append(len(words.offsets) - 1) or real(words, *a)
-    )
-    words = (dirs["domain"] / "note0.txt").read_text().split()
-    words[len(words) // 2] = "quartz"
-    (dirs["domain"] / "zz-near.txt").write_text(" ".join(words))
+    signed_docs.clear()  # the first run's
+    (dirs["domain"] / "zz-near.txt").write_text(near_copy((dirs["domain"] / "note0.txt").read_text(), 0))
     (dirs["domain"] / "zz-new.txt").write_text(prose(4242, "domain"))
     second = prepare_flow(cfg)
-    assert sum(signed) == 2  # the two new documents; every other signature is read from the store
+    assert sum(signed_docs) == 2  # the two new documents; every other signature is read from the store
     assert second.new is not None and (second.new.files, second.new.docs) == (2, 2)
     assert (second.new.near_duplicates_of_earlier, second.new.exact_duplicates_of_earlier) == (1, 0)
     assert second.clean.dropped.get("near_duplicate", 0) == first.clean.dropped.get("near_duplicate", 0) + 1

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,12 +18,12 @@ from dapt_core.engine import LocalEngine, RayEngine
 from dapt_core.ingest import discover_inputs
 from dapt_core.ingest_batches import BatchJob, plan_batches, run_batch
 from dapt_core.store import open_store
-from tests.corpus import prose, write_config, write_corpus
-from tests.local_services import start_ray_cluster, stop_ray_cluster
+from tests.corpus import assert_same_clean_outputs, near_copy, prose, write_config, write_corpus
+from tests.local_services import ray_cluster
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
-NODE_LIMITS = ["--num-cpus", "1", "--object-store-memory", "80000000", "--disable-usage-stats"]
+NODE_LIMITS = ["--num-cpus", "1", "--object-store-memory", "80000000"]
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +31,19 @@ def ray_address():
     """A head node and a second node joining it, one CPU and an 80 MB object store each."""
     import ray
 
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-    try:
-        yield start_ray_cluster(temp_dir, NODE_LIMITS, env, timeout_s=180)
-    finally:
-        ray.shutdown()
-        stop_ray_cluster(temp_dir, timeout_s=20)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    workers_import_the_repo = {"PYTHONPATH": str(REPO)}
+    with ray_cluster(NODE_LIMITS, start_timeout_s=180, stop_timeout_s=20, extra_env=workers_import_the_repo) as address:
+        try:
+            yield address
+        finally:
+            ray.shutdown()  # this process's driver, before its cluster goes
 
 
 def _corpus(root: Path) -> tuple[list[Path], list[Path], list]:
     """Ingested shards of a corpus with exact and near duplicates across files, and an eval set."""
     dirs = write_corpus(root, n_domain=16, n_general=8)
     (dirs["domain"] / "copy.txt").write_text((dirs["domain"] / "note0.txt").read_text())
-    words = prose(1, "domain").split()
-    words[10] = "quartz"
-    (dirs["domain"] / "near.txt").write_text(" ".join(words))
+    (dirs["domain"] / "near.txt").write_text(near_copy((dirs["domain"] / "note1.txt").read_text(), 0))
     (dirs["general"] / "more.jsonl").write_text(
         "".join(f'{{"text": "{prose(i, "general")}"}}\n' for i in range(3)) + "{oops\n"
     )
@@ -69,22 +63,12 @@ def _corpus(root: Path) -> tuple[list[Path], list[Path], list]:
     return shards, evals, quarantined
 
 
-def _same_outputs(a, b) -> None:
-    for x, y in [
-        (a.decisions_path, b.decisions_path),
-        (a.domain_path, b.domain_path),
-        (a.general_path, b.general_path),
-    ]:
-        assert x.read_bytes() == y.read_bytes()
-    assert a.stats == b.stats
-
-
 def test_clean_on_ray_matches_local(ray_address, tmp_path):
     shards, evals, quarantined = _corpus(tmp_path)
     local = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "local", LocalEngine())
     engine = RayEngine(ray_address, max_retries=3)
     on_ray = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "ray", engine)
-    _same_outputs(local, on_ray)
+    assert_same_clean_outputs(local, on_ray)
     assert local.dropped["exact_duplicate"] >= 1 and local.dropped["near_duplicate"] >= 1
     assert engine.slots == 2 and shuffle.partition_count(len(shards), engine.slots) > 1  # several reduce tasks ran
 
@@ -126,7 +110,7 @@ def test_a_killed_worker_is_retried_and_the_result_is_the_same(ray_address, tmp_
         shards, evals, quarantined, CleanConfig(), tmp_path / "ray", KillOnceEngine(ray_address, marker, stage)
     )
     assert marker.exists()  # a worker did die
-    _same_outputs(local, on_ray)
+    assert_same_clean_outputs(local, on_ray)
 
 
 def test_prepare_flow_on_ray_gives_the_same_decisions_and_hashes(ray_address, prefect_harness, tmp_path):

@@ -20,7 +20,7 @@ import torch
 from dapt_core.config import DaptConfig, TrainConfig
 from dapt_core.ewc import EWC
 from dapt_core.train import lr_at, make_batch, merge_lora, train
-from tests.tiny_model import tiny_llama
+from tests.tiny_model import tiny_llama, write_packed_shard
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, SEQ = 64, 32
@@ -42,20 +42,13 @@ def domain_seq(rng, length=SEQ):  # tokens 32..63, a different rule
 def write_shards(
     path: Path, seqs: list[list[int]], doc_lengths: list[list[int]] | None = None, per_shard: int = 16
 ) -> list[Path]:
-    path.mkdir(parents=True, exist_ok=True)
     doc_lengths = doc_lengths or [[len(s)] for s in seqs]
-    out = []
-    for k in range(0, len(seqs), per_shard):
-        table = pa.table(
-            {
-                "input_ids": pa.array(seqs[k : k + per_shard], pa.list_(pa.int32())),
-                "doc_lengths": pa.array(doc_lengths[k : k + per_shard], pa.list_(pa.int32())),
-            }
+    return [
+        write_packed_shard(
+            path / f"train-{k // per_shard:05d}.parquet", seqs[k : k + per_shard], doc_lengths[k : k + per_shard]
         )
-        p = path / f"train-{k // per_shard:05d}.parquet"
-        pq.write_table(table, p)
-        out.append(p)
-    return out
+        for k in range(0, len(seqs), per_shard)
+    ]
 
 
 def mixed_shards(path: Path, n: int = 24, seed: int = 0) -> list[Path]:

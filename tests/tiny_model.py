@@ -3,6 +3,7 @@ builds them (tests/ and bench/ import from here)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -85,10 +86,6 @@ def pretrained_general_base(root: Path, seq_len: int, steps: int = 60, domain_do
     """A tiny model trained `steps` steps on general prose (texts unlike the corpus' held-out docs), saved as an HF dir.
     With `domain_docs`, it also reads that many domain documents (other seeds than the corpus'): a base that already
     knows the domain through its general-text tokenizer, as a real LLM knows legal or medical English."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from dapt_core.config import TrainConfig
     from dapt_core.train import train
     from tests.corpus import prose
@@ -96,25 +93,41 @@ def pretrained_general_base(root: Path, seq_len: int, steps: int = 60, domain_do
     texts = [prose(i, "general") for i in range(100)]
     tok = byte_level_tokenizer(texts, 1000)
     texts += [prose(5000 + i, "domain") for i in range(domain_docs)]
-    ids: list[int] = []
-    for t in texts:
-        ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    n = len(ids) // seq_len
-    rows = np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-    shard = root / "pretrain" / "shard.parquet"
-    shard.parent.mkdir(parents=True)
-    pq.write_table(
-        pa.table(
-            {
-                "input_ids": pa.array(rows.tolist(), pa.list_(pa.int32())),
-                "doc_lengths": pa.array([[seq_len]] * n, pa.list_(pa.int32())),
-            }
-        ),
-        shard,
-    )
+    shard = write_packed_shard(root / "pretrain" / "shard.parquet", packed_rows(tok, texts, seq_len))
     cfg = TrainConfig(lr=1e-3, max_steps=steps, batch_size=8, save_every=steps, warmup_ratio=0.05, report_to=[])
     res = train(tiny_llama(len(tok)), [shard], cfg, root / "pretrain" / "out", resume=False)
     base = root / "base"
     res.model.save_pretrained(base, safe_serialization=True)
     tok.save_pretrained(base)
     return base
+
+
+def packed_rows(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
+    """The texts' tokens back to back, an EOS after each, cut into whole `seq_len` rows (as the packer streams them;
+    the tail short of a row is dropped)."""
+    import numpy as np
+
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(ids) // seq_len
+    return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len).tolist()
+
+
+def write_packed_shard(
+    path: Path, rows: Sequence[Sequence[int]], doc_lengths: Sequence[Sequence[int]] | None = None
+) -> Path:
+    """`rows` as one training shard in the packer's columns (`input_ids`, `doc_lengths`: list<int32>); a row is one
+    document unless `doc_lengths` (the lengths of its documents, per row) splits it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "input_ids": pa.array(rows, pa.list_(pa.int32())),
+            "doc_lengths": pa.array(doc_lengths or [[len(r)] for r in rows], pa.list_(pa.int32())),
+        }
+    )
+    pq.write_table(table, path)
+    return path
