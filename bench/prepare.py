@@ -682,7 +682,7 @@ def main() -> None:
     out += [
         "== 3. prepare_flow under Prefect (ephemeral server, fresh store) ==",
         f"server start (warm-up flow, not counted): {pf['server_start_s']:.1f} s",
-        f"first run: {pf['first_s']:.1f} s ({pf['first_computed']} tasks computed); re-run: {pf['rerun_s']:.2f} s "
+        f"first run: {pf['first_s']:.1f} s ({pf['first_computed']} stages computed); re-run: {pf['rerun_s']:.2f} s "
         f"({pf['rerun_cached']} cached, computed {pf['rerun_computed']}); same clean manifest: {pf['same_result']}",
         prepare_scale.goal("cached re-run / first run", ratio, "<= 0.1", ratio <= 0.1 and not pf["rerun_computed"]),
         "",

@@ -190,8 +190,14 @@ class PrepareManifest(BaseModel):
     )
     clean: CleanManifest
     new: NewDocuments | None = Field(None, description="What this run read (None when it read no file).")
-    computed: list[str] = Field(description="Task runs that did work in this run.")
-    cached: list[str] = Field(description="Task runs answered from cache.")
+    files_read: int = Field(
+        0,
+        description="Input files (training and eval) this run read; which ones: the `read` flag of the per-file "
+        "records. Counts, not lists: the flow's result is walked by Prefect, ~10 us an item.",
+    )
+    files_reused: int = Field(0, description="Input files whose rows came from earlier work.")
+    computed: list[str] = Field(description="Stages that did work in this run: 'ingest' (a file was read), 'clean'.")
+    cached: list[str] = Field(description="Stages answered from earlier work: 'ingest' (a file's rows), 'clean'.")
 
 
 class ExtensionCost(BaseModel):

@@ -198,7 +198,9 @@ def _run_prepare(cfg: DaptConfig, refresh: bool):
         result = prepare_flow(cfg)
     _print_funnel(result.clean)
     console.print(
-        f"computed {len(result.computed)} task(s), {len(result.cached)} from cache; stats: {result.clean.stats_md.uri}"
+        f"{result.files_read} file(s) read, {result.files_reused} reused; computed: "
+        f"{', '.join(result.computed) or '-'}; from earlier runs: {', '.join(result.cached) or '-'}; "
+        f"stats: {result.clean.stats_md.uri}"
     )
     return result
 
@@ -251,7 +253,9 @@ def _run_training_data(cfg: DaptConfig):
     )
     for w in p.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
-    console.print(f"computed {len(result.computed)} task(s), {len(result.cached)} from cache")
+    console.print(
+        f"computed: {', '.join(result.computed) or '-'}; from earlier runs: {', '.join(result.cached) or '-'}"
+    )
     return result
 
 
@@ -399,7 +403,10 @@ def _run_pipeline(cfg: DaptConfig):
             f"{s.response_after.get('sft/response_loss', float('nan')):.4f}; "
             + ("passes the forgetting policy" if s.accepted else "[red]rejected[/red]: " + "; ".join(s.reasons))
         )
-    console.print(f"computed {len(result.data.computed)} data task(s), {len(result.data.cached)} from cache")
+    console.print(
+        f"data stages computed: {', '.join(result.data.computed) or '-'}; "
+        f"from earlier runs: {', '.join(result.data.cached) or '-'}"
+    )
     console.print(f"[bold]report:[/bold] {result.report_md.uri}")
     console.print(f"[bold]model:[/bold] {result.final_model.uri if result.final_model else 'none promoted'}")
     return result

@@ -80,11 +80,11 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
     progress.advance("clean, dedup, stats")
     publish_data_report(clean_manifest, config.store)
 
-    # A file is computed when this run read it; a file of a cached batch, or copied from an earlier shard, is cached.
+    # A file is read when this run read it; a file of a finished batch, or copied from an earlier shard, is reused.
     read = {name: _read_now(store, batches[name], runs[name], batch_results[name]) for name in batches}
-    ran = [(f"ingest:{uri}", now) for uri, now in read["inputs"] + read["evals"]] + [
-        ("clean", not was_cached(clean_future))
-    ]
+    files_read = sum(now for _, now in read["inputs"] + read["evals"])
+    files_reused = len(read["inputs"]) + len(read["evals"]) - files_read
+    clean_computed = not was_cached(clean_future)
     read_now = {uri for uri, now in read["inputs"] if now}  # training files only: eval files have no decisions
     new = new_documents(store.local_path(clean_manifest.decisions), read_now) if read_now else None
     if new:
@@ -98,8 +98,10 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
         evals=batch_results["evals"],
         clean=clean_manifest,
         new=new,
-        computed=[name for name, computed in ran if computed],
-        cached=[name for name, computed in ran if not computed],
+        files_read=files_read,
+        files_reused=files_reused,
+        computed=(["ingest"] if files_read else []) + (["clean"] if clean_computed else []),
+        cached=(["ingest"] if files_reused else []) + ([] if clean_computed else ["clean"]),
     )
     store.put_text(result.model_dump_json(indent=2), layout.latest_manifest_key(config.project, "prepare"))
     return result

@@ -84,14 +84,14 @@ def test_rerun_recomputes_nothing_and_new_file_ingests_only_it(prefect_harness, 
     dirs = write_corpus(tmp_path)
     cfg = load_config(write_config(tmp_path, dirs))
     first = prepare_flow(cfg)
-    assert len(first.computed) == 10 and first.cached == []  # 8 training + 1 eval file, clean
+    assert (first.files_read, first.computed, first.cached) == (9, ["ingest", "clean"], [])  # 8 training + 1 eval
 
     counters["ingest"].clear()
     counters["clean"] = 0
     state = prepare_flow(cfg, return_state=True)
     second = state.result()
     assert counters == {"ingest": [], "clean": 0}
-    assert second.computed == [] and len(second.cached) == 10
+    assert (second.files_reused, second.computed, second.cached) == (9, [], ["ingest", "clean"])
     assert second.clean == first.clean
     # Finished ingest batches are read from their records without a task run (~15 ms of bookkeeping each).
     assert _task_run_names(state.state_details.flow_run_id) == ["clean-dedup-stats", "discover-inputs"]

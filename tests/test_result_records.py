@@ -289,7 +289,7 @@ def test_damaged_artifacts_of_cached_stages_are_recomputed_and_verify_says_so(pr
     calls.update(ingest=0, clean=0)
     second = prepare_flow(cfg)  # a plain re-run
     assert calls == {"ingest": len(in_batch), "clean": 1}  # its rows are gone: the batch's files are read again
-    assert second.computed == [f"ingest:{uri}" for uri in in_batch] + ["clean"]
+    assert (second.files_read, second.computed) == (len(in_batch), ["ingest", "clean"])
     assert second.clean == first.clean and shard.is_file()
     assert runner.invoke(app, ["verify", str(cfg_path)]).exit_code == 0
 
