@@ -60,9 +60,8 @@ class FingerprintMemo:
 
     def to_parquet(self) -> bytes:
         """This discovery's fingerprints, every file it saw (reused or hashed)."""
-        uris = sorted(self.seen)
-        stamps = zip(*(self.seen[u] for u in uris)) if uris else ([] for _ in Stamp._fields)
-        columns = {"uri": uris, **dict(zip(Stamp._fields, stamps))}
+        stamps = zip(*self.seen.values()) if self.seen else ([] for _ in Stamp._fields)
+        columns = {"uri": list(self.seen), **dict(zip(Stamp._fields, stamps))}
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table(columns, schema=SCHEMA), sink)
         return sink.getvalue().to_pybytes()

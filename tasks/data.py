@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import operator
 import sys
 from pathlib import Path
 
@@ -41,8 +43,14 @@ def ingest_key(inp: InputFile, cfg: IngestConfig) -> str:
     return "ingest-" + stable_hash(inp, cfg.model_dump(exclude={"batch_bytes", "batch_files"}), INGEST_CODE)
 
 
+_INPUT_FIELDS = operator.attrgetter(*InputFile.model_fields)
+
+
 def ingest_batch_key(batch: list[InputFile], cfg: IngestConfig) -> str:
-    return "ingest-batch-" + stable_hash(batch, cfg, INGEST_CODE)
+    """A batch's cache key: every field of its files, as JSON rows (a model dump per file cost ~3 ms a batch, paid
+    for every batch of every run: a refresh looks up each batch's key)."""
+    files = json.dumps([_INPUT_FIELDS(inp) for inp in batch])
+    return "ingest-batch-" + stable_hash(files, cfg, INGEST_CODE)
 
 
 def clean_key(
@@ -170,7 +178,7 @@ def clean_task(
         prefix = layout.clean_prefix(key)
         put = lambda p, name: store.put_file(p, f"{prefix}/{name}") if p else None  # noqa: E731
         stats_json = Path(tmp) / "stats.json"
-        stats_json.write_text(_json(out.stats))
+        stats_json.write_text(json.dumps(out.stats, indent=2, sort_keys=True, default=str))
         stats_md = Path(tmp) / "stats.md"
         stats_md.write_text(out.stats_markdown)
         return CleanManifest(
@@ -186,12 +194,6 @@ def clean_task(
             quarantined=out.quarantined,
             code_version=CLEAN_CODE,
         )
-
-
-def _json(obj: object) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
 def publish_data_report(cm: CleanManifest, store_uri: str) -> None:
