@@ -107,8 +107,7 @@ def discover_inputs(
     folders met while expanding a directory or glob are skipped; a file named explicitly is taken as named. With a
     `memo`, a local file unchanged since it was last hashed keeps its fingerprint (dapt_core/fingerprints.py).
     """
-    # Built from a stat and a hash, with the source's validated settings: no per-file validation (~4 us a file).
-    make_input = partial(InputFile.model_construct, source=source.name, kind=kind, text_field=source.text_field)
+    make_input = partial(InputFile, source=source.name, kind=kind, text_field=source.text_field)
     quarantine = partial(QuarantineRecord, source=source.name, kind=kind, position="file")
     inputs: dict[str, InputFile] = {}
     refused: dict[str, QuarantineRecord] = {}
@@ -216,9 +215,10 @@ def _local_file(
     memo: FingerprintMemo | None,
     st: os.stat_result | None = None,
 ) -> InputFile | QuarantineRecord:
-    """`st`: the file's stat when the caller has it (not a link)."""
-    uri = os.path.abspath(path)
-    name = os.path.basename(uri)
+    """`st`: the file's stat when the caller has it (not a link), and then `path` is absolute and normalised (a walk's
+    path: no abspath for each of a corpus's files)."""
+    uri = os.fspath(path) if st is not None else os.path.abspath(path)
+    name = uri.rpartition(os.sep)[2]
     if _format(name) is None:
         return quarantine(file=uri, reason="unsupported_format", detail=_unsupported_detail(name))
     try:
