@@ -8,16 +8,15 @@ from pathlib import Path
 import duckdb
 
 
-def connect(database: Path, memory_limit: str, in_memory: bool = False) -> duckdb.DuckDBPyConnection:
-    """A file-backed database (so tables, like intermediate results, spill to disk past the memory
-    limit) with its temp directory beside it and one thread per core. It is scratch: closing it writes no checkpoint
-    (a quarter of a second of a refresh spent saving tables that are deleted next). `in_memory`: the same without
-    the database file (cheaper to open, for short jobs; past the limit it still spills beside it)."""
-    con = duckdb.connect(":memory:" if in_memory else str(database))
+def connect(scratch: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory database with one thread per core that spills to `scratch`/duckdb_tmp past `memory_limit`: its
+    tables as well as its operators (DuckDB's buffer manager evicts in-memory table blocks to the temp directory), so
+    memory stays bounded whatever the corpus. No database file: a file-backed one wrote every scratch table to disk
+    (0.4 s of a 100,000-document refresh) only to delete it."""
+    con = duckdb.connect(":memory:")
     con.execute(f"SET memory_limit = {literal(memory_limit)}")
-    con.execute(f"SET temp_directory = {literal(str(database.parent / 'duckdb_tmp'))}")
+    con.execute(f"SET temp_directory = {literal(str(scratch / 'duckdb_tmp'))}")
     con.execute(f"SET threads = {os.cpu_count() or 1}")
-    con.execute("PRAGMA disable_checkpoint_on_shutdown")
     return con
 
 

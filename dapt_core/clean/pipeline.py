@@ -99,7 +99,7 @@ def clean_corpus(
     engine = engine or LocalEngine()
     parts = _per_document_pass(shards, eval_shards, cfg, scratch, engine, cache)
 
-    con = connect(scratch / "clean.duckdb", cfg.duckdb_memory_limit)
+    con = connect(scratch, cfg.duckdb_memory_limit)
     try:
         _load_parts(con, parts)
         find_duplicates(con, parts, cfg.dedup, engine, scratch / "shuffle", cfg.duckdb_memory_limit, cache)

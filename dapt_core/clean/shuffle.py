@@ -147,7 +147,7 @@ def _write_partitioned(path: Path, columns: dict, hashes: np.ndarray, partitions
 def reduce_partition(job: ReduceJob) -> PartitionResult:
     """Exact duplicates and verified near-duplicate edges among the rows of one partition (module docstring)."""
     with tempfile.TemporaryDirectory(prefix="dapt-reduce-") as tmp:
-        con = connect(Path(tmp) / "reduce.duckdb", job.memory_limit, in_memory=True)
+        con = connect(Path(tmp), job.memory_limit)
         try:
             exact = _exact_duplicates(con, job) if job.cfg.exact else 0
             if not job.cfg.near:
