@@ -50,7 +50,7 @@ _BANDS = pa.schema([("seq", pa.int64()), ("band", pa.int32()), ("key", pa.uint64
 _QUARANTINE = pa.schema(
     [(c, pa.string()) for c in ("doc_uid", "source", "kind", "file", "position", "reason", "detail")]
 )
-_ROW_GROUP_BYTES = 32 << 20  # output row groups of ~32 MiB of text bound the writer's buffers
+_ROW_GROUP_BYTES = 4 << 20  # output row groups of ~4 MiB of text bound the writer's buffers (and a reader's)
 
 
 @dataclass
