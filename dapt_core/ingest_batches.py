@@ -154,6 +154,13 @@ def read_file_table(path: Path, only: set[str] | None = None) -> list[FileIngest
     ]
 
 
+def read_uris(path: Path) -> set[str]:
+    """The uris of a batch's files that its run read (the others were copied from an earlier shard): two columns of
+    its per-file records, no record built."""
+    table = pq.read_table(path, columns=["uri", "read"], schema=FILES_SCHEMA)
+    return set(table.filter(table.column("read")).column("uri").to_pylist())
+
+
 def file_records(store: ArtifactStore, batches: list[IngestBatchManifest]) -> list[IngestManifest]:
     """The lineage of each file of `batches`, in order, as later stages read it (the files of a batch share its
     shard)."""

@@ -15,7 +15,7 @@ from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.clean.stats import new_documents
 from dapt_core.config import DaptConfig
-from dapt_core.ingest_batches import file_records, plan_batches, read_file_table
+from dapt_core.ingest_batches import file_records, plan_batches, read_uris
 from dapt_core.manifest import ArtifactRef, IngestBatchManifest, InputFile, PrepareManifest, QuarantineRecord
 from dapt_core.store import ArtifactStore, open_store
 
@@ -124,11 +124,7 @@ def _read_now(
     records."""
     read: list[tuple[str, bool]] = []
     for batch, run, result in zip(batches, runs, results):
-        now = (
-            set()
-            if run is None or was_cached(run)
-            else {f.input.uri for f in read_file_table(store.local_path(result.files)) if f.read}
-        )
+        now = set() if run is None or was_cached(run) else read_uris(store.local_path(result.files))
         read += [(inp.uri, inp.uri in now) for inp in batch]
     return read
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import sys
@@ -38,12 +39,16 @@ INGEST_CODE = code_version(ingest_batches.run_batch, task_module=sys.modules[__n
 CLEAN_CODE = code_version(clean.clean_corpus, task_module=sys.modules[__name__])
 
 
-def ingest_key(inp: InputFile, cfg: IngestConfig) -> str:
-    """One file's cache key: a later batch holding the file with this key reuses its rows."""
-    return "ingest-" + stable_hash(inp, cfg.model_dump(exclude={"batch_bytes", "batch_files"}), INGEST_CODE)
-
-
 _INPUT_FIELDS = operator.attrgetter(*InputFile.model_fields)
+
+
+def ingest_keys(batch: list[InputFile], cfg: IngestConfig) -> list[str]:
+    """Each file's cache key: a later batch holding the file with this key reuses its rows. The settings that shape a
+    file's rows, hashed once; each file's fields as a JSON row (a model dump per file cost ~10 us, for every file a
+    batch reads)."""
+    settings = stable_hash(cfg.model_dump(exclude={"batch_bytes", "batch_files"}), INGEST_CODE)
+    rows = (json.dumps(_INPUT_FIELDS(inp)) for inp in batch)
+    return ["ingest-" + hashlib.sha256(f"{settings}\n{row}".encode()).hexdigest() for row in rows]
 
 
 def ingest_batch_key(batch: list[InputFile], cfg: IngestConfig) -> str:
@@ -116,7 +121,7 @@ def ingest_batch_task(
     check_result_record(store_uri, key)
     job = ingest_batches.BatchJob(
         inputs=batch,
-        keys=[ingest_key(inp, cfg) for inp in batch],
+        keys=ingest_keys(batch, cfg),
         cfg=cfg,
         store_uri=store_uri,
         shard_key=layout.ingest_shard_key(batch[0].kind, batch[0].source, key),
