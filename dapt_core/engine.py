@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
@@ -28,13 +29,23 @@ class Engine(Protocol):
         ...
 
 
+# Items of every LocalEngine running at once in this process, at most one per core. Prefect runs each task in a thread
+# of its own: 13 ingest batches of small files, all at once on 2 cores, took 1.4 s against 1.0 s two at a time, the
+# threads slowing each other down on the GIL. One per core (not one in all) still overlaps the waits of S3 reads.
+_CORES = threading.BoundedSemaphore(os.cpu_count() or 1)
+
+
 class LocalEngine:
-    """Every item in this process, in order."""
+    """Every item in this process, in order (and at most one per core across the process's threads)."""
 
     slots = 1
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
-        return [fn(item) for item in items]
+        results = []
+        for item in items:
+            with _CORES:
+                results.append(fn(item))
+        return results
 
 
 class RayEngine:

@@ -103,3 +103,30 @@ def test_scattered_files_hold_one_row_group_per_partition(tmp_path, monkeypatch)
     assert rows == 30 and groups == [(p, p) for p in range(4)]
     rows, groups = layouts["000000.bands.parquet"]
     assert rows == 30 * DedupConfig().bands and groups == [(p, p) for p in range(4)]
+
+
+def test_the_local_engine_runs_at_most_one_item_per_core_across_threads(monkeypatch):
+    """Prefect runs each task in its own thread; CPU-bound items beyond the cores only slow each other down."""
+    import threading
+    import time
+
+    import dapt_core.engine as engine
+
+    monkeypatch.setattr(engine, "_CORES", threading.BoundedSemaphore(2))
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def item(_: int) -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+
+    threads = [threading.Thread(target=LocalEngine().map, args=(item, range(3))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 2
