@@ -9,7 +9,7 @@ finished stage is never overwritten; `runs/<project>/` holds the small run manif
     ├── ingest/<kind>/<source>/<batch key>.files.parquet   ingest_files_key: its per-file records
     ├── clean/<clean key>/                             clean_prefix: the cleaned corpus
     │   └── domain.parquet, general.parquet, decisions.parquet, stats.json, stats.md
-    ├── clean/parts/<part hash>/                       clean_part_prefix: a shard's signatures + band keys
+    ├── clean/parts/<part hash>/                       clean_part_prefix: a shard's clean parts or dedup scatter
     ├── tokenizer/<tokenizer key>/                     tokenizer_prefix
     │   ├── model/                                     tokenizer_model_key: extended tokenizer (+ resized model)
     │   └── report.json, report.md                     tokenizer_report_key
@@ -54,7 +54,8 @@ def clean_prefix(key: str) -> str:
 
 
 def clean_part_prefix(part_hash: str) -> str:
-    """One shard's per-document clean pass (docs, MinHash signatures, LSH band keys), reused by a refresh."""
+    """Files computed from one shard and kept for a refresh: its per-document clean pass (docs, MinHash signatures,
+    LSH band keys) or its dedup scatter (`dapt_core/clean/parts.py`)."""
     return f"clean/parts/{part_hash}"
 
 
