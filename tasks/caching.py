@@ -184,6 +184,14 @@ def _stale(store: ArtifactStore, value: Any) -> list[str]:
     return [problem for ref in artifacts(value) if (problem := store.check(ref))]
 
 
+def _stored_result(store: ArtifactStore, key: str) -> tuple[Any, list[str]]:
+    """The manifest of the result record of cache key `key` (validated as data: `decode_record`, which raises for an
+    untrusted record) and the problems of the artifacts it hands on (none: it can be reused)."""
+    path = result_record_key(key)
+    value = decode_record(key, store.read_key(path), store.uri(path))
+    return value, _stale(store, value)
+
+
 def _log() -> logging.Logger | logging.LoggerAdapter:
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
@@ -212,8 +220,7 @@ class StoreResultStorage(WritableFileSystem):
         """The record at `path`, validated and re-encoded; raises for an untrusted record or a stale one (Prefect takes
         both for a cache miss: the cached task body refuses the untrusted one, see `check_result_record`)."""
         store, key = self._store(), result_record_key(path)
-        value = decode_record(path, store.read_key(key), store.uri(key))
-        problems = _stale(store, value)
+        value, problems = _stored_result(store, path)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             _log().warning("cached result %s is not reused (%s%s): running the stage again", path, problems[0], more)
@@ -304,16 +311,13 @@ def finished_result(store: ArtifactStore, key: str) -> Any | None:
     `check_result_record`), or a refresh asked for. A flow with many finished tasks of one stage (ingest batches) skips
     their task runs with it: a cached task run costs ~15 ms of Prefect bookkeeping, and a refresh of a large corpus
     would pay it for every batch it does not run."""
-    if refresh_requested():
-        return None
-    path = result_record_key(key)
-    if not store.exists(path):
+    if refresh_requested() or not store.exists(result_record_key(key)):
         return None
     try:
-        value = decode_record(key, store.read_key(path), store.uri(path))
+        value, problems = _stored_result(store, key)
     except UntrustedResultRecord:
         return None
-    return None if _stale(store, value) else value
+    return None if problems else value
 
 
 class ManifestCheck(BaseModel):
