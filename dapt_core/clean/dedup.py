@@ -123,14 +123,14 @@ def _shuffle(
         )
         key = _scatter_key(shard, partitions, offsets, cfg) if cache else None
         found = cache.fetch(key, names) if cache and key else None
-        outputs.append(found or {"exact": job.exact_out, "bands": job.bands_out})
+        outputs.append(found or job.outputs)
         if found is None:
             scatters.append(job)
             keys.append(key)
     engine.map(shuffle.scatter_shard, scatters)
     for job, key in zip(scatters, keys):
         if cache and key:
-            cache.keep(key, {name: {"exact": job.exact_out, "bands": job.bands_out}[name] for name in names})
+            cache.keep(key, {name: job.outputs[name] for name in names})
     reduces = [
         shuffle.ReduceJob(
             p,

@@ -74,6 +74,11 @@ class ScatterJob:
     exact_out: Path
     bands_out: Path
 
+    @property
+    def outputs(self) -> dict[str, Path]:
+        """Its files by name ('exact', 'bands'; each written only when its dedup kind is on)."""
+        return {"exact": self.exact_out, "bands": self.bands_out}
+
 
 @dataclass(frozen=True)
 class ReduceJob:
