@@ -27,7 +27,7 @@ from dapt.flows import interrupt
 from dapt.tasks import progress
 from dapt_core.config import ConfigError, DaptConfig, load_config
 from dapt_core.faults import classify
-from dapt_core.manifest import CptManifest
+from dapt_core.manifest import CptManifest, PrepareManifest, TrainingDataManifest
 from dapt_core.report import gain_lines
 
 # Prefect's temporary server gets 20 s to start by default; on a loaded 2-core machine it once needed more, and the
@@ -189,6 +189,11 @@ def prepare(
     _emit(result, as_json)
 
 
+def _stages(result: PrepareManifest | TrainingDataManifest) -> str:
+    """Which stages did work and which came from earlier runs, in one line."""
+    return f"computed: {', '.join(result.computed) or '-'}; from earlier runs: {', '.join(result.cached) or '-'}"
+
+
 def _run_prepare(cfg: DaptConfig, refresh: bool):
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
@@ -198,8 +203,7 @@ def _run_prepare(cfg: DaptConfig, refresh: bool):
         result = prepare_flow(cfg)
     _print_funnel(result.clean)
     console.print(
-        f"{result.files_read} file(s) read, {result.files_reused} reused; computed: "
-        f"{', '.join(result.computed) or '-'}; from earlier runs: {', '.join(result.cached) or '-'}; "
+        f"{result.files_read} file(s) read, {result.files_reused} reused; {_stages(result)}; "
         f"stats: {result.clean.stats_md.uri}"
     )
     return result
@@ -253,9 +257,7 @@ def _run_training_data(cfg: DaptConfig):
     )
     for w in p.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
-    console.print(
-        f"computed: {', '.join(result.computed) or '-'}; from earlier runs: {', '.join(result.cached) or '-'}"
-    )
+    console.print(_stages(result))
     return result
 
 
@@ -403,10 +405,7 @@ def _run_pipeline(cfg: DaptConfig):
             f"{s.response_after.get('sft/response_loss', float('nan')):.4f}; "
             + ("passes the forgetting policy" if s.accepted else "[red]rejected[/red]: " + "; ".join(s.reasons))
         )
-    console.print(
-        f"data stages computed: {', '.join(result.data.computed) or '-'}; "
-        f"from earlier runs: {', '.join(result.data.cached) or '-'}"
-    )
+    console.print(f"data stages {_stages(result.data)}")
     console.print(f"[bold]report:[/bold] {result.report_md.uri}")
     console.print(f"[bold]model:[/bold] {result.final_model.uri if result.final_model else 'none promoted'}")
     return result
@@ -451,7 +450,7 @@ def verify(config: Path = ConfigArg, as_json: bool = JsonOpt) -> None:
 def _run_verify(cfg: DaptConfig):
     from dapt.tasks.caching import result_kind, verify_store
     from dapt_core import layout
-    from dapt_core.manifest import CptManifest, PipelineManifest, PrepareManifest, RunState, TrainingDataManifest
+    from dapt_core.manifest import PipelineManifest, RunState
     from dapt_core.store import open_store
 
     store = open_store(cfg.store)
