@@ -403,6 +403,35 @@ def test_ingest_file_writes_lineage_and_stable_ids(tmp_path):
     assert read_parquet(tmp_path / "again.parquet") == rows
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"A plain note.\n",
+        b"\xef\xbb\xbfWith a BOM, caf\xc3\xa9.\n",
+        b"",
+        b"  \n\t",
+        b"\xef\xbb\xbf",
+        b"bad \xff byte",
+        b"text\0with a NUL",
+        b"x" * 2000,
+    ],
+    ids=["plain", "bom", "empty", "blank", "only-bom", "invalid-utf8", "nul", "too-large"],
+)
+def test_ingest_file_reads_whole_text_files_as_read_documents_does(tmp_path, content):
+    """Small text files skip the reader machinery when nothing is wrong with them; what they write, or why they are
+    quarantined, must be what read_documents says."""
+    p = tmp_path / "note.txt"
+    p.write_bytes(content)
+    inp = InputFile(uri=str(p), source="src", kind="domain", fingerprint=sha256_file(p), bytes=len(content))
+    [(n, quarantined)] = ingest_files([inp], IngestConfig(max_doc_bytes=1000), tmp_path / "out.parquet")
+    expected = read(p, max_doc_bytes=1000)
+    assert quarantined == [q for q in expected if isinstance(q, QuarantineRecord)]
+    rows = read_parquet(tmp_path / "out.parquet")
+    assert n == len(rows) and [(r["text"], r["position"], r["format"]) for r in rows] == [
+        (d.text, d.position, "text") for d in docs_of(expected)
+    ]
+
+
 def test_ingest_file_with_no_documents_writes_an_empty_parquet(tmp_path):
     p = tmp_path / "empty.txt"
     p.write_bytes(b"")
