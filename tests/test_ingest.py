@@ -586,18 +586,20 @@ def test_a_batch_reads_only_files_without_earlier_rows(tmp_path, monkeypatch):
 
 
 def test_per_file_records_round_trip_and_earlier_files_are_those_asked_with_an_intact_shard(tmp_path):
-    from dapt_core.ingest_batches import earlier_files, file_records, write_file_table
+    from dapt_core.ingest_batches import FileResult, earlier_files, file_records, write_file_table
     from dapt_core.manifest import FileIngest, IngestBatchManifest
     from dapt_core.store import open_store
 
     store = open_store(str(tmp_path / "store"))
     inputs = _inputs(tmp_path, [10, 20, 30])
     bad = QuarantineRecord(file=inputs[2].uri, source="notes", position="line 3", reason="malformed_json", detail="x")
+    keys = [f"key-{i}" for i in range(3)]
+    results = [FileResult(1, [], reused=False), FileResult(1, [], reused=True), FileResult(0, [bad], reused=False)]
     files = [
-        FileIngest(input=inp, docs=d, quarantined=q, cache_key=f"key-{i}", read=i != 1)
-        for i, (inp, d, q) in enumerate(zip(inputs, [1, 1, 0], [[], [], [bad]]))
+        FileIngest(input=inp, docs=r.docs, quarantined=r.quarantined, cache_key=k, read=not r.reused)
+        for inp, k, r in zip(inputs, keys, results)
     ]
-    write_file_table(files, tmp_path / "files.parquet")
+    write_file_table(inputs, keys, results, tmp_path / "files.parquet")
     ingest_batch(inputs[:2], ["key-0", "key-1"], IngestConfig(), tmp_path / "docs.parquet", {})
     batch = IngestBatchManifest(
         shard=store.put_file(tmp_path / "docs.parquet", "ingest/docs.parquet"),
@@ -623,15 +625,16 @@ def test_per_file_records_round_trip_and_earlier_files_are_those_asked_with_an_i
 def test_earlier_files_reads_only_the_tables_of_batches_whose_uri_range_holds_a_wanted_file(tmp_path, monkeypatch):
     """A batch re-run for new files must not read every earlier batch's table (one per batch of the corpus)."""
     import dapt_core.ingest_batches as ingest_batches
-    from dapt_core.manifest import FileIngest, IngestBatchManifest
+    from dapt_core.manifest import IngestBatchManifest
     from dapt_core.store import open_store
 
     store = open_store(str(tmp_path / "store"))
     inputs = _inputs(tmp_path, [10, 20, 30, 40])
     batches = []
     for i, pair in enumerate((inputs[:2], inputs[2:])):
-        files = [FileIngest(input=inp, docs=0, cache_key=f"key-{inp.uri}", read=True) for inp in pair]
-        ingest_batches.write_file_table(files, tmp_path / f"files{i}.parquet")
+        keys = [f"key-{inp.uri}" for inp in pair]
+        results = [ingest_batches.FileResult(0, [], reused=False) for _ in pair]
+        ingest_batches.write_file_table(pair, keys, results, tmp_path / f"files{i}.parquet")
         ref = store.put_file(tmp_path / f"files{i}.parquet", f"ingest/files{i}.parquet")
         uris = [inp.uri for inp in pair]
         batches.append(
