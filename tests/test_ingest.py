@@ -432,6 +432,18 @@ def test_ingest_file_reads_whole_text_files_as_read_documents_does(tmp_path, con
     ]
 
 
+@pytest.mark.parametrize("now", [b"grew " * 30_000, b"shrank"], ids=["grew-past-a-read", "shrank"])
+def test_a_local_text_file_changed_after_discovery_is_refused_not_cut(tmp_path, now):
+    p = tmp_path / "note.txt"
+    p.write_bytes(b"the note as discovered")
+    inp = InputFile(uri=str(p), source="s", kind="domain", fingerprint=sha256_file(p), bytes=p.stat().st_size)
+    p.write_bytes(now)
+    with pytest.raises(StoreError, match="changed since it was discovered") as e:
+        ingest_files([inp], IngestConfig(), tmp_path / "out.parquet")
+    assert e.value.kind == "changed"
+    assert ingest._read_whole(str(p), inp.bytes) == now  # read to its end, not to the size discovery saw
+
+
 def test_ingest_file_with_no_documents_writes_an_empty_parquet(tmp_path):
     p = tmp_path / "empty.txt"
     p.write_bytes(b"")
