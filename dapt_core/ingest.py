@@ -588,17 +588,20 @@ def ingest_file(inp: InputFile, cfg: IngestConfig, shard: ShardWriter) -> tuple[
 
 
 def _read_whole(path: str, size: int) -> bytes | None:
-    """The file's bytes (`size`: what discovery saw, read in one call when it is still right). os.open and os.read,
-    not open(): no buffered file object to build, 2 us a small file against 5."""
+    """The file's bytes (`size`: what discovery saw). os.open and os.read, not open() (no buffered file object), and
+    no second read to see the end when the first got the `size` bytes of size + 1 asked for: 2.5-3 us a small file
+    against 6 with open().read()."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None  # reported as deleted by _check_unchanged
     try:
         parts = [os.read(fd, size + 1)]
-        while part := os.read(fd, _READ_ON):  # until the end, in case the file grew (then _check_unchanged fails)
+        if len(parts[0]) == size:
+            return parts[0]
+        while part := os.read(fd, _READ_ON):  # a short read, or the file grew
             parts.append(part)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"".join(parts)
     finally:
         os.close(fd)
 
