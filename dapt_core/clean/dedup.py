@@ -11,8 +11,9 @@ The grouping runs as a shuffle on the engine (`shuffle`): one map task per shard
 and its LSH band rows by (band, key) into P partitions; one reduce task per partition finds its exact groups and LSH
 buckets, verifies the candidate pairs against the MinHash signatures and returns the verified edges. Here, on the
 driver, only those edges (a union-find over them gives the near-duplicate clusters) and the small files of exact
-duplicates meet the per-document table: the driver never reads a signature or a band key. Both engines run the same
-tasks, so they give the same decisions; so does any P, since a partition always holds whole groups and buckets.
+duplicates meet the per-document table: the driver never reads a signature, and band keys only of a refresh's new
+shards (the buckets it reduces, `_earlier_clusters`). Both engines run the same tasks, so they give the same
+decisions; so does any P, since a partition always holds whole groups and buckets.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def _shuffle(
     earlier_count = len(list(takewhile(bool, reused)))
     earlier_key = _clusters_key(keys[:earlier_count]) if cache and cfg.near and earlier_count else None
     earlier = _earlier_clusters(cache, earlier_key) if cache and earlier_key else None
-    touched = _touched_buckets(con, [out["bands"] for out in outputs[earlier_count:]], scratch) if earlier else None
+    new_bands = [out["bands"] for out in outputs[earlier_count:]]
+    touched = _touched_buckets(con, new_bands, scratch) if earlier is not None else None
     reduces = [
         shuffle.ReduceJob(
             p,
