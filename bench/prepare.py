@@ -31,7 +31,8 @@ The eval set (decontamination) is two held-out tasks plus the last 50 words of e
 Every measurement runs in a fresh subprocess (`--worker ...`) so that RSS and imports do not leak between them.
 
     .venv/bin/python bench/prepare.py [--data DIR] [--quick] [--skip-rss]
-    .venv/bin/python bench/prepare.py --scale [--files N] [--refresh-scale K] [--arms small-files,incremental,ray]
+    .venv/bin/python bench/prepare.py --scale [--files N] [--rounds R] [--refresh-scale K]
+        [--arms small-files,incremental,ray]
 """
 
 from __future__ import annotations
@@ -579,6 +580,12 @@ def main() -> None:
     p.add_argument("--arms", default="small-files,incremental,ray", help="scale arms to run, comma-separated")
     p.add_argument("--files", type=int, default=10_000, help="files of the many-small-files arm (default 10,000)")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs of each layout in the many-small-files arm, taking turns; the ratio is of the medians (default 3)",
+    )
+    p.add_argument(
         "--refresh-scale",
         type=int,
         default=10,
@@ -611,7 +618,7 @@ def main() -> None:
             "ray": prepare_scale.ray_arm,
         }
         for arm in a.arms.split(","):
-            extra = {"scales": (1, a.refresh_scale)} if arm == "incremental" else {}
+            extra = {"incremental": {"scales": (1, a.refresh_scale)}, "small-files": {"rounds": a.rounds}}.get(arm, {})
             out += arms[arm](data, a.files, spawn, worker_log, **extra)
         print(
             "\n".join(

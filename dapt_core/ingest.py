@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 _CHUNK = 1 << 20
 _SNIFF_BYTES = 8192
+_READ_ON = 1 << 16
 
 _FORMATS = {
     ".txt": "text",
@@ -563,21 +564,46 @@ def ingest_file(inp: InputFile, cfg: IngestConfig, shard: ShardWriter) -> tuple[
     if inp.uri.startswith("s3://"):
         with leftovers.temp_dir("ingest") as tmp:  # only a download needs one: making it costs ~20 ms a file
             return _read_into(shard, ingest_s3.download(inp, Path(tmp)), inp, cfg)
-    path = Path(inp.uri)
     # A whole-file document is read once, and the bytes hashed are the bytes parsed: sniffing, parsing and hashing a
     # small note in three opens costs more than the rest of its ingest.
-    whole = _format(path.name) == "text" and inp.bytes <= cfg.max_doc_bytes
-    content = _read_whole(path) if whole else None
-    found = _read_into(shard, path, inp, cfg, content)
+    fmt = _format(os.path.basename(inp.uri))
+    content = _read_whole(inp.uri, inp.bytes) if fmt == "text" and inp.bytes <= cfg.max_doc_bytes else None
+    plain = _plain_text(content, cfg.max_doc_bytes) if content is not None else None
+    if plain is not None:
+        shard.add(plain, inp, fmt)
+        found: tuple[int, list[QuarantineRecord]] = (1, [])
+    else:
+        found = _read_into(shard, Path(inp.uri), inp, cfg, content)
     _check_unchanged(inp, content)
     return found
 
 
-def _read_whole(path: Path) -> bytes | None:
+def _read_whole(path: str, size: int) -> bytes | None:
+    """The file's bytes (`size`: what discovery saw, read in one call when it is still right). os.open and os.read,
+    not open(): no buffered file object to build, 2 us a small file against 5."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None  # reported as deleted by _check_unchanged
+    try:
+        parts = [os.read(fd, size + 1)]
+        while part := os.read(fd, _READ_ON):  # until the end, in case the file grew (then _check_unchanged fails)
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _plain_text(content: bytes, max_doc_bytes: int) -> Document | None:
+    """The document of a whole-file text that needs no quarantine record (most small notes), without building a
+    reader: ~15 us a file less, for corpora of 10,000s of notes. None: `read_documents` says what is wrong with it."""
+    if len(content) > max_doc_bytes or b"\0" in content[:_SNIFF_BYTES]:
+        return None
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    return Document(text, "file") if text.strip() else None
 
 
 def _read_into(

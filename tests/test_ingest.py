@@ -403,6 +403,47 @@ def test_ingest_file_writes_lineage_and_stable_ids(tmp_path):
     assert read_parquet(tmp_path / "again.parquet") == rows
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"A plain note.\n",
+        b"\xef\xbb\xbfWith a BOM, caf\xc3\xa9.\n",
+        b"",
+        b"  \n\t",
+        b"\xef\xbb\xbf",
+        b"bad \xff byte",
+        b"text\0with a NUL",
+        b"x" * 2000,
+    ],
+    ids=["plain", "bom", "empty", "blank", "only-bom", "invalid-utf8", "nul", "too-large"],
+)
+def test_ingest_file_reads_whole_text_files_as_read_documents_does(tmp_path, content):
+    """Small text files skip the reader machinery when nothing is wrong with them; what they write, or why they are
+    quarantined, must be what read_documents says."""
+    p = tmp_path / "note.txt"
+    p.write_bytes(content)
+    inp = InputFile(uri=str(p), source="src", kind="domain", fingerprint=sha256_file(p), bytes=len(content))
+    [(n, quarantined)] = ingest_files([inp], IngestConfig(max_doc_bytes=1000), tmp_path / "out.parquet")
+    expected = read(p, max_doc_bytes=1000)
+    assert quarantined == [q for q in expected if isinstance(q, QuarantineRecord)]
+    rows = read_parquet(tmp_path / "out.parquet")
+    assert n == len(rows) and [(r["text"], r["position"], r["format"]) for r in rows] == [
+        (d.text, d.position, "text") for d in docs_of(expected)
+    ]
+
+
+@pytest.mark.parametrize("now", [b"grew " * 30_000, b"shrank"], ids=["grew-past-a-read", "shrank"])
+def test_a_local_text_file_changed_after_discovery_is_refused_not_cut(tmp_path, now):
+    p = tmp_path / "note.txt"
+    p.write_bytes(b"the note as discovered")
+    inp = InputFile(uri=str(p), source="s", kind="domain", fingerprint=sha256_file(p), bytes=p.stat().st_size)
+    p.write_bytes(now)
+    with pytest.raises(StoreError, match="changed since it was discovered") as e:
+        ingest_files([inp], IngestConfig(), tmp_path / "out.parquet")
+    assert e.value.kind == "changed"
+    assert ingest._read_whole(str(p), inp.bytes) == now  # read to its end, not to the size discovery saw
+
+
 def test_ingest_file_with_no_documents_writes_an_empty_parquet(tmp_path):
     p = tmp_path / "empty.txt"
     p.write_bytes(b"")
@@ -570,18 +611,20 @@ def test_a_batch_reads_only_files_without_earlier_rows(tmp_path, monkeypatch):
 
 
 def test_per_file_records_round_trip_and_earlier_files_are_those_asked_with_an_intact_shard(tmp_path):
-    from dapt_core.ingest_batches import earlier_files, file_records, write_file_table
+    from dapt_core.ingest_batches import FileResult, earlier_files, file_records, write_file_table
     from dapt_core.manifest import FileIngest, IngestBatchManifest
     from dapt_core.store import open_store
 
     store = open_store(str(tmp_path / "store"))
     inputs = _inputs(tmp_path, [10, 20, 30])
     bad = QuarantineRecord(file=inputs[2].uri, source="notes", position="line 3", reason="malformed_json", detail="x")
+    keys = [f"key-{i}" for i in range(3)]
+    results = [FileResult(1, [], reused=False), FileResult(1, [], reused=True), FileResult(0, [bad], reused=False)]
     files = [
-        FileIngest(input=inp, docs=d, quarantined=q, cache_key=f"key-{i}", read=i != 1)
-        for i, (inp, d, q) in enumerate(zip(inputs, [1, 1, 0], [[], [], [bad]]))
+        FileIngest(input=inp, docs=r.docs, quarantined=r.quarantined, cache_key=k, read=not r.reused)
+        for inp, k, r in zip(inputs, keys, results)
     ]
-    write_file_table(files, tmp_path / "files.parquet")
+    write_file_table(inputs, keys, results, tmp_path / "files.parquet")
     ingest_batch(inputs[:2], ["key-0", "key-1"], IngestConfig(), tmp_path / "docs.parquet", {})
     batch = IngestBatchManifest(
         shard=store.put_file(tmp_path / "docs.parquet", "ingest/docs.parquet"),
@@ -607,15 +650,16 @@ def test_per_file_records_round_trip_and_earlier_files_are_those_asked_with_an_i
 def test_earlier_files_reads_only_the_tables_of_batches_whose_uri_range_holds_a_wanted_file(tmp_path, monkeypatch):
     """A batch re-run for new files must not read every earlier batch's table (one per batch of the corpus)."""
     import dapt_core.ingest_batches as ingest_batches
-    from dapt_core.manifest import FileIngest, IngestBatchManifest
+    from dapt_core.manifest import IngestBatchManifest
     from dapt_core.store import open_store
 
     store = open_store(str(tmp_path / "store"))
     inputs = _inputs(tmp_path, [10, 20, 30, 40])
     batches = []
     for i, pair in enumerate((inputs[:2], inputs[2:])):
-        files = [FileIngest(input=inp, docs=0, cache_key=f"key-{inp.uri}", read=True) for inp in pair]
-        ingest_batches.write_file_table(files, tmp_path / f"files{i}.parquet")
+        keys = [f"key-{inp.uri}" for inp in pair]
+        results = [ingest_batches.FileResult(0, [], reused=False) for _ in pair]
+        ingest_batches.write_file_table(pair, keys, results, tmp_path / f"files{i}.parquet")
         ref = store.put_file(tmp_path / f"files{i}.parquet", f"ingest/files{i}.parquet")
         uris = [inp.uri for inp in pair]
         batches.append(

@@ -340,3 +340,26 @@ def _task_run_names(flow_run_id) -> list[str]:
         return sorted(run.name.rsplit("-", 1)[0] for run in runs)
 
     return asyncio.run(read())
+
+
+def test_ingest_cache_keys_follow_every_field_of_every_file_and_the_settings():
+    from dapt.tasks.data import ingest_batch_key, ingest_keys
+    from dapt_core.config import IngestConfig
+    from dapt_core.manifest import InputFile
+
+    batch = [
+        InputFile(uri=f"/in/{i}.txt", source="notes", kind="domain", fingerprint=f"sha-{i}", bytes=10 + i)
+        for i in range(3)
+    ]
+    cfg = IngestConfig()
+    key, keys = ingest_batch_key(batch, cfg), ingest_keys(batch, cfg)
+    assert ingest_batch_key(list(batch), cfg) == key and len(set(keys)) == 3
+    changes = {"uri": "/in/x.txt", "source": "other", "kind": "general", "text_field": "body", "fingerprint": "sha-x"}
+    for field, value in {**changes, "bytes": 99}.items():
+        changed = [batch[0], batch[1].model_copy(update={field: value}), batch[2]]
+        assert ingest_batch_key(changed, cfg) != key, field
+        assert [a == b for a, b in zip(ingest_keys(changed, cfg), keys)] == [True, False, True], field
+    assert ingest_batch_key(batch, IngestConfig(max_doc_bytes=1000)) != key
+    assert ingest_keys(batch, IngestConfig(max_doc_bytes=1000)) != keys
+    # How files are grouped shapes the batch, not a file's rows: a file keeps its key when batching changes.
+    assert ingest_keys(batch, IngestConfig(batch_files=7)) == keys
