@@ -583,7 +583,8 @@ def main() -> None:
         "--rounds",
         type=int,
         default=3,
-        help="runs of each layout in the many-small-files arm, taking turns; the ratio is of the medians (default 3)",
+        help="runs of each layout in the many-small-files arm (taking turns) and of the incremental refresh; their "
+        "medians count (default 3)",
     )
     p.add_argument(
         "--refresh-scale",
@@ -618,7 +619,10 @@ def main() -> None:
             "ray": prepare_scale.ray_arm,
         }
         for arm in a.arms.split(","):
-            extra = {"incremental": {"scales": (1, a.refresh_scale)}, "small-files": {"rounds": a.rounds}}.get(arm, {})
+            extra = {
+                "incremental": {"scales": (1, a.refresh_scale), "rounds": a.rounds},
+                "small-files": {"rounds": a.rounds},
+            }.get(arm, {})
             out += arms[arm](data, a.files, spawn, worker_log, **extra)
         print(
             "\n".join(

@@ -165,39 +165,31 @@ def _local_inputs(
 def _walk(
     top: Path, root: Path, make_input: Callable, quarantine: Callable, memo: FingerprintMemo | None
 ) -> Iterator[InputFile | QuarantineRecord]:
-    """Every file under `top`, on string paths: a refresh walks the whole corpus to find the few new files, and a
-    Path object per file cost as much as the rest of the walk."""
-    errors: list[OSError] = []
-    for dirpath, dirnames, filenames in os.walk(os.path.abspath(top), onerror=errors.append):
-        for name in sorted(dirnames):
-            if name.startswith("."):
-                dirnames.remove(name)
-            elif os.path.islink(os.path.join(dirpath, name)):
-                dirnames.remove(name)  # never followed: a linked folder inside the root is walked through its real path
-                if not _inside(Path(dirpath, name), root):
-                    yield _outside_root(Path(dirpath, name), root, quarantine)
-        for name in sorted(filenames):
-            if name.startswith("."):
+    """Every file under `top` (in no particular order: discovery sorts). A refresh walks the whole corpus to find the
+    few new files, so this is os.scandir on string paths: a folder entry says whether it is a file, a folder or a
+    link without a system call, and its stat is the one lstat a file needs."""
+    folders = [os.path.abspath(top)]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as e:
+            yield quarantine(file=folder, reason="unreadable", detail=f"cannot list folder: {e}; check its permissions")
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            path = os.path.join(dirpath, name)
-            try:
-                entry = os.lstat(path)
-            except OSError:
-                entry = None  # _local_file says why
-            if entry is not None and not stat.S_ISLNK(entry.st_mode):
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+            elif not entry.is_symlink():
                 # Not a link, in a folder walked through its real path inside the root: inside the root too, so
                 # no realpath (two per file cost more than the file's sha256 on a folder of small notes).
-                yield _local_file(path, make_input, quarantine, memo, entry)
-            elif _inside(Path(path), root):
-                yield _local_file(path, make_input, quarantine, memo)
-            else:
-                yield _outside_root(Path(path), root, quarantine)
-    for e in errors:
-        yield quarantine(
-            file=os.path.abspath(e.filename),
-            reason="unreadable",
-            detail=f"cannot list folder: {e}; check its permissions",
-        )
+                yield _local_file(entry.path, make_input, quarantine, memo, entry)
+            elif not _inside(Path(entry.path), root):
+                yield _outside_root(Path(entry.path), root, quarantine)
+            elif not entry.is_dir():  # a linked folder inside the root is walked through its real path
+                yield _local_file(entry.path, make_input, quarantine, memo)
 
 
 def _outside_root(path: Path, root: Path, quarantine: Callable) -> QuarantineRecord:
@@ -214,16 +206,15 @@ def _local_file(
     make_input: Callable,
     quarantine: Callable,
     memo: FingerprintMemo | None,
-    st: os.stat_result | None = None,
+    entry: os.DirEntry | None = None,
 ) -> InputFile | QuarantineRecord:
-    """`st`: the file's stat when the caller has it (not a link), and then `path` is absolute and normalised (a walk's
-    path: no abspath for each of a corpus's files)."""
-    uri = os.fspath(path) if st is not None else os.path.abspath(path)
-    name = uri.rpartition(os.sep)[2]
+    """`entry`: the walk's folder entry of a file that is not a link; its path is absolute and normalised already (no
+    abspath, no name parsing for each of a corpus's files) and it stats the file without following links."""
+    uri, name = (entry.path, entry.name) if entry is not None else (os.path.abspath(path), os.path.basename(path))
     if _format(name) is None:
         return quarantine(file=uri, reason="unsupported_format", detail=_unsupported_detail(name))
     try:
-        st = st or os.stat(path)
+        st = entry.stat(follow_symlinks=False) if entry is not None else os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             return quarantine(file=uri, reason="unreadable", detail="not a regular file (device, FIFO or socket)")
         fingerprint = memo.fingerprint(uri, st, lambda: sha256_file(path)) if memo else sha256_file(path)

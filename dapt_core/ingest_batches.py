@@ -14,6 +14,7 @@ import bisect
 import hashlib
 import json
 import operator
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +43,18 @@ FILES_SCHEMA = pa.schema(
 )
 
 
-def plan_batches(inputs: list[InputFile], target_bytes: int, target_files: int) -> list[list[InputFile]]:
+def plan_batches(
+    inputs: list[InputFile], target_bytes: int, target_files: int, ends: Collection[str] = ()
+) -> list[list[InputFile]]:
     """Consecutive runs of `inputs` (in order) that share a kind and source, of about `target_bytes` or
     `target_files`, whichever comes first: a batch ends after a file with probability
     max(its bytes / target_bytes, 1 / target_files), decided by a hash of its uri, so each boundary depends on that
-    file alone and a new file in the middle of a source changes one batch. 4 x target_files is a hard limit."""
+    file alone and a new file in the middle of a source changes one batch. 4 x target_files is a hard limit.
+
+    A batch also ends after each uri in `ends`: the last files of the last run's batches. A source's last batch has
+    no boundary after it, so files added after it (a new folder, a later date: a nightly drop) would join it, and it
+    would be read and cleaned again; so they start a batch of their own."""
+    ends = frozenset(ends)
     batches: list[list[InputFile]] = []
     current: list[InputFile] = []
     for inp in inputs:
@@ -55,7 +63,11 @@ def plan_batches(inputs: list[InputFile], target_bytes: int, target_files: int) 
             current = []
         current.append(inp)
         draw = xxhash.xxh64_intdigest(inp.uri.encode("utf-8", "surrogatepass")) / 2.0**64
-        if draw < max(inp.bytes / target_bytes, 1 / target_files) or len(current) >= 4 * target_files:
+        if (
+            draw < max(inp.bytes / target_bytes, 1 / target_files)
+            or len(current) >= 4 * target_files
+            or inp.uri in ends
+        ):
             batches.append(current)
             current = []
     if current:

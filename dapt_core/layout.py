@@ -9,7 +9,8 @@ finished stage is never overwritten; `runs/<project>/` holds the small run manif
     ├── ingest/<kind>/<source>/<batch key>.files.parquet   ingest_files_key: its per-file records
     ├── clean/<clean key>/                             clean_prefix: the cleaned corpus
     │   └── domain.parquet, general.parquet, decisions.parquet, stats.json, stats.md
-    ├── clean/parts/<part hash>/                       clean_part_prefix: a shard's clean parts or dedup scatter
+    ├── clean/parts/<part hash>/                       clean_part_prefix: a shard's clean parts, its dedup scatter,
+    │                                                  or a run's near-duplicate clusters
     ├── tokenizer/<tokenizer key>/                     tokenizer_prefix
     │   ├── model/                                     tokenizer_model_key: extended tokenizer (+ resized model)
     │   └── report.json, report.md                     tokenizer_report_key
@@ -54,8 +55,9 @@ def clean_prefix(key: str) -> str:
 
 
 def clean_part_prefix(part_hash: str) -> str:
-    """Files computed from one shard and kept for a refresh: its per-document clean pass (docs, MinHash signatures,
-    LSH band keys) or its dedup scatter (`dapt_core/clean/parts.py`)."""
+    """Files kept for a refresh: a shard's per-document clean pass (docs, MinHash signatures, LSH band keys) or its
+    dedup scatter (`dapt_core/clean/parts.py`), or the near-duplicate clusters of a run's shards
+    (`dapt_core/clean/dedup.py`)."""
     return f"clean/parts/{part_hash}"
 
 

@@ -63,7 +63,7 @@ def test_a_file_hashed_right_after_it_was_written_is_hashed_again(tmp_path):
     note.write_text("first")
     first = FingerprintMemo()
     _discover(root, first)
-    stamp = first.seen[str(note)]
+    stamp = first.stamp(str(note))
     assert stamp.hashed_ns - stamp.mtime_ns < RACY_NS
     note.write_text("again")  # same size; on a coarse-mtime filesystem, possibly the same mtime
     os.utime(note, ns=(stamp.mtime_ns, stamp.mtime_ns))

@@ -84,3 +84,40 @@ def test_a_damaged_stored_part_is_computed_again(tmp_path, signed_docs):
     signed_docs.clear()  # the first run's
     again = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "two", cache=cache)
     assert sum(signed_docs) == 3 and again.kept_docs == 3
+
+
+def test_a_new_document_bridging_two_earlier_clusters_merges_them_as_a_full_run_does(tmp_path, monkeypatch):
+    """A refresh pairs and verifies only the LSH buckets of the new documents and takes the earlier clusters from the
+    last run. A new text close to both A (cluster 0) and B (cluster 1), which are not close to each other, joins the
+    two clusters in a full run: B, kept before, becomes a near duplicate of A. A cluster no new document comes near
+    (C and its copy) is only in the last run's clusters. The refresh must end as the full run does."""
+    text = (prose(1, "domain") + " " + prose(2, "general")).split()
+    cut = len(text) // 11  # Jaccard of 5-word shingles: text~A 0.84, text~B 0.87, A~B 0.72 (threshold 0.8)
+    a = " ".join(text[:-cut] + prose(801, "general").split()[:cut])
+    b = " ".join(prose(802, "general").split()[:cut] + text[cut:])
+    c = prose(3)
+    old = [write_shard(tmp_path / "old0.parquet", [a, near_copy(a, 1), b, near_copy(b, 2), c, near_copy(c, 3)])]
+    new = [write_shard(tmp_path / "refresh0.parquet", [" ".join(text)])]
+    store = open_store(str(tmp_path / "store"))
+    cache = lambda shards: StorePartCache(store, {s: sha256_file(s) for s in shards}, "code-v1")  # noqa: E731
+    first = clean_corpus(old, [], [], CleanConfig(), tmp_path / "first", cache=cache(old))
+
+    touched: list[int | None] = []  # buckets each reduce task paired: None for all of them
+    real_reduce = shuffle.reduce_partition
+    monkeypatch.setattr(
+        shuffle,
+        "reduce_partition",
+        lambda job: touched.append(job.touched and pq.read_metadata(job.touched).num_rows) or real_reduce(job),
+    )
+    refresh = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "refresh", cache=cache(old + new))
+    assert touched == [CleanConfig().dedup.bands]  # the new document's buckets, one a band
+    full = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "full")
+    assert_same_clean_outputs(refresh, full)
+
+    def old_rows(out):
+        rows = pq.read_table(out.decisions_path).to_pylist()
+        return {r["position"]: (r["status"], r["cluster_id"]) for r in rows if r["file"] == "old0.txt"}
+
+    assert old_rows(first)["line 3"] == ("kept", 1)
+    assert old_rows(refresh)["line 3"] == ("dropped", 0)
+    assert old_rows(refresh)["line 6"] == ("dropped", 1)

@@ -571,6 +571,19 @@ def test_batches_hold_about_the_target_and_one_new_file_changes_one_batch(tmp_pa
     assert len(after) - len(changed) >= len(batches) - 1
 
 
+def test_files_added_after_the_last_batch_start_a_batch_of_their_own():
+    """A nightly drop sorts after everything seen before: with the last run's batch ends, no earlier batch changes."""
+    made = lambda uri: InputFile(uri=uri, source="s", kind="domain", fingerprint=uri, bytes=1000)  # noqa: E731
+    files = [made(f"/in/s/{i:05d}.txt") for i in range(300)]
+    added = [made(f"/in/s/zz-drop/{i:03d}.txt") for i in range(40)]
+    before = plan_batches(files, target_bytes=50_000, target_files=200)
+    joined = plan_batches(files + added, target_bytes=50_000, target_files=200)
+    assert before[-1] not in joined  # no boundary after the last old file: the new files join its batch
+    after = plan_batches(files + added, target_bytes=50_000, target_files=200, ends={b[-1].uri for b in before})
+    assert after[: len(before)] == before
+    assert [f for b in after[len(before) :] for f in b] == added
+
+
 def test_a_batch_reads_only_files_without_earlier_rows(tmp_path, monkeypatch):
     import dapt_core.ingest as ingest
 

@@ -311,6 +311,22 @@ def test_refresh_signs_only_new_files_and_reports_duplicates_of_earlier_document
     assert second.clean.dropped.get("near_duplicate", 0) == first.clean.dropped.get("near_duplicate", 0) + 1
 
 
+def test_files_added_after_the_last_ones_make_a_batch_of_their_own(prefect_harness, tmp_path):
+    """A source's last batch has no boundary after it; the last run's batch ends keep it as it was, so a nightly
+    drop in a new folder is the only batch read and cleaned again."""
+    dirs = write_corpus(tmp_path)
+    cfg = load_config(write_config(tmp_path, dirs))
+    first = prepare_flow(cfg)
+    drop = dirs["domain"] / "zz-drop"
+    drop.mkdir()
+    (drop / "a.txt").write_text(prose(4242, "domain"))
+    (drop / "b.txt").write_text(prose(4243, "domain"))
+    second = prepare_flow(cfg)
+    assert all(batch in second.ingested for batch in first.ingested)
+    new_batches = [batch for batch in second.ingested if batch not in first.ingested]
+    assert sum(b.file_count for b in new_batches) == 2 and all(str(drop) in b.first_uri for b in new_batches)
+
+
 def _task_run_names(flow_run_id) -> list[str]:
     """The task runs of a flow run, by task name (sorted)."""
     import asyncio

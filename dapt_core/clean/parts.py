@@ -5,8 +5,10 @@ clean stage's work, and each shard's result depends only on that shard, the clea
 code. Its three parts (docs, signatures, bands; `seq` numbered within the shard) are kept in the artifact store under
 a key of exactly those inputs: a nightly refresh computes them for the shards of new or changed files and reuses the
 stored signatures of everything seen before. The dedup shuffle's map output of a shard is kept the same way (`dedup`),
-keyed also on where the shard sits in the corpus. The set work (LSH buckets, verification, components, decisions) then
-runs over all parts, so the result is the one a full run on the union gives.
+keyed also on where the shard sits in the corpus, and so are a run's near-duplicate clusters, keyed on its shards' map
+outputs: a refresh whose new shards come after the earlier ones pairs only the LSH buckets holding a new document. The
+rest of the set work (exact groups, components, decisions, the kept corpus) runs over all parts, so the result is the
+one a full run on the union gives.
 """
 
 from __future__ import annotations

@@ -51,6 +51,9 @@ _QUARANTINE = pa.schema(
     [(c, pa.string()) for c in ("doc_uid", "source", "kind", "file", "position", "reason", "detail")]
 )
 _ROW_GROUP_BYTES = 4 << 20  # output row groups of ~4 MiB of text bound the writer's buffers (and a reader's)
+# zstd at level 1 (pyarrow's default; DuckDB's is 3): the kept corpus is written again on every refresh, level 1 wrote
+# it 1.6x as fast for 12% more bytes, and reading is as fast at any level.
+_ZSTD = "COMPRESSION zstd, COMPRESSION_LEVEL 1"
 
 
 @dataclass
@@ -109,7 +112,7 @@ def clean_corpus(
         con.execute(f"""
             COPY (SELECT doc_uid, doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id, detail
                   FROM decided ORDER BY kind = 'general', source, file, seq NULLS LAST, position)
-            TO {literal(decisions)} (FORMAT parquet, COMPRESSION zstd)""")
+            TO {literal(decisions)} (FORMAT parquet, {_ZSTD})""")
         kept = _write_kept(con, [p.docs for p in parts], scratch / "kept_flags.parquet", workdir)
         stats = corpus_stats(con)
     finally:
@@ -322,6 +325,6 @@ def _write_kept(con: duckdb.DuckDBPyConnection, docs: list[Path], flags: Path, w
             COPY (SELECT d.doc_id, d.text, d.source, d.kind, d.file, d.position
                   FROM {parquet_source(docs)} d POSITIONAL JOIN read_parquet({literal(flags)}) f
                   WHERE f.{kind})
-            TO {literal(path)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group})""")
+            TO {literal(path)} (FORMAT parquet, {_ZSTD}, ROW_GROUP_SIZE {row_group})""")
         paths[kind] = path
     return paths

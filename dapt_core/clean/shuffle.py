@@ -91,6 +91,9 @@ class ReduceJob:
     cfg: DedupConfig
     memory_limit: str  # DuckDB's, in this task
     exact_out: Path
+    touched: Path | None = None
+    """Parquet of the (band, key) buckets that hold a new document: only those are paired and verified (the clusters
+    of the others are known from the last run, `dedup.find_duplicates`); None: every bucket."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,8 @@ def _candidates(con: duckdb.DuckDBPyConnection, job: ReduceJob) -> None:
     """Table `candidates(head, head_rank, seq, rank)`: each bucket member paired with the bucket's best-ranked one,
     exact duplicates left out (only the best-ranked row of each text_hash in a bucket stays, when cfg.exact)."""
     rows = _rows_of(job.bands_in, job.partition)
+    if job.touched is not None:  # whole buckets, old members and new
+        rows = f"(SELECT * FROM {rows} SEMI JOIN read_parquet({literal(job.touched)}) USING (band, key))"
     banded = (
         f"SELECT band, key, arg_min(seq, rank) AS seq, min(rank) AS rank FROM {rows} GROUP BY band, key, text_hash"
         if job.cfg.exact
