@@ -329,7 +329,7 @@ def run_pipeline(corpus: Path, evals: Path, work: Path, timers: Timers | None) -
     """ingest (discover + ingest_files per file) then clean_corpus, timed, as `dapt prepare` does without Prefect."""
     from dapt_core.clean import clean_corpus
     from dapt_core.config import CleanConfig, IngestConfig, SourceConfig
-    from dapt_core.ingest import discover_inputs
+    from dapt_core.discovery import discover_inputs
     from dapt_core.ingest_batches import ingest_files
 
     shutil.rmtree(work, ignore_errors=True)

@@ -228,7 +228,7 @@ def corpus_texts(cfg: DaptConfig) -> CorpusTexts:
 
 def _raw_texts(cfg: DaptConfig, kind: str, sources: list) -> Iterator[str]:
     """Read raw inputs through the ingest readers (same formats, same quarantine), one file at a time."""
-    from dapt_core.ingest import discover_inputs
+    from dapt_core.discovery import discover_inputs
     from dapt_core.ingest_batches import ingest_files
 
     for source in sources:

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 import dapt_core.clean as clean
-import dapt_core.ingest as ingest
+import dapt_core.discovery as discovery
 import dapt_core.ingest_batches as ingest_batches
 from dapt.tasks.caching import check_result_record, refresh_requested
 from dapt.tasks.retries import retry_if_worthwhile
@@ -87,7 +87,7 @@ def discover_task(
     refused: list[QuarantineRecord] = []
     for kind, sources in (("domain", data.domain), ("general", data.general), ("eval", data.eval)):
         for source in sources:
-            files, bad = ingest.discover_inputs(source, kind, memo)
+            files, bad = discovery.discover_inputs(source, kind, memo)
             found[kind] += files
             refused += bad
     if store and memo and memo.changed:

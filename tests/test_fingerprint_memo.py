@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from dapt.flows.prepare import prepare_flow
-from dapt_core import ingest
+from dapt_core import discovery
 from dapt_core.config import SourceConfig, load_config
 from dapt_core.fingerprints import RACY_NS, FingerprintMemo
 from dapt_core.hashing import sha256_file
@@ -21,7 +21,7 @@ def _age(path: Path, seconds: float = 60) -> None:
 
 
 def _discover(root: Path, memo: FingerprintMemo | None) -> dict[str, str]:
-    inputs, _ = ingest.discover_inputs(SourceConfig(name="s", paths=[str(root)]), "domain", memo)
+    inputs, _ = discovery.discover_inputs(SourceConfig(name="s", paths=[str(root)]), "domain", memo)
     return {Path(i.uri).name: i.fingerprint for i in inputs}
 
 
@@ -87,8 +87,8 @@ def test_prepare_hashes_only_new_files_unless_told_to_rehash(prefect_harness, tm
     for path in inputs:
         _age(path)  # written before the last run, not racily clean
     hashed: list[str] = []
-    real_sha256 = ingest.sha256_file
-    monkeypatch.setattr(ingest, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
+    real_sha256 = discovery.sha256_file
+    monkeypatch.setattr(discovery, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
     cfg = load_config(write_config(tmp_path, dirs))
     first = prepare_flow(cfg)
     assert {str(p) for p in inputs} <= set(hashed)

@@ -18,11 +18,12 @@ import pytest
 from pypdf import PdfWriter
 from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
-from dapt_core import ingest
+from dapt_core import discovery, ingest
 from dapt_core.config import IngestConfig, SourceConfig
+from dapt_core.discovery import discover_inputs
 from dapt_core.faults import StoreError
 from dapt_core.hashing import sha256_file
-from dapt_core.ingest import INGEST_SCHEMA, Document, discover_inputs, read_documents
+from dapt_core.ingest import INGEST_SCHEMA, Document, read_documents
 from dapt_core.ingest_batches import (
     EarlierFile,
     ingest_batch,
@@ -301,7 +302,7 @@ def test_unreadable_file_is_quarantined(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ingest, "_open", denied)  # tests run as root, where chmod 000 does not stop reads
     assert reasons(read(p)) == [("file", "unreadable")]
-    monkeypatch.setattr(ingest, "sha256_file", denied)
+    monkeypatch.setattr(discovery, "sha256_file", denied)
     inputs, refused = discover_inputs(SourceConfig(name="s", paths=[str(tmp_path)]), "domain")
     assert inputs == [] and [(q.file, q.reason) for q in refused] == [(str(p), "unreadable")]
 
@@ -699,6 +700,4 @@ def test_earlier_files_reads_only_the_tables_of_batches_whose_uri_range_holds_a_
     ],
 )
 def test_a_files_format_is_its_suffix_and_gz_files_are_known_by_their_last_two(name, fmt):
-    from dapt_core.ingest import _format
-
-    assert _format(name) == fmt
+    assert ingest.file_format(name) == fmt

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import dapt_core.clean as clean
+import dapt_core.discovery as discovery
 import dapt_core.ingest as ingest
 from dapt.flows.cli import app
 from dapt.flows.prepare import prepare_flow
@@ -250,14 +251,14 @@ def test_input_deleted_after_discovery_fails_once_and_is_not_cached(prefect_harn
     cfg = load_config(write_config(tmp_path, dirs))
     victim = dirs["domain"] / "note0.txt"
     content = victim.read_text()
-    real_discover = ingest.discover_inputs
+    real_discover = discovery.discover_inputs
 
     def discover_then_delete(*a, **kw):
         found = real_discover(*a, **kw)
         victim.unlink(missing_ok=True)
         return found
 
-    monkeypatch.setattr(ingest, "discover_inputs", discover_then_delete)
+    monkeypatch.setattr(discovery, "discover_inputs", discover_then_delete)
     with pytest.raises(StoreError, match=f"{victim}: deleted after it was discovered") as e:
         prepare_flow(cfg)
     assert e.value.kind == "vanished"
@@ -265,7 +266,7 @@ def test_input_deleted_after_discovery_fails_once_and_is_not_cached(prefect_harn
 
     # Had the failed read been cached (as an 'unreadable' file under the same content hash), the restored file
     # would come back from the cache with no documents.
-    monkeypatch.setattr(ingest, "discover_inputs", real_discover)
+    monkeypatch.setattr(discovery, "discover_inputs", real_discover)
     victim.write_text(content)
     counters["ingest"].clear()
     result = prepare_flow(cfg)

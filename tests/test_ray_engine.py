@@ -14,8 +14,8 @@ import pytest
 
 from dapt_core.clean import clean_corpus, shuffle
 from dapt_core.config import CleanConfig, IngestConfig, SourceConfig, load_config
+from dapt_core.discovery import discover_inputs
 from dapt_core.engine import LocalEngine, RayEngine
-from dapt_core.ingest import discover_inputs
 from dapt_core.ingest_batches import BatchJob, plan_batches, run_batch
 from dapt_core.store import open_store
 from tests.corpus import assert_same_clean_outputs, near_copy, prose, write_config, write_corpus
@@ -52,13 +52,11 @@ def _corpus(root: Path) -> tuple[list[Path], list[Path], list]:
     for kind, folder in (("domain", dirs["domain"]), ("general", dirs["general"]), ("eval", dirs["eval"])):
         inputs, _ = discover_inputs(SourceConfig(name=kind, paths=[str(folder)]), kind)
         for i, batch in enumerate(plan_batches(inputs, cfg.batch_bytes, cfg.batch_files)):
-            out = run_batch(
-                BatchJob(
-                    batch, [f"k{j}" for j in range(len(batch))], cfg, str(root / "store"), f"{kind}/{i}.parquet", []
-                )
-            )
+            keys = [f"k{j}" for j in range(len(batch))]
+            store_uri, prefix = str(root / "store"), f"{kind}/{i}"
+            out = run_batch(BatchJob(batch, keys, cfg, store_uri, f"{prefix}.parquet", f"{prefix}.files.parquet", []))
             (evals if kind == "eval" else shards).append(Path(out.shard.uri))
-            quarantined += [q for r in out.files for q in r.quarantined]
+            quarantined += out.quarantined
     assert len(shards) > 3
     return shards, evals, quarantined
 
