@@ -169,8 +169,8 @@ def worker_prepare(args: dict) -> dict:
         nochange_s = time.perf_counter() - t0
         before = work / "store-before-refresh"
         shutil.copytree(cfg.store, before)
-        for round in range(args.get("refresh_rounds", 1)):
-            if round:
+        for i in range(args.get("refresh_rounds", 1)):
+            if i:
                 shutil.rmtree(cfg.store)
                 shutil.copytree(before, cfg.store)
             shutil.move(args["refresh"], Path(args["corpus"]) / Path(args["refresh"]).name)

@@ -142,15 +142,16 @@ def _may_hold(batch: IngestBatchManifest, sorted_uris: list[str]) -> bool:
     return i < len(sorted_uris) and sorted_uris[i] <= batch.last_uri
 
 
-_INPUT_COLUMNS = ("uri", "source", "kind", "text_field", "fingerprint", "bytes")
-_input_row = operator.attrgetter(*_INPUT_COLUMNS)
+INPUT_FIELDS = tuple(InputFile.model_fields)  # a per-file record's input columns: every field of its InputFile
+input_row = operator.attrgetter(*INPUT_FIELDS)
+"""An InputFile's fields as a tuple, in INPUT_FIELDS order: what its records and its cache keys are made of."""
 
 
 def write_file_table(inputs: list[InputFile], keys: list[str], results: list[FileResult], path: Path) -> None:
     """The per-file records of a batch (one per input, with its per-file cache key and what its ingest found) as
     Parquet (FILES_SCHEMA; quarantine records as JSON). Written from columns: a FileIngest per file cost ~2 us."""
-    rows = [_input_row(inp) for inp in inputs]
-    columns = {name: [row[i] for row in rows] for i, name in enumerate(_INPUT_COLUMNS)}
+    rows = [input_row(inp) for inp in inputs]
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(INPUT_FIELDS)}
     columns |= {
         "cache_key": keys,
         "docs": [r.docs for r in results],
@@ -172,7 +173,7 @@ def read_file_table(path: Path, only: set[str] | None = None) -> list[FileIngest
         table = table.filter(pc.is_in(table.column("uri"), value_set=pa.array(sorted(only), pa.string())))
     return [
         FileIngest(
-            input=InputFile(**{k: row[k] for k in _INPUT_COLUMNS}),
+            input=InputFile(**{k: row[k] for k in INPUT_FIELDS}),
             docs=row["docs"],
             quarantined=[QuarantineRecord(**q) for q in json.loads(row["quarantined"])],
             cache_key=row["cache_key"],

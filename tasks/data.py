@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 import sys
 from pathlib import Path
 
@@ -38,15 +37,12 @@ INGEST_CODE = code_version(ingest_batches.run_batch, task_module=sys.modules[__n
 CLEAN_CODE = code_version(clean.clean_corpus, task_module=sys.modules[__name__])
 
 
-_INPUT_FIELDS = operator.attrgetter(*InputFile.model_fields)
-
-
 def ingest_keys(batch: list[InputFile], cfg: IngestConfig) -> list[str]:
     """Each file's cache key: a later batch holding the file with this key reuses its rows. The settings that shape a
     file's rows, hashed once; each file's fields as a JSON row (a model dump per file cost ~10 us, for every file a
     batch reads)."""
     settings = stable_hash(cfg.model_dump(exclude={"batch_bytes", "batch_files"}), INGEST_CODE)
-    rows = (json.dumps(_INPUT_FIELDS(inp)) for inp in batch)
+    rows = (json.dumps(ingest_batches.input_row(inp)) for inp in batch)
     return ["ingest-" + hashlib.sha256(f"{settings}\n{row}".encode()).hexdigest() for row in rows]
 
 
@@ -54,7 +50,7 @@ def ingest_batch_key(batch: list[InputFile], cfg: IngestConfig) -> str:
     """A batch's cache key: every field of its files, as JSON rows (a model dump per file cost ~3 ms a batch, paid
     for every batch of every run: a refresh looks up each batch's key), hashed before it joins the settings (inside
     stable_hash's JSON the rows would be escaped once more: 0.5 us a file, and the key is made three times a run)."""
-    files = json.dumps([_INPUT_FIELDS(inp) for inp in batch])
+    files = json.dumps([ingest_batches.input_row(inp) for inp in batch])
     return "ingest-batch-" + stable_hash(hashlib.sha256(files.encode()).hexdigest(), cfg, INGEST_CODE)
 
 
