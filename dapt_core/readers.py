@@ -8,11 +8,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 
-def parquet_rows(path: Path, columns: list[str]) -> Iterator[tuple]:
-    """Rows of a (possibly large) Parquet file, streamed in batches."""
-    for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=2048):
-        yield from zip(*(batch.column(c).to_pylist() for c in columns))
+def parquet_rows(paths: list[Path], columns: list[str]) -> Iterator[tuple]:
+    """Rows of (possibly large) Parquet files, one after another (the parts of a kept corpus), streamed in batches."""
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=2048):
+            yield from zip(*(batch.column(c).to_pylist() for c in columns))
 
 
-def parquet_texts(path: Path, column: str = "text") -> Iterator[str]:
-    yield from (t for (t,) in parquet_rows(path, [column]) if t)
+def parquet_texts(paths: list[Path], column: str = "text") -> Iterator[str]:
+    yield from (t for (t,) in parquet_rows(paths, [column]) if t)

@@ -28,9 +28,10 @@ def heldout_fraction(n_docs: int, fraction: float, max_docs: int) -> float:
     return min(fraction, max_docs / n_docs) if n_docs else fraction
 
 
-def split_texts(path: Path, fraction: float, max_docs: int, seed: int) -> tuple[list[str], list[str]]:
-    """(training texts, held-out texts) of a cleaned corpus Parquet, by the split packing uses."""
-    rows = list(parquet_rows(path, ["doc_id", "text"]))
+def split_texts(parts: list[Path], fraction: float, max_docs: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) of a cleaned corpus (its Parquet parts, in order), by the split packing
+    uses."""
+    rows = list(parquet_rows(parts, ["doc_id", "text"]))
     threshold = heldout_fraction(len(rows), fraction, max_docs)
     train: list[str] = []
     heldout: list[str] = []

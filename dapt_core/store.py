@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from dapt_core import leftovers
 from dapt_core.faults import RetryBudget, retry_seconds, s3_client_config, store_errors
 from dapt_core.hashing import sha256_file
-from dapt_core.manifest import ArtifactRef, DirRef
+from dapt_core.manifest import ArtifactRef, DirRef, KeptCorpus
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient as S3Client
@@ -163,6 +163,10 @@ class ArtifactStore(ABC):
                 "it runs again when its artifacts are missing (`dapt verify CONFIG` lists every damaged artifact)."
             )
         return path
+
+    def local_parts(self, corpus: KeptCorpus | None) -> list[Path]:
+        """Verified local files of a kept corpus's parts, in order; none for no corpus."""
+        return [self.local_path(ref) for ref in corpus.parts] if corpus else []
 
     def check(self, ref: ArtifactRef, full: bool = False) -> str | None:
         """What is wrong with a stored artifact, or None. Existence and size cost one stat (one HEAD on S3); `full`

@@ -28,6 +28,7 @@ from dapt_core.manifest import (
     CleanManifest,
     IngestBatchManifest,
     InputFile,
+    KeptCorpus,
     QuarantineRecord,
 )
 from dapt_core.store import open_store
@@ -170,14 +171,14 @@ def clean_task(
         # On Ray the per-shard parts go to this folder: on a multi-node cluster, TMPDIR must be shared storage.
         out = clean.clean_corpus(paths, eval_paths, quarantined, cfg, Path(tmp), open_engine(engine), parts)
         prefix = layout.clean_prefix(key)
-        put = lambda p, name: store.put_file(p, f"{prefix}/{name}") if p else None  # noqa: E731
+        put = lambda p, name: store.put_file(p, f"{prefix}/{name}")  # noqa: E731
         stats_json = Path(tmp) / "stats.json"
         stats_json.write_text(json.dumps(out.stats, indent=2, sort_keys=True, default=str))
         stats_md = Path(tmp) / "stats.md"
         stats_md.write_text(out.stats_markdown)
         return CleanManifest(
-            domain=put(out.domain_path, "domain.parquet"),
-            general=put(out.general_path, "general.parquet"),
+            domain=_kept_corpus(out.domain_parts, parts),
+            general=_kept_corpus(out.general_parts, parts),
             decisions=put(out.decisions_path, "decisions.parquet"),
             stats_json=put(stats_json, "stats.json"),
             stats_md=put(stats_md, "stats.md"),
@@ -188,6 +189,11 @@ def clean_task(
             quarantined=out.quarantined,
             code_version=CLEAN_CODE,
         )
+
+
+def _kept_corpus(paths: list[Path], parts: StorePartCache) -> KeptCorpus | None:
+    """The manifest entry of one kind's kept corpus: its parts were stored as they were written (or reused)."""
+    return KeptCorpus(parts=[parts.ref(p) for p in paths]) if paths else None
 
 
 def publish_data_report(cm: CleanManifest, store_uri: str) -> None:

@@ -57,16 +57,8 @@ def extend_tokenizer_task(
     key = tokenizer_key(clean, fingerprint, model_cfg, cfg, mix)
     check_result_record(store_uri, key)
     store = open_store(store_uri)
-    train, heldout = (
-        split.split_texts(store.local_path(clean.domain), mix.heldout_fraction, mix.max_heldout_docs, mix.seed)
-        if clean.domain
-        else ([], [])
-    )
-    general_heldout = (
-        split.split_texts(store.local_path(clean.general), mix.heldout_fraction, mix.max_heldout_docs, mix.seed)[1]
-        if clean.general
-        else []
-    )
+    train, heldout = split.split_texts(store.local_parts(clean.domain), *_split_params(mix))
+    general_heldout = split.split_texts(store.local_parts(clean.general), *_split_params(mix))[1]
     result = tokenizer_ext.extend(
         load_model(model_cfg), load_tokenizer(model_cfg), train, heldout, cfg, general_heldout_texts=general_heldout
     )
@@ -125,14 +117,14 @@ def pack_task(
         )
     with leftovers.temp_dir("pack") as tmp:
         result = pack.pack_corpus(
-            store.local_path(clean.domain) if clean.domain else None,
-            store.local_path(clean.general) if clean.general else None,
+            store.local_parts(clean.domain),
+            store.local_parts(clean.general),
             model_dir,
             mix,
             Path(tmp),
             replay_texts=replay_texts,
             refresh=pack.RefreshSpec(
-                seen=store.local_path(refresh.seen_domain),
+                seen=store.local_parts(refresh.seen_domain),
                 heldout_fractions=refresh.heldout_fractions,
                 domain_replay=mix.refresh_domain_replay,
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from dapt_core.clean import clean_corpus, shuffle
+from dapt_core.clean import clean_corpus, pipeline, shuffle
 from dapt_core.clean.identity import document_uid
 from dapt_core.clean.parts import StorePartCache
 from dapt_core.clean.stats import new_documents
@@ -72,6 +72,30 @@ def test_refresh_computes_new_shards_only_and_equals_a_full_run(tmp_path, signed
     ahead = clean_corpus(new + old, [], [], CleanConfig(), tmp_path / "ahead", cache=cache(old + new))
     assert sorted(scattered) == [0, 6, 10, 14]  # new documents ahead of the old: every old shard's rows moved
     assert ahead.kept_docs == full.kept_docs
+
+
+def test_refresh_writes_the_kept_parts_of_new_shards_and_of_shards_whose_kept_documents_changed(tmp_path, monkeypatch):
+    """The kept corpus is one part per shard, kept in the store: a refresh does not rewrite the earlier corpus. A new
+    shard whose file sorts first outranks its copy of an earlier document, so that earlier shard's part is written
+    again without it; the other earlier parts are reused, and the result is still the full run's."""
+    old_texts = [prose(200 * s + i, "domain") for s in range(3) for i in range(3)]
+    old = [write_shard(tmp_path / f"old{s}.parquet", old_texts[3 * s : 3 * s + 3]) for s in range(3)]
+    new = [write_shard(tmp_path / "aaa.parquet", [old_texts[4], prose(9100, "domain")])]  # aaa.txt sorts before old1
+    store = open_store(str(tmp_path / "store"))
+    cache = lambda shards: StorePartCache(store, {s: sha256_file(s) for s in shards}, "code-v1")  # noqa: E731
+    written: list[int] = []  # first seq of each shard whose kept part was written
+    real_write = pipeline._write_kept_part
+    monkeypatch.setattr(
+        pipeline, "_write_kept_part", lambda con, part, *a: written.append(part.first_seq) or real_write(con, part, *a)
+    )
+
+    first = clean_corpus(old, [], [], CleanConfig(), tmp_path / "first", cache=cache(old))
+    assert written == [0, 3, 6] and [pq.read_metadata(p).num_rows for p in first.domain_parts] == [3, 3, 3]
+    written.clear()
+    refresh = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "refresh", cache=cache(old + new))
+    assert written == [3, 9]  # old1 lost its copy of aaa.txt's document; old0 and old2 are reused
+    assert [pq.read_metadata(p).num_rows for p in refresh.domain_parts] == [3, 2, 3, 2]
+    assert_same_clean_outputs(refresh, clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "full"))
 
 
 def test_a_damaged_stored_part_is_computed_again(tmp_path, signed_docs):

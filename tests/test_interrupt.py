@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from dapt_core import leftovers
 from dapt_core.config import load_config
+from dapt_core.manifest import PrepareManifest
 from dapt_core.store import LocalStore, open_store
 from tests.corpus import write_config, write_corpus
 from tests.tiny_model import pretrained_general_base
@@ -243,10 +244,12 @@ def test_kill_9_during_ingest_clean_and_cpt_then_a_rerun_equals_an_undisturbed_r
     final = Dapt(config, tmpdir, tiny.home)
     assert final.finish() == 0, final.tail()
     _assert_same_weights(final.manifest(), reference[0])
-    ours = json.loads((store / "runs/test/prepare-latest.json").read_text())["clean"]
-    theirs = json.loads((reference[1] / "runs/test/prepare-latest.json").read_text())["clean"]
-    for part in ("domain", "general", "decisions"):
-        assert ours[part]["sha256"] == theirs[part]["sha256"]
+    ours, theirs = (
+        PrepareManifest.model_validate_json((root / "runs/test/prepare-latest.json").read_text()).clean
+        for root in (store, reference[1])
+    )
+    for output in ("domain", "general", "decisions"):
+        assert getattr(ours, output).sha256 == getattr(theirs, output).sha256
     assert not any((tmpdir / name).exists() for name in killed)
     assert not list(tmpdir.glob("dapt-*")) and not list(store.rglob("*.partial"))
 

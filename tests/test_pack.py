@@ -33,7 +33,8 @@ def _docs(kind: str, n: int, seed: int, min_words: int = 4, max_words: int = 120
     return out
 
 
-def _write(path: Path, kind: str, docs: list[tuple[str, str]]) -> Path:
+def _write(path: Path, kind: str, docs: list[tuple[str, str]]) -> list[Path]:
+    """A cleaned corpus of one Parquet part."""
     n = len(docs)
     pq.write_table(
         pa.table(
@@ -49,7 +50,7 @@ def _write(path: Path, kind: str, docs: list[tuple[str, str]]) -> Path:
         path,
         row_group_size=97,
     )
-    return path
+    return [path]
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +297,8 @@ def test_shards_load_with_datasets(corpus, tmp_path):
 
 def test_clear_error_without_general_text(corpus, tmp_path):
     with pytest.raises(PackError, match=r"data\.general.*mix\.self_replay"):
-        pack_corpus(corpus["domain"], None, corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path)
-    r = pack_corpus(corpus["domain"], None, corpus["tok_dir"], _cfg(general_fraction=0.0), tmp_path)
+        pack_corpus(corpus["domain"], [], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path)
+    r = pack_corpus(corpus["domain"], [], corpus["tok_dir"], _cfg(general_fraction=0.0), tmp_path)
     assert r.tokens_by_kind["general"] == 0 and r.eval_files["general"] is None
 
 
@@ -337,7 +338,7 @@ def test_self_replay_amount_determinism_and_packing(corpus, tmp_path):
     assert all(t.strip() for t in a)
 
     r = pack_corpus(
-        corpus["domain"], None, corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path, replay_texts=iter(a)
+        corpus["domain"], [], corpus["tok_dir"], _cfg(general_fraction=0.05), tmp_path, replay_texts=iter(a)
     )
     assert set(r.tokens) == {"domain-src0", "domain-src1", pack.REPLAY_SOURCE}
     assert abs(r.general_fraction - 0.05) <= 0.005 * 0.05
@@ -345,7 +346,7 @@ def test_self_replay_amount_determinism_and_packing(corpus, tmp_path):
     # general held-out documents that are the base model's own samples: the report says so
     held = pack_corpus(
         corpus["domain"],
-        None,
+        [],
         corpus["tok_dir"],
         _cfg(general_fraction=0.05, heldout_fraction=0.4),
         tmp_path / "h",
@@ -385,7 +386,7 @@ def test_refresh_packs_the_new_documents_plus_the_replay_share(corpus, tmp_path)
     cap (max_heldout_docs) that depends on the corpus size would otherwise move documents across the split."""
     docs = list(corpus["domain_docs"].items())
     earlier = _write(tmp_path / "earlier.parquet", "domain", docs[:340])
-    current = _write(tmp_path / "current.parquet", "domain", docs)
+    current = earlier + _write(tmp_path / "new.parquet", "domain", docs[340:])  # a refresh adds parts
     cfg = _cfg(general_fraction=0.05)
     first = pack_corpus(earlier, corpus["general"], corpus["tok_dir"], cfg, tmp_path / "first")
     assert first.refresh is None and first.heldout_fractions["domain"] == pytest.approx(15 / 340)

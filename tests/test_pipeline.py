@@ -11,6 +11,7 @@ import yaml
 import dapt.tasks.cpt
 from dapt.flows.dapt_pipeline import dapt_pipeline, load_state, nightly_refresh
 from dapt_core.config import load_config
+from dapt_core.manifest import ArtifactRef, RefreshBasis
 from dapt_core.store import open_store
 from tests.corpus import general_multiple_choice, prose, write_config, write_corpus
 from tests.tiny_model import pretrained_general_base
@@ -192,6 +193,15 @@ def test_refresh_lineage_is_its_own_and_never_moves_back(prefect_harness, projec
         assert load_state(cfg, "nightly") == advanced  # the lineage did not move back to the older model
     finally:
         new_file.unlink()
+
+
+def test_a_lineage_state_from_before_kept_corpus_parts_still_loads():
+    """The kept corpus used to be one file: the refresh basis of an existing lineage names it, and must still load
+    (as a corpus of that one part) after an upgrade."""
+    one_file = {"uri": "/store/clean/clean-1/domain.parquet", "sha256": "a" * 64, "bytes": 10}
+    basis = RefreshBasis.model_validate({"seen_domain": one_file, "heldout_fractions": {"domain": 0.05}})
+    assert basis.seen_domain.parts == [ArtifactRef(**one_file)]
+    assert RefreshBasis.model_validate_json(basis.model_dump_json()) == basis
 
 
 def test_refresh_after_a_config_change_is_a_full_run(prefect_harness, project, stage_calls):

@@ -23,6 +23,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from dapt_core.manifest import CleanManifest
 from tests.corpus import write_config, write_corpus
 from tests.local_services import free_port
 
@@ -211,16 +212,18 @@ def _assert_one_clear_error(run: Run, *needles: str) -> str:
 def _manifest_hashes(manifest: dict) -> dict:
     """The content of a prepare run: each ingest batch's file table and shard, every clean output (sha256s; not which
     ran or was cached)."""
-    clean = manifest["clean"]
+    clean = CleanManifest.model_validate(manifest["clean"])
     return {
         "ingested": sorted(
             (m["files"]["sha256"], m["shard"]["sha256"] if m["shard"] else None)
             for m in manifest["ingested"] + manifest["evals"]
         ),
         "clean": {
-            k: clean[k]["sha256"] for k in ("domain", "general", "decisions", "stats_json", "stats_md") if clean[k]
+            k: getattr(clean, k).sha256
+            for k in ("domain", "general", "decisions", "stats_json", "stats_md")
+            if getattr(clean, k)
         },
-        "counts": (clean["input_docs"], clean["kept_docs"], clean["dropped"]),
+        "counts": (clean.input_docs, clean.kept_docs, clean.dropped),
     }
 
 

@@ -6,9 +6,10 @@ code. Its three parts (docs, signatures, bands; `seq` numbered within the shard)
 a key of exactly those inputs: a nightly refresh computes them for the shards of new or changed files and reuses the
 stored signatures of everything seen before. The dedup shuffle's map output of a shard is kept the same way (`dedup`),
 keyed also on where the shard sits in the corpus, and so are a run's near-duplicate clusters, keyed on its shards' map
-outputs: a refresh whose new shards come after the earlier ones pairs only the LSH buckets holding a new document. The
-rest of the set work (exact groups, components, decisions, the kept corpus) runs over all parts, so the result is the
-one a full run on the union gives.
+outputs: a refresh whose new shards come after the earlier ones pairs only the LSH buckets holding a new document. A
+shard's part of the kept corpus is kept too, keyed on its parts and which of its documents were kept. The rest of the
+set work (exact groups, components, decisions) runs over all parts, so the result is the one a full run on the union
+gives.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class StorePartCache:
         self.store = store
         self.shard_hashes = shard_hashes
         self.code_version = code_version
+        self._refs: dict[Path, ArtifactRef] = {}  # every file fetched or kept, by its local path
+
+    def ref(self, path: Path) -> ArtifactRef:
+        """The stored artifact of a file this cache fetched or kept (the kept corpus's parts, for the manifest)."""
+        return self._refs[path]
 
     def key(self, shard: Path, recipe: str) -> str:
         return stable_hash(self.shard_hashes[shard], recipe, self.code_version)
@@ -89,9 +95,12 @@ class StorePartCache:
             return None
         if set(parts.files) != set(names) or any(self.store.check(ref) for ref in parts.files.values()):
             return None  # another layout, or a file missing or damaged: compute the shard again
-        return {name: self.store.local_path(parts.files[name]) for name in names}
+        paths = {name: self.store.local_path(parts.files[name]) for name in names}
+        self._refs |= {paths[name]: parts.files[name] for name in names}
+        return paths
 
     def keep(self, key: str, files: dict[str, Path]) -> None:
         prefix = layout.clean_part_prefix(key)
         refs = {name: self.store.put_file(path, f"{prefix}/{name}.parquet") for name, path in files.items()}
+        self._refs |= {files[name]: ref for name, ref in refs.items()}
         self.store.put_text(StoredParts(files=refs).model_dump_json(), f"{prefix}/parts.json")

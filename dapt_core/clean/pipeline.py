@@ -25,7 +25,7 @@ import xxhash
 
 from dapt_core.clean.decontam import EvalNgrams
 from dapt_core.clean.dedup import find_duplicates
-from dapt_core.clean.duck import connect, literal, parquet_source
+from dapt_core.clean.duck import connect, literal
 from dapt_core.clean.identity import document_uid
 from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures
 from dapt_core.clean.ngrams import tokenize
@@ -58,10 +58,11 @@ _ZSTD = "COMPRESSION zstd, COMPRESSION_LEVEL 1"
 
 @dataclass
 class CleanOutput:
-    domain_path: Path | None
-    """Kept domain documents (Parquet: doc_id, text (normalised), source, kind, file, position); None if none."""
-    general_path: Path | None
-    """Kept general documents, same schema; None if none."""
+    domain_parts: list[Path]
+    """Kept domain documents (Parquet: doc_id, text (normalised), source, kind, file, position), one part per shard
+    that kept any, in input order; empty if none."""
+    general_parts: list[Path]
+    """Kept general documents, the same way."""
     decisions_path: Path
     """One row per input document: doc_uid (unique: `identity.document_uid`), doc_id (content hash; null when
     quarantined), source, kind, file, position, status ('kept'|'dropped'), reason (null when kept), duplicate_of (the
@@ -113,7 +114,7 @@ def clean_corpus(
             COPY (SELECT doc_uid, doc_id, source, kind, file, position, status, reason, duplicate_of, cluster_id, detail
                   FROM decided ORDER BY kind = 'general', source, file, seq NULLS LAST, position)
             TO {literal(decisions)} (FORMAT parquet, {_ZSTD})""")
-        kept = _write_kept(con, [p.docs for p in parts], scratch / "kept_flags.parquet", workdir)
+        kept = {kind: _write_kept(con, kind, parts, workdir, cache) for kind in _TRAINING_KINDS}
         stats = corpus_stats(con)
     finally:
         con.close()
@@ -121,8 +122,8 @@ def clean_corpus(
 
     total = stats["total"]
     return CleanOutput(
-        domain_path=kept["domain"],
-        general_path=kept["general"],
+        domain_parts=kept["domain"],
+        general_parts=kept["general"],
         decisions_path=decisions,
         stats=stats,
         stats_markdown=stats_markdown(stats),
@@ -300,31 +301,51 @@ def _decide(con: duckdb.DuckDBPyConnection, quarantined: list[QuarantineRecord])
     con.unregister("quarantine_in")
 
 
-def _write_kept(con: duckdb.DuckDBPyConnection, docs: list[Path], flags: Path, workdir: Path) -> dict[str, Path | None]:
-    """Write the kept documents of each kind, in input order, from the normalised text in `docs`.
+def _write_kept(
+    con: duckdb.DuckDBPyConnection, kind: str, parts: list[ShardParts], workdir: Path, cache: PartCache | None
+) -> list[Path]:
+    """Write the kept documents of `kind` as one Parquet part per shard that kept any; read in order, the parts are the
+    kept corpus in input order.
 
-    A POSITIONAL JOIN against per-document keep flags (written in `docs` row order) streams the
-    text once without sorting or hashing it, so memory does not grow with the corpus.
+    A shard's part depends only on the shard's parts and on which of its documents were kept, and `cache` keeps it
+    under exactly that. A refresh therefore writes the parts of its new shards, and of the earlier shards whose kept
+    set changed (a new document can outrank an earlier duplicate), and reuses the rest.
     """
-    con.execute(f"""
-        COPY (SELECT status = 'kept' AND kind = 'domain' AS domain, status = 'kept' AND kind = 'general' AS general
-              FROM decided WHERE seq IS NOT NULL ORDER BY seq)
-        TO {literal(flags)} (FORMAT parquet)""")
-    paths: dict[str, Path | None] = {}
-    for kind in _TRAINING_KINDS:
-        path = workdir / f"{kind}.parquet"
-        path.unlink(missing_ok=True)
-        count, mean_bytes = con.execute(
-            "SELECT count(*), avg(bytes) FROM decided WHERE status = 'kept' AND kind = ?", [kind]
-        ).fetchone()
-        if count == 0:
-            paths[kind] = None
+    query = "SELECT seq FROM decided WHERE status = 'kept' AND kind = ? ORDER BY seq"
+    kept = con.execute(query, [kind]).fetchnumpy()["seq"]  # global seqs of the kind's kept documents
+    bounds = np.searchsorted(kept, [p.first_seq for p in parts] + [parts[-1].end_seq])
+    written = []
+    for i, part in enumerate(parts):
+        rows = np.asarray(kept[bounds[i] : bounds[i + 1]], np.int64) - part.first_seq  # seq within the shard
+        if not len(rows):
             continue
-        row_group = int(min(122_880, max(64, _ROW_GROUP_BYTES // max(mean_bytes, 1))))
+        key = stable_hash(part.key, kind, hashlib.sha256(rows.tobytes()).hexdigest()) if cache and part.key else None
+        if key and (found := cache.fetch(key, ("kept",))):
+            written.append(found["kept"])
+            continue
+        path = workdir / f"{kind}-{i:06d}.parquet"
+        _write_kept_part(con, part, rows, path)
+        if key:
+            cache.keep(key, {"kept": path})
+        written.append(path)
+    return written
+
+
+def _write_kept_part(con: duckdb.DuckDBPyConnection, part: ShardParts, rows: np.ndarray, path: Path) -> None:
+    """Write the documents `rows` (seq within the shard, ascending) of a shard's docs part, normalised text included.
+
+    A POSITIONAL JOIN against keep flags (in docs row order) streams the text once without sorting or hashing it. Row
+    groups hold ~_ROW_GROUP_BYTES of text, by the mean size of these documents alone, so a part's bytes depend only on
+    what its cache key names."""
+    flags = np.zeros(part.documents, bool)
+    flags[rows] = True
+    mean_bytes = pq.read_table(part.docs, columns=["bytes"]).column("bytes").to_numpy()[rows].mean()
+    row_group = int(min(122_880, max(64, _ROW_GROUP_BYTES // max(mean_bytes, 1))))
+    con.register("keep_flags", pa.table({"keep": flags}))
+    try:
         con.execute(f"""
             COPY (SELECT d.doc_id, d.text, d.source, d.kind, d.file, d.position
-                  FROM {parquet_source(docs)} d POSITIONAL JOIN read_parquet({literal(flags)}) f
-                  WHERE f.{kind})
+                  FROM read_parquet({literal(part.docs)}) d POSITIONAL JOIN keep_flags f WHERE f.keep)
             TO {literal(path)} (FORMAT parquet, {_ZSTD}, ROW_GROUP_SIZE {row_group})""")
-        paths[kind] = path
-    return paths
+    finally:
+        con.unregister("keep_flags")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class _Inputs:
     """What one pack call reads: the domain corpus and the general corpora (data.general, then self-replay)."""
 
-    domain: Path
+    domain: list[Path]
     general: list[Path]
     replay_docs: int  # self-replay documents among the general ones
     has_data_general: bool
@@ -55,8 +55,8 @@ class _Run:
 
 
 def pack_corpus(
-    domain: Path | None,
-    general: Path | None,
+    domain: list[Path],
+    general: list[Path],
     tokenizer_dir: Path,
     cfg: MixConfig,
     out_dir: Path,
@@ -65,6 +65,7 @@ def pack_corpus(
 ) -> PackResult:
     """Held-out eval files, token-exact domain/general mix, fixed-length packed Parquet shards (see the package doc).
 
+    `domain`, `general`: the cleaned corpora's Parquet parts, in order (no general parts: no data.general).
     `replay_texts` (e.g. `replay.sample_self_replay(...)`) are general documents of source "self-replay", used in
     addition to `general`; they are only consumed when cfg.general_fraction > 0. `refresh`: pack the new domain
     documents plus a replay share of earlier ones (`RefreshSpec`); with nothing new, no sequence is packed.
@@ -77,10 +78,10 @@ def pack_corpus(
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix=".pack-tmp-", dir=out_dir) as tmp_s:
         tmp = Path(tmp_s)
-        encoder = _start_encoder(Path(domain), general, cfg.general_fraction, workers)
+        encoder = _start_encoder(domain, general, cfg.general_fraction, workers)
         try:
             encoder.spec, tok_info = token_spec(Path(tokenizer_dir), tmp, cfg.document_separator)
-            inputs = _inputs(Path(domain), general, replay_texts, cfg.general_fraction, tmp, timings)
+            inputs = _inputs(domain, general, replay_texts, cfg.general_fraction, tmp, timings)
             with TokenFile(tmp / "tokens.int32") as token_file:
                 dom, gen = _read_and_hold_out(inputs, cfg, refresh, out_dir, encoder, token_file, timings)
                 if refresh is None:
@@ -122,10 +123,10 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     timings[name] = time.perf_counter() - t0
 
 
-def _check_inputs(domain: Path | None, general: Path | None, replay_texts: Iterable[str] | None, f: float) -> None:
-    if domain is None:
+def _check_inputs(domain: list[Path], general: list[Path], replay_texts: Iterable[str] | None, f: float) -> None:
+    if not domain:
         raise PackError("no domain corpus to pack: data.domain produced no cleaned documents")
-    if f > 0 and general is None and replay_texts is None:
+    if f > 0 and not general and replay_texts is None:
         raise PackError(
             f"mix.general_fraction is {f:g} but there is no general text to replay: add data.general sources "
             "(e.g. a slice of a web or book corpus), or enable mix.self_replay to sample replay text from the base "
@@ -146,29 +147,29 @@ def _clear_outputs(out_dir: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def _start_encoder(domain: Path, general: Path | None, f: float, workers: int) -> Encoder:
+def _start_encoder(domain: list[Path], general: list[Path], f: float, workers: int) -> Encoder:
     """The encoder, its worker pool started now (before the tokenizer loads) when there is enough text for it."""
-    paths = [domain] + ([Path(general)] if general is not None and f > 0 else [])
+    paths = domain + (general if f > 0 else [])
     return Encoder(workers, start_pool=text_bytes(paths) >= tokenise.INPROCESS_BYTES)
 
 
 def _inputs(
-    domain: Path,
-    general: Path | None,
+    domain: list[Path],
+    general: list[Path],
     replay_texts: Iterable[str] | None,
     f: float,
     tmp: Path,
     timings: dict[str, float],
 ) -> _Inputs:
     """The corpora to read; self-replay texts (only with f > 0) are written as one more general corpus file."""
-    general_paths = [Path(general)] if general is not None else []
+    general_paths = list(general)
     replay_docs = 0
     if replay_texts is not None and f > 0:
         with _timed(timings, "self_replay_s"):
             replay_docs = write_replay(replay_texts, tmp / "replay.parquet")
         if replay_docs:
             general_paths.append(tmp / "replay.parquet")
-    return _Inputs(domain, general_paths, replay_docs, general is not None)
+    return _Inputs(domain, general_paths, replay_docs, bool(general))
 
 
 def _read_and_hold_out(
@@ -187,7 +188,7 @@ def _read_and_hold_out(
     eval_dir = out_dir / "eval"
     with _timed(timings, "domain_tokenize_s"):
         dom = scan(
-            [inputs.domain],
+            inputs.domain,
             "domain",
             cfg,
             eval_dir / "domain.jsonl",

@@ -210,11 +210,11 @@ def write_replay(texts: Iterable[str], path: Path) -> int:
     return n
 
 
-def doc_ids(corpus: Path) -> set[str]:
+def doc_ids(parts: list[Path]) -> set[str]:
     """The document ids of a cleaned corpus (what a refresh compares the new corpus with)."""
     import pyarrow.parquet as pq
 
-    return {str(x) for x in pq.read_table(corpus, columns=["doc_id"]).column("doc_id").to_pylist()}
+    return {str(x) for p in parts for x in pq.read_table(p, columns=["doc_id"]).column("doc_id").to_pylist()}
 
 
 def in_key_order(docs: Docs, mask: np.ndarray) -> np.ndarray:

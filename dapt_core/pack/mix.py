@@ -155,7 +155,9 @@ def _general_stream(docs: Docs, budget: int, seed: int) -> tuple[np.ndarray, np.
     return idx, take, (budget / pool if everything else None)
 
 
-def refresh_domain_order(dom: Docs, path: Path, replay: float, encoder: Encoder, token_file: TokenFile) -> np.ndarray:
+def refresh_domain_order(
+    dom: Docs, paths: list[Path], replay: float, encoder: Encoder, token_file: TokenFile
+) -> np.ndarray:
     """The domain documents of a refresh, in key order: every new training document, then earlier ones (whole, in key
     order) until they are `replay` of the domain tokens. Empty when nothing is new. Only what is used is tokenised."""
     lens = dom.tok_len.astype(np.int64)
@@ -165,7 +167,7 @@ def refresh_domain_order(dom: Docs, path: Path, replay: float, encoder: Encoder,
         return fresh
     budget = int(round(replay / (1 - replay) * new_tokens))
     bytes_per_token = dom.nbytes[fresh].sum() / new_tokens
-    ensure_tokens(dom, [path], budget, bytes_per_token, encoder, token_file, mask=~dom.new)
+    ensure_tokens(dom, paths, budget, bytes_per_token, encoder, token_file, mask=~dom.new)
     earlier = in_key_order(dom, dom.train & ~dom.new & (dom.tok_off >= 0))
     count = (
         int(np.searchsorted(np.cumsum(dom.tok_len[earlier], dtype=np.int64), budget)) + 1

@@ -45,6 +45,6 @@ class RefreshSpec:
     (key order, so the replayed ones rotate with the seed only), with the lineage's held-out thresholds, so that no
     document ever moves between training and held-out."""
 
-    seen: Path
+    seen: list[Path]  # its Parquet parts
     heldout_fractions: dict[str, float]
     domain_replay: float
