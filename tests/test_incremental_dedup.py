@@ -108,6 +108,11 @@ def test_a_damaged_stored_part_is_computed_again(tmp_path, signed_docs):
     signed_docs.clear()  # the first run's
     again = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "two", cache=cache)
     assert sum(signed_docs) == 3 and again.kept_docs == 3
+    intact = sigs.read_bytes()
+    sigs.write_bytes(intact[:100] + bytes([intact[100] ^ 1]) + intact[101:])  # the same size: only its sha256 tells
+    signed_docs.clear()
+    third = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "three", cache=cache)
+    assert sum(signed_docs) == 3 and third.kept_docs == 3 and sigs.read_bytes() == intact  # stored anew
 
 
 def test_a_new_document_bridging_two_earlier_clusters_merges_them_as_a_full_run_does(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from dapt_core import layout
 from dapt_core.hashing import stable_hash
 from dapt_core.manifest import ArtifactRef
-from dapt_core.store import ArtifactStore
+from dapt_core.store import ArtifactStore, IntegrityError
 
 PART_NAMES = ("docs", "signatures", "bands")
 
@@ -95,7 +95,10 @@ class StorePartCache:
             return None
         if set(parts.files) != set(names) or any(self.store.check(ref) for ref in parts.files.values()):
             return None  # another layout, or a file missing or damaged: compute the shard again
-        paths = {name: self.store.local_path(parts.files[name]) for name in names}
+        try:
+            paths = {name: self.store.local_path(parts.files[name]) for name in names}
+        except IntegrityError:
+            return None  # damaged in place, its size unchanged: computed again, the new files replace it
         self._refs |= {paths[name]: parts.files[name] for name in names}
         return paths
 
