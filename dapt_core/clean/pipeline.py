@@ -311,12 +311,12 @@ def _write_kept(
     under exactly that. A refresh therefore writes the parts of its new shards, and of the earlier shards whose kept
     set changed (a new document can outrank an earlier duplicate), and reuses the rest.
     """
-    query = "SELECT seq FROM decided WHERE status = 'kept' AND kind = ? ORDER BY seq"
-    kept = con.execute(query, [kind]).fetchnumpy()["seq"]  # global seqs of the kind's kept documents
-    bounds = np.searchsorted(kept, [p.first_seq for p in parts] + [parts[-1].end_seq])
+    query = "SELECT seq, bytes FROM decided WHERE status = 'kept' AND kind = ? ORDER BY seq"
+    kept = con.execute(query, [kind]).fetchnumpy()  # global seqs and text sizes of the kind's kept documents
+    bounds = np.searchsorted(kept["seq"], [p.first_seq for p in parts] + [parts[-1].end_seq])
     written = []
     for i, part in enumerate(parts):
-        rows = np.asarray(kept[bounds[i] : bounds[i + 1]], np.int64) - part.first_seq  # seq within the shard
+        rows = np.asarray(kept["seq"][bounds[i] : bounds[i + 1]], np.int64) - part.first_seq  # seq within the shard
         if not len(rows):
             continue
         key = stable_hash(part.key, kind, hashlib.sha256(rows.tobytes()).hexdigest()) if cache and part.key else None
@@ -324,22 +324,23 @@ def _write_kept(
             written.append(found["kept"])
             continue
         path = workdir / f"{kind}-{i:06d}.parquet"
-        _write_kept_part(con, part, rows, path)
+        _write_kept_part(con, part, rows, float(np.mean(kept["bytes"][bounds[i] : bounds[i + 1]])), path)
         if key:
             cache.keep(key, {"kept": path})
         written.append(path)
     return written
 
 
-def _write_kept_part(con: duckdb.DuckDBPyConnection, part: ShardParts, rows: np.ndarray, path: Path) -> None:
+def _write_kept_part(
+    con: duckdb.DuckDBPyConnection, part: ShardParts, rows: np.ndarray, mean_bytes: float, path: Path
+) -> None:
     """Write the documents `rows` (seq within the shard, ascending) of a shard's docs part, normalised text included.
 
     A POSITIONAL JOIN against keep flags (in docs row order) streams the text once without sorting or hashing it. Row
-    groups hold ~_ROW_GROUP_BYTES of text, by the mean size of these documents alone, so a part's bytes depend only on
-    what its cache key names."""
+    groups hold ~_ROW_GROUP_BYTES of text, by `mean_bytes`, the mean size of these documents alone, so a part's bytes
+    depend only on what its cache key names."""
     flags = np.zeros(part.documents, bool)
     flags[rows] = True
-    mean_bytes = pq.read_table(part.docs, columns=["bytes"]).column("bytes").to_numpy()[rows].mean()
     row_group = int(min(122_880, max(64, _ROW_GROUP_BYTES // max(mean_bytes, 1))))
     con.register("keep_flags", pa.table({"keep": flags}))
     try:
