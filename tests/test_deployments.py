@@ -262,9 +262,6 @@ async def _run(services: Services, deployment: str, parameters: dict, timeout: f
         ArtifactFilterFlowRunId,
         FlowRunFilter,
         FlowRunFilterId,
-        FlowRunFilterParentFlowRunId,
-        LogFilter,
-        LogFilterFlowRunId,
     )
     from prefect.deployments import arun_deployment
 
@@ -274,19 +271,40 @@ async def _run(services: Services, deployment: str, parameters: dict, timeout: f
         while not run.state.is_final() and time.monotonic() < deadline:
             await asyncio.sleep(2)
             run = await client.read_flow_run(run.id)
-        ids, frontier = [run.id], [run.id]
-        while frontier:
-            children = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
-            )
-            frontier = [c.id for c in children]
-            ids += frontier
+        ids = await _with_subflows(client, run.id)
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
         )
         task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+        logs = await _all_logs(client, ids)
         return run, {a.key: a for a in artifacts if a.key}, {t.name: t.state.name for t in task_runs}, logs
+
+
+async def _with_subflows(client, run_id) -> list:
+    """The ids of a flow run and of its subflows, at any depth."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    ids, frontier = [run_id], [run_id]
+    while frontier:
+        children = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+        )
+        frontier = [c.id for c in children]
+        ids += frontier
+    return ids
+
+
+async def _all_logs(client, ids: list) -> list:
+    """Every log of the flow runs `ids`, oldest first. Read page by page: the API answers at most its default limit
+    (200) a request, and a pipeline run logs more, so one request cut off its last lines (the checkpoint decisions)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs: list = []
+    while page := await client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), limit=200, offset=len(logs)
+    ):
+        logs += page
+    return logs
 
 
 def _run_to_completion(services: Services, deployment: str, parameters: dict | None = None):
@@ -454,23 +472,9 @@ def test_a_killed_cpt_run_retried_from_the_ui_resumes_and_says_so(server, served
 
 async def _run_logs(services: Services, run_id) -> tuple[list, list]:
     """The ids of a flow run and its subflows, and their logs."""
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
-
     async with _client(services) as client:
-        ids, frontier = [run_id], [run_id]
-        while frontier:
-            children = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
-            )
-            frontier = [c.id for c in children]
-            ids += frontier
-        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
-        return ids, logs
+        ids = await _with_subflows(client, run_id)
+        return ids, await _all_logs(client, ids)
 
 
 @pytest.mark.integration
