@@ -54,6 +54,14 @@ class PartCache(Protocol):
         """The key of what `recipe` makes of `shard` (its content, not its path)."""
         ...
 
+    def stored(self, key: str, names: tuple[str, ...]) -> dict[str, ArtifactRef] | None:
+        """The files `names` stored under `key` when they are all there with their sizes (nothing read yet), or None."""
+        ...
+
+    def verified(self, files: dict[str, ArtifactRef]) -> dict[str, Path] | None:
+        """Local paths of stored files whose bytes match their sha256, or None when one was damaged in place."""
+        ...
+
     def fetch(self, key: str, names: tuple[str, ...]) -> dict[str, Path] | None:
         """Local paths of the files `names` stored under `key`, or None when they are not all there (intact)."""
         ...
@@ -85,7 +93,7 @@ class StorePartCache:
     def key(self, shard: Path, recipe: str) -> str:
         return stable_hash(self.shard_hashes[shard], recipe, self.code_version)
 
-    def fetch(self, key: str, names: tuple[str, ...]) -> dict[str, Path] | None:
+    def stored(self, key: str, names: tuple[str, ...]) -> dict[str, ArtifactRef] | None:
         record = f"{layout.clean_part_prefix(key)}/parts.json"
         if not self.store.exists(record):
             return None
@@ -94,13 +102,20 @@ class StorePartCache:
         except ValueError:
             return None
         if set(parts.files) != set(names) or any(self.store.check(ref) for ref in parts.files.values()):
-            return None  # another layout, or a file missing or damaged: compute the shard again
+            return None  # another layout, or a file missing or resized: compute the shard again
+        return {name: parts.files[name] for name in names}
+
+    def verified(self, files: dict[str, ArtifactRef]) -> dict[str, Path] | None:
         try:
-            paths = {name: self.store.local_path(parts.files[name]) for name in names}
+            paths = {name: self.store.local_path(ref) for name, ref in files.items()}
         except IntegrityError:
             return None  # damaged in place, its size unchanged: computed again, the new files replace it
-        self._refs |= {paths[name]: parts.files[name] for name in names}
+        self._refs |= {paths[name]: ref for name, ref in files.items()}
         return paths
+
+    def fetch(self, key: str, names: tuple[str, ...]) -> dict[str, Path] | None:
+        files = self.stored(key, names)
+        return self.verified(files) if files else None
 
     def keep(self, key: str, files: dict[str, Path]) -> None:
         prefix = layout.clean_part_prefix(key)

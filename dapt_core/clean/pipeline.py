@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,9 +155,15 @@ def _per_document_pass(
         ShardJob(None, cfg, evals, scratch / "000000")  # no training shard: one empty part keeps the SQL the same
     ]
     keys = [cache.key(job.shard, recipe) if cache and job.shard else None for job in jobs]
-    found = [cache.fetch(key, PART_NAMES) if cache and key else None for key in keys]
-    todo = [job for job, got in zip(jobs, found) if got is None]
-    engine.map(prepare_shard, todo)
+    stored = [cache.stored(key, PART_NAMES) if cache and key else None for key in keys]
+    # A refresh reuses nearly every shard's parts, and hashing them all is most of its I/O: it runs on another core
+    # (file reads and hashlib release the GIL) while this one computes the new shards' parts.
+    with ThreadPoolExecutor(1, thread_name_prefix="verify-parts") as verifier:
+        checks = [verifier.submit(cache.verified, files) if cache and files else None for files in stored]
+        engine.map(prepare_shard, [job for job, files in zip(jobs, stored) if files is None])
+        found = [check.result() if check else None for check in checks]
+    # Parts damaged in place (their size unchanged) are computed again, as missing ones are.
+    engine.map(prepare_shard, [job for job, files, got in zip(jobs, stored, found) if files and got is None])
     parts, first_seq = [], 0
     for job, key, got in zip(jobs, keys, found):
         files = got or {name: job.output(name) for name in PART_NAMES}
