@@ -177,8 +177,8 @@ def clean_task(
         stats_md = Path(tmp) / "stats.md"
         stats_md.write_text(out.stats_markdown)
         return CleanManifest(
-            domain=_kept_corpus(out.domain_parts, parts),
-            general=_kept_corpus(out.general_parts, parts),
+            domain=KeptCorpus(parts=out.domain_parts) if out.domain_parts else None,
+            general=KeptCorpus(parts=out.general_parts) if out.general_parts else None,
             decisions=put(out.decisions_path, "decisions.parquet"),
             stats_json=put(stats_json, "stats.json"),
             stats_md=put(stats_md, "stats.md"),
@@ -189,11 +189,6 @@ def clean_task(
             quarantined=out.quarantined,
             code_version=CLEAN_CODE,
         )
-
-
-def _kept_corpus(paths: list[Path], parts: StorePartCache) -> KeptCorpus | None:
-    """The manifest entry of one kind's kept corpus: its parts were stored as they were written (or reused)."""
-    return KeptCorpus(parts=[parts.ref(p) for p in paths]) if paths else None
 
 
 def publish_data_report(cm: CleanManifest, store_uri: str) -> None:

@@ -15,6 +15,7 @@ from dapt_core.ingest import INGEST_SCHEMA
 
 if TYPE_CHECKING:
     from dapt_core.clean.pipeline import CleanOutput
+    from dapt_core.manifest import ArtifactRef
 
 _DOMAIN = [
     "The patient was started on {drug} {dose} mg twice daily after the {organ} biopsy showed {finding}.",
@@ -156,11 +157,16 @@ def near_copy(text: str, k: int) -> str:
     return " ".join(words)
 
 
+def kept_table(parts: list[ArtifactRef]) -> pa.Table:
+    """The documents of a kept corpus's parts (local files, or a local store's), in order."""
+    return pq.read_table([p.uri for p in parts])
+
+
 def assert_same_clean_outputs(a: CleanOutput, b: CleanOutput) -> None:
     """Two clean runs ended in the same place: byte-identical decisions and kept corpora (or no corpus of a kind in
     either), and the same stats."""
     assert a.decisions_path.read_bytes() == b.decisions_path.read_bytes(), "the decisions differ"
     for name in ("domain_parts", "general_parts"):
-        x, y = ([p.read_bytes() for p in getattr(run, name)] for run in (a, b))
+        x, y = ([Path(p.uri).read_bytes() for p in getattr(run, name)] for run in (a, b))
         assert x == y, f"{name}: {getattr(a, name)} and {getattr(b, name)} differ"
     assert a.stats == b.stats

@@ -26,7 +26,7 @@ from dapt_core.clean.quality import quality_failures, quality_reasons
 from dapt_core.config import CleanConfig, NormalizeConfig, PrepareConfig, QualityConfig
 from dapt_core.engine import open_engine
 from dapt_core.manifest import IngestManifest, InputFile, QuarantineRecord
-from tests.corpus import assert_same_clean_outputs, write_shard
+from tests.corpus import assert_same_clean_outputs, kept_table, write_shard
 
 _SYLLABLES = [
     "ka",
@@ -164,7 +164,7 @@ def test_quality_and_normalisation_in_pipeline(tmp_path):
     messy = "  " + prose(20).replace(" ", " \t ", 5) + "\r\n\r\n\r\n\r\nＥｎｄ  "
     shard = write_shard(tmp_path / "d.parquet", [messy, prose(21, 20)], "d")
     out = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "work")
-    kept = pq.read_table(out.domain_parts).to_pylist()
+    kept = kept_table(out.domain_parts).to_pylist()
     assert [k["text"] for k in kept] == [normalize_text(messy, NormalizeConfig())]
     assert kept[0]["text"].endswith(".\n\nEnd")
     assert set(kept[0]) == {"doc_id", "text", "source", "kind", "file", "position"}
@@ -198,7 +198,7 @@ def test_exact_duplicates_across_sources_keep_domain(tmp_path):
     assert (dup["status"], dup["reason"], dup["duplicate_of"]) == ("dropped", "exact_duplicate", kept["doc_uid"])
     assert dup["cluster_id"] == kept["cluster_id"] is not None
     assert out.dropped == {"exact_duplicate": 1}
-    assert pq.read_table(out.general_parts).num_rows == 1
+    assert kept_table(out.general_parts).num_rows == 1
 
 
 def test_near_duplicates_dropped_and_unrelated_kept(tmp_path):
@@ -342,8 +342,8 @@ def test_quarantine_and_accounting(tmp_path):
     assert all((r["reason"] is None) == (r["status"] == "kept") for r in rows)
     kept_ids = {r["doc_id"] for r in rows if r["status"] == "kept"}
     written = (
-        pq.read_table(out.domain_parts).column("doc_id").to_pylist()
-        + pq.read_table(out.general_parts).column("doc_id").to_pylist()
+        kept_table(out.domain_parts).column("doc_id").to_pylist()
+        + kept_table(out.general_parts).column("doc_id").to_pylist()
     )
     assert set(written) == kept_ids and len(written) == out.kept_docs
 
@@ -352,7 +352,7 @@ def test_stats_content_and_markdown(tmp_path):
     shards, evals, quarantined = _mixed_corpus(tmp_path)
     out = clean_corpus(shards, evals, quarantined, CleanConfig(), tmp_path / "work")
     [papers] = [s for s in out.stats["sources"] if s["source"] == "papers"]
-    kept = [r for r in pq.read_table(out.domain_parts).to_pylist()]
+    kept = [r for r in kept_table(out.domain_parts).to_pylist()]
     lengths = sorted(len(r["text"].split()) for r in kept)
     assert papers["kept_bytes"] == sum(len(r["text"].encode()) for r in kept)
     assert (papers["kept_words"]["min"], papers["kept_words"]["max"]) == (lengths[0], lengths[-1])

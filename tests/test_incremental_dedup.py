@@ -90,11 +90,16 @@ def test_refresh_writes_the_kept_parts_of_new_shards_and_of_shards_whose_kept_do
     )
 
     first = clean_corpus(old, [], [], CleanConfig(), tmp_path / "first", cache=cache(old))
-    assert written == [0, 3, 6] and [pq.read_metadata(p).num_rows for p in first.domain_parts] == [3, 3, 3]
+    assert written == [0, 3, 6] and [pq.read_metadata(p.uri).num_rows for p in first.domain_parts] == [3, 3, 3]
     written.clear()
+    read: list[str] = []  # stored files the clean stage fetched (downloaded, on S3) and hashed
+    real_read = type(store).local_path
+    monkeypatch.setattr(type(store), "local_path", lambda self, ref: read.append(ref.uri) or real_read(self, ref))
     refresh = clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "refresh", cache=cache(old + new))
     assert written == [3, 9]  # old1 lost its copy of aaa.txt's document; old0 and old2 are reused
-    assert [pq.read_metadata(p).num_rows for p in refresh.domain_parts] == [3, 2, 3, 2]
+    assert [pq.read_metadata(p.uri).num_rows for p in refresh.domain_parts] == [3, 2, 3, 2]
+    reused = [first.domain_parts[0].uri, first.domain_parts[2].uri]
+    assert [p.uri for p in refresh.domain_parts[::2]] == reused and not set(reused) & set(read)  # reused unread
     assert_same_clean_outputs(refresh, clean_corpus(old + new, [], [], CleanConfig(), tmp_path / "full"))
 
 

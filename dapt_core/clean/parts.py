@@ -66,8 +66,8 @@ class PartCache(Protocol):
         """Local paths of the files `names` stored under `key`, or None when they are not all there (intact)."""
         ...
 
-    def keep(self, key: str, files: dict[str, Path]) -> None:
-        """Store the files just computed under `key`."""
+    def keep(self, key: str, files: dict[str, Path]) -> dict[str, ArtifactRef]:
+        """Store the files just computed under `key`; their stored artifacts."""
         ...
 
 
@@ -84,11 +84,6 @@ class StorePartCache:
         self.store = store
         self.shard_hashes = shard_hashes
         self.code_version = code_version
-        self._refs: dict[Path, ArtifactRef] = {}  # every file fetched or kept, by its local path
-
-    def ref(self, path: Path) -> ArtifactRef:
-        """The stored artifact of a file this cache fetched or kept (the kept corpus's parts, for the manifest)."""
-        return self._refs[path]
 
     def key(self, shard: Path, recipe: str) -> str:
         return stable_hash(self.shard_hashes[shard], recipe, self.code_version)
@@ -107,18 +102,16 @@ class StorePartCache:
 
     def verified(self, files: dict[str, ArtifactRef]) -> dict[str, Path] | None:
         try:
-            paths = {name: self.store.local_path(ref) for name, ref in files.items()}
+            return {name: self.store.local_path(ref) for name, ref in files.items()}
         except IntegrityError:
             return None  # damaged in place, its size unchanged: computed again, the new files replace it
-        self._refs |= {paths[name]: ref for name, ref in files.items()}
-        return paths
 
     def fetch(self, key: str, names: tuple[str, ...]) -> dict[str, Path] | None:
         files = self.stored(key, names)
         return self.verified(files) if files else None
 
-    def keep(self, key: str, files: dict[str, Path]) -> None:
+    def keep(self, key: str, files: dict[str, Path]) -> dict[str, ArtifactRef]:
         prefix = layout.clean_part_prefix(key)
         refs = {name: self.store.put_file(path, f"{prefix}/{name}.parquet") for name, path in files.items()}
-        self._refs |= {files[name]: ref for name, ref in refs.items()}
         self.store.put_text(StoredParts(files=refs).model_dump_json(), f"{prefix}/parts.json")
+        return refs

@@ -37,7 +37,7 @@ from dapt_core.clean.stats import corpus_stats, source_stats, stats_markdown
 from dapt_core.config import CleanConfig
 from dapt_core.engine import Engine, LocalEngine
 from dapt_core.hashing import stable_hash
-from dapt_core.manifest import QuarantineRecord, SourceStats
+from dapt_core.manifest import ArtifactRef, QuarantineRecord, SourceStats
 
 _BATCH_DOCS = 512
 _INPUT_COLUMNS = ["doc_id", "text", "source", "kind", "file", "position"]
@@ -52,17 +52,18 @@ _QUARANTINE = pa.schema(
     [(c, pa.string()) for c in ("doc_uid", "source", "kind", "file", "position", "reason", "detail")]
 )
 _ROW_GROUP_BYTES = 4 << 20  # output row groups of ~4 MiB of text bound the writer's buffers (and a reader's)
-# zstd at level 1 (pyarrow's default; DuckDB's is 3): the kept corpus is written again on every refresh, level 1 wrote
-# it 1.6x as fast for 12% more bytes, and reading is as fast at any level.
+# zstd at level 1 (pyarrow's default; DuckDB's is 3): the kept corpus and the decisions are the stage's largest writes,
+# level 1 wrote them 1.6x as fast for 12% more bytes, and reading is as fast at any level.
 _ZSTD = "COMPRESSION zstd, COMPRESSION_LEVEL 1"
 
 
 @dataclass
 class CleanOutput:
-    domain_parts: list[Path]
+    domain_parts: list[ArtifactRef]
     """Kept domain documents (Parquet: doc_id, text (normalised), source, kind, file, position), one part per shard
-    that kept any, in input order; empty if none."""
-    general_parts: list[Path]
+    that kept any, in input order; empty if none. In the store when the stage has a part cache (a part reused from it
+    is not read, nor downloaded from S3, by this stage), else local files."""
+    general_parts: list[ArtifactRef]
     """Kept general documents, the same way."""
     decisions_path: Path
     """One row per input document: doc_uid (unique: `identity.document_uid`), doc_id (content hash; null when
@@ -310,13 +311,14 @@ def _decide(con: duckdb.DuckDBPyConnection, quarantined: list[QuarantineRecord])
 
 def _write_kept(
     con: duckdb.DuckDBPyConnection, kind: str, parts: list[ShardParts], workdir: Path, cache: PartCache | None
-) -> list[Path]:
+) -> list[ArtifactRef]:
     """Write the kept documents of `kind` as one Parquet part per shard that kept any; read in order, the parts are the
     kept corpus in input order.
 
     A shard's part depends only on the shard's parts and on which of its documents were kept, and `cache` keeps it
     under exactly that. A refresh therefore writes the parts of its new shards, and of the earlier shards whose kept
-    set changed (a new document can outrank an earlier duplicate), and reuses the rest.
+    set changed (a new document can outrank an earlier duplicate), and reuses the rest without reading them: the stages
+    that read the corpus verify every part, and on S3 a refresh would otherwise download the whole kept corpus.
     """
     query = "SELECT seq, bytes FROM decided WHERE status = 'kept' AND kind = ? ORDER BY seq"
     kept = con.execute(query, [kind]).fetchnumpy()  # global seqs and text sizes of the kind's kept documents
@@ -327,14 +329,12 @@ def _write_kept(
         if not len(rows):
             continue
         key = stable_hash(part.key, kind, hashlib.sha256(rows.tobytes()).hexdigest()) if cache and part.key else None
-        if key and (found := cache.fetch(key, ("kept",))):
-            written.append(found["kept"])
+        if key and (stored := cache.stored(key, ("kept",))):
+            written.append(stored["kept"])
             continue
         path = workdir / f"{kind}-{i:06d}.parquet"
         _write_kept_part(con, part, rows, float(np.mean(kept["bytes"][bounds[i] : bounds[i + 1]])), path)
-        if key:
-            cache.keep(key, {"kept": path})
-        written.append(path)
+        written.append(cache.keep(key, {"kept": path})["kept"] if key else ArtifactRef.of_file(path))
     return written
 
 
