@@ -18,7 +18,14 @@ import pytest
 from dapt_core.clean import clean_corpus, quality
 from dapt_core.clean.decontam import EvalNgrams, require_complete_eval_sets
 from dapt_core.clean.identity import document_uid
-from dapt_core.clean.minhash import EMPTY, jaccard, lsh_band_keys, minhash_signatures
+from dapt_core.clean.minhash import (
+    EMPTY,
+    jaccard,
+    lsh_band_keys,
+    minhash_signatures,
+    signature_column,
+    signature_matrix,
+)
 from dapt_core.clean.ngrams import ngram_hashes, tokenize, words
 from dapt_core.clean.normalize import normalize_text
 from dapt_core.clean.pipeline import ShardJob, prepare_shard
@@ -437,6 +444,16 @@ def test_minhash_edge_cases_and_bands():
     assert keys.shape == (5, 8) and (keys[2] == keys[3]).all() and not (keys[2] == keys[4]).any()
     with pytest.raises(ValueError):
         lsh_band_keys(sig, bands=9, rows=8)
+
+
+def test_signatures_read_back_from_parquet_as_written(tmp_path):
+    sig = minhash_signatures(tokenize([prose(i) for i in range(7)]), shingle_size=5, num_perm=32, seed=3)
+    pq.write_table(pa.table({"sig": signature_column(sig)}), tmp_path / "s.parquet", row_group_size=3)
+    column = pq.read_table(tmp_path / "s.parquet").column("sig")
+    assert column.num_chunks == 3 and (signature_matrix(column, 32) == sig).all()
+    assert (signature_matrix(column.combine_chunks()[2:5], 32) == sig[2:5]).all()  # an array with an offset
+    assert (signature_matrix(column.filter(np.isin(range(7), [1, 6])), 32) == sig[[1, 6]]).all()
+    assert signature_matrix(column.slice(0, 0), 32).shape == (0, 32)
 
 
 def test_minhash_is_deterministic_across_processes():

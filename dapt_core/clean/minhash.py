@@ -13,6 +13,7 @@ keys x, which is a strongly universal family (Dietzfelbinger 1996); signature va
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from dapt_core.clean.ngrams import WordHashes, mix64, ngram_hashes
 
@@ -54,6 +55,26 @@ def minhash_signatures(words: WordHashes, shingle_size: int, num_perm: int, seed
         minima = np.minimum.reduceat(values, segments, axis=1).T >> np.uint64(32)  # shift after min: monotone
         signatures[docs] = np.minimum(signatures[docs], minima)
     return signatures
+
+
+def signature_column(signatures: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """Signatures as stored in a signatures part: one fixed-size binary value a document, its uint32s little-endian.
+    A refresh reads the signatures of every candidate pair's documents; Parquet decodes this 3x as fast as a list of
+    uint32 (which it stores with a repetition level per value) and stores it in two thirds of the bytes."""
+    values = np.ascontiguousarray(signatures, dtype="<u4")
+    value_type = pa.binary(values.shape[1] * 4)
+    return pa.FixedSizeBinaryArray.from_buffers(value_type, len(values), [None, pa.py_buffer(values)])
+
+
+def signature_matrix(column: pa.ChunkedArray | pa.Array, num_perm: int) -> np.ndarray:
+    """The (documents, num_perm) uint32 matrix of a `signature_column`, as read back."""
+    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not len(values):
+        return np.zeros((0, num_perm), np.uint32)
+    width = num_perm * 4
+    data = values.buffers()[1]
+    matrix = np.frombuffer(data, "<u4", count=len(values) * num_perm, offset=values.offset * width)
+    return matrix.reshape(-1, num_perm).astype(np.uint32, copy=False)
 
 
 def has_shingles(signatures: np.ndarray) -> np.ndarray:

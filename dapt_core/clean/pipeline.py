@@ -28,7 +28,7 @@ from dapt_core.clean.decontam import EvalNgrams
 from dapt_core.clean.dedup import find_duplicates
 from dapt_core.clean.duck import connect, literal
 from dapt_core.clean.identity import document_uid
-from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures
+from dapt_core.clean.minhash import has_shingles, lsh_band_keys, minhash_signatures, signature_column
 from dapt_core.clean.ngrams import tokenize
 from dapt_core.clean.normalize import normalize_text
 from dapt_core.clean.parts import PART_NAMES, PartCache, ShardParts
@@ -222,7 +222,7 @@ def prepare_shard(job: ShardJob) -> None:
     it, or run it again after a crash, with the same result."""
     cfg, dedup = job.cfg, job.cfg.dedup
     evals = EvalNgrams(np.load(job.eval_ngrams), cfg.decontamination.ngram)
-    sig_schema = pa.schema([("seq", pa.int64()), ("sig", pa.list_(pa.uint32(), dedup.num_perm))])
+    sig_schema = pa.schema([("seq", pa.int64()), ("sig", pa.binary(4 * dedup.num_perm))])
     with (
         pq.ParquetWriter(job.output("docs"), _DOCS) as docs_out,
         pq.ParquetWriter(job.output("signatures"), sig_schema) as sigs_out,
@@ -261,8 +261,7 @@ def prepare_shard(job: ShardJob) -> None:
             sig = minhash_signatures(tokens.take(survivors), dedup.shingle_size, dedup.num_perm, dedup.seed)
             with_words = has_shingles(sig)  # a doc without words has nothing to be similar by
             sig, sig_seqs = sig[with_words], seqs[passed][survivors][with_words]
-            flat = pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), dedup.num_perm)
-            sigs_out.write_table(pa.table({"seq": sig_seqs, "sig": flat}, schema=sig_schema))
+            sigs_out.write_table(pa.table({"seq": sig_seqs, "sig": signature_column(sig)}, schema=sig_schema))
             keys = lsh_band_keys(sig, dedup.bands, dedup.rows)
             bands_out.write_table(
                 pa.table(

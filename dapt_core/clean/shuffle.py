@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dapt_core.clean.duck import connect, literal
-from dapt_core.clean.minhash import jaccard
+from dapt_core.clean.minhash import jaccard, signature_matrix
 from dapt_core.clean.ngrams import mix64
 from dapt_core.clean.parts import ShardParts
 from dapt_core.config import DedupConfig
@@ -234,7 +234,7 @@ def _signatures_of(seqs: np.ndarray, shards: tuple[ShardParts, ...], num_perm: i
             table = file.read_row_groups(groups, columns=["seq", "sig"])
         table = table.filter(np.isin(table.column("seq").to_numpy(), local))
         found_seqs.append(table.column("seq").to_numpy() + shard.first_seq)
-        found_sigs.append(table.column("sig").combine_chunks().flatten().to_numpy().reshape(-1, num_perm))
+        found_sigs.append(signature_matrix(table.column("sig"), num_perm))
     return np.concatenate(found_seqs), np.concatenate(found_sigs)
 
 
