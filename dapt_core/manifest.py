@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
-
-from dapt_core.hashing import sha256_file
 
 Kind = Literal["domain", "general", "eval"]
 
@@ -19,11 +16,6 @@ class ArtifactRef(BaseModel):
     uri: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # also names cached copies: hex only, never a path
     bytes: int
-
-    @classmethod
-    def of_file(cls, path: str | Path) -> ArtifactRef:
-        """The ref of a local file as it is now."""
-        return cls(uri=str(path), sha256=sha256_file(path), bytes=Path(path).stat().st_size)
 
 
 class DirRef(BaseModel):

@@ -234,7 +234,7 @@ class LocalStore(ArtifactStore):
             Path(tmp).unlink(missing_ok=True)
             raise
         leftovers.sweep_partials(dest.parent, dest.name)
-        return ArtifactRef.of_file(dest)
+        return ArtifactRef(uri=str(dest), sha256=sha256_file(dest), bytes=dest.stat().st_size)
 
     def exists(self, key: str) -> bool:
         return Path(self.uri(key)).is_file()

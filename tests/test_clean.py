@@ -454,6 +454,10 @@ def test_signatures_read_back_from_parquet_as_written(tmp_path):
     assert (signature_matrix(column.combine_chunks()[2:5], 32) == sig[2:5]).all()  # an array with an offset
     assert (signature_matrix(column.filter(np.isin(range(7), [1, 6])), 32) == sig[[1, 6]]).all()
     assert signature_matrix(column.slice(0, 0), 32).shape == (0, 32)
+    with pytest.raises(ValueError, match="256-byte"):
+        signature_matrix(column, 32 * 2)  # read with another num_perm
+    with pytest.raises(ValueError, match="no nulls"):
+        signature_matrix(pa.array([None], pa.binary(128)), 32)
 
 
 def test_minhash_is_deterministic_across_processes():

@@ -3,7 +3,11 @@ the stored signatures of the earlier ones and each other, and ends exactly where
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pyarrow.parquet as pq
+import pytest
 
 from dapt_core.clean import clean_corpus, pipeline, shuffle
 from dapt_core.clean.identity import document_uid
@@ -118,6 +122,50 @@ def test_a_damaged_stored_part_is_computed_again(tmp_path, signed_docs):
     signed_docs.clear()
     third = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "three", cache=cache)
     assert sum(signed_docs) == 3 and third.kept_docs == 3 and sigs.read_bytes() == intact  # stored anew
+
+
+def test_a_stored_record_naming_objects_outside_its_own_place_is_not_followed(tmp_path, signed_docs):
+    """A part record is data in a shared store: one that names other objects (here byte-identical copies outside the
+    store) is ignored, and the parts are computed and stored again in their own place."""
+    shard = write_shard(tmp_path / "a.parquet", [prose(i, "domain") for i in range(3)])
+    store = open_store(str(tmp_path / "store"))
+    cache = StorePartCache(store, {shard: sha256_file(shard)}, "code-v1")
+    first = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "one", cache=cache)
+    records = list((tmp_path / "store").rglob("parts.json"))
+    for record in records:  # the per-document parts' record and the kept part's
+        for name, ref in json.loads(record.read_text())["files"].items():
+            copy = tmp_path / f"outside-{name}.parquet"
+            copy.write_bytes(Path(ref["uri"]).read_bytes())
+            record.write_text(record.read_text().replace(json.dumps(ref["uri"]), json.dumps(str(copy))))
+    signed_docs.clear()
+    again = clean_corpus([shard], [], [], CleanConfig(), tmp_path / "two", cache=cache)
+    assert sum(signed_docs) == 3  # the per-document pass ran again instead of reading the copies
+    assert again.domain_parts == first.domain_parts  # the kept part is named in its own place
+    assert not any("outside-" in record.read_text() for record in records)
+
+
+def test_new_parts_are_kept_when_verifying_the_reused_ones_fails(tmp_path, signed_docs, monkeypatch):
+    """The reused parts are verified while the new shards are computed; a store error there ends the stage, but the
+    new shards' parts are stored first, so the retry computes nothing again."""
+    old = write_shard(tmp_path / "old.parquet", [prose(i, "domain") for i in range(3)])
+    new = write_shard(tmp_path / "new.parquet", [prose(50 + i, "domain") for i in range(2)])
+    store = open_store(str(tmp_path / "store"))
+    cache = lambda shards: StorePartCache(store, {s: sha256_file(s) for s in shards}, "code-v1")  # noqa: E731
+    clean_corpus([old], [], [], CleanConfig(), tmp_path / "one", cache=cache([old]))
+
+    def unreachable(self, files):
+        raise OSError("the store went away")
+
+    verified = StorePartCache.verified
+    monkeypatch.setattr(StorePartCache, "verified", unreachable)
+    signed_docs.clear()
+    with pytest.raises(OSError, match="went away"):
+        clean_corpus([old, new], [], [], CleanConfig(), tmp_path / "two", cache=cache([old, new]))
+    assert sum(signed_docs) == 2  # the new shard was computed
+    monkeypatch.setattr(StorePartCache, "verified", verified)
+    signed_docs.clear()
+    retry = clean_corpus([old, new], [], [], CleanConfig(), tmp_path / "three", cache=cache([old, new]))
+    assert sum(signed_docs) == 0 and retry.kept_docs == 5
 
 
 def test_a_new_document_bridging_two_earlier_clusters_merges_them_as_a_full_run_does(tmp_path, monkeypatch):

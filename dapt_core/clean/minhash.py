@@ -69,9 +69,11 @@ def signature_column(signatures: np.ndarray) -> pa.FixedSizeBinaryArray:
 def signature_matrix(column: pa.ChunkedArray | pa.Array, num_perm: int) -> np.ndarray:
     """The (documents, num_perm) uint32 matrix of a `signature_column`, as read back."""
     values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = num_perm * 4
+    if values.type != pa.binary(width) or values.null_count:
+        raise ValueError(f"signatures must be {width}-byte values ({num_perm} uint32s), no nulls; not {values.type}")
     if not len(values):
         return np.zeros((0, num_perm), np.uint32)
-    width = num_perm * 4
     data = values.buffers()[1]
     matrix = np.frombuffer(data, "<u4", count=len(values) * num_perm, offset=values.offset * width)
     return matrix.reshape(-1, num_perm).astype(np.uint32, copy=False)

@@ -89,15 +89,19 @@ class StorePartCache:
         return stable_hash(self.shard_hashes[shard], recipe, self.code_version)
 
     def stored(self, key: str, names: tuple[str, ...]) -> dict[str, ArtifactRef] | None:
-        record = f"{layout.clean_part_prefix(key)}/parts.json"
+        prefix = layout.clean_part_prefix(key)
+        record = f"{prefix}/parts.json"
         if not self.store.exists(record):
             return None
         try:
             parts = StoredParts.model_validate_json(self.store.read_key(record))  # data only, as every manifest
         except ValueError:
             return None
-        if set(parts.files) != set(names) or any(self.store.check(ref) for ref in parts.files.values()):
-            return None  # another layout, or a file missing or resized: compute the shard again
+        own = {name: self.store.uri(f"{prefix}/{name}.parquet") for name in names}
+        if {name: ref.uri for name, ref in parts.files.items()} != own:
+            return None  # another layout, or a record naming other objects (never followed): compute the shard again
+        if any(self.store.check(ref) for ref in parts.files.values()):
+            return None  # a file missing or resized: compute the shard again
         return {name: parts.files[name] for name in names}
 
     def verified(self, files: dict[str, ArtifactRef]) -> dict[str, Path] | None:

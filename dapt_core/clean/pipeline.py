@@ -36,7 +36,7 @@ from dapt_core.clean.quality import quality_reasons
 from dapt_core.clean.stats import corpus_stats, source_stats, stats_markdown
 from dapt_core.config import CleanConfig
 from dapt_core.engine import Engine, LocalEngine
-from dapt_core.hashing import stable_hash
+from dapt_core.hashing import sha256_file, stable_hash
 from dapt_core.manifest import ArtifactRef, QuarantineRecord, SourceStats
 
 _BATCH_DOCS = 512
@@ -62,7 +62,7 @@ class CleanOutput:
     domain_parts: list[ArtifactRef]
     """Kept domain documents (Parquet: doc_id, text (normalised), source, kind, file, position), one part per shard
     that kept any, in input order; empty if none. In the store when the stage has a part cache (a part reused from it
-    is not read, nor downloaded from S3, by this stage), else local files."""
+    is not read by this stage), else local files."""
     general_parts: list[ArtifactRef]
     """Kept general documents, the same way."""
     decisions_path: Path
@@ -156,24 +156,40 @@ def _per_document_pass(
         ShardJob(None, cfg, evals, scratch / "000000")  # no training shard: one empty part keeps the SQL the same
     ]
     keys = [cache.key(job.shard, recipe) if cache and job.shard else None for job in jobs]
-    stored = [cache.stored(key, PART_NAMES) if cache and key else None for key in keys]
+    stored = {i: files for i, key in enumerate(keys) if cache and key and (files := cache.stored(key, PART_NAMES))}
     # A refresh reuses nearly every shard's parts, and hashing them all is most of its I/O: it runs on another core
-    # (file reads and hashlib release the GIL) while this one computes the new shards' parts.
+    # (file reads and hashlib release the GIL) while this one computes the new shards' parts, which are kept before
+    # a verification error can end the stage. An error on either side cancels the verifications not started.
     with ThreadPoolExecutor(1, thread_name_prefix="verify-parts") as verifier:
-        checks = [verifier.submit(cache.verified, files) if cache and files else None for files in stored]
-        engine.map(prepare_shard, [job for job, files in zip(jobs, stored) if files is None])
-        found = [check.result() if check else None for check in checks]
+        checks = {i: verifier.submit(cache.verified, files) for i, files in stored.items()}
+        try:
+            found = _computed([i for i in range(len(jobs)) if i not in stored], jobs, keys, engine, cache)
+            found |= {i: check.result() for i, check in checks.items()}
+        except BaseException:
+            verifier.shutdown(wait=False, cancel_futures=True)
+            raise
     # Parts damaged in place (their size unchanged) are computed again, as missing ones are.
-    engine.map(prepare_shard, [job for job, files, got in zip(jobs, stored, found) if files and got is None])
+    found |= _computed([i for i, files in found.items() if files is None], jobs, keys, engine, cache)
     parts, first_seq = [], 0
-    for job, key, got in zip(jobs, keys, found):
-        files = got or {name: job.output(name) for name in PART_NAMES}
-        if got is None and cache and key:
-            cache.keep(key, files)
+    for i, key in enumerate(keys):
+        files = found[i]
         documents = pq.ParquetFile(files["docs"]).metadata.num_rows
         parts.append(ShardParts(files["docs"], files["signatures"], files["bands"], first_seq, documents, key))
         first_seq += documents
     return parts
+
+
+def _computed(
+    todo: list[int], jobs: list[ShardJob], keys: list[str | None], engine: Engine, cache: PartCache | None
+) -> dict[int, dict[str, Path]]:
+    """The per-document pass of the jobs `todo` (indices), run on `engine`; their parts, kept in `cache` as soon as
+    they are all computed."""
+    engine.map(prepare_shard, [jobs[i] for i in todo])
+    computed = {i: {name: jobs[i].output(name) for name in PART_NAMES} for i in todo}
+    for i, files in computed.items():
+        if cache and keys[i]:
+            cache.keep(keys[i], files)
+    return computed
 
 
 def _load_parts(con: duckdb.DuckDBPyConnection, parts: list[ShardParts]) -> None:
@@ -317,7 +333,7 @@ def _write_kept(
     A shard's part depends only on the shard's parts and on which of its documents were kept, and `cache` keeps it
     under exactly that. A refresh therefore writes the parts of its new shards, and of the earlier shards whose kept
     set changed (a new document can outrank an earlier duplicate), and reuses the rest without reading them: the stages
-    that read the corpus verify every part, and on S3 a refresh would otherwise download the whole kept corpus.
+    that read the corpus verify every part they read.
     """
     query = "SELECT seq, bytes FROM decided WHERE status = 'kept' AND kind = ? ORDER BY seq"
     kept = con.execute(query, [kind]).fetchnumpy()  # global seqs and text sizes of the kind's kept documents
@@ -333,8 +349,13 @@ def _write_kept(
             continue
         path = workdir / f"{kind}-{i:06d}.parquet"
         _write_kept_part(con, part, rows, float(np.mean(kept["bytes"][bounds[i] : bounds[i + 1]])), path)
-        written.append(cache.keep(key, {"kept": path})["kept"] if key else ArtifactRef.of_file(path))
+        written.append(cache.keep(key, {"kept": path})["kept"] if key else _local_ref(path))
     return written
+
+
+def _local_ref(path: Path) -> ArtifactRef:
+    """A kept part of a run without a part cache: the local file written."""
+    return ArtifactRef(uri=str(path), sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
 def _write_kept_part(
