@@ -8,8 +8,9 @@ from prefect.utilities.annotations import quote
 
 from dapt.tasks import progress
 from dapt.tasks.caching import finished_result, result_storage_for, was_cached
+from dapt.tasks.clean import clean_task, publish_data_report
 from dapt.tasks.credentials import use_store_credentials
-from dapt.tasks.data import clean_task, discover_task, ingest_batch_key, ingest_batch_task, publish_data_report
+from dapt.tasks.ingest import discover_task, ingest_batch_key, ingest_batch_task
 from dapt_core import layout
 from dapt_core.benchmarks import with_benchmark_texts
 from dapt_core.clean.decontam import require_complete_eval_sets

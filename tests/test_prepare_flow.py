@@ -344,7 +344,7 @@ def _task_run_names(flow_run_id) -> list[str]:
 
 
 def test_ingest_cache_keys_follow_every_field_of_every_file_and_the_settings():
-    from dapt.tasks.data import ingest_batch_key, ingest_keys
+    from dapt.tasks.ingest import ingest_batch_key, ingest_keys
     from dapt_core.config import IngestConfig
     from dapt_core.manifest import InputFile
 

@@ -392,15 +392,16 @@ def test_every_persisted_task_returns_a_registered_result_type():
 
     from prefect import Task
 
+    import dapt.tasks.clean
     import dapt.tasks.cpt
-    import dapt.tasks.data
+    import dapt.tasks.ingest
     import dapt.tasks.sft
     import dapt.tasks.training_data
     from dapt.tasks.caching import RESULT_TYPES
 
     persisted = [
         t
-        for module in (dapt.tasks.data, dapt.tasks.training_data, dapt.tasks.cpt, dapt.tasks.sft)
+        for module in (dapt.tasks.ingest, dapt.tasks.clean, dapt.tasks.training_data, dapt.tasks.cpt, dapt.tasks.sft)
         for t in vars(module).values()
         if isinstance(t, Task) and t.persist_result
     ]

@@ -1,41 +1,32 @@
-"""Prefect tasks of the data stages: discover → ingest (one task per batch of files) → clean/dedup/stats."""
+"""Prefect tasks of the ingest stage: discover the input files, then read them in batches (one task per batch).
+
+Its own module, because the task module is part of the stage's code version: an edit to the clean task must not make
+every user read their whole corpus again."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
-from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-import dapt_core.clean as clean
 import dapt_core.discovery as discovery
 import dapt_core.ingest_batches as ingest_batches
 from dapt.tasks.caching import check_result_record, refresh_requested
 from dapt.tasks.retries import retry_if_worthwhile
-from dapt_core import layout, leftovers
+from dapt_core import layout
 from dapt_core.clean.decontam import require_complete_eval_sets
-from dapt_core.clean.parts import StorePartCache
-from dapt_core.config import CleanConfig, DataConfig, IngestConfig, PrepareConfig
+from dapt_core.config import DataConfig, IngestConfig, PrepareConfig
 from dapt_core.engine import open_engine
 from dapt_core.fingerprints import FingerprintMemo
 from dapt_core.hashing import code_version, stable_hash
-from dapt_core.manifest import (
-    ArtifactRef,
-    CleanManifest,
-    IngestBatchManifest,
-    InputFile,
-    KeptCorpus,
-    QuarantineRecord,
-)
+from dapt_core.manifest import IngestBatchManifest, InputFile, QuarantineRecord
 from dapt_core.store import open_store
 
-# The task module itself is part of each code version: a custom cache key replaces Prefect's task-source hash.
+# The task module itself is part of the code version: a custom cache key replaces Prefect's task-source hash.
 INGEST_CODE = code_version(ingest_batches.run_batch, task_module=sys.modules[__name__])
-CLEAN_CODE = code_version(clean.clean_corpus, task_module=sys.modules[__name__])
 
 
 def ingest_keys(batch: list[InputFile], cfg: IngestConfig) -> list[str]:
@@ -53,21 +44,6 @@ def ingest_batch_key(batch: list[InputFile], cfg: IngestConfig) -> str:
     stable_hash's JSON the rows would be escaped once more: 0.5 us a file, and the key is made three times a run)."""
     files = json.dumps([ingest_batches.input_row(inp) for inp in batch])
     return "ingest-batch-" + stable_hash(hashlib.sha256(files.encode()).hexdigest(), cfg, INGEST_CODE)
-
-
-def clean_key(
-    shards: list[ArtifactRef], eval_shards: list[ArtifactRef], quarantined: list[QuarantineRecord], cfg: CleanConfig
-) -> str:
-    """The clean stage's inputs are the shards' content (in order: it is the kept corpus's order) and every quarantined
-    unit; a shard holds its files' uris and rows, so the per-file records add nothing to the key."""
-    output_settings = cfg.model_dump(exclude={"duckdb_memory_limit"})  # memory limits change speed, not results
-    return "clean-" + stable_hash(
-        [s.sha256 for s in shards],
-        [s.sha256 for s in eval_shards],
-        sorted(quarantined, key=lambda q: (q.kind, q.source, q.file, q.position, q.reason)),
-        output_settings,
-        CLEAN_CODE,
-    )
 
 
 @task(name="discover-inputs", cache_policy=NO_CACHE)
@@ -136,76 +112,3 @@ def ingest_batch_task(
         quarantined=out.quarantined,
         code_version=INGEST_CODE,
     )
-
-
-@task(
-    name="clean-dedup-stats",
-    cache_key_fn=lambda ctx, p: clean_key(p["shards"], p["eval_shards"], p["quarantined"], p["cfg"]),
-    persist_result=True,
-    result_serializer="json",
-    retries=1,
-    retry_condition_fn=retry_if_worthwhile,
-)
-def clean_task(
-    shards: list[ArtifactRef],
-    eval_shards: list[ArtifactRef],
-    quarantined: list[QuarantineRecord],
-    cfg: CleanConfig,
-    store_uri: str,
-    engine: PrepareConfig,
-) -> CleanManifest:
-    """Normalise, filter, decontaminate and deduplicate the whole corpus in DuckDB.
-
-    Write kept docs, decisions and stats. `shards`: the ingest shards, each once; `quarantined`: every input unit
-    ingest could not read (files refused at discovery and units inside files). Shards, not per-file records, are the
-    parameters: Prefect walks every parameter, which costs seconds for 10,000 files.
-    """
-    key = clean_key(shards, eval_shards, quarantined, cfg)
-    check_result_record(store_uri, key)
-    store = open_store(store_uri)
-    paths = [store.local_path(ref) for ref in shards]
-    eval_paths = [store.local_path(ref) for ref in eval_shards]
-    # Each shard's per-document pass is kept in the store: a refresh runs it for new shards only.
-    parts = StorePartCache(store, {path: ref.sha256 for path, ref in zip(paths, shards)}, CLEAN_CODE)
-    with leftovers.temp_dir("clean") as tmp:
-        # On Ray the per-shard parts go to this folder: on a multi-node cluster, TMPDIR must be shared storage.
-        out = clean.clean_corpus(paths, eval_paths, quarantined, cfg, Path(tmp), open_engine(engine), parts)
-        prefix = layout.clean_prefix(key)
-        put = lambda p, name: store.put_file(p, f"{prefix}/{name}")  # noqa: E731
-        stats_json = Path(tmp) / "stats.json"
-        stats_json.write_text(json.dumps(out.stats, indent=2, sort_keys=True, default=str))
-        stats_md = Path(tmp) / "stats.md"
-        stats_md.write_text(out.stats_markdown)
-        return CleanManifest(
-            domain=KeptCorpus(parts=out.domain_parts) if out.domain_parts else None,
-            general=KeptCorpus(parts=out.general_parts) if out.general_parts else None,
-            decisions=put(out.decisions_path, "decisions.parquet"),
-            stats_json=put(stats_json, "stats.json"),
-            stats_md=put(stats_md, "stats.md"),
-            input_docs=out.input_docs,
-            kept_docs=out.kept_docs,
-            dropped=out.dropped,
-            sources=out.sources,
-            quarantined=out.quarantined,
-            code_version=CLEAN_CODE,
-        )
-
-
-def publish_data_report(cm: CleanManifest, store_uri: str) -> None:
-    """Show the data funnel and per-source stats in the Prefect UI (every run, cached or not)."""
-    create_table_artifact(
-        key="dapt-data-funnel",
-        table=[
-            {
-                "source": s.source,
-                "kind": s.kind,
-                "input": s.input_docs,
-                "kept": s.kept_docs,
-                "est_tokens": s.kept_est_tokens,
-                **s.dropped,
-            }
-            for s in cm.sources
-        ],
-        description=f"Kept / dropped documents per source ({cm.input_docs} in, {cm.kept_docs} kept).",
-    )
-    create_markdown_artifact(key="dapt-data-stats", markdown=open_store(store_uri).read_text(cm.stats_md))
