@@ -1,4 +1,4 @@
-"""Discovery: a source's paths -> fingerprinted `InputFile`s (sorted by uri), and the files that cannot be ingested.
+"""Discovery: a source's paths -> fingerprinted input files (`InputFiles`, by uri), and the files it refuses.
 
 Kept apart from ingest (which reads the files) so that how files are found is not part of ingest's code version: a
 change here does not re-ingest a corpus. A refresh walks every file of the corpus to find the few new ones, so the
@@ -15,38 +15,47 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import takewhile
 from pathlib import Path
+from typing import NamedTuple
 
 from dapt_core import ingest_s3
 from dapt_core.config import SourceConfig
 from dapt_core.fingerprints import FingerprintMemo
 from dapt_core.hashing import sha256_file
 from dapt_core.ingest import file_format, unsupported_detail
-from dapt_core.manifest import InputFile, Kind, QuarantineRecord
+from dapt_core.input_files import InputFiles
+from dapt_core.manifest import Kind, QuarantineRecord
+
+
+class _Found(NamedTuple):
+    """A file found and fingerprinted: a row of `InputFiles` (a model per file cost more than the walk)."""
+
+    uri: str
+    fingerprint: str
+    bytes: int
 
 
 def discover_inputs(
     source: SourceConfig, kind: Kind, memo: FingerprintMemo | None = None
-) -> tuple[list[InputFile], list[QuarantineRecord]]:
+) -> tuple[InputFiles, list[QuarantineRecord]]:
     """Expand a source's paths into fingerprinted input files (sorted by uri) and the files that cannot be ingested.
 
     A path matching nothing is a config mistake and raises FileNotFoundError before any work starts. Hidden files and
     folders met while expanding a directory or glob are skipped; a file named explicitly is taken as named. With a
     `memo`, a local file unchanged since it was last hashed keeps its fingerprint (dapt_core/fingerprints.py).
     """
-    make_input = partial(InputFile, source=source.name, kind=kind, text_field=source.text_field)
     quarantine = partial(QuarantineRecord, source=source.name, kind=kind, position="file")
-    inputs: dict[str, InputFile] = {}
+    inputs: dict[str, _Found] = {}
     refused: dict[str, QuarantineRecord] = {}
     for spec in source.paths:
         found = (
-            ingest_s3.s3_inputs(spec, make_input, quarantine, file_format, unsupported_detail)
+            ingest_s3.s3_inputs(spec, _Found, quarantine, file_format, unsupported_detail)
             if spec.startswith("s3://")
-            else _local_inputs(spec, make_input, quarantine, memo)
+            else _local_inputs(spec, quarantine, memo)
         )
         matched = False
         for item in found:
             matched = True
-            if isinstance(item, InputFile):
+            if isinstance(item, _Found):
                 inputs[item.uri] = item
             else:
                 refused[item.file] = item
@@ -55,7 +64,8 @@ def discover_inputs(
                 f"{spec}: matches no input files (source {source.name!r}, {kind} data). "
                 "Fix or remove this path in the config; relative paths are resolved against the config file's folder."
             )
-    return sorted(inputs.values(), key=lambda i: i.uri), sorted(refused.values(), key=lambda q: q.file)
+    files = InputFiles.of_source(inputs.values(), source.name, kind, source.text_field)
+    return files, sorted(refused.values(), key=lambda q: q.file)
 
 
 def _is_glob(spec: str) -> bool:
@@ -66,9 +76,7 @@ def _inside(path: Path, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
 
 
-def _local_inputs(
-    spec: str, make_input: Callable, quarantine: Callable, memo: FingerprintMemo | None
-) -> Iterator[InputFile | QuarantineRecord]:
+def _local_inputs(spec: str, quarantine: Callable, memo: FingerprintMemo | None) -> Iterator[_Found | QuarantineRecord]:
     """Files under a local path or glob. The input root of a glob is its fixed leading folder, of a directory itself."""
     if _is_glob(spec):
         root = Path(*takewhile(lambda part: not _is_glob(part), Path(spec).parts))
@@ -82,14 +90,14 @@ def _local_inputs(
         if root is not None and not _inside(path, root):
             yield _outside_root(path, root, quarantine)
         elif path.is_dir():
-            yield from _walk(path, root, make_input, quarantine, memo)
+            yield from _walk(path, root, quarantine, memo)
         else:
-            yield _local_file(path, make_input, quarantine, memo)
+            yield _local_file(path, quarantine, memo)
 
 
 def _walk(
-    top: Path, root: Path, make_input: Callable, quarantine: Callable, memo: FingerprintMemo | None
-) -> Iterator[InputFile | QuarantineRecord]:
+    top: Path, root: Path, quarantine: Callable, memo: FingerprintMemo | None
+) -> Iterator[_Found | QuarantineRecord]:
     """Every file under `top` (in no particular order: discovery sorts). A refresh walks the whole corpus to find the
     few new files, so this is os.scandir on string paths: a folder entry says whether it is a file, a folder or a
     link without a system call, and its stat is the one lstat a file needs."""
@@ -110,11 +118,11 @@ def _walk(
             elif not entry.is_symlink():
                 # Not a link, in a folder walked through its real path inside the root: inside the root too, so
                 # no realpath (two per file cost more than the file's sha256 on a folder of small notes).
-                yield _local_file(entry.path, make_input, quarantine, memo, entry)
+                yield _local_file(entry.path, quarantine, memo, entry)
             elif not _inside(Path(entry.path), root):
                 yield _outside_root(Path(entry.path), root, quarantine)
             elif not entry.is_dir():  # a linked folder inside the root is walked through its real path
-                yield _local_file(entry.path, make_input, quarantine, memo)
+                yield _local_file(entry.path, quarantine, memo)
 
 
 def _outside_root(path: Path, root: Path, quarantine: Callable) -> QuarantineRecord:
@@ -128,11 +136,10 @@ def _outside_root(path: Path, root: Path, quarantine: Callable) -> QuarantineRec
 
 def _local_file(
     path: str | Path,
-    make_input: Callable,
     quarantine: Callable,
     memo: FingerprintMemo | None,
     entry: os.DirEntry | None = None,
-) -> InputFile | QuarantineRecord:
+) -> _Found | QuarantineRecord:
     """`entry`: the walk's folder entry of a file that is not a link; its path is absolute and normalised already (no
     abspath, no name parsing for each of a corpus's files) and it stats the file without following links."""
     uri, name = (entry.path, entry.name) if entry is not None else (os.path.abspath(path), os.path.basename(path))
@@ -143,6 +150,6 @@ def _local_file(
         if not stat.S_ISREG(st.st_mode):
             return quarantine(file=uri, reason="unreadable", detail="not a regular file (device, FIFO or socket)")
         fingerprint = memo.fingerprint(uri, st, lambda: sha256_file(path)) if memo else sha256_file(path)
-        return make_input(uri=uri, fingerprint=fingerprint, bytes=st.st_size)
+        return _Found(uri, fingerprint, st.st_size)
     except OSError as e:
         return quarantine(file=uri, reason="unreadable", detail=f"{e}; check the file exists and its permissions")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import operator
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import xxhash
 from dapt_core import ingest, leftovers
 from dapt_core.config import IngestConfig
 from dapt_core.ingest import INGEST_SCHEMA, Document
+from dapt_core.input_files import INPUT_FIELDS, InputFiles
 from dapt_core.manifest import (
     ArtifactRef,
     FileIngest,
@@ -44,8 +44,8 @@ FILES_SCHEMA = pa.schema(
 
 
 def plan_batches(
-    inputs: list[InputFile], target_bytes: int, target_files: int, ends: Collection[str] = ()
-) -> list[list[InputFile]]:
+    inputs: InputFiles, target_bytes: int, target_files: int, ends: Collection[str] = ()
+) -> list[InputFiles]:
     """Consecutive runs of `inputs` (in order) that share a kind and source, of about `target_bytes` or
     `target_files`, whichever comes first: a batch ends after a file with probability
     max(its bytes / target_bytes, 1 / target_files), decided by a hash of its uri, so each boundary depends on that
@@ -55,24 +55,17 @@ def plan_batches(
     no boundary after it, so files added after it (a new folder, a later date: a nightly drop) would join it, and it
     would be read and cleaned again; so they start a batch of their own."""
     ends = frozenset(ends)
-    batches: list[list[InputFile]] = []
-    current: list[InputFile] = []
-    for inp in inputs:
-        if current and (current[0].kind, current[0].source) != (inp.kind, inp.source):
-            batches.append(current)
-            current = []
-        current.append(inp)
-        draw = xxhash.xxh64_intdigest(inp.uri.encode("utf-8", "surrogatepass")) / 2.0**64
-        if (
-            draw < max(inp.bytes / target_bytes, 1 / target_files)
-            or len(current) >= 4 * target_files
-            or inp.uri in ends
-        ):
-            batches.append(current)
-            current = []
-    if current:
-        batches.append(current)
-    return batches
+    cuts = [0]  # where each batch starts, and where the last ends
+    groups = zip(inputs.kind, inputs.source)
+    for i, (uri, size, group) in enumerate(zip(inputs.uri, inputs.bytes, groups)):
+        if i > cuts[-1] and group != (inputs.kind[cuts[-1]], inputs.source[cuts[-1]]):
+            cuts.append(i)
+        draw = xxhash.xxh64_intdigest(uri.encode("utf-8", "surrogatepass")) / 2.0**64
+        if draw < max(size / target_bytes, 1 / target_files) or i + 1 - cuts[-1] >= 4 * target_files or uri in ends:
+            cuts.append(i + 1)
+    if cuts[-1] < len(inputs):
+        cuts.append(len(inputs))
+    return [inputs[start:end] for start, end in zip(cuts, cuts[1:])]
 
 
 @dataclass(frozen=True)
@@ -142,16 +135,10 @@ def _may_hold(batch: IngestBatchManifest, sorted_uris: list[str]) -> bool:
     return i < len(sorted_uris) and sorted_uris[i] <= batch.last_uri
 
 
-INPUT_FIELDS = tuple(InputFile.model_fields)  # a per-file record's input columns: every field of its InputFile
-input_row = operator.attrgetter(*INPUT_FIELDS)
-"""An InputFile's fields as a tuple, in INPUT_FIELDS order: what its records and its cache keys are made of."""
-
-
 def write_file_table(inputs: list[InputFile], keys: list[str], results: list[FileResult], path: Path) -> None:
     """The per-file records of a batch (one per input, with its per-file cache key and what its ingest found) as
     Parquet (FILES_SCHEMA; quarantine records as JSON). Written from columns: a FileIngest per file cost ~2 us."""
-    rows = [input_row(inp) for inp in inputs]
-    columns = {name: [row[i] for row in rows] for i, name in enumerate(INPUT_FIELDS)}
+    columns = dict(zip(INPUT_FIELDS, InputFiles.of(inputs).columns()))
     columns |= {
         "cache_key": keys,
         "docs": [r.docs for r in results],

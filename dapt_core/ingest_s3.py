@@ -5,23 +5,27 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from dapt_core.faults import store_errors
 from dapt_core.manifest import InputFile, QuarantineRecord
 from dapt_core.store import s3_client
+
+Found = TypeVar("Found")
 
 _CHUNK = 1 << 20
 
 
 def s3_inputs(
     spec: str,
-    make_input: Callable,
+    make_input: Callable[..., Found],
     quarantine: Callable,
     fmt: Callable[[str], str | None],
     unsupported: Callable[[str], str],
-) -> Iterator[InputFile | QuarantineRecord]:
-    """Objects at s3://bucket/key or under s3://bucket/prefix/ (a prefix is a folder: 'a' does not match 'ab.txt').
-    `fmt` and `unsupported`: ingest's reader format of a name, and why a name has none."""
+) -> Iterator[Found | QuarantineRecord]:
+    """Objects at s3://bucket/key or under s3://bucket/prefix/ (a prefix is a folder: 'a' does not match 'ab.txt'),
+    each as `make_input(uri, fingerprint, bytes)`. `fmt` and `unsupported`: ingest's reader format of a name, and why
+    a name has none."""
 
     bucket, _, prefix = spec[len("s3://") :].partition("/")
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""

@@ -95,7 +95,7 @@ def nightly_refresh(config: DaptConfig) -> RefreshManifest:
     lineage = lineage_of(config)
     state = load_state(config, lineage)
     inputs, evals, _ = discover(config)
-    current = {i.uri: i.fingerprint for i in inputs + evals}
+    current = dict(zip(inputs.uri + evals.uri, inputs.fingerprint + evals.fingerprint))
     if state is None or state.config_hash != config.result_hash():
         why = (
             "no successful run of lineage %r yet"

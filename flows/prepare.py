@@ -17,12 +17,13 @@ from dapt_core.clean.decontam import require_complete_eval_sets
 from dapt_core.clean.stats import new_documents
 from dapt_core.config import DaptConfig
 from dapt_core.ingest_batches import file_records, plan_batches, read_uris
-from dapt_core.manifest import ArtifactRef, IngestBatchManifest, InputFile, PrepareManifest, QuarantineRecord
+from dapt_core.input_files import InputFiles
+from dapt_core.manifest import ArtifactRef, IngestBatchManifest, PrepareManifest, QuarantineRecord
 from dapt_core.memory import long_lived_heap
 from dapt_core.store import ArtifactStore, open_store
 
 
-def discover(config: DaptConfig) -> tuple[list[InputFile], list[InputFile], list[QuarantineRecord]]:
+def discover(config: DaptConfig) -> tuple[InputFiles, InputFiles, list[QuarantineRecord]]:
     """The input and eval files with their fingerprints (and the refused ones), as every flow sees them. Benchmark
     items are eval texts too: no training document may share a 13-gram with them. A file whose size, mtime and inode
     are those of its last hashing is not read again (prepare.rehash_inputs)."""
@@ -62,7 +63,7 @@ def prepare_flow(config: DaptConfig) -> PrepareManifest:
         earlier = quote(unmapped(earlier_batches))
         futures = {
             name: ingest.map(
-                quote([batch for batch, done in zip(found, finished[name]) if done is None]),
+                quote([batch.models() for batch, done in zip(found, finished[name]) if done is None]),
                 cfg=unmapped(config.ingest),
                 store_uri=unmapped(config.store),
                 earlier=earlier,
@@ -125,7 +126,7 @@ def _in_batch_order(finished: list[object | None], futures: list[PrefectFuture])
 
 def _read_now(
     store: ArtifactStore,
-    batches: list[list[InputFile]],
+    batches: list[InputFiles],
     runs: list[PrefectFuture | None],
     results: list[IngestBatchManifest],
 ) -> list[tuple[str, bool]]:
@@ -135,7 +136,7 @@ def _read_now(
     read: list[tuple[str, bool]] = []
     for batch, run, result in zip(batches, runs, results):
         now = set() if run is None or was_cached(run) else read_uris(store.local_path(result.files))
-        read += [(inp.uri, inp.uri in now) for inp in batch]
+        read += [(uri, uri in now) for uri in batch.uri]
     return read
 
 

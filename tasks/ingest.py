@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -22,6 +23,7 @@ from dapt_core.config import DataConfig, IngestConfig, PrepareConfig
 from dapt_core.engine import open_engine
 from dapt_core.fingerprints import FingerprintMemo
 from dapt_core.hashing import code_version, stable_hash
+from dapt_core.input_files import InputFiles, input_rows
 from dapt_core.manifest import IngestBatchManifest, InputFile, QuarantineRecord
 from dapt_core.store import open_store
 
@@ -29,39 +31,40 @@ from dapt_core.store import open_store
 INGEST_CODE = code_version(ingest_batches.run_batch, task_module=sys.modules[__name__])
 
 
-def ingest_keys(batch: list[InputFile], cfg: IngestConfig) -> list[str]:
+def ingest_keys(batch: Sequence[InputFile], cfg: IngestConfig) -> list[str]:
     """Each file's cache key: a later batch holding the file with this key reuses its rows. The settings that shape a
     file's rows, hashed once; each file's fields as a JSON row (a model dump per file cost ~10 us, for every file a
     batch reads)."""
     settings = stable_hash(cfg.model_dump(exclude={"batch_bytes", "batch_files"}), INGEST_CODE)
-    rows = (json.dumps(ingest_batches.input_row(inp)) for inp in batch)
+    rows = (json.dumps(row) for row in input_rows(batch))
     return ["ingest-" + hashlib.sha256(f"{settings}\n{row}".encode()).hexdigest() for row in rows]
 
 
-def ingest_batch_key(batch: list[InputFile], cfg: IngestConfig) -> str:
+def ingest_batch_key(batch: Sequence[InputFile], cfg: IngestConfig) -> str:
     """A batch's cache key: every field of its files, as JSON rows (a model dump per file cost ~3 ms a batch, paid
     for every batch of every run: a refresh looks up each batch's key), hashed before it joins the settings (inside
-    stable_hash's JSON the rows would be escaped once more: 0.5 us a file, and the key is made three times a run)."""
-    files = json.dumps([ingest_batches.input_row(inp) for inp in batch])
+    stable_hash's JSON the rows would be escaped once more: 0.5 us a file, and the key is made three times a run).
+    The same key from the models a task is given and from the discovered columns (`InputFiles`) the flow plans on."""
+    files = json.dumps(list(input_rows(batch)))
     return "ingest-batch-" + stable_hash(hashlib.sha256(files.encode()).hexdigest(), cfg, INGEST_CODE)
 
 
 @task(name="discover-inputs", cache_policy=NO_CACHE)
 def discover_task(
     data: DataConfig, store_uri: str | None = None, memo_key: str | None = None
-) -> tuple[list[InputFile], list[InputFile], list[QuarantineRecord]]:
+) -> tuple[InputFiles, InputFiles, list[QuarantineRecord]]:
     """List and fingerprint every input file. Never cached: it is how new or changed files are seen. With a store
     and `memo_key`, a local file unchanged since its last hashing (size, mtime, inode) is not read again."""
     store = memo = None
     if store_uri and memo_key:
         store = open_store(store_uri)
         memo = FingerprintMemo.from_parquet(store.read_key(memo_key)) if store.exists(memo_key) else FingerprintMemo()
-    found: dict[str, list[InputFile]] = {"domain": [], "general": [], "eval": []}
+    found = {kind: InputFiles.of([]) for kind in ("domain", "general", "eval")}
     refused: list[QuarantineRecord] = []
     for kind, sources in (("domain", data.domain), ("general", data.general), ("eval", data.eval)):
         for source in sources:
             files, bad = discovery.discover_inputs(source, kind, memo)
-            found[kind] += files
+            found[kind] = found[kind] + files
             refused += bad
     if store and memo and memo.changed:
         store.put_bytes(memo.to_parquet(), memo_key)

@@ -30,6 +30,7 @@ from dapt_core.ingest_batches import (
     ingest_files,
     plan_batches,
 )
+from dapt_core.input_files import InputFiles
 from dapt_core.manifest import InputFile, QuarantineRecord
 
 MB = 1 << 20
@@ -304,7 +305,7 @@ def test_unreadable_file_is_quarantined(tmp_path, monkeypatch):
     assert reasons(read(p)) == [("file", "unreadable")]
     monkeypatch.setattr(discovery, "sha256_file", denied)
     inputs, refused = discover_inputs(SourceConfig(name="s", paths=[str(tmp_path)]), "domain")
-    assert inputs == [] and [(q.file, q.reason) for q in refused] == [(str(p), "unreadable")]
+    assert not inputs and [(q.file, q.reason) for q in refused] == [(str(p), "unreadable")]
 
 
 def test_unsupported_format_is_quarantined(tmp_path):
@@ -557,15 +558,17 @@ def test_batches_hold_about_the_target_and_one_new_file_changes_one_batch(tmp_pa
     others = [
         InputFile(uri=f"/in/t/{i}.txt", source="t", kind="domain", fingerprint=str(i), bytes=1000) for i in range(5)
     ]
-    batches = plan_batches(files + others, target_bytes=50_000, target_files=200)
+    batches = plan_batches(InputFiles.of(files + others), target_bytes=50_000, target_files=200)
     assert [f for b in batches for f in b] == files + others  # every file once, in order
     assert all(len({(f.kind, f.source) for f in b}) == 1 for b in batches)  # a batch never mixes sources
     sizes = [len(b) for b in batches if b[0].source == "s"]
     assert max(sizes) <= 800 and 30 <= sum(sizes) / len(sizes) <= 70  # ~50 files of 1000 bytes
 
     added = InputFile(uri="/in/s/01234x.txt", source="s", kind="domain", fingerprint="new", bytes=1000)
-    after = plan_batches(sorted(files + [added], key=lambda f: f.uri) + others, target_bytes=50_000, target_files=200)
-    tiny = plan_batches(files, target_bytes=10**12, target_files=100)  # small files: cut by count, still by content
+    after = plan_batches(
+        InputFiles.of(sorted(files + [added], key=lambda f: f.uri) + others), target_bytes=50_000, target_files=200
+    )
+    tiny = plan_batches(InputFiles.of(files), target_bytes=10**12, target_files=100)  # small files: cut by count
     assert 50 <= sum(map(len, tiny)) / len(tiny) <= 150
     changed = [b for b in after if b not in batches]
     assert added in changed[0] and len(changed) <= 2  # its batch (split in two if the new file ends a batch)
@@ -575,14 +578,14 @@ def test_batches_hold_about_the_target_and_one_new_file_changes_one_batch(tmp_pa
 def test_files_added_after_the_last_batch_start_a_batch_of_their_own():
     """A nightly drop sorts after everything seen before: with the last run's batch ends, no earlier batch changes."""
     made = lambda uri: InputFile(uri=uri, source="s", kind="domain", fingerprint=uri, bytes=1000)  # noqa: E731
-    files = [made(f"/in/s/{i:05d}.txt") for i in range(300)]
-    added = [made(f"/in/s/zz-drop/{i:03d}.txt") for i in range(40)]
+    files = InputFiles.of(made(f"/in/s/{i:05d}.txt") for i in range(300))
+    added = InputFiles.of(made(f"/in/s/zz-drop/{i:03d}.txt") for i in range(40))
     before = plan_batches(files, target_bytes=50_000, target_files=200)
     joined = plan_batches(files + added, target_bytes=50_000, target_files=200)
     assert before[-1] not in joined  # no boundary after the last old file: the new files join its batch
     after = plan_batches(files + added, target_bytes=50_000, target_files=200, ends={b[-1].uri for b in before})
     assert after[: len(before)] == before
-    assert [f for b in after[len(before) :] for f in b] == added
+    assert [f for b in after[len(before) :] for f in b] == list(added)
 
 
 def test_a_batch_reads_only_files_without_earlier_rows(tmp_path, monkeypatch):

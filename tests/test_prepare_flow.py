@@ -346,6 +346,7 @@ def _task_run_names(flow_run_id) -> list[str]:
 def test_ingest_cache_keys_follow_every_field_of_every_file_and_the_settings():
     from dapt.tasks.ingest import ingest_batch_key, ingest_keys
     from dapt_core.config import IngestConfig
+    from dapt_core.input_files import InputFiles
     from dapt_core.manifest import InputFile
 
     batch = [
@@ -354,7 +355,8 @@ def test_ingest_cache_keys_follow_every_field_of_every_file_and_the_settings():
     ]
     cfg = IngestConfig()
     key, keys = ingest_batch_key(batch, cfg), ingest_keys(batch, cfg)
-    assert ingest_batch_key(list(batch), cfg) == key and len(set(keys)) == 3
+    assert ingest_batch_key(InputFiles.of(batch), cfg) == key and ingest_keys(InputFiles.of(batch), cfg) == keys
+    assert len(set(keys)) == 3
     changes = {"uri": "/in/x.txt", "source": "other", "kind": "general", "text_field": "body", "fingerprint": "sha-x"}
     for field, value in {**changes, "bytes": 99}.items():
         changed = [batch[0], batch[1].model_copy(update={field: value}), batch[2]]

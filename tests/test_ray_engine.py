@@ -54,7 +54,8 @@ def _corpus(root: Path) -> tuple[list[Path], list[Path], list]:
         for i, batch in enumerate(plan_batches(inputs, cfg.batch_bytes, cfg.batch_files)):
             keys = [f"k{j}" for j in range(len(batch))]
             store_uri, prefix = str(root / "store"), f"{kind}/{i}"
-            out = run_batch(BatchJob(batch, keys, cfg, store_uri, f"{prefix}.parquet", f"{prefix}.files.parquet", []))
+            job = BatchJob(batch.models(), keys, cfg, store_uri, f"{prefix}.parquet", f"{prefix}.files.parquet", [])
+            out = run_batch(job)
             (evals if kind == "eval" else shards).append(Path(out.shard.uri))
             quarantined += out.quarantined
     assert len(shards) > 3
