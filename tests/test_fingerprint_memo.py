@@ -6,11 +6,15 @@ import os
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from dapt.flows.prepare import prepare_flow
 from dapt_core import discovery
 from dapt_core.config import SourceConfig, load_config
 from dapt_core.fingerprints import RACY_NS, FingerprintMemo
 from dapt_core.hashing import sha256_file
+from dapt_core.store import open_store
 from tests.corpus import prose, write_config, write_corpus
 
 
@@ -105,3 +109,24 @@ def test_prepare_hashes_only_new_files_unless_told_to_rehash(prefect_harness, tm
     third = prepare_flow(always)
     assert set(hashed) == {str(p) for p in [*inputs, new_file]}
     assert third.clean == second.clean
+
+
+def test_the_memo_is_stored_on_another_thread_and_a_failure_is_only_a_warning(tmp_path, caplog):
+    from dapt.tasks.ingest import _store_in_background
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.txt").write_text("alpha")
+    memo = FingerprintMemo()
+    _discover(root, memo)
+    store = open_store(str(tmp_path / "store"))
+    _store_in_background(store, memo, "memo.parquet").join()
+    stored = pq.read_table(pa.BufferReader(store.read_key("memo.parquet"))).to_pylist()
+    assert [(r["uri"], r["fingerprint"]) for r in stored] == [(str(root / "a.txt"), sha256_file(root / "a.txt"))]
+
+    class Unwritable:
+        def put_bytes(self, data: bytes, key: str) -> None:
+            raise OSError("read-only file system")
+
+    _store_in_background(Unwritable(), memo, "memo.parquet").join()
+    assert "read-only file system" in caplog.text and "the next run hashes every input" in caplog.text
