@@ -140,3 +140,19 @@ def test_an_s3_store_gets_an_s3_bucket_block_with_the_configured_credentials(pre
         assert plain() == 42
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
     assert keys and all(k.startswith(f"team/{FLOW_RESULTS_PREFIX}/") for k in keys), keys
+
+
+@pytest.mark.integration
+def test_the_result_storage_block_is_saved_once_then_loaded(prefect_harness, tmp_path, monkeypatch):
+    """Every flow run asks for its store's block: saving it again each time cost ~0.1 s of API calls."""
+    from dapt.tasks.caching import StoreResultStorage
+
+    saved: list[str] = []
+    real_save = StoreResultStorage.save
+    counted = lambda self, name, **kw: saved.append(name) or real_save(self, name, **kw)  # noqa: E731
+    monkeypatch.setattr(StoreResultStorage, "save", counted)
+    first = result_storage_for(str(tmp_path / "store"))
+    again = result_storage_for(str(tmp_path / "store"))
+    other = result_storage_for(str(tmp_path / "other"))
+    assert len(saved) == 2 and again._block_document_id == first._block_document_id
+    assert again.store_uri == first.store_uri == str(tmp_path / "store") and other.store_uri == str(tmp_path / "other")
