@@ -1,7 +1,7 @@
 """Ingest: raw input files (local or S3) -> one Parquet of documents per file, plus a quarantine of what could not be
 read.
 
-Datatrove style: `discovery.discover_inputs` expands a source's paths into fingerprinted `InputFile`s, one small reader
+Datatrove style: `discovery.discover_inputs` expands a source's paths into fingerprinted input files, one small reader
 per format turns a file into `Document`s, and `ingest_file` writes them. Every input unit (a file, a JSON line, an array
 item, a Parquet row) ends up either as a document or as a `QuarantineRecord` saying where and why: bad input is
 accounted for, never silently dropped and never an exception that stops the run.

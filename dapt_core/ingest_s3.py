@@ -24,8 +24,8 @@ def s3_inputs(
     unsupported: Callable[[str], str],
 ) -> Iterator[Found | QuarantineRecord]:
     """Objects at s3://bucket/key or under s3://bucket/prefix/ (a prefix is a folder: 'a' does not match 'ab.txt'),
-    each as `make_input(uri, fingerprint, bytes)`. `fmt` and `unsupported`: ingest's reader format of a name, and why
-    a name has none."""
+    each as `make_input(uri=..., fingerprint=..., bytes=...)`. `fmt` and `unsupported`: ingest's reader format of a
+    name, and why a name has none."""
 
     bucket, _, prefix = spec[len("s3://") :].partition("/")
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""

@@ -15,22 +15,13 @@ from pydantic import BaseModel, Field
 
 from dapt_core import layout, leftovers
 from dapt_core.config import DaptConfig
+from dapt_core.gpus import GPU_PEAK_TFLOPS
 from dapt_core.model import load_tokenizer
 from dapt_core.readers import parquet_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-# Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, without sparsity).
-GPU_PEAK_TFLOPS = {
-    "A100": 312.0,
-    "H100": 989.0,
-    "H200": 989.0,
-    "L4": 121.0,
-    "A10G": 125.0,
-    "RTX4090": 165.0,
-    "L40S": 362.0,
-}
 BYTES_PER_TOKEN_ESTIMATE = 4.0  # English prose with a ~32k-50k BPE vocabulary; used only without a tokenizer.
 
 

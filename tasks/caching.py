@@ -248,8 +248,8 @@ def result_storage_for(store_uri: str) -> StoreResultStorage:
         saved = StoreResultStorage.load(name)
         if saved.store_uri == store_uri:
             return saved
-    except ValueError:  # not saved yet, or saved by a dapt whose block had other fields: saved anew below
-        pass
+    except (ValueError, RuntimeError):  # not saved yet, or saved by a dapt whose block had other fields (Prefect
+        pass  # raises RuntimeError when a stored block fails validation): saved anew below
     block = StoreResultStorage(store_uri=store_uri)
     block.save(name, overwrite=True)
     return block

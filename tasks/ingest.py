@@ -61,6 +61,8 @@ def discover_task(
     and `memo_key`, a local file unchanged since its last hashing (size, mtime, inode) is not read again."""
     store = memo = None
     if store_uri and memo_key:
+        if storing := _storing.get((store_uri, memo_key)):
+            storing.join()  # the memo of a discovery just before, in this process (nightly-refresh, then its prepare)
         store = open_store(store_uri)
         memo = FingerprintMemo.from_parquet(store.read_key(memo_key)) if store.exists(memo_key) else FingerprintMemo()
     found = {kind: InputFiles.of([]) for kind in ("domain", "general", "eval")}
@@ -71,10 +73,14 @@ def discover_task(
             found[kind] = found[kind] + files
             refused += bad
     if store and memo and memo.changed:
-        _store_in_background(store, memo, memo_key)
+        _storing[(store_uri, memo_key)] = _store_in_background(store, memo, memo_key)
     require_complete_eval_sets(refused)
     inputs, evals = found["domain"] + found["general"], found["eval"]
     return inputs, evals, refused
+
+
+# The memo writes this process started, by (store, key): a discovery reading a memo waits for the write of the last.
+_storing: dict[tuple[str, str], threading.Thread] = {}
 
 
 def _store_in_background(store: ArtifactStore, memo: FingerprintMemo, key: str) -> threading.Thread:

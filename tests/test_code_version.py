@@ -55,3 +55,17 @@ def test_task_versions_cover_what_their_core_functions_import():
 
     assert dapt.tasks.training_data.PACK_CODE != dapt.tasks.training_data.TOKENIZER_CODE
     assert code_version(dapt.tasks.sft.run_sft_attempt, task_module=dapt.tasks.sft) == dapt.tasks.sft.SFT_CODE
+
+
+def test_the_training_stages_do_not_follow_the_data_stages_code():
+    """An edit to discovery or ingest must not make users train again: CPT's and SFT's versions do not cover them
+    (dapt plan reads raw inputs through them, so its GPU table lives apart, in dapt_core/gpus.py)."""
+    import dapt.tasks.cpt
+    import dapt.tasks.sft
+
+    data_stages = {"discovery.py", "ingest.py", "ingest_batches.py", "ingest_s3.py", "input_files.py", "plan.py"}
+    for core in (dapt.tasks.cpt.run_attempt, dapt.tasks.cpt.evaluate, dapt.tasks.sft.run_sft_attempt):
+        start = Path(sys.modules[core.__module__].__file__)
+        files = {f.relative_to(PACKAGE_DIR).as_posix() for f in imported_sources(start)}
+        assert "gpus.py" in files or core is dapt.tasks.cpt.evaluate
+        assert not files & data_stages, core.__module__

@@ -130,3 +130,28 @@ def test_the_memo_is_stored_on_another_thread_and_a_failure_is_only_a_warning(tm
 
     _store_in_background(Unwritable(), memo, "memo.parquet").join()
     assert "read-only file system" in caplog.text and "the next run hashes every input" in caplog.text
+
+
+def test_a_discovery_waits_for_the_memo_the_one_before_is_still_storing(tmp_path, monkeypatch):
+    """nightly-refresh discovers, then its prepare discovers again at once: the second reads the first one's memo
+    (it waits for the write) instead of hashing every file the first just hashed."""
+    from dapt.tasks.ingest import discover_task
+    from dapt_core.config import DataConfig
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (root / name).write_text(prose(len(name) + ord(name[0])))
+        _age(root / name)
+    data = DataConfig(domain=[SourceConfig(name="s", paths=[str(root)])])
+    real_to_parquet = FingerprintMemo.to_parquet
+    monkeypatch.setattr(FingerprintMemo, "to_parquet", lambda self: time.sleep(0.5) or real_to_parquet(self))
+    hashed: list[str] = []
+    real_sha256 = discovery.sha256_file
+    monkeypatch.setattr(discovery, "sha256_file", lambda path: hashed.append(str(path)) or real_sha256(path))
+    store = str(tmp_path / "store")
+    discover_task.fn(data, store, "memo.parquet")
+    assert len(hashed) == 2
+    hashed.clear()
+    inputs, _, _ = discover_task.fn(data, store, "memo.parquet")  # starts while the first memo is being stored
+    assert hashed == [] and len(inputs) == 2

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dapt_core.config import DaptConfig
-from dapt_core.plan import GPU_PEAK_TFLOPS, count_tokens, estimate_compute, model_params, warnings_for
+from dapt_core.gpus import GPU_PEAK_TFLOPS
+from dapt_core.plan import count_tokens, estimate_compute, model_params, warnings_for
 
 
 def _cfg(**overrides) -> DaptConfig:

@@ -2,7 +2,7 @@
 
 MFU = flops_per_token * tokens/s / (peak bf16 FLOP/s * GPUs), with flops_per_token = 6 N for full training and 4 N for
 LoRA (frozen weights get no weight gradients), N the model's parameters, and the peak from `dapt plan`'s table
-(dapt_core/plan.py GPU_PEAK_TFLOPS), matched on the CUDA device name; None on CPU or an unknown GPU.
+(dapt_core/gpus.py), matched on the CUDA device name; None on CPU or an unknown GPU.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ def flops_per_token(model: torch.nn.Module, method: str) -> float:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of this GPU from plan's table, or None (CPU, a GPU not in the table)."""
+    """Dense bf16 peak FLOP/s of this GPU from the table, or None (CPU, a GPU not in the table)."""
     if device.type != "cuda":
         return None
-    from dapt_core.plan import GPU_PEAK_TFLOPS
+    from dapt_core.gpus import GPU_PEAK_TFLOPS
 
     name = torch.cuda.get_device_name(device).upper().replace(" ", "")
     for gpu, tflops in sorted(GPU_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
