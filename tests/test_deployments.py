@@ -276,7 +276,7 @@ async def _run(services: Services, deployment: str, parameters: dict, timeout: f
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
         )
         task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-        logs = await _all_logs(client, ids)
+        logs = await _settled_logs(client, ids)
         return run, {a.key: a for a in artifacts if a.key}, {t.name: t.state.name for t in task_runs}, logs
 
 
@@ -304,6 +304,18 @@ async def _all_logs(client, ids: list) -> list:
         log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), limit=200, offset=len(logs)
     ):
         logs += page
+    return logs
+
+
+async def _settled_logs(client, ids: list, quiet: float = 3.0, timeout: float = 60.0) -> list:
+    """The runs' logs once no more arrive: the flow-run process ships its last batches after the run's final state,
+    so logs read at that moment missed the end of the run (the checkpoint decisions) now and then."""
+    logs, deadline = await _all_logs(client, ids), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet)
+        if len(later := await _all_logs(client, ids)) == len(logs):
+            break
+        logs = later
     return logs
 
 
@@ -474,7 +486,7 @@ async def _run_logs(services: Services, run_id) -> tuple[list, list]:
     """The ids of a flow run and its subflows, and their logs."""
     async with _client(services) as client:
         ids = await _with_subflows(client, run_id)
-        return ids, await _all_logs(client, ids)
+        return ids, await _settled_logs(client, ids)
 
 
 @pytest.mark.integration
