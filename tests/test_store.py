@@ -333,4 +333,5 @@ def test_dead_endpoint_is_given_up_on_once_per_outage(monkeypatch, tmp_path):
     started = time.monotonic()
     with pytest.raises(StoreError, match="cannot reach"):
         store.exists("b.txt")
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0  # one attempt; retrying would spend the 1.5 s budget again (0.66 s seen
+    # for the one attempt on a loaded 2-core machine, so the bound is not tighter)
